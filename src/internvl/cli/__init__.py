@@ -1,0 +1,1 @@
+"""The `internvl` command: one console script with verbs."""
