@@ -9,9 +9,8 @@ import sys
 from ..errors import InternVLError
 
 # verb name -> module under internvl.cli that defines add_arguments(parser) and run(args) -> int | None
-VERBS: dict[str, str] = {
-    "convert": "convert",
-}
+# Verb modules keep heavy imports (torch, PIL, fastapi) inside run() so that `--help` stays fast.
+VERBS: dict[str, str] = {}
 
 HELP: dict[str, str] = {
     "chat": "ask questions about images and videos (one-shot with -p, interactive otherwise)",
