@@ -1,0 +1,299 @@
+"""VLMEvalKit benchmark TSV files: rows to `EvalItem`s whose images decode on demand, and back.
+
+Column rules follow VLMEvalKit (`vlmeval/dataset/image_base.py`, `image_mcq.py`, `smp/vlm.py`).
+"""
+
+from __future__ import annotations
+
+import ast
+import base64
+import binascii
+import csv
+import io
+import re
+import string
+import sys
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from PIL import Image
+
+from internvl.errors import DataError
+
+# VLMEvalKit reads TSVs with pandas defaults, so every one of these cells is NaN there (pandas >= 2.0).
+PANDAS_NA = frozenset({
+    "", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan", "1.#IND", "1.#QNAN",
+    "<NA>", "N/A", "NA", "NULL", "NaN", "None", "n/a", "nan", "null",
+})
+# An `image` cell this short is the `index` of the row whose image it reuses (VLMEvalKit's space saving).
+MAX_REF_LEN = 64
+REQUIRED_COLUMNS = ("index", "question")
+_B64 = re.compile(r"[A-Za-z0-9+/]*={0,2}")
+_INT = re.compile(r"-?\d+")
+
+
+def _raise_field_limit() -> None:
+    # Base64 images are far larger than csv's 128 KiB default; sys.maxsize overflows a C long on Windows.
+    limit = sys.maxsize
+    while True:
+        try:
+            csv.field_size_limit(limit)
+            return
+        except OverflowError:
+            limit //= 10
+
+
+def decode_base64_image(data: str, where: str = "image") -> Image.Image:
+    """Decode a base64 image to PIL; palette and alpha modes become RGB, as VLMEvalKit's decoder does."""
+    try:
+        image = Image.open(io.BytesIO(base64.b64decode(data)))
+        image.load()
+    except (binascii.Error, ValueError, OSError) as exc:
+        raise DataError(f"{where}: not a decodable base64 image ({exc})") from None
+    if image.mode in ("RGBA", "P", "LA"):
+        image = image.convert("RGB")
+    return image
+
+
+@dataclass(frozen=True)
+class ImageSource:
+    """One image of an item: a base64 payload or a file path, decoded only when `load` is called."""
+
+    data: str | None = field(default=None, repr=False)
+    path: str | None = None
+    name: str | None = None  # the `image_path` entry: the file name VLMEvalKit dumps this image to
+    where: str = "image"  # file, row and column, for error messages
+
+    @classmethod
+    def from_image(cls, image: Image.Image, fmt: str = "PNG") -> ImageSource:
+        buf = io.BytesIO()
+        image.save(buf, format=fmt)
+        return cls(data=base64.b64encode(buf.getvalue()).decode("ascii"))
+
+    def to_base64(self) -> str:
+        if self.data is not None:
+            return self.data
+        return base64.b64encode(Path(self.path).read_bytes()).decode("ascii")
+
+    def load(self, reencode_jpeg: bool = False) -> Image.Image:
+        """The decoded image. `reencode_jpeg` reproduces VLMEvalKit's dump to `<index>.jpg` (PIL quality 75),
+        which is what the model sees there, so pixel-exact comparisons need it."""
+        if self.data is not None:
+            image = decode_base64_image(self.data, self.where)
+        else:
+            try:
+                image = Image.open(self.path)
+                image.load()
+            except OSError as exc:
+                raise DataError(f"{self.where}: cannot read image file {self.path!r} ({exc})") from None
+        if reencode_jpeg:
+            buf = io.BytesIO()
+            image.convert("RGB").save(buf, format="JPEG")
+            image = Image.open(io.BytesIO(buf.getvalue()))
+            image.load()
+        return image
+
+
+@dataclass
+class EvalItem:
+    """One benchmark question. `options` maps letters to text in letter order; `raw` is the row as read."""
+
+    index: int | str
+    question: str
+    options: dict[str, str] = field(default_factory=dict)
+    answer: str | None = None
+    hint: str | None = None
+    category: str | None = None
+    l2_category: str | None = None
+    split: str | None = None
+    images: list[ImageSource] = field(default_factory=list)
+    g_index: int | str | None = None  # circular group: the index of the unrotated question
+    raw: dict[str, str | None] = field(default_factory=dict, repr=False)
+
+
+def _na(value: str | None) -> str | None:
+    return None if value is None or value in PANDAS_NA else value
+
+
+def _to_list(cell: str, where: str) -> list[str]:
+    """VLMEvalKit's `toliststr`: a cell that looks like `[...]` is a Python list literal, else one string."""
+    if not (cell.startswith("[") and cell.endswith("]")):
+        return [cell]
+    try:
+        value = ast.literal_eval(cell)
+    except (ValueError, SyntaxError) as exc:
+        raise DataError(f"{where}: looks like a list but does not parse ({exc.__class__.__name__})") from None
+    if not isinstance(value, list):
+        raise DataError(f"{where}: expected a list literal, got {type(value).__name__}")
+    return [str(x) for x in value]
+
+
+def _check_b64(payload: str, where: str) -> str:
+    if len(payload) % 4 or not _B64.fullmatch(payload):
+        raise DataError(f"{where}: not valid base64 (starts {payload[:20]!r}, length {len(payload)})")
+    return payload
+
+
+def read_tsv(path: str | Path, skip_noimg: bool = True,
+             image_root: str | Path | None = None) -> list[EvalItem]:
+    """Read a VLMEvalKit TSV. Rows whose `image` is missing are dropped when `skip_noimg` (VLMEvalKit's
+    default). Relative `image_path` files (used when there is no `image` column) resolve against
+    `image_root`, by default the TSV's folder."""
+    path = Path(path)
+    root = Path(image_root) if image_root is not None else path.parent
+    _raise_field_limit()
+    rows: list[tuple[int, int, dict[str, str | None]]] = []
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.reader(f, delimiter="\t")
+        header = next(reader, None)
+        if header is None:
+            raise DataError(f"{path}: empty file, expected a header row")
+        # VLMEvalKit lower-cases every column name that is not an option letter.
+        header = [h if h in string.ascii_uppercase else h.lower() for h in header]
+        for col in REQUIRED_COLUMNS:
+            if col not in header:
+                raise DataError(f"{path}, row 0 (header, line 1), column {col!r}: missing required column "
+                                f"(have {', '.join(header)})")
+        for fields in reader:
+            if not fields:
+                continue  # blank line, skipped as pandas does
+            row_no = len(rows) + 1
+            if len(fields) != len(header):
+                raise DataError(f"{path}, row {row_no} (line {reader.line_num}), column {header[-1]!r}: "
+                                f"row has {len(fields)} fields, header has {len(header)}")
+            rows.append((row_no, reader.line_num, dict(zip(header, fields))))
+
+    def where(row_no: int, line: int, col: str) -> str:
+        return f"{path}, row {row_no} (line {line}), column {col!r}"
+
+    seen: dict[str, int] = {}
+    kept = []
+    for row_no, line, raw in rows:
+        for col in REQUIRED_COLUMNS:
+            if _na(raw[col]) is None:
+                raise DataError(f"{where(row_no, line, col)}: required value is empty")
+        key = raw["index"]
+        if key in seen:
+            raise DataError(f"{where(row_no, line, 'index')}: duplicate index {key!r} "
+                            f"(first on row {seen[key]})")
+        seen[key] = row_no
+        if skip_noimg and "image" in raw and _na(raw["image"]) is None:
+            continue
+        kept.append((row_no, line, raw))
+
+    image_map = {raw["index"]: raw["image"] for _, _, raw in kept if "image" in raw}
+    all_int = all(_INT.fullmatch(raw["index"]) for _, _, raw in kept)
+    items = []
+    for row_no, line, raw in kept:
+        images = _row_images(raw, image_map, root, lambda col: where(row_no, line, col))
+        items.append(_row_item(raw, images, all_int))
+    return items
+
+
+def _row_images(raw: dict, image_map: dict, root: Path, where) -> list[ImageSource]:
+    names = _to_list(raw["image_path"], where("image_path")) if _na(raw.get("image_path")) else []
+    cell = _na(raw.get("image"))
+    if cell is None:
+        if "image" in raw:
+            return []
+        return [ImageSource(path=str(root / n), name=n, where=where("image_path")) for n in names]
+    if len(cell) <= MAX_REF_LEN:
+        target = image_map.get(cell)
+        if target is None or _na(target) is None:
+            raise DataError(f"{where('image')}: {cell!r} is an index reference (<= {MAX_REF_LEN} chars) "
+                            f"but no row with that index has an image")
+        if len(target) <= MAX_REF_LEN:
+            raise DataError(f"{where('image')}: reference {cell!r} points to a row whose image is itself "
+                            f"a reference ({target!r})")
+        cell = target
+    payloads = _to_list(cell, where("image"))
+    if names and len(names) != len(payloads):
+        raise DataError(f"{where('image_path')}: {len(names)} names for {len(payloads)} images")
+    names = names or [None] * len(payloads)
+    return [ImageSource(data=_check_b64(p, where("image")), name=n, where=where("image"))
+            for p, n in zip(payloads, names)]
+
+
+def _row_item(raw: dict, images: list[ImageSource], int_index: bool) -> EvalItem:
+    def as_index(v):
+        return int(v) if int_index and v is not None and _INT.fullmatch(v) else v
+
+    answer = _na(raw.get("answer"))
+    return EvalItem(
+        index=as_index(raw["index"]),
+        question=raw["question"],
+        options={c: raw[c] for c in string.ascii_uppercase if _na(raw.get(c)) is not None},
+        answer=answer.strip() if answer is not None else None,
+        hint=_na(raw.get("hint")),
+        category=_na(raw.get("category")),
+        l2_category=_na(raw.get("l2-category", raw.get("l2_category"))),
+        split=_na(raw.get("split")),
+        images=images,
+        g_index=as_index(_na(raw.get("g_index"))),
+        raw=raw,
+    )
+
+
+_OWN = {"index", "question", "hint", "answer", "category", "l2-category", "l2_category", "split",
+        "g_index", "image", "image_path"}
+
+
+def write_tsv(path: str | Path, items: Iterable[EvalItem]) -> None:
+    """Write items as a VLMEvalKit TSV. A repeated image cell is written as the index of its first row."""
+    items = list(items)
+    path = Path(path)
+    letters = sorted({c for it in items for c in it.options})
+    extras = sorted({k for it in items for k in it.raw if k not in _OWN and k not in string.ascii_uppercase})
+    has_b64 = any(s.data is not None for it in items for s in it.images)
+    has_names = any(s.name for it in items for s in it.images)
+    cols = ["index", "question"] + (["hint"] if any(it.hint for it in items) else [])
+    cols += letters + ["answer", "category", "l2-category", "split"]
+    cols += ["g_index"] if any(it.g_index is not None for it in items) else []
+    cols += ["image"] if has_b64 else []
+    cols += ["image_path"] if has_names or (items and not has_b64 and any(it.images for it in items)) else []
+    cols += extras
+
+    first_with: dict[str, str] = {}  # image cell -> index of the first row that wrote it
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f, delimiter="\t", lineterminator="\n")
+        writer.writerow(cols)
+        for row_no, it in enumerate(items, start=1):
+            for col, text in [("question", it.question)] + list(it.options.items()):
+                if text in PANDAS_NA:
+                    raise DataError(f"{path}, row {row_no}, column {col!r}: value {text!r} would be read "
+                                    f"back as missing (pandas NA token)")
+            row = {"index": it.index, "question": it.question, "hint": it.hint, "answer": it.answer,
+                   "category": it.category, "l2-category": it.l2_category, "split": it.split,
+                   "g_index": it.g_index, **it.options}
+            row.update({k: it.raw.get(k) for k in extras})
+            if it.images and has_b64:
+                payloads = [s.to_base64() for s in it.images]
+                cell = payloads[0] if len(payloads) == 1 else repr(payloads)
+                row["image"] = first_with.get(cell, cell)
+                if cell not in first_with and len(str(it.index)) <= MAX_REF_LEN:
+                    first_with[cell] = str(it.index)
+            names = [s.name or s.path for s in it.images]
+            if "image_path" in cols and all(names) and names:
+                row["image_path"] = names[0] if len(names) == 1 else repr(names)
+            writer.writerow(["" if row.get(c) is None else row[c] for c in cols])
+
+
+def dump_images(item: EvalItem, root: str | Path) -> list[Path]:
+    """Write an item's images where VLMEvalKit's `dump_image` puts them: `<root>/<index>.jpg` for one image,
+    `<root>/<image_path name>` for several; existing files are kept. Path images are returned as they are."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    out = []
+    for k, src in enumerate(item.images):
+        if src.data is None:
+            out.append(Path(src.path))
+            continue
+        if len(item.images) == 1:
+            target = root / f"{item.index}.jpg"
+        else:
+            target = root / (src.name or f"{item.index}_{k}.jpg")
+        if not target.exists():
+            src.load().save(target)
+        out.append(target)
+    return out
