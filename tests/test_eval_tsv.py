@@ -47,6 +47,18 @@ def test_reads_options_answer_and_decodes_image(tmp_path):
     assert img.size == (4, 3) and img.getpixel((0, 0)) == (255, 0, 0)
 
 
+def test_reads_pandas_quote_all_output_with_bom_and_crlf(tmp_path):
+    # VLMEvalKit's dump() writes TSVs with pandas' QUOTE_ALL; files made on Windows may carry a BOM and CRLF.
+    path = tmp_path / "quoted.tsv"
+    with open(path, "w", newline="", encoding="utf-8-sig") as f:
+        writer = csv.writer(f, delimiter="\t", quoting=csv.QUOTE_ALL, lineterminator="\r\n")
+        writer.writerow(HEADER)
+        writer.writerow([3, 'Say "hi"\tor not', "", "yes", "no", "", "", "B", "c", "l", "dev", RED])
+    (item,) = read_tsv(path)
+    assert (item.index, item.question, item.options, item.answer) == \
+        (3, 'Say "hi"\tor not', {"A": "yes", "B": "no"}, "B")
+
+
 def test_pandas_na_tokens_drop_options(tmp_path):
     # pandas reads "None", "NA", "null" as NaN too, so VLMEvalKit never shows such options.
     path = write(tmp_path, [[1, "q", "h", "x", "None", "NA", "null", "A", "c", "l", "dev", RED]])

@@ -92,7 +92,8 @@ def anls(pred: str, golds: str | Sequence[str], threshold: float = 0.5) -> float
     """Average Normalized Levenshtein Similarity for one question (DocVQA, InfoVQA; Biten et al. 2019).
 
     Both strings are lower-cased with whitespace collapsed; similarity = 1 - distance / longer length,
-    best over golds, and 0 when below `threshold` (so a half-wrong answer scores 0, not 0.4).
+    best over golds, and 0 when below `threshold` (so a mostly wrong answer scores 0, not 0.4). A score of
+    exactly `threshold` is kept, as in VLMEvalKit (the ANLS paper zeroes it: NL < tau is required).
     """
     p = " ".join(str(pred).strip().lower().split())
     best = 0.0

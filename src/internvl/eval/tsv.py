@@ -129,9 +129,12 @@ def _to_list(cell: str, where: str) -> list[str]:
     return [str(x) for x in value]
 
 
-def _check_b64(payload: str, where: str) -> str:
-    if len(payload) % 4 or not _B64.fullmatch(payload):
-        raise DataError(f"{where}: not valid base64 (starts {payload[:20]!r}, length {len(payload)})")
+def _check_b64(payload: str, where: str, checked: set[str]) -> str:
+    # Rows that reference one image share its string; `checked` keeps it from being scanned per row.
+    if payload not in checked:
+        if len(payload) % 4 or not _B64.fullmatch(payload):
+            raise DataError(f"{where}: not valid base64 (starts {payload[:20]!r}, length {len(payload)})")
+        checked.add(payload)
     return payload
 
 
@@ -144,7 +147,8 @@ def read_tsv(path: str | Path, skip_noimg: bool = True,
     root = Path(image_root) if image_root is not None else path.parent
     _raise_field_limit()
     rows: list[tuple[int, int, dict[str, str | None]]] = []
-    with open(path, newline="", encoding="utf-8") as f:
+    # utf-8-sig drops a byte-order mark, as pandas does, so the first column is still "index".
+    with open(path, newline="", encoding="utf-8-sig") as f:
         reader = csv.reader(f, delimiter="\t")
         header = next(reader, None)
         if header is None:
@@ -184,14 +188,14 @@ def read_tsv(path: str | Path, skip_noimg: bool = True,
 
     image_map = {raw["index"]: raw["image"] for _, _, raw in kept if "image" in raw}
     all_int = all(_INT.fullmatch(raw["index"]) for _, _, raw in kept)
-    items = []
+    items, checked = [], set()
     for row_no, line, raw in kept:
-        images = _row_images(raw, image_map, root, lambda col: where(row_no, line, col))
+        images = _row_images(raw, image_map, root, lambda col: where(row_no, line, col), checked)
         items.append(_row_item(raw, images, all_int))
     return items
 
 
-def _row_images(raw: dict, image_map: dict, root: Path, where) -> list[ImageSource]:
+def _row_images(raw: dict, image_map: dict, root: Path, where, checked: set[str]) -> list[ImageSource]:
     names = _to_list(raw["image_path"], where("image_path")) if _na(raw.get("image_path")) else []
     cell = _na(raw.get("image"))
     if cell is None:
@@ -211,7 +215,7 @@ def _row_images(raw: dict, image_map: dict, root: Path, where) -> list[ImageSour
     if names and len(names) != len(payloads):
         raise DataError(f"{where('image_path')}: {len(names)} names for {len(payloads)} images")
     names = names or [None] * len(payloads)
-    return [ImageSource(data=_check_b64(p, where("image")), name=n, where=where("image"))
+    return [ImageSource(data=_check_b64(p, where("image"), checked), name=n, where=where("image"))
             for p, n in zip(payloads, names)]
 
 
