@@ -1,0 +1,290 @@
+"""Image loading and InternVL dynamic tiling: file -> RGB image -> aspect-ratio grid of tiles -> pixel_values.
+
+The tiling matches the reference `dynamic_preprocess` (InternVL 1.5 "dynamic high resolution") exactly.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import warnings
+from collections.abc import Sequence
+from typing import IO, TYPE_CHECKING, Union
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+from ..errors import ImageError
+
+if TYPE_CHECKING:
+    from ..config import ModelConfig
+
+ImageSource = Union[str, "os.PathLike[str]", bytes, bytearray, memoryview, IO[bytes], Image.Image]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# A decompression-bomb guard: 64 MP is larger than any real photo and keeps a decoded RGB frame under 200 MB.
+DEFAULT_MAX_PIXELS = 64_000_000
+
+
+# ---- loading ------------------------------------------------------------------------------------
+
+
+def _source_name(src: object) -> str:
+    if isinstance(src, (str, os.PathLike)):
+        return os.fspath(src)
+    if isinstance(src, (bytes, bytearray, memoryview)):
+        return f"<{len(src)} bytes>"
+    if isinstance(src, Image.Image):
+        return "<PIL image>"
+    return str(getattr(src, "name", "<file object>"))
+
+
+def load_image(src: ImageSource, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Open `src` (path, bytes, binary file object or PIL image) as a fully decoded RGB image.
+
+    EXIF orientation is applied, transparency is composited on white (as transformers' `convert_rgb`), and
+    16-bit / float images are scaled to 8 bits. Every failure is an `ImageError` naming the source.
+    """
+    name = _source_name(src)
+    if isinstance(src, Image.Image):
+        _check_pixels(src.size, max_pixels, name)
+        return to_rgb(src, name)
+    if isinstance(src, (str, os.PathLike)):
+        if not os.path.exists(src):
+            raise ImageError(f"{name}: no such file")
+        if os.path.isdir(src):
+            raise ImageError(f"{name}: is a directory, not an image file")
+        if os.path.getsize(src) == 0:
+            raise ImageError(f"{name}: empty file (0 bytes)")
+        try:
+            with open(src, "rb") as f:
+                return _decode(f, name, max_pixels)
+        except OSError as e:  # opening failed (permissions...); decoding errors are already ImageError
+            raise ImageError(f"{name}: cannot read file ({e.strerror or e})") from None
+    if isinstance(src, (bytes, bytearray, memoryview)):
+        if len(src) == 0:
+            raise ImageError(f"{name}: empty image data")
+        return _decode(io.BytesIO(bytes(src)), name, max_pixels)
+    if hasattr(src, "read"):
+        return _decode(src, name, max_pixels)  # type: ignore[arg-type]
+    raise ImageError(
+        f"{name}: expected a path, bytes, a binary file object or a PIL image, got {type(src).__name__}"
+    )
+
+
+def _decode(fp: IO[bytes], name: str, max_pixels: int | None) -> Image.Image:
+    try:
+        # PIL only warns between MAX_IMAGE_PIXELS and twice that; make the warning an error we can report.
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(fp) as opened:  # reads the header only
+                _check_pixels(opened.size, max_pixels, name)
+                opened.load()  # decode everything now, so truncated or corrupt data fails here and not later
+                im = ImageOps.exif_transpose(opened)  # a new image, independent of the file
+    except ImageError:
+        raise
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
+        raise ImageError(
+            f"{name}: refused as a possible decompression bomb ({e}); PIL.Image.MAX_IMAGE_PIXELS is "
+            f"{Image.MAX_IMAGE_PIXELS}"
+        ) from None
+    except Image.UnidentifiedImageError:
+        raise ImageError(f"{name}: not a recognised image format (corrupt or not an image)") from None
+    except Exception as e:  # noqa: BLE001 - PIL plugins raise OSError, SyntaxError, ValueError... on bad data
+        raise ImageError(
+            f"{name}: cannot decode image ({type(e).__name__}: {e}); the file is truncated or corrupt"
+        ) from None
+    return to_rgb(im, name)
+
+
+def _check_pixels(size: tuple[int, int], max_pixels: int | None, name: str) -> None:
+    w, h = size
+    if w <= 0 or h <= 0:
+        raise ImageError(f"{name}: image has no pixels ({w}x{h})")
+    if max_pixels is not None and w * h > max_pixels:
+        raise ImageError(
+            f"{name}: image is {w}x{h} = {w * h} pixels, above the limit of {max_pixels} (max_pixels)"
+        )
+
+
+def to_rgb(im: Image.Image, name: str = "<PIL image>") -> Image.Image:
+    """Convert any PIL mode to 8-bit RGB; transparent pixels become white rather than their hidden colour."""
+    mode = im.mode
+    if mode == "RGB":
+        return im
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
+        mode in ("P", "L", "RGB") and "transparency" in im.info
+    ):
+        rgba = im.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    if mode.startswith("I") or mode == "F":
+        return Image.fromarray(_to_uint8(np.asarray(im), mode), mode="L").convert("RGB")
+    try:
+        return im.convert("RGB")  # L, 1, P, CMYK, YCbCr, HSV
+    except ValueError as e:
+        raise ImageError(f"{name}: cannot convert image mode {mode!r} to RGB ({e})") from None
+
+
+def _to_uint8(a: np.ndarray, mode: str) -> np.ndarray:
+    """Scale a high-bit-depth grey image to 0..255; PIL's own convert('L') clips everything above 255 to white."""
+    a = a.astype(np.float64)
+    if mode.startswith("I;16"):
+        scaled = a / 257.0  # 65535 -> 255 exactly
+    elif mode == "F" and a.size and a.min() >= 0.0 and a.max() <= 1.0:
+        scaled = a * 255.0  # float images in [0, 1]
+    elif mode == "I" and a.size and a.min() >= 0 and a.max() <= 65535:
+        scaled = a / 257.0  # 32-bit container holding 16-bit samples (PNG/TIFF 16-bit via older decoders)
+    else:
+        lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
+        scaled = (a - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(a)
+    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+
+
+# ---- tiling ---------------------------------------------------------------------------------------
+
+
+def candidate_grids(min_num: int, max_num: int) -> list[tuple[int, int]]:
+    """All (cols, rows) with min_num <= cols*rows <= max_num, sorted by tile count.
+
+    Built through a `set` exactly as the reference does: the sort is stable, so grids of equal area keep the
+    set's iteration order, which decides ties (transformers iterates in (cols, rows) order instead).
+    """
+    grids = {
+        (i, j)
+        for n in range(min_num, max_num + 1)
+        for i in range(1, n + 1)
+        for j in range(1, n + 1)
+        if min_num <= i * j <= max_num
+    }
+    return sorted(grids, key=lambda g: g[0] * g[1])
+
+
+def find_closest_aspect_ratio(
+    aspect_ratio: float, grids: Sequence[tuple[int, int]], width: int, height: int, image_size: int
+) -> tuple[int, int]:
+    """The grid whose cols/rows is closest to `aspect_ratio`; on an exact tie a later (larger) grid wins only
+    while the image has more than half the pixels that grid would hold."""
+    best_diff = float("inf")
+    best = (1, 1)
+    area = width * height
+    for cols, rows in grids:
+        diff = abs(aspect_ratio - cols / rows)
+        if diff < best_diff:
+            best_diff, best = diff, (cols, rows)
+        elif diff == best_diff and area > 0.5 * image_size * image_size * cols * rows:
+            best = (cols, rows)
+    return best
+
+
+def choose_grid(
+    width: int, height: int, min_num: int = 1, max_num: int = 12, image_size: int = 448
+) -> tuple[int, int]:
+    """(cols, rows) that `dynamic_preprocess` would use for an image of this size."""
+    return find_closest_aspect_ratio(
+        width / height, candidate_grids(min_num, max_num), width, height, image_size
+    )
+
+
+def dynamic_preprocess(
+    image: Image.Image, min_num: int = 1, max_num: int = 12, image_size: int = 448, use_thumbnail: bool = True
+) -> list[Image.Image]:
+    """Resize the whole image onto the chosen grid (PIL bicubic), crop it row-major into image_size tiles, and
+    append a resized copy of the original as a thumbnail when there is more than one tile."""
+    width, height = image.size
+    cols, rows = choose_grid(width, height, min_num, max_num, image_size)
+    resized = image.resize((image_size * cols, image_size * rows), Image.Resampling.BICUBIC)
+    tiles = []
+    for k in range(cols * rows):
+        x, y = (k % cols) * image_size, (k // cols) * image_size
+        tiles.append(resized.crop((x, y, x + image_size, y + image_size)))
+    if use_thumbnail and len(tiles) != 1:
+        tiles.append(image.resize((image_size, image_size), Image.Resampling.BICUBIC))
+    return tiles
+
+
+def tiles_to_tensor(tiles: Sequence[Image.Image], image_size: int) -> torch.Tensor:
+    """Reference `build_transform`: bicubic resize to image_size (a no-op copy for tiles), ToTensor, ImageNet
+    Normalize, computed in float32 in the same order so results are bit-identical."""
+    arrays = []
+    for t in tiles:
+        t = t if t.mode == "RGB" else to_rgb(t)
+        if t.size != (image_size, image_size):
+            t = t.resize((image_size, image_size), Image.Resampling.BICUBIC)
+        arrays.append(np.asarray(t, dtype=np.uint8))
+    # uint8 channels-first copy, then in-place float ops: same arithmetic, a third of the time of out-of-place
+    x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous().to(torch.float32)
+    mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, dtype=torch.float32).view(1, 3, 1, 1)
+    return x.div_(255.0).sub_(mean).div_(std)
+
+
+class ImageProcessor:
+    """Image (or file) -> float32 pixel_values [n_tiles, 3, S, S] with the model's tiling settings."""
+
+    def __init__(
+        self,
+        image_size: int = 448,
+        min_num: int = 1,
+        max_num: int = 12,
+        use_thumbnail: bool = True,
+        dynamic: bool = True,
+        max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    ) -> None:
+        if image_size <= 0 or min_num < 1 or max_num < 1:
+            raise ValueError(
+                f"image_size, min_num and max_num must be positive, got {image_size}, {min_num}, {max_num}"
+            )
+        self.image_size = image_size
+        self.min_num = min_num
+        self.max_num = max_num
+        self.use_thumbnail = use_thumbnail
+        self.dynamic = dynamic
+        self.max_pixels = max_pixels
+
+    @classmethod
+    def from_config(cls, config: ModelConfig, **overrides: object) -> ImageProcessor:
+        kwargs: dict[str, object] = {
+            "image_size": config.image_size,
+            "min_num": config.min_dynamic_patch,
+            "max_num": config.max_dynamic_patch,
+            "use_thumbnail": config.use_thumbnail,
+            "dynamic": config.dynamic_image_size,
+        }
+        kwargs.update(overrides)
+        return cls(**kwargs)  # type: ignore[arg-type]
+
+    def tiles(self, image: ImageSource, max_num: int | None = None) -> list[Image.Image]:
+        image = load_image(image, self.max_pixels)
+        if not self.dynamic:
+            return [image]  # one tile: the whole image squashed to S by the transform
+        return dynamic_preprocess(
+            image,
+            self.min_num,
+            self.max_num if max_num is None else max_num,
+            self.image_size,
+            self.use_thumbnail,
+        )
+
+    def __call__(self, image: ImageSource, max_num: int | None = None) -> torch.Tensor:
+        return tiles_to_tensor(self.tiles(image, max_num), self.image_size)
+
+    def preprocess_many(
+        self, images: Sequence[ImageSource], max_num: int | None = None, total_max_num: int | None = None
+    ) -> tuple[torch.Tensor, list[int]]:
+        """Tile several images; returns the concatenated pixel_values and the tile count per image.
+
+        Inference default (`total_max_num=None`): every image gets the full `max_num`, as the reference model
+        cards do when they call `load_image(..., max_num=12)` per image, so one image tiles the same alone or in
+        a group. With `total_max_num` the images share a budget of max(1, min(max_num, total // n)) tiles each;
+        `total_max_num=max_dynamic_patch` is the training rule max(1, max_dynamic_patch // n_images).
+        """
+        if not images:
+            raise ImageError("preprocess_many: no images given")
+        per_image = self.max_num if max_num is None else max_num
+        if total_max_num is not None:
+            per_image = max(1, min(per_image, total_max_num // len(images)))
+        tensors = [self(im, per_image) for im in images]
+        return torch.cat(tensors), [t.shape[0] for t in tensors]

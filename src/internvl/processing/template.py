@@ -1,0 +1,100 @@
+"""Conversation templates of the released InternVL checkpoints and their prompt rendering.
+
+Rendering follows the reference `conversation.py` MPT separator style: system block + sep, then role + message +
+sep for every turn, then the bare assistant role.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from ..errors import PromptError
+
+# Default system messages, copied from the reference conversation.py (the InternVL 2.5 / 3 one and the older one).
+SYSTEM_INTERNVL2_5 = "你是书生·万象，英文名是InternVL，是由上海人工智能实验室、清华大学及多家合作单位联合开发的多模态大语言模型。"
+SYSTEM_INTERNVL2 = "你是由上海人工智能实验室联合商汤科技开发的书生多模态大模型，英文名叫InternVL, 是一个有用无害的人工智能助手。"
+
+ROLES = ("user", "assistant")
+
+
+@dataclass(frozen=True)
+class Template:
+    """One chat format. `roles` are the (user, assistant) prefixes, `sep` ends every block."""
+
+    name: str
+    system_template: str  # contains one "{}" for the system message
+    roles: tuple[str, str]
+    sep: str
+    system_message: str  # the default, used when the caller gives none
+    stop_str: str | None = None
+
+
+_IM_SYSTEM = "<|im_start|>system\n{}"
+_IM_ROLES = ("<|im_start|>user\n", "<|im_start|>assistant\n")
+
+TEMPLATES: dict[str, Template] = {
+    t.name: t
+    for t in (
+        Template("internvl2_5", _IM_SYSTEM, _IM_ROLES, "<|im_end|>\n", SYSTEM_INTERNVL2_5),
+        Template("internlm2-chat", _IM_SYSTEM, _IM_ROLES, "<|im_end|>", SYSTEM_INTERNVL2),
+        # Hermes-2 renders as internlm2-chat; it differs only in training (no <s>) and its extra stop string.
+        Template("Hermes-2", _IM_SYSTEM, _IM_ROLES, "<|im_end|>", SYSTEM_INTERNVL2, stop_str="<|endoftext|>"),
+        Template(
+            "phi3-chat", "<|system|>\n{}", ("<|user|>\n", "<|assistant|>\n"), "<|end|>", SYSTEM_INTERNVL2
+        ),
+    )
+}
+
+
+def get_template(name: str | Template) -> Template:
+    """The template called `name` (a `Template` passes through)."""
+    if isinstance(name, Template):
+        return name
+    try:
+        return TEMPLATES[name]
+    except KeyError:
+        raise PromptError(f"unknown chat template {name!r}; available: {', '.join(TEMPLATES)}") from None
+
+
+def render_prompt(
+    template: str | Template,
+    messages: Sequence[tuple[str, str | None]],
+    system_message: str | None = None,
+    *,
+    omit_empty_system: bool = True,
+) -> str:
+    """Render (role, text) turns, role in {"user", "assistant"}; a final (assistant, None) leaves the prompt open.
+
+    System message: None means the template default. The reference always writes the system block, so an empty
+    string there gives `<|im_start|>system\\n<|im_end|>...`; here "" omits the block instead, matching the
+    transformers (-hf) chat template, which has no system prompt. `omit_empty_system=False` restores the
+    reference's empty block.
+
+    An empty or None final message writes only the role prefix, as in the reference. Earlier, None is an error
+    and "" is a closed empty turn (prefix + sep): the reference would write a bare prefix there, which breaks
+    the turn structure of every later message.
+    """
+    t = get_template(template)
+    system = t.system_message if system_message is None else system_message
+    out = [] if (system == "" and omit_empty_system) else [t.system_template.format(system) + t.sep]
+    for k, (role, text) in enumerate(messages):
+        if role not in ROLES:
+            raise PromptError(f"message {k}: role must be 'user' or 'assistant', got {role!r}")
+        prefix = t.roles[ROLES.index(role)]
+        if k == len(messages) - 1 and not text:
+            out.append(prefix)
+        elif text is None:
+            raise PromptError(f"message {k} ({role}) is None; only the last message may be left open")
+        else:
+            out.append(prefix + text + t.sep)
+    return "".join(out)
+
+
+def stop_strings(template: str | Template) -> list[str]:
+    """Strings that end a reply: the separator without its whitespace (the reference eos), plus stop_str."""
+    t = get_template(template)
+    stops = [t.sep.strip()]
+    if t.stop_str and t.stop_str not in stops:
+        stops.append(t.stop_str)
+    return stops
