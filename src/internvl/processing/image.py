@@ -114,14 +114,13 @@ def to_rgb(im: Image.Image, name: str = "<PIL image>") -> Image.Image:
     mode = im.mode
     if mode == "RGB":
         return im
-    if mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
-        mode in ("P", "L", "RGB") and "transparency" in im.info
-    ):
+    # RGB with a tRNS colour key stays as is (returned above), as in transformers' convert_rgb.
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La") or (mode in ("P", "L") and "transparency" in im.info):
         rgba = im.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(white, rgba).convert("RGB")
     if mode.startswith("I") or mode == "F":
-        return Image.fromarray(_to_uint8(np.asarray(im), mode), mode="L").convert("RGB")
+        return Image.fromarray(_to_uint8(np.asarray(im), mode)).convert("RGB")
     try:
         return im.convert("RGB")  # L, 1, P, CMYK, YCbCr, HSV
     except ValueError as e:

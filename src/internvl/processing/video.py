@@ -62,60 +62,51 @@ def _open(path: str | os.PathLike[str]) -> Any:
         raise VideoError(f"{name}: cannot open video ({e})") from None
 
 
+def _probe(name: str) -> tuple[int, float, tuple[int, int]]:
+    """(frame count recorded by the container, 0 if none; average fps, 0 if none; (width, height))."""
+    with _open(name) as container:
+        if not container.streams.video:
+            raise VideoError(f"{name}: no video stream")
+        stream = container.streams.video[0]
+        rate = stream.average_rate or stream.guessed_rate or stream.base_rate
+        return (
+            stream.frames,
+            float(rate) if rate else 0.0,
+            (stream.codec_context.width, stream.codec_context.height),
+        )
+
+
+def _scan(name: str, wanted: set[int] | None) -> tuple[dict[int, Image.Image], int]:
+    """One decoding pass over a freshly opened container (no seeking, which some streams cannot do).
+
+    Frames are numbered in presentation order, as decord does; those in `wanted` are converted to RGB and the
+    pass stops after the last of them. With wanted=None every frame is decoded, only to count them.
+    Returns the converted frames and the number of frames decoded.
+    """
+    last = max(wanted) if wanted else None
+    found: dict[int, Image.Image] = {}
+    n = 0
+    with _open(name) as container:
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"  # frame-threaded decoding; output order is unchanged
+        try:
+            for frame in container.decode(stream):
+                if wanted is not None and n in wanted:
+                    found[n] = frame.to_image()  # RGB24
+                n += 1
+                if last is not None and n > last:
+                    break
+        except (av.FFmpegError, ValueError) as e:
+            raise VideoError(f"{name}: cannot decode video at frame {n} ({e})") from None
+    return found, n
+
+
 def video_info(path: str | os.PathLike[str]) -> tuple[int, float, tuple[int, int]]:
     """(frame count, average fps, (width, height)) of the first video stream; counts by decoding when the
     container does not record the number of frames (WebM, MKV, some streams)."""
     name = os.fspath(path)
-    with _open(path) as container:
-        stream = _video_stream(container, name)
-        fps = _fps(stream)
-        size = (stream.codec_context.width, stream.codec_context.height)
-        n = stream.frames or _count_by_decoding(container, stream, name)
-    return n, fps, size
-
-
-def _video_stream(container: Any, name: str) -> Any:
-    if not container.streams.video:
-        raise VideoError(f"{name}: no video stream")
-    return container.streams.video[0]
-
-
-def _fps(stream: Any) -> float:
-    rate = stream.average_rate or stream.guessed_rate or stream.base_rate
-    return float(rate) if rate else 0.0
-
-
-def _count_by_decoding(container: Any, stream: Any, name: str) -> int:
-    container.seek(0)
-    n = 0
-    try:
-        for _ in container.decode(stream):
-            n += 1
-    except (av.FFmpegError, ValueError) as e:
-        raise VideoError(f"{name}: cannot decode video ({e})") from None
-    return n
-
-
-def _decode_frames(
-    container: Any, stream: Any, wanted: Sequence[int], name: str
-) -> tuple[dict[int, Image.Image], int]:
-    """Decode in presentation order up to the last wanted index; convert only the wanted frames to RGB.
-    Returns the frames found and how many frames were decoded (the true count if the stream ended early)."""
-    targets = set(wanted)
-    last = max(targets)
-    found: dict[int, Image.Image] = {}
-    container.seek(0)
-    n = 0
-    try:
-        for frame in container.decode(stream):
-            if n in targets:
-                found[n] = frame.to_image()  # RGB24
-            n += 1
-            if n > last:
-                break
-    except (av.FFmpegError, ValueError) as e:
-        raise VideoError(f"{name}: cannot decode video at frame {n} ({e})") from None
-    return found, n
+    n, fps, size = _probe(name)
+    return n or _scan(name, None)[1], fps, size
 
 
 def load_video(
@@ -129,28 +120,24 @@ def load_video(
     `bound` is (start_s, end_s). A missing, empty, unreadable or frameless video raises `VideoError`.
     """
     name = os.fspath(path)
-    with _open(path) as container:
-        stream = _video_stream(container, name)
-        stream.thread_type = "AUTO"  # frame-threaded decoding; output order is unchanged
-        w, h = stream.codec_context.width, stream.codec_context.height
-        if max_pixels is not None and w * h > max_pixels:
-            raise VideoError(
-                f"{name}: frames are {w}x{h} = {w * h} pixels, above the limit of {max_pixels} (max_pixels)"
-            )
-        fps = _fps(stream)
-        if fps <= 0:
-            if bound:
-                raise VideoError(f"{name}: the video has no frame rate, so a time bound cannot be applied")
-            fps = 1.0  # without a bound the fps only scales the +-1e5 s window, which any rate still covers
-        n = stream.frames or _count_by_decoding(container, stream, name)
-        if n == 0:
-            raise VideoError(f"{name}: the video has no frames")
-        indices = sample_frame_indices(n, fps, num_segments, bound)
-        found, decoded = _decode_frames(container, stream, indices, name)
-        if len(found) < len(set(indices)):
-            # The container over-reported its frame count: resample against the frames that really exist.
-            if decoded == 0:
-                raise VideoError(f"{name}: no frame could be decoded")
-            indices = sample_frame_indices(decoded, fps, num_segments, bound)
-            found, _ = _decode_frames(container, stream, indices, name)
+    n, fps, (w, h) = _probe(name)
+    if max_pixels is not None and w * h > max_pixels:
+        raise VideoError(
+            f"{name}: frames are {w}x{h} = {w * h} pixels, above the limit of {max_pixels} (max_pixels)"
+        )
+    if fps <= 0:
+        if bound:
+            raise VideoError(f"{name}: the video has no frame rate, so a time bound cannot be applied")
+        fps = 1.0  # without a bound the fps only scales the +-1e5 s window, which any rate still covers
+    n = n or _scan(name, None)[1]
+    if n == 0:
+        raise VideoError(f"{name}: the video has no frames")
+    indices = sample_frame_indices(n, fps, num_segments, bound)
+    found, decoded = _scan(name, set(indices))
+    if len(found) < len(set(indices)):
+        # The container over-reported its frame count (e.g. a truncated file): resample over the real frames.
+        if decoded == 0:
+            raise VideoError(f"{name}: no frame could be decoded")
+        indices = sample_frame_indices(decoded, fps, num_segments, bound)
+        found, _ = _scan(name, set(indices))
     return [found[i] for i in indices]
