@@ -89,6 +89,11 @@ class LLMConfig:
                 f"llm_config: num_attention_heads {self.num_attention_heads} is not a multiple of "
                 f"num_key_value_heads {self.num_key_value_heads}"
             )
+        if self.family != "qwen2" and self.o_bias != self.qkv_bias:
+            raise ConfigError(
+                f"llm_config: {self.architecture} has one bias flag for q, k, v and o "
+                f"(got qkv_bias={self.qkv_bias}, o_bias={self.o_bias})"
+            )
         if self.rope_scaling is not None:
             kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type", "default"))
             if kind not in ("default", "linear", "dynamic"):
@@ -248,6 +253,17 @@ class ModelConfig:
         return {
             "architectures": ["InternVLForConditionalGeneration"],
             "model_type": "internvl",
+            # fields the -hf layout has no place for, kept so that original -> hf -> original is lossless
+            "internvl_chat": {
+                "template": self.template,
+                "system_message": self.system_message,
+                "dynamic_image_size": self.dynamic_image_size,
+                "use_thumbnail": self.use_thumbnail,
+                "min_dynamic_patch": self.min_dynamic_patch,
+                "max_dynamic_patch": self.max_dynamic_patch,
+                "pad2square": self.pad2square,
+                "llm_architecture": m.architecture,
+            },
             "downsample_ratio": self.projector.downsample_ratio,
             "image_seq_length": self.num_image_token,
             "image_token_id": image_token_id,
@@ -354,6 +370,14 @@ _ORIGINAL_VISION_DEFAULTS = dict(
 )  # fmt: skip
 
 
+# transformers' InternVLVisionConfig class defaults (note: attention_bias defaults to False there)
+_HF_VISION_DEFAULTS = dict(
+    hidden_size=1024, intermediate_size=4096, num_attention_heads=16, num_hidden_layers=24, patch_size=14,
+    image_size=448, qkv_bias=False, qk_normalization=False, norm_type="layer_norm", layer_norm_eps=1e-6,
+    initializer_factor=0.1, drop_path_rate=0.0,
+)  # fmt: skip
+
+
 def _parse_llm(d: dict[str, Any], source: str) -> LLMConfig:
     archs = d.get("architectures") or []
     family = None
@@ -414,7 +438,7 @@ def _from_original(d: dict[str, Any], source: str) -> ModelConfig:
 def _from_hf(d: dict[str, Any], source: str) -> ModelConfig:
     vd = {k: _scalar(v) for k, v in (d.get("vision_config") or {}).items()}
     vision = _pick(
-        vd, VisionConfig, {},
+        vd, VisionConfig, _HF_VISION_DEFAULTS,
         {"attention_bias": "qkv_bias", "use_qk_norm": "qk_normalization", "layer_scale_init_value": "initializer_factor",
          "initializer_factor": "_"},
         source,
@@ -423,11 +447,18 @@ def _from_hf(d: dict[str, Any], source: str) -> ModelConfig:
     if not td:
         raise ConfigError(f"{source}: an internvl (-hf) config needs a 'text_config'")
     llm = _parse_llm(td, source)
+    extra = d.get("internvl_chat") or {}
+    if extra.get("llm_architecture") == "InternLM2ForCausalLM" and llm.family == "llama":
+        llm.family = "internlm2"  # stored as Llama in -hf; the original layout fuses wqkv again
     projector = ProjectorConfig(downsample_ratio=d.get("downsample_ratio", 0.5), ps_version="v2")
     # The transformers chat template has no default system prompt: an empty system message omits it.
     return ModelConfig(
-        vision=vision, llm=llm, projector=projector, template="internvl2_5", system_message="",
-        force_image_size=vision.image_size, select_layer=d.get("vision_feature_layer", -1),
+        vision=vision, llm=llm, projector=projector, template=extra.get("template", "internvl2_5"),
+        system_message=extra.get("system_message", ""), force_image_size=vision.image_size,
+        select_layer=d.get("vision_feature_layer", -1),
+        dynamic_image_size=extra.get("dynamic_image_size", True), use_thumbnail=extra.get("use_thumbnail", True),
+        min_dynamic_patch=extra.get("min_dynamic_patch", 1), max_dynamic_patch=extra.get("max_dynamic_patch", 12),
+        pad2square=extra.get("pad2square", False),
     )  # fmt: skip
 
 

@@ -10,7 +10,10 @@ from ..errors import InternVLError
 
 # verb name -> module under internvl.cli that defines add_arguments(parser) and run(args) -> int | None
 # Verb modules keep heavy imports (torch, PIL, fastapi) inside run() so that `--help` stays fast.
-VERBS: dict[str, str] = {}
+VERBS: dict[str, str] = {
+    "synth": "synth",
+    "convert": "convert",
+}
 
 HELP: dict[str, str] = {
     "chat": "ask questions about images and videos (one-shot with -p, interactive otherwise)",

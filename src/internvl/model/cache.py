@@ -1,0 +1,75 @@
+"""Key/value cache for decoding: one row per sequence, each row with its own length.
+
+Rows can be dropped (`keep`) and joined (`concat`) between steps, which is what continuous batching needs.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class KVCache:
+    def __init__(self, num_layers: int, batch: int, num_kv_heads: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device | str = "cpu", capacity: int = 256):  # fmt: skip
+        self.num_layers, self.num_kv_heads, self.head_dim = num_layers, num_kv_heads, head_dim
+        self.dtype, self.device = dtype, torch.device(device)
+        shape = (batch, num_kv_heads, capacity, head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(num_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(num_layers)]
+        self.lengths = torch.zeros(batch, dtype=torch.long)  # tokens stored per row (on the CPU)
+
+    @property
+    def batch(self) -> int:
+        return self.k[0].shape[0] if self.k else 0
+
+    @property
+    def capacity(self) -> int:
+        return self.k[0].shape[2]
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+    def reserve(self, needed: int) -> None:
+        """Grow every row to hold at least `needed` positions (in chunks, so growth is rare)."""
+        if needed <= self.capacity:
+            return
+        new_cap = max(needed, self.capacity * 2)
+        new_cap = (new_cap + 255) // 256 * 256
+        for cache in (self.k, self.v):
+            for i, t in enumerate(cache):
+                grown = t.new_zeros(t.shape[0], t.shape[1], new_cap, t.shape[3])
+                grown[:, :, : t.shape[2]] = t
+                cache[i] = grown
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store new keys/values [B, Hkv, T, D] after each row's current length."""
+        t = k.shape[2]
+        kc, vc = self.k[layer], self.v[layer]
+        if t == 1:
+            rows = torch.arange(k.shape[0], device=kc.device)
+            pos = self.lengths.to(kc.device)
+            kc[rows, :, pos] = k[:, :, 0]
+            vc[rows, :, pos] = v[:, :, 0]
+            return
+        for b, start in enumerate(self.lengths.tolist()):
+            kc[b, :, start : start + t] = k[b]
+            vc[b, :, start : start + t] = v[b]
+
+    def view(self, layer: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.k[layer][:, :, :length], self.v[layer][:, :, :length]
+
+    def keep(self, rows: list[int]) -> None:
+        """Keep only these rows, in this order."""
+        idx = torch.tensor(rows, dtype=torch.long)
+        self.k = [t.index_select(0, idx.to(t.device)) for t in self.k]
+        self.v = [t.index_select(0, idx.to(t.device)) for t in self.v]
+        self.lengths = self.lengths.index_select(0, idx)
+
+    def concat(self, other: "KVCache") -> None:
+        """Append the rows of `other` (same layer count, heads and dtype) after this cache's rows."""
+        cap = max(self.capacity, other.capacity)
+        self.reserve(cap)
+        other.reserve(cap)
+        self.k = [torch.cat([a, b]) for a, b in zip(self.k, other.k)]
+        self.v = [torch.cat([a, b]) for a, b in zip(self.v, other.v)]
+        self.lengths = torch.cat([self.lengths, other.lengths])

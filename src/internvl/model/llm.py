@@ -1,0 +1,210 @@
+"""Decoder-only language model shared by Qwen2, Llama and InternLM2 (RMSNorm, SwiGLU, RoPE, GQA).
+
+Names mirror the original checkpoints of the Qwen2/Llama families (`model.layers.{i}.self_attn.q_proj`);
+InternLM2's fused `wqkv` is split on load (see checkpoint/keymap.py), so one implementation serves all.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from ..config import LLMConfig
+from .cache import KVCache
+from .vit import RMSNorm
+
+_SDPA_GQA = "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")
+
+
+class Rotary:
+    """RoPE tables from explicit positions (integer or fractional), with linear and dynamic-NTK scaling."""
+
+    def __init__(self, cfg: LLMConfig):
+        self.dim = cfg.head_dim
+        self.base = cfg.rope_theta
+        self.max_pos = cfg.max_position_embeddings
+        scaling = cfg.rope_scaling or {}
+        self.kind = scaling.get("rope_type", scaling.get("type", "default"))
+        self.factor = float(scaling.get("factor", 1.0))
+        self._cache: dict = {}
+
+    def inv_freq(self, seq_len: int, device: torch.device) -> torch.Tensor:
+        base = self.base
+        if self.kind == "dynamic" and seq_len > self.max_pos:
+            base = base * ((self.factor * seq_len / self.max_pos) - (self.factor - 1)) ** (self.dim / (self.dim - 2))
+        key = (base, device)
+        if key not in self._cache:
+            exps = torch.arange(0, self.dim, 2, dtype=torch.int64, device=device).float() / self.dim
+            self._cache[key] = 1.0 / (base**exps)
+        return self._cache[key]
+
+    def __call__(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin of shape [B, T, D] for positions [B, T]."""
+        pos = positions.float()
+        seq_len = int(positions.max().item()) + 1 if positions.numel() else 0
+        if self.kind == "linear":
+            pos = pos / self.factor
+        freqs = pos[..., None] * self.inv_freq(seq_len, positions.device)
+        emb = torch.cat([freqs, freqs], dim=-1)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    return x * cos[:, None] + rotate_half(x) * sin[:, None]
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, causal: bool):
+    """q [B, Hq, T, D], k/v [B, Hkv, S, D]; grouped-query attention through SDPA."""
+    groups = q.shape[1] // k.shape[1]
+    if groups > 1:
+        if _SDPA_GQA:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True)
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: LLMConfig):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, self.num_heads * self.head_dim, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.num_kv_heads * self.head_dim, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.num_kv_heads * self.head_dim, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, cfg.hidden_size, bias=cfg.o_bias)
+
+    def forward(self, x, cos, sin, mask, causal, cache: KVCache | None, layer: int, kv_len: int):
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            cache.write(layer, k, v)
+            k, v = cache.view(layer, kv_len)
+        out = attention(q, k, v, mask, causal)
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: LLMConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: LLMConfig):
+        super().__init__()
+        self.self_attn = Attention(cfg)
+        self.mlp = MLP(cfg)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, x, cos, sin, mask, causal, cache, layer, kv_len):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, causal, cache, layer, kv_len)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class DecoderModel(nn.Module):
+    def __init__(self, cfg: LLMConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class CausalLM(nn.Module):
+    """`language_model`: DecoderModel + untied lm_head. Works on embeddings so images can be merged in."""
+
+    def __init__(self, cfg: LLMConfig):
+        super().__init__()
+        self.config = cfg
+        self.model = DecoderModel(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.rotary = Rotary(cfg)
+        self.gradient_checkpointing = False
+
+    def new_cache(self, batch: int, dtype: torch.dtype | None = None, device=None, capacity: int = 256) -> KVCache:
+        w = self.lm_head.weight
+        c = self.config
+        return KVCache(c.num_hidden_layers, batch, c.num_key_value_heads, c.head_dim,
+                       dtype or w.dtype, device or w.device, capacity)  # fmt: skip
+
+    def forward(
+        self,
+        embeds: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        valid_lengths: torch.Tensor | None = None,
+        seq_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        logits_to_keep: int = 0,
+    ) -> torch.Tensor:
+        """Logits for `embeds` [B, T, H].
+
+        Without a cache: causal attention, optionally restricted to each packed sample (`seq_ids` [B, T])
+        and to real tokens (`attention_mask` [B, T], 1 = token). With a cache: the T new tokens of each row
+        are appended after its stored length; `valid_lengths` [B] says how many of them are real (right
+        padding), and only those advance the row. `logits_to_keep` > 0 computes logits for the last
+        positions only.
+        """
+        b, t, _ = embeds.shape
+        mask, causal, kv_len = None, True, t
+        if cache is not None:
+            start = cache.lengths.to(embeds.device)
+            if positions is None:
+                positions = start[:, None] + torch.arange(t, device=embeds.device)
+            kv_len = int(cache.lengths.max().item()) + t
+            cache.reserve(kv_len)
+            if t > 1 or bool((cache.lengths != cache.lengths[0]).any()):
+                q_idx = start[:, None] + torch.arange(t, device=embeds.device)  # [B, T]
+                mask = (torch.arange(kv_len, device=embeds.device)[None, None, :] <= q_idx[:, :, None])[:, None]
+            causal = False
+        else:
+            if positions is None:
+                positions = torch.arange(t, device=embeds.device).expand(b, t)
+            if seq_ids is not None or attention_mask is not None:
+                mask = torch.ones(t, t, dtype=torch.bool, device=embeds.device).tril()[None, None].expand(b, 1, t, t)
+                if seq_ids is not None:
+                    mask = mask & (seq_ids[:, None, :, None] == seq_ids[:, None, None, :])
+                if attention_mask is not None:
+                    key_ok = attention_mask.bool()[:, None, None, :]
+                    # a padded query row would attend to nothing (NaN in SDPA): let it see itself
+                    mask = (mask & key_ok) | torch.eye(t, dtype=torch.bool, device=embeds.device)
+                causal = False
+        cos, sin = self.rotary(positions, embeds.dtype)
+        x = embeds
+        for i, layer in enumerate(self.model.layers):
+            if self.gradient_checkpointing and self.training and cache is None:
+                x = checkpoint(layer, x, cos, sin, mask, causal, None, i, kv_len, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, mask, causal, cache, i, kv_len)
+        if cache is not None:
+            cache.lengths += valid_lengths.cpu() if valid_lengths is not None else t
+        if logits_to_keep:
+            x = x[:, -logits_to_keep:]
+        return self.lm_head(self.model.norm(x))
+
+
+def init_weights(module: nn.Module, std: float = 0.02) -> None:
+    """Reference-style initialization for training from scratch: normal(0, std) linears/embeddings."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, std=std)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, std=std)
+
+

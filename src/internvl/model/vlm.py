@@ -1,0 +1,111 @@
+"""InternVL chat model: InternViT -> pixel shuffle -> mlp1 -> image embeddings written at <IMG_CONTEXT>."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ModelConfig
+from ..errors import PromptError
+from .cache import KVCache
+from .llm import CausalLM
+from .projector import Projector, merge_and_project
+from .vit import InternVisionModel
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor
+    loss: torch.Tensor | None = None
+
+
+class InternVLChatModel(nn.Module):
+    """Top-level module; children are named as in the original checkpoints."""
+
+    def __init__(self, config: ModelConfig, image_token_id: int | None = None):
+        super().__init__()
+        self.config = config
+        self.vision_model = InternVisionModel(config.vision, config.image_size)
+        self.mlp1 = Projector(config.vision.hidden_size, config.llm.hidden_size, config.projector)
+        self.language_model = CausalLM(config.llm)
+        self.image_token_id = image_token_id
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.language_model.lm_head.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.language_model.lm_head.weight.device
+
+    @property
+    def num_image_token(self) -> int:
+        return self.config.num_image_token
+
+    def extract_feature(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Tiles [N, 3, S, S] -> image embeddings [N, num_image_token, H]."""
+        vit = self.vision_model(pixel_values.to(self.vision_model.embeddings.patch_embedding.weight.dtype),
+                                select_layer=self.config.select_layer)  # fmt: skip
+        return merge_and_project(vit, self.mlp1, self.config.projector)
+
+    def embed(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
+        image_flags: torch.Tensor | None = None,
+        image_embeds: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Token embeddings with the image embeddings written over the <IMG_CONTEXT> positions, in order."""
+        emb = self.language_model.model.embed_tokens(input_ids)
+        if pixel_values is None and image_embeds is None:
+            return emb
+        if image_embeds is None:
+            image_embeds = self.extract_feature(pixel_values)
+        keep = image_embeds
+        if image_flags is not None:
+            keep = image_embeds[image_flags.view(-1) == 1]
+            # dropped (dummy) tiles still join the graph, so every parameter gets a gradient on every rank
+            emb = emb + 0.0 * image_embeds.sum()
+        if self.image_token_id is None:
+            raise PromptError("the model has no image token id: load it with its tokenizer")
+        sel = input_ids == self.image_token_id
+        n_tokens, n_feats = int(sel.sum()), keep.shape[0] * keep.shape[1]
+        if n_tokens != n_feats:
+            raise PromptError(
+                f"the prompt has {n_tokens} <IMG_CONTEXT> tokens but the images give {n_feats} embeddings "
+                f"({keep.shape[0]} tiles x {keep.shape[1]}); each <image> must expand to {self.num_image_token} "
+                "tokens per tile"
+            )
+        return emb.masked_scatter(sel.unsqueeze(-1), keep.to(emb.dtype))
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
+        image_flags: torch.Tensor | None = None,
+        seq_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        valid_lengths: torch.Tensor | None = None,
+        logits_to_keep: int = 0,
+        image_embeds: torch.Tensor | None = None,
+    ) -> ModelOutput:
+        emb = self.embed(input_ids, pixel_values, image_flags, image_embeds)
+        logits = self.language_model(emb, positions=positions, cache=cache, valid_lengths=valid_lengths,
+                                     seq_ids=seq_ids, attention_mask=attention_mask,
+                                     logits_to_keep=logits_to_keep)  # fmt: skip
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1), ignore_index=-100
+            )
+        return ModelOutput(logits=logits, loss=loss)
+
+    def set_gradient_checkpointing(self, enabled: bool = True) -> None:
+        self.vision_model.encoder.gradient_checkpointing = enabled
+        self.language_model.gradient_checkpointing = enabled

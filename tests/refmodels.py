@@ -1,0 +1,56 @@
+"""Tiny random transformers InternVL models (the parity reference) saved in the -hf layout."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+IMAGE_TOKEN_ID = 500
+TOKENS_PER_TILE = 4  # 56-px tiles, patch 14 -> 4x4 patches -> 2x2 after pixel shuffle
+
+
+def hf_reference(text: str = "qwen2", vision: str = "300m", heads: int = 4, kv_heads: int = 2, seed: int = 0):
+    """A transformers `InternVLForConditionalGeneration` with random weights (norm weights around 1)."""
+    from transformers import InternVLConfig, InternVLForConditionalGeneration
+
+    torch.manual_seed(seed)
+    vision_cfg = dict(
+        hidden_size=64, intermediate_size=128, num_attention_heads=4, num_hidden_layers=2, image_size=[56, 56],
+        patch_size=[14, 14], attention_bias=vision == "300m", use_qk_norm=vision == "6b",
+        norm_type="layer_norm" if vision == "300m" else "rms_norm", layer_scale_init_value=0.1,
+    )  # fmt: skip
+    text_cfg = dict(
+        model_type=text, vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=heads, num_key_value_heads=kv_heads, rope_theta=10000.0, max_position_embeddings=4096,
+        tie_word_embeddings=False,
+    )  # fmt: skip
+    if text == "llama":
+        text_cfg["attention_bias"] = False
+    cfg = InternVLConfig(vision_config=vision_cfg, text_config=text_cfg, image_token_id=IMAGE_TOKEN_ID,
+                         image_seq_length=TOKENS_PER_TILE, tie_word_embeddings=False)  # fmt: skip
+    model = InternVLForConditionalGeneration(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+            else:
+                p.normal_(0, 0.2)
+    return model
+
+
+def save_reference(model, folder: Path) -> Path:
+    model.save_pretrained(folder)
+    return folder
+
+
+def prompt_with_images(tiles_per_image: list[int], seed: int = 0, text_len: int = 6):
+    """input_ids with <img> <IMG_CONTEXT>*4n </img> blocks between random text, and matching pixel_values."""
+    g = torch.Generator().manual_seed(seed)
+    ids: list[int] = []
+    for n in tiles_per_image:
+        ids += torch.randint(0, 400, (text_len,), generator=g).tolist()
+        ids += [501] + [IMAGE_TOKEN_ID] * (TOKENS_PER_TILE * n) + [502]
+    ids += torch.randint(0, 400, (text_len,), generator=g).tolist()
+    pixel_values = torch.randn(sum(tiles_per_image), 3, 56, 56, generator=g)
+    return torch.tensor([ids]), pixel_values
