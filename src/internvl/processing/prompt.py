@@ -59,8 +59,14 @@ def build_question(question: str, num_images: int = 0, num_frames: int = 0) -> s
     return q
 
 
-def image_tokens(num_tiles: int, num_image_token: int, img_start: str = IMG_START, img_end: str = IMG_END,
-                 img_context: str = IMG_CONTEXT) -> str:  # fmt: skip
+def image_tokens(
+    num_tiles: int,
+    num_image_token: int,
+    img_start: str = IMG_START,
+    img_end: str = IMG_END,
+    img_context: str = IMG_CONTEXT,
+) -> str:
+    """The span one image becomes: start, num_image_token context tokens per tile, end."""
     return img_start + img_context * (num_image_token * num_tiles) + img_end
 
 
