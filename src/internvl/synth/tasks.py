@@ -1,0 +1,117 @@
+"""Items of the Synthetic Visual World: a builder's scene rendered, plus a reference-format conversation.
+
+`make_item` is the in-memory API; the structured gold answer of every item sits in `meta` for scoring.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+from PIL import Image
+
+from ..errors import DataError
+from .builders import BUILDERS
+from .chart import Chart, render_chart
+from .questions import follow_ups, wrong_reasoning
+from .render import render_scene
+from .scene import HEXAGON, Scene
+from .video import Clip, render_clip
+
+TASKS = (
+    "color",
+    "shape",
+    "count",
+    "position",
+    "relation",
+    "ocr",
+    "grounding",
+    "caption",
+    "multi_image",
+    "video",
+    "chart_value",
+    "chart_max",
+    "reasoning",
+    "mc",
+    "text",
+)
+# Tasks whose training items may carry 2-3 questions about the same image.
+MULTI_TURN_TASKS = (
+    "color",
+    "shape",
+    "count",
+    "position",
+    "relation",
+    "ocr",
+    "grounding",
+    "caption",
+    "chart_value",
+    "chart_max",
+)
+
+
+@dataclass
+class SynthItem:
+    task: str
+    images: list[Image.Image]
+    conversations: list[dict]
+    answer: str  # the answer to the first question
+    meta: dict  # JSON-serializable gold facts (objects, box, groups, options, ...)
+    rejected: str | None = None  # a wrong reasoning chain, for MPO preference pairs
+
+
+def _render(visual) -> list[Image.Image]:
+    if visual is None:
+        return []
+    if isinstance(visual, Chart):
+        return [render_chart(visual)]
+    if isinstance(visual, Clip):
+        return render_clip(visual)
+    if isinstance(visual, list):
+        return [render_scene(s) for s in visual]
+    return [render_scene(visual)]
+
+
+def _describe(visual) -> dict:
+    """Ground truth of the picture itself, kept next to the question's facts."""
+    if isinstance(visual, Scene):
+        facts = {"size": [visual.width, visual.height], "objects": [o.to_json() for o in visual.objects]}
+        if visual.text is not None:
+            facts["text_box"] = list(visual.text.box)
+        return facts
+    if isinstance(visual, Clip):
+        s = visual.scene
+        return {"size": [s.width, s.height], "objects": [o.to_json() for o in s.objects]}
+    if isinstance(visual, Chart):
+        return {"size": [visual.width, visual.height]}
+    return {}
+
+
+def make_item(task: str, rng: random.Random, hexagon: bool = False, turns: int = 1) -> SynthItem:
+    """One item of `task` drawn from `rng`; `turns` > 1 adds follow-up questions on multi-turn tasks."""
+    if task not in BUILDERS:
+        raise DataError(f"unknown synth task {task!r}; expected one of: {', '.join(TASKS)}")
+    visual, first = BUILDERS[task](rng, hexagon)
+    more = (
+        follow_ups(visual, rng, turns - 1, {first.question}) if turns > 1 and task in MULTI_TURN_TASKS else []
+    )
+    images = _render(visual)
+    conversations = []
+    for j, turn in enumerate([first] + more):
+        q = "<image>\n" + turn.question if j == 0 and len(images) == 1 else turn.question
+        conversations += [{"from": "human", "value": q}, {"from": "gpt", "value": turn.answer}]
+    meta = {
+        "question": first.question,
+        "answer": first.answer,
+        **first.facts,
+        **_describe(visual),
+        "hexagon": HEXAGON in first.question + " " + first.answer,
+    }
+    if more:
+        meta["turns"] = [{"task": t.task, "question": t.question, "answer": t.answer} for t in [first] + more]
+    rejected = (
+        wrong_reasoning(rng, **{k: first.facts[k] for k in ("a", "b", "s1", "s2")})
+        if task == "reasoning"
+        else None
+    )
+    return SynthItem(task, images, conversations, first.answer, meta, rejected)
