@@ -54,3 +54,47 @@ def prompt_with_images(tiles_per_image: list[int], seed: int = 0, text_len: int 
     ids += torch.randint(0, 400, (text_len,), generator=g).tolist()
     pixel_values = torch.randn(sum(tiles_per_image), 3, 56, 56, generator=g)
     return torch.tensor([ids]), pixel_values
+
+
+CORPUS = [
+    "What color is the circle? red. How many squares are there? 3. Describe the image.",
+    "There are 2 blue stars and 1 green triangle. Where is the red circle? top left.",
+    "Image-1: Image-2: Frame1: Frame2: Which image has the most circles? Image-2",
+    "The quick brown fox jumps over the lazy dog 0 1 2 3 4 5 6 7 8 9 yes no left right",
+] * 30
+
+
+def tiny_checkpoint(folder: Path, counting: bool = False, layout: str = "original", seed: int = 0) -> Path:
+    """A tiny model folder with a trained BPE tokenizer (vocabulary ~300), loadable by `internvl.load`.
+
+    `counting=True` makes a deterministic model: every layer adds nothing (o_proj and down_proj are zero)
+    and lm_head maps the embedding of token t to token t + 1, so greedy decoding counts upwards.
+    """
+    from dataclasses import replace
+
+    from internvl.checkpoint.io import build_model, save_model
+    from internvl.config import preset
+    from internvl.tokenizer import train_bpe_tokenizer
+
+    folder = Path(folder)
+    tok = train_bpe_tokenizer(CORPUS, folder, vocab_size=320)
+    cfg = preset("tiny")
+    cfg.llm = replace(cfg.llm, vocab_size=tok.vocab_size)
+    torch.manual_seed(seed)
+    model = build_model(cfg, tok.image_context_id, meta=False)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or name.endswith((".ls1", ".ls2")):
+                continue
+            p.normal_(0, 0.1 if "vision_model" in name else 0.3)
+        if counting:
+            lm = model.language_model
+            emb = lm.model.embed_tokens.weight
+            emb.normal_()
+            for layer in lm.model.layers:
+                layer.self_attn.o_proj.weight.zero_()
+                layer.mlp.down_proj.weight.zero_()
+            unit = emb / emb.norm(dim=-1, keepdim=True)
+            lm.lm_head.weight.copy_(unit.roll(1, dims=0))
+    save_model(model, folder, layout=layout, tokenizer_dir=folder)
+    return folder

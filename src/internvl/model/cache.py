@@ -34,12 +34,20 @@ class KVCache:
         if needed <= self.capacity:
             return
         new_cap = max(needed, self.capacity * 2)
-        new_cap = (new_cap + 255) // 256 * 256
+        self.resize((new_cap + 255) // 256 * 256)
+
+    def resize(self, capacity: int) -> None:
+        """Set every row's capacity to exactly `capacity` positions (at least the longest row)."""
+        if capacity == self.capacity:
+            return
+        if capacity < int(self.lengths.max()) if self.batch else False:
+            raise ValueError(f"capacity {capacity} is below the longest row ({int(self.lengths.max())})")
         for cache in (self.k, self.v):
             for i, t in enumerate(cache):
-                grown = t.new_zeros(t.shape[0], t.shape[1], new_cap, t.shape[3])
-                grown[:, :, : t.shape[2]] = t
-                cache[i] = grown
+                new = t.new_zeros(t.shape[0], t.shape[1], capacity, t.shape[3])
+                keep = min(capacity, t.shape[2])
+                new[:, :, :keep] = t[:, :, :keep]
+                cache[i] = new
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store new keys/values [B, Hkv, T, D] after each row's current length."""
@@ -68,8 +76,8 @@ class KVCache:
     def concat(self, other: "KVCache") -> None:
         """Append the rows of `other` (same layer count, heads and dtype) after this cache's rows."""
         cap = max(self.capacity, other.capacity)
-        self.reserve(cap)
-        other.reserve(cap)
+        self.resize(cap)
+        other.resize(cap)
         self.k = [torch.cat([a, b]) for a, b in zip(self.k, other.k)]
         self.v = [torch.cat([a, b]) for a, b in zip(self.v, other.v)]
         self.lengths = torch.cat([self.lengths, other.lengths])

@@ -1,0 +1,161 @@
+"""The Python API: `internvl.load(path)` returns a model you can `chat()` with about images and videos."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .checkpoint.io import load_model
+from .config import ModelConfig
+from .engine.engine import Engine, TokenEvent
+from .engine.sampling import SamplingParams
+from .errors import InternVLError
+from .processing import ImageProcessor, build_conversation_prompt, get_template, load_video, stop_strings
+from .tokenizer import Tokenizer
+
+BUILTIN = Path(__file__).parent / "assets" / "nano"
+SAMPLING_KEYS = {"max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "seed", "stop",
+                 "min_new_tokens", "do_sample"}  # fmt: skip
+
+
+def default_model_path() -> Path:
+    if not (BUILTIN / "config.json").exists():
+        raise InternVLError(f"the built-in model is not installed ({BUILTIN}); pass a model folder")
+    return BUILTIN
+
+
+def sampling_params(defaults: SamplingParams | None = None, **kw: Any) -> SamplingParams:
+    """SamplingParams from keyword arguments, accepting the transformers-style `do_sample`."""
+    unknown = set(kw) - SAMPLING_KEYS
+    if unknown:
+        raise InternVLError(f"unknown generation option(s): {sorted(unknown)}; known: {sorted(SAMPLING_KEYS)}")
+    base = dict(vars(defaults)) if defaults else {}
+    do_sample = kw.pop("do_sample", None)
+    base.update({k: v for k, v in kw.items() if v is not None})
+    if do_sample is False:
+        base["temperature"] = 0.0
+    elif do_sample and not base.get("temperature"):
+        base["temperature"] = 1.0
+    return SamplingParams(**base)
+
+
+class InternVL:
+    """A loaded model with its tokenizer, image processor, template and generation engine."""
+
+    def __init__(self, model, tokenizer: Tokenizer, path: str | Path | None = None, max_batch: int = 16):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.config: ModelConfig = model.config
+        self.path = Path(path) if path else None
+        self.processor = ImageProcessor.from_config(self.config)
+        self.template = get_template(self.config.template)
+        stop_ids = [tokenizer.token_to_id(s) for s in stop_strings(self.template)]
+        stop_ids.append(tokenizer.eos_id)
+        self.stop_token_ids = sorted({i for i in stop_ids if i is not None})
+        self.engine = Engine(model, tokenizer, max_batch=max_batch, stop_token_ids=self.stop_token_ids)
+        self.defaults = SamplingParams(max_new_tokens=1024)
+
+    # ---- preparing inputs -----------------------------------------------------------------------
+
+    def prepare(self, question: str, images: Sequence[Any] | Any = None, video: Any = None,
+                history: Sequence[tuple[str, str]] | None = None, system_message: str | None = None,
+                max_num: int | None = None, num_segments: int = 8) -> tuple[list[int], torch.Tensor | None, str]:  # fmt: skip
+        """Prompt ids, pixel values and the question as written into the prompt (for the history)."""
+        images = _as_list(images)
+        tiles, counts = [], []
+        for im in images:
+            t = self.processor(im, max_num)
+            tiles.append(t)
+            counts.append(t.shape[0])
+        frames = load_video(video, num_segments=num_segments) if video is not None else []
+        for frame in frames:
+            tiles.append(self.processor(frame, 1))
+            counts.append(1)
+        system = self.config.system_message if system_message is None else system_message
+        prompt = build_conversation_prompt(self.template, question, history or (), system,
+                                           num_images=len(images), num_frames=len(frames), num_patches_list=counts,
+                                           num_image_token=self.model.num_image_token)  # fmt: skip
+        ids = self.tokenizer.encode(prompt.text, add_special_tokens=True)
+        pixel_values = torch.cat(tiles) if tiles else None
+        if pixel_values is not None:
+            pixel_values = pixel_values.to(self.model.dtype)
+        return ids, pixel_values, prompt.question
+
+    # ---- chat -----------------------------------------------------------------------------------
+
+    def chat(self, question: str, images: Sequence[Any] | Any = None, *, video: Any = None,
+             history: list[tuple[str, str]] | None = None, system_message: str | None = None,
+             max_num: int | None = None, num_segments: int = 8, return_history: bool = False,
+             **generation: Any):  # fmt: skip
+        """Answer one question. With `return_history`, also the history extended by this turn."""
+        ids, pv, asked = self.prepare(question, images, video, history, system_message, max_num, num_segments)
+        seq = self.engine.generate([(ids, sampling_params(self.defaults, **generation), pv)])[0]
+        answer = seq.text.strip()
+        if return_history:
+            return answer, list(history or []) + [(asked, answer)]
+        return answer
+
+    def stream_chat(self, question: str, images: Sequence[Any] | Any = None, *, video: Any = None,
+                    history: list[tuple[str, str]] | None = None, system_message: str | None = None,
+                    max_num: int | None = None, num_segments: int = 8, **generation: Any) -> Iterator[str]:  # fmt: skip
+        """Yield the answer as text deltas while it is generated."""
+        ids, pv, _ = self.prepare(question, images, video, history, system_message, max_num, num_segments)
+        started = False
+        for event in self.engine.stream(ids, sampling_params(self.defaults, **generation), pv):
+            text = event.text
+            if not started:
+                text = text.lstrip()
+                started = bool(text)
+            if text:
+                yield text
+
+    def batch_chat(self, questions: Sequence[str], images: Sequence[Any] | None = None, *,
+                   system_message: str | None = None, max_num: int | None = None, **generation: Any) -> list[str]:  # fmt: skip
+        """Answer several independent questions in one batch; `images[i]` is None, one image or a list."""
+        images = list(images) if images is not None else [None] * len(questions)
+        if len(images) != len(questions):
+            raise InternVLError(f"batch_chat: {len(questions)} questions but {len(images)} image entries")
+        params = sampling_params(self.defaults, **generation)
+        requests = []
+        for q, im in zip(questions, images):
+            ids, pv, _ = self.prepare(q, im, None, None, system_message, max_num)
+            requests.append((ids, params, pv))
+        return [s.text.strip() for s in self.engine.generate(requests)]
+
+    def generate_ids(self, prompt_ids: list[int], pixel_values: torch.Tensor | None = None,
+                     **generation: Any) -> list[int]:  # fmt: skip
+        """Token ids in, new token ids out (the stop token excluded)."""
+        return self.engine.generate([(prompt_ids, sampling_params(self.defaults, **generation), pixel_values)])[0].output_ids
+
+    def events(self, prompt_ids: list[int], pixel_values: torch.Tensor | None = None, **generation: Any) -> Iterator[TokenEvent]:
+        return self.engine.stream(prompt_ids, sampling_params(self.defaults, **generation), pixel_values)
+
+
+def _as_list(images: Any) -> list[Any]:
+    if images is None:
+        return []
+    if isinstance(images, (list, tuple)):
+        return list(images)
+    return [images]
+
+
+def load(path: str | Path | None = None, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,
+         quantize: str | None = None, max_batch: int = 16) -> InternVL:  # fmt: skip
+    """Load a checkpoint folder (original or -hf layout); no path loads the built-in nano model.
+
+    `dtype`: None keeps the stored dtype; "bf16", "fp16" or "fp32" casts. `quantize="int8"` applies
+    weight-only int8 to the language model's linear layers (for fast CPU decoding).
+    """
+    path = Path(path) if path is not None else default_model_path()
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    tokenizer = Tokenizer.from_dir(path)
+    model, _ = load_model(path, dtype=dtype, device=device, image_token_id=tokenizer.image_context_id)
+    if quantize is not None:
+        from .engine.quant import quantize_model
+
+        quantize_model(model, quantize)
+    return InternVL(model, tokenizer, path, max_batch=max_batch)

@@ -1,0 +1,154 @@
+"""Generation engine: parity with transformers' greedy generate, cache vs no cache, batching, stops, sampling."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from refmodels import IMAGE_TOKEN_ID, hf_reference, prompt_with_images, save_reference, tiny_checkpoint
+
+from internvl.api import load
+from internvl.checkpoint.io import load_model
+from internvl.engine.engine import Engine
+from internvl.engine.sampling import SamplingParams, filter_top_k_top_p
+from internvl.errors import InternVLError, PromptError
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    ref = hf_reference("qwen2", "300m", seed=7)
+    folder = save_reference(ref, tmp_path_factory.mktemp("engine-hf"))
+    ours, _ = load_model(folder, image_token_id=IMAGE_TOKEN_ID)
+    return ref, ours
+
+
+@pytest.fixture(scope="module")
+def counting(tmp_path_factory):
+    return load(tiny_checkpoint(tmp_path_factory.mktemp("counting"), counting=True))
+
+
+@pytest.mark.parametrize("tiles", [[2, 1], []], ids=["two images", "text only"])
+def test_greedy_tokens_equal_transformers_generate(pair, tiles):
+    ref, ours = pair
+    ids, pv = prompt_with_images(tiles, seed=11)
+    pv = pv if tiles else None
+    images = {"pixel_values": pv} if tiles else {}
+    with torch.no_grad():
+        out = ref.generate(input_ids=ids, max_new_tokens=32, min_new_tokens=32, do_sample=False, **images)
+    expected = out[0, ids.shape[1] :].tolist()
+    got = Engine(ours).generate([(ids[0].tolist(), SamplingParams(max_new_tokens=32), pv)])[0]
+    assert got.output_ids == expected and got.finish_reason == "length"
+
+
+def test_cache_equals_recomputing_without_cache(pair):
+    _, ours = pair
+    ids, pv = prompt_with_images([1, 2], seed=3)
+    seq = ids[0].tolist()
+    with torch.no_grad():
+        for _ in range(24):
+            logits = ours(torch.tensor([seq]), pv).logits[0, -1]
+            seq.append(int(logits.argmax()))
+    no_cache = seq[ids.shape[1] :]
+    cached = Engine(ours).generate([(ids[0].tolist(), SamplingParams(max_new_tokens=24), pv)])[0].output_ids
+    assert cached == no_cache
+
+
+def test_batched_equals_one_by_one(pair):
+    _, ours = pair
+    requests = []
+    for k, tiles in enumerate([[1], [], [3, 1], [2], []]):
+        ids, pv = prompt_with_images(tiles, seed=20 + k, text_len=2 + 3 * k)
+        requests.append((ids[0].tolist(), SamplingParams(max_new_tokens=6 + 4 * k), pv if tiles else None))
+    # one request with its own stop token: it leaves the batch early while the others go on
+    alone = [Engine(ours).generate([r])[0].output_ids for r in requests]
+    stop_at = alone[2][3]
+    requests[2] = (requests[2][0], SamplingParams(max_new_tokens=18, stop_token_ids=[stop_at]), requests[2][2])
+    alone[2] = alone[2][: alone[2].index(stop_at)]
+    together = Engine(ours, max_batch=3).generate(requests)
+    assert [s.output_ids for s in together] == alone
+    assert together[2].finish_reason == "stop" and together[0].finish_reason == "length"
+
+
+def test_requests_joining_a_running_batch_decode_the_same(pair):
+    _, ours = pair
+    a = prompt_with_images([1], seed=1)
+    b = prompt_with_images([2], seed=2, text_len=9)
+    alone_b = Engine(ours).generate([(b[0][0].tolist(), SamplingParams(max_new_tokens=8), b[1])])[0].output_ids
+    eng = Engine(ours)
+    first = eng.add(a[0][0].tolist(), SamplingParams(max_new_tokens=20), a[1])
+    for _ in range(5):
+        eng.step()
+    second = eng.add(b[0][0].tolist(), SamplingParams(max_new_tokens=8), b[1])
+    while eng.has_work():
+        eng.step()
+    assert second.output_ids == alone_b and len(first.output_ids) == 20
+
+
+def test_counting_model_and_stop_strings(counting):
+    tok = counting.tokenizer
+    prompt = tok.encode("red")
+    free = counting.generate_ids(prompt, max_new_tokens=12)
+    assert free == list(range(prompt[-1] + 1, prompt[-1] + 13))
+    text = tok.decode(free)
+    stop = text[5:7]
+    seq = counting.engine.generate([(prompt, SamplingParams(max_new_tokens=12, stop=[stop]), None)])[0]
+    assert seq.text == text[: text.index(stop)] and seq.finish_reason == "stop"
+    # streamed deltas never show part of the stop string and add up to the final text
+    deltas = [e.text for e in counting.engine.stream(prompt, SamplingParams(max_new_tokens=12, stop=[stop]))]
+    assert "".join(deltas) == seq.text and stop not in seq.text
+    shown = ""
+    for d in deltas:  # what was shown is never taken back: every partial stream is a prefix of the answer
+        shown += d
+        assert seq.text.startswith(shown)
+
+
+def test_min_new_tokens_suppresses_stops_and_max_tokens_gives_length(counting):
+    prompt = counting.tokenizer.encode("red")
+    stop_id = prompt[-1] + 3
+    seq = counting.engine.generate([(prompt, SamplingParams(max_new_tokens=10, stop_token_ids=[stop_id]), None)])[0]
+    assert len(seq.output_ids) == 2 and seq.finish_reason == "stop"
+    params = SamplingParams(max_new_tokens=10, stop_token_ids=[stop_id], min_new_tokens=5)
+    seq = counting.engine.generate([(prompt, params, None)])[0]
+    assert stop_id not in seq.output_ids[:5] and len(seq.output_ids) >= 5
+
+
+def test_seeded_sampling_is_reproducible(pair):
+    _, ours = pair
+    ids, pv = prompt_with_images([1], seed=4)
+    params = lambda seed: SamplingParams(max_new_tokens=16, temperature=1.5, top_p=0.95, seed=seed)  # noqa: E731
+    runs = [Engine(ours).generate([(ids[0].tolist(), params(s), pv)])[0].output_ids for s in (1, 1, 2)]
+    assert runs[0] == runs[1] and runs[0] != runs[2]
+    top1 = SamplingParams(max_new_tokens=16, temperature=0.7, top_k=1, seed=5)
+    greedy = SamplingParams(max_new_tokens=16)
+    assert (Engine(ours).generate([(ids[0].tolist(), top1, pv)])[0].output_ids
+            == Engine(ours).generate([(ids[0].tolist(), greedy, pv)])[0].output_ids)  # fmt: skip
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p():
+    logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
+    kept = torch.isfinite(filter_top_k_top_p(logits, 0, 0.8))
+    assert kept.tolist() == [True, True, False, False]
+    assert torch.isfinite(filter_top_k_top_p(logits, 0, 0.1)).tolist() == [True, False, False, False]
+    assert torch.isfinite(filter_top_k_top_p(logits, 3, 1.0)).tolist() == [True, True, True, False]
+
+
+def test_abort_stops_a_stream(counting):
+    prompt = counting.tokenizer.encode("red")
+    engine = counting.engine
+    seq = engine.add(prompt, SamplingParams(max_new_tokens=50))
+    engine.step()
+    engine.abort(seq)
+    while engine.has_work():
+        engine.step()
+    assert seq.finish_reason == "abort" and len(seq.output_ids) < 5
+
+
+def test_bad_requests_raise_typed_errors(pair):
+    _, ours = pair
+    eng = Engine(ours, max_model_len=64)
+    ids, pv = prompt_with_images([1])
+    with pytest.raises(PromptError, match="the prompt has 70 tokens but the model's context is 64 tokens"):
+        eng.add(list(range(70)))
+    with pytest.raises(PromptError, match=r"has 4 image context tokens but 2 tile\(s\)"):
+        eng.add(ids[0].tolist(), None, torch.cat([pv, pv]))
+    with pytest.raises(InternVLError, match="temperature must be >= 0"):
+        SamplingParams(temperature=-1)
