@@ -18,36 +18,10 @@ from .render import render_scene
 from .scene import HEXAGON, Scene
 from .video import Clip, render_clip
 
-TASKS = (
-    "color",
-    "shape",
-    "count",
-    "position",
-    "relation",
-    "ocr",
-    "grounding",
-    "caption",
-    "multi_image",
-    "video",
-    "chart_value",
-    "chart_max",
-    "reasoning",
-    "mc",
-    "text",
-)
-# Tasks whose training items may carry 2-3 questions about the same image.
-MULTI_TURN_TASKS = (
-    "color",
-    "shape",
-    "count",
-    "position",
-    "relation",
-    "ocr",
-    "grounding",
-    "caption",
-    "chart_value",
-    "chart_max",
-)
+TASKS = tuple(BUILDERS)  # the contract's task ids, in the contract's order
+# Training items of these tasks may carry 2-3 questions about the same image; the others stay single-turn
+# (several images, long answers, or no image).
+MULTI_TURN_TASKS = tuple(t for t in TASKS if t not in ("multi_image", "video", "reasoning", "mc", "text"))
 
 
 @dataclass

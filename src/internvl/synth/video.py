@@ -106,7 +106,7 @@ def write_mp4(frames: list[Image.Image], path: str, fps: int = 4) -> None:
     with av.open(path, mode="w") as out:
         try:
             stream = out.add_stream("libx264", rate=fps)
-        except Exception:  # PyAV builds without x264: fall back to the always-present mpeg4 encoder
+        except ValueError:  # UnknownCodecError: PyAV built without x264, use the always-present mpeg4
             stream = out.add_stream("mpeg4", rate=fps)
         stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
         for img in frames:
