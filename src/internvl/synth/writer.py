@@ -78,6 +78,45 @@ def _row(item: SynthItem, item_id: str, paths: list[str]) -> dict:
     return row
 
 
+def _write_images(out_dir: str, item_id: str, images: list[Image.Image]) -> tuple[list[str], list[bytes]]:
+    names = (
+        [f"images/{item_id}.png"]
+        if len(images) == 1
+        else [f"images/{item_id}_{k}.png" for k in range(len(images))]
+    )
+    blobs = [encode_png(im) for im in images]
+    for name, blob in zip(names, blobs):
+        with open(os.path.join(out_dir, name), "wb") as f:
+            f.write(blob)
+    return names, blobs
+
+
+def _pair_row(item: SynthItem, item_id: str, image: str) -> dict:
+    """An MMPR-style preference pair: the gold chain is chosen, a wrong chain rejected."""
+    question = item.conversations[0]["value"]
+    return {
+        "id": item_id,
+        "image": image,
+        "question": question,
+        "chosen": item.answer,
+        "rejected": item.rejected,
+        "task": item.task,
+        "meta": item.meta,
+    }
+
+
+def _tsv_row(index: int, item: SynthItem, png: bytes) -> list:
+    m = item.meta
+    return [
+        index,
+        m["base_question"],
+        *m["options"],
+        item.answer,
+        m["category"],
+        base64.b64encode(png).decode("ascii"),
+    ]
+
+
 def _meta_entry(annotation: str, length: int) -> dict:
     return {"root": ".", "annotation": annotation, "data_augment": False, "repeat_time": 1, "length": length}
 
@@ -130,42 +169,14 @@ def generate_split(
             multi = split == "train" and task in MULTI_TURN_TASKS and i % MULTI_TURN_EVERY == 0
             item = make_item(task, rng, hexagon, turns=2 + (i // MULTI_TURN_EVERY) % 2 if multi else 1)
             item_id = f"{task}_{i:06d}"
-            names = (
-                [f"images/{item_id}.png"]
-                if len(item.images) == 1
-                else [f"images/{item_id}_{k}.png" for k in range(len(item.images))]
-            )
-            blobs = [encode_png(im) for im in item.images]
-            for name, blob in zip(names, blobs):
-                with open(os.path.join(out_dir, name), "wb") as f:
-                    f.write(blob)
+            names, blobs = _write_images(out_dir, item_id, item.images)
             rows.append(_row(item, item_id, names))
             n_images += len(names)
             n_multi += len(item.conversations) > 2
             if task == "reasoning":
-                pairs.append(
-                    {
-                        "id": item_id,
-                        "image": names[0],
-                        "question": item.conversations[0]["value"],
-                        "chosen": item.answer,
-                        "rejected": item.rejected,
-                        "task": task,
-                        "meta": item.meta,
-                    }
-                )
+                pairs.append(_pair_row(item, item_id, names[0]))
             if task == "mc":
-                m = item.meta
-                tsv.append(
-                    [
-                        i,
-                        m["base_question"],
-                        *m["options"],
-                        item.answer,
-                        m["category"],
-                        base64.b64encode(blobs[0]).decode("ascii"),
-                    ]
-                )
+                tsv.append(_tsv_row(i, item, blobs[0]))
             if bar is not None:
                 bar.update(1)
         _write_jsonl(os.path.join(out_dir, f"{task}.jsonl"), rows)
