@@ -1,0 +1,64 @@
+"""The `internvl` command: verbs, one-shot chat, the interactive session and one-line errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+from refmodels import tiny_checkpoint
+
+from internvl.cli.main import VERBS, build_parser
+from internvl.cli.main import main as cli
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cli")
+    Image.new("RGB", (200, 200), "green").save(d / "g.png")
+    return tiny_checkpoint(d / "model", counting=True), d / "g.png"
+
+
+def test_help_lists_the_verbs():
+    text = build_parser().format_help()
+    for verb in ("chat", "convert"):
+        assert verb in VERBS and verb in text
+
+
+def test_one_shot_chat_streams_the_answer(ckpt, capsys):
+    model, image = ckpt
+    assert cli(["chat", str(model), "-i", str(image), "-p", "red", "--max-new-tokens", "6"]) == 0
+    streamed = capsys.readouterr().out.strip()
+    assert cli(["chat", str(model), "-i", str(image), "-p", "red", "--max-new-tokens", "6", "--no-stream"]) == 0
+    assert capsys.readouterr().out.strip() == streamed and streamed
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["-i", "nowhere.png", "-p", "q"], "nowhere.png: no such file"),
+        (["-v", "nowhere.mp4", "-p", "q"], "nowhere.mp4"),
+        (["-p", "<image> <image>"], "placeholder"),
+    ],
+)
+def test_errors_are_one_line_without_traceback(ckpt, args, message):
+    model, image = ckpt
+    if "<image> <image>" in args:
+        args = ["-i", str(image)] + args
+    proc = subprocess.run([sys.executable, "-m", "internvl", "chat", str(model), *args],
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 1 and len(lines) == 1 and message in lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_interactive_session_commands(ckpt):
+    model, image = ckpt
+    script = f"/help\n/image {image}\nred\n/image {image}\n/system be brief\n/clear\nblue\n/bye\n"
+    proc = subprocess.run([sys.executable, "-m", "internvl", "chat", str(model), "--max-new-tokens", "4"],
+                          input=script, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "/video PATH" in proc.stdout and "(image 1 attached" in proc.stdout
+    assert "attach images before the first question" in proc.stderr  # second /image after a question
+    assert "(conversation cleared)" in proc.stdout and "(system message set)" in proc.stdout
