@@ -1,0 +1,147 @@
+"""The OpenAI Chat Completions shape: request models, reply/chunk builders and the error body."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field
+
+MAX_TILES_PER_IMAGE = 40  # the largest max_dynamic_patch a request may ask for (InternVL uses 6 to 40)
+DETAIL_TILES = {"low": 6, "medium": 12, "high": 24}  # lmdeploy's mapping of `detail` to a tile cap
+
+
+class APIError(Exception):
+    """An error answered as `{"error": {message, type, param, code}}` with an HTTP status."""
+
+    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
+                 type: str | None = None):  # fmt: skip
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+        self.type = type or ("invalid_request_error" if status < 500 else "server_error")
+
+    def body(self) -> dict[str, Any]:
+        return error_body(self.message, self.type, self.param, self.code)
+
+
+def error_body(message: str, type: str = "invalid_request_error", param: str | None = None,
+               code: str | None = None) -> dict[str, Any]:  # fmt: skip
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+# ---- requests -----------------------------------------------------------------------------------
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class ImageURL(_Model):
+    url: str
+    detail: Literal["auto", "low", "medium", "high"] | None = None
+    max_dynamic_patch: int | None = Field(None, ge=1, le=MAX_TILES_PER_IMAGE)
+
+    def max_tiles(self) -> int | None:
+        """The tile cap for this image: `max_dynamic_patch`, else the `detail` level, else the model default."""
+        if self.max_dynamic_patch is not None:
+            return self.max_dynamic_patch
+        return DETAIL_TILES.get(self.detail or "auto")
+
+
+class TextPart(_Model):
+    type: Literal["text"]
+    text: str
+
+
+class ImagePart(_Model):
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+
+ContentPart = Annotated[Union[TextPart, ImagePart], Field(discriminator="type")]
+
+
+class Message(_Model):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[ContentPart] | None = None
+
+
+class StreamOptions(_Model):
+    include_usage: bool = False
+
+
+class ChatCompletionRequest(_Model):
+    """Unknown fields are accepted and ignored, as OpenAI clients send many optional ones."""
+
+    model: str | None = None
+    messages: list[Message] = Field(min_length=1)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    min_tokens: int | None = Field(None, ge=0)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, ge=-1)  # -1 or 0: no top-k (vLLM uses -1)
+    repetition_penalty: float | None = Field(None, gt=0)
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    n: int = 1
+    logprobs: bool | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    tools: list[Any] | None = None
+
+    def unsupported(self) -> APIError | None:
+        """The first option we cannot honour, as a 400 (silently ignoring it would mislead the client)."""
+        if self.n != 1:
+            return APIError(400, f"n must be 1 (got {self.n}); send separate requests for several answers", param="n")
+        if self.logprobs:
+            return APIError(400, "logprobs are not supported by this server", param="logprobs")
+        if self.tools:
+            return APIError(400, "tools / function calling are not supported by this server", param="tools")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if getattr(self, name):
+                return APIError(400, f"{name} is not supported; use repetition_penalty (extra_body)", param=name)
+        if isinstance(self.stop, list) and len(self.stop) > 16:
+            return APIError(400, f"at most 16 stop strings are allowed, got {len(self.stop)}", param="stop")
+        return None
+
+
+# ---- replies ------------------------------------------------------------------------------------
+
+
+def new_id() -> str:
+    return f"chatcmpl-{uuid.uuid4().hex}"
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}  # fmt: skip
+
+
+def completion(id: str, model: str, text: str, finish_reason: str, prompt_tokens: int,
+               completion_tokens: int) -> dict[str, Any]:  # fmt: skip
+    return {
+        "id": id, "object": "chat.completion", "created": int(time.time()), "model": model,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                     "finish_reason": finish_reason}],
+        "usage": usage(prompt_tokens, completion_tokens),
+    }  # fmt: skip
+
+
+def chunk(id: str, model: str, created: int, delta: dict[str, Any] | None = None, finish_reason: str | None = None,
+          usage_: dict[str, int] | None = None, with_usage: bool = False) -> dict[str, Any]:  # fmt: skip
+    """One `chat.completion.chunk`; `delta=None` is the usage-only chunk (empty choices)."""
+    body: dict[str, Any] = {"id": id, "object": "chat.completion.chunk", "created": created, "model": model}
+    body["choices"] = [] if delta is None else [
+        {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+    ]  # fmt: skip
+    if with_usage:
+        body["usage"] = usage_
+    return body
+
+
+def model_card(name: str, max_model_len: int, created: int) -> dict[str, Any]:
+    return {"id": name, "object": "model", "created": created, "owned_by": "internvl", "max_model_len": max_model_len}
