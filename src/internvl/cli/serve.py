@@ -32,6 +32,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default=None, help="cast the weights")
     parser.add_argument("--quantize", choices=("int8",), default=None, help="weight-only int8 language model")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, or auto (default cpu)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads for the engine (default: torch's choice, one per core)")  # fmt: skip
     parser.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
 
 
@@ -43,6 +45,10 @@ def run(args: argparse.Namespace) -> int:
     from ..serve.media import MediaPolicy
     from ..serve.server import run as run_server
 
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     path = Path(args.model) if args.model else default_model_path()
     media_dir = Path(args.allowed_local_media_path) if args.allowed_local_media_path else None
     if media_dir is not None and not media_dir.is_dir():

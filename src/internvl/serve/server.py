@@ -18,7 +18,9 @@ def run(app, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info")
 @contextmanager
 def serve_in_thread(app, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning") -> Iterator[str]:
     """Serve `app` from a daemon thread on a bound socket (port 0: a free one); yields the base URL."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    # proto must be IPPROTO_TCP: asyncio sets TCP_NODELAY on accepted connections only then (else every
+    # response on a kept-alive connection waits ~40 ms for a delayed ACK)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
     config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=2, lifespan="on")
