@@ -1,0 +1,296 @@
+"""Arguments of a training run: small dataclasses whose fields are both the CLI flags and the YAML keys.
+
+A field `max_seq_length` is the flag `--max-seq-length` and the key `max_seq_length:` of a `--config` file;
+flags override the file, which overrides the defaults. Every value is checked in `__post_init__`, so a bad
+option fails before anything is loaded, with one line that names it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import typing
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from ..errors import TrainingError
+
+TEMPLATES = ("internvl2_5", "internlm2-chat", "Hermes-2", "phi3-chat")
+
+
+def _f(default: Any, help: str, **meta: Any) -> Any:
+    return field(default=default, metadata={"help": help, **meta})
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise TrainingError(message)
+
+
+@dataclass
+class ModelArgs:
+    """What to train and where the result goes."""
+
+    model: str | None = _f(None, "checkpoint folder to fine-tune (either layout)", positional=True)
+    init_from_config: str | None = _f(None, "train from random weights with this config.json (needs --tokenizer)",
+                                       metavar="CONFIG.json")
+    tokenizer: str | None = _f(None, "tokenizer folder (default: the model folder)", metavar="DIR")
+    template: str | None = _f(None, "chat template (default: the model's)", choices=TEMPLATES)
+    system_message: str | None = _f(None, "system prompt for rows without a system turn (default: the model's)",
+                                     metavar="TEXT")
+    out: str = _f("runs/finetune", "output folder: checkpoints, metrics, final model", metavar="DIR")
+    save_layout: str = _f("original", "layout of the saved model", choices=("original", "hf"))
+    save_dtype: str | None = _f(None, "dtype of the saved weights (default: the base checkpoint's)",
+                                choices=("fp32", "bf16", "fp16"))  # fmt: skip
+    save_merged: bool = _f(False, "LoRA: also write the merged model to OUT/merged")
+
+    def __post_init__(self) -> None:
+        _check(self.model is not None or self.init_from_config is not None,
+               "give a MODEL folder to fine-tune, or --init-from-config CONFIG.json with --tokenizer DIR")  # fmt: skip
+        _check(self.model is None or self.init_from_config is None,
+               "give either MODEL or --init-from-config, not both")  # fmt: skip
+        _check(self.init_from_config is None or self.tokenizer is not None,
+               "--init-from-config needs --tokenizer DIR")  # fmt: skip
+
+
+@dataclass
+class DataArgs:
+    """Training data and how samples are built."""
+
+    data: str | None = _f(None, "meta JSON {name: {root, annotation, data_augment, repeat_time, length}}",
+                            metavar="META.json")
+    max_seq_length: int = _f(8192, "tokens per sample; longer conversations are cut")
+    max_dynamic_patch: int | None = _f(None, "tiles per image (default: the model's)")
+    min_num_frame: int = _f(8, "fewest frames sampled from a video")
+    max_num_frame: int = _f(32, "most frames sampled from a video")
+    packing: bool = _f(False, "pack several samples into one sequence (needs --max-steps)")
+    max_packed_tokens: int = _f(16384, "token budget of a packed sequence")
+    max_packed_images: int = _f(48, "tile budget of a packed sequence")
+    loss_reduction: str = _f("square", "per-sample weight of the loss: 1 (token), 1/n (sample), 1/sqrt(n) (square)",
+                             choices=("token", "sample", "square"))  # fmt: skip
+    skip_bad_rows: bool = _f(False, "skip invalid rows (reported at the end and in OUT/skipped_rows.txt)")
+    num_workers: int = _f(2, "data-loading processes (0: load in the training process)")
+
+    def __post_init__(self) -> None:
+        _check(self.data is not None, "--data META.json is required")
+        _check(self.max_seq_length > 0, f"--max-seq-length must be positive, got {self.max_seq_length}")
+        _check(self.max_dynamic_patch is None or self.max_dynamic_patch >= 1,
+               f"--max-dynamic-patch must be at least 1, got {self.max_dynamic_patch}")  # fmt: skip
+        _check(1 <= self.min_num_frame <= self.max_num_frame,
+               f"need 1 <= --min-num-frame <= --max-num-frame, got {self.min_num_frame} and {self.max_num_frame}")
+        _check(not self.packing or self.max_packed_tokens >= self.max_seq_length,
+               f"--max-packed-tokens {self.max_packed_tokens} must be at least --max-seq-length {self.max_seq_length}")
+        _check(self.max_packed_images >= 1, "--max-packed-images must be at least 1")
+        _check(self.num_workers >= 0, f"--num-workers must be >= 0, got {self.num_workers}")
+
+
+@dataclass
+class TuneArgs:
+    """Which parameters train (reference knobs) and LoRA."""
+
+    freeze_vision: bool = _f(False, "freeze the vision encoder (freeze_backbone)")
+    freeze_mlp: bool = _f(False, "freeze the projector mlp1")
+    freeze_llm: bool = _f(False, "freeze the language model")
+    unfreeze_vit_layers: int = _f(0, "train vision layers[k:] even when frozen (negative: the last |k|)")
+    unfreeze_lm_head: bool = _f(False, "train lm_head even when the language model is frozen")
+    lora_r: int = _f(0, "LoRA rank on the language model (0: none; use_llm_lora)")
+    vision_lora_r: int = _f(0, "LoRA rank on the vision encoder (0: none; use_backbone_lora)")
+    lora_alpha: float | None = _f(None, "LoRA alpha (default: 2 x rank)")
+    lora_dropout: float = _f(0.05, "LoRA dropout")
+    grad_checkpoint: bool = _f(True, "recompute activations in the backward pass (less memory, slower)")
+    drop_path_rate: float = _f(0.0, "stochastic depth of the vision encoder")
+
+    def __post_init__(self) -> None:
+        _check(self.lora_r >= 0 and self.vision_lora_r >= 0, "LoRA ranks must be >= 0")
+        _check(0 <= self.lora_dropout < 1, f"--lora-dropout must be in [0, 1), got {self.lora_dropout}")
+        _check(0 <= self.drop_path_rate < 1, f"--drop-path-rate must be in [0, 1), got {self.drop_path_rate}")
+
+
+@dataclass
+class OptimArgs:
+    """AdamW with a cosine schedule and warmup; batch sizes."""
+
+    lr: float = _f(4e-5, "peak learning rate")
+    weight_decay: float = _f(0.05, "AdamW weight decay (not on biases, norms and other 1-D weights)")
+    adam_beta1: float = _f(0.9, "AdamW beta1")
+    adam_beta2: float = _f(0.999, "AdamW beta2")
+    adam_eps: float = _f(1e-8, "AdamW epsilon")
+    lr_scheduler: str = _f("cosine", "learning-rate schedule after warmup", choices=("cosine", "constant"))
+    warmup_ratio: float = _f(0.03, "warmup as a fraction of the steps")
+    warmup_steps: int = _f(0, "warmup steps (overrides --warmup-ratio when > 0)")
+    max_grad_norm: float = _f(1.0, "gradient clipping (0: off)")
+    batch_size: int = _f(1, "samples (or packed sequences) per micro-batch and process")
+    grad_accum: int = _f(1, "micro-batches per optimizer step")
+    epochs: float = _f(1.0, "passes over the data")
+    max_steps: int = _f(0, "optimizer steps (overrides --epochs when > 0)")
+
+    def __post_init__(self) -> None:
+        _check(self.lr > 0, f"--lr must be positive, got {self.lr}")
+        _check(self.weight_decay >= 0, f"--weight-decay must be >= 0, got {self.weight_decay}")
+        _check(0 <= self.warmup_ratio < 1, f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}")
+        _check(self.warmup_steps >= 0, f"--warmup-steps must be >= 0, got {self.warmup_steps}")
+        _check(self.max_grad_norm >= 0, f"--max-grad-norm must be >= 0, got {self.max_grad_norm}")
+        _check(self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}")
+        _check(self.grad_accum >= 1, f"--grad-accum must be at least 1, got {self.grad_accum}")
+        _check(self.max_steps >= 0, f"--max-steps must be >= 0, got {self.max_steps}")
+        _check(self.max_steps > 0 or self.epochs > 0, f"--epochs must be positive, got {self.epochs}")
+
+
+@dataclass
+class RunArgs:
+    """Devices, precision, checkpoints and logging."""
+
+    seed: int = _f(42, "random seed (data order, initialization, dropout)")
+    device: str = _f("auto", "cpu, cuda or auto (the local GPU when there is one)", metavar="DEVICE")
+    dtype: str = _f("fp32", "compute dtype; bf16 keeps fp32 master weights", choices=("fp32", "bf16"))
+    threads: int = _f(0, "CPU threads per process (0: torch's default; 1 is often fastest on a busy machine)")
+    resume: bool = _f(False, "continue from the newest checkpoint in OUT")
+    save_every: int = _f(500, "write a checkpoint every N steps (0: only at the end and on interruption)")
+    keep_last: int = _f(2, "checkpoints to keep")
+    log_every: int = _f(10, "log metrics every N steps")
+    tensorboard: bool = _f(True, "also log to TensorBoard in OUT/tensorboard (when installed)")
+
+    def __post_init__(self) -> None:
+        _check(self.device == "auto" or self.device.split(":")[0] in ("cpu", "cuda"),
+               f"--device must be cpu, cuda[:N] or auto, got {self.device!r}")  # fmt: skip
+        _check(self.threads >= 0, f"--threads must be >= 0, got {self.threads}")
+        _check(self.save_every >= 0, f"--save-every must be >= 0, got {self.save_every}")
+        _check(self.keep_last >= 1, f"--keep-last must be at least 1, got {self.keep_last}")
+        _check(self.log_every >= 1, f"--log-every must be at least 1, got {self.log_every}")
+
+
+GROUPS = {"model": ModelArgs, "data": DataArgs, "tune": TuneArgs, "optim": OptimArgs, "run": RunArgs}
+
+
+@dataclass
+class TrainArgs:
+    model: ModelArgs
+    data: DataArgs
+    tune: TuneArgs = field(default_factory=TuneArgs)
+    optim: OptimArgs = field(default_factory=OptimArgs)
+    run: RunArgs = field(default_factory=RunArgs)
+
+    def __post_init__(self) -> None:
+        _check(not self.data.packing or self.optim.max_steps > 0,
+               "--packing needs --max-steps: the number of packed sequences per epoch is only known while reading")
+        _check(self.tune.lora_r > 0 or self.tune.vision_lora_r > 0 or not self.model.save_merged,
+               "--save-merged is for LoRA runs (full fine-tuning always writes the merged model)")  # fmt: skip
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], source: str = "arguments") -> TrainArgs:
+        """Build from flat keys (the YAML / flag names)."""
+        known = {f.name: g for g, c in GROUPS.items() for f in fields(c)}
+        unknown = [k for k in values if k not in known]
+        if unknown:
+            close = difflib.get_close_matches(unknown[0], known, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise TrainingError(f"{source}: unknown key {unknown[0]!r}{hint}")
+        parts = {g: {} for g in GROUPS}
+        for k, v in values.items():
+            parts[known[k]][k] = v
+        built = {}
+        for g, c in GROUPS.items():
+            try:
+                built[g] = c(**_coerce(c, parts[g], source))
+            except TypeError as e:
+                raise TrainingError(f"{source}: {e}") from None
+        return cls(**built)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for g in GROUPS for k, v in asdict(getattr(self, g)).items()}
+
+
+def _coerce(cls: type, values: dict[str, Any], source: str) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    out = {}
+    for f in fields(cls):
+        if f.name not in values:
+            continue
+        v = values[f.name]
+        kind, optional = _base_type(hints[f.name])
+        if v is None and optional:
+            out[f.name] = None
+            continue
+        try:
+            if kind is bool:
+                if not isinstance(v, bool):
+                    raise ValueError
+            elif kind is int:
+                if isinstance(v, bool) or (isinstance(v, float) and not v.is_integer()):
+                    raise ValueError
+                v = int(v)
+            elif kind is float:
+                if isinstance(v, bool):
+                    raise ValueError
+                v = float(v)
+            else:
+                v = str(v)
+        except (TypeError, ValueError):
+            raise TrainingError(f"{source}: {f.name} must be {kind.__name__}, got {v!r}") from None
+        choices = f.metadata.get("choices")
+        if choices and v not in choices:
+            raise TrainingError(f"{source}: {f.name} must be one of {list(choices)}, got {v!r}")
+        out[f.name] = v
+    return out
+
+
+def _base_type(hint: Any) -> tuple[type, bool]:
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if args:
+        return args[0], True
+    return hint, False
+
+
+# ---- command line -------------------------------------------------------------------------------
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """One flag per field (`--max-seq-length`), bools as `--x/--no-x`; unset flags stay out of the namespace."""
+    p.add_argument("--config", metavar="YAML", default=argparse.SUPPRESS,
+                   help="YAML file whose keys are these options' names (max_seq_length: 4096); flags win")  # fmt: skip
+    for g, cls in GROUPS.items():
+        group = p.add_argument_group(g, (cls.__doc__ or "").strip())
+        hints = typing.get_type_hints(cls)
+        for f in fields(cls):
+            kind, _ = _base_type(hints[f.name])
+            default = f.default if f.default is not MISSING else None
+            help_text = f.metadata["help"] + (f" (default: {default})" if default not in (None, False) else "")
+            if f.metadata.get("positional"):
+                group.add_argument(f.name, nargs="?", default=argparse.SUPPRESS, metavar=f.name.upper(),
+                                   help=help_text)  # fmt: skip
+                continue
+            flag = "--" + f.name.replace("_", "-")
+            if kind is bool:
+                group.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                                   help=help_text)  # fmt: skip
+            else:
+                group.add_argument(flag, type=kind, default=argparse.SUPPRESS, choices=f.metadata.get("choices"),
+                                   metavar=None if f.metadata.get("choices") else f.metadata.get("metavar", kind.__name__.upper()),
+                                   help=help_text)  # fmt: skip
+
+
+def from_namespace(ns: argparse.Namespace) -> TrainArgs:
+    """Defaults <- the --config YAML file <- the flags given."""
+    values: dict[str, Any] = {}
+    config = getattr(ns, "config", None)
+    if config:
+        values.update(read_yaml(config))
+    known = {f.name for c in GROUPS.values() for f in fields(c)}
+    values.update({k: v for k, v in vars(ns).items() if k in known})
+    return TrainArgs.from_dict(values, source=str(config) if config else "arguments")
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise TrainingError(f"{path}: no such config file")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise TrainingError(f"{path}: invalid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise TrainingError(f"{path}: expected a mapping of option names to values")
+    return data
