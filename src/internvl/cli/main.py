@@ -11,6 +11,8 @@ from ..errors import InternVLError
 # verb name -> module under internvl.cli that defines add_arguments(parser) and run(args) -> int | None
 # Verb modules keep heavy imports (torch, PIL, fastapi) inside run() so that `--help` stays fast.
 VERBS: dict[str, str] = {
+    "finetune": "finetune",
+    "merge-lora": "merge_lora",
     "chat": "chat",
     "synth": "synth",
     "convert": "convert",
