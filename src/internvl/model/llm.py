@@ -136,7 +136,7 @@ class CausalLM(nn.Module):
         self.gradient_checkpointing = False
 
     def new_cache(self, batch: int, dtype: torch.dtype | None = None, device=None, capacity: int = 256) -> KVCache:
-        w = self.lm_head.weight
+        w = self.model.embed_tokens.weight
         c = self.config
         return KVCache(c.num_hidden_layers, batch, c.num_key_value_heads, c.head_dim,
                        dtype or w.dtype, device or w.device, capacity)  # fmt: skip

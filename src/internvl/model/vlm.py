@@ -33,13 +33,14 @@ class InternVLChatModel(nn.Module):
         self.language_model = CausalLM(config.llm)
         self.image_token_id = image_token_id
 
+    # the token embedding is never swapped for a quantized layer, so it tells the model's dtype and device
     @property
     def dtype(self) -> torch.dtype:
-        return self.language_model.lm_head.weight.dtype
+        return self.language_model.model.embed_tokens.weight.dtype
 
     @property
     def device(self) -> torch.device:
-        return self.language_model.lm_head.weight.device
+        return self.language_model.model.embed_tokens.weight.device
 
     @property
     def num_image_token(self) -> int:
