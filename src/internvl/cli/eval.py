@@ -1,0 +1,96 @@
+"""`internvl eval [MODEL] --data FILE.tsv` (VLMEvalKit MCQ or VQA TSVs) and `internvl eval synthetic [MODEL]`
+(the Synthetic Visual World test split): greedy answers, predictions, a summary and a per-category table."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .chat import add_model_arguments, load_from_args
+
+SYNTHETIC = "synthetic"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.usage = ("internvl eval [MODEL] --data FILE.tsv [--data ...] [options]\n"
+               "       internvl eval synthetic [MODEL] [--split test] [--n 200] [--tasks a,b] [options]")  # fmt: skip
+    add_model_arguments(p)
+    p.add_argument("model2", nargs="?", default=None, metavar="MODEL",
+                   help="after `synthetic`: the model folder (name a model folder called 'synthetic' ./synthetic)")  # fmt: skip
+    d = p.add_argument_group("VLMEvalKit TSV files")
+    d.add_argument("--data", action="append", default=[], metavar="FILE.tsv", help="benchmark TSV (repeatable)")
+    d.add_argument("--circular", choices=["auto", "on", "off"], default="auto",
+                   help="rotate MCQ options; auto: on for names with mmbench/ccbench/circular (synthetic: on for mc)")  # fmt: skip
+    d.add_argument("--prompt-style", choices=["internvl", "vlmeval"], default="internvl",
+                   help="InternVL wrapper prompts (default) or VLMEvalKit's generic ones")  # fmt: skip
+    d.add_argument("--metric", choices=["auto", "exact", "relaxed", "anls", "iou"], default="auto",
+                   help="open-answer metric; auto: chartqa relaxed, docvqa/infovqa anls, <box> answers iou, else exact")  # fmt: skip
+    s = p.add_argument_group("synthetic benchmark")
+    s.add_argument("--split", choices=["train", "val", "test"], default="test")
+    s.add_argument("--n", type=int, default=200, help="items per task in the generated split (default 200)")
+    s.add_argument("--tasks", default=None, help="comma-separated task ids (default: all)")
+    s.add_argument("--data-dir", default=None, help="an existing split folder (default: generated into the cache)")
+    r = p.add_argument_group("run")
+    r.add_argument("--out", default=None, help="output folder (default eval_out/<model>/<dataset>)")
+    r.add_argument("--batch-size", type=int, default=8, help="requests in the engine at once (default 8)")
+    r.add_argument("--max-new-tokens", type=int, default=None, help="override the per-task budget (64; 128 long)")
+    r.add_argument("--max-num", type=int, default=6, help="max tiles per image (default 6, as the reference eval)")
+    r.add_argument("--limit", type=int, default=None, help="only the first N questions (per task for synthetic)")
+    r.add_argument("--resume", action="store_true", help="keep the predictions already in --out, ask the rest")
+
+
+def _tasks(args: argparse.Namespace) -> list:
+    from ..errors import DataError
+    from ..eval.runner import synthetic_split
+    from ..eval.tasks import SyntheticTask, synth_tasks, tsv_task
+
+    if args.model == SYNTHETIC:
+        if args.data:
+            raise DataError("`internvl eval synthetic` takes no --data (it evaluates the synthetic split)")
+        names = synth_tasks(args.tasks)
+        folder = synthetic_split(args.split, args.n, names, args.data_dir)
+        return [SyntheticTask(folder, names, args.circular, args.limit, args.max_new_tokens, name=SYNTHETIC)]
+    if args.model2 is not None:
+        raise DataError(f"unexpected argument {args.model2!r}: give one MODEL (or `synthetic MODEL`)")
+    if not args.data:
+        raise DataError("nothing to evaluate: give --data FILE.tsv, or run `internvl eval synthetic`")
+    return [tsv_task(path, args.circular, args.prompt_style, args.metric, args.limit, args.max_new_tokens)
+            for path in args.data]  # fmt: skip
+
+
+def _check(args: argparse.Namespace) -> None:
+    from ..errors import InternVLError
+
+    for flag, value in (("--batch-size", args.batch_size), ("--max-num", args.max_num), ("--n", args.n),
+                        ("--limit", args.limit), ("--max-new-tokens", args.max_new_tokens)):  # fmt: skip
+        if value is not None and value < 1:
+            raise InternVLError(f"{flag} must be at least 1, got {value}")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..eval.runner import evaluate
+
+    _check(args)
+    tasks = _tasks(args)  # read and check the data before loading the model: bad input fails fast
+    if args.model == SYNTHETIC:
+        args.model = args.model2
+    model = load_from_args(args)
+    model.engine.max_batch = args.batch_size
+    model_name = Path(args.model).name if args.model else "nano"
+    for task in tasks:
+        out = Path(args.out) if args.out else Path("eval_out") / model_name / task.name
+        if args.out and len(tasks) > 1:
+            out = out / task.name
+        try:
+            summary = evaluate(model, task, out, batch_size=args.batch_size, max_num=args.max_num,
+                               resume=args.resume, model_name=str(model.path or model_name))  # fmt: skip
+        except KeyboardInterrupt:
+            print(f"interrupted: the finished answers are in {out / 'predictions.jsonl'}; add --resume to "
+                  f"continue", file=sys.stderr)  # fmt: skip
+            raise
+        print(f"\n{task.name}: {summary['n']} questions, overall {100 * summary['overall']:.1f}%"
+              + (f", circular {100 * summary['circular']['accuracy']:.1f}%" if summary.get("circular") else ""))  # fmt: skip
+        print(task.table(summary))
+        print(f"predictions: {out / 'predictions.jsonl'}\nsummary: {out / 'summary.json'}")
+    return 0
