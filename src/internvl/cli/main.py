@@ -16,6 +16,7 @@ VERBS: dict[str, str] = {
     "chat": "chat",
     "synth": "synth",
     "convert": "convert",
+    "eval": "eval",
 }
 
 HELP: dict[str, str] = {
