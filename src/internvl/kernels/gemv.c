@@ -1,0 +1,444 @@
+/* Weight-streaming matrix-vector kernels for CPU decoding (AVX-512, AVX-512 VNNI).
+
+   y[M,N] = x[M,K] @ W[N,K]^T (+ bias) for M <= 8, with W row-major in bf16, or in int8 with one fp32
+   scale per output row. Decoding is bound by the bytes of W read, so each thread walks a contiguous
+   range of rows front to back with a software prefetch ahead of the hardware streamer; a thread that
+   finishes early steals chunks from the back of a slower thread's range.
+
+   bf16 W: a 32-bit lane of the weight holds two bf16, which become two fp32 with one shift (even
+   element) and one mask (odd element); x is laid out as even and odd fp32 halves to match, and FMA
+   multiplies. Products are exact for bf16 and fp32 x alike. (vdpbf16ps retires one per two cycles
+   here, a quarter of FMA's rate, and would need x rounded to bf16.)
+   int8 W, exact: each weight is widened to fp32 in registers and multiplied with FMA by an fp32 x;
+   the row scale is applied once per output.
+   int8 W, fast: x is quantized per row to 16 bits (two signed int8 digits) and vpdpbusd multiplies 64
+   weights per instruction with no widening, an integer-exact dot product of the quantized values.
+
+   No torch headers: this file compiles in about a second and is loaded with ctypes. */
+#include <immintrin.h>
+#include <math.h>
+#include <omp.h>
+#include <stdatomic.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define MAXM 8
+#ifndef PF_BYTES
+#define PF_BYTES 4096 /* software prefetch distance along the weight stream */
+#endif
+#ifndef PF_HINT
+#define PF_HINT _MM_HINT_T1
+#endif
+#ifndef CHUNK_BYTES
+#define CHUNK_BYTES (64 * 1024) /* unit of work handed between threads */
+#endif
+#ifndef MIN_PARALLEL_BYTES
+#define MIN_PARALLEL_BYTES (96 * 1024)
+#endif
+#define FAST_MAX_K 65536 /* int32 sums of the fast int8 path cannot overflow below this K */
+
+enum { DT_F32 = 0, DT_BF16 = 1 };
+enum { OP_BF16 = 0, OP_INT8 = 1, OP_INT8_FAST = 2 };
+
+/* Layout of the int64 parameter block passed by ivl_run (one ctypes argument instead of thirteen). */
+enum { P_OP, P_X, P_XDT, P_M, P_K, P_W, P_SCALE, P_N, P_BIAS, P_BDT, P_Y, P_YDT, P_THREADS, P_COUNT };
+
+int ivl_abi_version(void) { return 3; }
+int ivl_param_count(void) { return P_COUNT; }
+
+int ivl_cpu_ok(void) {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+           __builtin_cpu_supports("avx512vnni");
+}
+
+static inline uint16_t f32_to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40); /* quiet NaN */
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+static inline float bf16_to_f32(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline int round_up(int v, int to) { return (v + to - 1) / to * to; }
+
+/* ---- x preparation: the layout each inner loop reads, in a per-calling-thread scratch buffer ---- */
+
+static __thread void *scratch = NULL; /* concurrent callers never share it */
+static __thread size_t scratch_bytes = 0;
+
+static void *scratch_get(size_t bytes) {
+    if (bytes > scratch_bytes) {
+        free(scratch);
+        scratch = aligned_alloc(64, (bytes + 63) / 64 * 64);
+        scratch_bytes = scratch ? bytes : 0;
+    }
+    return scratch;
+}
+
+/* Up to 16 fp32 values from a bf16 or fp32 x (masked: lanes past the end read as zero). */
+static inline __m512 load_x16(const void *x, int xdt, size_t i, __mmask16 mk) {
+    if (xdt == DT_BF16)
+        return _mm512_castsi512_ps(
+            _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mk, (const uint16_t *)x + i)), 16));
+    return _mm512_maskz_loadu_ps(mk, (const float *)x + i);
+}
+
+static inline __mmask16 mask16(int r) { return (__mmask16)(r >= 16 ? 0xffff : (r <= 0 ? 0 : (1u << r) - 1u)); }
+
+/* bf16 W: row m is its even elements then its odd elements in fp32, each half zero-padded to KH. */
+static const float *x_even_odd(const void *x, int xdt, int M, int K, int KH) {
+    float *out = (float *)scratch_get((size_t)8 * M * KH);
+    if (!out) return NULL;
+    const __m512i ev = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    const __m512i od = _mm512_add_epi32(ev, _mm512_set1_epi32(1));
+    for (int m = 0; m < M; m++) {
+        float *xe = out + (size_t)2 * m * KH, *xo = xe + KH;
+        size_t base = (size_t)m * K;
+        for (int k = 0; k < 2 * KH; k += 32) { /* 32 elements -> 16 even + 16 odd */
+            __m512 a = load_x16(x, xdt, base + k, mask16(K - k));
+            __m512 b = load_x16(x, xdt, base + k + 16, mask16(K - k - 16));
+            _mm512_storeu_ps(xe + k / 2, _mm512_permutex2var_ps(a, ev, b));
+            _mm512_storeu_ps(xo + k / 2, _mm512_permutex2var_ps(a, od, b));
+        }
+    }
+    return out;
+}
+
+/* int8 W, exact: x as fp32 rows (a bf16 x widened, which is exact). */
+static const float *x_f32(const void *x, int xdt, int M, int K) {
+    if (xdt == DT_F32) return (const float *)x;
+    float *out = (float *)scratch_get((size_t)4 * M * K);
+    if (!out) return NULL;
+    int n = M * K;
+    for (int i = 0; i < n; i += 16) _mm512_mask_storeu_ps(out + i, mask16(n - i), load_x16(x, xdt, i, mask16(n - i)));
+    return out;
+}
+
+/* int8 W, fast: per row, x16 = round(x / s) with s = max|x| / 32639, written as x16 = 256 * hi + lo
+   with signed int8 digits (|x16| <= 32639 keeps hi in [-128, 127]). Row m holds hi then lo, each
+   zero-padded to KP; xs[m] = s and xsum[m] = sum of x16 (to undo the +128 bias of the weights). */
+static const int8_t *x_digits(const void *x, int xdt, int M, int K, int KP, float *xs, int64_t *xsum) {
+    int8_t *out = (int8_t *)scratch_get((size_t)2 * M * KP);
+    if (!out) return NULL;
+    const __m512i lim = _mm512_set1_epi32(32639), c128 = _mm512_set1_epi32(128), c255 = _mm512_set1_epi32(255);
+    for (int m = 0; m < M; m++) {
+        size_t base = (size_t)m * K;
+        __m512 vmax = _mm512_setzero_ps();
+        for (int k = 0; k < K; k += 16) vmax = _mm512_max_ps(vmax, _mm512_abs_ps(load_x16(x, xdt, base + k, mask16(K - k))));
+        float amax = _mm512_reduce_max_ps(vmax);
+        float s = amax > 0 && isfinite(amax) ? amax / 32639.0f : 1.0f;
+        __m512 inv = _mm512_set1_ps(1.0f / s);
+        int8_t *hi = out + (size_t)2 * m * KP, *lo = hi + KP;
+        __m512i sum = _mm512_setzero_si512();
+        for (int k = 0; k < KP; k += 16) { /* lanes past K load as zero and pad with zero digits */
+            __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(load_x16(x, xdt, base + k, mask16(K - k)), inv));
+            v = _mm512_max_epi32(_mm512_min_epi32(v, lim), _mm512_sub_epi32(_mm512_setzero_si512(), lim));
+            __m512i l = _mm512_sub_epi32(_mm512_and_si512(_mm512_add_epi32(v, c128), c255), c128);
+            __m512i h = _mm512_srai_epi32(_mm512_sub_epi32(v, l), 8);
+            _mm_storeu_si128((__m128i *)(hi + k), _mm512_cvtepi32_epi8(h));
+            _mm_storeu_si128((__m128i *)(lo + k), _mm512_cvtepi32_epi8(l));
+            sum = _mm512_add_epi32(sum, v);
+        }
+        xs[m] = s;
+        xsum[m] = _mm512_reduce_add_epi32(sum); /* |sum| <= K * 32639 < 2^31 for K <= FAST_MAX_K */
+    }
+    return out;
+}
+
+/* ---- per-row inner loops; NM (rows of x) is a compile-time constant after inlining ---- */
+
+typedef struct {
+    int op, M, K, N, bdt, ydt, KX; /* KX: row stride of the prepared x, in its elements */
+    const void *x;                 /* prepared x */
+    const void *w;
+    const float *scale;
+    const void *bias;
+    void *y;
+    float xs[MAXM];    /* fast int8: per-row x scales */
+    int64_t xsum[MAXM]; /* fast int8: per-row sums of quantized x */
+} job_t;
+
+static inline void finish_row(const job_t *j, int n, int m, float v) {
+    if (j->scale) v *= j->scale[n];
+    if (j->bias) v += j->bdt == DT_BF16 ? bf16_to_f32(((const uint16_t *)j->bias)[n]) : ((const float *)j->bias)[n];
+    size_t idx = (size_t)m * j->N + n;
+    if (j->ydt == DT_BF16)
+        ((uint16_t *)j->y)[idx] = f32_to_bf16(v);
+    else
+        ((float *)j->y)[idx] = v;
+}
+
+/* One 64-byte line of bf16 weights (32 elements from k) against NM rows of even/odd x. */
+static inline __attribute__((always_inline)) void bf16_line(const int NM, __m512i wv, const float *xf, int KH, int k,
+                                                            __m512 *acc) {
+    __m512 we = _mm512_castsi512_ps(_mm512_slli_epi32(wv, 16));
+    __m512 wo = _mm512_castsi512_ps(_mm512_and_si512(wv, _mm512_set1_epi32((int)0xffff0000u)));
+    for (int m = 0; m < NM; m++) {
+        const float *xe = xf + (size_t)2 * m * KH + (k >> 1);
+        acc[2 * m] = _mm512_fmadd_ps(we, _mm512_loadu_ps(xe), acc[2 * m]);
+        acc[2 * m + 1] = _mm512_fmadd_ps(wo, _mm512_loadu_ps(xe + KH), acc[2 * m + 1]);
+    }
+}
+
+static inline __attribute__((always_inline)) void rows_bf16(const int NM, const job_t *j, int n0, int n1) {
+    const int K = j->K, KH = j->KX;
+    const float *xf = (const float *)j->x;
+    for (int n = n0; n < n1; n++) {
+        const uint16_t *w = (const uint16_t *)j->w + (size_t)n * K;
+        __m512 acc[4 * MAXM]; /* two sets of (even, odd) per x row, alternating lines: FMA latency */
+        for (int i = 0; i < 4 * NM; i++) acc[i] = _mm512_setzero_ps();
+        int k = 0;
+        for (; k + 64 <= K; k += 64) {
+            _mm_prefetch((const char *)(w + k) + PF_BYTES, PF_HINT);
+            _mm_prefetch((const char *)(w + k) + PF_BYTES + 64, PF_HINT);
+            bf16_line(NM, _mm512_loadu_si512((const void *)(w + k)), xf, KH, k, acc);
+            bf16_line(NM, _mm512_loadu_si512((const void *)(w + k + 32)), xf, KH, k + 32, acc + 2 * NM);
+        }
+        for (; k < K; k += 32) { /* tail: masked weights against zero-padded x */
+            int r = K - k;
+            __mmask32 mk = (__mmask32)(r >= 32 ? 0xffffffffu : (1u << r) - 1u);
+            bf16_line(NM, _mm512_maskz_loadu_epi16(mk, (const void *)(w + k)), xf, KH, k, acc);
+        }
+        for (int m = 0; m < NM; m++) {
+            __m512 t = _mm512_add_ps(_mm512_add_ps(acc[2 * m], acc[2 * m + 1]),
+                                     _mm512_add_ps(acc[2 * NM + 2 * m], acc[2 * NM + 2 * m + 1]));
+            finish_row(j, n, m, _mm512_reduce_add_ps(t));
+        }
+    }
+}
+
+static inline __m512 i8x16_to_f32(const int8_t *p) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)));
+}
+
+static inline __attribute__((always_inline)) void rows_int8(const int NM, const job_t *j, int n0, int n1) {
+    const int K = j->K, NA = NM == 1 ? 4 : 2; /* independent FMA chains per x row */
+    const int K64 = K & ~63;
+    const float *xf = (const float *)j->x;
+    for (int n = n0; n < n1; n++) {
+        const int8_t *q = (const int8_t *)j->w + (size_t)n * K;
+        __m512 acc[MAXM * 2 + 2];
+        for (int i = 0; i < NM * NA; i++) acc[i] = _mm512_setzero_ps();
+        int k = 0;
+        for (; k < K64; k += 64) {
+            _mm_prefetch((const char *)(q + k) + PF_BYTES, PF_HINT);
+            __m512 w0 = i8x16_to_f32(q + k), w1 = i8x16_to_f32(q + k + 16);
+            __m512 w2 = i8x16_to_f32(q + k + 32), w3 = i8x16_to_f32(q + k + 48);
+            for (int m = 0; m < NM; m++) {
+                const float *xm = xf + (size_t)m * K + k;
+                __m512 *a = acc + m * NA;
+                a[0] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xm), a[0]);
+                a[1] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xm + 16), a[1]);
+                a[2 % NA] = _mm512_fmadd_ps(w2, _mm512_loadu_ps(xm + 32), a[2 % NA]);
+                a[3 % NA] = _mm512_fmadd_ps(w3, _mm512_loadu_ps(xm + 48), a[3 % NA]);
+            }
+        }
+        for (; k < K; k += 16) { /* tail: masked loads of both weights and x */
+            int r = K - k;
+            __mmask16 mk = (__mmask16)(r >= 16 ? 0xffff : ((1u << r) - 1u));
+            __m512 wv = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mk, q + k)));
+            for (int m = 0; m < NM; m++)
+                acc[m * NA] = _mm512_fmadd_ps(wv, _mm512_maskz_loadu_ps(mk, xf + (size_t)m * K + k), acc[m * NA]);
+        }
+        for (int m = 0; m < NM; m++) {
+            __m512 t = acc[m * NA];
+            for (int i = 1; i < NA; i++) t = _mm512_add_ps(t, acc[m * NA + i]);
+            finish_row(j, n, m, _mm512_reduce_add_ps(t));
+        }
+    }
+}
+
+/* vpdpbusd multiplies unsigned by signed bytes: the weights become q + 128 (one xor), and the
+   128 * sum(x16) this adds is taken off at the end. */
+static inline __attribute__((always_inline)) void rows_int8_fast(const int NM, const job_t *j, int n0, int n1) {
+    const int K = j->K, KP = j->KX;
+    const int8_t *xd = (const int8_t *)j->x;
+    const __m512i bias128 = _mm512_set1_epi8((char)0x80);
+    for (int n = n0; n < n1; n++) {
+        const int8_t *q = (const int8_t *)j->w + (size_t)n * K;
+        __m512i ahi[MAXM], alo[MAXM];
+        for (int m = 0; m < NM; m++) ahi[m] = alo[m] = _mm512_setzero_si512();
+        for (int k = 0; k < K; k += 64) {
+            __m512i wv;
+            if (k + 64 <= K) {
+                _mm_prefetch((const char *)(q + k) + PF_BYTES, PF_HINT);
+                wv = _mm512_loadu_si512((const void *)(q + k));
+            } else { /* masked weights read as 128 after the xor, against zero-padded x */
+                wv = _mm512_maskz_loadu_epi8((__mmask64)((1ull << (K - k)) - 1ull), (const void *)(q + k));
+            }
+            __m512i u = _mm512_xor_si512(wv, bias128);
+            for (int m = 0; m < NM; m++) {
+                const int8_t *hi = xd + (size_t)2 * m * KP + k;
+                ahi[m] = _mm512_dpbusd_epi32(ahi[m], u, _mm512_loadu_si512((const void *)hi));
+                alo[m] = _mm512_dpbusd_epi32(alo[m], u, _mm512_loadu_si512((const void *)(hi + KP)));
+            }
+        }
+        for (int m = 0; m < NM; m++) {
+            int64_t dot = 256 * (int64_t)_mm512_reduce_add_epi32(ahi[m]) + _mm512_reduce_add_epi32(alo[m]) -
+                          128 * j->xsum[m];
+            finish_row(j, n, m, (float)((double)dot * j->xs[m]));
+        }
+    }
+}
+
+#define DISPATCH(F)                                                                                  \
+    switch (j->M) {                                                                                  \
+        case 1: F(1, j, n0, n1); break; case 2: F(2, j, n0, n1); break;                              \
+        case 3: F(3, j, n0, n1); break; case 4: F(4, j, n0, n1); break;                              \
+        case 5: F(5, j, n0, n1); break; case 6: F(6, j, n0, n1); break;                              \
+        case 7: F(7, j, n0, n1); break; case 8: F(8, j, n0, n1); break;                              \
+    }
+
+static void do_rows(const job_t *j, int n0, int n1) {
+    if (j->op == OP_BF16)
+        DISPATCH(rows_bf16)
+    else if (j->op == OP_INT8)
+        DISPATCH(rows_int8)
+    else
+        DISPATCH(rows_int8_fast)
+}
+
+/* ---- threading: contiguous chunk ranges per thread, stealing from the back when done ---- */
+
+typedef struct {
+    _Alignas(64) _Atomic uint64_t fb; /* front (low 32 bits) and back (high 32 bits) chunk indices */
+    char pad[56];
+} range_t;
+
+static int claim(range_t *r, int from_back) {
+    uint64_t v = atomic_load_explicit(&r->fb, memory_order_relaxed);
+    for (;;) {
+        uint32_t f = (uint32_t)v, b = (uint32_t)(v >> 32);
+        if (f >= b) return -1;
+        uint64_t nv = from_back ? ((uint64_t)(b - 1) << 32) | f : v + 1;
+        if (atomic_compare_exchange_weak_explicit(&r->fb, &v, nv, memory_order_relaxed, memory_order_relaxed))
+            return from_back ? (int)(b - 1) : (int)f;
+    }
+}
+
+#define MAX_THREADS 256
+
+static void run_parallel(const job_t *j, size_t row_bytes, int nthreads) {
+    size_t total = row_bytes * (size_t)j->N;
+    int nt = nthreads < 1 ? 1 : (nthreads > MAX_THREADS ? MAX_THREADS : nthreads);
+    if (nt == 1 || total < MIN_PARALLEL_BYTES) {
+        do_rows(j, 0, j->N);
+        return;
+    }
+    int rows_per_chunk = (int)(CHUNK_BYTES / row_bytes);
+    if (rows_per_chunk < 1) rows_per_chunk = 1;
+    int nchunks = (j->N + rows_per_chunk - 1) / rows_per_chunk;
+    if (nt > nchunks) nt = nchunks;
+    range_t ranges[MAX_THREADS]; /* on this caller's stack: concurrent calls never share counters */
+    for (int t = 0; t < nt; t++) {
+        uint64_t f = (uint64_t)nchunks * t / nt, b = (uint64_t)nchunks * (t + 1) / nt;
+        atomic_init(&ranges[t].fb, f | (b << 32));
+    }
+#pragma omp parallel num_threads(nt)
+    {
+        int t = omp_get_thread_num();
+        for (int v = 0; v < nt; v++) { /* own range first (front), then others' (back) */
+            int victim = (t + v) % nt, c;
+            while ((c = claim(&ranges[victim], v > 0)) >= 0) {
+                int n0 = c * rows_per_chunk, n1 = n0 + rows_per_chunk;
+                do_rows(j, n0, n1 < j->N ? n1 : j->N);
+            }
+        }
+    }
+}
+
+/* ---- entry points ---- */
+
+/* p: int64 parameter block, see P_*. Returns 0 on success, nonzero when the caller must fall back. */
+int ivl_run(const int64_t *p) {
+    job_t j;
+    j.op = (int)p[P_OP];
+    j.M = (int)p[P_M];
+    j.K = (int)p[P_K];
+    j.N = (int)p[P_N];
+    j.bdt = (int)p[P_BDT];
+    j.ydt = (int)p[P_YDT];
+    j.w = (const void *)(intptr_t)p[P_W];
+    j.scale = (const float *)(intptr_t)p[P_SCALE];
+    j.bias = (const void *)(intptr_t)p[P_BIAS];
+    j.y = (void *)(intptr_t)p[P_Y];
+    int xdt = (int)p[P_XDT];
+    const void *x = (const void *)(intptr_t)p[P_X];
+    if (j.M < 1 || j.M > MAXM || j.K < 1 || j.N < 1 || (xdt != DT_F32 && xdt != DT_BF16)) return 1;
+    if (j.op == OP_INT8_FAST && j.K > FAST_MAX_K) j.op = OP_INT8;
+    size_t row_bytes;
+    if (j.op == OP_BF16) {
+        j.scale = NULL;
+        j.KX = round_up((j.K + 1) / 2, 16);
+        j.x = x_even_odd(x, xdt, j.M, j.K, j.KX);
+        row_bytes = (size_t)j.K * 2;
+    } else if (j.op == OP_INT8 && j.scale) {
+        j.KX = j.K;
+        j.x = x_f32(x, xdt, j.M, j.K);
+        row_bytes = (size_t)j.K;
+    } else if (j.op == OP_INT8_FAST && j.scale) {
+        j.KX = round_up(j.K, 64);
+        j.x = x_digits(x, xdt, j.M, j.K, j.KX, j.xs, j.xsum);
+        row_bytes = (size_t)j.K;
+    } else {
+        return 1;
+    }
+    if (!j.x) return 2;
+    run_parallel(&j, row_bytes, (int)p[P_THREADS]);
+    return 0;
+}
+
+/* Symmetric per-row int8 quantization, matching the torch fallback bit for bit:
+   scale = max|w| / 127 (1 for an all-zero row), q = round_half_even(w * (1 / scale)). */
+int ivl_quantize_int8(const void *w, int wdt, int N, int K, int8_t *q, float *scale, int nthreads) {
+#pragma omp parallel for num_threads(nthreads < 1 ? 1 : nthreads) schedule(static)
+    for (int n = 0; n < N; n++) {
+        const uint16_t *wb = (const uint16_t *)w + (size_t)n * K;
+        const float *wf = (const float *)w + (size_t)n * K;
+        float amax = 0.0f;
+        for (int k = 0; k < K; k++) {
+            float v = wdt == DT_BF16 ? bf16_to_f32(wb[k]) : wf[k];
+            amax = fmaxf(amax, v < 0 ? -v : v);
+        }
+        float s = amax > 0 ? amax / 127.0f : 1.0f, inv = 1.0f / s;
+        scale[n] = s;
+        for (int k = 0; k < K; k++) {
+            float r = __builtin_nearbyintf((wdt == DT_BF16 ? bf16_to_f32(wb[k]) : wf[k]) * inv);
+            q[(size_t)n * K + k] = (int8_t)(r > 127.0f ? 127 : (r < -127.0f ? -127 : r));
+        }
+    }
+    return 0;
+}
+
+/* A pure read of a buffer with the kernels' prefetch distance and threading: the bandwidth ceiling
+   the kernels are measured against. Returns a checksum so the reads cannot be optimized away. */
+double ivl_read_pass(const void *p, size_t bytes, int nthreads) {
+    double total = 0;
+#pragma omp parallel num_threads(nthreads < 1 ? 1 : nthreads) reduction(+ : total)
+    {
+        int t = omp_get_thread_num(), T = omp_get_num_threads();
+        size_t blocks = bytes / 256;
+        const char *c = (const char *)p;
+        __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        for (size_t l = blocks * t / T; l < blocks * (t + 1) / T; l++) {
+            const char *b = c + l * 256;
+            for (int i = 0; i < 256; i += 64) _mm_prefetch(b + PF_BYTES + i, PF_HINT);
+            a0 = _mm512_add_ps(a0, _mm512_castsi512_ps(_mm512_loadu_si512(b)));
+            a1 = _mm512_add_ps(a1, _mm512_castsi512_ps(_mm512_loadu_si512(b + 64)));
+            a2 = _mm512_add_ps(a2, _mm512_castsi512_ps(_mm512_loadu_si512(b + 128)));
+            a3 = _mm512_add_ps(a3, _mm512_castsi512_ps(_mm512_loadu_si512(b + 192)));
+        }
+        total += _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+    }
+    return total;
+}

@@ -1,0 +1,97 @@
+"""Inference drop-ins for nn.Linear: the streaming kernels for decode-sized inputs, torch for prefill.
+
+Weights are buffers, not parameters: these layers are for inference only (an input that requires grad
+under autograd goes through torch). Both keep nn.Linear's state-dict key for the bias.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import build
+from .ops import _OP_BF16, _OP_INT8, _OP_INT8_FAST, _DT, MAX_ROWS, dequantize_int8, gemv, quantize_int8
+
+
+def _check_bias(bias: torch.Tensor | None, n: int) -> torch.Tensor | None:
+    if bias is None:
+        return None
+    if bias.shape != (n,):
+        raise ValueError(f"bias must have shape ({n},), got {tuple(bias.shape)}")
+    return bias.detach().contiguous()
+
+
+class FastBf16Linear(nn.Module):
+    """y = x @ weight^T + bias with a bf16 weight [out, in]; at most MAX_ROWS rows of x use the kernel."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
+        super().__init__()
+        if weight.dim() != 2:
+            raise ValueError(f"weight must be 2-D [out_features, in_features], got shape {tuple(weight.shape)}")
+        self.out_features, self.in_features = weight.shape
+        self.register_buffer("weight", weight.detach().to(torch.bfloat16).contiguous())
+        self.register_buffer("bias", _check_bias(bias, self.out_features))
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> "FastBf16Linear":
+        """Shares the weight storage when it already is a contiguous bf16 tensor."""
+        return cls(linear.weight, linear.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w, b = self.weight, self.bias
+        if x.shape[-1] == self.in_features and w.is_cpu and w.is_contiguous():
+            lib = build.load()
+            if lib is not None and (b is None or (b.is_cpu and b.dtype in _DT)):
+                y = gemv(lib, _OP_BF16, x, w.data_ptr(), 0, self.out_features, b)
+                if y is not None:
+                    return y
+        if w.dtype != x.dtype:
+            w = w.to(x.dtype)
+        return F.linear(x, w, None if b is None else b.to(x.dtype))
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+class Int8Linear(nn.Module):
+    """y = x @ (qweight * scale[:, None])^T + bias: int8 weight [out, in] with one fp32 scale per output.
+
+    Up to MAX_ROWS rows of x run the kernel, which reads half the bytes of a bf16 weight; quantize_x
+    selects its VNNI variant (see `linear_int8`). Larger inputs (prefill) multiply by the weight
+    dequantized to x's dtype, rebuilt per call to keep memory at int8.
+    """
+
+    def __init__(self, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None,
+                 quantize_x: bool = False):
+        super().__init__()
+        self.quantize_x = quantize_x
+        self._op = _OP_INT8_FAST if quantize_x else _OP_INT8
+        if qweight.dtype != torch.int8 or qweight.dim() != 2:
+            raise ValueError(f"qweight must be a 2-D int8 tensor, got {qweight.dtype} {tuple(qweight.shape)}")
+        self.out_features, self.in_features = qweight.shape
+        if scale.shape != (self.out_features,):
+            raise ValueError(f"scale must have shape ({self.out_features},), got {tuple(scale.shape)}")
+        self.register_buffer("qweight", qweight.contiguous())
+        self.register_buffer("scale", scale.detach().to(torch.float32).contiguous())
+        self.register_buffer("bias", _check_bias(bias, self.out_features))
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, quantize_x: bool = False) -> "Int8Linear":
+        q, s = quantize_int8(linear.weight)
+        return cls(q, s, linear.bias, quantize_x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, s, b = self.qweight, self.scale, self.bias
+        if x.shape[-1] == self.in_features and q.is_cpu and s.is_cpu and q.is_contiguous():
+            lib = build.load()
+            if lib is not None and (b is None or (b.is_cpu and b.dtype in _DT)):
+                y = gemv(lib, self._op, x, q.data_ptr(), s.data_ptr(), self.out_features, b)
+                if y is not None:
+                    return y
+        dtype = x.dtype if x.is_floating_point() else torch.float32
+        return F.linear(x, dequantize_int8(q, s, dtype), None if b is None else b.to(dtype))
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, quantize_x={self.quantize_x}, max_kernel_rows={MAX_ROWS}")

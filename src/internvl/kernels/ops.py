@@ -1,0 +1,146 @@
+"""Functional linear layers for decoding: the AVX-512 kernel for up to 8 rows, torch otherwise.
+
+Both functions compute x @ W^T (+ bias) and return x's dtype. The kernel path needs a contiguous
+2-D CPU weight, x in bf16 or fp32 with at most MAX_ROWS rows after flattening, and no autograd.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import struct
+import threading
+
+import torch
+import torch.nn.functional as F
+
+from . import build
+
+MAX_ROWS = 8
+_DT = {torch.float32: 0, torch.bfloat16: 1}
+_OP_BF16, _OP_INT8, _OP_INT8_FAST = 0, 1, 2
+# One int64 parameter block per calling thread (ctypes releases the GIL during the call, so a block
+# shared between Python threads could be overwritten mid-call); packing it is cheaper than passing
+# twelve converted ctypes arguments.
+_PARAMS = struct.Struct("13q")
+_tls = threading.local()
+
+
+def available() -> bool:
+    """True when the compiled kernels can run here (AVX-512 BF16 CPU, a C compiler, not disabled)."""
+    return build.load() is not None
+
+
+def unavailable_reason() -> str | None:
+    return None if available() else build.load_error()
+
+
+def _param_block():
+    blk = getattr(_tls, "blk", None)
+    if blk is None:
+        buf = ctypes.create_string_buffer(_PARAMS.size)
+        blk = _tls.blk = (buf, ctypes.addressof(buf))
+    return blk
+
+
+def gemv(lib, op: int, x: torch.Tensor, w_ptr: int, scale_ptr: int, n: int, bias: torch.Tensor | None):
+    """Run the kernel on x [..., K] with at most MAX_ROWS rows; None when the caller must fall back.
+
+    The caller has checked the weight (and bias: contiguous, on CPU, dtype in _DT) once.
+    """
+    dt = _DT.get(x.dtype)
+    k = x.shape[-1]
+    m = x.numel() // k if k else 0
+    if dt is None or not 0 < m <= MAX_ROWS or x.device.type != "cpu" or (x.requires_grad and torch.is_grad_enabled()):
+        return None
+    if not x.is_contiguous():
+        x = x.contiguous()
+    y = torch.empty((*x.shape[:-1], n), dtype=x.dtype)
+    buf, addr = _param_block()
+    _PARAMS.pack_into(buf, 0, op, x.data_ptr(), dt, m, k, w_ptr, scale_ptr, n,
+                      0 if bias is None else bias.data_ptr(), 0 if bias is None else _DT[bias.dtype],
+                      y.data_ptr(), dt, torch.get_num_threads())
+    return y if lib.ivl_run(addr) == 0 else None
+
+
+def _weight_ok(w: torch.Tensor, k: int, bias: torch.Tensor | None) -> bool:
+    return (w.device.type == "cpu" and w.dim() == 2 and w.shape[1] == k and w.is_contiguous()
+            and not (w.requires_grad and torch.is_grad_enabled())
+            and (bias is None or (bias.dtype in _DT and bias.device.type == "cpu" and bias.is_contiguous()
+                                  and bias.numel() == w.shape[0]
+                                  and not (bias.requires_grad and torch.is_grad_enabled()))))
+
+
+def linear_bf16(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., K] (bf16 or fp32) @ weight[N, K]^T (bf16) + bias, in x's dtype.
+
+    The kernel multiplies in fp32 with exact products: a bf16 x as is, an fp32 x split into two bf16
+    halves (about 16 significant bits). Other inputs go to F.linear.
+    """
+    lib = build.load()
+    if lib is not None and weight.dtype == torch.bfloat16 and _weight_ok(weight, x.shape[-1], bias):
+        y = gemv(lib, _OP_BF16, x, weight.data_ptr(), 0, weight.shape[0], bias)
+        if y is not None:
+            return y
+    if weight.dtype != x.dtype:
+        weight = weight.to(x.dtype)
+    return F.linear(x, weight, None if bias is None else bias.to(x.dtype))
+
+
+def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-output-row int8: scale = max|w_n| / 127, q = round(w / scale) in [-127, 127].
+
+    Returns (qweight int8 [N, K], scale float32 [N]); an all-zero row gets scale 1.
+    """
+    if weight.dim() != 2:
+        raise ValueError(f"quantize_int8 expects a 2-D weight [N, K], got shape {tuple(weight.shape)}")
+    w = weight.detach()
+    n, k = w.shape
+    q = torch.empty((n, k), dtype=torch.int8)
+    scale = torch.empty(n, dtype=torch.float32)
+    lib = build.load()
+    if lib is not None and w.device.type == "cpu" and w.dtype in _DT and n > 0 and k > 0:
+        w = w.contiguous()
+        lib.ivl_quantize_int8(w.data_ptr(), _DT[w.dtype], n, k, q.data_ptr(), scale.data_ptr(),
+                              torch.get_num_threads())
+        return q, scale
+    for r0 in range(0, n, 4096):  # row blocks bound the fp32 temporary (the lm_head is 136M weights)
+        blk = w[r0:r0 + 4096].to(device="cpu", dtype=torch.float32)
+        amax = blk.abs().amax(dim=1)
+        s = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
+        q[r0:r0 + 4096] = torch.round(blk * (1.0 / s)[:, None]).clamp_(-127, 127).to(torch.int8)
+        scale[r0:r0 + 4096] = s
+    return q, scale
+
+
+def dequantize_int8(qweight: torch.Tensor, scale: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
+    return (qweight.to(torch.float32) * scale.to(torch.float32)[:, None]).to(dtype)
+
+
+def linear_int8(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None,
+                *, quantize_x: bool = False) -> torch.Tensor:
+    """x [..., K] @ (qweight[N, K] * scale[N, None])^T + bias, in x's dtype.
+
+    By default the kernel widens the weights in registers and multiplies the unrounded x (exact
+    products, fp32 sums, the row scale applied once). quantize_x=True first rounds each row of x to
+    16 bits (scale max|x| / 32639) and multiplies with VNNI integer dot products: fewer instructions
+    per weight byte, an error ~1e-5 of max|x|, far below the int8 weights' own. The fallback
+    multiplies by the weight dequantized to x's dtype.
+    """
+    lib = build.load()
+    if (lib is not None and qweight.dtype == torch.int8 and scale.dtype == torch.float32 and scale.is_contiguous()
+            and scale.numel() == qweight.shape[0] and _weight_ok(qweight, x.shape[-1], bias)):
+        y = gemv(lib, _OP_INT8_FAST if quantize_x else _OP_INT8, x, qweight.data_ptr(), scale.data_ptr(),
+                 qweight.shape[0], bias)
+        if y is not None:
+            return y
+    w = dequantize_int8(qweight, scale, x.dtype)
+    return F.linear(x, w, None if bias is None else bias.to(x.dtype))
+
+
+def read_pass(buf: torch.Tensor, threads: int | None = None) -> float:
+    """Read every byte of a contiguous CPU tensor once (the bandwidth ceiling); returns a checksum."""
+    lib = build.load()
+    if lib is None:
+        raise RuntimeError(f"kernels unavailable: {build.load_error()}")
+    return lib.ivl_read_pass(buf.data_ptr(), buf.numel() * buf.element_size(),
+                             threads or torch.get_num_threads())

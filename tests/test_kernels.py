@@ -1,0 +1,187 @@
+"""The AVX-512 decode kernels against torch in fp32, their fallbacks, and the compiled-library cache."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from internvl import kernels
+from internvl.kernels import Int8Linear, FastBf16Linear, build
+
+needs_kernels = pytest.mark.skipif(not kernels.available(),
+                                   reason=f"kernels unavailable: {kernels.unavailable_reason()}")
+
+# (N, K): odd sizes exercise the masked tails (K % 32, K % 64, K % 16) and the thread split of N.
+SHAPES = [(1, 1), (7, 33), (33, 77), (130, 100), (129, 896), (300, 4864), (2000, 513)]
+
+
+def _data(m, n, k, xdtype, bias, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=g).to(xdtype)
+    w = (torch.randn(n, k, generator=g) * 0.05).to(torch.bfloat16)
+    b = torch.randn(n, generator=g) if bias else None
+    return x, w, b
+
+
+def _assert_close(y, ref, x_dtype):
+    """bf16 outputs are rounded once (<= 2^-8 relative); fp32 outputs carry only accumulation error."""
+    scale = ref.abs().max().item() + 1e-6
+    if x_dtype == torch.bfloat16:
+        torch.testing.assert_close(y.float(), ref, rtol=2**-8, atol=2**-8 * scale)
+    else:
+        torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-5 * scale)
+
+
+@needs_kernels
+@pytest.mark.parametrize("m", range(1, 9))
+@pytest.mark.parametrize("x_dtype", [torch.bfloat16, torch.float32])
+def test_linear_bf16_matches_fp32_reference(m, x_dtype):
+    for i, (n, k) in enumerate(SHAPES):
+        x, w, b = _data(m, n, k, x_dtype, bias=i % 2 == 0, seed=i)
+        y = kernels.linear_bf16(x, w, b)
+        assert y.dtype == x_dtype and y.shape == (m, n)
+        _assert_close(y, F.linear(x.float(), w.float(), b), x_dtype)
+
+
+@needs_kernels
+@pytest.mark.parametrize("m", range(1, 9))
+@pytest.mark.parametrize("x_dtype", [torch.bfloat16, torch.float32])
+def test_linear_int8_matches_dequantized_reference(m, x_dtype):
+    for i, (n, k) in enumerate(SHAPES):
+        x, w, b = _data(m, n, k, x_dtype, bias=i % 2 == 1, seed=100 + i)
+        q, s = kernels.quantize_int8(w)
+        y = kernels.linear_int8(x, q, s, b)
+        assert y.dtype == x_dtype and y.shape == (m, n)
+        _assert_close(y, F.linear(x.float(), kernels.dequantize_int8(q, s), b), x_dtype)
+
+
+@needs_kernels
+@pytest.mark.parametrize("m", [1, 2, 5, 8])
+def test_linear_int8_quantize_x_error_is_bounded(m):
+    """Rounding x to 16 bits per row moves each product by at most |w| * max|x| / 65278."""
+    for i, (n, k) in enumerate(SHAPES):
+        x, w, b = _data(m, n, k, torch.float32, bias=i % 2 == 0, seed=200 + i)
+        x[0, 0] = 30.0  # an outlier sets the row's quantization step
+        q, s = kernels.quantize_int8(w)
+        wd = kernels.dequantize_int8(q, s)
+        y = kernels.linear_int8(x, q, s, b, quantize_x=True)
+        ref = F.linear(x.double(), wd.double(), None if b is None else b.double())
+        bound = wd.abs().sum(1).double() * x.abs().amax(1, keepdim=True).double() / 65278
+        assert ((y.double() - ref).abs() <= bound * 1.01 + 1e-5 * (1 + ref.abs())).all()
+        yb = kernels.linear_int8(x.bfloat16(), q, s, b, quantize_x=True)
+        _assert_close(yb, F.linear(x.bfloat16().float(), wd, b), torch.bfloat16)
+
+
+@needs_kernels
+def test_bias_in_bf16_and_leading_dims_and_noncontiguous_x():
+    x, w, b = _data(6, 129, 96, torch.bfloat16, bias=True)
+    x3 = x.t().contiguous().t().reshape(2, 3, 96)  # leading dims, built from a transposed copy
+    xs = torch.randn(96, 6).to(torch.bfloat16).t()  # non-contiguous
+    ref = F.linear(x3.float(), w.float(), b.bfloat16().float())
+    _assert_close(kernels.linear_bf16(x3, w, b.bfloat16()), ref, torch.bfloat16)
+    _assert_close(kernels.linear_bf16(xs, w), F.linear(xs.float(), w.float()), torch.bfloat16)
+
+
+def test_quantize_int8_kernel_matches_torch(monkeypatch):
+    w = torch.randn(70, 133) * torch.rand(70, 1)
+    w[3] = 0  # an all-zero row gets scale 1
+    q, s = kernels.quantize_int8(w.bfloat16())
+    assert q.dtype == torch.int8 and s.dtype == torch.float32 and q.abs().max() <= 127
+    assert s[3] == 1 and (q[3] == 0).all()
+    monkeypatch.setattr(build, "load", lambda: None)  # the plain torch path
+    q2, s2 = kernels.quantize_int8(w.bfloat16())
+    assert torch.equal(q, q2) and torch.equal(s, s2)
+    err = (kernels.dequantize_int8(q, s) - w.bfloat16().float()).abs()
+    assert (err <= s[:, None] / 2 + 1e-6).all()
+
+
+def test_more_rows_than_max_use_torch(monkeypatch):
+    results = []
+    real = kernels.ops.gemv
+    monkeypatch.setattr(kernels.ops, "gemv", lambda *a: results.append(real(*a)) or results[-1])
+    x, w, b = _data(kernels.MAX_ROWS + 1, 40, 64, torch.bfloat16, bias=True)
+    y = kernels.linear_bf16(x, w, b)
+    assert all(r is None for r in results)  # the kernel declined; F.linear answered
+    torch.testing.assert_close(y, F.linear(x, w, b.bfloat16()))
+
+
+def test_autograd_input_falls_back_with_gradients():
+    x, w, _ = _data(2, 16, 32, torch.float32, bias=False)
+    x.requires_grad_(True)
+    kernels.linear_bf16(x, w).sum().backward()
+    torch.testing.assert_close(x.grad, w.float().sum(0).expand(2, -1))
+
+
+@pytest.mark.parametrize("m", [1, 5, 17])
+def test_modules_match_nn_linear(m):
+    torch.manual_seed(0)
+    lin = nn.Linear(200, 150).to(torch.bfloat16)
+    x = torch.randn(m, 200).to(torch.bfloat16)
+    ref = F.linear(x.float(), lin.weight.float(), lin.bias.float())
+    fast = FastBf16Linear.from_linear(lin)
+    assert fast.weight.data_ptr() == lin.weight.data_ptr()  # shares storage
+    with torch.no_grad():
+        _assert_close(fast(x), ref, torch.bfloat16)
+        for quantize_x in (False, True):
+            q8 = Int8Linear.from_linear(lin, quantize_x=quantize_x)
+            ref8 = F.linear(x.float(), kernels.dequantize_int8(q8.qweight, q8.scale), lin.bias.float())
+            y8 = q8(x)
+            assert y8.dtype == torch.bfloat16 and y8.shape == (m, 150)
+            torch.testing.assert_close(y8.float(), ref8, rtol=2**-7, atol=2**-7 * ref8.abs().max().item())
+    assert set(q8.state_dict()) == {"qweight", "scale", "bias"}
+
+
+def test_disabled_by_env_uses_torch(monkeypatch):
+    monkeypatch.setenv("INTERNVL_NO_KERNELS", "1")
+    build.reset()
+    try:
+        assert not kernels.available()
+        assert "INTERNVL_NO_KERNELS" in kernels.unavailable_reason()
+        x, w, b = _data(3, 50, 40, torch.bfloat16, bias=True)
+        torch.testing.assert_close(kernels.linear_bf16(x, w, b), F.linear(x, w, b.bfloat16()))
+        q, s = kernels.quantize_int8(w)
+        y = kernels.linear_int8(x, q, s, b)
+        torch.testing.assert_close(y, F.linear(x, kernels.dequantize_int8(q, s, torch.bfloat16), b.bfloat16()))
+        with torch.no_grad():
+            y2 = Int8Linear(q, s, b)(x.float())
+        assert y2.dtype == torch.float32
+    finally:
+        monkeypatch.delenv("INTERNVL_NO_KERNELS")
+        build.reset()
+
+
+@needs_kernels
+def test_cache_build_is_reused(monkeypatch, tmp_path):
+    monkeypatch.setenv("INTERNVL_CACHE", str(tmp_path))
+    build.reset()
+    try:
+        assert kernels.available()
+        built = list((tmp_path / "kernels").glob("gemv-*.so"))
+        assert len(built) == 1 and not list((tmp_path / "kernels").glob("*.tmp"))
+        mtime = built[0].stat().st_mtime_ns
+
+        def no_compile(*a):
+            raise AssertionError("recompiled although the cached library exists")
+
+        monkeypatch.setattr(build, "build", no_compile)
+        build.reset()
+        assert kernels.available() and built[0].stat().st_mtime_ns == mtime
+    finally:
+        monkeypatch.undo()
+        build.reset()
+
+
+def test_compile_failure_means_unavailable(monkeypatch, tmp_path):
+    monkeypatch.setenv("INTERNVL_CACHE", str(tmp_path))  # empty cache: load() must compile
+    monkeypatch.setattr(build, "_compiler", lambda: "false")  # a "compiler" that always fails
+    build.reset()
+    try:
+        assert not kernels.available() and kernels.unavailable_reason()
+        assert not list(tmp_path.rglob("*.so*")) and not list(tmp_path.rglob("*.o"))
+        x, w, _ = _data(1, 8, 8, torch.bfloat16, bias=False)
+        torch.testing.assert_close(kernels.linear_bf16(x, w), F.linear(x, w))
+    finally:
+        monkeypatch.undo()
+        build.reset()
