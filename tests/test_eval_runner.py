@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -45,7 +48,8 @@ def models(tmp_path_factory):
 
 
 def rows_of(path) -> list[dict]:
-    return [json.loads(line) for line in open(path)]
+    with open(path) as f:
+        return [json.loads(line) for line in f]
 
 
 # ---- a fake engine that answers from a table, to control correctness exactly ----------------------------
@@ -104,7 +108,7 @@ def test_mc_tsv_equals_synthetic_mc(split, models, kind, tmp_path, capsys):
     tsv = {r["index"]: r for r in rows_of(tmp_path / "tsv" / "predictions.jsonl")}
     syn = {r["index"]: r for r in rows_of(tmp_path / "syn" / "predictions.jsonl")}
     assert tsv.keys() == syn.keys() and len(tsv) == 6 * 4  # every rotation of every question
-    trained = {i: json.loads(line)["conversations"][0]["value"] for i, line in enumerate(open(split / "mc.jsonl"))}
+    trained = {i: r["conversations"][0]["value"] for i, r in enumerate(rows_of(split / "mc.jsonl"))}
     for index, row in tsv.items():
         assert row["question"] == syn[index]["question"]  # identical prompts, rotations included
         if row["rotation"] == 0:
@@ -200,6 +204,17 @@ def test_resume_through_the_cli_extends_a_limited_run_and_checks_settings(split,
     assert "max_new_tokens=4" in capsys.readouterr().err
 
 
+def test_several_tsvs_go_to_one_folder_each_and_circular_auto_follows_the_name(split, models, tmp_path):
+    (tmp_path / "MMBench_toy.tsv").write_bytes((split / "mc.tsv").read_bytes())
+    data = ["--data", str(split / "mc.tsv"), "--data", str(tmp_path / "MMBench_toy.tsv")]
+    assert cli(["eval", str(models["counting"]), *data, "--out", str(tmp_path / "o"), "--limit", "2",
+                "--max-new-tokens", "3"]) == 0  # fmt: skip
+    plain = json.loads((tmp_path / "o" / "mc" / "summary.json").read_text())
+    mmb = json.loads((tmp_path / "o" / "MMBench_toy" / "summary.json").read_text())
+    assert plain["circular"] is None and plain["settings"]["circular"] is False and plain["n"] == 2
+    assert mmb["circular"]["n"] == 2 and len(rows_of(tmp_path / "o" / "MMBench_toy" / "predictions.jsonl")) == 8
+
+
 # ---- open VQA metrics -----------------------------------------------------------------------------------------
 
 
@@ -269,6 +284,7 @@ def write_tsv(path, header, rows):
         ("bad_answer", "index 0, column 'answer': 'E' is not one of the options"),
         ("unknown_task", "unknown synthetic task(s) 'colour'"),
         ("no_data", "nothing to evaluate"),
+        ("no_model", "nomodel: no such model folder"),
     ],
 )
 def test_bad_input_is_one_line(tmp_path, capsys, case, message):
@@ -281,6 +297,8 @@ def test_bad_input_is_one_line(tmp_path, capsys, case, message):
                                                [[0, "q", "x", "y", "E", image]]))],
         "unknown_task": ["synthetic", "--tasks", "color,colour", "--data-dir", str(tmp_path)],
         "no_data": [],
+        "no_model": [str(tmp_path / "nomodel"), "--data", str(write_tsv(tmp_path / "d.tsv", ["index", "question", "A", "B", "answer", "image"],
+                                                                  [[0, "q", "x", "y", "A", image]]))],
     }[case]  # fmt: skip
     assert cli(["eval", *args]) == 1
     err = capsys.readouterr().err.strip().splitlines()
@@ -291,8 +309,28 @@ def test_bad_input_is_one_line(tmp_path, capsys, case, message):
 
 def test_bad_input_from_a_subprocess_has_no_traceback(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "internvl", "eval", "--data", str(tmp_path / "x.tsv")],
-                          capture_output=True, text=True, timeout=120)  # fmt: skip
+                          check=False, capture_output=True, text=True, timeout=120)  # fmt: skip
     assert proc.returncode == 1 and proc.stderr.strip().count("\n") == 0 and "x.tsv: no such file" in proc.stderr
+
+
+def test_ctrl_c_leaves_a_valid_partial_file_and_resume_finishes_it(split, models, tmp_path):
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "internvl", "eval", str(models["counting"]), "--data", str(split / "mc.tsv"),
+           "--circular", "on", "--max-new-tokens", "400", "--batch-size", "2", "--out", str(out)]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    preds, deadline = out / "predictions.jsonl", time.monotonic() + 60
+    while not (preds.exists() and preds.read_text().count("\n") >= 2) and proc.poll() is None:
+        assert time.monotonic() < deadline, "no predictions within 60 s"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "add --resume to continue" in err, err
+    partial = rows_of(preds)  # every line parses
+    assert 2 <= len(partial) < 24 and not (out / "summary.json").exists()
+    assert cli(cmd[3:] + ["--resume"]) == 0
+    keys = [r["key"] for r in rows_of(preds)]
+    assert len(keys) == len(set(keys)) == 24 and json.loads((out / "summary.json").read_text())["n"] == 6
 
 
 def test_resume_refuses_a_file_that_is_not_predictions(tmp_path):

@@ -17,7 +17,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                "       internvl eval synthetic [MODEL] [--split test] [--n 200] [--tasks a,b] [options]")  # fmt: skip
     add_model_arguments(p)
     p.add_argument("model2", nargs="?", default=None, metavar="MODEL",
-                   help="after `synthetic`: the model folder (name a model folder called 'synthetic' ./synthetic)")  # fmt: skip
+                   help="after `synthetic`: the model folder (write a folder named 'synthetic' as ./synthetic)")  # fmt: skip
     d = p.add_argument_group("VLMEvalKit TSV files")
     d.add_argument("--data", action="append", default=[], metavar="FILE.tsv", help="benchmark TSV (repeatable)")
     d.add_argument("--circular", choices=["auto", "on", "off"], default="auto",
@@ -40,6 +40,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     r.add_argument("--resume", action="store_true", help="keep the predictions already in --out, ask the rest")
 
 
+def _check_model(path: str | None) -> None:
+    from ..api import default_model_path
+    from ..errors import InternVLError
+
+    if path is None:
+        default_model_path()  # raises when the built-in model is not installed
+    elif not Path(path).is_dir():
+        raise InternVLError(f"{path}: no such model folder")
+
+
 def _tasks(args: argparse.Namespace) -> list:
     from ..errors import DataError
     from ..eval.runner import synthetic_split
@@ -49,14 +59,17 @@ def _tasks(args: argparse.Namespace) -> list:
         if args.data:
             raise DataError("`internvl eval synthetic` takes no --data (it evaluates the synthetic split)")
         names = synth_tasks(args.tasks)
+        _check_model(args.model2)  # before spending time on generating the split
         folder = synthetic_split(args.split, args.n, names, args.data_dir)
         return [SyntheticTask(folder, names, args.circular, args.limit, args.max_new_tokens, name=SYNTHETIC)]
     if args.model2 is not None:
         raise DataError(f"unexpected argument {args.model2!r}: give one MODEL (or `synthetic MODEL`)")
     if not args.data:
         raise DataError("nothing to evaluate: give --data FILE.tsv, or run `internvl eval synthetic`")
-    return [tsv_task(path, args.circular, args.prompt_style, args.metric, args.limit, args.max_new_tokens)
-            for path in args.data]  # fmt: skip
+    tasks = [tsv_task(path, args.circular, args.prompt_style, args.metric, args.limit, args.max_new_tokens)
+             for path in args.data]  # fmt: skip
+    _check_model(args.model)
+    return tasks
 
 
 def _check(args: argparse.Namespace) -> None:

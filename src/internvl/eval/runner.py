@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import closing
+from contextlib import closing, suppress
 from pathlib import Path
 
 from internvl.errors import DataError, InternVLError
@@ -61,10 +61,8 @@ def generate(model, examples: Iterable[Example], max_num: int = DEFAULT_MAX_NUM,
         if pending:
             for seq, _ in pending.values():
                 engine.abort(seq)
-            try:
+            with suppress(Exception):  # best effort while another error propagates
                 engine.step()  # drops the aborted requests, so the engine can be used again
-            except Exception:  # noqa: BLE001 - best effort while another error propagates
-                pass
 
 
 def read_predictions(path: Path) -> dict[str, dict]:
