@@ -11,7 +11,7 @@ import asyncio
 import ctypes
 import logging
 import threading
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass, field
 
 import torch
@@ -64,6 +64,8 @@ class Scheduler:
         self.cond = threading.Condition()
         self.stopping = False
         self.steps = 0
+        self.finished: Counter[str] = Counter()  # requests ended in the engine, by finish reason
+        self.dropped = 0  # requests cancelled while still queued
         self.thread = threading.Thread(target=self._loop, name="internvl-engine", daemon=True)
 
     # ---- called from the event loop -------------------------------------------------------------
@@ -98,6 +100,7 @@ class Scheduler:
             if req.seq is None:
                 try:
                     self.pending.remove(req)
+                    self.dropped += 1
                 except ValueError:
                     pass
                 req.done = True
@@ -107,7 +110,7 @@ class Scheduler:
 
     def stats(self) -> dict[str, int]:
         return {"running": len(self.engine.running), "waiting": len(self.pending) + len(self.engine.waiting),
-                "steps": self.steps}  # fmt: skip
+                "steps": self.steps, "finished": dict(self.finished), "dropped": self.dropped}  # fmt: skip
 
     # ---- the engine thread ----------------------------------------------------------------------
 
@@ -137,6 +140,7 @@ class Scheduler:
                     continue
                 if ev.finished:
                     del self.active[ev.seq.request_id]
+                    self.finished[ev.seq.finish_reason] += 1
                     req.send(Update(ev.text, ev.seq.finish_reason, len(ev.seq.output_ids)))
                 elif ev.text:
                     req.send(Update(ev.text))
