@@ -127,7 +127,7 @@ async function send(event) {
   if (system) messages.push({ role: "system", content: system });
   messages.push(...state.messages, userMessage);
 
-  addEntry("user", question, images);
+  const asked = addEntry("user", question, images);
   const out = addEntry("assistant", "", []);
   out.parentElement.setAttribute("aria-busy", "true");
   $("question").value = "";
@@ -167,8 +167,12 @@ async function send(event) {
   }
   if (!failed || answer) {
     state.messages.push(userMessage, { role: "assistant", content: answer });
-  } else {
-    out.parentElement.remove();  // keep the question in view; the history only has answered turns
+  } else {  // nothing came back: take the turn out and give the question and images back for a retry
+    asked.parentElement.remove();
+    out.parentElement.remove();
+    $("question").value = question;
+    state.pending = images.concat(state.pending);
+    renderPreviews();
   }
 }
 
