@@ -1,0 +1,175 @@
+"""`internvl finetune`: one-line errors for bad data and bad options, skipped-row reports, YAML keys = flags,
+and end-to-end runs (full, LoRA with merged weights, from scratch) whose outputs load with `internvl.load`."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+from dataclasses import fields
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from refmodels import tiny_checkpoint
+from test_train_data import A, Q, write_split
+
+import internvl
+from internvl.cli.main import main as cli
+from internvl.train.args import GROUPS, TrainArgs, add_arguments, from_namespace, read_yaml
+
+FAST = ["--num-workers", "0", "--threads", "1", "--no-grad-checkpoint", "--max-seq-length", "256",
+        "--no-tensorboard", "--log-every", "1", "--lr", "1e-3"]  # fmt: skip
+CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "finetune"
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return tiny_checkpoint(tmp_path_factory.mktemp("ft") / "model")
+
+
+@pytest.fixture(scope="module")
+def meta(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ftdata")
+    (root / "img").mkdir()
+    rows = []
+    for i, color in enumerate(["red", "green", "blue"] * 2):
+        Image.new("RGB", (60 + 20 * i, 56), color).save(root / "img" / f"{i}.png")
+        rows.append({"image": f"img/{i}.png", "conversations": [Q, {"from": "gpt", "value": color}]})
+    rows.append({"conversations": [Q, A]})
+    return write_split(root, rows, meta_extra={"data_augment": True})
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+def finetune(*args) -> int:
+    return cli(["finetune", *map(str, args), *FAST])
+
+
+# ---- errors ---------------------------------------------------------------------------------------
+
+
+def test_bad_data_names_file_and_line(model, tmp_path, capsys, monkeypatch):
+    good = {"conversations": [Q, A]}
+    meta = write_split(tmp_path, [good, good, {"image": "img/gone.png", "conversations": [Q, A]}])
+    monkeypatch.chdir(tmp_path)
+    assert finetune(model, "--data", meta, "--out", tmp_path / "out", "--max-steps", 1) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["internvl finetune: error: train.jsonl:3: missing image file img/gone.png"]
+
+
+def test_skip_bad_rows_finishes_and_reports(model, tmp_path, capsys, monkeypatch):
+    good = {"conversations": [Q, A]}
+    meta = write_split(tmp_path, [good, "{oops", good, {"conversations": [Q]}, good])
+    monkeypatch.chdir(tmp_path)
+    assert finetune(model, "--data", meta, "--out", "out", "--max-steps", 2, "--skip-bad-rows") == 0
+    out = capsys.readouterr().out
+    assert "skipped 2 bad row(s)" in out and "train.jsonl:2: invalid JSON" in out
+    listed = (tmp_path / "out" / "skipped_rows.txt").read_text().splitlines()
+    assert listed == ["train.jsonl:2: invalid JSON (Expecting property name enclosed in double quotes at column 2)",
+                      "train.jsonl:4: no assistant turn: the conversation needs at least one {'from': 'gpt'} turn"]
+    assert (tmp_path / "out" / "final" / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--lr", "-1"], "--lr must be positive"),
+        (["--packing"], "--packing needs --max-steps"),
+        (["--batch-size", "0"], "--batch-size must be at least 1"),
+        (["--min-num-frame", "9", "--max-num-frame", "4"], "--min-num-frame <= --max-num-frame"),
+        (["--save-merged"], "--save-merged is for LoRA runs"),
+        (["--unfreeze-vit-layers", "7"], "unfreeze_vit_layers 7 is out of range for a 2-layer vision encoder"),
+    ],
+)
+def test_bad_options_are_one_line(model, meta, tmp_path, capsys, extra, message):
+    assert cli(["finetune", str(model), "--data", str(meta), "--out", str(tmp_path / "o"), *extra]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+
+
+def test_missing_model_and_unknown_yaml_key(tmp_path, capsys):
+    assert cli(["finetune", "--data", "x.json"]) == 1
+    assert "give a MODEL folder" in capsys.readouterr().err
+    (tmp_path / "c.yaml").write_text("model: m\ndata: d.json\nlearning_rate: 0.1\n")
+    assert cli(["finetune", "--config", str(tmp_path / "c.yaml")]) == 1
+    err = capsys.readouterr().err
+    assert "c.yaml: unknown key 'learning_rate'" in err
+
+
+def test_existing_checkpoints_need_resume(model, meta, tmp_path, capsys):
+    out = tmp_path / "o"
+    assert finetune(model, "--data", meta, "--out", out, "--max-steps", 2, "--save-every", 1) == 0
+    capsys.readouterr()
+    assert finetune(model, "--data", meta, "--out", out, "--max-steps", 2) == 1
+    assert "already has checkpoints" in capsys.readouterr().err
+
+
+# ---- flags = YAML keys ----------------------------------------------------------------------------
+
+
+def test_every_field_is_a_flag_and_a_yaml_key(tmp_path):
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    flags = {a.dest for a in p._actions}
+    for cls in GROUPS.values():
+        for f in fields(cls):
+            assert f.name in flags, f.name
+            assert f.metadata["help"]
+    (tmp_path / "c.yaml").write_text("model: m\ndata: d.json\nlr: 0.5\nlora_r: 8\nfreeze_vision: true\n")
+    args = from_namespace(p.parse_args(["--config", str(tmp_path / "c.yaml"), "--lr", "0.1", "--no-freeze-vision"]))
+    assert (args.optim.lr, args.tune.lora_r, args.tune.freeze_vision, args.model.model) == (0.1, 8, False, "m")
+    assert TrainArgs.from_dict(args.to_dict()) == args
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in CONFIGS.glob("*.yaml")))
+def test_shipped_configs_parse(name):
+    values = read_yaml(CONFIGS / name)
+    values.setdefault("model", "m")
+    values.setdefault("data", "d.json")
+    TrainArgs.from_dict(values, source=name)
+
+
+# ---- end to end -----------------------------------------------------------------------------------
+
+
+def test_full_finetune_writes_a_loadable_model_and_metrics(model, meta, tmp_path):
+    out = tmp_path / "full"
+    assert finetune(model, "--data", meta, "--out", out, "--max-steps", 4, "--batch-size", 2) == 0
+    with open(out / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["step"]) for r in rows] == [1, 2, 3, 4]
+    assert all(float(r["tokens_per_s"]) > 0 and float(r["loss"]) > 0 for r in rows)
+    assert (out / "loss.png").stat().st_size > 1000
+    config = json.loads((out / "final" / "config.json").read_text())
+    assert config["model_type"] == "internvl_chat" and config["torch_dtype"] == "float32"
+    vlm = internvl.load(out / "final")
+    assert isinstance(vlm.chat("What color is it?", Image.new("RGB", (56, 56)), max_new_tokens=3), str)
+
+
+def test_lora_run_writes_an_adapter_and_merged_weights(model, meta, tmp_path):
+    from internvl.train.lora import apply_adapter
+
+    out = tmp_path / "lora"
+    assert finetune(model, "--data", meta, "--out", out, "--max-steps", 3, "--lora-r", 4, "--freeze-vision",
+                    "--save-merged", "--save-layout", "hf") == 0  # fmt: skip
+    assert sorted(p.name for p in (out / "final").iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    merged = internvl.load(out / "merged")
+    base = internvl.load(model)
+    applied = apply_adapter(base.model.float(), out / "final", merge=True)
+    ids = torch.tensor([[20, 30, 40, 50]])
+    with torch.no_grad():
+        torch.testing.assert_close(merged.model(ids).logits, applied(ids).logits, atol=1e-5, rtol=0)
+
+
+def test_training_from_a_config_with_random_weights(model, meta, tmp_path):
+    out = tmp_path / "scratch"
+    assert cli(["finetune", "--init-from-config", str(model / "config.json"), "--tokenizer", str(model),
+                "--data", str(meta), "--out", str(out), "--max-steps", "2", *FAST]) == 0  # fmt: skip
+    assert internvl.load(out / "final").chat("hi", max_new_tokens=2) is not None
