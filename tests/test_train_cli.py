@@ -72,8 +72,10 @@ def test_skip_bad_rows_finishes_and_reports(model, tmp_path, capsys, monkeypatch
     out = capsys.readouterr().out
     assert "skipped 2 bad row(s)" in out and "train.jsonl:2: invalid JSON" in out
     listed = (tmp_path / "out" / "skipped_rows.txt").read_text().splitlines()
-    assert listed == ["train.jsonl:2: invalid JSON (Expecting property name enclosed in double quotes at column 2)",
-                      "train.jsonl:4: no assistant turn: the conversation needs at least one {'from': 'gpt'} turn"]
+    assert listed == [
+        "train.jsonl:2: invalid JSON (Expecting property name enclosed in double quotes at column 2)",
+        "train.jsonl:4: no assistant turn: the conversation needs at least one {'from': 'gpt'} turn",
+    ]
     assert (tmp_path / "out" / "final" / "model.safetensors").exists()
 
 
@@ -85,7 +87,10 @@ def test_skip_bad_rows_finishes_and_reports(model, tmp_path, capsys, monkeypatch
         (["--batch-size", "0"], "--batch-size must be at least 1"),
         (["--min-num-frame", "9", "--max-num-frame", "4"], "--min-num-frame <= --max-num-frame"),
         (["--save-merged"], "--save-merged is for LoRA runs"),
-        (["--unfreeze-vit-layers", "7"], "unfreeze_vit_layers 7 is out of range for a 2-layer vision encoder"),
+        (
+            ["--unfreeze-vit-layers", "7"],
+            "unfreeze_vit_layers 7 is out of range for a 2-layer vision encoder",
+        ),
     ],
 )
 def test_bad_options_are_one_line(model, meta, tmp_path, capsys, extra, message):
@@ -123,8 +128,15 @@ def test_every_field_is_a_flag_and_a_yaml_key(tmp_path):
             assert f.name in flags, f.name
             assert f.metadata["help"]
     (tmp_path / "c.yaml").write_text("model: m\ndata: d.json\nlr: 0.5\nlora_r: 8\nfreeze_vision: true\n")
-    args = from_namespace(p.parse_args(["--config", str(tmp_path / "c.yaml"), "--lr", "0.1", "--no-freeze-vision"]))
-    assert (args.optim.lr, args.tune.lora_r, args.tune.freeze_vision, args.model.model) == (0.1, 8, False, "m")
+    args = from_namespace(
+        p.parse_args(["--config", str(tmp_path / "c.yaml"), "--lr", "0.1", "--no-freeze-vision"])
+    )
+    assert (args.optim.lr, args.tune.lora_r, args.tune.freeze_vision, args.model.model) == (
+        0.1,
+        8,
+        False,
+        "m",
+    )
     assert TrainArgs.from_dict(args.to_dict()) == args
 
 
@@ -159,13 +171,26 @@ def test_lora_run_writes_an_adapter_and_merged_weights(model, meta, tmp_path):
     out = tmp_path / "lora"
     assert finetune(model, "--data", meta, "--out", out, "--max-steps", 3, "--lora-r", 4, "--freeze-vision",
                     "--save-merged", "--save-layout", "hf") == 0  # fmt: skip
-    assert sorted(p.name for p in (out / "final").iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(p.name for p in (out / "final").iterdir()) == [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    ]
     merged = internvl.load(out / "merged")
     base = internvl.load(model)
     applied = apply_adapter(base.model.float(), out / "final", merge=True)
     ids = torch.tensor([[20, 30, 40, 50]])
     with torch.no_grad():
         torch.testing.assert_close(merged.model(ids).logits, applied(ids).logits, atol=1e-5, rtol=0)
+
+
+def test_packed_bf16_run(model, meta, tmp_path):
+    out = tmp_path / "packed"
+    assert finetune(model, "--data", meta, "--out", out, "--max-steps", 3, "--packing", "--max-packed-tokens", 512,
+                    "--dtype", "bf16", "--loss-reduction", "sample") == 0  # fmt: skip
+    with open(out / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 3 and all(float(r["samples"]) > 1 for r in rows)  # several samples per packed row
+    assert json.loads((out / "final" / "config.json").read_text())["torch_dtype"] == "float32"
 
 
 def test_training_from_a_config_with_random_weights(model, meta, tmp_path):

@@ -30,8 +30,16 @@ Q, A = {"from": "human", "value": "What color is it?"}, {"from": "gpt", "value":
 def write_split(folder, rows, name="train", meta_extra=None):
     """Rows to folder/{name}.jsonl and a meta.json with root "." and a relative annotation."""
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / f"{name}.jsonl").write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
-    entry = {"root": ".", "annotation": f"{name}.jsonl", "data_augment": False, "repeat_time": 1, "length": len(rows)}
+    (folder / f"{name}.jsonl").write_text(
+        "".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows)
+    )
+    entry = {
+        "root": ".",
+        "annotation": f"{name}.jsonl",
+        "data_augment": False,
+        "repeat_time": 1,
+        "length": len(rows),
+    }
     (folder / "meta.json").write_text(json.dumps({name: {**entry, **(meta_extra or {})}}))
     return folder / "meta.json"
 
@@ -76,7 +84,13 @@ def test_rows_are_read_by_offset_and_repeat_time(split):
     assert index.source(3).endswith("train.jsonl:5")
     assert not hasattr(index, "lines")  # offsets only: the file is not kept in memory
     half = build_index(read_meta(write_split(split, lines, meta_extra={"repeat_time": 0.5})))
-    assert [half.read(i)[0]["conversations"][1]["value"] for i in range(len(half))] == ["0", "1", "2", "3", "4"]
+    assert [half.read(i)[0]["conversations"][1]["value"] for i in range(len(half))] == [
+        "0",
+        "1",
+        "2",
+        "3",
+        "4",
+    ]
     twice = build_index(read_meta(write_split(split, lines, meta_extra={"repeat_time": 2})))
     assert len(twice) == 20 and twice.read(13)[0]["conversations"][1]["value"] == "3"
 
@@ -122,7 +136,9 @@ def test_bad_meta_files(tmp_path):
     with pytest.raises(DataError, match=r"dataset 'x': annotation .*gone.jsonl does not exist"):
         read_meta(tmp_path / "m.json")
     (tmp_path / "a.jsonl").write_text("")
-    (tmp_path / "m.json").write_text(json.dumps({"x": {"root": ".", "annotation": "a.jsonl", "repeat_time": 1.5}}))
+    (tmp_path / "m.json").write_text(
+        json.dumps({"x": {"root": ".", "annotation": "a.jsonl", "repeat_time": 1.5}})
+    )
     with pytest.raises(DataError, match="repeat_time above 1 must be a whole number"):
         read_meta(tmp_path / "m.json")
 
@@ -148,7 +164,9 @@ def test_single_image_gets_a_placeholder_and_its_tiles(split, tiny):
     n_tiles = s.pixel_values.shape[0]
     assert n_tiles == 3 and s.image_flags.tolist() == [1] * 3  # 120x50 -> 2x1 grid + thumbnail
     text = text_of(tok, s)
-    assert "<|im_start|>user\n<img>" + "<IMG_CONTEXT>" * (cfg.num_image_token * 3) + "</img>\nWhat color" in text
+    assert (
+        "<|im_start|>user\n<img>" + "<IMG_CONTEXT>" * (cfg.num_image_token * 3) + "</img>\nWhat color" in text
+    )
     assert (s.labels != IGNORE).sum() == len(tok.encode("red", add_special_tokens=False)) + 1
 
 
@@ -161,11 +179,16 @@ def test_multi_image_tiles_share_max_dynamic_patch(split, tiny):
     assert s.pixel_values.shape[0] == 7
     text = text_of(tok, s)
     k = cfg.num_image_token
-    assert f"Image-1: <img>{'<IMG_CONTEXT>' * 3 * k}</img>\nImage-2: <img>{'<IMG_CONTEXT>' * 4 * k}</img>" in text
+    assert (
+        f"Image-1: <img>{'<IMG_CONTEXT>' * 3 * k}</img>\nImage-2: <img>{'<IMG_CONTEXT>' * 4 * k}</img>"
+        in text
+    )
 
 
 def test_pure_text_carries_one_dummy_tile(split, tiny):
-    ds = dataset(tiny, write_split(split, [{"conversations": [{"from": "system", "value": "Be brief."}, Q, A]}]))
+    ds = dataset(
+        tiny, write_split(split, [{"conversations": [{"from": "system", "value": "Be brief."}, Q, A]}])
+    )
     s = ds[(0, 0)]
     assert s.pixel_values.shape == (1, 3, 56, 56) and s.image_flags.tolist() == [0]
     assert "<img>" not in text_of(tiny[1], s) and "system\nBe brief." in text_of(tiny[1], s)
@@ -180,7 +203,9 @@ def test_video_frames_use_the_hyphenated_frame_label(split, tiny):
     s = ds[(0, 0)]
     t = s.pixel_values.shape[0]
     assert 2 <= t <= 4 and s.image_flags.tolist() == [1] * t
-    labels = "".join(f"Frame-{i + 1}: <img>" + "<IMG_CONTEXT>" * tiny[2].num_image_token + "</img>\n" for i in range(t))
+    labels = "".join(
+        f"Frame-{i + 1}: <img>" + "<IMG_CONTEXT>" * tiny[2].num_image_token + "</img>\n" for i in range(t)
+    )
     assert "user\n" + labels + "What color" in text_of(tiny[1], s)
     assert ds[(0, 0)].pixel_values.equal(s.pixel_values)  # same key, same frames
     others = [ds[(e, 0)].pixel_values for e in range(1, 6)]  # another epoch, other frames
@@ -209,7 +234,9 @@ def test_training_frames_from_a_video_file_and_a_clip(tmp_path):
 
 
 def test_too_long_rows_with_images_are_bad_not_cut(split, tiny):
-    ds = dataset(tiny, write_split(split, [{"image": "img/a.png", "conversations": [Q, A]}]), max_seq_length=20)
+    ds = dataset(
+        tiny, write_split(split, [{"image": "img/a.png", "conversations": [Q, A]}]), max_seq_length=20
+    )
     bad = ds[(0, 0)]
     assert "truncation would cut an image" in bad.reason and bad.source.endswith("train.jsonl:1")
     text = dataset(tiny, write_split(split, [{"conversations": [Q, A]}]), max_seq_length=20)[(0, 0)]
@@ -238,7 +265,11 @@ def test_padded_batch_shifts_targets_inside_each_sample():
 
 
 def test_packed_rows_restart_positions_and_keep_samples_apart():
-    a, b, c = sample([1, 2, 3], [IGNORE, 2, 3]), sample([4, 5], [4, 5]), sample([6, 7, 8, 9], [IGNORE] * 3 + [9])
+    a, b, c = (
+        sample([1, 2, 3], [IGNORE, 2, 3]),
+        sample([4, 5], [4, 5]),
+        sample([6, 7, 8, 9], [IGNORE] * 3 + [9]),
+    )
     packer = Packer(max_tokens=6, max_tiles=8)
     rows = list(packer.pack(iter([((0, k), s) for k, s in enumerate([a, b, c])])))
     assert [[s.num_tokens for s in row] for row, _ in rows] == [[3, 2], [4]]
@@ -273,7 +304,10 @@ def test_loss_reductions_by_hand(reduction):
     obj = SFTObjective(reduction)
     out = obj(FixedLogits(logits), batch)
     ce0 = [torch.nn.functional.cross_entropy(logits[0, 0], torch.tensor(1)).item()]
-    ce1 = [torch.nn.functional.cross_entropy(logits[1, t], torch.tensor(y)).item() for t, y in enumerate([1, 2, 3, 0])]
+    ce1 = [
+        torch.nn.functional.cross_entropy(logits[1, t], torch.tensor(y)).item()
+        for t, y in enumerate([1, 2, 3, 0])
+    ]
     w = {"token": (1, 1), "sample": (1, 1 / 4), "square": (1, 1 / math.sqrt(4))}[reduction]
     want = (w[0] * sum(ce0) + w[1] * sum(ce1)) / (w[0] * 1 + w[1] * 4)
     assert out.loss_sum.item() / obj.normalizer(batch) == pytest.approx(want, rel=1e-6)
@@ -307,3 +341,28 @@ def test_data_loader_workers_do_not_change_the_batches(split, tiny):
         source = PaddedBatches(ds, collate, plan, total_steps=3, skip_bad_rows=False, num_workers=workers)
         runs.append([b.pixel_values for micro, _, _ in source(None) for b in micro])
     assert all(x.equal(y) for x, y in zip(*runs)) and len(runs[0]) == 3
+
+
+def test_packed_stream_resumes_from_its_position(split, tiny):
+    from internvl.train.stream import PackedBatches
+
+    rows = [{"image": f"img/{n}", "conversations": [Q, A]} for n in ("a.png", "b.png", "c.png")]
+    rows += [{"conversations": [Q, {"from": "gpt", "value": "word " * k}]} for k in range(1, 6)]
+    ds = dataset(tiny, write_split(split, rows))
+    collate, packer = Collator(0, ds.dummy, packed=True), Packer(max_tokens=300, max_tiles=6)
+
+    def source():
+        return PackedBatches(ds, collate, packer, len(ds), seed=0, micro=2, accum=1, world=1, rank=0,
+                             skip_bad_rows=False)  # fmt: skip
+
+    first = source()(None)
+    steps = [next(first) for _ in range(4)]  # 4 steps of 2 packed rows: more than one epoch of 8 rows
+    assert steps[-1][1]["epoch"] >= 1
+    assert all(b.seq_ids is not None and b.input_ids.shape[1] <= 300 for micro, _, _ in steps for b in micro)
+    resumed = source()(steps[1][1])
+    for micro, state, _ in steps[2:]:
+        again, again_state, _ = next(resumed)
+        assert again_state == state
+        assert again[0].input_ids.equal(micro[0].input_ids) and again[0].pixel_values.equal(
+            micro[0].pixel_values
+        )

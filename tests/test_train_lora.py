@@ -65,7 +65,12 @@ def test_adapter_is_peft_format_and_loads_with_peft(base, trained):
 
     model, folder = trained
     cfg = json.loads((folder / "adapter_config.json").read_text())
-    assert cfg["peft_type"] == "LORA" and cfg["r"] == 4 and cfg["lora_alpha"] == 8 and cfg["lora_dropout"] == 0.05
+    assert (
+        cfg["peft_type"] == "LORA"
+        and cfg["r"] == 4
+        and cfg["lora_alpha"] == 8
+        and cfg["lora_dropout"] == 0.05
+    )
     assert cfg["modules_to_save"] == ["mlp1"] and cfg["base_model_name_or_path"] == str(base[0])
     peft_model = PeftModel.from_pretrained(fresh(base), str(folder)).eval()
     names = {n for n, _ in peft_model.named_modules()}

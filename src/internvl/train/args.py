@@ -33,12 +33,14 @@ class ModelArgs:
     """What to train and where the result goes."""
 
     model: str | None = _f(None, "checkpoint folder to fine-tune (either layout)", positional=True)
-    init_from_config: str | None = _f(None, "train from random weights with this config.json (needs --tokenizer)",
-                                       metavar="CONFIG.json")
+    init_from_config: str | None = _f(
+        None, "train from random weights with this config.json (needs --tokenizer)", metavar="CONFIG.json"
+    )
     tokenizer: str | None = _f(None, "tokenizer folder (default: the model folder)", metavar="DIR")
     template: str | None = _f(None, "chat template (default: the model's)", choices=TEMPLATES)
-    system_message: str | None = _f(None, "system prompt for rows without a system turn (default: the model's)",
-                                     metavar="TEXT")
+    system_message: str | None = _f(
+        None, "system prompt for rows without a system turn (default: the model's)", metavar="TEXT"
+    )
     out: str = _f("runs/finetune", "output folder: checkpoints, metrics, final model", metavar="DIR")
     save_layout: str = _f("original", "layout of the saved model", choices=("original", "hf"))
     save_dtype: str | None = _f(None, "dtype of the saved weights (default: the base checkpoint's)",
@@ -58,8 +60,9 @@ class ModelArgs:
 class DataArgs:
     """Training data and how samples are built."""
 
-    data: str | None = _f(None, "meta JSON {name: {root, annotation, data_augment, repeat_time, length}}",
-                            metavar="META.json")
+    data: str | None = _f(
+        None, "meta JSON {name: {root, annotation, data_augment, repeat_time, length}}", metavar="META.json"
+    )
     max_seq_length: int = _f(8192, "tokens per sample; longer conversations are cut")
     max_dynamic_patch: int | None = _f(None, "tiles per image (default: the model's)")
     min_num_frame: int = _f(8, "fewest frames sampled from a video")
@@ -77,10 +80,14 @@ class DataArgs:
         _check(self.max_seq_length > 0, f"--max-seq-length must be positive, got {self.max_seq_length}")
         _check(self.max_dynamic_patch is None or self.max_dynamic_patch >= 1,
                f"--max-dynamic-patch must be at least 1, got {self.max_dynamic_patch}")  # fmt: skip
-        _check(1 <= self.min_num_frame <= self.max_num_frame,
-               f"need 1 <= --min-num-frame <= --max-num-frame, got {self.min_num_frame} and {self.max_num_frame}")
-        _check(not self.packing or self.max_packed_tokens >= self.max_seq_length,
-               f"--max-packed-tokens {self.max_packed_tokens} must be at least --max-seq-length {self.max_seq_length}")
+        _check(
+            1 <= self.min_num_frame <= self.max_num_frame,
+            f"need 1 <= --min-num-frame <= --max-num-frame, got {self.min_num_frame} and {self.max_num_frame}",
+        )
+        _check(
+            not self.packing or self.max_packed_tokens >= self.max_seq_length,
+            f"--max-packed-tokens {self.max_packed_tokens} must be at least --max-seq-length {self.max_seq_length}",
+        )
         _check(self.max_packed_images >= 1, "--max-packed-images must be at least 1")
         _check(self.num_workers >= 0, f"--num-workers must be >= 0, got {self.num_workers}")
 
@@ -144,7 +151,11 @@ class RunArgs:
     seed: int = _f(42, "random seed (data order, initialization, dropout)")
     device: str = _f("auto", "cpu, cuda or auto (the local GPU when there is one)", metavar="DEVICE")
     dtype: str = _f("fp32", "compute dtype; bf16 keeps fp32 master weights", choices=("fp32", "bf16"))
-    threads: int = _f(0, "CPU threads per process (0: torch's default; 1 is often fastest on a busy machine)")
+    threads: int = _f(
+        0,
+        "CPU threads of the training process (0: auto: on a CPU, the cores left after the "
+        "data workers; under torchrun or with OMP_NUM_THREADS set, left as is)",
+    )
     resume: bool = _f(False, "continue from the newest checkpoint in OUT")
     save_every: int = _f(500, "write a checkpoint every N steps (0: only at the end and on interruption)")
     keep_last: int = _f(2, "checkpoints to keep")
@@ -172,8 +183,10 @@ class TrainArgs:
     run: RunArgs = field(default_factory=RunArgs)
 
     def __post_init__(self) -> None:
-        _check(not self.data.packing or self.optim.max_steps > 0,
-               "--packing needs --max-steps: the number of packed sequences per epoch is only known while reading")
+        _check(
+            not self.data.packing or self.optim.max_steps > 0,
+            "--packing needs --max-steps: the number of packed sequences per epoch is only known while reading",
+        )
         _check(self.tune.lora_r > 0 or self.tune.vision_lora_r > 0 or not self.model.save_merged,
                "--save-merged is for LoRA runs (full fine-tuning always writes the merged model)")  # fmt: skip
 
@@ -255,7 +268,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         for f in fields(cls):
             kind, _ = _base_type(hints[f.name])
             default = f.default if f.default is not MISSING else None
-            help_text = f.metadata["help"] + (f" (default: {default})" if default not in (None, False) else "")
+            help_text = f.metadata["help"] + (
+                f" (default: {default})" if default not in (None, False) else ""
+            )
             if f.metadata.get("positional"):
                 group.add_argument(f.name, nargs="?", default=argparse.SUPPRESS, metavar=f.name.upper(),
                                    help=help_text)  # fmt: skip

@@ -118,7 +118,9 @@ def save_checkpoint(out: str | Path, step: int, model: torch.nn.Module, optimize
         _write_json(tmp / "optimizer.json", meta)
     ctx.barrier()
     py, rng_tensors = rng_state(ctx.device)
-    save_file({k: v.cpu().contiguous() for k, v in rng_tensors.items()}, str(tmp / f"rank-{ctx.rank}.safetensors"))
+    save_file(
+        {k: v.cpu().contiguous() for k, v in rng_tensors.items()}, str(tmp / f"rank-{ctx.rank}.safetensors")
+    )
     _write_json(tmp / f"rank-{ctx.rank}.json", {**py, "data": rank_state})
     ctx.barrier()
     if ctx.is_main:
@@ -154,7 +156,9 @@ def find_latest(out: str | Path) -> Path | None:
         path = root / marker.read_text().strip()
         if (path / "state.json").exists():
             return path
-    done = sorted(p for p in root.glob("step-*") if (p / "state.json").exists() and not p.name.endswith(".tmp"))
+    done = sorted(
+        p for p in root.glob("step-*") if (p / "state.json").exists() and not p.name.endswith(".tmp")
+    )
     return done[-1] if done else None
 
 

@@ -135,7 +135,9 @@ class Collator:
             sample_tokens=sample_tokens, num_tokens=num_tokens, sources=sources, bad=list(bad),
         )  # fmt: skip
 
-    def _tiles(self, tiles: list[torch.Tensor], flags: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _tiles(
+        self, tiles: list[torch.Tensor], flags: list[torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         # Dummy tiles only keep the vision encoder in the graph: one per batch is enough, none when the
         # batch has a real image. Their embeddings are multiplied by 0, so dropping extras changes nothing.
         real = [(t[f == 1], f[f == 1]) for t, f in zip(tiles, flags)]
@@ -158,7 +160,9 @@ class Packer:
         row: list[Sample] = []
         tokens = tiles = 0
         for pos, s in stream:
-            if row and (tokens + s.num_tokens > self.max_tokens or tiles + max(s.num_tiles, 1) > self.max_tiles):
+            if row and (
+                tokens + s.num_tokens > self.max_tokens or tiles + max(s.num_tiles, 1) > self.max_tiles
+            ):
                 yield row, pos
                 row, tokens, tiles = [], 0, 0
             row.append(s)

@@ -62,7 +62,9 @@ def read_meta(path: str | os.PathLike[str]) -> list[DatasetSpec]:
     except json.JSONDecodeError as e:
         raise DataError(f"{display_path(path)}:{e.lineno}: invalid JSON ({e.msg})") from None
     if not isinstance(meta, dict) or not meta:
-        raise DataError(f"{display_path(path)}: expected a non-empty object {{name: {{root, annotation, ...}}}}")
+        raise DataError(
+            f"{display_path(path)}: expected a non-empty object {{name: {{root, annotation, ...}}}}"
+        )
     base = path.parent
     specs = []
     for name, entry in meta.items():
@@ -135,7 +137,9 @@ def check_row(item: Any, root: str, check_files: bool = True) -> str | None:
         if isinstance(image, str) and n_image > 1:
             return f"the conversation has {n_image} {IMAGE} placeholders but the row has 1 image"
         if isinstance(image, list) and n_image != len(paths):
-            return f"the conversation has {n_image} {IMAGE} placeholder(s) but the row has {len(paths)} images"
+            return (
+                f"the conversation has {n_image} {IMAGE} placeholder(s) but the row has {len(paths)} images"
+            )
         if check_files:
             for p in paths:
                 if not os.path.isfile(media_path(root, p)):
@@ -205,7 +209,9 @@ def build_index(specs: list[DatasetSpec], skip_bad_rows: bool = False, check_fil
         ds_parts.append(np.full(len(lines), d, dtype=np.int32))
         line_parts.append(lines)
         off_parts.append(offsets)
-    index = RowIndex(specs, np.concatenate(ds_parts), np.concatenate(line_parts), np.concatenate(off_parts), bad)
+    index = RowIndex(
+        specs, np.concatenate(ds_parts), np.concatenate(line_parts), np.concatenate(off_parts), bad
+    )
     if len(index) == 0:
         raise DataError("no usable rows in " + ", ".join(display_path(s.annotation) for s in specs)
                         + (f" ({len(bad)} bad rows skipped)" if bad else ""))  # fmt: skip

@@ -74,7 +74,9 @@ class SFTDataset:
             if isinstance(image, str):
                 turns = _ensure_placeholder(turns, IMAGE_PLACEHOLDER)
             per_image = max_num if len(paths) == 1 else max(1, max_num // len(paths))
-            tiles = [image_pixels(media_path(root, p), self.processor, per_image, augment, rng) for p in paths]
+            tiles = [
+                image_pixels(media_path(root, p), self.processor, per_image, augment, rng) for p in paths
+            ]
             pixel_values, counts = torch.cat(tiles), [t.shape[0] for t in tiles]
         elif video:
             frames = training_frames(media_path(root, video), o.min_num_frame, o.max_num_frame, rng,
@@ -90,7 +92,11 @@ class SFTDataset:
                 raise DataError(f"{len(ids)} tokens with the image tokens, above max_seq_length "
                                f"{o.max_seq_length}: truncation would cut an image")  # fmt: skip
             ids, labels = ids[: o.max_seq_length], labels[: o.max_seq_length]
-        flags = torch.ones(pixel_values.shape[0], dtype=torch.long) if counts else torch.zeros(1, dtype=torch.long)
+        flags = (
+            torch.ones(pixel_values.shape[0], dtype=torch.long)
+            if counts
+            else torch.zeros(1, dtype=torch.long)
+        )
         return Sample(torch.tensor(ids), torch.tensor(labels), pixel_values, flags, source)
 
 
@@ -116,7 +122,9 @@ def _frames_for_video(turns: list[tuple[str, str]], n: int) -> list[tuple[str, s
     return out
 
 
-def _expand_images(turns: list[tuple[str, str]], counts: list[int], num_image_token: int) -> list[tuple[str, str]]:
+def _expand_images(
+    turns: list[tuple[str, str]], counts: list[int], num_image_token: int
+) -> list[tuple[str, str]]:
     """The k-th `<image>` of the user turns -> `<img>` + `<IMG_CONTEXT>` x (num_image_token * tiles_k) + `</img>`."""
     out, k = [], 0
     for role, text in turns:

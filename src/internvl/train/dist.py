@@ -43,7 +43,7 @@ class DistContext:
 
 
 def pick_device(name: str, local_rank: int = 0) -> torch.device:
-    """"auto": the local GPU when there is one, else the CPU."""
+    """ "auto": the local GPU when there is one, else the CPU."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(name)

@@ -129,7 +129,9 @@ class Trainer:
                     result.history.append(row)
                     result.last_loss = row["loss"]
                     self.metrics.log(row)
-                    bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")
+                    bar.set_postfix(
+                        loss=f"{row['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{row['tokens_per_s']:.0f}"
+                    )
                 if self.save and cfg.save_every and step % cfg.save_every == 0 and step < cfg.total_steps:
                     self.save(step, data_state)
                     saved_at = step
@@ -189,10 +191,15 @@ class _Window:
 
     def flush(self, step: int, ctx: DistContext) -> dict:
         names = sorted(self.extra)
-        vec = torch.stack([self.loss, torch.tensor(float(self.tokens), dtype=torch.float64, device=self.device),
-                           torch.tensor(float(self.samples), dtype=torch.float64, device=self.device)]
-                          + [self.extra[k][0] for k in names]
-                          + [torch.tensor(self.extra[k][1], dtype=torch.float64, device=self.device) for k in names])
+        vec = torch.stack(
+            [
+                self.loss,
+                torch.tensor(float(self.tokens), dtype=torch.float64, device=self.device),
+                torch.tensor(float(self.samples), dtype=torch.float64, device=self.device),
+            ]
+            + [self.extra[k][0] for k in names]
+            + [torch.tensor(self.extra[k][1], dtype=torch.float64, device=self.device) for k in names]
+        )
         vec = ctx.all_reduce(vec).cpu().tolist()
         now = time.perf_counter()
         elapsed = max(now - self.t0, 1e-9)

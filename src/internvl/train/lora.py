@@ -97,7 +97,9 @@ def adapter_tensors(state: dict[str, torch.Tensor], modules_to_save: list[str]) 
     return out
 
 
-def save_adapter(folder: str | Path, state: dict[str, torch.Tensor], config, dtype: torch.dtype | None = None) -> Path:
+def save_adapter(
+    folder: str | Path, state: dict[str, torch.Tensor], config, dtype: torch.dtype | None = None
+) -> Path:
     """Write `adapter_config.json` and `adapter_model.safetensors` (state: trainable weights, internal names)."""
     from safetensors.torch import save_file
 
@@ -107,7 +109,9 @@ def save_adapter(folder: str | Path, state: dict[str, torch.Tensor], config, dty
     if dtype is not None:
         tensors = {k: v.to(dtype) for k, v in tensors.items()}
     tmp = folder / (ADAPTER_WEIGHTS + ".tmp")
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata={"format": "pt"})
+    save_file(
+        {k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata={"format": "pt"}
+    )
     tmp.replace(folder / ADAPTER_WEIGHTS)
     config.save_pretrained(str(folder))
     return folder
@@ -132,7 +136,9 @@ def apply_adapter(model: nn.Module, adapter_dir: str | Path, merge: bool = True)
 
     adapter_dir = Path(adapter_dir)
     if not is_adapter(adapter_dir) or not (adapter_dir / ADAPTER_WEIGHTS).is_file():
-        raise CheckpointError(f"{adapter_dir}: not a LoRA adapter (needs {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS})")
+        raise CheckpointError(
+            f"{adapter_dir}: not a LoRA adapter (needs {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS})"
+        )
     _check_keys(model, adapter_dir)
     peft_model = PeftModel.from_pretrained(model, str(adapter_dir))
     if merge:
@@ -162,5 +168,7 @@ def merge_lora(model: nn.Module) -> nn.Module:
         if isinstance(module, LoraLayer):
             module.merge()
             parent_name, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent_name) if parent_name else model, child, module.get_base_layer())
+            setattr(
+                model.get_submodule(parent_name) if parent_name else model, child, module.get_base_layer()
+            )
     return model

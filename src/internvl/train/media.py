@@ -30,7 +30,9 @@ def jpeg_degrade(image: Image.Image, quality: int) -> Image.Image:
     return Image.open(buf).convert("RGB")
 
 
-def to_pixels(tiles: Sequence[Image.Image], image_size: int, augment: bool, rng: np.random.Generator) -> torch.Tensor:
+def to_pixels(
+    tiles: Sequence[Image.Image], image_size: int, augment: bool, rng: np.random.Generator
+) -> torch.Tensor:
     """Tiles -> normalized float32 [n, 3, S, S]; with `augment` every tile gets its own JPEG quality."""
     if augment:
         tiles = [jpeg_degrade(t, rng.integers(75, 101)) for t in tiles]

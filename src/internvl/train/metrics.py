@@ -5,7 +5,18 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-COLUMNS = ("step", "epoch", "loss", "token_ce", "lr", "grad_norm", "tokens", "tokens_per_s", "samples", "elapsed_s")
+COLUMNS = (
+    "step",
+    "epoch",
+    "loss",
+    "token_ce",
+    "lr",
+    "grad_norm",
+    "tokens",
+    "tokens_per_s",
+    "samples",
+    "elapsed_s",
+)
 
 
 class MetricsLog:
@@ -31,9 +42,13 @@ class MetricsLog:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.tb = SummaryWriter(str(Path(out) / "tensorboard"), purge_step=resume_step + 1 if resume_step else None)
+                self.tb = SummaryWriter(
+                    str(Path(out) / "tensorboard"), purge_step=resume_step + 1 if resume_step else None
+                )
             except ImportError:
-                self.note = "TensorBoard is not installed (pip install tensorboard): metrics go to metrics.csv only"
+                self.note = (
+                    "TensorBoard is not installed (pip install tensorboard): metrics go to metrics.csv only"
+                )
 
     def log(self, row: dict[str, float]) -> None:
         if not self.enabled:

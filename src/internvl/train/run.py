@@ -8,6 +8,7 @@ Model (a checkpoint, or random weights from a config) -> trainable parameters (f
 from __future__ import annotations
 
 import math
+import os
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -39,33 +40,49 @@ class TrainResult:
     history: list[dict] = field(default_factory=list)
 
 
-def train(args: TrainArgs, objective=None, log: Callable[[str], None] = print) -> TrainResult:
-    """Run training as configured by `args` (under torchrun: one call per process). `objective` defaults to
-    SFT with `args.data.loss_reduction`."""
+@dataclass
+class Prepared:
+    """A model ready to train (trainable parameters set, on its device, not yet sharded) and its tokenizer."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    tokenizer_dir: Path
+    base_dtype: torch.dtype  # the stored dtype of the base weights: the default dtype of the saved model
+    tune: object  # freeze.TuneSpec
+    modules_to_save: list[str]  # LoRA runs: modules trained in full, saved in the adapter
+    compute_dtype: torch.dtype
+
+
+@dataclass
+class DataSource:
+    """What the loop reads: `source(position)` yields (micro-batches, position after, epoch) per step."""
+
+    source: Callable
+    total_steps: int
+    rows: int
+    bad: list[BadRow]  # rows skipped while scanning; `source.bad` collects those that fail to load
+
+
+def train(args: TrainArgs, objective=None, data: Callable | None = None,
+          log: Callable[[str], None] = print) -> TrainResult:  # fmt: skip
+    """Run training as configured by `args` (under torchrun: one call per process).
+
+    `objective` defaults to SFT with `args.data.loss_reduction`; `data(args, prepared, ctx) -> DataSource`
+    defaults to the SFT rows of `args.data.data`. Preference optimization passes its own of both.
+    """
     from .dist import init_distributed, shutdown
 
     ctx = init_distributed(args.run.device)
     try:
-        return _train(args, objective, ctx, log if ctx.is_main else (lambda _msg: None))
+        return _train(args, objective, data or sft_data, ctx, log if ctx.is_main else (lambda _msg: None))
     finally:
         shutdown()
 
 
-def _train(args: TrainArgs, objective, ctx, log) -> TrainResult:
-    from .checkpoint import find_latest, load_checkpoint, read_state, save_checkpoint
-    from .collate import Collator, Packer
-    from .data import build_index, read_meta
-    from .dataset import SampleOptions, SFTDataset
-    from .dist import shard_model
-    from .freeze import TuneSpec, configure_trainable, count_parameters
-    from .loop import LoopConfig, Trainer
-    from .metrics import MetricsLog
-    from .objective import SFTObjective
-    from .optim import build_optimizer, warmup_steps
-    from .stream import PackedBatches, PaddedBatches, PaddedPlan
+def _train(args: TrainArgs, objective, data: Callable, ctx, log) -> TrainResult:
+    from .checkpoint import find_latest
 
-    m, d, o, r = args.model, args.data, args.optim, args.run
-    out = Path(m.out)
+    out, r = Path(args.model.out), args.run
     latest = find_latest(out)
     if latest is not None and not r.resume:
         raise TrainingError(f"{out} already has checkpoints (newest: {latest.name}); pass --resume to continue "
@@ -74,31 +91,44 @@ def _train(args: TrainArgs, objective, ctx, log) -> TrainResult:
         raise TrainingError(f"{out / FINAL} already exists; choose another --out")
     if r.resume and latest is None:
         log(f"no checkpoint in {out}: starting at step 0")
-    if r.threads:
-        torch.set_num_threads(r.threads)
+    threads = _threads(args, ctx)
+    if threads:
+        torch.set_num_threads(threads)
     random.seed(r.seed)
     np.random.seed(r.seed)
     torch.manual_seed(r.seed)
+    prepared = prepare_model(args, ctx, log)
+    source = data(args, prepared, ctx)
+    o = args.optim
+    log(f"data: {source.rows} rows" + (f", {len(source.bad)} bad rows skipped" if source.bad else "")
+        + f"; {source.total_steps} steps of {o.batch_size * o.grad_accum * ctx.world_size} "
+        + ("packed sequences" if args.data.packing else "samples"))  # fmt: skip
+    return run_loop(args, prepared, source, objective, ctx, log, latest if r.resume else None)
 
+
+def prepare_model(args: TrainArgs, ctx, log: Callable[[str], None] = print) -> Prepared:
+    """Load (or randomly initialize) the model, apply the run's template / tiling / drop-path settings, set the
+    trainable parameters (freezing, LoRA), cast (fp32 master weights) and move it to the device."""
+    from .freeze import TuneSpec, configure_trainable, count_parameters
+    from .lora import full_modules
+
+    m, d, t = args.model, args.data, args.tune
     model, tokenizer, base_dtype, tok_dir = _build_model(args)
     cfg = model.config
-    template = m.template or cfg.template
-    system = m.system_message if m.system_message is not None else cfg.system_message
-    max_patch = d.max_dynamic_patch or cfg.max_dynamic_patch
-    model.config = cfg.replace(template=template, system_message=system, max_dynamic_patch=max_patch)
-    model.config.vision.drop_path_rate = args.tune.drop_path_rate
-    model.vision_model.set_drop_path_rate(args.tune.drop_path_rate)
-    compute = torch.bfloat16 if r.dtype == "bf16" else torch.float32
-
-    t = args.tune
+    model.config = cfg.replace(
+        template=m.template or cfg.template,
+        system_message=m.system_message if m.system_message is not None else cfg.system_message,
+        max_dynamic_patch=d.max_dynamic_patch or cfg.max_dynamic_patch,
+    )
+    model.config.vision.drop_path_rate = t.drop_path_rate
+    model.vision_model.set_drop_path_rate(t.drop_path_rate)
+    compute = torch.bfloat16 if args.run.dtype == "bf16" else torch.float32
     spec = TuneSpec(t.freeze_vision, t.freeze_mlp, t.freeze_llm, t.unfreeze_vit_layers, t.unfreeze_lm_head,
                     t.lora_r, t.vision_lora_r, t.lora_alpha, t.lora_dropout)  # fmt: skip
     if spec.uses_lora and m.model is None:
         raise TrainingError("LoRA needs a pretrained MODEL folder (the adapter records its base model)")
     model.float()
     configure_trainable(model, spec)
-    from .lora import full_modules
-
     modules_to_save = full_modules(model) if spec.uses_lora else []
     if compute != torch.float32 and not ctx.distributed:
         for p in model.parameters():  # frozen weights are only read: keep them in the compute dtype
@@ -109,42 +139,62 @@ def _train(args: TrainArgs, objective, ctx, log) -> TrainResult:
     trainable, total_params = count_parameters(model)
     log(f"model: {total_params / 1e6:.2f}M parameters, {trainable / 1e6:.3f}M trainable"
         + (f" (LoRA r={t.lora_r}/{t.vision_lora_r})" if spec.uses_lora else ""))  # fmt: skip
+    return Prepared(model, tokenizer, tok_dir, base_dtype, spec, modules_to_save, compute)
 
-    # ---- data ----
-    specs = read_meta(d.data)
-    index = build_index(specs, d.skip_bad_rows)
-    options = SampleOptions(template, system, d.max_seq_length, max_patch, d.min_num_frame, d.max_num_frame,
-                            r.seed)  # fmt: skip
-    dataset = SFTDataset(index, tokenizer, model.config, options)
+
+def sft_data(args: TrainArgs, prepared: Prepared, ctx) -> DataSource:
+    """The rows of the meta file as padded or packed micro-batches for this rank."""
+    from .collate import Collator, Packer
+    from .data import build_index, read_meta
+    from .dataset import SampleOptions, SFTDataset
+    from .stream import PackedBatches, PaddedBatches, PaddedPlan
+
+    d, o, seed = args.data, args.optim, args.run.seed
+    cfg, tokenizer = prepared.model.config, prepared.tokenizer
+    index = build_index(read_meta(d.data), d.skip_bad_rows)
+    options = SampleOptions(cfg.template, cfg.system_message, d.max_seq_length, cfg.max_dynamic_patch,
+                            d.min_num_frame, d.max_num_frame, seed)  # fmt: skip
+    dataset = SFTDataset(index, tokenizer, cfg, options)
     pad_id = next(i for i in (tokenizer.pad_id, tokenizer.eos_id, 0) if i is not None)
     collator = Collator(pad_id, dataset.dummy, packed=d.packing)
     pin = ctx.device.type == "cuda"
     if d.packing:
         total = o.max_steps
         source = PackedBatches(dataset, collator, Packer(d.max_packed_tokens, d.max_packed_images), len(index),
-                               r.seed, o.batch_size, o.grad_accum, ctx.world_size, ctx.rank, d.skip_bad_rows,
+                               seed, o.batch_size, o.grad_accum, ctx.world_size, ctx.rank, d.skip_bad_rows,
                                d.num_workers, pin)  # fmt: skip
     else:
-        plan = PaddedPlan(len(index), r.seed, o.batch_size, o.grad_accum, ctx.world_size, ctx.rank)
+        plan = PaddedPlan(len(index), seed, o.batch_size, o.grad_accum, ctx.world_size, ctx.rank)
         total = o.max_steps or max(1, math.ceil(o.epochs * plan.steps_per_epoch))
         source = PaddedBatches(dataset, collator, plan, total, d.skip_bad_rows, d.num_workers, pin)
-    log(f"data: {len(index)} rows from {len(specs)} dataset(s)"
-        + (f", {len(index.bad)} bad rows skipped" if index.bad else "")
-        + f"; {total} steps of {o.batch_size * o.grad_accum * ctx.world_size} "
-        + ("packed sequences" if d.packing else "samples"))  # fmt: skip
+    return DataSource(source, total, len(index), list(index.bad))
 
+
+def run_loop(args: TrainArgs, prepared: Prepared, data: DataSource, objective, ctx, log,
+             resume_from: Path | None = None) -> TrainResult:  # fmt: skip
+    """Shard (several processes), build AdamW, resume, train, then write the final model."""
+    from .checkpoint import load_checkpoint, read_state, save_checkpoint
+    from .dist import shard_model
+    from .loop import LoopConfig, Trainer
+    from .metrics import MetricsLog, plot_loss
+    from .objective import SFTObjective
+    from .optim import build_optimizer, warmup_steps
+
+    m, o, r = args.model, args.optim, args.run
+    out, model, total, compute = Path(m.out), prepared.model, data.total_steps, prepared.compute_dtype
     if ctx.distributed:
         shard_model(model, compute if compute != torch.float32 else None)
     optimizer = build_optimizer(model, o.lr, o.weight_decay, (o.adam_beta1, o.adam_beta2), o.adam_eps)
-    objective = objective or SFTObjective(d.loss_reduction)
+    objective = objective or SFTObjective(args.data.loss_reduction)
     objective.setup(model, ctx.device)
 
     start_step, data_state = 0, None
-    if r.resume and latest is not None:
-        _check_resumable(read_state(latest), args, total, ctx.world_size, latest)
-        _, data_state = load_checkpoint(latest, model, optimizer, ctx)
-        start_step = int(read_state(latest)["step"])
-        log(f"resumed from {latest} at step {start_step}")
+    if resume_from is not None:
+        state = read_state(resume_from)
+        _check_resumable(state, args, total, ctx.world_size, resume_from)
+        _, data_state = load_checkpoint(resume_from, model, optimizer, ctx)
+        start_step = int(state["step"])
+        log(f"resumed from {resume_from} at step {start_step}")
 
     metrics = MetricsLog(out, ctx.is_main, r.tensorboard, resume_step=start_step)
     if metrics.note:
@@ -157,29 +207,38 @@ def _train(args: TrainArgs, objective, ctx, log) -> TrainResult:
 
     loop_cfg = LoopConfig(total, warmup_steps(total, o.warmup_ratio, o.warmup_steps), o.lr, o.lr_scheduler,
                           o.max_grad_norm, r.log_every, r.save_every, compute)  # fmt: skip
-    trainer = Trainer(model, optimizer, objective, source, ctx, loop_cfg, metrics, save)
-    result = trainer.fit(start_step, data_state)
+    result = Trainer(model, optimizer, objective, data.source, ctx, loop_cfg, metrics, save).fit(
+        start_step, data_state
+    )
     metrics.close()
 
     res = TrainResult(out, result.step, total, result.interrupted, last_loss=result.last_loss,
                       history=result.history)  # fmt: skip
-    res.skipped = _gather_bad(list(index.bad) + source.bad, ctx)
+    res.skipped = _gather_bad(data.bad + list(getattr(data.source, "bad", [])), ctx)
     if ctx.is_main:
-        from .metrics import plot_loss
-
         plot_loss(out / "metrics.csv", out / "loss.png")
         _report_bad(res.skipped, out, log)
     if result.interrupted:
         log(f"stopped at step {result.step}: checkpoint in {out / 'checkpoints'}; continue with --resume")
         return res
-    save_dtype = m.save_dtype or _dtype_name(base_dtype)
-    if spec.uses_lora:
-        res.final, res.merged = _save_lora(model, args, ctx, out, modules_to_save, tokenizer, tok_dir, save_dtype)
+    save_dtype = m.save_dtype or _dtype_name(prepared.base_dtype)
+    if prepared.tune.uses_lora:
+        res.final, res.merged = _save_lora(prepared, args, ctx, out, save_dtype)
     else:
-        res.final = _save_full(model, args, ctx, out, tokenizer, tok_dir, save_dtype)
+        res.final = _save_full(prepared, args, ctx, out, save_dtype)
     log(f"done: {result.step} steps, final loss {result.last_loss:.4f}; model in {res.final}"
         + (f", merged model in {res.merged}" if res.merged else ""))  # fmt: skip
     return res
+
+
+def _threads(args: TrainArgs, ctx) -> int | None:
+    """Intra-op threads. More threads than free cores makes OpenMP spin against the data workers (or other
+    jobs): a step can get 10x slower, so by default the trainer leaves one core per worker."""
+    if args.run.threads:
+        return args.run.threads
+    if ctx.device.type != "cpu" or ctx.distributed or "OMP_NUM_THREADS" in os.environ:
+        return None
+    return max(1, (os.cpu_count() or 1) - args.data.num_workers)
 
 
 def _build_model(args: TrainArgs):
@@ -196,7 +255,9 @@ def _build_model(args: TrainArgs):
         if not folder.is_dir():
             raise TrainingError(f"{folder}: no such model folder")
         if is_adapter(folder):
-            raise TrainingError(f"{folder} is a LoRA adapter: merge it into its base first (internvl merge-lora)")
+            raise TrainingError(
+                f"{folder} is a LoRA adapter: merge it into its base first (internvl merge-lora)"
+            )
         tok_dir = Path(m.tokenizer or folder)
         tokenizer = Tokenizer.from_dir(tok_dir)
         model, _ = load_model(folder, dtype=None, image_token_id=tokenizer.image_context_id)
@@ -210,7 +271,9 @@ def _build_model(args: TrainArgs):
         base_dtype = torch.float32
     vocab = model.config.llm.vocab_size
     if tokenizer.vocab_size > vocab:
-        raise TrainingError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocabulary is {vocab}")
+        raise TrainingError(
+            f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocabulary is {vocab}"
+        )
     return model, tokenizer, base_dtype, tok_dir
 
 
@@ -226,17 +289,20 @@ def _check_resumable(state: dict, args: TrainArgs, total: int, world: int, path:
         raise TrainingError(f"cannot resume from {path}: it was written by {state['world_size']} process(es), "
                             f"this run has {world}")  # fmt: skip
     if state.get("total_steps", total) != total:
-        raise TrainingError(f"cannot resume from {path}: {state['total_steps']} total steps then, {total} now")
+        raise TrainingError(
+            f"cannot resume from {path}: {state['total_steps']} total steps then, {total} now"
+        )
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
     return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32")
 
 
-def _save_full(model, args: TrainArgs, ctx, out: Path, tokenizer, tok_dir: Path, save_dtype: str) -> Path:
+def _save_full(prepared: Prepared, args: TrainArgs, ctx, out: Path, save_dtype: str) -> Path:
     from ..checkpoint.io import build_model, save_model
     from .dist import full_state_dict, is_sharded
 
+    model, tokenizer, tok_dir = prepared.model, prepared.tokenizer, prepared.tokenizer_dir
     state = full_state_dict(model)  # collective when sharded
     final = out / FINAL
     if ctx.is_main:
@@ -249,13 +315,15 @@ def _save_full(model, args: TrainArgs, ctx, out: Path, tokenizer, tok_dir: Path,
     return final
 
 
-def _save_lora(model, args: TrainArgs, ctx, out: Path, modules_to_save: list[str], tokenizer, tok_dir: Path,
-               save_dtype: str) -> tuple[Path, Path | None]:  # fmt: skip
+def _save_lora(
+    prepared: Prepared, args: TrainArgs, ctx, out: Path, save_dtype: str
+) -> tuple[Path, Path | None]:
     from ..checkpoint.io import load_model, save_model
     from .dist import full_state_dict
     from .lora import apply_adapter, lora_config, save_adapter
 
-    t = args.tune
+    t, model, tokenizer, tok_dir = args.tune, prepared.model, prepared.tokenizer, prepared.tokenizer_dir
+    modules_to_save = prepared.modules_to_save
     state = full_state_dict(model, trainable_only=True)
     final, merged = out / FINAL, None
     if ctx.is_main:

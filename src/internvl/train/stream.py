@@ -108,7 +108,12 @@ class PaddedBatches:
     def __init__(self, dataset, collator: Collator, plan: PaddedPlan, total_steps: int, skip_bad_rows: bool,
                  num_workers: int = 0, pin_memory: bool = False):  # fmt: skip
         self.dataset, self.collator, self.plan = dataset, collator, plan
-        self.total_steps, self.skip, self.num_workers, self.pin = total_steps, skip_bad_rows, num_workers, pin_memory
+        self.total_steps, self.skip, self.num_workers, self.pin = (
+            total_steps,
+            skip_bad_rows,
+            num_workers,
+            pin_memory,
+        )
         self.bad: list[BadRow] = []
 
     def __call__(self, state: dict | None) -> Iterator[tuple[list[Batch], dict, float]]:
@@ -183,4 +188,8 @@ class PackedBatches:
                     packs.append(row)
                 micro_batches.append(self.collator.rows(packs))
             per_rank = math.ceil(self.n / self.world)
-            yield micro_batches, {"mode": "packed", "epoch": after[0], "offset": after[1]}, after[0] + after[1] / per_rank
+            yield (
+                micro_batches,
+                {"mode": "packed", "epoch": after[0], "offset": after[1]},
+                after[0] + after[1] / per_rank,
+            )

@@ -84,7 +84,9 @@ def tokenize_conversation(
             continue
         end = len(seg) - tail_len
         learned = [i if i not in never_learn else IGNORE for i in seg[prefix_len:end]]
-        labels += [IGNORE] * min(prefix_len, len(seg)) + learned + [IGNORE] * (len(seg) - max(end, prefix_len))
+        labels += (
+            [IGNORE] * min(prefix_len, len(seg)) + learned + [IGNORE] * (len(seg) - max(end, prefix_len))
+        )
     if max_length is not None:
         ids, labels = ids[:max_length], labels[:max_length]
     return ids, labels
