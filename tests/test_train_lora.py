@@ -15,7 +15,7 @@ from internvl.errors import CheckpointError, TrainingError
 from internvl.tokenizer import Tokenizer
 from internvl.train.dist import full_state_dict
 from internvl.train.freeze import TuneSpec, configure_trainable
-from internvl.train.lora import apply_adapter, full_modules, lora_config, save_adapter
+from internvl.train.lora import apply_adapter, full_modules, load_adapter_model, lora_config, save_adapter
 
 
 @pytest.fixture(scope="module")
@@ -101,6 +101,19 @@ def test_merge_lora_verb_writes_a_normal_checkpoint(base, trained, tmp_path, lay
     merged, report = load_model(out, dtype="fp32", image_token_id=base[1])
     assert report.layout == layout and (out / "tokenizer.json").exists()
     torch.testing.assert_close(logits(merged, base), logits(model, base), atol=1e-4, rtol=0)
+
+
+def test_an_adapter_folder_loads_with_its_recorded_base(base, trained, tmp_path):
+    model, folder = trained
+    merged, tokenizer, base_dir = load_adapter_model(folder)
+    assert base_dir == base[0] and tokenizer.image_context_id == base[1]
+    torch.testing.assert_close(logits(merged, base), logits(model, base), atol=1e-4, rtol=0)
+    moved = tmp_path / "adapter"
+    moved.mkdir()
+    config = json.loads((folder / "adapter_config.json").read_text())
+    (moved / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": "/gone"}))
+    with pytest.raises(CheckpointError, match="base model '/gone' is not a folder"):
+        load_adapter_model(moved)
 
 
 def test_adapter_for_another_model_is_rejected(base, trained, tmp_path):

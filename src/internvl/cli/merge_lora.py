@@ -17,18 +17,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from ..checkpoint.io import load_model, save_model
+    from ..checkpoint.io import save_model
     from ..errors import CheckpointError
-    from ..tokenizer import Tokenizer
-    from ..train.lora import apply_adapter
+    from ..train.lora import load_adapter_model
 
     base, adapter, out = Path(args.base), Path(args.adapter), Path(args.out)
     if out.exists() and any(out.iterdir()):
         raise CheckpointError(f"{out}: output folder exists and is not empty")
-    tokenizer = Tokenizer.from_dir(base)
-    model, _ = load_model(base, dtype=None, image_token_id=tokenizer.image_context_id)
-    stored = {"torch.float32": "fp32", "torch.bfloat16": "bf16", "torch.float16": "fp16"}[str(model.dtype)]
-    merged = apply_adapter(model.float(), adapter, merge=True)
-    files = save_model(merged, out, layout=args.layout, dtype=args.dtype or stored, tokenizer_dir=base)
+    merged, _, _ = load_adapter_model(adapter, base, dtype=args.dtype)
+    files = save_model(merged, out, layout=args.layout, tokenizer_dir=base)
     print(f"merged {adapter} into {base} -> {out} ({args.layout}, {len(files)} file(s))")
     return 0

@@ -160,6 +160,26 @@ def _check_keys(model: nn.Module, adapter_dir: Path) -> None:
                                   "(an adapter for another architecture?)")  # fmt: skip
 
 
+def load_adapter_model(adapter_dir: str | Path, base: str | Path | None = None, dtype: str | torch.dtype | None = None,
+                       device: str | torch.device = "cpu"):  # fmt: skip
+    """(model with the adapter merged, tokenizer, base folder) for a LoRA adapter folder; the base model is the
+    one recorded in its adapter_config.json unless `base` is given. `dtype` None keeps the base's stored dtype.
+    This is what a model loader calls when it is handed an adapter folder."""
+    from ..checkpoint.io import load_model, resolve_dtype
+    from ..tokenizer import Tokenizer
+
+    base = base or adapter_base(adapter_dir)
+    if not base or not Path(base).is_dir():
+        raise CheckpointError(f"{adapter_dir}: the adapter's base model {base!r} is not a folder; pass the base "
+                              "model explicitly (internvl merge-lora BASE ADAPTER OUT)")  # fmt: skip
+    tokenizer = Tokenizer.from_dir(base)
+    model, _ = load_model(base, dtype=None, image_token_id=tokenizer.image_context_id)
+    stored = model.dtype
+    merged = apply_adapter(model.float(), adapter_dir, merge=True)
+    merged.to(device=device, dtype=resolve_dtype(dtype) or stored)
+    return merged.eval(), tokenizer, Path(base)
+
+
 def merge_lora(model: nn.Module) -> nn.Module:
     """Fold LoRA layers injected by `add_lora` into their base weights, in place; returns the model."""
     from peft.tuners.lora import LoraLayer

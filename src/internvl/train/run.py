@@ -318,11 +318,11 @@ def _save_full(prepared: Prepared, args: TrainArgs, ctx, out: Path, save_dtype: 
 def _save_lora(
     prepared: Prepared, args: TrainArgs, ctx, out: Path, save_dtype: str
 ) -> tuple[Path, Path | None]:
-    from ..checkpoint.io import load_model, save_model
+    from ..checkpoint.io import save_model
     from .dist import full_state_dict
-    from .lora import apply_adapter, lora_config, save_adapter
+    from .lora import load_adapter_model, lora_config, save_adapter
 
-    t, model, tokenizer, tok_dir = args.tune, prepared.model, prepared.tokenizer, prepared.tokenizer_dir
+    t, model, tok_dir = args.tune, prepared.model, prepared.tokenizer_dir
     modules_to_save = prepared.modules_to_save
     state = full_state_dict(model, trainable_only=True)
     final, merged = out / FINAL, None
@@ -332,10 +332,9 @@ def _save_lora(
         save_adapter(final, state, config, dtype=torch.bfloat16 if args.model.save_dtype == "bf16" else None)
         if args.model.save_merged:
             merged = out / MERGED
-            base_model, _ = load_model(base, dtype="fp32", image_token_id=tokenizer.image_context_id)
-            base_model.config = model.config
-            save_model(apply_adapter(base_model, final, merge=True), merged, layout=args.model.save_layout,
-                       dtype=save_dtype, tokenizer_dir=tok_dir)  # fmt: skip
+            model_merged, _, _ = load_adapter_model(final, base, dtype=save_dtype)
+            model_merged.config = model.config
+            save_model(model_merged, merged, layout=args.model.save_layout, tokenizer_dir=tok_dir)
     ctx.barrier()
     return final, merged if args.model.save_merged else None
 
