@@ -2,36 +2,20 @@
 
 from __future__ import annotations
 
-import base64
-import io
 import json
 
 import httpx
 import pytest
-import torch
 from PIL import Image
 from refmodels import tiny_checkpoint
+from test_serve_common import data_url, one_torch_thread  # noqa: F401 (a fixture)
 
 from internvl.api import load, sampling_params
 from internvl.serve.app import ServeSettings, create_app
 from internvl.serve.server import serve_in_thread
 
 openai = pytest.importorskip("openai")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """The tiny model is fastest on one thread; two OpenMP threads stall badly when the cores are shared."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def data_url(im: Image.Image) -> str:
-    buf = io.BytesIO()
-    im.save(buf, "PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def gradient(w: int, h: int, seed: int) -> Image.Image:
@@ -57,7 +41,9 @@ class Live:
         self.ref = load(folder)
 
     def expected(self, question, images=None, history=None, system=None, max_num=None, **gen):
-        ids, pv, _ = self.ref.prepare(question, images, history=history, system_message=system, max_num=max_num)
+        ids, pv, _ = self.ref.prepare(
+            question, images, history=history, system_message=system, max_num=max_num
+        )
         seq = self.ref.engine.generate([(ids, sampling_params(self.ref.defaults, **gen), pv)])[0]
         return seq.text.lstrip(), seq.finish_reason, len(ids), len(seq.output_ids)
 
@@ -164,7 +150,13 @@ def test_max_dynamic_patch_and_detail_cap_the_tiles(live):
 
 
 def test_seed_and_extra_body_sampling_options(live):
-    kw = dict(max_tokens=10, temperature=0.9, top_p=0.9, seed=5, extra_body={"top_k": 20, "repetition_penalty": 1.2})
+    kw = {
+        "max_tokens": 10,
+        "temperature": 0.9,
+        "top_p": 0.9,
+        "seed": 5,
+        "extra_body": {"top_k": 20, "repetition_penalty": 1.2},
+    }
     messages = [{"role": "user", "content": "Tell a story."}]
     first, second = live.ask(messages, **kw), live.ask(messages, **kw)
     assert first == second

@@ -9,15 +9,17 @@ import tempfile
 import time
 
 import pytest
-import torch
 from PIL import Image
 from refmodels import tiny_checkpoint
+from test_serve_common import one_torch_thread  # noqa: F401 (a fixture)
 
 from internvl.api import load, sampling_params
 from internvl.serve.app import ServeSettings, create_app
 from internvl.serve.server import serve_in_thread
 
-playwright = pytest.importorskip("playwright.sync_api", reason="pip install playwright (the browser is Debian's)")
+playwright = pytest.importorskip(
+    "playwright.sync_api", reason="pip install playwright (the browser is Debian's)"
+)
 CHROMIUM = os.environ.get("CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="no chromium: apt-get install chromium")
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -25,9 +27,8 @@ FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-ne
 
 
 @pytest.fixture(scope="module")
-def site(tmp_path_factory):
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
+def site(tmp_path_factory, request):
+    request.getfixturevalue("one_torch_thread")
     folder = tiny_checkpoint(tmp_path_factory.mktemp("serve-page"))
     llm = load(folder)
     step = llm.engine.step
@@ -40,7 +41,6 @@ def site(tmp_path_factory):
     app = create_app(llm, ServeSettings(model_name="tiny", max_tokens_cap=64))
     with serve_in_thread(app) as url:
         yield url, load(folder)
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +96,9 @@ def test_page_streams_answers_about_an_attached_image(site, page, tmp_path):
     assert page.is_hidden("#error")
 
     second = ask(page, "And the colors?")  # the page sends the history, image included
-    assert second == expected(ref, "And the colors?", [image], history=[("<image>\nWhat is in the image?", first)])
+    assert second == expected(
+        ref, "And the colors?", [image], history=[("<image>\nWhat is in the image?", first)]
+    )
 
     page.fill("#max-tokens", "500")  # above the server's cap: the error is shown, the question given back
     page.set_input_files("#images", str(tmp_path / "shapes.png"))

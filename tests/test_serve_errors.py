@@ -3,16 +3,13 @@ server keeps answering; time-outs cancel the generation; the API key is enforced
 
 from __future__ import annotations
 
-import base64
 import http.server
-import io
 import threading
 
 import httpx
 import pytest
-import torch
-from PIL import Image
 from refmodels import tiny_checkpoint
+from test_serve_common import data_url, one_torch_thread, png, wait_idle  # noqa: F401 (a fixture)
 
 from internvl.api import load
 from internvl.serve.app import ServeSettings, create_app
@@ -20,28 +17,9 @@ from internvl.serve.media import MediaPolicy
 from internvl.serve.server import serve_in_thread
 
 openai = pytest.importorskip("openai")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """The tiny model is fastest on one thread; two OpenMP threads stall badly when the cores are shared."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 HTTP = httpx.Client(timeout=30)  # one client: creating one per request costs ~0.2 s (its SSL context)
 OK = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
-
-
-def png(w: int = 40, h: int = 30) -> bytes:
-    buf = io.BytesIO()
-    Image.new("RGB", (w, h), "blue").save(buf, "PNG")
-    return buf.getvalue()
-
-
-def data_url(raw: bytes) -> str:
-    return "data:image/png;base64," + base64.b64encode(raw).decode()
 
 
 def with_images(*urls: str, text: str = "What is it?") -> dict:
@@ -65,7 +43,9 @@ def media(tmp_path_factory):
 @pytest.fixture(scope="module")
 def url(folder, media):
     policy = MediaPolicy(allowed_local_dir=media, max_bytes=300_000, max_pixels=100_000)
-    settings = ServeSettings(model_name="tiny", max_images=2, max_body_bytes=300_000, max_tokens_cap=64, media=policy)
+    settings = ServeSettings(
+        model_name="tiny", max_images=2, max_body_bytes=300_000, max_tokens_cap=64, media=policy
+    )
     with serve_in_thread(create_app(load(folder), settings)) as base:
         yield base
 
@@ -168,10 +148,11 @@ def strict(folder):
     images = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Images)
     threading.Thread(target=images.serve_forever, daemon=True).start()
     policy = MediaPolicy(allow_remote=True, max_bytes=300_000, fetch_timeout=5)
-    settings = ServeSettings(model_name="tiny", api_key="sekret", timeout=0.5, max_tokens_cap=4000, media=policy)
-    app = create_app(load(folder), settings)
-    with serve_in_thread(app) as base:
-        yield base, f"http://127.0.0.1:{images.server_address[1]}", app
+    settings = ServeSettings(
+        model_name="tiny", api_key="sekret", timeout=0.5, max_tokens_cap=4000, media=policy
+    )
+    with serve_in_thread(create_app(load(folder), settings)) as base:
+        yield base, f"http://127.0.0.1:{images.server_address[1]}"
     images.shutdown()
 
 
@@ -179,7 +160,7 @@ KEY = {"Authorization": "Bearer sekret"}
 
 
 def test_api_key_is_required_when_set(strict):
-    base, _, _ = strict
+    base, _ = strict
     assert_error(post(base, OK), 401, "API key", "Bearer")
     assert_error(post(base, OK, headers={"Authorization": "Bearer nope"}), 401, "API key")
     assert_error(HTTP.get(base + "/v1/models"), 401)
@@ -191,33 +172,24 @@ def test_api_key_is_required_when_set(strict):
 
 
 def test_remote_images_when_enabled_are_fetched_within_limits(strict):
-    base, images, _ = strict
+    base, images = strict
     r = post(base, with_images(images + "/ok.png"), headers=KEY)
     assert r.status_code == 200, r.text
-    assert_error(post(base, with_images(images + "/big.png"), headers=KEY), 400, "above the limit of 300000 bytes")
+    assert_error(
+        post(base, with_images(images + "/big.png"), headers=KEY), 400, "above the limit of 300000 bytes"
+    )
     assert_error(post(base, with_images(images + "/gone.png"), headers=KEY), 400, "HTTP 404")
     assert_error(post(base, with_images("http://127.0.0.1:9/x.png"), headers=KEY), 400, "download failed")
 
 
-def wait_idle(base: str, app) -> dict:
-    import time
-
-    for _ in range(200):
-        stats = HTTP.get(base + "/health").json()
-        if stats["running"] == 0 and stats["waiting"] == 0:
-            return stats
-        time.sleep(0.02)
-    raise AssertionError(f"the engine is still busy: {stats}")
-
-
 def test_time_out_answers_408_and_cancels_the_generation(strict):
-    base, _, app = strict
+    base, _ = strict
     long = {**OK, "max_tokens": 3800, "min_tokens": 3800}
     assert_error(post(base, long, headers=KEY), 408, "did not finish within 0.5 s", "cancelled")
-    wait_idle(base, app)
+    wait_idle(base)
     with HTTP.stream("POST", base + "/v1/chat/completions", json={**long, "stream": True}, headers=KEY) as r:
         assert r.status_code == 200
         events = [line for line in r.iter_lines() if line]
     assert "did not finish within 0.5 s" in events[-2] and events[-1] == "data: [DONE]"
-    wait_idle(base, app)
+    wait_idle(base)
     assert post(base, OK, headers=KEY).status_code == 200

@@ -4,8 +4,6 @@ clients mixing streaming, non-streaming, images and mid-stream disconnects; no 5
 from __future__ import annotations
 
 import asyncio
-import base64
-import io
 import os
 import socket
 import subprocess
@@ -14,18 +12,12 @@ import time
 
 import httpx
 import pytest
-from PIL import Image
 from refmodels import tiny_checkpoint
+from test_serve_common import data_url, png, wait_idle
 
 psutil = pytest.importorskip("psutil")
 
 RSS_MARGIN_MB = 48  # allowed RSS growth over the warmed-up level, after the load has drained
-
-
-def image_url() -> str:
-    buf = io.BytesIO()
-    Image.new("RGB", (90, 60), "green").save(buf, "PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
 def free_port() -> int:
@@ -92,7 +84,7 @@ async def one(client: httpx.AsyncClient, base: str, i: int, image: str) -> str:
 
 
 async def load(base: str, clients: int, total: int, start: int = 0) -> dict[str, int]:
-    image = image_url()
+    image = data_url(png(90, 60, "green"))
     counter = iter(range(start, start + total))
     outcomes: dict[str, int] = {}
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
@@ -105,15 +97,6 @@ async def load(base: str, clients: int, total: int, start: int = 0) -> dict[str,
 
         await asyncio.gather(*(worker() for _ in range(clients)))
     return outcomes
-
-
-def wait_idle(base: str) -> dict:
-    for _ in range(300):
-        stats = httpx.get(base + "/health").json()
-        if stats["running"] == 0 and stats["waiting"] == 0:
-            return stats
-        time.sleep(0.05)
-    raise AssertionError(f"the engine did not drain: {stats}")
 
 
 def rss_mb(pid: int) -> float:
@@ -138,7 +121,11 @@ def run_load(server, clients: int, total: int) -> None:
     assert sum(outcomes.values()) == total and outcomes.get("disconnected", 0) > 0
     assert stats["finished"].get("abort", 0) + stats["dropped"] > 0, "no disconnect cancelled a generation"
     assert after - before < RSS_MARGIN_MB, f"RSS grew from {before:.0f} to {after:.0f} MiB"
-    r = httpx.post(base + "/v1/chat/completions", json=body(1, image_url()) | {"stream": False}, timeout=30)
+    r = httpx.post(
+        base + "/v1/chat/completions",
+        json=body(1, data_url(png(90, 60, "green"))) | {"stream": False},
+        timeout=30,
+    )
     assert r.status_code == 200
 
 
@@ -162,7 +149,9 @@ def test_64_clients_500_requests_no_errors_and_memory_returns(server):
     run_load(server, clients=64, total=500)
 
 
-@pytest.mark.skipif(not os.environ.get("INTERNVL_LONG_LOAD"), reason="set INTERNVL_LONG_LOAD=1 for 5000 requests")
+@pytest.mark.skipif(
+    not os.environ.get("INTERNVL_LONG_LOAD"), reason="set INTERNVL_LONG_LOAD=1 for 5000 requests"
+)
 @pytest.mark.slow
 def test_long_load(server):
     run_load(server, clients=64, total=5000)

@@ -8,10 +8,14 @@ import sys
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", nargs="?", default=None, help="checkpoint folder (default: the built-in model)")
+    parser.add_argument(
+        "model", nargs="?", default=None, help="checkpoint folder (default: the built-in model)"
+    )
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8000, help="port (default 8000)")
-    parser.add_argument("--model-name", default=None, help="the model id clients send (default: the folder name)")
+    parser.add_argument(
+        "--model-name", default=None, help="the model id clients send (default: the folder name)"
+    )
     parser.add_argument("--api-key", default=os.environ.get("INTERNVL_API_KEY"),
                         help="require 'Authorization: Bearer KEY' on /v1/* (default: $INTERNVL_API_KEY, or none)")  # fmt: skip
     parser.add_argument("--allowed-local-media-path", default=None, metavar="DIR",
@@ -19,14 +23,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--allow-remote-images", action="store_true",
                         help="fetch http(s) image URLs (size- and time-limited; default: refused)")  # fmt: skip
     parser.add_argument("--max-images", type=int, default=8, help="images per request (default 8)")
-    parser.add_argument("--max-body-mb", type=float, default=32, help="request body limit in MiB (default 32)")
+    parser.add_argument(
+        "--max-body-mb", type=float, default=32, help="request body limit in MiB (default 32)"
+    )
     parser.add_argument("--max-image-pixels", type=int, default=40_000_000,
                         help="largest image (width*height) decoded, a decompression-bomb cap (default 40M)")  # fmt: skip
     parser.add_argument("--max-tokens-cap", type=int, default=2048,
                         help="largest max_tokens a request may ask for, and the default (default 2048)")  # fmt: skip
     parser.add_argument("--timeout", type=float, default=600, help="seconds per request (default 600)")
     parser.add_argument("--max-batch", type=int, default=16, help="requests decoded together (default 16)")
-    parser.add_argument("--max-queue", type=int, default=256, help="requests waiting before 429 (default 256)")
+    parser.add_argument(
+        "--max-queue", type=int, default=256, help="requests waiting before 429 (default 256)"
+    )
     parser.add_argument("--prefill-budget", type=int, default=512,
                         help="prompt tokens admitted per engine step, bounding decode stalls (default 512)")  # fmt: skip
     parser.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default=None, help="cast the weights")
@@ -52,7 +60,9 @@ def run(args: argparse.Namespace) -> int:
     path = Path(args.model) if args.model else default_model_path()
     media_dir = Path(args.allowed_local_media_path) if args.allowed_local_media_path else None
     if media_dir is not None and not media_dir.is_dir():
-        print(f"internvl serve: error: --allowed-local-media-path {media_dir}: not a directory", file=sys.stderr)
+        print(
+            f"internvl serve: error: --allowed-local-media-path {media_dir}: not a directory", file=sys.stderr
+        )
         return 2
     body = int(args.max_body_mb * 2**20)
     settings = ServeSettings(

@@ -76,7 +76,10 @@ def create_app(llm, settings: ServeSettings | None = None) -> FastAPI:
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [model_card(settings.model_name, llm.engine.max_model_len, created)]}
+        return {
+            "object": "list",
+            "data": [model_card(settings.model_name, llm.engine.max_model_len, created)],
+        }
 
     @app.get("/v1/models/{model_id:path}")
     async def model(model_id: str):
@@ -140,7 +143,11 @@ def _describe(e: ValidationError) -> tuple[str, str | None]:
         for part in err["loc"]:
             if isinstance(part, int):
                 loc += f"[{part}]"
-            elif not any(c in part for c in "[(-") and part not in ("str", "list", "int"):  # union branch names
+            elif not any(c in part for c in "[(-") and part not in (
+                "str",
+                "list",
+                "int",
+            ):  # union branch names
                 loc += f".{part}" if loc else part
         first = first or loc or None
         lines.append(f"{loc or 'body'}: {err['msg']}")
@@ -154,7 +161,9 @@ def _inputs(llm, conv: Conversation, policy: MediaPolicy):
         try:
             images.append(open_image(ref.url, policy))
         except ImageError as e:
-            raise APIError(400, f"{ref.param}: {e}", param=f"{ref.param}.image_url", code="invalid_image") from None
+            raise APIError(
+                400, f"{ref.param}: {e}", param=f"{ref.param}.image_url", code="invalid_image"
+            ) from None
     try:
         return build_inputs(llm, conv, images)
     except InternVLError as e:
@@ -202,7 +211,9 @@ def _timeout_error(settings: ServeSettings) -> APIError:
                          "was cancelled", code="timeout")  # fmt: skip
 
 
-async def _complete(request: Request, scheduler: Scheduler, job: Job, settings: ServeSettings, deadline: float):
+async def _complete(
+    request: Request, scheduler: Scheduler, job: Job, settings: ServeSettings, deadline: float
+):
     async def collect():
         parts = []
         async for u in _updates(job, deadline):
@@ -233,7 +244,9 @@ async def _disconnected(request: Request) -> None:
         pass
 
 
-async def _stream(scheduler: Scheduler, job: Job, settings: ServeSettings, deadline: float, include_usage: bool):
+async def _stream(
+    scheduler: Scheduler, job: Job, settings: ServeSettings, deadline: float, include_usage: bool
+):
     """Server-sent events: the role, content deltas, the finish reason, the usage if asked, then [DONE]."""
     created, name = int(time.time()), settings.model_name
 

@@ -47,18 +47,24 @@ def parse_messages(messages: list[Message]) -> Conversation:
         texts, images = _content(m, i)
         if m.role in ("system", "developer"):
             if images:
-                raise APIError(400, f"messages[{i}]: a {m.role} message cannot contain images", param=f"messages[{i}]")
+                raise APIError(
+                    400, f"messages[{i}]: a {m.role} message cannot contain images", param=f"messages[{i}]"
+                )
             system.append("\n".join(texts))
             continue
         if m.role == "assistant" and images:
-            raise APIError(400, f"messages[{i}]: an assistant message cannot contain images", param=f"messages[{i}]")
+            raise APIError(
+                400, f"messages[{i}]: an assistant message cannot contain images", param=f"messages[{i}]"
+            )
         if turns and turns[-1].role == m.role:  # consecutive messages of one role read as one turn
             turns[-1].texts += texts
             turns[-1].images += images
         else:
             turns.append(_Turn(m.role, texts, images, i))
     if not turns or turns[-1].role != "user":
-        raise APIError(400, "the last message must be a user message (the question to answer)", param="messages")
+        raise APIError(
+            400, "the last message must be a user message (the question to answer)", param="messages"
+        )
     if turns[0].role == "assistant":  # an opening assistant greeting answers an empty user turn
         turns.insert(0, _Turn("user", [], [], turns[0].index))
     total = sum(len(t.images) for t in turns)
@@ -74,14 +80,18 @@ def parse_messages(messages: list[Message]) -> Conversation:
 def _content(m: Message, i: int) -> tuple[list[str], list[ImageRef]]:
     if m.content is None:
         if m.role == "user":
-            raise APIError(400, f"messages[{i}]: a user message needs content", param=f"messages[{i}].content")
+            raise APIError(
+                400, f"messages[{i}]: a user message needs content", param=f"messages[{i}].content"
+            )
         return [], []
     if isinstance(m.content, str):
         return [m.content], []
     texts, images = [], []
     for j, part in enumerate(m.content):
         if isinstance(part, ImagePart):
-            images.append(ImageRef(part.image_url.url, part.image_url.max_tiles(), f"messages[{i}].content[{j}]"))
+            images.append(
+                ImageRef(part.image_url.url, part.image_url.max_tiles(), f"messages[{i}].content[{j}]")
+            )
         else:
             texts.append(part.text)
     return texts, images

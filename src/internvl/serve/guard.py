@@ -58,7 +58,9 @@ class Guard:
 
     def _authorized(self, headers: dict[bytes, bytes]) -> bool:
         scheme, _, token = headers.get(b"authorization", b"").decode("latin-1").partition(" ")
-        return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), self.api_key.encode())
+        return scheme.lower() == "bearer" and hmac.compare_digest(
+            token.strip().encode(), self.api_key.encode()
+        )
 
     def _too_large(self, n: int, at_least: bool = False) -> dict:
         size = f"more than {self.max_body_bytes}" if at_least else str(n)

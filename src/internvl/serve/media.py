@@ -45,7 +45,9 @@ def open_image(url: str, policy: MediaPolicy) -> Image.Image:
     try:
         return load_image(data, max_pixels=policy.max_pixels)
     except ImageError as e:
-        raise ImageError(str(e).replace(f"<{len(data)} bytes>", f"{name[:200]} ({len(data)} bytes)")) from None
+        raise ImageError(
+            str(e).replace(f"<{len(data)} bytes>", f"{name[:200]} ({len(data)} bytes)")
+        ) from None
 
 
 def _too_big(n: int, policy: MediaPolicy, name: str) -> ImageError:

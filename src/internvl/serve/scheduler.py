@@ -18,6 +18,7 @@ import torch
 
 from ..engine.engine import Engine, Sequence
 from ..engine.sampling import SamplingParams
+from ..errors import InternVLError
 from .schemas import APIError
 
 log = logging.getLogger("internvl.serve")
@@ -131,7 +132,9 @@ class Scheduler:
                 events = self.engine.step()
             except Exception as e:  # a failing step must not kill the thread or leave a broken batch behind
                 log.exception("engine step failed")
-                self._fail_all(APIError(500, f"generation failed: {type(e).__name__}: {e}", code="engine_error"))
+                self._fail_all(
+                    APIError(500, f"generation failed: {type(e).__name__}: {e}", code="engine_error")
+                )
                 continue
             self.steps += 1
             for ev in events:
@@ -157,7 +160,7 @@ class Scheduler:
             req = self.pending.popleft()
             try:
                 req.seq = self.engine.add(req.prompt_ids, req.params, req.pixel_values, request_id=req.id)
-            except Exception as e:  # the app checks prompts first; this is a last line of defence
+            except InternVLError as e:  # the app checks prompts first; this is a last line of defence
                 req.send(Update(error=APIError(400, str(e), code="invalid_prompt")))
                 continue
             req.pixel_values = None  # the sequence holds them until its prefill

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -59,7 +59,7 @@ class ImagePart(_Model):
     image_url: ImageURL
 
 
-ContentPart = Annotated[Union[TextPart, ImagePart], Field(discriminator="type")]
+ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
 
 
 class Message(_Model):
@@ -96,14 +96,18 @@ class ChatCompletionRequest(_Model):
     def unsupported(self) -> APIError | None:
         """The first option we cannot honour, as a 400 (silently ignoring it would mislead the client)."""
         if self.n != 1:
-            return APIError(400, f"n must be 1 (got {self.n}); send separate requests for several answers", param="n")
+            return APIError(
+                400, f"n must be 1 (got {self.n}); send separate requests for several answers", param="n"
+            )
         if self.logprobs:
             return APIError(400, "logprobs are not supported by this server", param="logprobs")
         if self.tools:
             return APIError(400, "tools / function calling are not supported by this server", param="tools")
         for name in ("presence_penalty", "frequency_penalty"):
             if getattr(self, name):
-                return APIError(400, f"{name} is not supported; use repetition_penalty (extra_body)", param=name)
+                return APIError(
+                    400, f"{name} is not supported; use repetition_penalty (extra_body)", param=name
+                )
         if isinstance(self.stop, list) and len(self.stop) > 16:
             return APIError(400, f"at most 16 stop strings are allowed, got {len(self.stop)}", param="stop")
         return None
@@ -144,4 +148,10 @@ def chunk(id: str, model: str, created: int, delta: dict[str, Any] | None = None
 
 
 def model_card(name: str, max_model_len: int, created: int) -> dict[str, Any]:
-    return {"id": name, "object": "model", "created": created, "owned_by": "internvl", "max_model_len": max_model_len}
+    return {
+        "id": name,
+        "object": "model",
+        "created": created,
+        "owned_by": "internvl",
+        "max_model_len": max_model_len,
+    }
