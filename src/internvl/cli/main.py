@@ -17,6 +17,7 @@ VERBS: dict[str, str] = {
     "synth": "synth",
     "convert": "convert",
     "eval": "eval",
+    "serve": "serve",
 }
 
 HELP: dict[str, str] = {
