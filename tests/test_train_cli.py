@@ -198,3 +198,14 @@ def test_training_from_a_config_with_random_weights(model, meta, tmp_path):
     assert cli(["finetune", "--init-from-config", str(model / "config.json"), "--tokenizer", str(model),
                 "--data", str(meta), "--out", str(out), "--max-steps", "2", *FAST]) == 0  # fmt: skip
     assert internvl.load(out / "final").chat("hi", max_new_tokens=2) is not None
+
+
+def test_resuming_a_finished_run_only_rewrites_the_model(model, meta, tmp_path, capsys):
+    out = tmp_path / "done"
+    assert finetune(model, "--data", meta, "--out", out, "--max-steps", 2, "--save-every", 5) == 0
+    assert (out / "checkpoints" / "step-00000002").exists()  # the last step is always checkpointed
+    capsys.readouterr()
+    assert finetune(model, "--data", meta, "--out", out, "--max-steps", 2, "--save-every", 5, "--resume") == 0
+    assert "done: 2 steps, nothing left to train" in capsys.readouterr().out
+    assert finetune(model, "--data", meta, "--out", out, "--max-steps", 3, "--resume") == 1
+    assert "max_steps was 2, now 3" in capsys.readouterr().err

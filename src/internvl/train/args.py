@@ -157,7 +157,9 @@ class RunArgs:
         "data workers; under torchrun or with OMP_NUM_THREADS set, left as is)",
     )
     resume: bool = _f(False, "continue from the newest checkpoint in OUT")
-    save_every: int = _f(500, "write a checkpoint every N steps (0: only at the end and on interruption)")
+    save_every: int = _f(
+        500, "write a checkpoint every N steps and after the last one (0: only on interruption)"
+    )
     keep_last: int = _f(2, "checkpoints to keep")
     log_every: int = _f(10, "log metrics every N steps")
     tensorboard: bool = _f(True, "also log to TensorBoard in OUT/tensorboard (when installed)")

@@ -132,11 +132,11 @@ class Trainer:
                     bar.set_postfix(
                         loss=f"{row['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{row['tokens_per_s']:.0f}"
                     )
-                if self.save and cfg.save_every and step % cfg.save_every == 0 and step < cfg.total_steps:
+                if self.save and cfg.save_every and (step % cfg.save_every == 0 or step == cfg.total_steps):
                     self.save(step, data_state)
                     saved_at = step
         batches.close()  # stops the loader workers
-        if result.interrupted and self.save and saved_at != step:
+        if result.interrupted and self.save and saved_at != step:  # a clean stop always leaves a checkpoint
             self.save(step, data_state)
         bar.close()
         result.step = step

@@ -101,8 +101,8 @@ def _train(args: TrainArgs, objective, data: Callable, ctx, log) -> TrainResult:
     source = data(args, prepared, ctx)
     o = args.optim
     log(f"data: {source.rows} rows" + (f", {len(source.bad)} bad rows skipped" if source.bad else "")
-        + f"; {source.total_steps} steps of {o.batch_size * o.grad_accum * ctx.world_size} "
-        + ("packed sequences" if args.data.packing else "samples"))  # fmt: skip
+        + f"; {source.total_steps} steps x {o.batch_size * o.grad_accum * ctx.world_size} "
+        + ("packed sequences" if args.data.packing else "samples") + " per step")  # fmt: skip
     return run_loop(args, prepared, source, objective, ctx, log, latest if r.resume else None)
 
 
@@ -226,7 +226,8 @@ def run_loop(args: TrainArgs, prepared: Prepared, data: DataSource, objective, c
         res.final, res.merged = _save_lora(prepared, args, ctx, out, save_dtype)
     else:
         res.final = _save_full(prepared, args, ctx, out, save_dtype)
-    log(f"done: {result.step} steps, final loss {result.last_loss:.4f}; model in {res.final}"
+    loss = f"final loss {result.last_loss:.4f}" if result.last_loss is not None else "nothing left to train"
+    log(f"done: {result.step} steps, {loss}; model in {res.final}"
         + (f", merged model in {res.merged}" if res.merged else ""))  # fmt: skip
     return res
 
