@@ -130,8 +130,9 @@ def prepare_model(args: TrainArgs, ctx, log: Callable[[str], None] = print) -> P
     model.float()
     configure_trainable(model, spec)
     modules_to_save = full_modules(model) if spec.uses_lora else []
-    if compute != torch.float32 and not ctx.distributed:
-        for p in model.parameters():  # frozen weights are only read: keep them in the compute dtype
+    if compute != torch.float32 and compute == base_dtype and not ctx.distributed:
+        # frozen weights are only read: keep them in the compute dtype when that is how they were stored
+        for p in model.parameters():
             if not p.requires_grad:
                 p.data = p.data.to(compute)
     model.set_gradient_checkpointing(t.grad_checkpoint)
