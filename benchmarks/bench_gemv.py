@@ -1,11 +1,13 @@
 """Decode-time matrix-vector throughput on CPU: torch bf16 / int8 against the internvl AVX-512 kernels.
 
 Prints the measured read bandwidth, GB/s of weight bytes read per shape of a Qwen2.5-0.5B decoder layer
-and its lm_head (one row of x), and a whole simulated decode step (24 layers x 7 distinct matrices +
-lm_head) in ms/token, tokens/s and fraction of the bandwidth roofline. Each shape loops over enough
-distinct matrices (> 600 MB) that the host's last-level cache cannot serve them.
+and its lm_head, and a whole simulated decode step (24 layers x 7 distinct matrices + lm_head) in
+ms/token, tokens/s and fraction of the bandwidth roofline, alone and alternating with small torch ops.
+Each shape loops over enough distinct matrices (> 600 MB) that the host's last-level cache cannot
+serve them. Times are the best of several repeats (the machine may have other tenants), every path
+measured the same way in the same run.
 
-    python benchmarks/bench_gemv.py [--quick] [--rows 1] [--threads N]
+    python benchmarks/bench_gemv.py [--quick] [--rows 1] [--threads N] [--skip-shapes]
 """
 
 from __future__ import annotations
@@ -22,38 +24,31 @@ HIDDEN, INTER, VOCAB, LAYERS, KV = 896, 4864, 151674, 24, 128
 LAYER_SHAPES = {"q": (HIDDEN, HIDDEN), "k": (KV, HIDDEN), "v": (KV, HIDDEN), "o": (HIDDEN, HIDDEN),
                 "gate": (INTER, HIDDEN), "up": (INTER, HIDDEN), "down": (HIDDEN, INTER)}
 SHAPES = {**LAYER_SHAPES, "lm_head": (VOCAB, HIDDEN)}
+REFERENCE = "torch F.linear bf16"
 
 
-def timed(fn, repeats: int) -> float:
-    """Best seconds of fn() over repeats after a warm-up call (the machine may have other tenants)."""
+def best_time(fn, repeats: int) -> float:
+    """Best seconds of fn() over repeats, after a warm-up call."""
     fn()
-    times = []
+    best = float("inf")
     for _ in range(repeats):
         t = time.perf_counter()
         fn()
-        times.append(time.perf_counter() - t)
-    return min(times)
+        best = min(best, time.perf_counter() - t)
+    return best
 
 
 def bandwidth(repeats: int) -> tuple[float, float]:
-    """GB/s of a 1 GiB read: torch.sum over fp32 and the kernel library's prefetching read pass."""
+    """GB/s reading 1 GiB: torch.sum over fp32, and the kernel library's prefetching read pass."""
     buf = torch.ones(256 * 1024 * 1024)
-    t_sum = min(timed(buf.sum, 3) for _ in range(repeats))
-    t_pass = min(timed(lambda: kernels.read_pass(buf), 3) for _ in range(repeats)) if kernels.available() else 0
     nbytes = buf.numel() * 4
-    return nbytes / t_sum / 1e9, (nbytes / t_pass / 1e9 if t_pass else float("nan"))
+    bw_sum = nbytes / best_time(buf.sum, repeats) / 1e9
+    bw_pass = nbytes / best_time(lambda: kernels.read_pass(buf), repeats) / 1e9 if kernels.available() else 0.0
+    return bw_sum, bw_pass
 
 
-def make_paths(rows: int):
-    """name -> (prepare(w_bf16) -> handle, run(x, handle), bytes per weight element)."""
-    paths = {
-        "torch bf16 F.linear": (lambda w: w, lambda x, w: F.linear(x, w), 2),
-        "torch int8pack_mm": (lambda w: _int8pack(w), lambda x, h: torch._weight_int8pack_mm(x, *h), 1),
-    }
-    if kernels.available():
-        paths["ours bf16"] = (lambda w: w, lambda x, w: kernels.linear_bf16(x, w), 2)
-        paths["ours int8"] = (lambda w: kernels.quantize_int8(w), lambda x, h: kernels.linear_int8(x, *h), 1)
-    return paths
+def _onednn(w):
+    return torch.ops.mkldnn._reorder_linear_weight(w, 1)
 
 
 def _int8pack(w):
@@ -61,7 +56,22 @@ def _int8pack(w):
     return q, s.to(torch.bfloat16)
 
 
-def bench_shape(name, shape, paths, rows, min_bytes, repeats):
+def make_paths():
+    """name -> (prepare(w_bf16) -> handle, run(x, handle), bytes per weight element)."""
+    paths = {
+        REFERENCE: (lambda w: w, lambda x, w: F.linear(x, w), 2),
+        "torch oneDNN prepacked": (_onednn, lambda x, h: torch.ops.mkldnn._linear_pointwise(x, h, None, "none", [], ""), 2),
+        "torch int8pack_mm": (_int8pack, lambda x, h: torch._weight_int8pack_mm(x, *h), 1),
+    }
+    if kernels.available():
+        paths["ours bf16"] = (lambda w: w, lambda x, w: kernels.linear_bf16(x, w), 2)
+        paths["ours int8"] = (kernels.quantize_int8, lambda x, h: kernels.linear_int8(x, *h), 1)
+        paths["ours int8 quantize_x"] = (kernels.quantize_int8,
+                                         lambda x, h: kernels.linear_int8(x, *h, quantize_x=True), 1)
+    return paths
+
+
+def bench_shape(shape, paths, rows, min_bytes, repeats):
     n, k = shape
     count = max(2, -(-min_bytes // (n * k)))  # distinct matrices, counted in int8 bytes (bf16 doubles)
     ws = [torch.randn(n, k, dtype=torch.bfloat16) * 0.02 for _ in range(count)]
@@ -74,69 +84,91 @@ def bench_shape(name, shape, paths, rows, min_bytes, repeats):
             for h in hs:
                 run(x, h)
 
-        t = timed(loop, repeats) / count
+        t = best_time(loop, repeats) / count
         out[pname] = (t, n * k * esize / t / 1e9)
         del hs
     return out
 
 
-def decode_step(paths, rows, repeats, interleave):
-    """All 24 layers' 7 matrices + lm_head with distinct weights; returns seconds per step per path."""
+def per_call_overhead(paths, repeats):
+    """Microseconds per call on a 16 x 64 weight that stays in L1: the fixed cost of a call."""
+    w = torch.randn(16, 64, dtype=torch.bfloat16)
+    x = torch.randn(1, 64, dtype=torch.bfloat16)
+    res = {}
+    for pname, (prep, run, _) in paths.items():
+        h = prep(w)
+        res[pname] = best_time(lambda: [run(x, h) for _ in range(2000)], repeats) / 2000 * 1e6
+    return res
+
+
+def decode_step(paths, rows, repeats):
+    """All 24 layers' 7 matrices + lm_head with distinct weights.
+
+    Returns path -> (seconds matmuls only, seconds matmuls alternating with torch ops, bytes), and the
+    seconds of the torch ops alone: interleaving costs nothing when alternating ~= matmuls + ops.
+    """
     shapes = [s for _ in range(LAYERS) for s in LAYER_SHAPES.values()] + [SHAPES["lm_head"]]
     ws = [torch.randn(n, k, dtype=torch.bfloat16) * 0.02 for n, k in shapes]
     xs = {k: torch.randn(rows, k, dtype=torch.bfloat16) for k in (HIDDEN, INTER)}
+    ys = [torch.randn(rows, n, dtype=torch.bfloat16) for n, _ in shapes]
+
+    def torch_ops(y):  # the small ops a layer runs between its matmuls (activation, norm)
+        y = F.silu(y) * y
+        return y * torch.rsqrt(y.float().pow(2).mean(-1, keepdim=True) + 1e-6).to(y.dtype)
+
+    t_ops = best_time(lambda: [torch_ops(y) for y in ys], repeats)
     res = {}
     for pname, (prep, run, esize) in paths.items():
         hs = [prep(w) for w in ws]
         nbytes = sum(n * k * esize for n, k in shapes)
-
-        def step():
-            for (n, k), h in zip(shapes, hs):
-                y = run(xs[k], h)
-                if interleave:  # the small torch ops a real layer runs between its matmuls
-                    y = F.silu(y) * y
-                    y = y * torch.rsqrt(y.float().pow(2).mean(-1, keepdim=True) + 1e-6).to(y.dtype)
-
-        res[pname] = (timed(step, repeats), nbytes)
+        t_mm = best_time(lambda: [run(xs[k], h) for (_, k), h in zip(shapes, hs)], repeats)
+        t_mix = best_time(lambda: [torch_ops(run(xs[k], h)) for (_, k), h in zip(shapes, hs)], repeats)
+        res[pname] = (t_mm, t_mix, nbytes)
         del hs
-    return res
+    return res, t_ops
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rows", type=int, default=1, help="rows of x (decode batch)")
+    ap.add_argument("--rows", type=int, default=1, help="rows of x (decode batch), at most 8 for the kernels")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--quick", action="store_true", help="fewer repeats and ~300 MB per shape")
-    ap.add_argument("--skip-shapes", action="store_true")
+    ap.add_argument("--skip-shapes", action="store_true", help="only the whole decode step")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     repeats = 3 if args.quick else 7
     min_bytes = (300 if args.quick else 700) * 2**20
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, rows={args.rows}, "
-          f"kernels: {'available' if kernels.available() else 'UNAVAILABLE: ' + str(kernels.unavailable_reason())}")
-    bw_sum, bw_pass = bandwidth(3)
-    bw = max(bw_sum, bw_pass) if bw_pass == bw_pass else bw_sum
-    print(f"read bandwidth: torch.sum {bw_sum:.1f} GB/s, prefetching read pass {bw_pass:.1f} GB/s "
-          f"-> roofline uses {bw:.1f} GB/s")
-    paths = make_paths(args.rows)
+    status = "available" if kernels.available() else f"UNAVAILABLE ({kernels.unavailable_reason()})"
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, rows={args.rows}, kernels {status}")
+    bw_sum, bw_pass = bandwidth(repeats)
+    bw = max(bw_sum, bw_pass)
+    print(f"read bandwidth (1 GiB): torch.sum {bw_sum:.1f} GB/s, prefetching read pass {bw_pass:.1f} GB/s; "
+          f"roofline below uses the higher, {bw:.1f} GB/s")
+    paths = make_paths()
+    width = max(len(p) for p in paths)
+    overhead = per_call_overhead(paths, repeats)
+    print("per-call overhead (16x64 weight): " + ", ".join(f"{p} {us:.1f} us" for p, us in overhead.items()))
     if not args.skip_shapes:
-        print(f"\n{'shape':>8} {'N x K':>13} | " + " | ".join(f"{p:>22}" for p in paths))
-        for name, shape in SHAPES.items():
-            r = bench_shape(name, shape, paths, args.rows, min_bytes, repeats)
-            cells = [f"{r[p][1]:5.1f} GB/s {r[p][1] / bw:4.0%} {r[p][0] * 1e6:6.0f}us" for p in paths]
-            print(f"{name:>8} {shape[0]:>6}x{shape[1]:<6} | " + " | ".join(f"{c:>22}" for c in cells))
-    for interleave in (False, True):
-        res = decode_step(paths, args.rows, max(3, repeats // 2), interleave)
-        label = "with silu/rmsnorm torch ops between matmuls" if interleave else "matmuls only"
-        print(f"\nwhole decode step ({LAYERS} layers x 7 + lm_head, distinct weights), {label}:")
-        base = res["torch bf16 F.linear"][0]
-        for p, (t, nbytes) in res.items():
-            print(f"  {p:>22}: {t * 1e3:7.2f} ms/token {1 / t:6.1f} tok/s  {nbytes / 1e6:5.0f} MB  "
-                  f"{nbytes / t / 1e9:5.1f} GB/s = {nbytes / t / 1e9 / bw:4.0%} of roofline  "
-                  f"{base / t:4.2f}x torch bf16")
-        if "ours bf16" in res:
-            print(f"  ours int8 / ours bf16 speedup: {res['ours bf16'][0] / res['ours int8'][0]:.2f}x")
+        print(f"\nGB/s of weight bytes read (fraction of {bw:.1f} GB/s) and time per matrix, rows={args.rows}")
+        print(f"{'path':>{width}} | " + " | ".join(f"{n:>7} {s[0]}x{s[1]:<5}" for n, s in SHAPES.items()))
+        results = {name: bench_shape(shape, paths, args.rows, min_bytes, repeats) for name, shape in SHAPES.items()}
+        for p in paths:
+            cells = [f"{results[n][p][1]:5.1f} {results[n][p][1] / bw:4.0%} {results[n][p][0] * 1e6:5.0f}us"
+                     for n in SHAPES]
+            print(f"{p:>{width}} | " + " | ".join(f"{c:>20}" for c in cells))
+    res, t_ops = decode_step(paths, args.rows, max(3, repeats // 2 + 1))
+    print(f"\nwhole decode step ({LAYERS} layers x 7 matrices + lm_head, distinct weights), rows={args.rows}; "
+          f"{LAYERS * 7 + 1} rounds of small torch ops alone take {t_ops * 1e3:.2f} ms")
+    for p, (t_mm, t_mix, nbytes) in res.items():
+        gbs = nbytes / t_mm / 1e9
+        print(f"  {p:>{width}}: {t_mm * 1e3:6.2f} ms/token {1 / t_mm:5.1f} tok/s {nbytes / 1e6:4.0f} MB "
+              f"{gbs:5.1f} GB/s = {gbs / bw:4.0%} of roofline, {res[REFERENCE][0] / t_mm:4.2f}x {REFERENCE} | "
+              f"with torch ops {t_mix * 1e3:6.2f} ms (matmuls + ops alone {(t_mm + t_ops) * 1e3:6.2f})")
+    if "ours bf16" in res:
+        b = res["ours bf16"][0]
+        print(f"  speedup over ours bf16: int8 {b / res['ours int8'][0]:.2f}x, "
+              f"int8 quantize_x {b / res['ours int8 quantize_x'][0]:.2f}x")
 
 
 if __name__ == "__main__":

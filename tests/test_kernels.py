@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import pytest
 import torch
 import torch.nn as nn
@@ -82,6 +84,17 @@ def test_bias_in_bf16_and_leading_dims_and_noncontiguous_x():
     ref = F.linear(x3.float(), w.float(), b.bfloat16().float())
     _assert_close(kernels.linear_bf16(x3, w, b.bfloat16()), ref, torch.bfloat16)
     _assert_close(kernels.linear_bf16(xs, w), F.linear(xs.float(), w.float()), torch.bfloat16)
+
+
+@needs_kernels
+def test_concurrent_callers_get_their_own_results():
+    """Each Python thread has its own parameter block and x scratch (ctypes drops the GIL)."""
+    jobs = [_data(m, 300, 257, torch.bfloat16, bias=True, seed=m) for m in range(1, 9)]
+    refs = [kernels.linear_bf16(x, w, b) for x, w, b in jobs]
+    with ThreadPoolExecutor(4) as pool:
+        for _ in range(3):
+            outs = list(pool.map(lambda job: kernels.linear_bf16(*job), jobs))
+            assert all(torch.equal(o, r) for o, r in zip(outs, refs))
 
 
 def test_quantize_int8_kernel_matches_torch(monkeypatch):

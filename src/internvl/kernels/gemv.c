@@ -13,11 +13,14 @@
    the row scale is applied once per output.
    int8 W, fast: x is quantized per row to 16 bits (two signed int8 digits) and vpdpbusd multiplies 64
    weights per instruction with no widening, an integer-exact dot product of the quantized values.
+   Rows go in tiles of 16 whose lane sums are formed together, so scale, bias and the bf16 rounding of
+   the outputs are vector operations too.
 
    No torch headers: this file compiles in about a second and is loaded with ctypes. */
 #include <immintrin.h>
 #include <math.h>
 #include <omp.h>
+#include <pthread.h>
 #include <stdatomic.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -25,7 +28,7 @@
 
 #define MAXM 8
 #ifndef PF_BYTES
-#define PF_BYTES 4096 /* software prefetch distance along the weight stream */
+#define PF_BYTES 6144 /* software prefetch distance along the weight stream (measured plateau: 4-12 KiB) */
 #endif
 #ifndef PF_HINT
 #define PF_HINT _MM_HINT_T1
@@ -54,14 +57,6 @@ int ivl_cpu_ok(void) {
            __builtin_cpu_supports("avx512vnni");
 }
 
-static inline uint16_t f32_to_bf16(float f) {
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40); /* quiet NaN */
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return (uint16_t)(u >> 16);
-}
-
 static inline float bf16_to_f32(uint16_t h) {
     uint32_t u = (uint32_t)h << 16;
     float f;
@@ -73,14 +68,21 @@ static inline int round_up(int v, int to) { return (v + to - 1) / to * to; }
 
 /* ---- x preparation: the layout each inner loop reads, in a per-calling-thread scratch buffer ---- */
 
-static __thread void *scratch = NULL; /* concurrent callers never share it */
+/* One buffer per calling thread (concurrent callers never share it), freed when that thread exits. */
+static __thread void *scratch = NULL;
 static __thread size_t scratch_bytes = 0;
+static pthread_key_t scratch_key;
+static pthread_once_t scratch_once = PTHREAD_ONCE_INIT;
+
+static void scratch_key_init(void) { pthread_key_create(&scratch_key, free); }
 
 static void *scratch_get(size_t bytes) {
     if (bytes > scratch_bytes) {
+        pthread_once(&scratch_once, scratch_key_init);
         free(scratch);
         scratch = aligned_alloc(64, (bytes + 63) / 64 * 64);
         scratch_bytes = scratch ? bytes : 0;
+        pthread_setspecific(scratch_key, scratch);
     }
     return scratch;
 }
@@ -168,15 +170,59 @@ typedef struct {
     int64_t xsum[MAXM]; /* fast int8: per-row sums of quantized x */
 } job_t;
 
-static inline void finish_row(const job_t *j, int n, int m, float v) {
-    if (j->scale) v *= j->scale[n];
-    if (j->bias) v += j->bdt == DT_BF16 ? bf16_to_f32(((const uint16_t *)j->bias)[n]) : ((const float *)j->bias)[n];
-    size_t idx = (size_t)m * j->N + n;
-    if (j->ydt == DT_BF16)
-        ((uint16_t *)j->y)[idx] = f32_to_bf16(v);
-    else
-        ((float *)j->y)[idx] = v;
+/* ---- 16-row tiles: lane sums of 16 accumulators at once, then scale, bias and store as vectors ---- */
+
+#define TILE 16
+#define PAIR_MIN_M 3 /* from this many x rows, bf16 rows go in pairs */
+
+/* Lane r of the result is the sum of the lanes of v[r] (a 16 x 16 transpose-and-add, ~45 instructions). */
+static inline __m512 hsum16_ps(const __m512 *v) {
+    __m512 t[8], u[4];
+    for (int i = 0; i < 8; i++)
+        t[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+    for (int i = 0; i < 4; i++) {
+        __m512d a = _mm512_castps_pd(t[2 * i]), b = _mm512_castps_pd(t[2 * i + 1]);
+        u[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)), _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
+    }
+    __m512 w0 = _mm512_add_ps(_mm512_shuffle_f32x4(u[0], u[1], 0x88), _mm512_shuffle_f32x4(u[0], u[1], 0xdd));
+    __m512 w1 = _mm512_add_ps(_mm512_shuffle_f32x4(u[2], u[3], 0x88), _mm512_shuffle_f32x4(u[2], u[3], 0xdd));
+    return _mm512_add_ps(_mm512_shuffle_f32x4(w0, w1, 0x88), _mm512_shuffle_f32x4(w0, w1, 0xdd));
 }
+
+static inline __m512i hsum16_epi32(const __m512i *v) {
+    __m512i t[8], u[4];
+    for (int i = 0; i < 8; i++)
+        t[i] = _mm512_add_epi32(_mm512_unpacklo_epi32(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_epi32(v[2 * i], v[2 * i + 1]));
+    for (int i = 0; i < 4; i++)
+        u[i] = _mm512_add_epi32(_mm512_unpacklo_epi64(t[2 * i], t[2 * i + 1]), _mm512_unpackhi_epi64(t[2 * i], t[2 * i + 1]));
+    __m512i w0 = _mm512_add_epi32(_mm512_shuffle_i32x4(u[0], u[1], 0x88), _mm512_shuffle_i32x4(u[0], u[1], 0xdd));
+    __m512i w1 = _mm512_add_epi32(_mm512_shuffle_i32x4(u[2], u[3], 0x88), _mm512_shuffle_i32x4(u[2], u[3], 0xdd));
+    return _mm512_add_epi32(_mm512_shuffle_i32x4(w0, w1, 0x88), _mm512_shuffle_i32x4(w0, w1, 0xdd));
+}
+
+/* fp32 -> bf16, round to nearest even, NaN kept quiet (no AVX512-BF16 needed). */
+static inline __m256i f32x16_to_bf16(__m512 v) {
+    __m512i u = _mm512_castps_si512(v);
+    __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff),
+                                                     _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1))));
+    __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+    r = _mm512_mask_mov_epi32(r, nan, _mm512_or_si512(u, _mm512_set1_epi32(0x00400000)));
+    return _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16));
+}
+
+/* y[m, n0 : n0 + cnt] = v * scale + bias, for the 16-row tile starting at n0. */
+static inline void finish_tile(const job_t *j, int n0, int cnt, int m, __m512 v) {
+    __mmask16 mk = mask16(cnt);
+    if (j->scale) v = _mm512_mul_ps(v, _mm512_maskz_loadu_ps(mk, j->scale + n0));
+    if (j->bias) v = _mm512_add_ps(v, load_x16(j->bias, j->bdt, (size_t)n0, mk));
+    size_t idx = (size_t)m * j->N + n0;
+    if (j->ydt == DT_BF16)
+        _mm256_mask_storeu_epi16((uint16_t *)j->y + idx, mk, f32x16_to_bf16(v));
+    else
+        _mm512_mask_storeu_ps((float *)j->y + idx, mk, v);
+}
+
+/* ---- per-row inner loops; NM (rows of x) is a compile-time constant after inlining ---- */
 
 /* One 64-byte line of bf16 weights (32 elements from k) against NM rows of even/odd x. */
 static inline __attribute__((always_inline)) void bf16_line(const int NM, __m512i wv, const float *xf, int KH, int k,
@@ -190,30 +236,78 @@ static inline __attribute__((always_inline)) void bf16_line(const int NM, __m512
     }
 }
 
-static inline __attribute__((always_inline)) void rows_bf16(const int NM, const job_t *j, int n0, int n1) {
-    const int K = j->K, KH = j->KX;
+/* One row of a bf16 W: the NM per-x-row accumulators (lanes still to be summed). Up to 4 x rows, a
+   second (even, odd) set for alternate lines hides FMA latency. */
+static inline __attribute__((always_inline)) void bf16_row(const int NM, const job_t *j, const uint16_t *w,
+                                                           __m512 *out) {
+    const int K = j->K, KH = j->KX, NS = NM <= 4 ? 2 : 1;
     const float *xf = (const float *)j->x;
-    for (int n = n0; n < n1; n++) {
-        const uint16_t *w = (const uint16_t *)j->w + (size_t)n * K;
-        __m512 acc[4 * MAXM]; /* two sets of (even, odd) per x row, alternating lines: FMA latency */
-        for (int i = 0; i < 4 * NM; i++) acc[i] = _mm512_setzero_ps();
-        int k = 0;
-        for (; k + 64 <= K; k += 64) {
-            _mm_prefetch((const char *)(w + k) + PF_BYTES, PF_HINT);
-            _mm_prefetch((const char *)(w + k) + PF_BYTES + 64, PF_HINT);
-            bf16_line(NM, _mm512_loadu_si512((const void *)(w + k)), xf, KH, k, acc);
-            bf16_line(NM, _mm512_loadu_si512((const void *)(w + k + 32)), xf, KH, k + 32, acc + 2 * NM);
+    __m512 acc[2 * MAXM]; /* 2 * NM * NS <= 16 */
+    for (int i = 0; i < 2 * NM * NS; i++) acc[i] = _mm512_setzero_ps();
+    int k = 0;
+    for (; k + 64 <= K; k += 64) {
+        _mm_prefetch((const char *)(w + k) + PF_BYTES, PF_HINT);
+        _mm_prefetch((const char *)(w + k) + PF_BYTES + 64, PF_HINT);
+        bf16_line(NM, _mm512_loadu_si512((const void *)(w + k)), xf, KH, k, acc);
+        bf16_line(NM, _mm512_loadu_si512((const void *)(w + k + 32)), xf, KH, k + 32, acc + 2 * NM * (NS - 1));
+    }
+    for (; k < K; k += 32) { /* tail: masked weights against zero-padded x */
+        int rem = K - k;
+        __mmask32 mk = (__mmask32)(rem >= 32 ? 0xffffffffu : (1u << rem) - 1u);
+        bf16_line(NM, _mm512_maskz_loadu_epi16(mk, (const void *)(w + k)), xf, KH, k, acc);
+    }
+    for (int m = 0; m < NM; m++) {
+        __m512 t = _mm512_add_ps(acc[2 * m], acc[2 * m + 1]);
+        if (NS == 2) t = _mm512_add_ps(t, _mm512_add_ps(acc[2 * NM + 2 * m], acc[2 * NM + 2 * m + 1]));
+        out[m * TILE] = t;
+    }
+}
+
+/* Two adjacent rows of a bf16 W at once, for 3+ x rows: each x load then feeds four FMAs, which keeps
+   the loop from being bound by loads of x. One accumulator per (row, x row). */
+static inline __attribute__((always_inline)) void bf16_row_pair(const int NM, const job_t *j, const uint16_t *w0,
+                                                                __m512 *out) {
+    const int K = j->K, KH = j->KX;
+    const uint16_t *w1 = w0 + K;
+    const float *xf = (const float *)j->x;
+    const __m512i hi_mask = _mm512_set1_epi32((int)0xffff0000u);
+    __m512 a0[MAXM], a1[MAXM];
+    for (int m = 0; m < NM; m++) a0[m] = a1[m] = _mm512_setzero_ps();
+    for (int k = 0; k < K; k += 32) {
+        __m512i v0, v1;
+        if (k + 32 <= K) {
+            _mm_prefetch((const char *)(w0 + k) + PF_BYTES, PF_HINT);
+            _mm_prefetch((const char *)(w1 + k) + PF_BYTES, PF_HINT);
+            v0 = _mm512_loadu_si512((const void *)(w0 + k));
+            v1 = _mm512_loadu_si512((const void *)(w1 + k));
+        } else {
+            __mmask32 mk = (__mmask32)((1u << (K - k)) - 1u);
+            v0 = _mm512_maskz_loadu_epi16(mk, (const void *)(w0 + k));
+            v1 = _mm512_maskz_loadu_epi16(mk, (const void *)(w1 + k));
         }
-        for (; k < K; k += 32) { /* tail: masked weights against zero-padded x */
-            int r = K - k;
-            __mmask32 mk = (__mmask32)(r >= 32 ? 0xffffffffu : (1u << r) - 1u);
-            bf16_line(NM, _mm512_maskz_loadu_epi16(mk, (const void *)(w + k)), xf, KH, k, acc);
-        }
+        __m512 e0 = _mm512_castsi512_ps(_mm512_slli_epi32(v0, 16)), o0 = _mm512_castsi512_ps(_mm512_and_si512(v0, hi_mask));
+        __m512 e1 = _mm512_castsi512_ps(_mm512_slli_epi32(v1, 16)), o1 = _mm512_castsi512_ps(_mm512_and_si512(v1, hi_mask));
         for (int m = 0; m < NM; m++) {
-            __m512 t = _mm512_add_ps(_mm512_add_ps(acc[2 * m], acc[2 * m + 1]),
-                                     _mm512_add_ps(acc[2 * NM + 2 * m], acc[2 * NM + 2 * m + 1]));
-            finish_row(j, n, m, _mm512_reduce_add_ps(t));
+            const float *xe = xf + (size_t)2 * m * KH + (k >> 1);
+            __m512 xev = _mm512_loadu_ps(xe), xov = _mm512_loadu_ps(xe + KH);
+            a0[m] = _mm512_fmadd_ps(o0, xov, _mm512_fmadd_ps(e0, xev, a0[m]));
+            a1[m] = _mm512_fmadd_ps(o1, xov, _mm512_fmadd_ps(e1, xev, a1[m]));
         }
+    }
+    for (int m = 0; m < NM; m++) out[m * TILE] = a0[m], out[m * TILE + 1] = a1[m];
+}
+
+static inline __attribute__((always_inline)) void rows_bf16(const int NM, const job_t *j, int n0, int n1) {
+    __m512 stash[MAXM][TILE];
+    for (int t0 = n0; t0 < n1; t0 += TILE) {
+        int cnt = n1 - t0 < TILE ? n1 - t0 : TILE, r = 0;
+        const uint16_t *w = (const uint16_t *)j->w + (size_t)t0 * j->K;
+        if (NM >= PAIR_MIN_M)
+            for (; r + 2 <= cnt; r += 2) bf16_row_pair(NM, j, w + (size_t)r * j->K, &stash[0][r]);
+        for (; r < cnt; r++) bf16_row(NM, j, w + (size_t)r * j->K, &stash[0][r]);
+        for (; r < TILE; r++) /* short tile: zero lanes that are never stored */
+            for (int m = 0; m < NM; m++) stash[m][r] = _mm512_setzero_ps();
+        for (int m = 0; m < NM; m++) finish_tile(j, t0, cnt, m, hsum16_ps(stash[m]));
     }
 }
 
@@ -225,68 +319,92 @@ static inline __attribute__((always_inline)) void rows_int8(const int NM, const 
     const int K = j->K, NA = NM == 1 ? 4 : 2; /* independent FMA chains per x row */
     const int K64 = K & ~63;
     const float *xf = (const float *)j->x;
-    for (int n = n0; n < n1; n++) {
-        const int8_t *q = (const int8_t *)j->w + (size_t)n * K;
-        __m512 acc[MAXM * 2 + 2];
-        for (int i = 0; i < NM * NA; i++) acc[i] = _mm512_setzero_ps();
-        int k = 0;
-        for (; k < K64; k += 64) {
-            _mm_prefetch((const char *)(q + k) + PF_BYTES, PF_HINT);
-            __m512 w0 = i8x16_to_f32(q + k), w1 = i8x16_to_f32(q + k + 16);
-            __m512 w2 = i8x16_to_f32(q + k + 32), w3 = i8x16_to_f32(q + k + 48);
+    __m512 stash[MAXM][TILE];
+    for (int t0 = n0; t0 < n1; t0 += TILE) {
+        int cnt = n1 - t0 < TILE ? n1 - t0 : TILE;
+        for (int r = 0; r < TILE; r++) {
+            if (r >= cnt) {
+                for (int m = 0; m < NM; m++) stash[m][r] = _mm512_setzero_ps();
+                continue;
+            }
+            const int8_t *q = (const int8_t *)j->w + (size_t)(t0 + r) * K;
+            __m512 acc[MAXM * 2 + 2];
+            for (int i = 0; i < NM * NA; i++) acc[i] = _mm512_setzero_ps();
+            int k = 0;
+            for (; k < K64; k += 64) {
+                _mm_prefetch((const char *)(q + k) + PF_BYTES, PF_HINT);
+                __m512 w0 = i8x16_to_f32(q + k), w1 = i8x16_to_f32(q + k + 16);
+                __m512 w2 = i8x16_to_f32(q + k + 32), w3 = i8x16_to_f32(q + k + 48);
+                for (int m = 0; m < NM; m++) {
+                    const float *xm = xf + (size_t)m * K + k;
+                    __m512 *a = acc + m * NA;
+                    a[0] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xm), a[0]);
+                    a[1] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xm + 16), a[1]);
+                    a[2 % NA] = _mm512_fmadd_ps(w2, _mm512_loadu_ps(xm + 32), a[2 % NA]);
+                    a[3 % NA] = _mm512_fmadd_ps(w3, _mm512_loadu_ps(xm + 48), a[3 % NA]);
+                }
+            }
+            for (; k < K; k += 16) { /* tail: masked loads of both weights and x */
+                __mmask16 mk = mask16(K - k);
+                __m512 wv = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mk, q + k)));
+                for (int m = 0; m < NM; m++)
+                    acc[m * NA] = _mm512_fmadd_ps(wv, _mm512_maskz_loadu_ps(mk, xf + (size_t)m * K + k), acc[m * NA]);
+            }
             for (int m = 0; m < NM; m++) {
-                const float *xm = xf + (size_t)m * K + k;
-                __m512 *a = acc + m * NA;
-                a[0] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xm), a[0]);
-                a[1] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xm + 16), a[1]);
-                a[2 % NA] = _mm512_fmadd_ps(w2, _mm512_loadu_ps(xm + 32), a[2 % NA]);
-                a[3 % NA] = _mm512_fmadd_ps(w3, _mm512_loadu_ps(xm + 48), a[3 % NA]);
+                __m512 t = acc[m * NA];
+                for (int i = 1; i < NA; i++) t = _mm512_add_ps(t, acc[m * NA + i]);
+                stash[m][r] = t;
             }
         }
-        for (; k < K; k += 16) { /* tail: masked loads of both weights and x */
-            int r = K - k;
-            __mmask16 mk = (__mmask16)(r >= 16 ? 0xffff : ((1u << r) - 1u));
-            __m512 wv = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mk, q + k)));
-            for (int m = 0; m < NM; m++)
-                acc[m * NA] = _mm512_fmadd_ps(wv, _mm512_maskz_loadu_ps(mk, xf + (size_t)m * K + k), acc[m * NA]);
-        }
-        for (int m = 0; m < NM; m++) {
-            __m512 t = acc[m * NA];
-            for (int i = 1; i < NA; i++) t = _mm512_add_ps(t, acc[m * NA + i]);
-            finish_row(j, n, m, _mm512_reduce_add_ps(t));
-        }
+        for (int m = 0; m < NM; m++) finish_tile(j, t0, cnt, m, hsum16_ps(stash[m]));
     }
 }
 
 /* vpdpbusd multiplies unsigned by signed bytes: the weights become q + 128 (one xor), and the
-   128 * sum(x16) this adds is taken off at the end. */
+   128 * sum(x16) this adds is taken off at the end. Row totals fit int32 (|sum| <= K * 255 * 128);
+   256 * hi + lo - 128 * xsum is formed in double, where it is exact. */
 static inline __attribute__((always_inline)) void rows_int8_fast(const int NM, const job_t *j, int n0, int n1) {
     const int K = j->K, KP = j->KX;
     const int8_t *xd = (const int8_t *)j->x;
     const __m512i bias128 = _mm512_set1_epi8((char)0x80);
-    for (int n = n0; n < n1; n++) {
-        const int8_t *q = (const int8_t *)j->w + (size_t)n * K;
-        __m512i ahi[MAXM], alo[MAXM];
-        for (int m = 0; m < NM; m++) ahi[m] = alo[m] = _mm512_setzero_si512();
-        for (int k = 0; k < K; k += 64) {
-            __m512i wv;
-            if (k + 64 <= K) {
-                _mm_prefetch((const char *)(q + k) + PF_BYTES, PF_HINT);
-                wv = _mm512_loadu_si512((const void *)(q + k));
-            } else { /* masked weights read as 128 after the xor, against zero-padded x */
-                wv = _mm512_maskz_loadu_epi8((__mmask64)((1ull << (K - k)) - 1ull), (const void *)(q + k));
+    __m512i sh[MAXM][TILE], sl[MAXM][TILE];
+    for (int t0 = n0; t0 < n1; t0 += TILE) {
+        int cnt = n1 - t0 < TILE ? n1 - t0 : TILE;
+        for (int r = 0; r < TILE; r++) {
+            if (r >= cnt) {
+                for (int m = 0; m < NM; m++) sh[m][r] = sl[m][r] = _mm512_setzero_si512();
+                continue;
             }
-            __m512i u = _mm512_xor_si512(wv, bias128);
-            for (int m = 0; m < NM; m++) {
-                const int8_t *hi = xd + (size_t)2 * m * KP + k;
-                ahi[m] = _mm512_dpbusd_epi32(ahi[m], u, _mm512_loadu_si512((const void *)hi));
-                alo[m] = _mm512_dpbusd_epi32(alo[m], u, _mm512_loadu_si512((const void *)(hi + KP)));
+            const int8_t *q = (const int8_t *)j->w + (size_t)(t0 + r) * K;
+            __m512i ahi[MAXM], alo[MAXM];
+            for (int m = 0; m < NM; m++) ahi[m] = alo[m] = _mm512_setzero_si512();
+            for (int k = 0; k < K; k += 64) {
+                __m512i wv;
+                if (k + 64 <= K) {
+                    _mm_prefetch((const char *)(q + k) + PF_BYTES, PF_HINT);
+                    wv = _mm512_loadu_si512((const void *)(q + k));
+                } else { /* masked weights read as 128 after the xor, against zero-padded x */
+                    wv = _mm512_maskz_loadu_epi8((__mmask64)((1ull << (K - k)) - 1ull), (const void *)(q + k));
+                }
+                __m512i u = _mm512_xor_si512(wv, bias128);
+                for (int m = 0; m < NM; m++) {
+                    const int8_t *hi = xd + (size_t)2 * m * KP + k;
+                    ahi[m] = _mm512_dpbusd_epi32(ahi[m], u, _mm512_loadu_si512((const void *)hi));
+                    alo[m] = _mm512_dpbusd_epi32(alo[m], u, _mm512_loadu_si512((const void *)(hi + KP)));
+                }
             }
+            for (int m = 0; m < NM; m++) sh[m][r] = ahi[m], sl[m][r] = alo[m];
         }
         for (int m = 0; m < NM; m++) {
-            int64_t dot = 256 * (int64_t)_mm512_reduce_add_epi32(ahi[m]) + _mm512_reduce_add_epi32(alo[m]) -
-                          128 * j->xsum[m];
-            finish_row(j, n, m, (float)((double)dot * j->xs[m]));
+            __m512i h = hsum16_epi32(sh[m]), l = hsum16_epi32(sl[m]);
+            __m512d c = _mm512_set1_pd(-128.0 * (double)j->xsum[m]), s = _mm512_set1_pd((double)j->xs[m]);
+            __m512d d0 = _mm512_fmadd_pd(_mm512_cvtepi32_pd(_mm512_castsi512_si256(h)), _mm512_set1_pd(256.0),
+                                         _mm512_add_pd(_mm512_cvtepi32_pd(_mm512_castsi512_si256(l)), c));
+            __m512d d1 = _mm512_fmadd_pd(_mm512_cvtepi32_pd(_mm512_extracti64x4_epi64(h, 1)), _mm512_set1_pd(256.0),
+                                         _mm512_add_pd(_mm512_cvtepi32_pd(_mm512_extracti64x4_epi64(l, 1)), c));
+            __m512 v = _mm512_insertf32x8(_mm512_castps256_ps512(_mm512_cvtpd_ps(_mm512_mul_pd(d0, s))),
+                                          _mm512_cvtpd_ps(_mm512_mul_pd(d1, s)), 1);
+            finish_tile(j, t0, cnt, m, v);
         }
     }
 }
@@ -335,8 +453,8 @@ static void run_parallel(const job_t *j, size_t row_bytes, int nthreads) {
         do_rows(j, 0, j->N);
         return;
     }
-    int rows_per_chunk = (int)(CHUNK_BYTES / row_bytes);
-    if (rows_per_chunk < 1) rows_per_chunk = 1;
+    int rows_per_chunk = (int)(CHUNK_BYTES / row_bytes) / TILE * TILE; /* whole tiles */
+    if (rows_per_chunk < TILE) rows_per_chunk = TILE;
     int nchunks = (j->N + rows_per_chunk - 1) / rows_per_chunk;
     if (nt > nchunks) nt = nchunks;
     range_t ranges[MAX_THREADS]; /* on this caller's stack: concurrent calls never share counters */

@@ -11,7 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import build
-from .ops import _OP_BF16, _OP_INT8, _OP_INT8_FAST, _DT, MAX_ROWS, dequantize_int8, gemv, quantize_int8
+from .ops import _OP_BF16, _OP_INT8, _OP_INT8_FAST, MAX_ROWS, bias_args, dequantize_int8, gemv, quantize_int8
 
 
 def _check_bias(bias: torch.Tensor | None, n: int) -> torch.Tensor | None:
@@ -39,11 +39,13 @@ class FastBf16Linear(nn.Module):
         return cls(linear.weight, linear.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w, b = self.weight, self.bias
-        if x.shape[-1] == self.in_features and w.is_cpu and w.is_contiguous():
-            lib = build.load()
-            if lib is not None and (b is None or (b.is_cpu and b.dtype in _DT)):
-                y = gemv(lib, _OP_BF16, x, w.data_ptr(), 0, self.out_features, b)
+        bufs = self._buffers  # one attribute lookup instead of two nn.Module.__getattr__ calls
+        w, b = bufs["weight"], bufs["bias"]
+        lib = build.load()
+        if lib is not None and x.shape[-1] == self.in_features and w.is_cpu and w.is_contiguous():
+            ba = bias_args(b)
+            if ba is not None:
+                y = gemv(lib, _OP_BF16, x, w.data_ptr(), 0, self.out_features, *ba)
                 if y is not None:
                     return y
         if w.dtype != x.dtype:
@@ -82,11 +84,13 @@ class Int8Linear(nn.Module):
         return cls(q, s, linear.bias, quantize_x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        q, s, b = self.qweight, self.scale, self.bias
-        if x.shape[-1] == self.in_features and q.is_cpu and s.is_cpu and q.is_contiguous():
-            lib = build.load()
-            if lib is not None and (b is None or (b.is_cpu and b.dtype in _DT)):
-                y = gemv(lib, self._op, x, q.data_ptr(), s.data_ptr(), self.out_features, b)
+        bufs = self._buffers
+        q, s, b = bufs["qweight"], bufs["scale"], bufs["bias"]
+        lib = build.load()
+        if lib is not None and x.shape[-1] == self.in_features and q.is_cpu and s.is_cpu and q.is_contiguous():
+            ba = bias_args(b)
+            if ba is not None:
+                y = gemv(lib, self._op, x, q.data_ptr(), s.data_ptr(), self.out_features, *ba)
                 if y is not None:
                     return y
         dtype = x.dtype if x.is_floating_point() else torch.float32

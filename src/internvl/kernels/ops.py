@@ -26,7 +26,7 @@ _tls = threading.local()
 
 
 def available() -> bool:
-    """True when the compiled kernels can run here (AVX-512 BF16 CPU, a C compiler, not disabled)."""
+    """True when the compiled kernels can run here (AVX-512 VNNI CPU, a C compiler, not disabled)."""
     return build.load() is not None
 
 
@@ -42,45 +42,60 @@ def _param_block():
     return blk
 
 
-def gemv(lib, op: int, x: torch.Tensor, w_ptr: int, scale_ptr: int, n: int, bias: torch.Tensor | None):
+def gemv(lib, op: int, x: torch.Tensor, w_ptr: int, scale_ptr: int, n: int, bias_ptr: int = 0,
+         bias_dt: int = 0) -> torch.Tensor | None:
     """Run the kernel on x [..., K] with at most MAX_ROWS rows; None when the caller must fall back.
 
-    The caller has checked the weight (and bias: contiguous, on CPU, dtype in _DT) once.
+    The caller vouches for the weight (contiguous [n, K] on the CPU) and the bias (contiguous [n],
+    dtype code bias_dt, or bias_ptr 0). This is the per-token hot path: a few microseconds of Python.
     """
     dt = _DT.get(x.dtype)
-    k = x.shape[-1]
-    m = x.numel() // k if k else 0
-    if dt is None or not 0 < m <= MAX_ROWS or x.device.type != "cpu" or (x.requires_grad and torch.is_grad_enabled()):
+    shape = x.shape
+    k = shape[-1]
+    if dt is None or not x.is_cpu or k == 0 or (x.requires_grad and torch.is_grad_enabled()):
+        return None
+    m = x.numel() // k
+    if not 0 < m <= MAX_ROWS:
         return None
     if not x.is_contiguous():
         x = x.contiguous()
-    y = torch.empty((*x.shape[:-1], n), dtype=x.dtype)
+    y = torch.empty(m, n, dtype=x.dtype)
     buf, addr = _param_block()
-    _PARAMS.pack_into(buf, 0, op, x.data_ptr(), dt, m, k, w_ptr, scale_ptr, n,
-                      0 if bias is None else bias.data_ptr(), 0 if bias is None else _DT[bias.dtype],
-                      y.data_ptr(), dt, torch.get_num_threads())
-    return y if lib.ivl_run(addr) == 0 else None
+    _PARAMS.pack_into(buf, 0, op, x.data_ptr(), dt, m, k, w_ptr, scale_ptr, n, bias_ptr, bias_dt, y.data_ptr(), dt,
+                      torch.get_num_threads())
+    if lib.ivl_run(addr) != 0:
+        return None
+    return y if len(shape) == 2 else y.view(*shape[:-1], n)
 
 
-def _weight_ok(w: torch.Tensor, k: int, bias: torch.Tensor | None) -> bool:
-    return (w.device.type == "cpu" and w.dim() == 2 and w.shape[1] == k and w.is_contiguous()
-            and not (w.requires_grad and torch.is_grad_enabled())
-            and (bias is None or (bias.dtype in _DT and bias.device.type == "cpu" and bias.is_contiguous()
-                                  and bias.numel() == w.shape[0]
-                                  and not (bias.requires_grad and torch.is_grad_enabled()))))
+def bias_args(bias: torch.Tensor | None) -> tuple[int, int] | None:
+    """(pointer, dtype code) of a bias the kernel can read, (0, 0) for none, None for one it cannot."""
+    if bias is None:
+        return 0, 0
+    if bias.dtype not in _DT or not bias.is_cpu or bias.dim() != 1 or not bias.is_contiguous() or (
+            bias.requires_grad and torch.is_grad_enabled()):
+        return None
+    return bias.data_ptr(), _DT[bias.dtype]
+
+
+def _weight_ok(w: torch.Tensor, k: int) -> bool:
+    return (w.is_cpu and w.dim() == 2 and w.shape[1] == k and w.is_contiguous()
+            and not (w.requires_grad and torch.is_grad_enabled()))
 
 
 def linear_bf16(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x [..., K] (bf16 or fp32) @ weight[N, K]^T (bf16) + bias, in x's dtype.
 
-    The kernel multiplies in fp32 with exact products: a bf16 x as is, an fp32 x split into two bf16
-    halves (about 16 significant bits). Other inputs go to F.linear.
+    The kernel forms exact products of the bf16 weights with x (bf16 or fp32) and sums them in fp32.
+    Other inputs go to F.linear (an fp32 x against the weight widened to fp32).
     """
     lib = build.load()
-    if lib is not None and weight.dtype == torch.bfloat16 and _weight_ok(weight, x.shape[-1], bias):
-        y = gemv(lib, _OP_BF16, x, weight.data_ptr(), 0, weight.shape[0], bias)
-        if y is not None:
-            return y
+    if lib is not None and weight.dtype == torch.bfloat16 and _weight_ok(weight, x.shape[-1]):
+        b = bias_args(bias)
+        if b is not None and (bias is None or bias.numel() == weight.shape[0]):
+            y = gemv(lib, _OP_BF16, x, weight.data_ptr(), 0, weight.shape[0], *b)
+            if y is not None:
+                return y
     if weight.dtype != x.dtype:
         weight = weight.to(x.dtype)
     return F.linear(x, weight, None if bias is None else bias.to(x.dtype))
@@ -127,12 +142,14 @@ def linear_int8(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bia
     multiplies by the weight dequantized to x's dtype.
     """
     lib = build.load()
-    if (lib is not None and qweight.dtype == torch.int8 and scale.dtype == torch.float32 and scale.is_contiguous()
-            and scale.numel() == qweight.shape[0] and _weight_ok(qweight, x.shape[-1], bias)):
-        y = gemv(lib, _OP_INT8_FAST if quantize_x else _OP_INT8, x, qweight.data_ptr(), scale.data_ptr(),
-                 qweight.shape[0], bias)
-        if y is not None:
-            return y
+    if (lib is not None and qweight.dtype == torch.int8 and scale.dtype == torch.float32 and scale.is_cpu
+            and scale.is_contiguous() and scale.numel() == qweight.shape[0] and _weight_ok(qweight, x.shape[-1])):
+        b = bias_args(bias)
+        if b is not None and (bias is None or bias.numel() == qweight.shape[0]):
+            y = gemv(lib, _OP_INT8_FAST if quantize_x else _OP_INT8, x, qweight.data_ptr(), scale.data_ptr(),
+                     qweight.shape[0], *b)
+            if y is not None:
+                return y
     w = dequantize_int8(qweight, scale, x.dtype)
     return F.linear(x, w, None if bias is None else bias.to(x.dtype))
 
