@@ -198,17 +198,27 @@ class RowIndex:
         return state
 
 
-def build_index(specs: list[DatasetSpec], skip_bad_rows: bool = False, check_files: bool = True) -> RowIndex:
+def build_index(specs: list[DatasetSpec], skip_bad_rows: bool = False, check_files: bool = True,
+                progress: bool = False) -> RowIndex:  # fmt: skip
     """Scan every annotation once: line offsets plus validation. Raises `DataError` naming `file:line` for
-    the first bad row, or with `skip_bad_rows` leaves bad rows out and lists them in `index.bad`."""
+    the first bad row, or with `skip_bad_rows` leaves bad rows out and lists them in `index.bad`.
+    `progress` shows a bar (by bytes) when the annotations are large."""
+    from tqdm import tqdm
+
+    size = sum(os.path.getsize(s.annotation) for s in specs)
+    bar = tqdm(
+        total=size, unit="B", unit_scale=True, desc="scan data", disable=not progress or size < (32 << 20)
+    )
     ds_parts, line_parts, off_parts, bad = [], [], [], []
     for d, spec in enumerate(specs):
         lines, offsets = _scan_file(spec, bad, skip_bad_rows, check_files)
+        bar.update(os.path.getsize(spec.annotation))
         if spec.repeat_time > 1:
             lines, offsets = np.tile(lines, int(spec.repeat_time)), np.tile(offsets, int(spec.repeat_time))
         ds_parts.append(np.full(len(lines), d, dtype=np.int32))
         line_parts.append(lines)
         off_parts.append(offsets)
+    bar.close()
     index = RowIndex(
         specs, np.concatenate(ds_parts), np.concatenate(line_parts), np.concatenate(off_parts), bad
     )

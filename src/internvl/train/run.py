@@ -152,7 +152,7 @@ def sft_data(args: TrainArgs, prepared: Prepared, ctx) -> DataSource:
 
     d, o, seed = args.data, args.optim, args.run.seed
     cfg, tokenizer = prepared.model.config, prepared.tokenizer
-    index = build_index(read_meta(d.data), d.skip_bad_rows)
+    index = build_index(read_meta(d.data), d.skip_bad_rows, progress=ctx.is_main)
     options = SampleOptions(cfg.template, cfg.system_message, d.max_seq_length, cfg.max_dynamic_patch,
                             d.min_num_frame, d.max_num_frame, seed)  # fmt: skip
     dataset = SFTDataset(index, tokenizer, cfg, options)
