@@ -104,9 +104,8 @@ def create_app(llm, settings: ServeSettings | None = None) -> FastAPI:
         deadline = asyncio.get_running_loop().time() + settings.timeout
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            body = _stream(scheduler, job, settings, deadline, include_usage)
-            return StreamingResponse(body, media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})  # fmt: skip
+            body = _stream(job, settings, deadline, include_usage)
+            return _EventStream(body, on_close=lambda: scheduler.cancel(job))
         return await _complete(request, scheduler, job, settings, deadline)
 
     @app.get("/", include_in_schema=False)
@@ -244,38 +243,49 @@ async def _disconnected(request: Request) -> None:
         pass
 
 
-async def _stream(
-    scheduler: Scheduler, job: Job, settings: ServeSettings, deadline: float, include_usage: bool
-):
+class _EventStream(StreamingResponse):
+    """An SSE response that runs `on_close` however it ends: done, failed, or the client hung up (even
+    before the body generator started, when the generator's own `finally` would never run)."""
+
+    def __init__(self, body, on_close):
+        headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        super().__init__(body, media_type="text/event-stream", headers=headers)
+        self.on_close = on_close
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.on_close()
+
+
+async def _stream(job: Job, settings: ServeSettings, deadline: float, include_usage: bool):
     """Server-sent events: the role, content deltas, the finish reason, the usage if asked, then [DONE]."""
     created, name = int(time.time()), settings.model_name
 
     def event(delta, finish_reason=None):
         return _sse(chunk(job.id, name, created, delta, finish_reason, with_usage=include_usage))
 
+    yield event({"role": "assistant", "content": ""})
+    started = False
     try:
-        yield event({"role": "assistant", "content": ""})
-        started = False
-        try:
-            async for u in _updates(job, deadline):
-                if u.error:
-                    yield _sse(u.error.body())
-                    break
-                text = u.text if started else u.text.lstrip()
-                started = started or bool(text)
-                if text:
-                    yield event({"content": text})
-                if u.finish_reason:
-                    yield event({}, u.finish_reason)
-                    if include_usage:
-                        n = u.completion_tokens
-                        yield _sse(chunk(job.id, name, created, None, usage_=usage(len(job.prompt_ids), n),
-                                         with_usage=True))  # fmt: skip
-        except asyncio.TimeoutError:
-            yield _sse(_timeout_error(settings).body())
-        yield "data: [DONE]\n\n"
-    finally:  # also on client disconnect, when the response task is cancelled at a yield or await
-        scheduler.cancel(job)
+        async for u in _updates(job, deadline):
+            if u.error:
+                yield _sse(u.error.body())
+                break
+            text = u.text if started else u.text.lstrip()
+            started = started or bool(text)
+            if text:
+                yield event({"content": text})
+            if u.finish_reason:
+                yield event({}, u.finish_reason)
+                if include_usage:
+                    n = u.completion_tokens
+                    yield _sse(chunk(job.id, name, created, None, usage_=usage(len(job.prompt_ids), n),
+                                     with_usage=True))  # fmt: skip
+    except asyncio.TimeoutError:
+        yield _sse(_timeout_error(settings).body())
+    yield "data: [DONE]\n\n"
 
 
 def _sse(obj: dict) -> str:
