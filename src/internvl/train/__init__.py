@@ -27,7 +27,8 @@ _EXPORTS = {
     "tokenize_conversation": "tokenize", "read_meta": "data", "build_index": "data", "BadRow": "data",
     "SFTDataset": "dataset", "Sample": "collate", "Batch": "collate", "Collator": "collate", "Packer": "collate",
     "apply_adapter": "lora", "merge_lora": "lora", "save_adapter": "lora", "is_adapter": "lora",
-    "adapter_base": "lora",
+    "adapter_base": "lora", "load_adapter_model": "lora", "prepare_model": "run", "sft_data": "run",
+    "run_loop": "run", "DataSource": "run", "Prepared": "run",
 }  # fmt: skip
 
 __all__ = list(_EXPORTS)
