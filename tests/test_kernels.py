@@ -110,6 +110,26 @@ def test_quantize_int8_kernel_matches_torch(monkeypatch):
     assert (err <= s[:, None] / 2 + 1e-6).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dequantize_int8_matches_torch(dtype):
+    q, s = kernels.quantize_int8(torch.randn(37, 70))
+    ref = (q.float() * s[:, None]).to(dtype)
+    assert torch.equal(kernels.dequantize_int8(q, s, dtype), ref)
+
+
+@pytest.mark.parametrize("m", [9, 16, 40])
+@pytest.mark.parametrize("quantize_x", [False, True])
+def test_linear_int8_many_rows(monkeypatch, m, quantize_x):
+    """Beyond MAX_ROWS: slices of the streaming kernel, then (prefill) the dequantized weight in blocks."""
+    monkeypatch.setattr(kernels.ops, "DENSE_BLOCK_BYTES", 32 * 96 * 2)  # 32-row blocks of 130: the loop runs
+    x, w, b = _data(m, 130, 96, torch.bfloat16, bias=True, seed=m)
+    q, s = kernels.quantize_int8(w)
+    y = kernels.linear_int8(x.view(1, m, 96), q, s, b, quantize_x=quantize_x)
+    assert y.shape == (1, m, 130) and y.dtype == torch.bfloat16
+    ref = F.linear(x.float(), kernels.dequantize_int8(q, s), b)
+    torch.testing.assert_close(y[0].float(), ref, rtol=2**-7, atol=2**-7 * ref.abs().max().item())
+
+
 def test_more_rows_than_max_use_torch(monkeypatch):
     results = []
     real = kernels.ops.gemv

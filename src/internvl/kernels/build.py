@@ -131,6 +131,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.ivl_run.restype = i
     lib.ivl_quantize_int8.argtypes = [p, i, i, i, p, p, i]
     lib.ivl_quantize_int8.restype = i
+    lib.ivl_dequantize_int8.argtypes = [p, p, i, i, p, i, i]
+    lib.ivl_dequantize_int8.restype = i
     lib.ivl_read_pass.argtypes = [p, sz, i]
     lib.ivl_read_pass.restype = ctypes.c_double
 

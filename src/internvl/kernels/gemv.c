@@ -446,10 +446,19 @@ static int claim(range_t *r, int from_back) {
 
 #define MAX_THREADS 256
 
+/* Where a thread starts reading somewhere new, the loop's prefetches (PF_BYTES ahead) have not
+   covered the first PF_BYTES yet: request them all at once rather than one miss at a time. */
+static inline void prefetch_head(const job_t *j, size_t row_bytes, int n0) {
+    const char *p = (const char *)j->w + (size_t)n0 * row_bytes;
+    size_t len = (size_t)(j->N - n0) * row_bytes;
+    for (size_t off = 0; off < PF_BYTES && off < len; off += 64) _mm_prefetch(p + off, PF_HINT);
+}
+
 static void run_parallel(const job_t *j, size_t row_bytes, int nthreads) {
     size_t total = row_bytes * (size_t)j->N;
     int nt = nthreads < 1 ? 1 : (nthreads > MAX_THREADS ? MAX_THREADS : nthreads);
     if (nt == 1 || total < MIN_PARALLEL_BYTES) {
+        prefetch_head(j, row_bytes, 0);
         do_rows(j, 0, j->N);
         return;
     }
@@ -464,12 +473,14 @@ static void run_parallel(const job_t *j, size_t row_bytes, int nthreads) {
     }
 #pragma omp parallel num_threads(nt)
     {
-        int t = omp_get_thread_num();
+        int t = omp_get_thread_num(), next = -1;
         for (int v = 0; v < nt; v++) { /* own range first (front), then others' (back) */
             int victim = (t + v) % nt, c;
             while ((c = claim(&ranges[victim], v > 0)) >= 0) {
-                int n0 = c * rows_per_chunk, n1 = n0 + rows_per_chunk;
-                do_rows(j, n0, n1 < j->N ? n1 : j->N);
+                int n0 = c * rows_per_chunk, n1 = n0 + rows_per_chunk < j->N ? n0 + rows_per_chunk : j->N;
+                if (n0 != next) prefetch_head(j, row_bytes, n0);
+                do_rows(j, n0, n1);
+                next = n1;
             }
         }
     }
@@ -533,6 +544,26 @@ int ivl_quantize_int8(const void *w, int wdt, int N, int K, int8_t *q, float *sc
         for (int k = 0; k < K; k++) {
             float r = __builtin_nearbyintf((wdt == DT_BF16 ? bf16_to_f32(wb[k]) : wf[k]) * inv);
             q[(size_t)n * K + k] = (int8_t)(r > 127.0f ? 127 : (r < -127.0f ? -127 : r));
+        }
+    }
+    return 0;
+}
+
+/* out[N, K] = q * scale[:, None] in fp32 or bf16 (round to nearest even): the weight for inputs with
+   too many rows for the streaming kernels, where a dense matmul wins. */
+int ivl_dequantize_int8(const int8_t *q, const float *scale, int N, int K, void *out, int odt, int nthreads) {
+#pragma omp parallel for num_threads(nthreads < 1 ? 1 : nthreads) schedule(static)
+    for (int n = 0; n < N; n++) {
+        const int8_t *qr = q + (size_t)n * K;
+        __m512 s = _mm512_set1_ps(scale[n]);
+        for (int k = 0; k < K; k += 16) {
+            __mmask16 mk = mask16(K - k);
+            __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mk, qr + k))), s);
+            size_t i = (size_t)n * K + k;
+            if (odt == DT_BF16)
+                _mm256_mask_storeu_epi16((uint16_t *)out + i, mk, f32x16_to_bf16(v));
+            else
+                _mm512_mask_storeu_ps((float *)out + i, mk, v);
         }
     }
     return 0;

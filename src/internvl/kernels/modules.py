@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from . import build
-from .ops import _OP_BF16, _OP_INT8, _OP_INT8_FAST, MAX_ROWS, bias_args, dequantize_int8, gemv, quantize_int8
+from .ops import _OP_BF16, _OP_INT8, _OP_INT8_FAST, MAX_ROWS, bias_args, gemv, linear_bf16, linear_int8, quantize_int8
 
 
 def _check_bias(bias: torch.Tensor | None, n: int) -> torch.Tensor | None:
@@ -48,9 +47,7 @@ class FastBf16Linear(nn.Module):
                 y = gemv(lib, _OP_BF16, x, w.data_ptr(), 0, self.out_features, *ba)
                 if y is not None:
                     return y
-        if w.dtype != x.dtype:
-            w = w.to(x.dtype)
-        return F.linear(x, w, None if b is None else b.to(x.dtype))
+        return linear_bf16(x, w, b)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
@@ -60,8 +57,8 @@ class Int8Linear(nn.Module):
     """y = x @ (qweight * scale[:, None])^T + bias: int8 weight [out, in] with one fp32 scale per output.
 
     Up to MAX_ROWS rows of x run the kernel, which reads half the bytes of a bf16 weight; quantize_x
-    selects its VNNI variant (see `linear_int8`). Larger inputs (prefill) multiply by the weight
-    dequantized to x's dtype, rebuilt per call to keep memory at int8.
+    selects its VNNI variant. Larger inputs go through `linear_int8`: a few more rows stream in
+    slices, prefill multiplies by the weight dequantized per call (memory stays at int8).
     """
 
     def __init__(self, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None,
@@ -93,8 +90,7 @@ class Int8Linear(nn.Module):
                 y = gemv(lib, self._op, x, q.data_ptr(), s.data_ptr(), self.out_features, *ba)
                 if y is not None:
                     return y
-        dtype = x.dtype if x.is_floating_point() else torch.float32
-        return F.linear(x, dequantize_int8(q, s, dtype), None if b is None else b.to(dtype))
+        return linear_int8(x, q, s, b, quantize_x=self.quantize_x)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "

@@ -18,9 +18,11 @@ from . import build
 MAX_ROWS = 8
 _DT = {torch.float32: 0, torch.bfloat16: 1}
 _OP_BF16, _OP_INT8, _OP_INT8_FAST = 0, 1, 2
+SLICED_INT8_ROWS = 16  # int8 inputs up to this many rows still stream, in slices of MAX_ROWS
+DENSE_BLOCK_BYTES = 16 << 20  # bound on the dequantized weight a large int8 input materializes at once
 # One int64 parameter block per calling thread (ctypes releases the GIL during the call, so a block
 # shared between Python threads could be overwritten mid-call); packing it is cheaper than passing
-# twelve converted ctypes arguments.
+# thirteen converted ctypes arguments.
 _PARAMS = struct.Struct("13q")
 _tls = threading.local()
 
@@ -127,8 +129,20 @@ def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, scale
 
 
-def dequantize_int8(qweight: torch.Tensor, scale: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
-    return (qweight.to(torch.float32) * scale.to(torch.float32)[:, None]).to(dtype)
+def dequantize_int8(qweight: torch.Tensor, scale: torch.Tensor, dtype=torch.float32,
+                    out: torch.Tensor | None = None) -> torch.Tensor:
+    """The dense weight qweight * scale[:, None] in dtype (the product formed in fp32, then rounded)."""
+    lib = build.load()
+    if (lib is not None and dtype in _DT and qweight.dtype == torch.int8 and qweight.dim() == 2 and qweight.is_cpu
+            and qweight.is_contiguous() and scale.dtype == torch.float32 and scale.is_cpu and scale.is_contiguous()
+            and scale.numel() == qweight.shape[0] and qweight.numel() > 0):
+        if out is None:
+            out = torch.empty(qweight.shape, dtype=dtype)
+        lib.ivl_dequantize_int8(qweight.data_ptr(), scale.data_ptr(), qweight.shape[0], qweight.shape[1],
+                                out.data_ptr(), _DT[dtype], torch.get_num_threads())
+        return out
+    w = (qweight.to(torch.float32) * scale.to(torch.float32)[:, None]).to(dtype)
+    return w if out is None else out.copy_(w)
 
 
 def linear_int8(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None,
@@ -138,20 +152,48 @@ def linear_int8(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bia
     By default the kernel widens the weights in registers and multiplies the unrounded x (exact
     products, fp32 sums, the row scale applied once). quantize_x=True first rounds each row of x to
     16 bits (scale max|x| / 32639) and multiplies with VNNI integer dot products: fewer instructions
-    per weight byte, an error ~1e-5 of max|x|, far below the int8 weights' own. The fallback
-    multiplies by the weight dequantized to x's dtype.
+    per weight byte, an error of at most max|x| / 65278 per element of x, far below the int8 weights'
+    own. Up to SLICED_INT8_ROWS rows stream the weight once per MAX_ROWS rows; larger inputs
+    (prefill) multiply by the weight dequantized to x's dtype, DENSE_BLOCK_BYTES at a time.
     """
     lib = build.load()
-    if (lib is not None and qweight.dtype == torch.int8 and scale.dtype == torch.float32 and scale.is_cpu
-            and scale.is_contiguous() and scale.numel() == qweight.shape[0] and _weight_ok(qweight, x.shape[-1])):
+    k = x.shape[-1]
+    rows = x.numel() // k if k else 0
+    if (lib is not None and 0 < rows <= SLICED_INT8_ROWS and qweight.dtype == torch.int8
+            and scale.dtype == torch.float32 and scale.is_cpu and scale.is_contiguous()
+            and scale.numel() == qweight.shape[0] and _weight_ok(qweight, k)):
         b = bias_args(bias)
         if b is not None and (bias is None or bias.numel() == qweight.shape[0]):
-            y = gemv(lib, _OP_INT8_FAST if quantize_x else _OP_INT8, x, qweight.data_ptr(), scale.data_ptr(),
-                     qweight.shape[0], *b)
+            op, n = _OP_INT8_FAST if quantize_x else _OP_INT8, qweight.shape[0]
+            ptrs = (qweight.data_ptr(), scale.data_ptr(), n, *b)
+            if rows <= MAX_ROWS:
+                y = gemv(lib, op, x, *ptrs)
+            else:
+                parts = [gemv(lib, op, xs, *ptrs) for xs in x.reshape(rows, k).split(MAX_ROWS)]
+                y = None if any(p is None for p in parts) else torch.cat(parts).view(*x.shape[:-1], n)
             if y is not None:
                 return y
-    w = dequantize_int8(qweight, scale, x.dtype)
-    return F.linear(x, w, None if bias is None else bias.to(x.dtype))
+    return _dense_int8(x, qweight, scale, bias)
+
+
+def _dense_int8(x, qweight, scale, bias):
+    """Prefill: F.linear against the dequantized weight, a block of rows at a time in a buffer kept per
+    thread (a fresh allocation of that size pays a page fault per 4 KiB on every call)."""
+    dtype = x.dtype if x.is_floating_point() else torch.float32
+    n, k = qweight.shape
+    bias = None if bias is None else bias.to(dtype)
+    block = max(1, DENSE_BLOCK_BYTES // max(1, k * torch.finfo(dtype).bits // 8))
+    if n <= block // 4:  # small weights: a plain temporary
+        return F.linear(x, dequantize_int8(qweight, scale, dtype), bias)
+    buf = getattr(_tls, "dense", None)
+    if buf is None or buf.dtype != dtype or buf.numel() < block * k:
+        buf = _tls.dense = torch.empty(block * k, dtype=dtype)
+    y = torch.empty((*x.shape[:-1], n), dtype=dtype)
+    for r0 in range(0, n, block):
+        r1 = min(n, r0 + block)
+        w = dequantize_int8(qweight[r0:r1], scale[r0:r1], dtype, out=buf[:(r1 - r0) * k].view(r1 - r0, k))
+        y[..., r0:r1] = F.linear(x, w, None if bias is None else bias[r0:r1])
+    return y
 
 
 def read_pass(buf: torch.Tensor, threads: int | None = None) -> float:
