@@ -165,3 +165,13 @@ def test_freezing_knobs(base):
         configure_trainable(fresh(base), TuneSpec(vision_lora_r=2, unfreeze_vit_layers=-1))
     with pytest.raises(TrainingError, match="nothing to train"):
         configure_trainable(fresh(base), TuneSpec(freeze_vision=True, freeze_mlp=True, freeze_llm=True))
+
+
+def test_internvl_load_takes_an_adapter_folder(base, trained):
+    from internvl.api import load
+
+    model, folder = trained
+    chat = load(folder)
+    assert chat.tokenizer.image_context_id == base[1]
+    torch.testing.assert_close(logits(chat.model, base), logits(model, base), atol=1e-4, rtol=0)
+    assert isinstance(chat.chat("hello", max_new_tokens=3), str)

@@ -144,7 +144,8 @@ def _as_list(images: Any) -> list[Any]:
 
 def load(path: str | Path | None = None, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,
          quantize: str | None = None, max_batch: int = 16) -> InternVL:  # fmt: skip
-    """Load a checkpoint folder (original or -hf layout); no path loads the built-in nano model.
+    """Load a checkpoint folder (original or -hf layout) or a LoRA adapter folder (merged into the base model it
+    records); no path loads the built-in nano model.
 
     `dtype`: None keeps the stored dtype; "bf16", "fp16" or "fp32" casts. `quantize="int8"` applies
     weight-only int8 to the language model's linear layers (for fast CPU decoding).
@@ -152,8 +153,13 @@ def load(path: str | Path | None = None, device: str | torch.device = "cpu", dty
     path = Path(path) if path is not None else default_model_path()
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    tokenizer = Tokenizer.from_dir(path)
-    model, _ = load_model(path, dtype=dtype, device=device, image_token_id=tokenizer.image_context_id)
+    if (path / "adapter_config.json").is_file():  # a LoRA adapter folder: its base with the adapter merged
+        from .train.lora import load_adapter_model
+
+        model, tokenizer, _ = load_adapter_model(path, dtype=dtype, device=device)
+    else:
+        tokenizer = Tokenizer.from_dir(path)
+        model, _ = load_model(path, dtype=dtype, device=device, image_token_id=tokenizer.image_context_id)
     if quantize is not None:
         from .engine.quant import quantize_model
 

@@ -28,7 +28,7 @@ from .prompt import (
     image_tokens,
 )
 from .template import TEMPLATES, Template, get_template, render_prompt, stop_strings
-from .video import load_video, sample_frame_indices, video_info
+from .video import load_video, read_frames, sample_frame_indices, video_info
 
 __all__ = [
     "DEFAULT_MAX_PIXELS",
@@ -56,6 +56,7 @@ __all__ = [
     "image_tokens",
     "load_image",
     "load_video",
+    "read_frames",
     "render_prompt",
     "sample_frame_indices",
     "stop_strings",

@@ -101,6 +101,15 @@ def _scan(name: str, wanted: set[int] | None) -> tuple[dict[int, Image.Image], i
     return found, n
 
 
+def read_frames(path: str | os.PathLike[str], indices: list[int]) -> list[Image.Image]:
+    """The frames at `indices` (presentation order, repeats allowed) as RGB images, in one decoding pass."""
+    name = os.fspath(path)
+    found, decoded = _scan(name, set(indices))
+    if len(found) < len(set(indices)):
+        raise VideoError(f"{name}: only {decoded} frames could be decoded, frame {max(indices)} was wanted")
+    return [found[i] for i in indices]
+
+
 def video_info(path: str | os.PathLike[str]) -> tuple[int, float, tuple[int, int]]:
     """(frame count, average fps, (width, height)) of the first video stream; counts by decoding when the
     container does not record the number of frames (WebM, MKV, some streams)."""

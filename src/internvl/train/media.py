@@ -17,7 +17,7 @@ from PIL import Image
 
 from ..errors import VideoError
 from ..processing.image import ImageProcessor, dynamic_preprocess, load_image, tiles_to_tensor
-from ..processing.video import _scan, video_info
+from ..processing.video import read_frames, video_info
 
 FRAME_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
@@ -96,7 +96,4 @@ def training_frames(path: str, min_num: int, max_num: int, rng: np.random.Genera
         if vlen < 1:
             raise VideoError(f"{path}: clip {list(clip)} selects no frames")
     indices = [start + i for i in training_frame_indices(t, vlen, rng)]
-    found, decoded = _scan(path, set(indices))
-    if len(found) < len(set(indices)):
-        raise VideoError(f"{path}: only {decoded} frames could be decoded, frame {max(indices)} was wanted")
-    return [found[i] for i in indices]
+    return read_frames(path, indices)
