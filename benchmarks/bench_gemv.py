@@ -5,7 +5,7 @@ and its lm_head, and a whole simulated decode step (24 layers x 7 distinct matri
 ms/token, tokens/s and fraction of the bandwidth roofline, alone and alternating with small torch ops.
 Each shape loops over enough distinct matrices (> 600 MB) that the host's last-level cache cannot
 serve them. Times are the best of several repeats (the machine may have other tenants), every path
-measured the same way in the same run.
+measured the same way in the same run, and the read bandwidth is sampled between them.
 
     python benchmarks/bench_gemv.py [--quick] [--rows 1] [--threads N] [--skip-shapes]
 """
@@ -38,13 +38,23 @@ def best_time(fn, repeats: int) -> float:
     return best
 
 
-def bandwidth(repeats: int) -> tuple[float, float]:
-    """GB/s reading 1 GiB: torch.sum over fp32, and the kernel library's prefetching read pass."""
-    buf = torch.ones(256 * 1024 * 1024)
-    nbytes = buf.numel() * 4
-    bw_sum = nbytes / best_time(buf.sum, repeats) / 1e9
-    bw_pass = nbytes / best_time(lambda: kernels.read_pass(buf), repeats) / 1e9 if kernels.available() else 0.0
-    return bw_sum, bw_pass
+class Bandwidth:
+    """Read bandwidth sampled between measurements: the host's memory is shared, so the roofline is
+    the best of all samples taken during the run (a 1 GiB read each time)."""
+
+    def __init__(self):
+        self.buf = torch.ones(256 * 1024 * 1024)
+        self.sum_gbs = self.pass_gbs = 0.0
+
+    def sample(self, repeats: int = 2) -> None:
+        nbytes = self.buf.numel() * 4
+        self.sum_gbs = max(self.sum_gbs, nbytes / best_time(self.buf.sum, repeats) / 1e9)
+        if kernels.available():
+            self.pass_gbs = max(self.pass_gbs, nbytes / best_time(lambda: kernels.read_pass(self.buf), repeats) / 1e9)
+
+    @property
+    def roofline(self) -> float:
+        return max(self.sum_gbs, self.pass_gbs)
 
 
 def _onednn(w):
@@ -71,7 +81,7 @@ def make_paths():
     return paths
 
 
-def bench_shape(shape, paths, rows, min_bytes, repeats):
+def bench_shape(shape, paths, rows, min_bytes, repeats, bw):
     n, k = shape
     count = max(2, -(-min_bytes // (n * k)))  # distinct matrices, counted in int8 bytes (bf16 doubles)
     ws = [torch.randn(n, k, dtype=torch.bfloat16) * 0.02 for _ in range(count)]
@@ -84,6 +94,7 @@ def bench_shape(shape, paths, rows, min_bytes, repeats):
             for h in hs:
                 run(x, h)
 
+        bw.sample(1)
         t = best_time(loop, repeats) / count
         out[pname] = (t, n * k * esize / t / 1e9)
         del hs
@@ -101,8 +112,8 @@ def per_call_overhead(paths, repeats):
     return res
 
 
-def decode_step(paths, rows, repeats):
-    """All 24 layers' 7 matrices + lm_head with distinct weights.
+def decode_step(paths, rows, repeats, bw):
+    """All 24 layers' 7 matrices + lm_head with distinct weights, the paths alternating round by round.
 
     Returns path -> (seconds matmuls only, seconds matmuls alternating with torch ops, bytes), and the
     seconds of the torch ops alone: interleaving costs nothing when alternating ~= matmuls + ops.
@@ -116,15 +127,17 @@ def decode_step(paths, rows, repeats):
         y = F.silu(y) * y
         return y * torch.rsqrt(y.float().pow(2).mean(-1, keepdim=True) + 1e-6).to(y.dtype)
 
+    handles = {p: [prep(w) for w in ws] for p, (prep, _, _) in paths.items()}
     t_ops = best_time(lambda: [torch_ops(y) for y in ys], repeats)
-    res = {}
-    for pname, (prep, run, esize) in paths.items():
-        hs = [prep(w) for w in ws]
-        nbytes = sum(n * k * esize for n, k in shapes)
-        t_mm = best_time(lambda: [run(xs[k], h) for (_, k), h in zip(shapes, hs)], repeats)
-        t_mix = best_time(lambda: [torch_ops(run(xs[k], h)) for (_, k), h in zip(shapes, hs)], repeats)
-        res[pname] = (t_mm, t_mix, nbytes)
-        del hs
+    best = {p: [float("inf"), float("inf")] for p in paths}
+    for _ in range(repeats):
+        bw.sample(1)
+        for p, (_, run, _) in paths.items():
+            hs = handles[p]
+            best[p][0] = min(best[p][0], best_time(lambda: [run(xs[k], h) for (_, k), h in zip(shapes, hs)], 1))
+            best[p][1] = min(best[p][1], best_time(
+                lambda: [torch_ops(run(xs[k], h)) for (_, k), h in zip(shapes, hs)], 1))
+    res = {p: (*best[p], sum(n * k * esize for n, k in shapes)) for p, (_, _, esize) in paths.items()}
     return res, t_ops
 
 
@@ -141,29 +154,32 @@ def main() -> None:
     min_bytes = (300 if args.quick else 700) * 2**20
     status = "available" if kernels.available() else f"UNAVAILABLE ({kernels.unavailable_reason()})"
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, rows={args.rows}, kernels {status}")
-    bw_sum, bw_pass = bandwidth(repeats)
-    bw = max(bw_sum, bw_pass)
-    print(f"read bandwidth (1 GiB): torch.sum {bw_sum:.1f} GB/s, prefetching read pass {bw_pass:.1f} GB/s; "
-          f"roofline below uses the higher, {bw:.1f} GB/s")
+    bw = Bandwidth()
+    bw.sample(repeats)
     paths = make_paths()
     width = max(len(p) for p in paths)
     overhead = per_call_overhead(paths, repeats)
+    results = {} if args.skip_shapes else {
+        name: bench_shape(shape, paths, args.rows, min_bytes, repeats, bw) for name, shape in SHAPES.items()}
+    res, t_ops = decode_step(paths, args.rows, repeats, bw)
+    roof = bw.roofline
+
+    print(f"read bandwidth, best of the samples over the run: torch.sum {bw.sum_gbs:.1f} GB/s, prefetching read "
+          f"pass {bw.pass_gbs:.1f} GB/s; the roofline below is the higher, {roof:.1f} GB/s")
     print("per-call overhead (16x64 weight): " + ", ".join(f"{p} {us:.1f} us" for p, us in overhead.items()))
-    if not args.skip_shapes:
-        print(f"\nGB/s of weight bytes read (fraction of {bw:.1f} GB/s) and time per matrix, rows={args.rows}")
+    if results:
+        print(f"\nGB/s of weight bytes read (fraction of {roof:.1f} GB/s) and time per matrix, rows={args.rows}")
         print(f"{'path':>{width}} | " + " | ".join(f"{n:>7} {s[0]}x{s[1]:<5}" for n, s in SHAPES.items()))
-        results = {name: bench_shape(shape, paths, args.rows, min_bytes, repeats) for name, shape in SHAPES.items()}
         for p in paths:
-            cells = [f"{results[n][p][1]:5.1f} {results[n][p][1] / bw:4.0%} {results[n][p][0] * 1e6:5.0f}us"
+            cells = [f"{results[n][p][1]:5.1f} {results[n][p][1] / roof:4.0%} {results[n][p][0] * 1e6:5.0f}us"
                      for n in SHAPES]
             print(f"{p:>{width}} | " + " | ".join(f"{c:>20}" for c in cells))
-    res, t_ops = decode_step(paths, args.rows, max(3, repeats // 2 + 1))
     print(f"\nwhole decode step ({LAYERS} layers x 7 matrices + lm_head, distinct weights), rows={args.rows}; "
           f"{LAYERS * 7 + 1} rounds of small torch ops alone take {t_ops * 1e3:.2f} ms")
     for p, (t_mm, t_mix, nbytes) in res.items():
         gbs = nbytes / t_mm / 1e9
         print(f"  {p:>{width}}: {t_mm * 1e3:6.2f} ms/token {1 / t_mm:5.1f} tok/s {nbytes / 1e6:4.0f} MB "
-              f"{gbs:5.1f} GB/s = {gbs / bw:4.0%} of roofline, {res[REFERENCE][0] / t_mm:4.2f}x {REFERENCE} | "
+              f"{gbs:5.1f} GB/s = {gbs / roof:4.0%} of roofline, {res[REFERENCE][0] / t_mm:4.2f}x {REFERENCE} | "
               f"with torch ops {t_mix * 1e3:6.2f} ms (matmuls + ops alone {(t_mm + t_ops) * 1e3:6.2f})")
     if "ours bf16" in res:
         b = res["ours bf16"][0]

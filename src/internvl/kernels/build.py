@@ -1,6 +1,6 @@
 """Compile gemv.c with the system C compiler at first use, cache the shared library, load it with ctypes.
 
-Every failure (no compiler, no AVX-512 BF16, a compile error, INTERNVL_NO_KERNELS=1) leaves `load()`
+Every failure (no compiler, no AVX-512 VNNI, a compile error, INTERNVL_NO_KERNELS=1) leaves `load()`
 returning None with the reason in `load_error()`; callers then keep the plain torch path.
 """
 
@@ -17,7 +17,7 @@ import threading
 from pathlib import Path
 
 SOURCE = Path(__file__).with_name("gemv.c")
-ABI_VERSION = 3
+ABI_VERSION = 4
 # Explicit ISA flags rather than -march=native: the cached library stays valid on any CPU that passes
 # the runtime feature check, even when the cache directory is shared between machines.
 CFLAGS = [

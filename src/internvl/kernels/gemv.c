@@ -47,7 +47,7 @@ enum { OP_BF16 = 0, OP_INT8 = 1, OP_INT8_FAST = 2 };
 /* Layout of the int64 parameter block passed by ivl_run (one ctypes argument instead of thirteen). */
 enum { P_OP, P_X, P_XDT, P_M, P_K, P_W, P_SCALE, P_N, P_BIAS, P_BDT, P_Y, P_YDT, P_THREADS, P_COUNT };
 
-int ivl_abi_version(void) { return 3; }
+int ivl_abi_version(void) { return 4; }
 int ivl_param_count(void) { return P_COUNT; }
 
 int ivl_cpu_ok(void) {
