@@ -76,6 +76,25 @@ def test_linear_int8_quantize_x_error_is_bounded(m):
         _assert_close(yb, F.linear(x.bfloat16().float(), wd, b), torch.bfloat16)
 
 
+@pytest.mark.skipif(not kernels.ops.amx_available(), reason="no AMX on this CPU/kernel: one kernel path only")
+@pytest.mark.parametrize("m", [2, 3, 4, 8])
+def test_amx_tiles_match_vector_path(m):
+    """Batched rows run AMX tiles (bf16 x, or quantized x); the AVX-512 path must give the same outputs."""
+    for i, (n, k) in enumerate(SHAPES):
+        x, w, b = _data(m, n, k, torch.bfloat16, bias=i % 2 == 0, seed=300 + i)
+        q, s = kernels.quantize_int8(w)
+        calls = [lambda: kernels.linear_bf16(x, w, b), lambda: kernels.linear_int8(x, q, s, b),
+                 lambda: kernels.linear_int8(x, q, s, b, quantize_x=True)]
+        tiles = [f() for f in calls]
+        old = kernels.ops.set_amx_min_rows(0)
+        try:
+            vector = [f() for f in calls]
+        finally:
+            kernels.ops.set_amx_min_rows(old)
+        for t, v in zip(tiles, vector):  # summation order differs: at most one bf16 rounding step apart
+            torch.testing.assert_close(t.float(), v.float(), rtol=2**-8, atol=2**-8 * v.abs().max().item())
+
+
 @needs_kernels
 def test_bias_in_bf16_and_leading_dims_and_noncontiguous_x():
     x, w, b = _data(6, 129, 96, torch.bfloat16, bias=True)

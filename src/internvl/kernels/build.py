@@ -17,13 +17,15 @@ import threading
 from pathlib import Path
 
 SOURCE = Path(__file__).with_name("gemv.c")
-ABI_VERSION = 4
+ABI_VERSION = 5
 # Explicit ISA flags rather than -march=native: the cached library stays valid on any CPU that passes
 # the runtime feature check, even when the cache directory is shared between machines.
 CFLAGS = [
     "-O3", "-std=gnu11", "-fPIC", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq",
     "-mavx512vnni", "-mfma", "-mbmi2", "-fno-math-errno", "-fno-trapping-math",
 ]
+# AMX is optional: compiled in when the compiler knows it, used when the CPU and the kernel allow it.
+AMX_CFLAGS = ["-mamx-tile", "-mamx-bf16", "-mamx-int8", "-DIVL_AMX"]
 CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni")
 
 _lock = threading.Lock()
@@ -90,7 +92,7 @@ def _compiler_id(cc: str) -> str:
 
 def library_path(cc: str, gomp: Path | None) -> Path:
     key = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), " ".join(CFLAGS).encode(), _compiler_id(cc).encode(),
+    for part in (SOURCE.read_bytes(), " ".join(CFLAGS + AMX_CFLAGS).encode(), _compiler_id(cc).encode(),
                  str(gomp).encode(), str(ABI_VERSION).encode()):
         key.update(part)
         key.update(b"\0")
@@ -104,11 +106,13 @@ def build(cc: str, gomp: Path | None, out: Path) -> None:
     os.close(fd)
     tmp_o = tmp_so[:-len(".so.tmp")] + ".o"
     try:
-        if gomp is not None:  # compile with OpenMP, but link torch's runtime instead of the system one
+        try:
+            _run([cc, *CFLAGS, *AMX_CFLAGS, "-c", str(SOURCE), "-o", tmp_o])
+        except RuntimeError:  # a compiler without AMX intrinsics: the AVX-512 paths alone
             _run([cc, *CFLAGS, "-c", str(SOURCE), "-o", tmp_o])
-            _run([cc, "-shared", tmp_o, str(gomp), f"-Wl,-rpath,{gomp.parent}", "-o", tmp_so])
-        else:
-            _run([cc, *CFLAGS, "-shared", str(SOURCE), "-o", tmp_so])
+        # Compiled with -fopenmp, but linked to torch's OpenMP runtime when torch bundles one.
+        link = [str(gomp), f"-Wl,-rpath,{gomp.parent}"] if gomp is not None else ["-fopenmp"]
+        _run([cc, "-shared", tmp_o, *link, "-o", tmp_so])
         os.replace(tmp_so, out)
     finally:
         for p in (tmp_so, tmp_o):
@@ -133,6 +137,9 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.ivl_quantize_int8.restype = i
     lib.ivl_dequantize_int8.argtypes = [p, p, i, i, p, i, i]
     lib.ivl_dequantize_int8.restype = i
+    lib.ivl_amx_available.restype = i
+    lib.ivl_set_amx_min_rows.argtypes = [i]
+    lib.ivl_set_amx_min_rows.restype = i
     lib.ivl_read_pass.argtypes = [p, sz, i]
     lib.ivl_read_pass.restype = ctypes.c_double
 

@@ -47,7 +47,7 @@ enum { OP_BF16 = 0, OP_INT8 = 1, OP_INT8_FAST = 2 };
 /* Layout of the int64 parameter block passed by ivl_run (one ctypes argument instead of thirteen). */
 enum { P_OP, P_X, P_XDT, P_M, P_K, P_W, P_SCALE, P_N, P_BIAS, P_BDT, P_Y, P_YDT, P_THREADS, P_COUNT };
 
-int ivl_abi_version(void) { return 4; }
+int ivl_abi_version(void) { return 5; }
 int ivl_param_count(void) { return P_COUNT; }
 
 int ivl_cpu_ok(void) {
@@ -98,9 +98,7 @@ static inline __m512 load_x16(const void *x, int xdt, size_t i, __mmask16 mk) {
 static inline __mmask16 mask16(int r) { return (__mmask16)(r >= 16 ? 0xffff : (r <= 0 ? 0 : (1u << r) - 1u)); }
 
 /* bf16 W: row m is its even elements then its odd elements in fp32, each half zero-padded to KH. */
-static const float *x_even_odd(const void *x, int xdt, int M, int K, int KH) {
-    float *out = (float *)scratch_get((size_t)8 * M * KH);
-    if (!out) return NULL;
+static const float *x_even_odd(const void *x, int xdt, int M, int K, int KH, float *out) {
     const __m512i ev = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
     const __m512i od = _mm512_add_epi32(ev, _mm512_set1_epi32(1));
     for (int m = 0; m < M; m++) {
@@ -117,10 +115,8 @@ static const float *x_even_odd(const void *x, int xdt, int M, int K, int KH) {
 }
 
 /* int8 W, exact: x as fp32 rows (a bf16 x widened, which is exact). */
-static const float *x_f32(const void *x, int xdt, int M, int K) {
+static const float *x_f32(const void *x, int xdt, int M, int K, float *out) {
     if (xdt == DT_F32) return (const float *)x;
-    float *out = (float *)scratch_get((size_t)4 * M * K);
-    if (!out) return NULL;
     int n = M * K;
     for (int i = 0; i < n; i += 16) _mm512_mask_storeu_ps(out + i, mask16(n - i), load_x16(x, xdt, i, mask16(n - i)));
     return out;
@@ -129,9 +125,7 @@ static const float *x_f32(const void *x, int xdt, int M, int K) {
 /* int8 W, fast: per row, x16 = round(x / s) with s = max|x| / 32639, written as x16 = 256 * hi + lo
    with signed int8 digits (|x16| <= 32639 keeps hi in [-128, 127]). Row m holds hi then lo, each
    zero-padded to KP; xs[m] = s and xsum[m] = sum of x16 (to undo the +128 bias of the weights). */
-static const int8_t *x_digits(const void *x, int xdt, int M, int K, int KP, float *xs, int64_t *xsum) {
-    int8_t *out = (int8_t *)scratch_get((size_t)2 * M * KP);
-    if (!out) return NULL;
+static const int8_t *x_digits(const void *x, int xdt, int M, int K, int KP, float *xs, int64_t *xsum, int8_t *out) {
     const __m512i lim = _mm512_set1_epi32(32639), c128 = _mm512_set1_epi32(128), c255 = _mm512_set1_epi32(255);
     for (int m = 0; m < M; m++) {
         size_t base = (size_t)m * K;
@@ -168,6 +162,8 @@ typedef struct {
     void *y;
     float xs[MAXM];    /* fast int8: per-row x scales */
     int64_t xsum[MAXM]; /* fast int8: per-row sums of quantized x */
+    int amx, cu;       /* AMX: in use, and the columns of its x tile */
+    const void *xamx;  /* AMX: x laid out as the B tiles */
 } job_t;
 
 /* ---- 16-row tiles: lane sums of 16 accumulators at once, then scale, bias and store as vectors ---- */
@@ -417,13 +413,198 @@ static inline __attribute__((always_inline)) void rows_int8_fast(const int NM, c
         case 7: F(7, j, n0, n1); break; case 8: F(8, j, n0, n1); break;                              \
     }
 
-static void do_rows(const job_t *j, int n0, int n1) {
+static void do_rows_avx(const job_t *j, int n0, int n1) {
     if (j->op == OP_BF16)
         DISPATCH(rows_bf16)
     else if (j->op == OP_INT8)
         DISPATCH(rows_int8)
     else
         DISPATCH(rows_int8_fast)
+}
+
+/* ---- AMX (Sapphire Rapids and later): for 2+ rows of x, tile multiplies make the arithmetic nearly
+   free, so batched decoding stays bound by the weight stream. A = 16 rows of W read in place, B = x
+   (one column per x row), C = 16 outputs x columns. Only where the result is the same as the vector
+   path's: bf16 x for bf16 and exact int8 weights (bf16 products are exact), any x for fast int8. ---- */
+#ifdef IVL_AMX
+#include <cpuid.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+static int amx_probed = 0, amx_min_m = 2; /* amx_min_m 0: AMX off */
+static pthread_once_t amx_once = PTHREAD_ONCE_INIT;
+
+static void amx_probe(void) {
+    unsigned a, b, c, d;
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return;
+    if (!((d >> 22) & 1) || !((d >> 24) & 1) || !((d >> 25) & 1)) return; /* amx-bf16, amx-tile, amx-int8 */
+    /* Linux grants the tile register state only on request (ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA). */
+    amx_probed = syscall(SYS_arch_prctl, 0x1023, 18) == 0;
+}
+
+int ivl_amx_available(void) {
+    pthread_once(&amx_once, amx_probe);
+    return amx_probed;
+}
+
+/* From how many rows of x the AMX path runs (0: never). Returns the previous setting. */
+int ivl_set_amx_min_rows(int m) {
+    int old = amx_min_m;
+    amx_min_m = m;
+    return old;
+}
+
+typedef struct {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} tilecfg_t;
+
+static void amx_config(int cu) {
+    tilecfg_t c;
+    memset(&c, 0, sizeof c);
+    c.palette = 1;
+    c.rows[0] = c.rows[1] = c.rows[2] = 16;
+    c.colsb[0] = c.colsb[2] = (uint16_t)(cu * 4); /* C and B: cu columns of 4 bytes */
+    c.colsb[1] = 64;                              /* A: 64 bytes of a W row */
+    _tile_loadconfig(&c);
+}
+
+/* r[c] (row c, 16 words) becomes r[i] = word i of every row: a 16 x 16 transpose of 32-bit words. */
+static inline void transpose16_epi32(__m512i *r) {
+    __m512i t[16], u[16];
+    for (int i = 0; i < 16; i += 2) {
+        t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+        t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+    }
+    for (int i = 0; i < 16; i += 4) {
+        u[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+        u[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+        u[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+        u[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+    }
+    for (int j = 0; j < 4; j++) { /* u[4b + j], 128-bit lane l: rows 4b..4b+3 of word 4l + j */
+        __m512i x0 = _mm512_shuffle_i32x4(u[j], u[4 + j], 0x88), x1 = _mm512_shuffle_i32x4(u[j], u[4 + j], 0xdd);
+        __m512i y0 = _mm512_shuffle_i32x4(u[8 + j], u[12 + j], 0x88), y1 = _mm512_shuffle_i32x4(u[8 + j], u[12 + j], 0xdd);
+        r[j] = _mm512_shuffle_i32x4(x0, y0, 0x88);
+        r[8 + j] = _mm512_shuffle_i32x4(x0, y0, 0xdd);
+        r[4 + j] = _mm512_shuffle_i32x4(x1, y1, 0x88);
+        r[12 + j] = _mm512_shuffle_i32x4(x1, y1, 0xdd);
+    }
+}
+
+/* Pair of k that row i of a 16-row B block must hold for the int8 A rows packus builds: A position t
+   holds k = 16 * ((t % 8) / 4) + 4 * (t / 8) + t % 4, and pairs stay adjacent. */
+static const int AMX_INT8_ORDER[16] = {0, 1, 8, 9, 2, 3, 10, 11, 4, 5, 12, 13, 6, 7, 14, 15};
+
+/* B for bf16 tiles: out[p][m] = bf16 pair (x[m][2p], x[m][2p + 1]) of a bf16 x, K padded to 32 with zeros.
+   B for int8 tiles: out[p][c] = 4 digits (k = 4p..4p+3) of the hi (c < M) or lo (c >= M) digit plane. */
+static uint32_t *x_amx(const job_t *j, const void *x, int cu, uint32_t *out) {
+    const int K = j->K, M = j->M, fast = j->op == OP_INT8_FAST;
+    const int step = fast ? 64 : 32, KP = round_up(K, step), per_word = fast ? 4 : 2;
+    __m512i r[16];
+    for (int k = 0; k < KP; k += step) { /* 16 words of each column, then transposed into 16 rows of B */
+        for (int c = 0; c < 16; c++) {
+            if (c >= cu)
+                r[c] = _mm512_setzero_si512();
+            else if (fast) /* digit planes are zero-padded to a multiple of 64 */
+                r[c] = _mm512_loadu_si512((const int8_t *)j->x + (size_t)(2 * (c % M) + (c >= M)) * j->KX + k);
+            else {
+                int rem = K - k;
+                __mmask32 mk = (__mmask32)(rem >= 32 ? 0xffffffffu : (1u << rem) - 1u);
+                r[c] = _mm512_maskz_loadu_epi16(mk, (const uint16_t *)x + (size_t)c * K + k);
+            }
+        }
+        transpose16_epi32(r);
+        for (int i = 0; i < 16; i++)
+            _mm512_mask_storeu_epi32(out + (size_t)(k / per_word + i) * cu, mask16(cu), r[j->op == OP_INT8 ? AMX_INT8_ORDER[i] : i]);
+    }
+    return out;
+}
+
+/* The next group of 16 W rows is fetched while this one is multiplied: 16 lines per k step. */
+static inline void amx_prefetch_next(const job_t *j, const char *next, int step_bytes, int kb) {
+    const char *end = (const char *)j->w + (size_t)j->N * (j->op == OP_BF16 ? 2 : 1) * j->K;
+    for (int i = 0; i < step_bytes; i += 64)
+        if (next + (size_t)kb * step_bytes + i < end) _mm_prefetch(next + (size_t)kb * step_bytes + i, PF_HINT);
+}
+
+static void amx_group(const job_t *j, int g) {
+    const int K = j->K, cu = j->cu, M = j->M;
+    const int esz = j->op == OP_BF16 ? 2 : 1, kstep = j->op == OP_INT8_FAST ? 64 : 32;
+    const size_t ld = (size_t)K * esz;
+    const char *w = (const char *)j->w + (size_t)g * ld, *next = w + 16 * ld;
+    const uint32_t *b = (const uint32_t *)j->xamx;
+    _Alignas(64) uint8_t abuf[16 * 64];
+    _Alignas(64) int32_t cbuf[16 * 16];
+    _tile_zero(0);
+    for (int k = 0, kb = 0; k < K; k += kstep, kb++) {
+        amx_prefetch_next(j, next, 16 * kstep * esz, kb); /* what this step consumes of the group */
+        if (j->op == OP_INT8) {
+            /* Widen 16 x 32 int8 to bf16 into the A buffer: fp32 of an int8 is exact and its low half is
+               zero, so the bf16 is its high half. packus interleaves the two halves of k by 128-bit
+               lane; x_amx puts B's rows in the same order (AMX_INT8_ORDER). */
+            for (int r = 0; r < 16; r++) {
+                const int8_t *q = (const int8_t *)(w + r * ld) + k;
+                __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mask16(K - k), q)));
+                __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mask16(K - k - 16), q + 16)));
+                _mm512_store_si512(abuf + r * 64, _mm512_packus_epi32(_mm512_srli_epi32(_mm512_castps_si512(lo), 16),
+                                                                      _mm512_srli_epi32(_mm512_castps_si512(hi), 16)));
+            }
+            _tile_loadd(1, abuf, 64);
+        } else if (k + kstep <= K) {
+            _tile_loadd(1, w + (size_t)k * esz, ld);
+        } else { /* K tail: the rest of each row, zero-filled, never reading past the row */
+            int rem = (K - k) * esz;
+            __mmask64 mk = (__mmask64)((1ull << rem) - 1ull);
+            for (int r = 0; r < 16; r++) _mm512_store_si512(abuf + r * 64, _mm512_maskz_loadu_epi8(mk, w + r * ld + (size_t)k * esz));
+            _tile_loadd(1, abuf, 64);
+        }
+        _tile_loadd(2, b + (size_t)kb * 16 * cu, cu * 4);
+        if (j->op == OP_INT8_FAST)
+            _tile_dpbssd(0, 1, 2);
+        else
+            _tile_dpbf16ps(0, 1, 2);
+    }
+    _tile_stored(0, cbuf, cu * 4);
+    const __m512i rows = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                            _mm512_set1_epi32(cu));
+    for (int m = 0; m < M; m++) {
+        __m512 v;
+        if (j->op == OP_INT8_FAST) { /* 256 * hi + lo digits, in double, times the x row's scale */
+            __m512i h = _mm512_i32gather_epi32(_mm512_add_epi32(rows, _mm512_set1_epi32(m)), cbuf, 4);
+            __m512i l = _mm512_i32gather_epi32(_mm512_add_epi32(rows, _mm512_set1_epi32(M + m)), cbuf, 4);
+            __m512d s = _mm512_set1_pd((double)j->xs[m]), c256 = _mm512_set1_pd(256.0);
+            __m512d d0 = _mm512_fmadd_pd(_mm512_cvtepi32_pd(_mm512_castsi512_si256(h)), c256,
+                                         _mm512_cvtepi32_pd(_mm512_castsi512_si256(l)));
+            __m512d d1 = _mm512_fmadd_pd(_mm512_cvtepi32_pd(_mm512_extracti64x4_epi64(h, 1)), c256,
+                                         _mm512_cvtepi32_pd(_mm512_extracti64x4_epi64(l, 1)));
+            v = _mm512_insertf32x8(_mm512_castps256_ps512(_mm512_cvtpd_ps(_mm512_mul_pd(d0, s))),
+                                   _mm512_cvtpd_ps(_mm512_mul_pd(d1, s)), 1);
+        } else {
+            v = _mm512_i32gather_ps(_mm512_add_epi32(rows, _mm512_set1_epi32(m)), cbuf, 4);
+        }
+        finish_tile(j, g, 16, m, v);
+    }
+}
+#else
+int ivl_amx_available(void) { return 0; }
+int ivl_set_amx_min_rows(int m) { (void)m; return 0; }
+#endif
+
+static void do_rows(const job_t *j, int n0, int n1) {
+#ifdef IVL_AMX
+    if (j->amx) {
+        int full = n0 + (n1 - n0) / TILE * TILE;
+        if (full > n0) {
+            amx_config(j->cu);
+            for (int g = n0; g < full; g += TILE) amx_group(j, g);
+            _tile_release();
+        }
+        n0 = full; /* fewer than 16 rows left: the vector path */
+    }
+#endif
+    if (n0 < n1) do_rows_avx(j, n0, n1);
 }
 
 /* ---- threading: contiguous chunk ranges per thread, stealing from the back when done ---- */
@@ -505,24 +686,36 @@ int ivl_run(const int64_t *p) {
     const void *x = (const void *)(intptr_t)p[P_X];
     if (j.M < 1 || j.M > MAXM || j.K < 1 || j.N < 1 || (xdt != DT_F32 && xdt != DT_BF16)) return 1;
     if (j.op == OP_INT8_FAST && j.K > FAST_MAX_K) j.op = OP_INT8;
-    size_t row_bytes;
+    if ((j.op == OP_INT8 || j.op == OP_INT8_FAST) && !j.scale) return 1;
+    if (j.op != OP_BF16 && j.op != OP_INT8 && j.op != OP_INT8_FAST) return 1;
+    /* Scratch: x for the vector path (also serving rows that do not fill an AMX tile), then AMX's B. */
+    size_t row_bytes = (size_t)j.K * (j.op == OP_BF16 ? 2 : 1), vec_bytes, amx_bytes = 0;
+    j.KX = j.op == OP_BF16 ? round_up((j.K + 1) / 2, 16) : (j.op == OP_INT8 ? j.K : round_up(j.K, 64));
+    vec_bytes = j.op == OP_BF16 ? (size_t)8 * j.M * j.KX
+                                : (j.op == OP_INT8 ? (xdt == DT_F32 ? 0 : (size_t)4 * j.M * j.K) : (size_t)2 * j.M * j.KX);
+    vec_bytes = (vec_bytes + 63) / 64 * 64;
+    j.amx = 0;
+    j.cu = j.op == OP_INT8_FAST ? 2 * j.M : j.M;
+#ifdef IVL_AMX
+    /* Widening int8 for exact tiles costs about what 3 rows of vector FMAs do: AMX pays from 4 rows. */
+    int min_m = j.op == OP_INT8 && amx_min_m > 0 && amx_min_m < 4 ? 4 : amx_min_m;
+    j.amx = min_m > 0 && j.M >= min_m && j.N >= TILE && (j.op == OP_INT8_FAST || xdt == DT_BF16) &&
+            ivl_amx_available();
+    if (j.amx) amx_bytes = (size_t)round_up(j.K, 64) * j.cu * 4;
+#endif
+    char *buf = (char *)scratch_get(vec_bytes + amx_bytes + 64);
+    if (!buf) return 2;
     if (j.op == OP_BF16) {
         j.scale = NULL;
-        j.KX = round_up((j.K + 1) / 2, 16);
-        j.x = x_even_odd(x, xdt, j.M, j.K, j.KX);
-        row_bytes = (size_t)j.K * 2;
-    } else if (j.op == OP_INT8 && j.scale) {
-        j.KX = j.K;
-        j.x = x_f32(x, xdt, j.M, j.K);
-        row_bytes = (size_t)j.K;
-    } else if (j.op == OP_INT8_FAST && j.scale) {
-        j.KX = round_up(j.K, 64);
-        j.x = x_digits(x, xdt, j.M, j.K, j.KX, j.xs, j.xsum);
-        row_bytes = (size_t)j.K;
+        j.x = x_even_odd(x, xdt, j.M, j.K, j.KX, (float *)buf);
+    } else if (j.op == OP_INT8) {
+        j.x = x_f32(x, xdt, j.M, j.K, (float *)buf);
     } else {
-        return 1;
+        j.x = x_digits(x, xdt, j.M, j.K, j.KX, j.xs, j.xsum, (int8_t *)buf);
     }
-    if (!j.x) return 2;
+#ifdef IVL_AMX
+    if (j.amx) j.xamx = x_amx(&j, x, j.cu, (uint32_t *)(buf + vec_bytes));
+#endif
     run_parallel(&j, row_bytes, (int)p[P_THREADS]);
     return 0;
 }

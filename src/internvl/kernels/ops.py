@@ -36,6 +36,18 @@ def unavailable_reason() -> str | None:
     return None if available() else build.load_error()
 
 
+def amx_available() -> bool:
+    """True when the AMX tile path for batched rows is compiled in and the CPU and OS allow it."""
+    lib = build.load()
+    return lib is not None and bool(lib.ivl_amx_available())
+
+
+def set_amx_min_rows(rows: int) -> int:
+    """Use AMX from this many rows of x on (default 2; 0 never); returns the previous setting."""
+    lib = build.load()
+    return lib.ivl_set_amx_min_rows(rows) if lib is not None else 0
+
+
 def _param_block():
     blk = getattr(_tls, "blk", None)
     if blk is None:
