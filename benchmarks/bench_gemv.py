@@ -50,7 +50,8 @@ class Bandwidth:
         nbytes = self.buf.numel() * 4
         self.sum_gbs = max(self.sum_gbs, nbytes / best_time(self.buf.sum, repeats) / 1e9)
         if kernels.available():
-            self.pass_gbs = max(self.pass_gbs, nbytes / best_time(lambda: kernels.read_pass(self.buf), repeats) / 1e9)
+            t = best_time(lambda: kernels.read_pass(self.buf), repeats)
+            self.pass_gbs = max(self.pass_gbs, nbytes / t / 1e9)
 
     @property
     def roofline(self) -> float:
@@ -70,7 +71,8 @@ def make_paths():
     """name -> (prepare(w_bf16) -> handle, run(x, handle), bytes per weight element)."""
     paths = {
         REFERENCE: (lambda w: w, lambda x, w: F.linear(x, w), 2),
-        "torch oneDNN prepacked": (_onednn, lambda x, h: torch.ops.mkldnn._linear_pointwise(x, h, None, "none", [], ""), 2),
+        "torch oneDNN prepacked": (
+            _onednn, lambda x, h: torch.ops.mkldnn._linear_pointwise(x, h, None, "none", [], ""), 2),
         "torch int8pack_mm": (_int8pack, lambda x, h: torch._weight_int8pack_mm(x, *h), 1),
     }
     if kernels.available():
@@ -90,14 +92,14 @@ def bench_shape(shape, paths, rows, min_bytes, repeats, bw):
     for pname, (prep, run, esize) in paths.items():
         hs = [prep(w) for w in ws]
 
-        def loop():
+        def loop(hs=hs, run=run):
             for h in hs:
                 run(x, h)
 
         bw.sample(1)
         t = best_time(loop, repeats) / count
         out[pname] = (t, n * k * esize / t / 1e9)
-        del hs
+        del hs, loop
     return out
 
 
@@ -108,7 +110,7 @@ def per_call_overhead(paths, repeats):
     res = {}
     for pname, (prep, run, _) in paths.items():
         h = prep(w)
-        res[pname] = best_time(lambda: [run(x, h) for _ in range(2000)], repeats) / 2000 * 1e6
+        res[pname] = best_time(lambda run=run, h=h: [run(x, h) for _ in range(2000)], repeats) / 2000 * 1e6
     return res
 
 
@@ -133,10 +135,11 @@ def decode_step(paths, rows, repeats, bw):
     for _ in range(repeats):
         bw.sample(1)
         for p, (_, run, _) in paths.items():
-            hs = handles[p]
-            best[p][0] = min(best[p][0], best_time(lambda: [run(xs[k], h) for (_, k), h in zip(shapes, hs)], 1))
+            pairs = list(zip([xs[k] for _, k in shapes], handles[p]))
+            best[p][0] = min(best[p][0], best_time(
+                lambda run=run, pairs=pairs: [run(x, h) for x, h in pairs], 1))
             best[p][1] = min(best[p][1], best_time(
-                lambda: [torch_ops(run(xs[k], h)) for (_, k), h in zip(shapes, hs)], 1))
+                lambda run=run, pairs=pairs: [torch_ops(run(x, h)) for x, h in pairs], 1))
     res = {p: (*best[p], sum(n * k * esize for n, k in shapes)) for p, (_, _, esize) in paths.items()}
     return res, t_ops
 
@@ -164,22 +167,24 @@ def main() -> None:
     res, t_ops = decode_step(paths, args.rows, repeats, bw)
     roof = bw.roofline
 
-    print(f"read bandwidth, best of the samples over the run: torch.sum {bw.sum_gbs:.1f} GB/s, prefetching read "
-          f"pass {bw.pass_gbs:.1f} GB/s; the roofline below is the higher, {roof:.1f} GB/s")
+    print(f"read bandwidth, best of the samples over the run: torch.sum {bw.sum_gbs:.1f} GB/s, "
+          f"prefetching read pass {bw.pass_gbs:.1f} GB/s; the roofline below is the higher, {roof:.1f} GB/s")
     print("per-call overhead (16x64 weight): " + ", ".join(f"{p} {us:.1f} us" for p, us in overhead.items()))
     if results:
-        print(f"\nGB/s of weight bytes read (fraction of {roof:.1f} GB/s) and time per matrix, rows={args.rows}")
+        print(f"\nGB/s of weight bytes read (fraction of {roof:.1f} GB/s) and time per matrix, "
+              f"rows={args.rows}")
         print(f"{'path':>{width}} | " + " | ".join(f"{n:>7} {s[0]}x{s[1]:<5}" for n, s in SHAPES.items()))
         for p in paths:
             cells = [f"{results[n][p][1]:5.1f} {results[n][p][1] / roof:4.0%} {results[n][p][0] * 1e6:5.0f}us"
                      for n in SHAPES]
             print(f"{p:>{width}} | " + " | ".join(f"{c:>20}" for c in cells))
-    print(f"\nwhole decode step ({LAYERS} layers x 7 matrices + lm_head, distinct weights), rows={args.rows}; "
-          f"{LAYERS * 7 + 1} rounds of small torch ops alone take {t_ops * 1e3:.2f} ms")
+    print(f"\nwhole decode step ({LAYERS} layers x 7 matrices + lm_head, distinct weights), "
+          f"rows={args.rows}; {LAYERS * 7 + 1} rounds of small torch ops alone take {t_ops * 1e3:.2f} ms")
     for p, (t_mm, t_mix, nbytes) in res.items():
         gbs = nbytes / t_mm / 1e9
         print(f"  {p:>{width}}: {t_mm * 1e3:6.2f} ms/token {1 / t_mm:5.1f} tok/s {nbytes / 1e6:4.0f} MB "
-              f"{gbs:5.1f} GB/s = {gbs / roof:4.0%} of roofline, {res[REFERENCE][0] / t_mm:4.2f}x {REFERENCE} | "
+              f"{gbs:5.1f} GB/s = {gbs / roof:4.0%} of roofline, "
+              f"{res[REFERENCE][0] / t_mm:4.2f}x {REFERENCE} | "
               f"with torch ops {t_mix * 1e3:6.2f} ms (matmuls + ops alone {(t_mm + t_ops) * 1e3:6.2f})")
     if "ours bf16" in res:
         b = res["ours bf16"][0]

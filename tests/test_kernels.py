@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 
 import pytest
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 from internvl import kernels
-from internvl.kernels import Int8Linear, FastBf16Linear, build
+from internvl.kernels import FastBf16Linear, Int8Linear, build
 
 needs_kernels = pytest.mark.skipif(not kernels.available(),
                                    reason=f"kernels unavailable: {kernels.unavailable_reason()}")
@@ -83,8 +84,8 @@ def test_amx_tiles_match_vector_path(m):
     for i, (n, k) in enumerate(SHAPES):
         x, w, b = _data(m, n, k, torch.bfloat16, bias=i % 2 == 0, seed=300 + i)
         q, s = kernels.quantize_int8(w)
-        calls = [lambda: kernels.linear_bf16(x, w, b), lambda: kernels.linear_int8(x, q, s, b),
-                 lambda: kernels.linear_int8(x, q, s, b, quantize_x=True)]
+        calls = [partial(kernels.linear_bf16, x, w, b), partial(kernels.linear_int8, x, q, s, b),
+                 partial(kernels.linear_int8, x, q, s, b, quantize_x=True)]
         tiles = [f() for f in calls]
         old = kernels.ops.set_amx_min_rows(0)
         try:
@@ -195,7 +196,8 @@ def test_disabled_by_env_uses_torch(monkeypatch):
         torch.testing.assert_close(kernels.linear_bf16(x, w, b), F.linear(x, w, b.bfloat16()))
         q, s = kernels.quantize_int8(w)
         y = kernels.linear_int8(x, q, s, b)
-        torch.testing.assert_close(y, F.linear(x, kernels.dequantize_int8(q, s, torch.bfloat16), b.bfloat16()))
+        ref = F.linear(x, kernels.dequantize_int8(q, s, torch.bfloat16), b.bfloat16())
+        torch.testing.assert_close(y, ref)
         with torch.no_grad():
             y2 = Int8Linear(q, s, b)(x.float())
         assert y2.dtype == torch.float32

@@ -1,12 +1,30 @@
-"""Optional AVX-512 weight-streaming kernels for CPU decoding (bf16 and weight-only int8 linear layers).
+"""Optional AVX-512/AMX weight-streaming kernels for CPU decoding: bf16 and weight-only int8 linear layers.
 
 Everything here falls back to plain torch when the kernels cannot be built or run; see `available()`.
 Set INTERNVL_NO_KERNELS=1 (before first use) to force the torch path.
 """
 
 from .modules import FastBf16Linear, Int8Linear
-from .ops import (MAX_ROWS, available, dequantize_int8, linear_bf16, linear_int8, quantize_int8, read_pass,
-                  unavailable_reason)
+from .ops import (
+    MAX_ROWS,
+    available,
+    dequantize_int8,
+    linear_bf16,
+    linear_int8,
+    quantize_int8,
+    read_pass,
+    unavailable_reason,
+)
 
-__all__ = ["MAX_ROWS", "available", "unavailable_reason", "linear_bf16", "linear_int8", "quantize_int8",
-           "dequantize_int8", "read_pass", "FastBf16Linear", "Int8Linear"]
+__all__ = [
+    "MAX_ROWS",
+    "FastBf16Linear",
+    "Int8Linear",
+    "available",
+    "dequantize_int8",
+    "linear_bf16",
+    "linear_int8",
+    "quantize_int8",
+    "read_pass",
+    "unavailable_reason",
+]

@@ -73,7 +73,7 @@ def _compiler() -> str | None:
 
 
 def _torch_gomp() -> Path | None:
-    """torch's bundled libgomp: linking against it keeps one OpenMP runtime (and one thread team) per process."""
+    """torch's bundled libgomp: linking it keeps one OpenMP runtime (and one thread team) per process."""
     import torch
 
     lib = Path(torch.__file__).parent / "lib"
@@ -84,7 +84,7 @@ def _torch_gomp() -> Path | None:
 
 def _compiler_id(cc: str) -> str:
     try:
-        out = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30)
+        out = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30, check=False)
         return out.stdout.splitlines()[0] if out.stdout else cc
     except (OSError, subprocess.SubprocessError):
         return cc
@@ -121,7 +121,7 @@ def build(cc: str, gomp: Path | None, out: Path) -> None:
 
 
 def _run(cmd: list[str]) -> None:
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
     if res.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{res.stderr.strip()[-2000:]}")
 
@@ -175,7 +175,7 @@ def load() -> ctypes.CDLL | None:
         if not _tried:
             try:
                 _lib = _load()
-            except Exception as e:  # any failure means "use torch", never a crash
+            except Exception as e:  # noqa: BLE001 - any failure means "use torch", never a crash
                 _lib, _error = None, f"{type(e).__name__}: {e}"
             _tried = True
     return _lib

@@ -1,4 +1,4 @@
-/* Weight-streaming matrix-vector kernels for CPU decoding (AVX-512, AVX-512 VNNI).
+/* Weight-streaming matrix-vector kernels for CPU decoding (AVX-512 with VNNI; AMX where present).
 
    y[M,N] = x[M,K] @ W[N,K]^T (+ bias) for M <= 8, with W row-major in bf16, or in int8 with one fp32
    scale per output row. Decoding is bound by the bytes of W read, so each thread walks a contiguous
@@ -14,7 +14,8 @@
    int8 W, fast: x is quantized per row to 16 bits (two signed int8 digits) and vpdpbusd multiplies 64
    weights per instruction with no widening, an integer-exact dot product of the quantized values.
    Rows go in tiles of 16 whose lane sums are formed together, so scale, bias and the bf16 rounding of
-   the outputs are vector operations too.
+   the outputs are vector operations too. With 2+ rows of x (batched decoding), AMX tile multiplies
+   take over where the CPU has them (see the AMX section), so the weights still stream at full speed.
 
    No torch headers: this file compiles in about a second and is loaded with ctypes. */
 #include <immintrin.h>
@@ -130,7 +131,8 @@ static const int8_t *x_digits(const void *x, int xdt, int M, int K, int KP, floa
     for (int m = 0; m < M; m++) {
         size_t base = (size_t)m * K;
         __m512 vmax = _mm512_setzero_ps();
-        for (int k = 0; k < K; k += 16) vmax = _mm512_max_ps(vmax, _mm512_abs_ps(load_x16(x, xdt, base + k, mask16(K - k))));
+        for (int k = 0; k < K; k += 16)
+            vmax = _mm512_max_ps(vmax, _mm512_abs_ps(load_x16(x, xdt, base + k, mask16(K - k))));
         float amax = _mm512_reduce_max_ps(vmax);
         float s = amax > 0 && isfinite(amax) ? amax / 32639.0f : 1.0f;
         __m512 inv = _mm512_set1_ps(1.0f / s);
@@ -188,9 +190,11 @@ static inline __m512 hsum16_ps(const __m512 *v) {
 static inline __m512i hsum16_epi32(const __m512i *v) {
     __m512i t[8], u[4];
     for (int i = 0; i < 8; i++)
-        t[i] = _mm512_add_epi32(_mm512_unpacklo_epi32(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_epi32(v[2 * i], v[2 * i + 1]));
+        t[i] = _mm512_add_epi32(_mm512_unpacklo_epi32(v[2 * i], v[2 * i + 1]),
+                                _mm512_unpackhi_epi32(v[2 * i], v[2 * i + 1]));
     for (int i = 0; i < 4; i++)
-        u[i] = _mm512_add_epi32(_mm512_unpacklo_epi64(t[2 * i], t[2 * i + 1]), _mm512_unpackhi_epi64(t[2 * i], t[2 * i + 1]));
+        u[i] = _mm512_add_epi32(_mm512_unpacklo_epi64(t[2 * i], t[2 * i + 1]),
+                                _mm512_unpackhi_epi64(t[2 * i], t[2 * i + 1]));
     __m512i w0 = _mm512_add_epi32(_mm512_shuffle_i32x4(u[0], u[1], 0x88), _mm512_shuffle_i32x4(u[0], u[1], 0xdd));
     __m512i w1 = _mm512_add_epi32(_mm512_shuffle_i32x4(u[2], u[3], 0x88), _mm512_shuffle_i32x4(u[2], u[3], 0xdd));
     return _mm512_add_epi32(_mm512_shuffle_i32x4(w0, w1, 0x88), _mm512_shuffle_i32x4(w0, w1, 0xdd));
@@ -281,8 +285,10 @@ static inline __attribute__((always_inline)) void bf16_row_pair(const int NM, co
             v0 = _mm512_maskz_loadu_epi16(mk, (const void *)(w0 + k));
             v1 = _mm512_maskz_loadu_epi16(mk, (const void *)(w1 + k));
         }
-        __m512 e0 = _mm512_castsi512_ps(_mm512_slli_epi32(v0, 16)), o0 = _mm512_castsi512_ps(_mm512_and_si512(v0, hi_mask));
-        __m512 e1 = _mm512_castsi512_ps(_mm512_slli_epi32(v1, 16)), o1 = _mm512_castsi512_ps(_mm512_and_si512(v1, hi_mask));
+        __m512 e0 = _mm512_castsi512_ps(_mm512_slli_epi32(v0, 16));
+        __m512 o0 = _mm512_castsi512_ps(_mm512_and_si512(v0, hi_mask));
+        __m512 e1 = _mm512_castsi512_ps(_mm512_slli_epi32(v1, 16));
+        __m512 o1 = _mm512_castsi512_ps(_mm512_and_si512(v1, hi_mask));
         for (int m = 0; m < NM; m++) {
             const float *xe = xf + (size_t)2 * m * KH + (k >> 1);
             __m512 xev = _mm512_loadu_ps(xe), xov = _mm512_loadu_ps(xe + KH);
@@ -484,8 +490,10 @@ static inline void transpose16_epi32(__m512i *r) {
         u[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
     }
     for (int j = 0; j < 4; j++) { /* u[4b + j], 128-bit lane l: rows 4b..4b+3 of word 4l + j */
-        __m512i x0 = _mm512_shuffle_i32x4(u[j], u[4 + j], 0x88), x1 = _mm512_shuffle_i32x4(u[j], u[4 + j], 0xdd);
-        __m512i y0 = _mm512_shuffle_i32x4(u[8 + j], u[12 + j], 0x88), y1 = _mm512_shuffle_i32x4(u[8 + j], u[12 + j], 0xdd);
+        __m512i x0 = _mm512_shuffle_i32x4(u[j], u[4 + j], 0x88);
+        __m512i x1 = _mm512_shuffle_i32x4(u[j], u[4 + j], 0xdd);
+        __m512i y0 = _mm512_shuffle_i32x4(u[8 + j], u[12 + j], 0x88);
+        __m512i y1 = _mm512_shuffle_i32x4(u[8 + j], u[12 + j], 0xdd);
         r[j] = _mm512_shuffle_i32x4(x0, y0, 0x88);
         r[8 + j] = _mm512_shuffle_i32x4(x0, y0, 0xdd);
         r[4 + j] = _mm512_shuffle_i32x4(x1, y1, 0x88);
@@ -516,8 +524,10 @@ static uint32_t *x_amx(const job_t *j, const void *x, int cu, uint32_t *out) {
             }
         }
         transpose16_epi32(r);
-        for (int i = 0; i < 16; i++)
-            _mm512_mask_storeu_epi32(out + (size_t)(k / per_word + i) * cu, mask16(cu), r[j->op == OP_INT8 ? AMX_INT8_ORDER[i] : i]);
+        for (int i = 0; i < 16; i++) {
+            __m512i row = r[j->op == OP_INT8 ? AMX_INT8_ORDER[i] : i];
+            _mm512_mask_storeu_epi32(out + (size_t)(k / per_word + i) * cu, mask16(cu), row);
+        }
     }
     return out;
 }
@@ -557,7 +567,8 @@ static void amx_group(const job_t *j, int g) {
         } else { /* K tail: the rest of each row, zero-filled, never reading past the row */
             int rem = (K - k) * esz;
             __mmask64 mk = (__mmask64)((1ull << rem) - 1ull);
-            for (int r = 0; r < 16; r++) _mm512_store_si512(abuf + r * 64, _mm512_maskz_loadu_epi8(mk, w + r * ld + (size_t)k * esz));
+            for (int r = 0; r < 16; r++)
+                _mm512_store_si512(abuf + r * 64, _mm512_maskz_loadu_epi8(mk, w + r * ld + (size_t)k * esz));
             _tile_loadd(1, abuf, 64);
         }
         _tile_loadd(2, b + (size_t)kb * 16 * cu, cu * 4);
@@ -691,8 +702,12 @@ int ivl_run(const int64_t *p) {
     /* Scratch: x for the vector path (also serving rows that do not fill an AMX tile), then AMX's B. */
     size_t row_bytes = (size_t)j.K * (j.op == OP_BF16 ? 2 : 1), vec_bytes, amx_bytes = 0;
     j.KX = j.op == OP_BF16 ? round_up((j.K + 1) / 2, 16) : (j.op == OP_INT8 ? j.K : round_up(j.K, 64));
-    vec_bytes = j.op == OP_BF16 ? (size_t)8 * j.M * j.KX
-                                : (j.op == OP_INT8 ? (xdt == DT_F32 ? 0 : (size_t)4 * j.M * j.K) : (size_t)2 * j.M * j.KX);
+    if (j.op == OP_BF16)
+        vec_bytes = (size_t)8 * j.M * j.KX; /* even and odd fp32 halves */
+    else if (j.op == OP_INT8)
+        vec_bytes = xdt == DT_F32 ? 0 : (size_t)4 * j.M * j.K; /* fp32 rows */
+    else
+        vec_bytes = (size_t)2 * j.M * j.KX; /* two digit planes */
     vec_bytes = (vec_bytes + 63) / 64 * 64;
     j.amx = 0;
     j.cu = j.op == OP_INT8_FAST ? 2 * j.M : j.M;

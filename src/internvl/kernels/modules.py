@@ -7,10 +7,20 @@ under autograd goes through torch). Both keep nn.Linear's state-dict key for the
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 from . import build
-from .ops import _OP_BF16, _OP_INT8, _OP_INT8_FAST, MAX_ROWS, bias_args, gemv, linear_bf16, linear_int8, quantize_int8
+from .ops import (
+    _OP_BF16,
+    _OP_INT8,
+    _OP_INT8_FAST,
+    MAX_ROWS,
+    bias_args,
+    gemv,
+    linear_bf16,
+    linear_int8,
+    quantize_int8,
+)
 
 
 def _check_bias(bias: torch.Tensor | None, n: int) -> torch.Tensor | None:
@@ -27,13 +37,13 @@ class FastBf16Linear(nn.Module):
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
         super().__init__()
         if weight.dim() != 2:
-            raise ValueError(f"weight must be 2-D [out_features, in_features], got shape {tuple(weight.shape)}")
+            raise ValueError(f"weight must be 2-D [out_features, in_features], got {tuple(weight.shape)}")
         self.out_features, self.in_features = weight.shape
         self.register_buffer("weight", weight.detach().to(torch.bfloat16).contiguous())
         self.register_buffer("bias", _check_bias(bias, self.out_features))
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear) -> "FastBf16Linear":
+    def from_linear(cls, linear: nn.Linear) -> FastBf16Linear:
         """Shares the weight storage when it already is a contiguous bf16 tensor."""
         return cls(linear.weight, linear.bias)
 
@@ -50,7 +60,8 @@ class FastBf16Linear(nn.Module):
         return linear_bf16(x, w, b)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}")
 
 
 class Int8Linear(nn.Module):
@@ -76,7 +87,7 @@ class Int8Linear(nn.Module):
         self.register_buffer("bias", _check_bias(bias, self.out_features))
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, quantize_x: bool = False) -> "Int8Linear":
+    def from_linear(cls, linear: nn.Linear, quantize_x: bool = False) -> Int8Linear:
         q, s = quantize_int8(linear.weight)
         return cls(q, s, linear.bias, quantize_x)
 
@@ -84,7 +95,8 @@ class Int8Linear(nn.Module):
         bufs = self._buffers
         q, s, b = bufs["qweight"], bufs["scale"], bufs["bias"]
         lib = build.load()
-        if lib is not None and x.shape[-1] == self.in_features and q.is_cpu and s.is_cpu and q.is_contiguous():
+        if (lib is not None and x.shape[-1] == self.in_features and q.is_cpu and s.is_cpu
+                and q.is_contiguous()):
             ba = bias_args(b)
             if ba is not None:
                 y = gemv(lib, self._op, x, q.data_ptr(), s.data_ptr(), self.out_features, *ba)

@@ -1,7 +1,8 @@
-"""Functional linear layers for decoding: the AVX-512 kernel for up to 8 rows, torch otherwise.
+"""Functional linear layers for decoding: the AVX-512/AMX kernels for up to 8 rows, torch otherwise.
 
 Both functions compute x @ W^T (+ bias) and return x's dtype. The kernel path needs a contiguous
 2-D CPU weight, x in bf16 or fp32 with at most MAX_ROWS rows after flattening, and no autograd.
+One row streams through AVX-512 FMA (or VNNI); 2 to 8 rows use AMX tiles when the CPU has them.
 """
 
 from __future__ import annotations
@@ -75,8 +76,8 @@ def gemv(lib, op: int, x: torch.Tensor, w_ptr: int, scale_ptr: int, n: int, bias
         x = x.contiguous()
     y = torch.empty(m, n, dtype=x.dtype)
     buf, addr = _param_block()
-    _PARAMS.pack_into(buf, 0, op, x.data_ptr(), dt, m, k, w_ptr, scale_ptr, n, bias_ptr, bias_dt, y.data_ptr(), dt,
-                      torch.get_num_threads())
+    _PARAMS.pack_into(buf, 0, op, x.data_ptr(), dt, m, k, w_ptr, scale_ptr, n, bias_ptr, bias_dt,
+                      y.data_ptr(), dt, torch.get_num_threads())
     if lib.ivl_run(addr) != 0:
         return None
     return y if len(shape) == 2 else y.view(*shape[:-1], n)
@@ -145,9 +146,9 @@ def dequantize_int8(qweight: torch.Tensor, scale: torch.Tensor, dtype=torch.floa
                     out: torch.Tensor | None = None) -> torch.Tensor:
     """The dense weight qweight * scale[:, None] in dtype (the product formed in fp32, then rounded)."""
     lib = build.load()
-    if (lib is not None and dtype in _DT and qweight.dtype == torch.int8 and qweight.dim() == 2 and qweight.is_cpu
-            and qweight.is_contiguous() and scale.dtype == torch.float32 and scale.is_cpu and scale.is_contiguous()
-            and scale.numel() == qweight.shape[0] and qweight.numel() > 0):
+    if (lib is not None and dtype in _DT and qweight.dtype == torch.int8 and qweight.dim() == 2
+            and qweight.is_cpu and qweight.is_contiguous() and scale.dtype == torch.float32 and scale.is_cpu
+            and scale.is_contiguous() and scale.numel() == qweight.shape[0] and qweight.numel() > 0):
         if out is None:
             out = torch.empty(qweight.shape, dtype=dtype)
         lib.ivl_dequantize_int8(qweight.data_ptr(), scale.data_ptr(), qweight.shape[0], qweight.shape[1],
