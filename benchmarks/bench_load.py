@@ -17,6 +17,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from common import random_checkpoint
+
 READ = r"""
 import resource, sys, time
 from pathlib import Path
@@ -48,20 +50,6 @@ assert not report.missing and all(p.dtype == torch.bfloat16 for p in model.param
 print(dt, base * 1024, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
 """
 
-WRITE = r"""
-import sys, torch
-from internvl.checkpoint.io import build_model, save_model
-from internvl.config import preset
-model = build_model(preset(sys.argv[2]), image_token_id=151667, meta=True)
-g = torch.Generator().manual_seed(0)
-for name, p in list(model.named_parameters()):
-    mod, _, attr = name.rpartition(".")
-    t = torch.empty(p.shape, dtype=torch.bfloat16).normal_(0, 0.02, generator=g)
-    model.get_submodule(mod)._parameters[attr] = torch.nn.Parameter(t, requires_grad=False)
-save_model(model, sys.argv[1], layout=sys.argv[3])
-"""
-
-
 def run(code: str, *args: str) -> list[float]:
     out = subprocess.run([sys.executable, "-c", code, *args], check=True, capture_output=True, text=True).stdout
     return [float(x) for x in out.split()]
@@ -74,10 +62,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--keep", default=None, help="write the checkpoint here and keep it")
     args = ap.parse_args()
-    folder = Path(args.keep or tempfile.mkdtemp(prefix="bench_load_"))
-    if not any(folder.glob("*.safetensors")):
-        print(f"writing a random {args.preset} checkpoint (bf16, {args.layout} layout) to {folder} ...")
-        subprocess.run([sys.executable, "-c", WRITE, str(folder), args.preset, args.layout], check=True)
+    folder = random_checkpoint(Path(args.keep or tempfile.mkdtemp(prefix="bench_load_")), args.preset, args.layout)
     size = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
     run(READ, str(folder))  # warm the page cache for both measurements
     reads, loads = [], []

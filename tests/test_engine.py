@@ -152,3 +152,27 @@ def test_bad_requests_raise_typed_errors(pair):
         eng.add(ids[0].tolist(), None, torch.cat([pv, pv]))
     with pytest.raises(InternVLError, match="temperature must be >= 0"):
         SamplingParams(temperature=-1)
+
+
+def test_fused_projections_and_decode_kernels_match_the_plain_model(tmp_path):
+    from internvl.engine.quant import use_decode_kernels
+
+    folder = tiny_checkpoint(tmp_path / "m")
+    plain, _ = load_model(folder, image_token_id=None)
+    fused, _ = load_model(folder, image_token_id=None)
+    fused.language_model.fuse_projections()
+    ids = torch.randint(10, 300, (1, 40))
+    with torch.no_grad():
+        torch.testing.assert_close(fused(ids).logits, plain(ids).logits, atol=1e-5, rtol=0)
+    # bf16 weights through the streaming kernels: the same greedy tokens as plain bf16 torch
+    plain16, _ = load_model(folder, dtype="bf16")
+    fast16, _ = load_model(folder, dtype="bf16")
+    assert use_decode_kernels(fast16) > 0
+    prompt = ids[0].tolist()
+    want = Engine(plain16).generate([(prompt, SamplingParams(max_new_tokens=16), None)])[0].output_ids
+    got = Engine(fast16).generate([(prompt, SamplingParams(max_new_tokens=16), None)])[0].output_ids
+    assert got == want
+    with pytest.raises(Exception, match="fused for decoding"):
+        from internvl.checkpoint.io import save_model
+
+        save_model(fast16, tmp_path / "out")

@@ -143,12 +143,14 @@ def _as_list(images: Any) -> list[Any]:
 
 
 def load(path: str | Path | None = None, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,
-         quantize: str | None = None, max_batch: int = 16) -> InternVL:  # fmt: skip
+         quantize: str | None = None, max_batch: int = 16, optimize: bool = True) -> InternVL:  # fmt: skip
     """Load a checkpoint folder (original or -hf layout) or a LoRA adapter folder (merged into the base model it
     records); no path loads the built-in nano model.
 
     `dtype`: None keeps the stored dtype; "bf16", "fp16" or "fp32" casts. `quantize="int8"` applies
-    weight-only int8 to the language model's linear layers (for fast CPU decoding).
+    weight-only int8 to the language model's linear layers (for fast CPU decoding). `optimize` fuses the
+    decoder's projections and uses the CPU decode kernels: the model is then for inference only (pass
+    False to fine-tune or save it).
     """
     path = Path(path) if path is not None else default_model_path()
     if device == "auto":
@@ -164,4 +166,8 @@ def load(path: str | Path | None = None, device: str | torch.device = "cpu", dty
         from .engine.quant import quantize_model
 
         quantize_model(model, quantize)
+    elif optimize:
+        from .engine.quant import use_decode_kernels
+
+        use_decode_kernels(model)
     return InternVL(model, tokenizer, path, max_batch=max_batch)

@@ -182,6 +182,9 @@ def save_model(model: InternVLChatModel, folder: str | Path, layout: str = "orig
                dtype: str | torch.dtype | None = None, max_shard_bytes: int = 4 << 30,
                tokenizer_dir: str | Path | None = None) -> list[Path]:  # fmt: skip
     """Write config.json and safetensors (sharded above `max_shard_bytes`) in `layout`."""
+    if model.language_model.fused:
+        raise CheckpointError("this model's projections were fused for decoding and it cannot be saved; "
+                              "load it with internvl.load(..., optimize=False) or load_model() to save it")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     dtype = resolve_dtype(dtype)

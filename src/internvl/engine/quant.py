@@ -35,14 +35,17 @@ def quantize_model(model, mode: str = "int8") -> int:
     """Weight-only int8 (one scale per output row) for every linear layer of the language model."""
     if mode not in MODES:
         raise InternVLError(f"quantize: expected one of {list(MODES)}, got {mode!r}")
+    model.language_model.fuse_projections()
     return _replace_linears(model.language_model, Int8Linear.from_linear)
 
 
 def use_decode_kernels(model) -> int:
-    """Route a bf16 language model's decode-sized matmuls through the streaming kernel (CPU weights only)."""
+    """Fuse the projections and route a bf16 language model's decode-sized matmuls through the streaming
+    kernel (CPU weights only; other layers keep torch)."""
 
     def fast(linear: nn.Linear) -> nn.Module | None:
         w = linear.weight
         return FastBf16Linear.from_linear(linear) if w.dtype == torch.bfloat16 and w.device.type == "cpu" else None
 
+    model.language_model.fuse_projections()
     return _replace_linears(model.language_model, fast)

@@ -23,6 +23,10 @@ class KVCache:
         return self.k[0].shape[0] if self.k else 0
 
     @property
+    def same_lengths(self) -> bool:
+        return bool((self.lengths == self.lengths[0]).all()) if self.batch else True
+
+    @property
     def capacity(self) -> int:
         return self.k[0].shape[2]
 
@@ -49,10 +53,16 @@ class KVCache:
                 new[:, :, :keep] = t[:, :, :keep]
                 cache[i] = new
 
-    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Store new keys/values [B, Hkv, T, D] after each row's current length."""
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, uniform: bool = False) -> None:
+        """Store new keys/values [B, Hkv, T, D] after each row's current length (`uniform`: all rows are
+        known to have the same length, which allows a plain slice copy)."""
         t = k.shape[2]
         kc, vc = self.k[layer], self.v[layer]
+        if t == 1 and uniform:
+            pos = int(self.lengths[0])
+            kc[:, :, pos : pos + 1] = k
+            vc[:, :, pos : pos + 1] = v
+            return
         if t == 1:
             rows = torch.arange(k.shape[0], device=kc.device)
             pos = self.lengths.to(kc.device)

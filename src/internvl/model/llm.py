@@ -57,7 +57,8 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    return x * cos[:, None] + rotate_half(x) * sin[:, None]
+    """x [B, H, T, D]; cos/sin [B, 1, T, D]."""
+    return x * cos + rotate_half(x) * sin
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, causal: bool):
@@ -70,6 +71,17 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
 
 
+def _fuse_linears(linears: list[nn.Linear]) -> nn.Linear:
+    """One Linear computing the concatenated outputs of `linears` (same input)."""
+    weight = torch.cat([lin.weight.detach() for lin in linears])
+    has_bias = linears[0].bias is not None
+    fused = nn.Linear(weight.shape[1], weight.shape[0], bias=has_bias, device="meta")
+    fused.weight = nn.Parameter(weight, requires_grad=False)
+    if has_bias:
+        fused.bias = nn.Parameter(torch.cat([lin.bias.detach() for lin in linears]), requires_grad=False)
+    return fused
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: LLMConfig):
         super().__init__()
@@ -78,15 +90,30 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.hidden_size, self.num_kv_heads * self.head_dim, bias=cfg.qkv_bias)
         self.v_proj = nn.Linear(cfg.hidden_size, self.num_kv_heads * self.head_dim, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, cfg.hidden_size, bias=cfg.o_bias)
+        self.qkv_proj: nn.Linear | None = None
+
+    def fuse(self) -> None:
+        """Inference only: q/k/v become one projection (one weight stream per decoded token, not three)."""
+        self.qkv_proj = _fuse_linears([self.q_proj, self.k_proj, self.v_proj])
+        del self.q_proj, self.k_proj, self.v_proj
+
+    def _qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        b, t, _ = x.shape
+        hq, hk, d = self.num_heads, self.num_kv_heads, self.head_dim
+        if self.qkv_proj is None:
+            q = self.q_proj(x).view(b, t, hq, d).transpose(1, 2)
+            k = self.k_proj(x).view(b, t, hk, d).transpose(1, 2)
+            v = self.v_proj(x).view(b, t, hk, d).transpose(1, 2)
+            return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+        qkv = self.qkv_proj(x).view(b, t, hq + 2 * hk, d).transpose(1, 2)
+        qk = apply_rope(qkv[:, : hq + hk], cos, sin)  # q and k heads rotated in one pass
+        return qk[:, :hq], qk[:, hq:], qkv[:, hq + hk :]
 
     def forward(self, x, cos, sin, mask, causal, cache: KVCache | None, layer: int, kv_len: int):
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k, v = self._qkv(x, cos, sin)
         if cache is not None:
-            cache.write(layer, k, v)
+            cache.write(layer, k, v, uniform=mask is None)
             k, v = cache.view(layer, kv_len)
         out = attention(q, k, v, mask, causal)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
@@ -98,8 +125,17 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.gate_up_proj: nn.Linear | None = None
+
+    def fuse(self) -> None:
+        """Inference only: gate and up become one projection."""
+        self.gate_up_proj = _fuse_linears([self.gate_proj, self.up_proj])
+        del self.gate_proj, self.up_proj
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gate_up_proj is not None:
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+            return self.down_proj(F.silu(gate) * up)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -135,6 +171,17 @@ class CausalLM(nn.Module):
         self.rotary = Rotary(cfg)
         self.gradient_checkpointing = False
 
+    @property
+    def fused(self) -> bool:
+        return bool(self.model.layers) and self.model.layers[0].self_attn.qkv_proj is not None
+
+    def fuse_projections(self) -> None:
+        """Fuse q/k/v and gate/up in every layer, for decoding (the model can no longer be saved or trained)."""
+        if not self.fused:
+            for layer in self.model.layers:
+                layer.self_attn.fuse()
+                layer.mlp.fuse()
+
     def new_cache(self, batch: int, dtype: torch.dtype | None = None, device=None, capacity: int = 256) -> KVCache:
         w = self.model.embed_tokens.weight
         c = self.config
@@ -167,7 +214,7 @@ class CausalLM(nn.Module):
                 positions = start[:, None] + torch.arange(t, device=embeds.device)
             kv_len = int(cache.lengths.max().item()) + t
             cache.reserve(kv_len)
-            if t > 1 or bool((cache.lengths != cache.lengths[0]).any()):
+            if t > 1 or not cache.same_lengths:
                 q_idx = start[:, None] + torch.arange(t, device=embeds.device)  # [B, T]
                 mask = (torch.arange(kv_len, device=embeds.device)[None, None, :] <= q_idx[:, :, None])[:, None]
             causal = False
@@ -184,6 +231,7 @@ class CausalLM(nn.Module):
                     mask = (mask & key_ok) | torch.eye(t, dtype=torch.bool, device=embeds.device)
                 causal = False
         cos, sin = self.rotary(positions, embeds.dtype)
+        cos, sin = cos[:, None], sin[:, None]  # broadcast over heads
         x = embeds
         for i, layer in enumerate(self.model.layers):
             if self.gradient_checkpointing and self.training and cache is None:

@@ -1,0 +1,162 @@
+"""CPU inference: ours vs transformers' InternVLForConditionalGeneration on the InternVL3-1B shape in bf16.
+
+Same random weights, same input (one 448 tile and 64 text tokens), 64 new tokens, greedy. Each engine runs
+in a fresh process. Prints decode tokens/s (ours / reference), time to first token (reference / ours),
+our decode speed as a fraction of the memory-bandwidth roofline (language-model weight bytes read per
+token over the read bandwidth of a multi-threaded pass over a large buffer), our peak memory over the
+weight size, and the int8 decode speedup over our bf16.
+
+    python benchmarks/bench_inference.py [--keep DIR] [--repeats 3] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from pathlib import Path
+
+from common import random_checkpoint, run_child
+
+PROMPT = r"""
+import torch
+g = torch.Generator().manual_seed(0)
+text = torch.randint(0, 150000, (64,), generator=g).tolist()
+PROMPT = text[:20] + [151665] + [151667] * 256 + [151666] + text[20:]
+PIXELS = torch.randn(1, 3, 448, 448, generator=g).to(torch.bfloat16)
+NEW = 64
+"""
+
+OURS = PROMPT + r"""
+import json, resource, sys, time
+torch.set_num_threads(int(sys.argv[3]))
+from internvl.checkpoint.io import load_model
+from internvl.engine.engine import Engine
+from internvl.engine.quant import quantize_model, use_decode_kernels
+from internvl.engine.sampling import SamplingParams
+model, _ = load_model(sys.argv[1], image_token_id=151667)
+mode = sys.argv[2]
+if mode == "int8":
+    quantize_model(model, "int8")
+else:
+    use_decode_kernels(model)
+weights = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+engine = Engine(model)
+params = SamplingParams(max_new_tokens=NEW, min_new_tokens=NEW)
+best = None
+for _ in range(int(sys.argv[4]) + 1):  # the first run warms up
+    t0 = time.perf_counter()
+    seq = engine.add(PROMPT, params, PIXELS)
+    engine.step()
+    t1 = time.perf_counter()
+    while engine.has_work():
+        engine.step()
+    t2 = time.perf_counter()
+    assert len(seq.output_ids) == NEW
+    run = (t1 - t0, (NEW - 1) / (t2 - t1))
+    if best is not None:
+        best = (min(best[0], run[0]), max(best[1], run[1]))
+    else:
+        best = (float("inf"), 0.0)
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+print(json.dumps({"ttft_s": best[0], "decode_tok_s": best[1], "peak_rss": peak, "weights": weights,
+                  "tokens": seq.output_ids[:8]}))
+"""
+
+REFERENCE = PROMPT + r"""
+import json, resource, sys, time
+torch.set_num_threads(int(sys.argv[2]))
+from transformers import InternVLForConditionalGeneration
+model = InternVLForConditionalGeneration.from_pretrained(sys.argv[1], dtype=torch.bfloat16).eval()
+ids = torch.tensor([PROMPT])
+best = None
+with torch.inference_mode():
+    for _ in range(int(sys.argv[3]) + 1):
+        t0 = time.perf_counter()
+        model.generate(input_ids=ids, pixel_values=PIXELS, max_new_tokens=1, do_sample=False)
+        t1 = time.perf_counter()
+        out = model.generate(input_ids=ids, pixel_values=PIXELS, max_new_tokens=NEW, min_new_tokens=NEW,
+                             do_sample=False)
+        t2 = time.perf_counter()
+        ttft, total = t1 - t0, t2 - t1
+        run = (ttft, (NEW - 1) / max(total - ttft, 1e-9))
+        best = (float("inf"), 0.0) if best is None else (min(best[0], run[0]), max(best[1], run[1]))
+print(json.dumps({"ttft_s": best[0], "decode_tok_s": best[1], "tokens": out[0, ids.shape[1]:][:8].tolist()}))
+"""
+
+BANDWIDTH = r"""
+import json, sys, time, torch
+torch.set_num_threads(int(sys.argv[1]))
+buf = torch.ones(256 * 1024 * 1024, dtype=torch.float32)  # 1 GiB, far beyond the caches
+out = {}
+try:
+    from internvl.kernels import available, read_pass
+    if available():
+        read_pass(buf)
+        t = time.perf_counter(); read_pass(buf); read_pass(buf); dt = (time.perf_counter() - t) / 2
+        out["read_pass_gb_s"] = buf.numel() * 4 / dt / 1e9
+except ImportError:
+    pass
+buf.sum()
+t = time.perf_counter(); buf.sum(); buf.sum(); dt = (time.perf_counter() - t) / 2
+out["torch_sum_gb_s"] = buf.numel() * 4 / dt / 1e9
+print(json.dumps(out))
+"""
+
+
+def llm_bytes_per_token(folder: Path) -> int:
+    """Weight bytes the language model streams per decoded token: everything but the embedding table."""
+    from internvl.checkpoint.io import build_model
+    from internvl.config import ModelConfig
+
+    model = build_model(ModelConfig.from_file(folder))
+    lm = model.language_model
+    total = sum(p.numel() * 2 for p in lm.parameters())  # bf16
+    return total - lm.model.embed_tokens.weight.numel() * 2
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--keep", default=None, help="checkpoint folder to reuse (written if empty)")
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--skip-reference", action="store_true")
+    args = ap.parse_args()
+    root = Path(args.keep or tempfile.mkdtemp(prefix="bench_inference_"))
+    orig = random_checkpoint(root / "original", "internvl3-1b", "original")
+    hf = random_checkpoint(root / "hf", "internvl3-1b", "hf")
+    t, r = str(args.threads), str(args.repeats)
+    bw = run_child(BANDWIDTH, t)
+    bandwidth = max(bw.values())
+    ours = run_child(OURS, str(orig), "bf16", t, r)
+    int8 = run_child(OURS, str(orig), "int8", t, r)
+    ref = None if args.skip_reference else run_child(REFERENCE, str(hf), t, r)
+    per_token = llm_bytes_per_token(orig)
+    roofline = bandwidth * 1e9 / per_token
+    res = {
+        "bandwidth_gb_s": bw,
+        "llm_bytes_per_token_mb": round(per_token / 1e6, 1),
+        "roofline_tok_s": round(roofline, 2),
+        "ours_bf16": {"decode_tok_s": round(ours["decode_tok_s"], 2), "ttft_s": round(ours["ttft_s"], 3)},
+        "ours_int8": {"decode_tok_s": round(int8["decode_tok_s"], 2), "ttft_s": round(int8["ttft_s"], 3)},
+        "roofline_fraction": round(ours["decode_tok_s"] / roofline, 3),
+        "peak_memory_over_weights": round(ours["peak_rss"] / ours["weights"], 3),
+        "int8_speedup": round(int8["decode_tok_s"] / ours["decode_tok_s"], 2),
+    }
+    if ref is not None:
+        res["reference"] = {"decode_tok_s": round(ref["decode_tok_s"], 2), "ttft_s": round(ref["ttft_s"], 3)}
+        res["decode_ratio"] = round(ours["decode_tok_s"] / ref["decode_tok_s"], 2)
+        res["ttft_ratio"] = round(ref["ttft_s"] / ours["ttft_s"], 2)
+        res["same_first_tokens"] = ref["tokens"] == ours["tokens"]
+    print(json.dumps(res, indent=2))
+    print(f"decode: {res['ours_bf16']['decode_tok_s']} tok/s bf16, {res['ours_int8']['decode_tok_s']} int8 "
+          f"({res['int8_speedup']}x, target >= 1.6); roofline {res['roofline_tok_s']} tok/s at {bandwidth:.1f} GB/s "
+          f"-> {100 * res['roofline_fraction']:.0f}% (target >= 85%)")
+    print(f"peak memory / weights: {res['peak_memory_over_weights']} (target <= 1.2)")
+    if ref is not None:
+        print(f"vs transformers: decode {res['decode_ratio']}x (target >= 7), time to first token "
+              f"{res['ttft_ratio']}x faster (target >= 1.8); same first tokens: {res['same_first_tokens']}")
+
+
+if __name__ == "__main__":
+    main()

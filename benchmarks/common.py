@@ -1,0 +1,41 @@
+"""Shared by the benchmarks: random-weight checkpoints of released shapes, and child-process runs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+WRITE = r"""
+import sys, torch
+from internvl.checkpoint.io import build_model, save_model
+from internvl.config import preset
+model = build_model(preset(sys.argv[2]), image_token_id=151667, meta=True)
+g = torch.Generator().manual_seed(0)
+for name, p in list(model.named_parameters()):
+    mod, _, attr = name.rpartition(".")
+    t = torch.empty(p.shape, dtype=torch.bfloat16).normal_(0, 0.02, generator=g)
+    if "norm" in name or attr in ("ls1", "ls2"):
+        t.fill_(1.0)
+    model.get_submodule(mod)._parameters[attr] = torch.nn.Parameter(t, requires_grad=False)
+save_model(model, sys.argv[1], layout=sys.argv[3])
+"""
+
+
+def random_checkpoint(folder: Path, preset: str = "internvl3-1b", layout: str = "original") -> Path:
+    """A bf16 checkpoint of a released shape with random weights (written once, reused when present)."""
+    folder = Path(folder)
+    if not any(folder.glob("*.safetensors")):
+        folder.mkdir(parents=True, exist_ok=True)
+        print(f"writing a random {preset} checkpoint (bf16, {layout} layout) to {folder} ...", flush=True)
+        subprocess.run([sys.executable, "-c", WRITE, str(folder), preset, layout], check=True)
+    return folder
+
+
+def run_child(code: str, *args: str) -> dict:
+    """Run `code` in a fresh interpreter; its last stdout line is a JSON object."""
+    proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"benchmark child failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])

@@ -1,0 +1,76 @@
+"""The built-in `nano` model: its configuration and tokenizer, prepared from a Synthetic Visual World split.
+
+    python -m internvl.train.nano prepare --data DIR --out DIR [--vocab-size 1024]
+
+writes `tokenizer.json`, `tokenizer_config.json` and `config.json` (original InternVL layout) into --out;
+`internvl finetune --init-from-config OUT/config.json --tokenizer OUT ...` then trains it from scratch
+(see runs/train_nano.sh).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+from ..config import LLMConfig, ModelConfig, VisionConfig
+from ..tokenizer import train_bpe_tokenizer
+
+# Sized for a 2-core CPU: 224-px tiles with 14-px patches (64 tokens per tile after pixel shuffle) and up to
+# 4 tiles plus the thumbnail, so objects of 14 px keep about their native resolution.
+NANO_VISION = dict(hidden_size=192, intermediate_size=768, num_attention_heads=3, num_hidden_layers=6,
+                   patch_size=14, image_size=224, qkv_bias=True, qk_normalization=False, norm_type="layer_norm",
+                   drop_path_rate=0.0)  # fmt: skip
+NANO_LLM = dict(family="qwen2", hidden_size=256, intermediate_size=1024, num_hidden_layers=6, num_attention_heads=4,
+                num_key_value_heads=2, rope_theta=10000.0, max_position_embeddings=4096)  # fmt: skip
+
+
+def nano_config(vocab_size: int) -> ModelConfig:
+    """InternViT + pixel shuffle + Qwen2-style decoder, template internvl2_5, dynamic tiling (max 4 tiles)."""
+    return ModelConfig(
+        vision=VisionConfig(**NANO_VISION),
+        llm=LLMConfig(vocab_size=vocab_size, **NANO_LLM),
+        template="internvl2_5",
+        system_message="",  # no system block: the synthetic world needs none, and prompts stay short
+        force_image_size=224,
+        max_dynamic_patch=4,
+    )
+
+
+def split_texts(split_dir: str | Path) -> Iterator[str]:
+    """Every question and answer of a split's JSONL files, without the `<image>` placeholders."""
+    for path in sorted(Path(split_dir).glob("*.jsonl")):
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                row = json.loads(line)
+                for turn in row.get("conversations", []):
+                    yield turn["value"].replace("<image>", "")
+                for key in ("question", "chosen", "rejected"):
+                    if key in row:
+                        yield row[key].replace("<image>", "")
+
+
+def prepare(data: str | Path, out: str | Path, vocab_size: int = 1024) -> ModelConfig:
+    """Train the tokenizer on the split's text and write it with the nano config into `out`."""
+    out = Path(out)
+    tokenizer = train_bpe_tokenizer(split_texts(data), out, vocab_size=vocab_size)
+    config = nano_config(tokenizer.vocab_size)
+    (out / "config.json").write_text(json.dumps(config.to_original_dict(), indent=2, ensure_ascii=False))
+    return config
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m internvl.train.nano", description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("prepare", help="tokenizer + config.json for training the nano model from scratch")
+    p.add_argument("--data", required=True, help="a synthetic split folder (internvl synth --split train)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--vocab-size", type=int, default=1024)
+    args = ap.parse_args(argv)
+    cfg = prepare(args.data, args.out, args.vocab_size)
+    print(f"wrote {args.out}/config.json and the tokenizer (vocabulary {cfg.llm.vocab_size})")
+
+
+if __name__ == "__main__":
+    main()
