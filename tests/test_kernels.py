@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 
@@ -238,4 +239,174 @@ def test_compile_failure_means_unavailable(monkeypatch, tmp_path):
         torch.testing.assert_close(kernels.linear_bf16(x, w), F.linear(x, w))
     finally:
         monkeypatch.undo()
+        build.reset()
+
+
+# ---- the one-call decode step (kernels/decode.c) against the modules it stands in for ----
+
+def _tiny_lm(seed=0, **over):
+    from internvl.config import LLMConfig
+    from internvl.model.llm import CausalLM
+
+    kw = {"vocab_size": 97, "hidden_size": 40, "intermediate_size": 72, "num_hidden_layers": 2,
+          "num_attention_heads": 6, "num_key_value_heads": 2, "head_dim": 24, "max_position_embeddings": 4096}
+    cfg = LLMConfig(**{**kw, **over})
+    torch.manual_seed(seed)
+    lm = CausalLM(cfg)
+    with torch.no_grad():
+        for name, p in lm.named_parameters():
+            p.copy_(1 + 0.2 * torch.randn_like(p) if "norm" in name else 0.3 * torch.randn_like(p))
+    return lm.to(torch.bfloat16).eval()
+
+
+def _accelerated(lm, mode):
+    from types import SimpleNamespace
+
+    from internvl.engine.quant import quantize_model, use_decode_kernels
+
+    fast = copy.deepcopy(lm)
+    (quantize_model if mode == "int8" else use_decode_kernels)(SimpleNamespace(language_model=fast))
+    return fast
+
+
+def _prefill(lm, prompts):
+    """One cache row per prompt, each prefilled alone and joined (as the engine does); capacity 16 makes
+    decoding grow the cache."""
+    cache = None
+    for p in prompts:
+        c = lm.new_cache(1, capacity=16)
+        lm(lm.model.embed_tokens(torch.tensor([p])), cache=c, logits_to_keep=1)
+        if cache is None:
+            cache = c
+        else:
+            cache.concat(c)
+    return cache
+
+
+class _Spy:
+    """Counts the decode steps the fused decoder answered."""
+
+    def __init__(self, lm):
+        self.real, self.hits = lm.fast_decoder, 0
+        lm.fast_decoder = self
+
+    def __call__(self, embeds, cache):
+        out = self.real(embeds, cache)
+        self.hits += out is not None
+        return out
+
+    def rebuild(self, lm):
+        return self.real.rebuild(lm)
+
+
+def _decode_both(ref, fast, prompts, steps, finished_row=None):
+    """The same random tokens fed to both models after their prompts; the logits of each step."""
+    caches = [_prefill(m, prompts) for m in (ref, fast)]
+    tokens = torch.randint(0, ref.config.vocab_size, (steps, len(prompts), 1), generator=torch.Generator().manual_seed(9))
+    outs = ([], [])
+    for step in range(steps):
+        valid = torch.ones(len(prompts), dtype=torch.long)
+        if finished_row is not None and step >= 2:
+            valid[finished_row] = 0  # a finished row stays in the batch without advancing
+        for m, c, out in zip((ref, fast), caches, outs):
+            out.append(m(m.model.embed_tokens(tokens[step]), cache=c, valid_lengths=valid)[:, -1].float())
+    assert torch.equal(caches[0].lengths, caches[1].lengths)
+    return torch.stack(outs[0]), torch.stack(outs[1]), caches
+
+
+CONFIGS = {
+    "qwen2 gqa3 head24": {},
+    "llama gqa5 head80 linear-rope": {
+        "family": "llama", "hidden_size": 72, "intermediate_size": 100, "num_attention_heads": 10,
+        "num_key_value_heads": 2, "head_dim": 80, "qkv_bias": False, "rope_scaling": {"type": "linear", "factor": 2.0}},
+    "qwen2 mha head16 o-bias dynamic-rope": {
+        "hidden_size": 64, "intermediate_size": 64, "num_attention_heads": 4, "num_key_value_heads": 4, "head_dim": 16,
+        "o_bias": True, "max_position_embeddings": 24, "rope_scaling": {"type": "dynamic", "factor": 2.0}},
+}
+
+
+@needs_kernels
+@pytest.mark.parametrize("config", list(CONFIGS))
+@pytest.mark.parametrize("rows", [1, 3, 8])
+def test_fused_decode_step_is_as_accurate_as_the_torch_modules(config, rows):
+    """Rows of different lengths (one stops advancing), odd head and hidden sizes, GQA, biases and RoPE
+    scalings: the one-call step stays as close to an fp32 model as the bf16 torch modules are."""
+    lm = _tiny_lm(seed=rows, **CONFIGS[config])
+    fast = _accelerated(lm, "bf16")
+    spy = _Spy(fast)
+    truth = copy.deepcopy(lm).float()
+    g = torch.Generator().manual_seed(rows)
+    prompts = [torch.randint(0, 97, (int(n),), generator=g).tolist() for n in torch.randint(1, 30, (rows,), generator=g)]
+    with torch.inference_mode():
+        want, got, caches = _decode_both(lm, fast, prompts, steps=6, finished_row=rows - 1 if rows > 1 else None)
+        exact, _, _ = _decode_both(truth, truth, prompts, steps=6, finished_row=rows - 1 if rows > 1 else None)
+    assert spy.hits == 6 + sum(len(p) == 1 for p in prompts)  # a 1-token prompt's prefill is a step too
+    scale = exact.abs().max()
+    err_fast, err_torch = (got - exact).abs().max() / scale, (want - exact).abs().max() / scale
+    assert err_fast <= 2 * err_torch + 2**-7, (err_fast, err_torch)
+    for a, b in zip(caches[0].k + caches[0].v, caches[1].k + caches[1].v):  # the cache rows written in C
+        torch.testing.assert_close(b.float(), a.float(), rtol=0.05, atol=0.05 * a.abs().max().item())
+
+
+@needs_kernels
+@pytest.mark.parametrize("quantize_x", [False, True])
+def test_fused_decode_step_int8_matches_the_int8_modules(quantize_x):
+    lm = _tiny_lm(seed=3)
+    fast = _accelerated(lm, "int8")
+    if quantize_x:
+        for m in fast.modules():
+            if isinstance(m, Int8Linear):
+                m.quantize_x, m._op = True, kernels.ops._OP_INT8_FAST
+        fast.fast_decoder = fast.fast_decoder.rebuild(fast)
+    modules = copy.deepcopy(fast)
+    modules.fast_decoder = None
+    spy = _Spy(fast)
+    prompts = [[1, 2, 3], list(range(5, 25)), [7]]
+    with torch.inference_mode():
+        want, got, _ = _decode_both(modules, fast, prompts, steps=5)
+    assert spy.hits == 5 + 1  # and the prefill of [7]
+    torch.testing.assert_close(got, want, rtol=0.03, atol=0.03 * want.abs().max().item())
+
+
+@needs_kernels
+def test_fused_decode_declines_what_it_does_not_cover():
+    lm = _tiny_lm()
+    fast = _accelerated(lm, "bf16")
+    spy = _Spy(fast)
+    prompts = [[1, 2, 3]] * (kernels.MAX_ROWS + 1)
+    with torch.no_grad():
+        want, got, _ = _decode_both(lm, fast, prompts, steps=2)  # more rows than the kernels take
+        assert spy.hits == 0
+        torch.testing.assert_close(got, want, rtol=0.05, atol=0.05 * want.abs().max().item())
+        cache = _prefill(fast, [[1, 2, 3]])
+        emb = fast.model.embed_tokens(torch.tensor([[4]]))
+        fast(emb, cache=cache, positions=torch.tensor([[3]]))  # explicit positions
+        calls = []
+        handle = fast.model.layers[0].mlp.register_forward_hook(lambda *a: calls.append(1))
+        fast(emb, cache=cache)  # a hook added after the decoder was built
+        handle.remove()
+        assert calls == [1] and spy.hits == 0
+        fast(emb, cache=cache)
+        assert spy.hits == 1
+    with torch.enable_grad():
+        fast(emb, cache=cache)  # autograd: the modules
+    assert spy.hits == 1 and cache.lengths.tolist() == [7]
+    fast.float()  # new tensors: the decoder is rebuilt, and an fp32 model has none
+    assert fast.fast_decoder is None
+    lm32 = _accelerated(lm.float(), "bf16")
+    assert lm32.fast_decoder is None
+
+
+def test_fused_decode_off_without_kernels(monkeypatch):
+    monkeypatch.setenv("INTERNVL_NO_KERNELS", "1")
+    build.reset()
+    try:
+        lm = _tiny_lm()
+        fast = _accelerated(lm, "bf16")
+        assert fast.fast_decoder is None
+        with torch.inference_mode():
+            want, got, _ = _decode_both(lm, fast, [[1, 2, 3], [4]], steps=3)
+        torch.testing.assert_close(got, want, rtol=0.05, atol=0.05 * want.abs().max().item())
+    finally:
+        monkeypatch.delenv("INTERNVL_NO_KERNELS")
         build.reset()

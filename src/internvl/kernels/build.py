@@ -1,4 +1,4 @@
-"""Compile gemv.c with the system C compiler at first use, cache the shared library, load it with ctypes.
+"""Compile the C kernels (gemv.c, decode.c) with the system C compiler at first use, cache the shared library, load it with ctypes.
 
 Every failure (no compiler, no AVX-512 VNNI, a compile error, INTERNVL_NO_KERNELS=1) leaves `load()`
 returning None with the reason in `load_error()`; callers then keep the plain torch path.
@@ -16,8 +16,10 @@ import tempfile
 import threading
 from pathlib import Path
 
-SOURCE = Path(__file__).with_name("gemv.c")
-ABI_VERSION = 5
+HERE = Path(__file__).parent
+SOURCES = (HERE / "gemv.c", HERE / "decode.c")
+HEADERS = (HERE / "gemv.h",)
+ABI_VERSION = 6
 # Explicit ISA flags rather than -march=native: the cached library stays valid on any CPU that passes
 # the runtime feature check, even when the cache directory is shared between machines.
 CFLAGS = [
@@ -92,8 +94,8 @@ def _compiler_id(cc: str) -> str:
 
 def library_path(cc: str, gomp: Path | None) -> Path:
     key = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), " ".join(CFLAGS + AMX_CFLAGS).encode(), _compiler_id(cc).encode(),
-                 str(gomp).encode(), str(ABI_VERSION).encode()):
+    for part in (*(p.read_bytes() for p in SOURCES + HEADERS), " ".join(CFLAGS + AMX_CFLAGS).encode(),
+                 _compiler_id(cc).encode(), str(gomp).encode(), str(ABI_VERSION).encode()):
         key.update(part)
         key.update(b"\0")
     return cache_dir() / f"gemv-{key.hexdigest()[:16]}.so"
@@ -104,18 +106,19 @@ def build(cc: str, gomp: Path | None, out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_so = tempfile.mkstemp(prefix=out.stem + ".", suffix=".so.tmp", dir=out.parent)
     os.close(fd)
-    tmp_o = tmp_so[:-len(".so.tmp")] + ".o"
+    objs = [f"{tmp_so[:-len('.so.tmp')]}.{src.stem}.o" for src in SOURCES]
     try:
-        try:
-            _run([cc, *CFLAGS, *AMX_CFLAGS, "-c", str(SOURCE), "-o", tmp_o])
-        except RuntimeError:  # a compiler without AMX intrinsics: the AVX-512 paths alone
-            _run([cc, *CFLAGS, "-c", str(SOURCE), "-o", tmp_o])
+        for src, obj in zip(SOURCES, objs):
+            try:
+                _run([cc, *CFLAGS, *AMX_CFLAGS, "-c", str(src), "-o", obj])
+            except RuntimeError:  # a compiler without AMX intrinsics: the AVX-512 paths alone
+                _run([cc, *CFLAGS, "-c", str(src), "-o", obj])
         # Compiled with -fopenmp, but linked to torch's OpenMP runtime when torch bundles one.
         link = [str(gomp), f"-Wl,-rpath,{gomp.parent}"] if gomp is not None else ["-fopenmp"]
-        _run([cc, "-shared", tmp_o, *link, "-o", tmp_so])
+        _run([cc, "-shared", *objs, *link, "-o", tmp_so])
         os.replace(tmp_so, out)
     finally:
-        for p in (tmp_so, tmp_o):
+        for p in (tmp_so, *objs):
             if os.path.exists(p):
                 os.unlink(p)
 
@@ -142,6 +145,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.ivl_set_amx_min_rows.restype = i
     lib.ivl_read_pass.argtypes = [p, sz, i]
     lib.ivl_read_pass.restype = ctypes.c_double
+    lib.ivl_decode_step.argtypes = [p]
+    lib.ivl_decode_step.restype = i
 
 
 def _load() -> ctypes.CDLL:

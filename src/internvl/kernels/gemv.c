@@ -27,7 +27,8 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define MAXM 8
+#include "gemv.h"
+
 #ifndef PF_BYTES
 #define PF_BYTES 6144 /* software prefetch distance along the weight stream (measured plateau: 4-12 KiB) */
 #endif
@@ -42,13 +43,10 @@
 #endif
 #define FAST_MAX_K 65536 /* int32 sums of the fast int8 path cannot overflow below this K */
 
-enum { DT_F32 = 0, DT_BF16 = 1 };
-enum { OP_BF16 = 0, OP_INT8 = 1, OP_INT8_FAST = 2 };
-
 /* Layout of the int64 parameter block passed by ivl_run (one ctypes argument instead of thirteen). */
 enum { P_OP, P_X, P_XDT, P_M, P_K, P_W, P_SCALE, P_N, P_BIAS, P_BDT, P_Y, P_YDT, P_THREADS, P_COUNT };
 
-int ivl_abi_version(void) { return 5; }
+int ivl_abi_version(void) { return 6; }
 int ivl_param_count(void) { return P_COUNT; }
 
 int ivl_cpu_ok(void) {
@@ -57,15 +55,6 @@ int ivl_cpu_ok(void) {
            __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
            __builtin_cpu_supports("avx512vnni");
 }
-
-static inline float bf16_to_f32(uint16_t h) {
-    uint32_t u = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
-
-static inline int round_up(int v, int to) { return (v + to - 1) / to * to; }
 
 /* ---- x preparation: the layout each inner loop reads, in a per-calling-thread scratch buffer ---- */
 
@@ -77,7 +66,7 @@ static pthread_once_t scratch_once = PTHREAD_ONCE_INIT;
 
 static void scratch_key_init(void) { pthread_key_create(&scratch_key, free); }
 
-static void *scratch_get(size_t bytes) {
+void *scratch_get(size_t bytes) {
     if (bytes > scratch_bytes) {
         pthread_once(&scratch_once, scratch_key_init);
         free(scratch);
@@ -87,16 +76,6 @@ static void *scratch_get(size_t bytes) {
     }
     return scratch;
 }
-
-/* Up to 16 fp32 values from a bf16 or fp32 x (masked: lanes past the end read as zero). */
-static inline __m512 load_x16(const void *x, int xdt, size_t i, __mmask16 mk) {
-    if (xdt == DT_BF16)
-        return _mm512_castsi512_ps(
-            _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mk, (const uint16_t *)x + i)), 16));
-    return _mm512_maskz_loadu_ps(mk, (const float *)x + i);
-}
-
-static inline __mmask16 mask16(int r) { return (__mmask16)(r >= 16 ? 0xffff : (r <= 0 ? 0 : (1u << r) - 1u)); }
 
 /* bf16 W: row m is its even elements then its odd elements in fp32, each half zero-padded to KH. */
 static const float *x_even_odd(const void *x, int xdt, int M, int K, int KH, float *out) {
@@ -153,39 +132,10 @@ static const int8_t *x_digits(const void *x, int xdt, int M, int K, int KP, floa
     return out;
 }
 
-/* ---- per-row inner loops; NM (rows of x) is a compile-time constant after inlining ---- */
-
-typedef struct {
-    int op, M, K, N, bdt, ydt, KX; /* KX: row stride of the prepared x, in its elements */
-    const void *x;                 /* prepared x */
-    const void *w;
-    const float *scale;
-    const void *bias;
-    void *y;
-    float xs[MAXM];    /* fast int8: per-row x scales */
-    int64_t xsum[MAXM]; /* fast int8: per-row sums of quantized x */
-    int amx, cu;       /* AMX: in use, and the columns of its x tile */
-    const void *xamx;  /* AMX: x laid out as the B tiles */
-} job_t;
 
 /* ---- 16-row tiles: lane sums of 16 accumulators at once, then scale, bias and store as vectors ---- */
 
-#define TILE 16
 #define PAIR_MIN_M 3 /* from this many x rows, bf16 rows go in pairs */
-
-/* Lane r of the result is the sum of the lanes of v[r] (a 16 x 16 transpose-and-add, ~45 instructions). */
-static inline __m512 hsum16_ps(const __m512 *v) {
-    __m512 t[8], u[4];
-    for (int i = 0; i < 8; i++)
-        t[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
-    for (int i = 0; i < 4; i++) {
-        __m512d a = _mm512_castps_pd(t[2 * i]), b = _mm512_castps_pd(t[2 * i + 1]);
-        u[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)), _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
-    }
-    __m512 w0 = _mm512_add_ps(_mm512_shuffle_f32x4(u[0], u[1], 0x88), _mm512_shuffle_f32x4(u[0], u[1], 0xdd));
-    __m512 w1 = _mm512_add_ps(_mm512_shuffle_f32x4(u[2], u[3], 0x88), _mm512_shuffle_f32x4(u[2], u[3], 0xdd));
-    return _mm512_add_ps(_mm512_shuffle_f32x4(w0, w1, 0x88), _mm512_shuffle_f32x4(w0, w1, 0xdd));
-}
 
 static inline __m512i hsum16_epi32(const __m512i *v) {
     __m512i t[8], u[4];
@@ -198,16 +148,6 @@ static inline __m512i hsum16_epi32(const __m512i *v) {
     __m512i w0 = _mm512_add_epi32(_mm512_shuffle_i32x4(u[0], u[1], 0x88), _mm512_shuffle_i32x4(u[0], u[1], 0xdd));
     __m512i w1 = _mm512_add_epi32(_mm512_shuffle_i32x4(u[2], u[3], 0x88), _mm512_shuffle_i32x4(u[2], u[3], 0xdd));
     return _mm512_add_epi32(_mm512_shuffle_i32x4(w0, w1, 0x88), _mm512_shuffle_i32x4(w0, w1, 0xdd));
-}
-
-/* fp32 -> bf16, round to nearest even, NaN kept quiet (no AVX512-BF16 needed). */
-static inline __m256i f32x16_to_bf16(__m512 v) {
-    __m512i u = _mm512_castps_si512(v);
-    __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff),
-                                                     _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1))));
-    __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
-    r = _mm512_mask_mov_epi32(r, nan, _mm512_or_si512(u, _mm512_set1_epi32(0x00400000)));
-    return _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16));
 }
 
 /* y[m, n0 : n0 + cnt] = v * scale + bias, for the 16-row tile starting at n0. */
@@ -620,11 +560,6 @@ static void do_rows(const job_t *j, int n0, int n1) {
 
 /* ---- threading: contiguous chunk ranges per thread, stealing from the back when done ---- */
 
-typedef struct {
-    _Alignas(64) _Atomic uint64_t fb; /* front (low 32 bits) and back (high 32 bits) chunk indices */
-    char pad[56];
-} range_t;
-
 static int claim(range_t *r, int from_back) {
     uint64_t v = atomic_load_explicit(&r->fb, memory_order_relaxed);
     for (;;) {
@@ -636,44 +571,89 @@ static int claim(range_t *r, int from_back) {
     }
 }
 
-#define MAX_THREADS 256
-
 /* Where a thread starts reading somewhere new, the loop's prefetches (PF_BYTES ahead) have not
    covered the first PF_BYTES yet: request them all at once rather than one miss at a time. */
-static inline void prefetch_head(const job_t *j, size_t row_bytes, int n0) {
-    const char *p = (const char *)j->w + (size_t)n0 * row_bytes;
-    size_t len = (size_t)(j->N - n0) * row_bytes;
-    for (size_t off = 0; off < PF_BYTES && off < len; off += 64) _mm_prefetch(p + off, PF_HINT);
+static inline void prefetch_rows(const job_t *j, int n0, size_t bytes) {
+    const char *p = (const char *)j->w + (size_t)n0 * j->row_bytes;
+    size_t len = (size_t)(j->N - n0) * j->row_bytes;
+    for (size_t off = 0; off < bytes && off < len; off += 64) _mm_prefetch(p + off, PF_HINT);
 }
 
-static void run_parallel(const job_t *j, size_t row_bytes, int nthreads) {
-    size_t total = row_bytes * (size_t)j->N;
+int job_init(job_t *j, int op, int xdt, int M, int K, const void *w, const float *scale, int N, const void *bias,
+             int bdt, void *y, int ydt, int nthreads) {
+    if (M < 1 || M > MAXM || K < 1 || N < 1 || (xdt != DT_F32 && xdt != DT_BF16)) return 1;
+    if (op == OP_INT8_FAST && K > FAST_MAX_K) op = OP_INT8;
+    if ((op == OP_INT8 || op == OP_INT8_FAST) && !scale) return 1;
+    if (op != OP_BF16 && op != OP_INT8 && op != OP_INT8_FAST) return 1;
+    j->op = op, j->xdt = xdt, j->M = M, j->K = K, j->N = N, j->bdt = bdt, j->ydt = ydt;
+    j->w = w, j->scale = op == OP_BF16 ? NULL : scale, j->bias = bias, j->y = y;
+    j->x = j->xamx = NULL;
+    /* Scratch: x for the vector path (also serving rows that do not fill an AMX tile), then AMX's B. */
+    j->row_bytes = (size_t)K * (op == OP_BF16 ? 2 : 1);
+    j->KX = op == OP_BF16 ? round_up((K + 1) / 2, 16) : (op == OP_INT8 ? K : round_up(K, 64));
+    size_t vec_bytes;
+    if (op == OP_BF16)
+        vec_bytes = (size_t)8 * M * j->KX; /* even and odd fp32 halves */
+    else if (op == OP_INT8)
+        vec_bytes = xdt == DT_F32 ? 0 : (size_t)4 * M * K; /* fp32 rows */
+    else
+        vec_bytes = (size_t)2 * M * j->KX; /* two digit planes */
+    j->vec_bytes = (vec_bytes + 63) / 64 * 64;
+    j->amx_bytes = 0;
+    j->amx = 0;
+    j->cu = op == OP_INT8_FAST ? 2 * M : M;
+#ifdef IVL_AMX
+    /* Widening int8 for exact tiles costs about what 3 rows of vector FMAs do: AMX pays from 4 rows. */
+    int min_m = op == OP_INT8 && amx_min_m > 0 && amx_min_m < 4 ? 4 : amx_min_m;
+    j->amx = min_m > 0 && M >= min_m && N >= TILE && (op == OP_INT8_FAST || xdt == DT_BF16) && ivl_amx_available();
+    if (j->amx) j->amx_bytes = (size_t)round_up(K, 64) * j->cu * 4;
+#endif
+    /* The split: whole tiles per chunk; small weights are not worth waking other threads for. */
     int nt = nthreads < 1 ? 1 : (nthreads > MAX_THREADS ? MAX_THREADS : nthreads);
-    if (nt == 1 || total < MIN_PARALLEL_BYTES) {
-        prefetch_head(j, row_bytes, 0);
-        do_rows(j, 0, j->N);
-        return;
+    int rpc = (int)(CHUNK_BYTES / j->row_bytes) / TILE * TILE;
+    j->rows_per_chunk = rpc < TILE ? TILE : rpc;
+    j->nchunks = (N + j->rows_per_chunk - 1) / j->rows_per_chunk;
+    if (j->row_bytes * (size_t)N < MIN_PARALLEL_BYTES) nt = 1;
+    j->team = nt > j->nchunks ? j->nchunks : nt;
+    return 0;
+}
+
+size_t job_scratch_bytes(const job_t *j) { return j->vec_bytes + j->amx_bytes + 64; }
+
+void job_set_x(job_t *j, const void *x, char *buf) {
+    if (j->op == OP_BF16)
+        j->x = x_even_odd(x, j->xdt, j->M, j->K, j->KX, (float *)buf);
+    else if (j->op == OP_INT8)
+        j->x = x_f32(x, j->xdt, j->M, j->K, (float *)buf);
+    else
+        j->x = x_digits(x, j->xdt, j->M, j->K, j->KX, j->xs, j->xsum, (int8_t *)buf);
+#ifdef IVL_AMX
+    if (j->amx) j->xamx = x_amx(j, x, j->cu, (uint32_t *)(buf + j->vec_bytes));
+#endif
+}
+
+void job_reset_ranges(const job_t *j, range_t *ranges) {
+    for (int t = 0; t < j->team; t++) {
+        uint64_t f = (uint64_t)j->nchunks * t / j->team, b = (uint64_t)j->nchunks * (t + 1) / j->team;
+        atomic_store_explicit(&ranges[t].fb, f | (b << 32), memory_order_relaxed);
     }
-    int rows_per_chunk = (int)(CHUNK_BYTES / row_bytes) / TILE * TILE; /* whole tiles */
-    if (rows_per_chunk < TILE) rows_per_chunk = TILE;
-    int nchunks = (j->N + rows_per_chunk - 1) / rows_per_chunk;
-    if (nt > nchunks) nt = nchunks;
-    range_t ranges[MAX_THREADS]; /* on this caller's stack: concurrent calls never share counters */
-    for (int t = 0; t < nt; t++) {
-        uint64_t f = (uint64_t)nchunks * t / nt, b = (uint64_t)nchunks * (t + 1) / nt;
-        atomic_init(&ranges[t].fb, f | (b << 32));
-    }
-#pragma omp parallel num_threads(nt)
-    {
-        int t = omp_get_thread_num(), next = -1;
-        for (int v = 0; v < nt; v++) { /* own range first (front), then others' (back) */
-            int victim = (t + v) % nt, c;
-            while ((c = claim(&ranges[victim], v > 0)) >= 0) {
-                int n0 = c * rows_per_chunk, n1 = n0 + rows_per_chunk < j->N ? n0 + rows_per_chunk : j->N;
-                if (n0 != next) prefetch_head(j, row_bytes, n0);
-                do_rows(j, n0, n1);
-                next = n1;
-            }
+}
+
+void job_prefetch(const job_t *j, int t, size_t bytes) {
+    if (t < j->team) prefetch_rows(j, (int)((uint64_t)j->nchunks * t / j->team) * j->rows_per_chunk, bytes);
+}
+
+void job_team(const job_t *j, range_t *ranges, int t) {
+    const int nt = j->team, rpc = j->rows_per_chunk;
+    if (t >= nt) return;
+    int next = -1;
+    for (int v = 0; v < nt; v++) { /* own range first (front), then others' (back) */
+        int victim = (t + v) % nt, c;
+        while ((c = claim(&ranges[victim], v > 0)) >= 0) {
+            int n0 = c * rpc, n1 = n0 + rpc < j->N ? n0 + rpc : j->N;
+            if (n0 != next) prefetch_rows(j, n0, PF_BYTES);
+            do_rows(j, n0, n1);
+            next = n1;
         }
     }
 }
@@ -683,55 +663,21 @@ static void run_parallel(const job_t *j, size_t row_bytes, int nthreads) {
 /* p: int64 parameter block, see P_*. Returns 0 on success, nonzero when the caller must fall back. */
 int ivl_run(const int64_t *p) {
     job_t j;
-    j.op = (int)p[P_OP];
-    j.M = (int)p[P_M];
-    j.K = (int)p[P_K];
-    j.N = (int)p[P_N];
-    j.bdt = (int)p[P_BDT];
-    j.ydt = (int)p[P_YDT];
-    j.w = (const void *)(intptr_t)p[P_W];
-    j.scale = (const float *)(intptr_t)p[P_SCALE];
-    j.bias = (const void *)(intptr_t)p[P_BIAS];
-    j.y = (void *)(intptr_t)p[P_Y];
-    int xdt = (int)p[P_XDT];
-    const void *x = (const void *)(intptr_t)p[P_X];
-    if (j.M < 1 || j.M > MAXM || j.K < 1 || j.N < 1 || (xdt != DT_F32 && xdt != DT_BF16)) return 1;
-    if (j.op == OP_INT8_FAST && j.K > FAST_MAX_K) j.op = OP_INT8;
-    if ((j.op == OP_INT8 || j.op == OP_INT8_FAST) && !j.scale) return 1;
-    if (j.op != OP_BF16 && j.op != OP_INT8 && j.op != OP_INT8_FAST) return 1;
-    /* Scratch: x for the vector path (also serving rows that do not fill an AMX tile), then AMX's B. */
-    size_t row_bytes = (size_t)j.K * (j.op == OP_BF16 ? 2 : 1), vec_bytes, amx_bytes = 0;
-    j.KX = j.op == OP_BF16 ? round_up((j.K + 1) / 2, 16) : (j.op == OP_INT8 ? j.K : round_up(j.K, 64));
-    if (j.op == OP_BF16)
-        vec_bytes = (size_t)8 * j.M * j.KX; /* even and odd fp32 halves */
-    else if (j.op == OP_INT8)
-        vec_bytes = xdt == DT_F32 ? 0 : (size_t)4 * j.M * j.K; /* fp32 rows */
-    else
-        vec_bytes = (size_t)2 * j.M * j.KX; /* two digit planes */
-    vec_bytes = (vec_bytes + 63) / 64 * 64;
-    j.amx = 0;
-    j.cu = j.op == OP_INT8_FAST ? 2 * j.M : j.M;
-#ifdef IVL_AMX
-    /* Widening int8 for exact tiles costs about what 3 rows of vector FMAs do: AMX pays from 4 rows. */
-    int min_m = j.op == OP_INT8 && amx_min_m > 0 && amx_min_m < 4 ? 4 : amx_min_m;
-    j.amx = min_m > 0 && j.M >= min_m && j.N >= TILE && (j.op == OP_INT8_FAST || xdt == DT_BF16) &&
-            ivl_amx_available();
-    if (j.amx) amx_bytes = (size_t)round_up(j.K, 64) * j.cu * 4;
-#endif
-    char *buf = (char *)scratch_get(vec_bytes + amx_bytes + 64);
+    if (job_init(&j, (int)p[P_OP], (int)p[P_XDT], (int)p[P_M], (int)p[P_K], (const void *)(intptr_t)p[P_W],
+                 (const float *)(intptr_t)p[P_SCALE], (int)p[P_N], (const void *)(intptr_t)p[P_BIAS],
+                 (int)p[P_BDT], (void *)(intptr_t)p[P_Y], (int)p[P_YDT], (int)p[P_THREADS]))
+        return 1;
+    char *buf = (char *)scratch_get(job_scratch_bytes(&j));
     if (!buf) return 2;
-    if (j.op == OP_BF16) {
-        j.scale = NULL;
-        j.x = x_even_odd(x, xdt, j.M, j.K, j.KX, (float *)buf);
-    } else if (j.op == OP_INT8) {
-        j.x = x_f32(x, xdt, j.M, j.K, (float *)buf);
-    } else {
-        j.x = x_digits(x, xdt, j.M, j.K, j.KX, j.xs, j.xsum, (int8_t *)buf);
+    job_set_x(&j, (const void *)(intptr_t)p[P_X], buf);
+    range_t ranges[MAX_THREADS]; /* on this caller's stack: concurrent calls never share counters */
+    job_reset_ranges(&j, ranges);
+    if (j.team == 1) {
+        job_team(&j, ranges, 0);
+        return 0;
     }
-#ifdef IVL_AMX
-    if (j.amx) j.xamx = x_amx(&j, x, j.cu, (uint32_t *)(buf + vec_bytes));
-#endif
-    run_parallel(&j, row_bytes, (int)p[P_THREADS]);
+#pragma omp parallel num_threads(j.team)
+    job_team(&j, ranges, omp_get_thread_num());
     return 0;
 }
 

@@ -17,6 +17,7 @@ class KVCache:
         self.k = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(num_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(num_layers)]
         self.lengths = torch.zeros(batch, dtype=torch.long)  # tokens stored per row (on the CPU)
+        self._pointers: tuple | None = None  # layer_pointers(), until the per-layer tensors change
 
     @property
     def batch(self) -> int:
@@ -32,6 +33,19 @@ class KVCache:
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+    def layer_pointers(self) -> tuple[torch.Tensor, torch.Tensor] | tuple[None, None]:
+        """Addresses of every layer's key and value tensors (int64 [layers] each), for kernels that
+        write the cache in place; (None, None) unless every one is contiguous [batch, heads, capacity, dim]."""
+        if self._pointers is None:
+            tensors = self.k + self.v
+            shape = tensors[0].shape if tensors else None
+            if all(t.is_contiguous() and t.shape == shape for t in tensors):
+                self._pointers = (torch.tensor([t.data_ptr() for t in self.k], dtype=torch.int64),
+                                  torch.tensor([t.data_ptr() for t in self.v], dtype=torch.int64))
+            else:
+                self._pointers = (None, None)
+        return self._pointers
 
     def reserve(self, needed: int) -> None:
         """Grow every row to hold at least `needed` positions (in chunks, so growth is rare)."""
@@ -52,6 +66,7 @@ class KVCache:
                 keep = min(capacity, t.shape[2])
                 new[:, :, :keep] = t[:, :, :keep]
                 cache[i] = new
+        self._pointers = None
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, uniform: bool = False) -> None:
         """Store new keys/values [B, Hkv, T, D] after each row's current length (`uniform`: all rows are
@@ -82,8 +97,9 @@ class KVCache:
         self.k = [t.index_select(0, idx.to(t.device)) for t in self.k]
         self.v = [t.index_select(0, idx.to(t.device)) for t in self.v]
         self.lengths = self.lengths.index_select(0, idx)
+        self._pointers = None
 
-    def concat(self, other: "KVCache") -> None:
+    def concat(self, other: KVCache) -> None:
         """Append the rows of `other` (same layer count, heads and dtype) after this cache's rows."""
         cap = max(self.capacity, other.capacity)
         self.resize(cap)
@@ -91,3 +107,4 @@ class KVCache:
         self.k = [torch.cat([a, b]) for a, b in zip(self.k, other.k)]
         self.v = [torch.cat([a, b]) for a, b in zip(self.v, other.v)]
         self.lengths = torch.cat([self.lengths, other.lengths])
+        self._pointers = None

@@ -170,6 +170,9 @@ class CausalLM(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.rotary = Rotary(cfg)
         self.gradient_checkpointing = False
+        # Optional inference fast path for one new token per cache row (set by engine.quant): called as
+        # fast_decoder(embeds, cache), it returns the logits, or None when this input needs the modules.
+        self.fast_decoder = None
 
     @property
     def fused(self) -> bool:
@@ -181,6 +184,12 @@ class CausalLM(nn.Module):
             for layer in self.model.layers:
                 layer.self_attn.fuse()
                 layer.mlp.fuse()
+
+    def _apply(self, fn, recurse=True):
+        out = super()._apply(fn, recurse)
+        if self.fast_decoder is not None:  # it holds pointers to the tensors just replaced
+            self.fast_decoder = self.fast_decoder.rebuild(self)
+        return out
 
     def new_cache(self, batch: int, dtype: torch.dtype | None = None, device=None, capacity: int = 256) -> KVCache:
         w = self.model.embed_tokens.weight
@@ -207,6 +216,11 @@ class CausalLM(nn.Module):
         positions only.
         """
         b, t, _ = embeds.shape
+        if self.fast_decoder is not None and cache is not None and positions is None and t == 1:
+            logits = self.fast_decoder(embeds, cache)
+            if logits is not None:
+                cache.lengths += valid_lengths.cpu() if valid_lengths is not None else t
+                return logits
         mask, causal, kv_len = None, True, t
         if cache is not None:
             start = cache.lengths.to(embeds.device)

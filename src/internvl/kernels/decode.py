@@ -1,0 +1,166 @@
+"""The one-call decode step (decode.c) for a fused language model whose linears are the kernel modules.
+
+`FusedDecoder.build(lm)` checks once that every layer can run in C (bf16 activations and norms, CPU
+weights, FastBf16Linear or Int8Linear projections, no hooks) and records the weight pointers; calling
+it then decodes one token per cache row with a single ctypes call, or returns None for the caller's
+own path (several tokens, explicit positions, autograd, another dtype, hooks added later).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import threading
+import weakref
+
+import torch
+from torch import nn
+from torch.nn.modules import module as _module
+
+from . import build
+from .modules import FastBf16Linear, Int8Linear
+from .ops import _OP_BF16, MAX_ROWS, bias_args
+
+_I64 = ctypes.c_int64
+
+
+class _Lin(ctypes.Structure):
+    _fields_ = [(name, _I64) for name in ("w", "scale", "bias", "bias_dt", "op", "n", "k")]
+
+
+class _Layer(ctypes.Structure):
+    _fields_ = [("ln1", _I64), ("ln2", _I64), ("qkv", _Lin), ("o", _Lin), ("gate_up", _Lin), ("down", _Lin)]
+
+
+class _Step(ctypes.Structure):
+    _fields_ = [(name, _I64) for name in ("batch", "hidden", "layers", "heads", "kv_heads", "head_dim", "inter",
+                                          "capacity", "threads")]
+    _fields_ += [("eps", ctypes.c_double), ("pos_div", ctypes.c_double)]
+    _fields_ += [(name, _I64) for name in ("x", "lengths", "inv_freq", "layer_table", "k_cache", "v_cache", "norm")]
+    _fields_ += [("head", _Lin), ("logits", _I64)]
+
+
+def _lin(module: nn.Module, keep: list) -> _Lin | None:
+    """The C description of a kernel linear layer (CPU, contiguous), None for anything else."""
+    bufs = module._buffers
+    if isinstance(module, FastBf16Linear):
+        w, scale, op = bufs["weight"], None, _OP_BF16
+    elif isinstance(module, Int8Linear):
+        w, scale, op = bufs["qweight"], bufs["scale"], module._op
+        if not (scale.is_cpu and scale.is_contiguous() and scale.dtype == torch.float32):
+            return None
+    else:
+        return None
+    if not (w.is_cpu and w.is_contiguous() and w.dim() == 2):
+        return None
+    b = bias_args(bufs["bias"])
+    if b is None:
+        return None
+    keep += [t for t in (w, scale, bufs["bias"]) if t is not None]
+    return _Lin(w.data_ptr(), 0 if scale is None else scale.data_ptr(), b[0], b[1], op, w.shape[0], w.shape[1])
+
+
+def _norm(norm: nn.Module, hidden: int, keep: list) -> int | None:
+    w = getattr(norm, "weight", None)
+    if type(norm).__name__ != "RMSNorm" or w is None or w.dtype != torch.bfloat16 or not w.is_cpu or \
+            w.shape != (hidden,) or not w.is_contiguous():
+        return None
+    keep.append(w)
+    return w.data_ptr()
+
+
+def _hook_dicts(modules: list[nn.Module]) -> list[dict]:
+    """The dicts that hooks registered on `modules` (or on every module) would land in."""
+    dicts = [_module._global_forward_hooks, _module._global_forward_pre_hooks]
+    return dicts + [d for m in modules for d in (m._forward_hooks, m._forward_pre_hooks)]
+
+
+class FusedDecoder:
+    """Decodes one token per row of a KV cache through `ivl_decode_step`; see the module docstring.
+
+    It refers to its model weakly (no reference cycle keeps a dropped model's weights alive), and a
+    copy (deepcopy, pickle) binds to the copied model's tensors on first use.
+    """
+
+    def __init__(self, lm):
+        self._lm = weakref.ref(lm)
+        self.bound: bool | None = None  # None: not tried yet; False: this model cannot run in C
+
+    @classmethod
+    def build(cls, lm) -> FusedDecoder | None:
+        """The decoder for `lm` (a CausalLM), or None when some part of it cannot run in C."""
+        dec = cls(lm)
+        return dec if dec._bind() else None
+
+    def rebuild(self, lm) -> FusedDecoder | None:
+        """After the model's tensors were replaced (`.to()`, `.float()`): a decoder for the new ones."""
+        return FusedDecoder.build(lm)
+
+    def __getstate__(self):
+        return {"lm": self._lm()}
+
+    def __setstate__(self, state):
+        self.__init__(state["lm"])
+
+    def _bind(self) -> bool:
+        lm, lib = self._lm(), build.load()
+        self.bound = False
+        if lm is None or lib is None or not lm.fused or lm.rotary.kind not in ("default", "linear", "dynamic"):
+            return False
+        cfg, emb = lm.config, lm.model.embed_tokens.weight
+        if emb.dtype != torch.bfloat16 or not emb.is_cpu:
+            return False
+        h, keep = cfg.hidden_size, []  # `keep`: the tensors whose addresses the tables hold
+        layers = (_Layer * len(lm.model.layers))()
+        modules: list[nn.Module] = [lm, lm.model, lm.model.norm, lm.lm_head]
+        for i, layer in enumerate(lm.model.layers):
+            attn, mlp = layer.self_attn, layer.mlp
+            parts = [_lin(m, keep) for m in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)]
+            norms = [_norm(n, h, keep) for n in (layer.input_layernorm, layer.post_attention_layernorm)]
+            if any(p is None for p in parts + norms):
+                return False
+            layers[i] = _Layer(*norms, *parts)
+            modules += [layer, attn, mlp, layer.input_layernorm, layer.post_attention_layernorm,
+                        attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj]
+        head, norm = _lin(lm.lm_head, keep), _norm(lm.model.norm, h, keep)
+        hooks = _hook_dicts(modules)
+        if head is None or norm is None or any(hooks):
+            return False
+        self.template = _Step(batch=0, hidden=h, layers=len(layers), heads=cfg.num_attention_heads,
+                              kv_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim,
+                              inter=cfg.intermediate_size, eps=cfg.rms_norm_eps,
+                              layer_table=ctypes.addressof(layers), norm=norm, head=head,
+                              pos_div=lm.rotary.factor if lm.rotary.kind == "linear" else 1.0)
+        self.lib, self.layers, self.keep, self.hooks, self.rotary = lib, layers, keep, hooks, lm.rotary
+        self._tls = threading.local()  # one parameter block per calling thread (ctypes drops the GIL)
+        self.bound = True
+        return True
+
+    def __call__(self, embeds: torch.Tensor, cache) -> torch.Tensor | None:
+        """Logits [B, 1, vocab] for embeds [B, 1, hidden] appended to `cache` (the caller advances its
+        lengths), or None (nothing done) when this input needs the module path."""
+        if not self.bound and (self.bound is False or not self._bind()):
+            return None
+        b, t = embeds.shape[0], self.template
+        if (embeds.dtype != torch.bfloat16 or embeds.dim() != 3 or embeds.shape[1] != 1 or not 0 < b <= MAX_ROWS
+                or not embeds.is_cpu or torch.is_grad_enabled() or cache.dtype != torch.bfloat16
+                or cache.device.type != "cpu" or cache.batch != b or cache.num_layers != t.layers
+                or any(self.hooks)):
+            return None
+        lengths = cache.lengths
+        kv_len = int(lengths.max()) + 1
+        cache.reserve(kv_len)
+        k_ptrs, v_ptrs = cache.layer_pointers()
+        if k_ptrs is None or lengths.dtype != torch.int64 or not lengths.is_contiguous():
+            return None
+        x = embeds if embeds.is_contiguous() else embeds.contiguous()
+        inv_freq = self.rotary.inv_freq(kv_len, embeds.device)
+        logits = torch.empty(b, 1, t.head.n, dtype=torch.bfloat16)
+        desc = getattr(self._tls, "desc", None)
+        if desc is None:
+            desc = self._tls.desc = _Step.from_buffer_copy(t)
+        desc.batch, desc.capacity, desc.threads = b, cache.capacity, torch.get_num_threads()
+        desc.x, desc.lengths, desc.inv_freq = x.data_ptr(), lengths.data_ptr(), inv_freq.data_ptr()
+        desc.k_cache, desc.v_cache, desc.logits = k_ptrs.data_ptr(), v_ptrs.data_ptr(), logits.data_ptr()
+        if self.lib.ivl_decode_step(ctypes.addressof(desc)) != 0:
+            return None
+        return logits
