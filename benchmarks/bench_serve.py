@@ -8,7 +8,9 @@ first token and the ratio to the single-client throughput (target at 16 clients:
 Models: the built-in one if installed, and the InternVL3-1B shape with random bf16 weights. The random
 checkpoint keeps the real vocabulary size (151674, so the embedding and lm_head cost what they cost) with a
 small trained BPE tokenizer whose ids are a subset; lm_head rows above the tokenizer's vocabulary are zero,
-so greedy decoding only produces ids the tokenizer can decode, at unchanged cost.
+so greedy decoding only produces ids the tokenizer can decode, at unchanged cost. That tokenizer spells the
+model's default (Chinese) system message in bytes, so prompts are ~209 tokens instead of ~70 with the real
+Qwen tokenizer; `--system "..."` sends a short system message instead.
 
 `--profile` also times the pieces of one engine decode step at batch 1 and 16 in this process.
 
