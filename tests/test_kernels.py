@@ -410,3 +410,13 @@ def test_fused_decode_off_without_kernels(monkeypatch):
     finally:
         monkeypatch.delenv("INTERNVL_NO_KERNELS")
         build.reset()
+
+
+def test_collapse_to_hugepages_keeps_addresses_and_contents():
+    from internvl.kernels.memory import HUGE, collapse_to_hugepages
+
+    ts = [torch.randn(3 * HUGE // 4 + 17), torch.randn(1000), torch.empty(0)]
+    before = [(t.data_ptr(), t.clone()) for t in ts]
+    done = collapse_to_hugepages(ts)
+    assert 0 <= done <= ts[0].numel() * 4 and done % HUGE == 0
+    assert all(t.data_ptr() == p and torch.equal(t, c) for t, (p, c) in zip(ts, before))

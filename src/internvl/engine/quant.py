@@ -3,7 +3,8 @@
 Both use the AVX-512 weight-streaming kernels of `internvl.kernels` for decode-sized inputs and fall back
 to plain torch elsewhere (prefill, no compiler, other CPUs, GPUs). Where every layer qualifies (bf16
 activations on the CPU), a decoding step with one new token per row runs as one C call
-(`kernels.decode.FusedDecoder`), the modules staying in place for everything else.
+(`kernels.decode.FusedDecoder`), the modules staying in place for everything else. The streamed weights
+are moved onto transparent huge pages where Linux allows (`kernels.memory`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from torch import nn
 
 from ..errors import InternVLError
 from ..kernels.decode import FusedDecoder
+from ..kernels.memory import collapse_to_hugepages
 from ..kernels.modules import FastBf16Linear, Int8Linear
 
 MODES = ("int8",)
@@ -34,6 +36,13 @@ def _replace_linears(module: nn.Module, make: Callable[[nn.Linear], nn.Module | 
     return count
 
 
+def _prepare_decoding(lm) -> None:
+    """The one-call decode step where the model qualifies, and huge pages under the weights it streams."""
+    lm.fast_decoder = FusedDecoder.build(lm)
+    streamed = [t for name, t in [*lm.named_parameters(), *lm.named_buffers()] if "embed_tokens" not in name]
+    collapse_to_hugepages([t for t in streamed if t.device.type == "cpu"])
+
+
 def quantize_model(model, mode: str = "int8") -> int:
     """Weight-only int8 (one scale per output row) for every linear layer of the language model."""
     if mode not in MODES:
@@ -41,7 +50,7 @@ def quantize_model(model, mode: str = "int8") -> int:
     lm = model.language_model
     lm.fuse_projections()
     count = _replace_linears(lm, Int8Linear.from_linear)
-    lm.fast_decoder = FusedDecoder.build(lm)
+    _prepare_decoding(lm)
     return count
 
 
@@ -56,5 +65,5 @@ def use_decode_kernels(model) -> int:
     lm = model.language_model
     lm.fuse_projections()
     count = _replace_linears(lm, fast)
-    lm.fast_decoder = FusedDecoder.build(lm)
+    _prepare_decoding(lm)
     return count
