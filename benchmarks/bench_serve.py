@@ -198,12 +198,16 @@ def profile(folder: Path, threads: int, dtype: str | None, steps: int = 16) -> N
                      (lm.lm_head, "lm_head"), (llm.model.language_model, "language model forward")]:  # fmt: skip
         mod.forward = timed(key, mod.forward)
     eng._accept = timed("sample + detokenize (per row)", eng._accept)
+    fused = getattr(lm, "fast_decoder", None) is not None
     KVCache.concat = timed("cache concat (admission)", KVCache.concat)
     KVCache.keep = timed("cache keep (departure)", KVCache.keep)
     n_layers = len(lm.model.layers)
     print(
         f"\n== decode step profile ({threads} threads, {dtype or 'stored dtype'}), {steps} steps after prefill"
     )
+    if fused:
+        print("(the fused C decode step is on: a step is one call, so attention, mlp and lm_head show 0;")
+        print(" INTERNVL_NO_KERNELS=1 gives the per-module split of the plain PyTorch path)")
     t = time.perf_counter()
     for _ in range(3):
         eng.generate([(ids, SamplingParams(max_new_tokens=1), None)])
