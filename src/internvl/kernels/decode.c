@@ -42,6 +42,13 @@ typedef struct {
 enum { J_QKV, J_O, J_GATE_UP, J_DOWN, J_HEAD, J_COUNT };
 #define MAX_HEAD_DIM 512
 #define HEAD_BLOCK 4 /* query heads accumulated together in attention's weighted sum of values */
+#ifndef HEAD_LINES
+#define HEAD_LINES 128
+#endif
+/* lines of the next weights prefetched before a barrier */
+#ifndef ATTN_PREFETCH_BYTES
+#define ATTN_PREFETCH_BYTES (192 * 1024) /* of o_proj, fetched into L2 while attention computes */
+#endif
 
 static inline __m512 ld_bf16(const uint16_t *p, __mmask16 mk) { return load_x16(p, DT_BF16, 0, mk); }
 static inline void st_bf16(uint16_t *p, __mmask16 mk, __m512 v) { _mm256_mask_storeu_epi16(p, mk, f32x16_to_bf16(v)); }
@@ -127,7 +134,7 @@ typedef struct {
 /* One row b and KV head g: rotate and store the new key/value at the row's position, then attention of
    the group's query heads over positions 0..pos, written to att (bf16 [heads * D] of row b). */
 static void attend(const step_t *st, const uint16_t *qkv, uint16_t *kc, uint16_t *vc, const float *cs, int pos,
-                   int g, uint16_t *att, attn_buf_t *ab) {
+                   int g, uint16_t *att, attn_buf_t *ab, pf_cursor_t *pf) {
     const int hq = (int)st->heads, hk = (int)st->kv_heads, D = (int)st->head_dim, G = hq / hk;
     const int S = pos + 1, DP = ab->DP, nd = DP / 16;
     const float scale = 1.0f / sqrtf((float)D);
@@ -140,6 +147,7 @@ static void attend(const step_t *st, const uint16_t *qkv, uint16_t *kc, uint16_t
     /* scores: 16 keys at a time, widened once and dotted with every query head of the group */
     for (int j0 = 0; j0 < S; j0 += 16) {
         int cnt = S - j0 < 16 ? S - j0 : 16;
+        pf_step(pf, 8);
         for (int r = 0; r < 16; r++)
             for (int d = 0; d < DP; d += 16)
                 _mm512_store_ps(ab->kblk + (size_t)r * DP + d,
@@ -180,6 +188,7 @@ static void attend(const step_t *st, const uint16_t *qkv, uint16_t *kc, uint16_t
                 for (int v = 0; v < 4; v++) acc[h][v] = _mm512_setzero_ps();
             for (int j = 0; j < S; j++) {
                 __m512 vv[4];
+                if (!(j & 1)) pf_step(pf, 1);
                 for (int v = 0; v < nv; v++) vv[v] = ld_bf16(vc + (size_t)j * D + d0 + 16 * v, mask16(D - d0 - 16 * v));
                 for (int h = 0; h < nh; h++) {
                     __m512 p = _mm512_set1_ps(ab->scores[(size_t)(h0 + h) * ab->SP + j]);
@@ -208,6 +217,12 @@ static void silu_mul(const uint16_t *gu, uint16_t *act, int B, int I, int i0, in
             st_bf16(a + i, mk, _mm512_mul_ps(s, ld_bf16(u + i, mk)));
         }
     }
+}
+
+/* Burst-prefetch the start of thread t's part of a job before it waits at a barrier. */
+static inline void prefetch_head(const job_t *j, int t) {
+    pf_cursor_t c = job_head(j, t, HEAD_LINES * 64);
+    pf_step(&c, HEAD_LINES);
 }
 
 static int lin_job(job_t *j, const lin_t *l, int B, void *y, int nthreads) {
@@ -319,18 +334,20 @@ int ivl_decode_step(const step_t *st) {
 #pragma omp barrier
             job_set_x(&jq, h, xbuf);
             job_team(&jq, rq, t);
-            job_prefetch(&jo, t, 8192);
+            /* the head of o_proj: a burst now, then more at the pace of the attention arithmetic */
+            pf_cursor_t pf = job_head(&jo, t, ATTN_PREFETCH_BYTES);
+            pf_step(&pf, HEAD_LINES);
 #pragma omp barrier
             for (int pr = t; pr < B * hk; pr += nt) {
                 int b = pr / hk, g = pr % hk;
                 size_t off = ((size_t)b * hk + g) * cap * D;
                 attend(st, qkv + (size_t)b * QKV, kc + off, vc + off, cs + (size_t)b * D, (int)lengths[b], g,
-                       att + (size_t)b * hq * D, &ab);
+                       att + (size_t)b * hq * D, &ab, &pf);
             }
 #pragma omp barrier
             job_set_x(&jo, att, xbuf);
             job_team(&jo, ro, t);
-            job_prefetch(&jg, t, 8192);
+            prefetch_head(&jg, t);
 #pragma omp barrier
             if (t == 0)
                 for (int b = 0; b < B; b++) {
@@ -340,7 +357,7 @@ int ivl_decode_step(const step_t *st) {
 #pragma omp barrier
             job_set_x(&jg, h, xbuf);
             job_team(&jg, rg, t);
-            job_prefetch(&jd, t, 8192);
+            prefetch_head(&jd, t);
 #pragma omp barrier
             {
                 int per = round_up((I + nt - 1) / nt, 16), i0 = t * per, i1 = i0 + per < I ? i0 + per : I;
@@ -351,7 +368,7 @@ int ivl_decode_step(const step_t *st) {
             job_team(&jd, rd, t);
             if (l + 1 < L) {
                 lin_job(&jq, &layers[l + 1].qkv, B, qkv, nt);
-                job_prefetch(&jq, t, 8192);
+                prefetch_head(&jq, t);
             }
 #pragma omp barrier
         }
@@ -363,7 +380,7 @@ int ivl_decode_step(const step_t *st) {
             }
             job_reset_ranges(&jh, rh);
         }
-        job_prefetch(&jh, t, 8192);
+        prefetch_head(&jh, t);
 #pragma omp barrier
         job_set_x(&jh, h, xbuf);
         job_team(&jh, rh, t);

@@ -29,12 +29,6 @@
 
 #include "gemv.h"
 
-#ifndef PF_BYTES
-#define PF_BYTES 6144 /* software prefetch distance along the weight stream (measured plateau: 4-12 KiB) */
-#endif
-#ifndef PF_HINT
-#define PF_HINT _MM_HINT_T1
-#endif
 #ifndef CHUNK_BYTES
 #define CHUNK_BYTES (64 * 1024) /* unit of work handed between threads */
 #endif
@@ -639,8 +633,14 @@ void job_reset_ranges(const job_t *j, range_t *ranges) {
     }
 }
 
-void job_prefetch(const job_t *j, int t, size_t bytes) {
-    if (t < j->team) prefetch_rows(j, (int)((uint64_t)j->nchunks * t / j->team) * j->rows_per_chunk, bytes);
+pf_cursor_t job_head(const job_t *j, int t, size_t bytes) {
+    pf_cursor_t c = {NULL, NULL};
+    if (t >= j->team) return c;
+    int n0 = (int)((uint64_t)j->nchunks * t / j->team) * j->rows_per_chunk;
+    size_t len = (size_t)(j->N - n0) * j->row_bytes;
+    c.p = (const char *)j->w + (size_t)n0 * j->row_bytes;
+    c.end = c.p + (bytes < len ? bytes : len);
+    return c;
 }
 
 void job_team(const job_t *j, range_t *ranges, int t) {

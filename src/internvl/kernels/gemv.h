@@ -14,6 +14,12 @@
 #define TILE 16
 #define MAX_THREADS 256
 #define IVL_HIDDEN __attribute__((visibility("hidden")))
+#ifndef PF_BYTES
+#define PF_BYTES 6144 /* software prefetch distance along the weight stream (measured plateau: 4-16 KiB) */
+#endif
+#ifndef PF_HINT
+#define PF_HINT _MM_HINT_T1 /* into L2; NTA (past L2) halves the decode step's bandwidth here */
+#endif
 
 enum { DT_F32 = 0, DT_BF16 = 1 };
 enum { OP_BF16 = 0, OP_INT8 = 1, OP_INT8_FAST = 2 };
@@ -94,8 +100,15 @@ IVL_HIDDEN void job_set_x(job_t *j, const void *x, char *buf);
 IVL_HIDDEN void job_reset_ranges(const job_t *j, range_t *ranges);
 /* Thread t's share of the job, inside a parallel region; threads t >= j->team return at once. */
 IVL_HIDDEN void job_team(const job_t *j, range_t *ranges, int t);
-/* Prefetch the first bytes thread t will read, so they arrive while it still waits elsewhere. */
-IVL_HIDDEN void job_prefetch(const job_t *j, int t, size_t bytes);
+/* The first `bytes` thread t will read of a job: prefetched ahead (pf_step) while the thread still
+   waits or computes elsewhere, they are in L2 when the job starts. */
+typedef struct {
+    const char *p, *end;
+} pf_cursor_t;
+IVL_HIDDEN pf_cursor_t job_head(const job_t *j, int t, size_t bytes);
+static inline void pf_step(pf_cursor_t *c, int lines) {
+    for (int i = 0; i < lines && c->p < c->end; i++, c->p += 64) _mm_prefetch(c->p, PF_HINT);
+}
 /* A 64-byte aligned per-calling-thread buffer of at least `bytes` (kept between calls). */
 IVL_HIDDEN void *scratch_get(size_t bytes);
 
