@@ -27,16 +27,19 @@ typedef struct {
 } layer_t;
 
 typedef struct {
-    int64_t batch, hidden, layers, heads, kv_heads, head_dim, inter, capacity, threads;
-    double eps, pos_div;      /* RMSNorm epsilon; positions are divided by pos_div (linear RoPE scaling) */
+    /* per call */
+    int64_t batch, capacity, threads;
     int64_t x;                /* bf16 [batch, hidden]: embeddings of the new tokens */
     int64_t lengths;          /* int64 [batch]: tokens already cached per row = position of the new one */
     int64_t inv_freq;         /* fp32 [head_dim / 2] */
-    int64_t layer_table;      /* layer_t [layers] */
     int64_t k_cache, v_cache; /* int64 [layers]: bf16 [batch, kv_heads, capacity, head_dim] per layer */
-    int64_t norm;             /* bf16 [hidden] final RMSNorm weight */
+    int64_t logits;           /* bf16 [batch, head.n] out */
+    /* per model */
+    int64_t hidden, layers, heads, kv_heads, head_dim, inter;
+    double eps, pos_div; /* RMSNorm epsilon; positions are divided by pos_div (linear RoPE scaling) */
+    int64_t layer_table; /* layer_t [layers] */
+    int64_t norm;        /* bf16 [hidden] final RMSNorm weight */
     lin_t head;
-    int64_t logits; /* bf16 [batch, head.n] out */
 } step_t;
 
 enum { J_QKV, J_O, J_GATE_UP, J_DOWN, J_HEAD, J_COUNT };

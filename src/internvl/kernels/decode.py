@@ -9,6 +9,7 @@ own path (several tokens, explicit positions, autograd, another dtype, hooks add
 from __future__ import annotations
 
 import ctypes
+import struct
 import threading
 import weakref
 
@@ -31,12 +32,15 @@ class _Layer(ctypes.Structure):
     _fields_ = [("ln1", _I64), ("ln2", _I64), ("qkv", _Lin), ("o", _Lin), ("gate_up", _Lin), ("down", _Lin)]
 
 
+_PER_CALL = ("batch", "capacity", "threads", "x", "lengths", "inv_freq", "k_cache", "v_cache", "logits")
+_PACK = struct.Struct(f"{len(_PER_CALL)}q")  # the per-call fields, written in one go
+
+
 class _Step(ctypes.Structure):
-    _fields_ = [(name, _I64) for name in ("batch", "hidden", "layers", "heads", "kv_heads", "head_dim", "inter",
-                                          "capacity", "threads")]
-    _fields_ += [("eps", ctypes.c_double), ("pos_div", ctypes.c_double)]
-    _fields_ += [(name, _I64) for name in ("x", "lengths", "inv_freq", "layer_table", "k_cache", "v_cache", "norm")]
-    _fields_ += [("head", _Lin), ("logits", _I64)]
+    _fields_ = [(name, _I64) for name in _PER_CALL]
+    _fields_ += [(name, _I64) for name in ("hidden", "layers", "heads", "kv_heads", "head_dim", "inter")]
+    _fields_ += [("eps", ctypes.c_double), ("pos_div", ctypes.c_double), ("layer_table", _I64), ("norm", _I64)]
+    _fields_ += [("head", _Lin)]
 
 
 def _lin(module: nn.Module, keep: list) -> _Lin | None:
@@ -131,36 +135,46 @@ class FusedDecoder:
                               layer_table=ctypes.addressof(layers), norm=norm, head=head,
                               pos_div=lm.rotary.factor if lm.rotary.kind == "linear" else 1.0)
         self.lib, self.layers, self.keep, self.hooks, self.rotary = lib, layers, keep, hooks, lm.rotary
+        self.vocab, self._checked = head.n, None
+        # the RoPE frequencies depend on the length only with dynamic scaling
+        self.inv_freq = None if lm.rotary.kind == "dynamic" else lm.rotary.inv_freq(0, emb.device)
         self._tls = threading.local()  # one parameter block per calling thread (ctypes drops the GIL)
         self.bound = True
         return True
 
     def __call__(self, embeds: torch.Tensor, cache) -> torch.Tensor | None:
         """Logits [B, 1, vocab] for embeds [B, 1, hidden] appended to `cache` (the caller advances its
-        lengths), or None (nothing done) when this input needs the module path."""
+        lengths), or None (nothing done) when this input needs the module path.
+
+        This runs once per token right after a gigabyte of weights went through the caches, so every
+        Python object it touches is a cache miss: it touches few (the cache checks are remembered per
+        layout of the cache, the per-call fields are packed in one go)."""
         if not self.bound and (self.bound is False or not self._bind()):
             return None
-        b, t = embeds.shape[0], self.template
-        if (embeds.dtype != torch.bfloat16 or embeds.dim() != 3 or embeds.shape[1] != 1 or not 0 < b <= MAX_ROWS
-                or not embeds.is_cpu or torch.is_grad_enabled() or cache.dtype != torch.bfloat16
-                or cache.device.type != "cpu" or cache.batch != b or cache.num_layers != t.layers
-                or any(self.hooks)):
+        b = embeds.shape[0]
+        if (embeds.dtype != torch.bfloat16 or embeds.shape[1] != 1 or embeds.dim() != 3 or not 0 < b <= MAX_ROWS
+                or not embeds.is_cpu or torch.is_grad_enabled() or any(self.hooks)):
             return None
         lengths = cache.lengths
-        kv_len = int(lengths.max()) + 1
+        kv_len = max(lengths.tolist()) + 1
         cache.reserve(kv_len)
-        k_ptrs, v_ptrs = cache.layer_pointers()
-        if k_ptrs is None or lengths.dtype != torch.int64 or not lengths.is_contiguous():
+        ptrs = cache.layer_pointers()
+        if ptrs is not self._checked:  # a new cache, or its tensors changed (grown, rows kept or joined)
+            if (ptrs[0] is None or cache.dtype != torch.bfloat16 or cache.device.type != "cpu"
+                    or cache.num_layers != self.template.layers):
+                return None
+            self._checked = ptrs
+        if cache.batch != b or lengths.dtype != torch.int64 or not lengths.is_contiguous():
             return None
         x = embeds if embeds.is_contiguous() else embeds.contiguous()
-        inv_freq = self.rotary.inv_freq(kv_len, embeds.device)
-        logits = torch.empty(b, 1, t.head.n, dtype=torch.bfloat16)
+        inv_freq = self.inv_freq if self.inv_freq is not None else self.rotary.inv_freq(kv_len, embeds.device)
+        logits = torch.empty(b, 1, self.vocab, dtype=torch.bfloat16)
         desc = getattr(self._tls, "desc", None)
         if desc is None:
-            desc = self._tls.desc = _Step.from_buffer_copy(t)
-        desc.batch, desc.capacity, desc.threads = b, cache.capacity, torch.get_num_threads()
-        desc.x, desc.lengths, desc.inv_freq = x.data_ptr(), lengths.data_ptr(), inv_freq.data_ptr()
-        desc.k_cache, desc.v_cache, desc.logits = k_ptrs.data_ptr(), v_ptrs.data_ptr(), logits.data_ptr()
-        if self.lib.ivl_decode_step(ctypes.addressof(desc)) != 0:
+            d = _Step.from_buffer_copy(self.template)
+            desc = self._tls.desc = (d, ctypes.addressof(d))
+        _PACK.pack_into(desc[0], 0, b, cache.capacity, torch.get_num_threads(), x.data_ptr(), lengths.data_ptr(),
+                        inv_freq.data_ptr(), ptrs[0].data_ptr(), ptrs[1].data_ptr(), logits.data_ptr())
+        if self.lib.ivl_decode_step(desc[1]) != 0:
             return None
         return logits
