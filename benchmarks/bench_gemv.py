@@ -3,11 +3,13 @@
 Prints the measured read bandwidth, GB/s of weight bytes read per shape of a Qwen2.5-0.5B decoder layer
 and its lm_head, and a whole simulated decode step (24 layers x 7 distinct matrices + lm_head) in
 ms/token, tokens/s and fraction of the bandwidth roofline, alone and alternating with small torch ops.
+`--model-step` also times the real decoder of that shape (random weights): the one-call decode step of
+`internvl.kernels.decode` against the same model's modules, in bf16 and int8.
 Each shape loops over enough distinct matrices (> 600 MB) that the host's last-level cache cannot
 serve them. Times are the best of several repeats (the machine may have other tenants), every path
 measured the same way in the same run, and the read bandwidth is sampled between them.
 
-    python benchmarks/bench_gemv.py [--quick] [--rows 1] [--threads N] [--skip-shapes]
+    python benchmarks/bench_gemv.py [--quick] [--rows 1] [--threads N] [--skip-shapes] [--model-step]
 """
 
 from __future__ import annotations
@@ -144,12 +146,68 @@ def decode_step(paths, rows, repeats, bw):
     return res, t_ops
 
 
+def random_decoder(rows: int, context: int):
+    """A Qwen2.5-0.5B-shaped CausalLM with random bf16 weights, and a cache of `rows` rows of `context`."""
+    from internvl.config import LLMConfig
+    from internvl.model.llm import CausalLM
+
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device("meta"):
+            lm = CausalLM(LLMConfig())
+    finally:
+        torch.set_default_dtype(old)
+    lm = lm.to_empty(device="cpu").eval()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in lm.named_parameters():
+            p.fill_(1.0) if "norm" in name else p.normal_(0, 0.02, generator=g)
+        cache = lm.new_cache(rows, capacity=context + 256)
+        lm(lm.model.embed_tokens(torch.randint(0, 1000, (rows, context), generator=g)), cache=cache,
+           logits_to_keep=1)
+    return lm, cache
+
+
+def model_step(rows: int, repeats: int, bw, context: int = 300) -> dict:
+    """ms per decoding step of the real decoder: the one-call C step against its modules, bf16 and int8."""
+    from types import SimpleNamespace
+
+    from internvl.engine.quant import quantize_model, use_decode_kernels
+
+    out = {}
+    for mode, prepare in (("bf16", use_decode_kernels), ("int8", quantize_model)):
+        lm, cache = random_decoder(rows, context)
+        prepare(SimpleNamespace(language_model=lm))
+        streamed = sum(t.numel() * t.element_size() for name, t in [*lm.named_parameters(), *lm.named_buffers()]
+                       if "embed_tokens" not in name)
+        fused = lm.fast_decoder
+        x = lm.model.embed_tokens(torch.full((rows, 1), 5))
+        best = {"one C call": float("inf"), "modules": float("inf")}
+
+        def step(lm=lm, x=x, cache=cache):
+            lm(x, cache=cache)
+            cache.lengths -= 1  # the same position every time
+
+        with torch.inference_mode():
+            for _ in range(repeats):
+                bw.sample(1)
+                for path, decoder in (("one C call", fused), ("modules", None)):
+                    if path == "one C call" and decoder is None:
+                        continue
+                    lm.fast_decoder = decoder
+                    best[path] = min(best[path], best_time(step, 3))
+        out[mode] = (best, streamed)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", type=int, default=1, help="rows of x (decode batch), at most 8 for the kernels")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--quick", action="store_true", help="fewer repeats and ~300 MB per shape")
     ap.add_argument("--skip-shapes", action="store_true", help="only the whole decode step")
+    ap.add_argument("--model-step", action="store_true", help="also the real decoder's step (2 GB of memory)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -165,6 +223,7 @@ def main() -> None:
     results = {} if args.skip_shapes else {
         name: bench_shape(shape, paths, args.rows, min_bytes, repeats, bw) for name, shape in SHAPES.items()}
     res, t_ops = decode_step(paths, args.rows, repeats, bw)
+    steps = model_step(args.rows, repeats, bw) if args.model_step else {}
     roof = bw.roofline
 
     print(f"read bandwidth, best of the samples over the run: torch.sum {bw.sum_gbs:.1f} GB/s, "
@@ -190,6 +249,20 @@ def main() -> None:
         b = res["ours bf16"][0]
         print(f"  speedup over ours bf16: int8 {b / res['ours int8'][0]:.2f}x, "
               f"int8 quantize_x {b / res['ours int8 quantize_x'][0]:.2f}x")
+    if steps:
+        print(f"\nreal decoder step (random Qwen2.5-0.5B weights, 300 cached tokens), rows={args.rows}: "
+              f"norms, RoPE, attention and the rest included")
+        for mode, (best, nbytes) in steps.items():
+            for path, t in best.items():
+                if t == float("inf"):
+                    print(f"  {mode} {path:>10}: unavailable here")
+                    continue
+                gbs = nbytes / t / 1e9
+                print(f"  {mode} {path:>10}: {t * 1e3:6.2f} ms/token {args.rows / t:6.1f} tok/s {nbytes / 1e6:4.0f} MB "
+                      f"{gbs:5.1f} GB/s = {gbs / roof:4.0%} of roofline, {best['modules'] / t:4.2f}x the modules")
+        if all(b["one C call"] < float("inf") for b, _ in steps.values()):
+            print(f"  int8 speedup over bf16 (one C call): "
+                  f"{steps['bf16'][0]['one C call'] / steps['int8'][0]['one C call']:.2f}x")
 
 
 if __name__ == "__main__":

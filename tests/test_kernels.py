@@ -391,6 +391,13 @@ def test_fused_decode_declines_what_it_does_not_cover():
     with torch.enable_grad():
         fast(emb, cache=cache)  # autograd: the modules
     assert spy.hits == 1 and cache.lengths.tolist() == [7]
+    twin = copy.deepcopy(fast)  # a copy's decoder reads the copy's weights
+    with torch.no_grad():
+        twin.lm_head.weight.mul_(-1)
+        cache2 = _prefill(twin, [[1, 2, 3]])
+        a = fast(emb, cache=_prefill(fast, [[1, 2, 3]]))
+        b = twin(emb, cache=cache2)
+    assert twin.fast_decoder.real.bound and torch.equal(b, -a)
     fast.float()  # new tensors: the decoder is rebuilt, and an fp32 model has none
     assert fast.fast_decoder is None
     lm32 = _accelerated(lm.float(), "bf16")

@@ -1,9 +1,12 @@
-"""Optional AVX-512/AMX weight-streaming kernels for CPU decoding: bf16 and weight-only int8 linear layers.
+"""Optional AVX-512/AMX weight-streaming kernels for CPU decoding: bf16 and weight-only int8 linear layers
+(`modules`, `ops`, gemv.c), a whole decoding step in one call (`decode`, decode.c), and huge pages under
+the streamed weights (`memory`).
 
 Everything here falls back to plain torch when the kernels cannot be built or run; see `available()`.
 Set INTERNVL_NO_KERNELS=1 (before first use) to force the torch path.
 """
 
+from .decode import FusedDecoder
 from .modules import FastBf16Linear, Int8Linear
 from .ops import (
     MAX_ROWS,
@@ -19,6 +22,7 @@ from .ops import (
 __all__ = [
     "MAX_ROWS",
     "FastBf16Linear",
+    "FusedDecoder",
     "Int8Linear",
     "available",
     "dequantize_int8",
