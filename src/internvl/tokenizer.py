@@ -257,7 +257,9 @@ def train_bpe_tokenizer(texts, folder: str | Path, vocab_size: int = 2000) -> To
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tok = HFTokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    # one token per digit (as Qwen2 does): numbers such as box coordinates get a regular form
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
     tok.decoder = decoders.ByteLevel()
     specials = list(CHATML_TOKENS) + list(INTERNVL_TOKENS)
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,

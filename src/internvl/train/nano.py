@@ -39,12 +39,18 @@ def nano_config(vocab_size: int) -> ModelConfig:
 
 
 def split_texts(split_dir: str | Path) -> Iterator[str]:
-    """Every question and answer of a split's JSONL files, without the `<image>` placeholders."""
+    """Every question and answer of a split's JSONL files, without the `<image>` placeholders.
+
+    OCR answers are left out: they are random letter strings, and merges learned from them would split
+    text the model reads into arbitrary pairs; without them uppercase strings stay one token per letter.
+    """
     for path in sorted(Path(split_dir).glob("*.jsonl")):
         with open(path, encoding="utf-8") as f:
             for line in f:
                 row = json.loads(line)
                 for turn in row.get("conversations", []):
+                    if turn["from"] == "gpt" and row.get("task") == "ocr":
+                        continue
                     yield turn["value"].replace("<image>", "")
                 for key in ("question", "chosen", "rejected"):
                     if key in row:

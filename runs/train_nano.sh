@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Train the built-in nano model from scratch on a CPU with the ordinary training command, then evaluate it.
+#   bash runs/train_nano.sh [OUT]        (OUT defaults to runs/nano; ~7 GB of data; hours on 2 cores)
+# Rerunning the script resumes where it stopped (each stage continues from its last checkpoint).
+set -euo pipefail
+OUT=${1:-runs/nano}
+N=${N:-20000}                  # items per task in the train split
+export OMP_WAIT_POLICY=PASSIVE # yield the cores when another process competes for them
+mkdir -p "$OUT"
+
+# 1. data: the train split of the Synthetic Visual World (no hexagons), in the reference fine-tuning format
+[ -f "$OUT/data/meta.json" ] || internvl synth --out "$OUT/data" --split train --n "$N"
+
+# 2. a byte-level BPE tokenizer trained on the split's text, and the nano config.json (original layout)
+[ -f "$OUT/init/config.json" ] || python -m internvl.train.nano prepare --data "$OUT/data" --out "$OUT/init"
+
+# 3. stage 1: from random weights, one tile per image
+[ -f "$OUT/stage1/final/config.json" ] || internvl finetune --init-from-config "$OUT/init/config.json" \
+    --tokenizer "$OUT/init" --data "$OUT/data/meta.json" --config configs/train/nano-stage1.yaml \
+    --out "$OUT/stage1" --resume
+
+# 4. stage 2: the full dynamic tiling, from stage 1's weights
+[ -f "$OUT/stage2/final/config.json" ] || internvl finetune "$OUT/stage1/final" --data "$OUT/data/meta.json" \
+    --config configs/train/nano-stage2.yaml --out "$OUT/stage2" --resume
+
+# 5. the benchmark: per-task accuracy on the test split (200 items per task), greedy
+internvl eval synthetic "$OUT/stage2/final" --n 200 --out "$OUT/eval"
