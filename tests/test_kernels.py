@@ -290,8 +290,8 @@ class _Spy:
         self.real, self.hits = lm.fast_decoder, 0
         lm.fast_decoder = self
 
-    def __call__(self, embeds, cache):
-        out = self.real(embeds, cache)
+    def __call__(self, embeds, cache, valid_lengths=None):
+        out = self.real(embeds, cache, valid_lengths)
         self.hits += out is not None
         return out
 

@@ -34,6 +34,7 @@ typedef struct {
     int64_t inv_freq;         /* fp32 [head_dim / 2] */
     int64_t k_cache, v_cache; /* int64 [layers]: bf16 [batch, kv_heads, capacity, head_dim] per layer */
     int64_t logits;           /* bf16 [batch, head.n] out */
+    int64_t advance;          /* int64 [batch] added to lengths at the end (0: one each) */
     /* per model */
     int64_t hidden, layers, heads, kv_heads, head_dim, inter;
     double eps, pos_div; /* RMSNorm epsilon; positions are divided by pos_div (linear RoPE scaling) */
@@ -388,5 +389,7 @@ int ivl_decode_step(const step_t *st) {
         job_set_x(&jh, h, xbuf);
         job_team(&jh, rh, t);
     }
+    const int64_t *adv = (const int64_t *)(intptr_t)st->advance;
+    for (int b = 0; b < B; b++) ((int64_t *)lengths)[b] += adv ? adv[b] : 1;
     return 0;
 }

@@ -32,15 +32,16 @@ class _Layer(ctypes.Structure):
     _fields_ = [("ln1", _I64), ("ln2", _I64), ("qkv", _Lin), ("o", _Lin), ("gate_up", _Lin), ("down", _Lin)]
 
 
-_PER_CALL = ("batch", "capacity", "threads", "x", "lengths", "inv_freq", "k_cache", "v_cache", "logits")
+_PER_CALL = ("batch", "capacity", "threads", "x", "lengths", "inv_freq", "k_cache", "v_cache", "logits",
+             "advance")
 _PACK = struct.Struct(f"{len(_PER_CALL)}q")  # the per-call fields, written in one go
 
 
 class _Step(ctypes.Structure):
     _fields_ = [(name, _I64) for name in _PER_CALL]
     _fields_ += [(name, _I64) for name in ("hidden", "layers", "heads", "kv_heads", "head_dim", "inter")]
-    _fields_ += [("eps", ctypes.c_double), ("pos_div", ctypes.c_double), ("layer_table", _I64), ("norm", _I64)]
-    _fields_ += [("head", _Lin)]
+    _fields_ += [("eps", ctypes.c_double), ("pos_div", ctypes.c_double)]
+    _fields_ += [("layer_table", _I64), ("norm", _I64), ("head", _Lin)]
 
 
 def _lin(module: nn.Module, keep: list) -> _Lin | None:
@@ -60,7 +61,8 @@ def _lin(module: nn.Module, keep: list) -> _Lin | None:
     if b is None:
         return None
     keep += [t for t in (w, scale, bufs["bias"]) if t is not None]
-    return _Lin(w.data_ptr(), 0 if scale is None else scale.data_ptr(), b[0], b[1], op, w.shape[0], w.shape[1])
+    scale_ptr = 0 if scale is None else scale.data_ptr()
+    return _Lin(w.data_ptr(), scale_ptr, b[0], b[1], op, w.shape[0], w.shape[1])
 
 
 def _norm(norm: nn.Module, hidden: int, keep: list) -> int | None:
@@ -108,6 +110,7 @@ class FusedDecoder:
     def _bind(self) -> bool:
         lm, lib = self._lm(), build.load()
         self.bound = False
+        # (Rotary knows no other RoPE kinds today; a new one must be taught to decode.c first)
         if lm is None or lib is None or not lm.fused or lm.rotary.kind not in ("default", "linear", "dynamic"):
             return False
         cfg, emb = lm.config, lm.model.embed_tokens.weight
@@ -142,9 +145,10 @@ class FusedDecoder:
         self.bound = True
         return True
 
-    def __call__(self, embeds: torch.Tensor, cache) -> torch.Tensor | None:
-        """Logits [B, 1, vocab] for embeds [B, 1, hidden] appended to `cache` (the caller advances its
-        lengths), or None (nothing done) when this input needs the module path.
+    def __call__(self, embeds: torch.Tensor, cache, valid_lengths: torch.Tensor | None = None):
+        """Logits [B, 1, vocab] for embeds [B, 1, hidden] appended to `cache`, whose row lengths then
+        advance by `valid_lengths` (default 1 each, as CausalLM.forward); None (nothing done) when this
+        input needs the module path.
 
         This runs once per token right after a gigabyte of weights went through the caches, so every
         Python object it touches is a cache miss: it touches few (the cache checks are remembered per
@@ -152,8 +156,8 @@ class FusedDecoder:
         if not self.bound and (self.bound is False or not self._bind()):
             return None
         b = embeds.shape[0]
-        if (embeds.dtype != torch.bfloat16 or embeds.shape[1] != 1 or embeds.dim() != 3 or not 0 < b <= MAX_ROWS
-                or not embeds.is_cpu or torch.is_grad_enabled() or any(self.hooks)):
+        if (embeds.dtype != torch.bfloat16 or embeds.shape[1] != 1 or embeds.dim() != 3 or not embeds.is_cpu
+                or not 0 < b <= MAX_ROWS or torch.is_grad_enabled() or any(self.hooks)):
             return None
         lengths = cache.lengths
         kv_len = max(lengths.tolist()) + 1
@@ -166,15 +170,24 @@ class FusedDecoder:
             self._checked = ptrs
         if cache.batch != b or lengths.dtype != torch.int64 or not lengths.is_contiguous():
             return None
+        advance = 0
+        if valid_lengths is not None:
+            if valid_lengths.dtype != torch.int64 or not valid_lengths.is_cpu or valid_lengths.shape != (b,):
+                return None
+            valid_lengths = valid_lengths.contiguous()
+            advance = valid_lengths.data_ptr()
         x = embeds if embeds.is_contiguous() else embeds.contiguous()
-        inv_freq = self.inv_freq if self.inv_freq is not None else self.rotary.inv_freq(kv_len, embeds.device)
+        inv_freq = self.inv_freq
+        if inv_freq is None:
+            inv_freq = self.rotary.inv_freq(kv_len, embeds.device)
         logits = torch.empty(b, 1, self.vocab, dtype=torch.bfloat16)
         desc = getattr(self._tls, "desc", None)
         if desc is None:
             d = _Step.from_buffer_copy(self.template)
             desc = self._tls.desc = (d, ctypes.addressof(d))
-        _PACK.pack_into(desc[0], 0, b, cache.capacity, torch.get_num_threads(), x.data_ptr(), lengths.data_ptr(),
-                        inv_freq.data_ptr(), ptrs[0].data_ptr(), ptrs[1].data_ptr(), logits.data_ptr())
+        _PACK.pack_into(desc[0], 0, b, cache.capacity, torch.get_num_threads(), x.data_ptr(),
+                        lengths.data_ptr(), inv_freq.data_ptr(), ptrs[0].data_ptr(), ptrs[1].data_ptr(),
+                        logits.data_ptr(), advance)
         if self.lib.ivl_decode_step(desc[1]) != 0:
             return None
         return logits

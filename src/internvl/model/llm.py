@@ -171,7 +171,8 @@ class CausalLM(nn.Module):
         self.rotary = Rotary(cfg)
         self.gradient_checkpointing = False
         # Optional inference fast path for one new token per cache row (set by engine.quant): called as
-        # fast_decoder(embeds, cache), it returns the logits, or None when this input needs the modules.
+        # fast_decoder(embeds, cache, valid_lengths), it returns the logits having advanced the cache as
+        # below, or None (nothing done) when this input needs the modules.
         self.fast_decoder = None
 
     @property
@@ -217,9 +218,8 @@ class CausalLM(nn.Module):
         """
         b, t, _ = embeds.shape
         if self.fast_decoder is not None and cache is not None and positions is None and t == 1:
-            logits = self.fast_decoder(embeds, cache)
-            if logits is not None:
-                cache.lengths += valid_lengths.cpu() if valid_lengths is not None else t
+            logits = self.fast_decoder(embeds, cache, valid_lengths)
+            if logits is not None:  # the step ran, and advanced the cache
                 return logits
         mask, causal, kv_len = None, True, t
         if cache is not None:
