@@ -10,7 +10,8 @@
 
    Activations are bf16 between ops and every op rounds where the torch modules do (norm output, norm
    weight product, RoPE terms, SiLU, its product with up, residual adds), computing in fp32 inside;
-   attention keeps fp32 scores and probabilities (as SDPA's CPU kernels do) and rounds its output. */
+   attention keeps fp32 scores, rounds the softmax numerators to bf16 for the product with the values
+   (as SDPA's CPU flash kernel does) and rounds its output. */
 #include <math.h>
 #include <omp.h>
 
@@ -168,7 +169,8 @@ static void attend(const step_t *st, const uint16_t *qkv, uint16_t *kc, uint16_t
             _mm512_store_ps(ab->scores + (size_t)h * ab->SP + j0, _mm512_mul_ps(hsum16_ps(acc), _mm512_set1_ps(scale)));
         }
     }
-    /* softmax numerators in place; the division by their sum comes with the output */
+    /* softmax numerators in place, rounded to bf16 for the weighted sum as SDPA's CPU kernel does (its sum
+       is of the unrounded values); the division by the sum comes with the output */
     for (int h = 0; h < G; h++) {
         float *s = ab->scores + (size_t)h * ab->SP;
         __m512 m = _mm512_set1_ps(-INFINITY);
@@ -177,7 +179,7 @@ static void attend(const step_t *st, const uint16_t *qkv, uint16_t *kc, uint16_t
         for (int j = 0; j < S; j += 16) {
             __mmask16 mk = mask16(S - j);
             __m512 e = _mm512_maskz_mov_ps(mk, exp_ps(_mm512_sub_ps(_mm512_load_ps(s + j), mx)));
-            _mm512_store_ps(s + j, e);
+            _mm512_store_ps(s + j, rnd(e));
             sum = _mm512_add_ps(sum, e);
         }
         ab->sums[h] = _mm512_reduce_add_ps(sum);
