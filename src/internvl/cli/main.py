@@ -18,6 +18,7 @@ VERBS: dict[str, str] = {
     "convert": "convert",
     "eval": "eval",
     "serve": "serve",
+    "mpo": "mpo",
 }
 
 HELP: dict[str, str] = {

@@ -1,0 +1,431 @@
+"""Mixed Preference Optimization (MPO, arXiv 2411.10442): MMPR pair rows, the three losses, the objective.
+
+    loss = w1 * DPO sigmoid + w2 * BCO pair + w3 * NLL on the chosen answer      (0.8 / 0.2 / 1.0, beta 0.1)
+
+as the reference `MultimodalDPOTrainer` (TRL <= 0.28 `dpo_loss`, `RunningMoments`, `rpo_alpha`). A row
+`{image | video?, question, chosen, rejected}` gives two one-turn conversations built like fine-tuning rows
+(`<image>\\n` prepended when missing); a micro-batch holds the chosen rows then the rejected rows, so one forward
+covers both, images repeated. Log-probabilities are sums over the answer tokens. The reference model is a frozen
+copy of the policy taken before training, or under LoRA the same model with its adapters disabled (and frozen
+copies of the modules LoRA runs train in full). The BCO reward shift delta is resumable state: it rides in the
+data position that every checkpoint stores.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import DataError, InternVLError, TrainingError
+from .collate import IGNORE, Batch, Collator
+from .data import BadRow, DatasetSpec, RowIndex, check_row, display_path, read_meta
+from .objective import Objective, ObjectiveOutput
+
+LOSSES = ("sigmoid", "bco_pair", "nll")  # the order of --loss-weights
+
+
+@dataclass
+class MPOArgs:
+    """The preference part of an MPO run (the rest is a `TrainArgs`)."""
+
+    beta: float = 0.1
+    loss_weights: tuple[float, float, float] = (0.8, 0.2, 1.0)  # DPO sigmoid, BCO pair, NLL on chosen
+
+    def __post_init__(self) -> None:
+        w = self.loss_weights
+        if isinstance(w, str):
+            w = w.split(",")
+        try:
+            w = tuple(float(x) for x in w)
+        except (TypeError, ValueError):
+            raise TrainingError(f"loss_weights must be three numbers W1,W2,W3, got {self.loss_weights!r}") from None
+        if len(w) != len(LOSSES) or any(x < 0 or not math.isfinite(x) for x in w) or not any(w):
+            raise TrainingError(f"loss_weights must be three non-negative numbers (for {', '.join(LOSSES)}), "
+                                f"not all 0, got {self.loss_weights!r}")  # fmt: skip
+        self.loss_weights = w
+        if not (isinstance(self.beta, (int, float)) and self.beta > 0 and math.isfinite(self.beta)):
+            raise TrainingError(f"beta must be a positive number, got {self.beta!r}")
+        self.beta = float(self.beta)
+
+
+# ---- the losses, per pair ---------------------------------------------------------------------------
+
+
+def sigmoid_loss(pc, pr, rc, rr, beta: float) -> torch.Tensor:
+    """DPO: -log sigmoid(beta * ((pc - pr) - (rc - rr))); p* policy, r* reference log-probs of chosen / rejected."""
+    return -F.logsigmoid(beta * ((pc - pr) - (rc - rr)))
+
+
+def bco_pair_loss(pc, pr, rc, rr, beta: float, delta) -> torch.Tensor:
+    """BCO pair: -log sigmoid(beta (pc - rc) - delta) - log sigmoid(-(beta (pr - rr) - delta))."""
+    return -F.logsigmoid(beta * (pc - rc) - delta) - F.logsigmoid(-(beta * (pr - rr) - delta))
+
+
+def nll_loss(chosen_logps: torch.Tensor, chosen_tokens: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of the chosen answer, averaged over its tokens (`rpo_alpha` term of the reference)."""
+    return -chosen_logps / chosen_tokens.clamp(min=1)
+
+
+class RunningMean:
+    """The mean of TRL's `RunningMoments`, the BCO reward shift delta: each update brings the batch means of
+    `n` ranks (their sum), so delta is the average of every batch mean seen so far, counted from 1e-24."""
+
+    def __init__(self, mean: float = 0.0, count: float = 1e-24):
+        self.mean, self.count = mean, count
+
+    def update(self, total, n):
+        """Add `n` batch means whose sum is `total` (tensors or floats); returns the new mean."""
+        count = self.count + n
+        self.mean = self.mean + (total - n * self.mean) / count  # mean += (total / n - mean) * n / count
+        self.count = count
+        return self.mean
+
+    def state(self) -> dict:
+        return {"mean": float(self.mean), "count": float(self.count)}
+
+
+# ---- data: pair rows -> (chosen, rejected) samples -> batches -----------------------------------------
+
+
+def pair_conversation(item: dict, side: str) -> dict:
+    """The fine-tuning row of one side of a pair: the question, then `item[side]` as the answer."""
+    row = {k: item[k] for k in ("image", "video", "clip") if k in item}
+    row["conversations"] = [{"from": "human", "value": item["question"]}, {"from": "gpt", "value": item[side]}]
+    return row
+
+
+def check_pair_row(item, root: str, check_files: bool = True) -> str | None:
+    """Why a parsed pair row cannot be trained on, or None (media and placeholders as fine-tuning rows)."""
+    if not isinstance(item, dict):
+        return f"a row must be a JSON object, got {type(item).__name__}"
+    for key in ("question", "chosen", "rejected"):
+        if not isinstance(item.get(key), str):
+            return f"a preference row needs the string key {key!r}"
+    return check_row(pair_conversation(item, "chosen"), root, check_files)
+
+
+def build_pair_index(specs: list[DatasetSpec], skip_bad_rows: bool = False, check_files: bool = True) -> RowIndex:
+    """Scan and validate the pair annotations (repeat_time as fine-tuning data); errors name `file:line`."""
+    ds, lines, offsets, bad = [], [], [], []
+    for d, spec in enumerate(specs):
+        name, mine = display_path(spec.annotation), []
+        with open(spec.annotation, "rb") as f:
+            offset = 0
+            for number, raw in enumerate(f, 1):
+                start, offset = offset, offset + len(raw)
+                if not raw.strip():
+                    continue
+                try:
+                    reason = check_pair_row(json.loads(raw), spec.root, check_files)
+                except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                    reason = f"invalid JSON ({getattr(e, 'msg', e)} at column {getattr(e, 'colno', '?')})"
+                if reason is None:
+                    mine.append((number, start))
+                elif skip_bad_rows:
+                    bad.append(BadRow(f"{name}:{number}", reason))
+                else:
+                    raise DataError(f"{name}:{number}: {reason}")
+        if spec.repeat_time < 1:  # the first fraction, as fine-tuning data
+            mine = mine[: int(len(mine) * spec.repeat_time)]
+        mine *= max(1, int(spec.repeat_time))
+        ds += [d] * len(mine)
+        lines += [n for n, _ in mine]
+        offsets += [o for _, o in mine]
+    if not ds:
+        raise DataError("no usable preference rows in " + ", ".join(display_path(s.annotation) for s in specs)
+                        + (f" ({len(bad)} bad rows skipped)" if bad else ""))  # fmt: skip
+    as_array = lambda x: np.asarray(x, dtype=np.int64)  # noqa: E731
+    return RowIndex(specs, np.asarray(ds, dtype=np.int32), as_array(lines), as_array(offsets), bad)
+
+
+class PairDataset:
+    """(epoch, row) -> (chosen Sample, rejected Sample) or BadRow; both sides get the same tiles."""
+
+    def __init__(self, index: RowIndex, tokenizer, config, options):
+        from .dataset import SFTDataset
+
+        self.index, self.sft = index, SFTDataset(index, tokenizer, config, options)
+        self.dummy = self.sft.dummy
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, key):
+        epoch, i = key if isinstance(key, tuple) else (0, key)
+        source = self.index.source(i)
+        try:
+            item, spec, source = self.index.read(i)
+            sides = []
+            for side in ("chosen", "rejected"):
+                rng = np.random.default_rng((self.sft.options.seed, epoch, i))  # same augmentation, same frames
+                s = self.sft.build(pair_conversation(item, side), spec.root, spec.data_augment,
+                                   spec.max_dynamic_patch, rng, source)  # fmt: skip
+                if not (s.labels[1:] != IGNORE).any():
+                    raise DataError(f"the {side} answer has no token left within max_seq_length "
+                                    f"{self.sft.options.max_seq_length}")  # fmt: skip
+                sides.append(s)
+            return tuple(sides)
+        except (InternVLError, OSError, ValueError, IndexError, KeyError) as e:
+            return BadRow(source, str(e))
+
+
+class PairCollator:
+    """Pairs -> one padded `Batch`: rows [chosen_1..chosen_B, rejected_1..rejected_B], tiles in row order."""
+
+    def __init__(self, collator: Collator):
+        self.collator = collator
+
+    def __call__(self, items) -> Batch:
+        pairs = [p for p in items if isinstance(p, tuple)]
+        bad = [p for p in items if isinstance(p, BadRow)]
+        return self.collator.rows([[c] for c, _ in pairs] + [[r] for _, r in pairs], bad)
+
+
+class PairBatches:
+    """The padded batch stream, with the objective's state (delta) written into each step's data position,
+    so that a checkpoint stores it and a resumed run starts from it."""
+
+    def __init__(self, batches, objective: MPOObjective):
+        self.batches, self.objective = batches, objective
+
+    @property
+    def bad(self) -> list[BadRow]:
+        return self.batches.bad
+
+    def __call__(self, state: dict | None):
+        state = dict(state) if state else None
+        if state and "mpo" in state:
+            self.objective.load_state(state.pop("mpo"))
+        it = self.batches(state)
+        try:
+            for micro, position, epoch in it:
+                position = dict(position)
+                self.objective.track(position, len(micro))
+                yield micro, position, epoch
+        finally:
+            it.close()
+
+
+def pair_data(args, prepared, ctx, objective: MPOObjective):
+    """The pair rows of `args.data.data` as padded micro-batches for this rank (a `run.DataSource`)."""
+    from .dataset import SampleOptions
+    from .run import DataSource
+    from .stream import PaddedBatches, PaddedPlan
+
+    d, o, seed = args.data, args.optim, args.run.seed
+    if d.packing:
+        raise TrainingError("MPO trains on padded pairs: --packing is not supported")
+    cfg, tokenizer = prepared.model.config, prepared.tokenizer
+    index = build_pair_index(read_meta(d.data), d.skip_bad_rows)
+    options = SampleOptions(cfg.template, cfg.system_message, d.max_seq_length, cfg.max_dynamic_patch,
+                            d.min_num_frame, d.max_num_frame, seed)  # fmt: skip
+    dataset = PairDataset(index, tokenizer, cfg, options)
+    pad_id = next(i for i in (tokenizer.pad_id, tokenizer.eos_id, 0) if i is not None)
+    plan = PaddedPlan(len(index), seed, o.batch_size, o.grad_accum, ctx.world_size, ctx.rank)
+    total = o.max_steps or max(1, math.ceil(o.epochs * plan.steps_per_epoch))
+    batches = PaddedBatches(dataset, PairCollator(Collator(pad_id, dataset.dummy)), plan, total, d.skip_bad_rows,
+                            d.num_workers, ctx.device.type == "cuda")  # fmt: skip
+    return DataSource(PairBatches(batches, objective), total, len(index), list(index.bad))
+
+
+# ---- the objective ----------------------------------------------------------------------------------
+
+
+def sequence_logps(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of the label tokens' log-probabilities per row [rows], the logits)."""
+    out = model(batch.input_ids, pixel_values=batch.pixel_values, positions=batch.positions,
+                image_flags=batch.image_flags, seq_ids=batch.seq_ids)  # fmt: skip
+    logits = out.logits.flatten(0, 1).index_select(0, batch.sup_index).float()
+    targets = batch.targets.flatten().index_select(0, batch.sup_index)
+    token_logps = -F.cross_entropy(logits, targets, reduction="none")
+    sums = token_logps.new_zeros(batch.num_samples).index_add(0, batch.sup_sample, token_logps)
+    return sums, out.logits
+
+
+class FrozenReference:
+    """A frozen copy of the policy as it is now (frozen parameters are shared, not copied)."""
+
+    def __init__(self, model: nn.Module):
+        shared = {id(p): p for p in model.parameters() if not p.requires_grad}
+        self.model = copy.deepcopy(model, memo=shared).eval().requires_grad_(False)
+        self.model.set_gradient_checkpointing(False)
+
+    def shard_like(self, policy: nn.Module, dtype: torch.dtype | None) -> None:
+        from .dist import is_sharded, shard_model
+
+        if is_sharded(policy):
+            shard_model(self.model, dtype)
+
+    @torch.no_grad()
+    def logps(self, policy: nn.Module, batch: Batch) -> torch.Tensor:
+        return sequence_logps(self.model, batch)[0]
+
+
+class AdapterReference:
+    """LoRA runs: the policy itself with its adapters disabled (what peft's `disable_adapter()` does), in eval
+    mode, with frozen copies of the modules trained in full alongside LoRA swapped in."""
+
+    def __init__(self, model: nn.Module, full_modules: list[str]):
+        self.frozen = {name: copy.deepcopy(model.get_submodule(name)).eval().requires_grad_(False)
+                       for name in full_modules}  # fmt: skip
+
+    def shard_like(self, policy: nn.Module, dtype: torch.dtype | None) -> None:
+        pass
+
+    @contextlib.contextmanager
+    def _disabled(self, model: nn.Module):
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+        grads = {p: p.requires_grad for p in model.parameters()}
+        originals = {name: model.get_submodule(name) for name in self.frozen}
+        training = model.training
+        try:
+            for layer in layers:
+                layer.enable_adapters(False)
+            for name, module in self.frozen.items():
+                _set_submodule(model, name, module)
+            model.eval()
+            yield model
+        finally:
+            model.train(training)
+            for name, module in originals.items():
+                _set_submodule(model, name, module)
+            for layer in layers:
+                layer.enable_adapters(True)
+            for p, g in grads.items():
+                p.requires_grad_(g)
+
+    @torch.no_grad()
+    def logps(self, policy: nn.Module, batch: Batch) -> torch.Tensor:
+        with self._disabled(policy) as model:
+            return sequence_logps(model, batch)[0]
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+class MPOObjective(Objective):
+    """w1 * DPO sigmoid + w2 * BCO pair + w3 * NLL, summed over the pairs of a micro-batch; the loop divides by
+    the number of pairs of the global batch. `attach` (before sharding) sets up the reference model."""
+
+    name = "mpo"
+    bar_metrics = ("rewards/accuracies", "rewards/margins")
+
+    def __init__(self, args: MPOArgs | None = None):
+        self.args = args or MPOArgs()
+        self.reference = None
+        self.running = RunningMean()
+        self._position: dict | None = None
+        self._left = 0
+        self._host = self._state()
+
+    def attach(self, prepared) -> None:
+        """Build the reference from the prepared (not yet sharded) model."""
+        if prepared.tune.uses_lora:
+            self.reference = AdapterReference(prepared.model, prepared.modules_to_save)
+        else:
+            self.reference = FrozenReference(prepared.model)
+        self._dtype = prepared.compute_dtype if prepared.compute_dtype != torch.float32 else None
+
+    def setup(self, model: nn.Module, device: torch.device) -> None:
+        if self.reference is None:
+            raise TrainingError("MPOObjective.attach(prepared) must run before training (train_mpo does it)")
+        self.reference.shard_like(model, self._dtype)
+
+    def normalizer(self, batch: Batch) -> float:
+        return float(batch.num_samples // 2)
+
+    # -- the resumable state: delta (and the settings it depends on) -----------------------------------
+
+    def _state(self) -> dict:
+        return {**self.running.state(), "beta": self.args.beta, "loss_weights": list(self.args.loss_weights)}
+
+    def load_state(self, state: dict) -> None:
+        for key in ("beta", "loss_weights"):
+            now = self._host[key]
+            if key in state and state[key] != now:
+                raise TrainingError(f"cannot resume: {key} was {state[key]!r}, now {now!r}")
+        self.running = RunningMean(float(state["mean"]), float(state["count"]))
+        self._host = self._state()
+
+    def track(self, position: dict, micro_steps: int) -> None:
+        """The data position of the step about to run: it gets delta as of the end of that step."""
+        position["mpo"] = dict(self._host)
+        self._position, self._left = position, micro_steps
+
+    def _step_done(self) -> None:
+        self._left -= 1
+        if self._left == 0 and self._position is not None:
+            self._host = self._state()  # one host sync per optimizer step
+            self._position["mpo"] = dict(self._host)
+
+    # -- the loss ---------------------------------------------------------------------------------------
+
+    def _update_delta(self, chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) -> torch.Tensor:
+        """delta after adding this micro-batch's mean reward (one value per rank, gathered as TRL does)."""
+        n = chosen_rewards.numel()
+        rewards = torch.cat([chosen_rewards, rejected_rewards]).double()
+        stat = torch.stack([rewards.mean() if n else rewards.new_zeros(()), rewards.new_tensor(float(n > 0))])
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(stat)
+        if not isinstance(self.running.mean, torch.Tensor):
+            self.running = RunningMean(stat.new_tensor(self.running.mean), stat.new_tensor(self.running.count))
+        return self.running.update(stat[0], stat[1])
+
+    def __call__(self, model: nn.Module, batch: Batch) -> ObjectiveOutput:
+        beta, (w_dpo, w_bco, w_nll) = self.args.beta, self.args.loss_weights
+        n = batch.num_samples // 2
+        ref = self.reference.logps(model, batch)
+        policy, logits = sequence_logps(model, batch)
+        tokens = torch.tensor(batch.sample_tokens[:n], dtype=torch.float32).to(policy.device, non_blocking=True)
+        pc, pr, rc, rr = policy[:n], policy[n:], ref[:n], ref[n:]
+        chosen_rewards, rejected_rewards = beta * (pc - rc).detach(), beta * (pr - rr).detach()
+        delta = self._update_delta(chosen_rewards, rejected_rewards)
+        dpo = sigmoid_loss(pc, pr, rc, rr, beta)
+        bco = bco_pair_loss(pc, pr, rc, rr, beta, delta.to(pc.dtype))
+        nll = nll_loss(pc, tokens)
+        loss_sum = (w_dpo * dpo + w_bco * bco + w_nll * nll).sum()
+        if n == 0:  # an empty micro-batch: keep every parameter in the graph with a zero loss
+            loss_sum = logits.sum() * 0.0
+        self._step_done()
+        d = lambda x: x.detach().sum()  # noqa: E731
+        metrics = {
+            "rewards/chosen": d(chosen_rewards), "rewards/rejected": d(rejected_rewards),
+            "rewards/accuracies": d((chosen_rewards > rejected_rewards).float()),
+            "rewards/margins": d(chosen_rewards - rejected_rewards), "rewards/delta": d(delta * n),
+            "logps/chosen": d(pc), "logps/rejected": d(pr),
+            "loss/sigmoid": d(dpo), "loss/bco_pair": d(bco), "nll_loss": d(nll),
+        }  # fmt: skip
+        return ObjectiveOutput(loss_sum, {k: (v, float(n)) for k, v in metrics.items()})
+
+
+def train_mpo(args, mpo: MPOArgs | None = None, log=print):
+    """An MPO run: `train(args)` with the pair data and the MPO objective (same loop, checkpoints, resume,
+    distribution and final model as fine-tuning)."""
+    from .run import train
+
+    if args.data.packing:
+        raise TrainingError("MPO trains on padded pairs: --packing is not supported")
+    objective = MPOObjective(mpo)
+
+    def data(run_args, prepared, ctx):
+        objective.attach(prepared)
+        return pair_data(run_args, prepared, ctx, objective)
+
+    return train(args, objective, data, log)
+
+
+__all__ = ["LOSSES", "MPOArgs", "MPOObjective", "RunningMean", "bco_pair_loss", "build_pair_index",
+           "check_pair_row", "nll_loss", "pair_data", "sequence_logps", "sigmoid_loss", "train_mpo"]  # fmt: skip
