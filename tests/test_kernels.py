@@ -369,6 +369,24 @@ def test_fused_decode_step_int8_matches_the_int8_modules(quantize_x):
 
 
 @needs_kernels
+@pytest.mark.parametrize("threads", [1, 3])
+def test_fused_decode_step_any_thread_count(threads):
+    """The phases split rows, heads and columns among however many threads run the step."""
+    lm = _tiny_lm(seed=5, **CONFIGS["llama gqa5 head80 linear-rope"])
+    fast = _accelerated(lm, "bf16")
+    modules = copy.deepcopy(fast)
+    modules.fast_decoder = None
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.inference_mode():
+            want, got, _ = _decode_both(modules, fast, [[1, 2, 3], list(range(40)), [5, 6]], steps=3)
+    finally:
+        torch.set_num_threads(old)
+    torch.testing.assert_close(got, want, rtol=0.03, atol=0.03 * want.abs().max().item())
+
+
+@needs_kernels
 def test_fused_decode_declines_what_it_does_not_cover():
     lm = _tiny_lm()
     fast = _accelerated(lm, "bf16")

@@ -48,15 +48,16 @@ enum { J_QKV, J_O, J_GATE_UP, J_DOWN, J_HEAD, J_COUNT };
 #define MAX_HEAD_DIM 512
 #define HEAD_BLOCK 4 /* query heads accumulated together in attention's weighted sum of values */
 #ifndef HEAD_LINES
-#define HEAD_LINES 128
+#define HEAD_LINES 128 /* lines of the next weights prefetched before a barrier */
 #endif
-/* lines of the next weights prefetched before a barrier */
 #ifndef ATTN_PREFETCH_BYTES
 #define ATTN_PREFETCH_BYTES (192 * 1024) /* of o_proj, fetched into L2 while attention computes */
 #endif
 
 static inline __m512 ld_bf16(const uint16_t *p, __mmask16 mk) { return load_x16(p, DT_BF16, 0, mk); }
-static inline void st_bf16(uint16_t *p, __mmask16 mk, __m512 v) { _mm256_mask_storeu_epi16(p, mk, f32x16_to_bf16(v)); }
+static inline void st_bf16(uint16_t *p, __mmask16 mk, __m512 v) {
+    _mm256_mask_storeu_epi16(p, mk, f32x16_to_bf16(v));
+}
 /* The value torch holds after rounding an fp32 result to bf16. */
 static inline __m512 rnd(__m512 v) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(f32x16_to_bf16(v)), 16));
@@ -161,9 +162,10 @@ static void attend(const step_t *st, const uint16_t *qkv, uint16_t *kc, uint16_t
             const float *q = ab->q + (size_t)h * DP;
             __m512 acc[16];
             for (int r = 0; r < 16; r++) {
-                __m512 a = _mm512_mul_ps(_mm512_load_ps(q), _mm512_load_ps(ab->kblk + (size_t)r * DP));
+                const float *k = ab->kblk + (size_t)r * DP;
+                __m512 a = _mm512_mul_ps(_mm512_load_ps(q), _mm512_load_ps(k));
                 for (int v = 1; v < nd; v++)
-                    a = _mm512_fmadd_ps(_mm512_load_ps(q + 16 * v), _mm512_load_ps(ab->kblk + (size_t)r * DP + 16 * v), a);
+                    a = _mm512_fmadd_ps(_mm512_load_ps(q + 16 * v), _mm512_load_ps(k + 16 * v), a);
                 acc[r] = a;
             }
             _mm512_store_ps(ab->scores + (size_t)h * ab->SP + j0, _mm512_mul_ps(hsum16_ps(acc), _mm512_set1_ps(scale)));
@@ -219,7 +221,8 @@ static void silu_mul(const uint16_t *gu, uint16_t *act, int B, int I, int i0, in
         for (int i = i0; i < i1; i += 16) {
             __mmask16 mk = mask16(i1 - i);
             __m512 x = ld_bf16(g + i, mk);
-            __m512 s = rnd(_mm512_div_ps(x, _mm512_add_ps(_mm512_set1_ps(1.0f), exp_ps(_mm512_sub_ps(_mm512_setzero_ps(), x)))));
+            __m512 e = exp_ps(_mm512_sub_ps(_mm512_setzero_ps(), x));
+            __m512 s = rnd(_mm512_div_ps(x, _mm512_add_ps(_mm512_set1_ps(1.0f), e)));
             st_bf16(a + i, mk, _mm512_mul_ps(s, ld_bf16(u + i, mk)));
         }
     }

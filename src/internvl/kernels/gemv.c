@@ -64,6 +64,7 @@ void *scratch_get(size_t bytes) {
     if (bytes > scratch_bytes) {
         pthread_once(&scratch_once, scratch_key_init);
         free(scratch);
+        if (bytes < scratch_bytes + scratch_bytes / 2) bytes = scratch_bytes + scratch_bytes / 2; /* grow rarely */
         scratch = aligned_alloc(64, (bytes + 63) / 64 * 64);
         scratch_bytes = scratch ? bytes : 0;
         pthread_setspecific(scratch_key, scratch);
