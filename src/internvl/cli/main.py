@@ -19,6 +19,7 @@ VERBS: dict[str, str] = {
     "eval": "eval",
     "serve": "serve",
     "mpo": "mpo",
+    "build-prefs": "build_prefs",
 }
 
 HELP: dict[str, str] = {
