@@ -57,7 +57,11 @@ def test_running_mean_is_trl_running_moments_mean():
     """delta after each update = the mean of all batch means so far (TRL RunningMoments, count from 1e-24);
     an update from two ranks counts two batch means."""
     r = RunningMean()
-    batches = [[0.2, -0.1, 0.4, 0.1], [0.5, 0.3], [-0.6, 0.0, 0.2, 0.2]]  # rewards (chosen and rejected) per batch
+    batches = [
+        [0.2, -0.1, 0.4, 0.1],
+        [0.5, 0.3],
+        [-0.6, 0.0, 0.2, 0.2],
+    ]  # rewards (chosen and rejected) per batch
     means = []
     for rewards in batches:
         means.append(sum(rewards) / len(rewards))
@@ -105,7 +109,9 @@ def model(tmp_path_factory):
 
 def write_pairs(folder, rows, name="pairs"):
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / f"{name}.jsonl").write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    (folder / f"{name}.jsonl").write_text(
+        "".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows)
+    )
     meta = {name: {"root": ".", "annotation": f"{name}.jsonl", "data_augment": False, "repeat_time": 1}}
     (folder / "meta.json").write_text(json.dumps(meta))
     return folder / "meta.json"
@@ -143,7 +149,7 @@ def prepared_objective(model, pairs, tmp_path, **options):
     objective.attach(prepared)
     source = pair_data(args, prepared, ctx, objective)
     objective.setup(prepared.model, ctx.device)
-    (micro, _, _), = [next(source.source(None))]
+    ((micro, _, _),) = [next(source.source(None))]
     return objective, micro[0], prepared
 
 

@@ -36,7 +36,7 @@ def _restore_threads():
 
 
 def mpo(*args) -> int:
-    return cli(["mpo", *map(str, args), *FAST])
+    return cli(["mpo", *FAST, *map(str, args)])  # the arguments given win over FAST
 
 
 def test_runs_and_writes_a_loadable_model(model, pairs, tmp_path):  # noqa: F811
@@ -67,7 +67,9 @@ def test_resume_restores_delta_exactly(model, pairs, tmp_path):  # noqa: F811
 
     out = stopped_at_3("run")
     state = json.loads((out / "checkpoints" / "step-00000003" / "rank-0.json").read_text())["data"]["mpo"]
-    assert state["mean"] != 0 and state["count"] == pytest.approx(3) and state["loss_weights"] == [0.8, 0.2, 1.0]
+    assert (
+        state["mean"] != 0 and state["count"] == pytest.approx(3) and state["loss_weights"] == [0.8, 0.2, 1.0]
+    )
     assert mpo(model, "--data", pairs, "--out", out, *steps, "--resume") == 0
     resumed = load_file(str(out / "final" / "model.safetensors"))
     assert resumed.keys() == reference.keys()
@@ -114,9 +116,47 @@ def test_configs_parse_and_flags_win(tmp_path):
     for f in files:
         train_args, mpo_args = from_namespace(p.parse_args(["M", "--data", "d.json", "--config", str(f)]))
         assert train_args.model.model == "M" and mpo_args.beta > 0
-    ns = p.parse_args(["M", "--data", "d.json", "--config", str(CONFIGS / "full.yaml"), "--loss-weights", "1,1,0"])
+    ns = p.parse_args(
+        ["M", "--data", "d.json", "--config", str(CONFIGS / "full.yaml"), "--loss-weights", "1,1,0"]
+    )
     train_args, mpo_args = from_namespace(ns)
     assert mpo_args.loss_weights == (1.0, 1.0, 0.0) and train_args.optim.lr == 1e-6
     train_args, mpo_args = from_namespace(p.parse_args(["M", "--data", "d.json"]))
-    assert train_args.model.out == "runs/mpo" and train_args.optim.lr == 1e-6 and mpo_args.loss_weights == (0.8, 0.2, 1.0)
+    assert (
+        train_args.model.out == "runs/mpo"
+        and train_args.optim.lr == 1e-6
+        and mpo_args.loss_weights == (0.8, 0.2, 1.0)
+    )
     assert "(default: 1e-06)" in p.format_help().replace("\n", " ")
+
+
+@pytest.mark.slow  # ~15 s on an idle 2-core machine (two extra processes): pytest -m slow tests/test_mpo_cli.py
+@pytest.mark.parametrize("lora", [False, True])
+def test_two_ranks_match_one_rank(model, pairs, tmp_path, lora):  # noqa: F811
+    """FSDP2 over gloo, 2 ranks x 2 pairs against 1 rank x 4 pairs: the same pairs per step and the same reward
+    shift (each rank's batch mean, all-gathered), so the same losses and rewards; with LoRA too. (Steps 1-3 only: in
+    step 4 the 7 pairs leave ranks with 2 and 1 pairs, and TRL's delta averages the two rank means unweighted.)"""
+    import csv
+    import subprocess
+    import sys
+
+    common = [
+        "--data",
+        pairs,
+        "--max-steps",
+        3,
+        "--save-every",
+        0,
+        "--lr",
+        "1e-3",
+        *(["--lora-r", 4, "--lora-dropout", 0] if lora else []),
+    ]
+    assert mpo(model, *common, "--out", tmp_path / "one", "--batch-size", 4) == 0
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "internvl",
+           "mpo", str(model), *FAST, *map(str, common), "--out", str(tmp_path / "two"), "--batch-size", "2"]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one, two = (list(csv.DictReader((tmp_path / r / "metrics.csv").open())) for r in ("one", "two"))
+    assert len(one) == len(two) == 3
+    for a, b in zip(one, two):
+        assert abs(float(a["loss"]) - float(b["loss"])) < 1e-4, (a["loss"], b["loss"])

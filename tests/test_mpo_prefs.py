@@ -15,7 +15,15 @@ from internvl.errors import DataError
 from internvl.synth import generate_split
 from internvl.train.data import read_meta
 from internvl.train.mpo import build_pair_index
-from internvl.train.prefs import PrefOptions, Question, build_prefs, judge, read_questions, truncate, without_media
+from internvl.train.prefs import (
+    PrefOptions,
+    Question,
+    build_prefs,
+    judge,
+    read_questions,
+    truncate,
+    without_media,
+)
 
 
 class StubSampler:
@@ -54,7 +62,9 @@ def chain(q: Question, d: int) -> str:
 
 
 def test_judging_rules():
-    synth = Question(0, "f:1", "<image>\nq", "x\nAnswer: 3", "reasoning", {"meta": {"answer": "x\nAnswer: 3"}})
+    synth = Question(
+        0, "f:1", "<image>\nq", "x\nAnswer: 3", "reasoning", {"meta": {"answer": "x\nAnswer: 3"}}
+    )
     assert judge("blah\nAnswer: 3", synth) is True and judge("Answer: 4", synth) is False
     assert judge("no final line", synth) is False
     final = Question(1, "f:2", "q", "Because of A, the value is 7.\nFinal Answer: Seven.")
@@ -80,7 +90,7 @@ def test_pairs_from_scripted_samples(reasoning, tmp_path):
         2: [chain(questions[2], d[2] + 5)],  # all wrong
     }  # fmt: skip
     # the continuation without the image gets the counts wrong for question 0, right for question 1
-    cont = lambda q, prefix: (" 9 things. 0 - 9 = -9.\nAnswer: -9" if q.index == 0  # noqa: E731
+    cont = lambda q, prefix: (" 9 things. 0 - 9 = -9.\nAnswer: -9" if q.index == 0
                               else chain(q, d[1])[len(prefix):])  # fmt: skip
     stub = StubSampler(script, cont)
     o = PrefOptions(n=5, pairs_per_question=2, batch_size=5)
@@ -113,10 +123,14 @@ def test_pairs_from_scripted_samples(reasoning, tmp_path):
 
 
 def test_uncheckable_questions_always_keep_truncations(tmp_path):
-    long_gold = "The picture shows a quiet street with a red door, two windows and a small tree beside the house."
+    long_gold = (
+        "The picture shows a quiet street with a red door, two windows and a small tree beside the house."
+    )
     meta = write_split(tmp_path, [{"conversations": [{"from": "human", "value": "Describe it."},
                                                      {"from": "gpt", "value": long_gold}]}])  # fmt: skip
-    stub = StubSampler({0: ["a calm street with a red door and a tree", "a red door"]}, lambda q, p: " and a dragon.")
+    stub = StubSampler(
+        {0: ["a calm street with a red door and a tree", "a red door"]}, lambda q, p: " and a dragon."
+    )
     o = PrefOptions(n=2, truncations_per_question=2, truncate_ratio=0.5)
     summary = build_prefs(stub, str(meta), str(tmp_path / "out"), o, log=lambda _m: None)
     assert summary["checkable"] == 0 and summary["correct_rate"] is None
@@ -129,7 +143,7 @@ def test_uncheckable_questions_always_keep_truncations(tmp_path):
 def test_interrupted_run_resumes_to_the_same_pairs(reasoning, tmp_path):
     questions, _ = read_questions(str(reasoning))
     script = {q.index: [chain(q, q.row["meta"]["d"]), chain(q, q.row["meta"]["d"] + 1)] for q in questions}
-    cont = lambda q, p: " nothing.\nAnswer: 99"  # noqa: E731
+    cont = lambda q, p: " nothing.\nAnswer: 99"
     o = PrefOptions(n=2, batch_size=2)  # one question per chunk
     build_prefs(StubSampler(script, cont), str(reasoning), str(tmp_path / "a"), o, log=lambda _m: None)
     with pytest.raises(KeyboardInterrupt):
@@ -138,7 +152,9 @@ def test_interrupted_run_resumes_to_the_same_pairs(reasoning, tmp_path):
     with pytest.raises(DataError, match="already exists; pass --resume"):
         build_prefs(StubSampler(script, cont), str(reasoning), str(tmp_path / "b"), o)
     with pytest.raises(DataError, match="cannot resume .*: n was 2, now 3"):
-        build_prefs(StubSampler(script, cont), str(reasoning), str(tmp_path / "b"), PrefOptions(n=3), resume=True)
+        build_prefs(
+            StubSampler(script, cont), str(reasoning), str(tmp_path / "b"), PrefOptions(n=3), resume=True
+        )
     stub = StubSampler(script, cont)
     build_prefs(stub, str(reasoning), str(tmp_path / "b"), o, resume=True, log=lambda _m: None)
     assert {q.index for q, _ in stub.asked} == {2}
@@ -149,11 +165,15 @@ def test_interrupted_run_resumes_to_the_same_pairs(reasoning, tmp_path):
 
 def test_bad_rows_name_file_and_line(tmp_path):
     q = {"from": "human", "value": "What?"}
-    meta = write_split(tmp_path, [{"conversations": [q, {"from": "gpt", "value": "x"}]}, {"conversations": [q]}])
+    meta = write_split(
+        tmp_path, [{"conversations": [q, {"from": "gpt", "value": "x"}]}, {"conversations": [q]}]
+    )
     with pytest.raises(DataError, match=r"train.jsonl:2: no assistant turn"):
         read_questions(str(meta))
     with pytest.raises(DataError, match="no questions of task"):
-        read_questions(str(write_split(tmp_path / "t", [{"conversations": [q, q | {"from": "gpt"}]}])), ["count"])
+        read_questions(
+            str(write_split(tmp_path / "t", [{"conversations": [q, q | {"from": "gpt"}]}])), ["count"]
+        )
 
 
 def test_verb_end_to_end_on_a_tiny_model(tmp_path, capsys):
@@ -177,7 +197,9 @@ def test_verb_end_to_end_on_a_tiny_model(tmp_path, capsys):
         build_pair_index(read_meta(tmp_path / "prefs" / "meta.json"))
     # the same seeds give the same samples
     assert cli([*args[:5], str(tmp_path / "again"), *args[6:]]) == 0
-    assert (tmp_path / "again" / "pairs.jsonl").read_text() == (tmp_path / "prefs" / "pairs.jsonl").read_text()
+    assert (tmp_path / "again" / "pairs.jsonl").read_text() == (
+        tmp_path / "prefs" / "pairs.jsonl"
+    ).read_text()
     assert cli([*args[:3], str(tmp_path / "nowhere.json"), *args[4:]]) == 1
     assert "nowhere.json: no such meta file" in capsys.readouterr().err
 

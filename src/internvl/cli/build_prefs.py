@@ -10,8 +10,12 @@ from .chat import add_model_arguments
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_arguments(p)
-    p.add_argument("--data", required=True, metavar="META.json", help="fine-tuning meta file whose rows are asked")
-    p.add_argument("--out", required=True, metavar="DIR", help="writes DIR/pairs.jsonl, meta.json, summary.json")
+    p.add_argument(
+        "--data", required=True, metavar="META.json", help="fine-tuning meta file whose rows are asked"
+    )
+    p.add_argument(
+        "--out", required=True, metavar="DIR", help="writes DIR/pairs.jsonl, meta.json, summary.json"
+    )
     p.add_argument("--task", default=None, help="only rows of these synthetic tasks (comma-separated)")
     p.add_argument("--limit", type=int, default=None, help="only the first N questions")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in DIR")
@@ -25,7 +29,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=0, help="base seed of every sample (default 0)")
     g.add_argument("--batch-size", type=int, default=16, help="requests in the engine at once (default 16)")
     g = p.add_argument_group("pairs")
-    g.add_argument("--pairs-per-question", type=int, default=4, help="correct-vs-wrong pairs per question (default 4)")
+    g.add_argument(
+        "--pairs-per-question", type=int, default=4, help="correct-vs-wrong pairs per question (default 4)"
+    )
     g.add_argument("--truncate-ratio", type=float, default=0.5,
                    help="Dropout-NTP: keep this fraction of a correct answer's words (default 0.5)")  # fmt: skip
     g.add_argument("--truncations-per-question", type=int, default=1,
@@ -44,8 +50,15 @@ def run(args: argparse.Namespace) -> int:
     read = read_questions(args.data, tasks, args.limit)  # bad data fails before the model loads
     model = load_from_args(args)
     model.engine.max_batch = args.batch_size
-    s = build_prefs(Sampler(model, args.max_num), args.data, args.out, options, resume=args.resume, progress=True,
-                    questions=read)
+    s = build_prefs(
+        Sampler(model, args.max_num),
+        args.data,
+        args.out,
+        options,
+        resume=args.resume,
+        progress=True,
+        questions=read,
+    )
     rate = f"{100 * s['correct_rate']:.1f}%" if s["correct_rate"] is not None else "n/a"
     print(f"{s['questions']} questions ({s['checkable']} checkable), {s['sampled']} answers sampled, {rate} correct; "
           f"{s['total_pairs']} pairs ({s['pairs']['correctness']} correctness, {s['pairs']['truncation']} "

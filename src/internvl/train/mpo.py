@@ -47,7 +47,9 @@ class MPOArgs:
         try:
             w = tuple(float(x) for x in w)
         except (TypeError, ValueError):
-            raise TrainingError(f"loss_weights must be three numbers W1,W2,W3, got {self.loss_weights!r}") from None
+            raise TrainingError(
+                f"loss_weights must be three numbers W1,W2,W3, got {self.loss_weights!r}"
+            ) from None
         if len(w) != len(LOSSES) or any(x < 0 or not math.isfinite(x) for x in w) or not any(w):
             raise TrainingError(f"loss_weights must be three non-negative numbers (for {', '.join(LOSSES)}), "
                                 f"not all 0, got {self.loss_weights!r}")  # fmt: skip
@@ -99,7 +101,10 @@ class RunningMean:
 def pair_conversation(item: dict, side: str) -> dict:
     """The fine-tuning row of one side of a pair: the question, then `item[side]` as the answer."""
     row = {k: item[k] for k in ("image", "video", "clip") if k in item}
-    row["conversations"] = [{"from": "human", "value": item["question"]}, {"from": "gpt", "value": item[side]}]
+    row["conversations"] = [
+        {"from": "human", "value": item["question"]},
+        {"from": "gpt", "value": item[side]},
+    ]
     return row
 
 
@@ -113,7 +118,9 @@ def check_pair_row(item, root: str, check_files: bool = True) -> str | None:
     return check_row(pair_conversation(item, "chosen"), root, check_files)
 
 
-def build_pair_index(specs: list[DatasetSpec], skip_bad_rows: bool = False, check_files: bool = True) -> RowIndex:
+def build_pair_index(
+    specs: list[DatasetSpec], skip_bad_rows: bool = False, check_files: bool = True
+) -> RowIndex:
     """Scan and validate the pair annotations (repeat_time as fine-tuning data); errors name `file:line`."""
     ds, lines, offsets, bad = [], [], [], []
     for d, spec in enumerate(specs):
@@ -143,7 +150,7 @@ def build_pair_index(specs: list[DatasetSpec], skip_bad_rows: bool = False, chec
     if not ds:
         raise DataError("no usable preference rows in " + ", ".join(display_path(s.annotation) for s in specs)
                         + (f" ({len(bad)} bad rows skipped)" if bad else ""))  # fmt: skip
-    as_array = lambda x: np.asarray(x, dtype=np.int64)  # noqa: E731
+    as_array = lambda x: np.asarray(x, dtype=np.int64)
     return RowIndex(specs, np.asarray(ds, dtype=np.int32), as_array(lines), as_array(offsets), bad)
 
 
@@ -166,7 +173,9 @@ class PairDataset:
             item, spec, source = self.index.read(i)
             sides = []
             for side in ("chosen", "rejected"):
-                rng = np.random.default_rng((self.sft.options.seed, epoch, i))  # same augmentation, same frames
+                rng = np.random.default_rng(
+                    (self.sft.options.seed, epoch, i)
+                )  # same augmentation, same frames
                 s = self.sft.build(pair_conversation(item, side), spec.root, spec.data_augment,
                                    spec.max_dynamic_patch, rng, source)  # fmt: skip
                 if not (s.labels[1:] != IGNORE).any():
@@ -381,7 +390,9 @@ class MPOObjective(Objective):
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(stat)
         if not isinstance(self.running.mean, torch.Tensor):
-            self.running = RunningMean(stat.new_tensor(self.running.mean), stat.new_tensor(self.running.count))
+            self.running = RunningMean(
+                stat.new_tensor(self.running.mean), stat.new_tensor(self.running.count)
+            )
         return self.running.update(stat[0], stat[1])
 
     def __call__(self, model: nn.Module, batch: Batch) -> ObjectiveOutput:
@@ -389,7 +400,9 @@ class MPOObjective(Objective):
         n = batch.num_samples // 2
         ref = self.reference.logps(model, batch)
         policy, logits = sequence_logps(model, batch)
-        tokens = torch.tensor(batch.sample_tokens[:n], dtype=torch.float32).to(policy.device, non_blocking=True)
+        tokens = torch.tensor(batch.sample_tokens[:n], dtype=torch.float32).to(
+            policy.device, non_blocking=True
+        )
         pc, pr, rc, rr = policy[:n], policy[n:], ref[:n], ref[n:]
         chosen_rewards, rejected_rewards = beta * (pc - rc).detach(), beta * (pr - rr).detach()
         delta = self._update_delta(chosen_rewards, rejected_rewards)
@@ -400,7 +413,7 @@ class MPOObjective(Objective):
         if n == 0:  # an empty micro-batch: keep every parameter in the graph with a zero loss
             loss_sum = logits.sum() * 0.0
         self._step_done()
-        d = lambda x: x.detach().sum()  # noqa: E731
+        d = lambda x: x.detach().sum()
         metrics = {
             "rewards/chosen": d(chosen_rewards), "rewards/rejected": d(rejected_rewards),
             "rewards/accuracies": d((chosen_rewards > rejected_rewards).float()),

@@ -174,7 +174,9 @@ class Sampler:
         batch = []
         for q, seed in requests:
             if q.index not in prompts:
-                prompts[q.index] = self.model.prepare(q.text, q.images or None, video=q.video, max_num=self.max_num)
+                prompts[q.index] = self.model.prepare(
+                    q.text, q.images or None, video=q.video, max_num=self.max_num
+                )
             ids, pv, _ = prompts[q.index]
             batch.append((ids, self._params(o, seed), pv))
         return [s.text.strip() for s in self.model.engine.generate(batch)]
@@ -222,10 +224,14 @@ def build_chunk(questions: list[Question], sampler: Sampler, o: PrefOptions, sta
         cuts += [(j, a, prefix, checkable) for a in full if (prefix := truncate(a, o.truncate_ratio))]
     stats["truncations_tried"] += len(cuts)
     if cuts:
-        requests = [(questions[j], prefix, seed_of(o.seed, questions[j].index, "t", a)) for j, a, prefix, _ in cuts]
+        requests = [
+            (questions[j], prefix, seed_of(o.seed, questions[j].index, "t", a)) for j, a, prefix, _ in cuts
+        ]
         for (j, chosen, prefix, checkable), cont in zip(cuts, sampler.continuations(requests, o)):
             rejected = prefix + cont
-            if rejected.strip() != chosen.strip() and (not checkable or judge(rejected, questions[j]) is False):
+            if rejected.strip() != chosen.strip() and (
+                not checkable or judge(rejected, questions[j]) is False
+            ):
                 plans[j].append((chosen, rejected, "truncation"))
     rows = []
     for q, plan in zip(questions, plans):
@@ -310,8 +316,7 @@ def build_prefs(sampler: Sampler, meta: str, out: str, options: PrefOptions | No
         rows = build_chunk(part, sampler, o, stats)
         stats["questions"] += len(part)
         with open(pairs_path, "a") as f:
-            for row in rows:
-                f.write(json.dumps(_relative(row, base), separators=(",", ":")) + "\n")
+            f.writelines(json.dumps(_relative(row, base), separators=(",", ":")) + "\n" for row in rows)
             f.flush()
             os.fsync(f.fileno())
         done += len(part)
@@ -319,7 +324,9 @@ def build_prefs(sampler: Sampler, meta: str, out: str, options: PrefOptions | No
                                  "settings": settings})  # fmt: skip
         _write_meta(out, base, stats)
         bar.update(len(part))
-        bar.set_postfix(correct=f"{summarize(stats)['correct_rate'] or 0:.2f}", pairs=sum(stats["pairs"].values()))
+        bar.set_postfix(
+            correct=f"{summarize(stats)['correct_rate'] or 0:.2f}", pairs=sum(stats["pairs"].values())
+        )
     bar.close()
     summary = summarize(stats)
     _write_json(os.path.join(out, "summary.json"), summary)
@@ -328,7 +335,7 @@ def build_prefs(sampler: Sampler, meta: str, out: str, options: PrefOptions | No
 
 def _relative(row: dict, base: str) -> dict:
     row = dict(row)
-    rel = lambda p: os.path.relpath(p, base)  # noqa: E731
+    rel = lambda p: os.path.relpath(p, base)
     if "image" in row:
         row["image"] = rel(row["image"]) if isinstance(row["image"], str) else [rel(p) for p in row["image"]]
     if "video" in row:
