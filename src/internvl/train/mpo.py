@@ -172,10 +172,8 @@ class PairDataset:
         try:
             item, spec, source = self.index.read(i)
             sides = []
-            for side in ("chosen", "rejected"):
-                rng = np.random.default_rng(
-                    (self.sft.options.seed, epoch, i)
-                )  # same augmentation, same frames
+            for side in ("chosen", "rejected"):  # the same generator state: same augmentation, same frames
+                rng = np.random.default_rng((self.sft.options.seed, epoch, i))
                 s = self.sft.build(pair_conversation(item, side), spec.root, spec.data_augment,
                                    spec.max_dynamic_patch, rng, source)  # fmt: skip
                 if not (s.labels[1:] != IGNORE).any():
