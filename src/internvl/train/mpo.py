@@ -17,6 +17,7 @@ import contextlib
 import copy
 import json
 import math
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -118,12 +119,19 @@ def check_pair_row(item, root: str, check_files: bool = True) -> str | None:
     return check_row(pair_conversation(item, "chosen"), root, check_files)
 
 
-def build_pair_index(
-    specs: list[DatasetSpec], skip_bad_rows: bool = False, check_files: bool = True
-) -> RowIndex:
-    """Scan and validate the pair annotations (repeat_time as fine-tuning data); errors name `file:line`."""
+def build_pair_index(specs: list[DatasetSpec], skip_bad_rows: bool = False, check_files: bool = True,
+                     progress: bool = False) -> RowIndex:  # fmt: skip
+    """Scan and validate the pair annotations (repeat_time as fine-tuning data); errors name `file:line`.
+    `progress` shows a bar (by bytes) when the annotations are large."""
+    from tqdm import tqdm
+
+    size = sum(os.path.getsize(s.annotation) for s in specs)
+    bar = tqdm(
+        total=size, unit="B", unit_scale=True, desc="scan pairs", disable=not progress or size < (32 << 20)
+    )
     ds, lines, offsets, bad = [], [], [], []
     for d, spec in enumerate(specs):
+        bar.update(os.path.getsize(spec.annotation))
         name, mine = display_path(spec.annotation), []
         with open(spec.annotation, "rb") as f:
             offset = 0
@@ -147,6 +155,7 @@ def build_pair_index(
         ds += [d] * len(mine)
         lines += [n for n, _ in mine]
         offsets += [o for _, o in mine]
+    bar.close()
     if not ds:
         raise DataError("no usable preference rows in " + ", ".join(display_path(s.annotation) for s in specs)
                         + (f" ({len(bad)} bad rows skipped)" if bad else ""))  # fmt: skip
@@ -232,7 +241,7 @@ def pair_data(args, prepared, ctx, objective: MPOObjective):
     if d.packing:
         raise TrainingError("MPO trains on padded pairs: --packing is not supported")
     cfg, tokenizer = prepared.model.config, prepared.tokenizer
-    index = build_pair_index(read_meta(d.data), d.skip_bad_rows)
+    index = build_pair_index(read_meta(d.data), d.skip_bad_rows, progress=ctx.is_main)
     options = SampleOptions(cfg.template, cfg.system_message, d.max_seq_length, cfg.max_dynamic_patch,
                             d.min_num_frame, d.max_num_frame, seed)  # fmt: skip
     dataset = PairDataset(index, tokenizer, cfg, options)
