@@ -4,6 +4,8 @@ and the shipped configs parse."""
 
 from __future__ import annotations
 
+import csv
+
 import argparse
 import json
 from pathlib import Path
@@ -43,6 +45,8 @@ def test_runs_and_writes_a_loadable_model(model, pairs, tmp_path):  # noqa: F811
     assert mpo(model, "--data", pairs, "--out", tmp_path / "full", "--max-steps", 2) == 0
     m = internvl.load(tmp_path / "full" / "final")
     assert isinstance(m.chat("What color is it?", max_new_tokens=3), str)
+    rows = list(csv.DictReader((tmp_path / "full" / "metrics.csv").open()))
+    assert len(rows) == 2 and all(r["rewards/accuracies"] != "" and r["rewards/margins"] != "" for r in rows)
     assert mpo(model, "--data", pairs, "--out", tmp_path / "lora", "--max-steps", 2, "--lora-r", 4,
                "--beta", 0.2, "--loss-weights", "1,0.5,0.5") == 0  # fmt: skip
     assert (tmp_path / "lora" / "final" / "adapter_config.json").exists()

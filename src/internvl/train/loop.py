@@ -129,8 +129,10 @@ class Trainer:
                     result.history.append(row)
                     result.last_loss = row["loss"]
                     self.metrics.log(row)
+                    extra = {k.split("/")[-1]: f"{row[k]:.3g}" for k in getattr(self.objective, "bar_metrics", ())
+                             if row.get(k) is not None}  # fmt: skip
                     bar.set_postfix(
-                        loss=f"{row['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{row['tokens_per_s']:.0f}"
+                        loss=f"{row['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{row['tokens_per_s']:.0f}", **extra
                     )
                 if self.save and cfg.save_every and (step % cfg.save_every == 0 or step == cfg.total_steps):
                     self.save(step, data_state)

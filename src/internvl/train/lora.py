@@ -132,6 +132,10 @@ def adapter_base(folder: str | Path) -> str | None:
 def apply_adapter(model: nn.Module, adapter_dir: str | Path, merge: bool = True) -> nn.Module:
     """Load a PEFT LoRA adapter onto `model`. merge=True folds it into the weights and returns the plain model
     (same class, no extra cost at inference); merge=False returns the model with LoRA layers in place."""
+    lm = getattr(model, "language_model", None)
+    if lm is not None and getattr(lm, "fused", False):
+        raise CheckpointError("the model's projections were fused for decoding, so an adapter cannot be applied; "
+                              "load the base with internvl.load(..., optimize=False) or load_model()")
     from peft import PeftModel
 
     adapter_dir = Path(adapter_dir)

@@ -33,11 +33,10 @@ class MetricsLog:
             return
         rows = _read_rows(self.path) if resume_step else []
         rows = [r for r in rows if int(float(r["step"])) <= resume_step]
+        # objectives add their own metrics (e.g. MPO's rewards/*): columns after the fixed ones, in first-seen order
+        self.columns = list(COLUMNS) + [k for r in rows[:1] for k in r if k not in COLUMNS]
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
-            w.writeheader()
-            w.writerows(rows)
+        self._rewrite(rows)
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -50,12 +49,23 @@ class MetricsLog:
                     "TensorBoard is not installed (pip install tensorboard): metrics go to metrics.csv only"
                 )
 
+    def _rewrite(self, rows: list[dict]) -> None:
+        with open(self.path, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=self.columns, extrasaction="ignore")
+            w.writeheader()
+            w.writerows(rows)
+
     def log(self, row: dict[str, float]) -> None:
         if not self.enabled:
             return
+        new = [k for k in row if k not in self.columns]
+        if new:  # a metric seen for the first time widens the header (rare: normally the first logged row)
+            rows = _read_rows(self.path)
+            self.columns += new
+            self._rewrite(rows)
         with open(self.path, "a", newline="") as f:
-            csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore").writerow(
-                {k: _fmt(row.get(k)) for k in COLUMNS}
+            csv.DictWriter(f, fieldnames=self.columns, extrasaction="ignore").writerow(
+                {k: _fmt(row.get(k)) for k in self.columns}
             )
         if self.tb is not None:
             step = int(row["step"])
