@@ -199,10 +199,12 @@ class RowIndex:
 
 
 def build_index(specs: list[DatasetSpec], skip_bad_rows: bool = False, check_files: bool = True,
-                progress: bool = False) -> RowIndex:  # fmt: skip
+                progress: bool = False, check=None, what: str = "rows") -> RowIndex:  # fmt: skip
     """Scan every annotation once: line offsets plus validation. Raises `DataError` naming `file:line` for
     the first bad row, or with `skip_bad_rows` leaves bad rows out and lists them in `index.bad`.
-    `progress` shows a bar (by bytes) when the annotations are large."""
+    `progress` shows a bar (by bytes) when the annotations are large. `check(row, root, check_files)` returns
+    the reason a row is bad, or None (default: the fine-tuning row check; MPO passes its pair check)."""
+    check = check or check_row
     from tqdm import tqdm
 
     size = sum(os.path.getsize(s.annotation) for s in specs)
@@ -211,7 +213,7 @@ def build_index(specs: list[DatasetSpec], skip_bad_rows: bool = False, check_fil
     )
     ds_parts, line_parts, off_parts, bad = [], [], [], []
     for d, spec in enumerate(specs):
-        lines, offsets = _scan_file(spec, bad, skip_bad_rows, check_files)
+        lines, offsets = _scan_file(spec, bad, skip_bad_rows, check_files, check)
         bar.update(os.path.getsize(spec.annotation))
         if spec.repeat_time > 1:
             lines, offsets = np.tile(lines, int(spec.repeat_time)), np.tile(offsets, int(spec.repeat_time))
@@ -223,12 +225,12 @@ def build_index(specs: list[DatasetSpec], skip_bad_rows: bool = False, check_fil
         specs, np.concatenate(ds_parts), np.concatenate(line_parts), np.concatenate(off_parts), bad
     )
     if len(index) == 0:
-        raise DataError("no usable rows in " + ", ".join(display_path(s.annotation) for s in specs)
+        raise DataError(f"no usable {what} in " + ", ".join(display_path(s.annotation) for s in specs)
                         + (f" ({len(bad)} bad rows skipped)" if bad else ""))  # fmt: skip
     return index
 
 
-def _scan_file(spec: DatasetSpec, bad: list[BadRow], skip: bool, check_files: bool):
+def _scan_file(spec: DatasetSpec, bad: list[BadRow], skip: bool, check_files: bool, check):
     name = display_path(spec.annotation)
     lines, offsets = [], []
     limit = None
@@ -252,7 +254,7 @@ def _scan_file(spec: DatasetSpec, bad: list[BadRow], skip: bool, check_files: bo
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 reason = f"invalid JSON ({getattr(e, 'msg', e)} at column {getattr(e, 'colno', '?')})"
             else:
-                reason = check_row(item, spec.root, check_files)
+                reason = check(item, spec.root, check_files)
             if reason is not None:
                 if not skip:
                     raise DataError(f"{name}:{number}: {reason}")

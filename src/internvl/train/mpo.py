@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import math
-import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,7 +26,7 @@ from torch import nn
 
 from ..errors import DataError, InternVLError, TrainingError
 from .collate import IGNORE, Batch, Collator
-from .data import BadRow, DatasetSpec, RowIndex, check_row, display_path, read_meta
+from .data import BadRow, DatasetSpec, RowIndex, build_index, check_row, read_meta
 from .objective import Objective, ObjectiveOutput
 
 LOSSES = ("sigmoid", "bco_pair", "nll")  # the order of --loss-weights
@@ -121,46 +119,8 @@ def check_pair_row(item, root: str, check_files: bool = True) -> str | None:
 
 def build_pair_index(specs: list[DatasetSpec], skip_bad_rows: bool = False, check_files: bool = True,
                      progress: bool = False) -> RowIndex:  # fmt: skip
-    """Scan and validate the pair annotations (repeat_time as fine-tuning data); errors name `file:line`.
-    `progress` shows a bar (by bytes) when the annotations are large."""
-    from tqdm import tqdm
-
-    size = sum(os.path.getsize(s.annotation) for s in specs)
-    bar = tqdm(
-        total=size, unit="B", unit_scale=True, desc="scan pairs", disable=not progress or size < (32 << 20)
-    )
-    ds, lines, offsets, bad = [], [], [], []
-    for d, spec in enumerate(specs):
-        bar.update(os.path.getsize(spec.annotation))
-        name, mine = display_path(spec.annotation), []
-        with open(spec.annotation, "rb") as f:
-            offset = 0
-            for number, raw in enumerate(f, 1):
-                start, offset = offset, offset + len(raw)
-                if not raw.strip():
-                    continue
-                try:
-                    reason = check_pair_row(json.loads(raw), spec.root, check_files)
-                except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                    reason = f"invalid JSON ({getattr(e, 'msg', e)} at column {getattr(e, 'colno', '?')})"
-                if reason is None:
-                    mine.append((number, start))
-                elif skip_bad_rows:
-                    bad.append(BadRow(f"{name}:{number}", reason))
-                else:
-                    raise DataError(f"{name}:{number}: {reason}")
-        if spec.repeat_time < 1:  # the first fraction, as fine-tuning data
-            mine = mine[: int(len(mine) * spec.repeat_time)]
-        mine *= max(1, int(spec.repeat_time))
-        ds += [d] * len(mine)
-        lines += [n for n, _ in mine]
-        offsets += [o for _, o in mine]
-    bar.close()
-    if not ds:
-        raise DataError("no usable preference rows in " + ", ".join(display_path(s.annotation) for s in specs)
-                        + (f" ({len(bad)} bad rows skipped)" if bad else ""))  # fmt: skip
-    as_array = lambda x: np.asarray(x, dtype=np.int64)
-    return RowIndex(specs, np.asarray(ds, dtype=np.int32), as_array(lines), as_array(offsets), bad)
+    """Scan and validate the pair annotations (repeat_time as fine-tuning data); errors name `file:line`."""
+    return build_index(specs, skip_bad_rows, check_files, progress, check=check_pair_row, what="preference rows")
 
 
 class PairDataset:
