@@ -75,11 +75,11 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, folder: Path, threads: int, extra: list[str]):
+    def __init__(self, folder: Path, threads: int, extra: list[str], max_batch: int = 16):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = [sys.executable, "-m", "internvl", "serve", str(folder), "--port", str(self.port), "--model-name", "m",
-               "--max-batch", "16", "--threads", str(threads), "--log-level", "warning", *extra]  # fmt: skip
+               "--max-batch", str(max_batch), "--threads", str(threads), "--log-level", "warning", *extra]  # fmt: skip
         self.proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
         deadline = time.monotonic() + 300
         while True:
@@ -141,8 +141,8 @@ def bench_model(name: str, folder: Path, args) -> None:
     t = time.perf_counter()
     extra = ["--dtype", args.dtype] if args.dtype else []
     extra += ["--quantize", args.quantize] if args.quantize else []
-    print(f"server options: --threads {args.threads} {' '.join(extra) or '(stored dtype)'}")
-    server = Server(folder, args.threads, extra)
+    print(f"server options: --threads {args.threads} --max-batch {args.max_batch} {' '.join(extra)}")
+    server = Server(folder, args.threads, extra, args.max_batch)
     print(f"server up in {time.perf_counter() - t:.1f} s")
     try:
         asyncio.run(level(server.url, 1, 1, args))  # warm-up
@@ -256,6 +256,7 @@ def main() -> None:
     ap.add_argument(
         "--dtype", choices=("bf16", "fp16", "fp32"), default=None, help="server --dtype (default: stored)"
     )
+    ap.add_argument("--max-batch", type=int, default=16, help="server --max-batch (default 16)")
     ap.add_argument("--repeats", type=int, default=1, help="runs per level, the best one kept (default 1)")
     ap.add_argument("--system", default=None, help="a system message (default: the model's own)")
     ap.add_argument("--quantize", choices=("int8",), default=None, help="server --quantize")
