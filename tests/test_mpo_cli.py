@@ -134,7 +134,6 @@ def test_configs_parse_and_flags_win(tmp_path):
     assert "(default: 1e-06)" in p.format_help().replace("\n", " ")
 
 
-@pytest.mark.slow  # ~15 s on an idle 2-core machine (two extra processes): pytest -m slow tests/test_mpo_cli.py
 @pytest.mark.parametrize("lora", [False, True])
 def test_two_ranks_match_one_rank(model, pairs, tmp_path, lora):  # noqa: F811
     """FSDP2 over gloo, 2 ranks x 2 pairs against 1 rank x 4 pairs: the same pairs per step and the same reward

@@ -24,7 +24,6 @@ def losses(path):
     return [float(r["loss"]) for r in csv.DictReader(open(path))]
 
 
-@pytest.mark.slow  # ~10 s on an idle 2-core machine (two extra processes): pytest -m slow tests/test_train_dist.py
 def test_two_ranks_match_one_rank(model, meta, tmp_path):  # noqa: F811
     common = {"model": str(model), "data": str(meta), "max_steps": 10, "lr": 1e-3, "log_every": 1, "num_workers": 0,
               "max_seq_length": 256, "grad_checkpoint": False, "tensorboard": False, "save_every": 0, "threads": 1,

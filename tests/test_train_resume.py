@@ -57,7 +57,6 @@ def wait_for_checkpoint(proc, out, after: int = 0, timeout: float = 120):
     pytest.fail("no checkpoint appeared")
 
 
-@pytest.mark.slow  # ~16 s on an idle 2-core machine (three CLI runs): pytest -m slow tests/test_train_resume.py
 def test_killed_and_resumed_run_is_bitwise_identical(model, meta, tmp_path):  # noqa: F811
     n = torch.get_num_threads()
     try:
