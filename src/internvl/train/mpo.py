@@ -1,4 +1,4 @@
-"""Mixed Preference Optimization (MPO, arXiv 2411.10442): MMPR pair rows, the three losses, the objective.
+"""Mixed Preference Optimization (MPO, arXiv 2411.10442): the three losses, the reference model, the objective.
 
     loss = w1 * DPO sigmoid + w2 * BCO pair + w3 * NLL on the chosen answer      (0.8 / 0.2 / 1.0, beta 0.1)
 
