@@ -338,3 +338,19 @@ def test_resume_refuses_a_file_that_is_not_predictions(tmp_path):
     path.write_text('{"key": "a", "prediction": "x"}\nnot json\n{"key": "b"}\n')
     with pytest.raises(DataError, match="line 2: not a prediction row"):
         read_predictions(path)
+
+
+def test_hexagon_split_reports_items_about_the_hexagon_apart(tmp_path):
+    from internvl.eval.tasks import SyntheticTask, synth_table
+    from internvl.synth import generate_split
+
+    generate_split(tmp_path, "test", n=6, tasks=["color", "count"], hexagon=True)
+    task = SyntheticTask(tmp_path, tasks=["color", "count"])
+    # right answers exactly on the items about the hexagon, wrong ones elsewhere
+    flag = {ex.key: ex.ref.ref["meta"]["hexagon"] for ex in task.examples}  # the row behind each question
+    preds = {ex.key: ex.info["gold"] if flag[ex.key] else "zzz" for ex in task.examples}
+    flags = list(flag.values())
+    summary = task.summarize(preds)
+    assert summary["hexagon"] == {"n": sum(flags), "accuracy": 1.0}
+    assert summary["other"] == {"n": len(flags) - sum(flags), "accuracy": 0.0}
+    assert "items about the hexagon" in synth_table(summary)

@@ -286,8 +286,15 @@ class SynthPart:
         return {"extracted": extracted, "hit": int(score(self.task, prediction, ex.ref))}
 
     def summarize(self, predictions: dict[str, str]) -> dict:
-        hits = [self.judge(ex, predictions[ex.key])["hit"] for ex in self.examples if ex.key in predictions]
-        return {**_rate(hits), "overall": _rate(hits)["accuracy"]}
+        judged = [(ex, self.judge(ex, predictions[ex.key])["hit"]) for ex in self.examples if ex.key in predictions]
+        hits = [h for _, h in judged]
+        out = {**_rate(hits), "overall": _rate(hits)["accuracy"]}
+        # the fine-tuning demonstration split flags the items whose question is about the hexagon
+        flagged = [(bool(ex.ref["meta"].get("hexagon")), h) for ex, h in judged if "hexagon" in ex.ref["meta"]]
+        if any(f for f, _ in flagged):
+            out["hexagon"] = _rate([h for f, h in flagged if f])
+            out["other"] = _rate([h for f, h in flagged if not f])
+        return out
 
 
 class SyntheticTask:
@@ -331,9 +338,19 @@ class SyntheticTask:
                 tasks[task]["categories"] = s["vanilla"]["categories"]
                 if s["circular"] is not None:
                     tasks[task]["circular"] = s["circular"]["accuracy"]
+            for group in ("hexagon", "other"):
+                if group in s:
+                    tasks[task][group] = s[group]
         accs = [t["accuracy"] for t in tasks.values()]
-        return {"overall": sum(accs) / len(accs) if accs else 0.0, "n": sum(t["n"] for t in tasks.values()),
-                "tasks": tasks}  # fmt: skip
+        out = {"overall": sum(accs) / len(accs) if accs else 0.0, "n": sum(t["n"] for t in tasks.values()),
+               "tasks": tasks}  # fmt: skip
+        for group in ("hexagon", "other"):
+            parts = [t[group] for t in tasks.values() if group in t]
+            if parts:
+                n = sum(p["n"] for p in parts)
+                hit = sum(p["accuracy"] * p["n"] for p in parts)
+                out[group] = {"n": n, "accuracy": hit / n if n else 0.0}
+        return out
 
     def table(self, summary: dict) -> str:
         return synth_table(summary)
@@ -348,4 +365,7 @@ def synth_table(summary: dict) -> str:
         if "circular" in t:
             rows.append([f"{task} (circular)", t["n"], _pct(t["circular"]), "-"])
     rows.append(["**mean**", summary["n"], _pct(summary["overall"]), "-"])
+    for group, label in (("hexagon", "items about the hexagon"), ("other", "other items of the split")):
+        if group in summary:
+            rows.append([label, summary[group]["n"], _pct(summary[group]["accuracy"]), "-"])
     return markdown(["task", "n", "accuracy (%)", "target (%)"], rows)
