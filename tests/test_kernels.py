@@ -78,8 +78,44 @@ def test_linear_int8_quantize_x_error_is_bounded(m):
         _assert_close(yb, F.linear(x.bfloat16().float(), wd, b), torch.bfloat16)
 
 
+@needs_kernels
+@pytest.mark.parametrize("m", [9, 13, 16])
+@pytest.mark.parametrize("x_dtype", [torch.bfloat16, torch.float32])
+def test_9_to_16_rows_match_the_references(m, x_dtype):
+    """Beyond the vector loops' 8 rows: AMX takes all rows in one tile (two for quantized x); the vector
+    path, where AMX is off or for the last rows of W, runs blocks of 8 rows over the same weights."""
+    old = kernels.ops.set_amx_min_rows(2)
+    try:
+        for amx in (2, 0):
+            kernels.ops.set_amx_min_rows(amx)
+            for i, (n, k) in enumerate(SHAPES[1:]):
+                x, w, b = _data(m, n, k, x_dtype, bias=i % 2 == 0, seed=400 + i)
+                q, s = kernels.quantize_int8(w)
+                wd = kernels.dequantize_int8(q, s)
+                _assert_close(kernels.linear_bf16(x, w, b), F.linear(x.float(), w.float(), b), x_dtype)
+                _assert_close(kernels.linear_int8(x, q, s, b), F.linear(x.float(), wd, b), x_dtype)
+                fast, ref = kernels.linear_int8(x, q, s, b, quantize_x=True), F.linear(x.float(), wd, b)
+                torch.testing.assert_close(fast.float(), ref, rtol=2**-7, atol=2**-7 * ref.abs().max().item())
+    finally:
+        kernels.ops.set_amx_min_rows(old)
+
+
+@needs_kernels
+def test_argmax_rows_matches_torch():
+    """The first maximum (ties), the first NaN, all -inf rows, fp32 and bf16, a row stride from slicing."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(7, 3, 1001, generator=g).bfloat16()[:, 1]  # rows 3 * 1001 elements apart
+    x[1, 10] = x[1, 900] = 40
+    x[2] = float("-inf")
+    x[3, 5], x[3, 50] = float("nan"), float("nan")
+    x[4, -1] = 40  # in the masked tail
+    for t in (x, x.float(), x[:, :17], x[:1]):
+        assert kernels.argmax_rows(t) == torch.argmax(t, -1).tolist()
+    assert kernels.argmax_rows(x)[1:4] == [10, 0, 5]
+
+
 @pytest.mark.skipif(not kernels.ops.amx_available(), reason="no AMX on this CPU/kernel: one kernel path only")
-@pytest.mark.parametrize("m", [2, 3, 4, 8])
+@pytest.mark.parametrize("m", [2, 3, 4, 8, 12, 16])
 def test_amx_tiles_match_vector_path(m):
     """Batched rows run AMX tiles (bf16 x, or quantized x); the AVX-512 path must give the same outputs."""
     for i, (n, k) in enumerate(SHAPES):
@@ -327,7 +363,7 @@ CONFIGS = {
 
 @needs_kernels
 @pytest.mark.parametrize("config", list(CONFIGS))
-@pytest.mark.parametrize("rows", [1, 3, 8])
+@pytest.mark.parametrize("rows", [1, 3, 8, 16])
 def test_fused_decode_step_is_as_accurate_as_the_torch_modules(config, rows):
     """Rows of different lengths (one stops advancing), odd head and hidden sizes, GQA, biases and RoPE
     scalings: the one-call step stays as close to an fp32 model as the bf16 torch modules are."""
@@ -366,6 +402,32 @@ def test_fused_decode_step_int8_matches_the_int8_modules(quantize_x):
         want, got, _ = _decode_both(modules, fast, prompts, steps=5)
     assert spy.hits == 5 + 1  # and the prefill of [7]
     torch.testing.assert_close(got, want, rtol=0.03, atol=0.03 * want.abs().max().item())
+
+
+@needs_kernels
+@pytest.mark.parametrize("rows", [9, 16])
+@pytest.mark.parametrize("mode", ["bf16", "int8", "int8 quantized x"])
+def test_fused_decode_step_takes_up_to_16_rows(rows, mode):
+    """9 to 16 rows (different cache lengths, one row finished) run in C, never the per-module path, and
+    give what the modules give."""
+    lm = _tiny_lm(seed=rows)
+    fast = _accelerated(lm, "bf16" if mode == "bf16" else "int8")
+    if mode == "int8 quantized x":
+        for m in fast.modules():
+            if isinstance(m, Int8Linear):
+                m.quantize_x, m._op = True, kernels.ops._OP_INT8_FAST
+        fast.fast_decoder = fast.fast_decoder.rebuild(fast)
+    modules = copy.deepcopy(fast)
+    modules.fast_decoder = None
+    spy = _Spy(fast)
+    g = torch.Generator().manual_seed(rows)
+    prompts = [torch.randint(0, 97, (2 + 3 * i,), generator=g).tolist() for i in range(rows)]
+    with torch.inference_mode():
+        want, got, caches = _decode_both(modules, fast, prompts, steps=4, finished_row=rows // 2)
+    assert spy.hits == 4
+    torch.testing.assert_close(got, want, rtol=0.03, atol=0.03 * want.abs().max().item())
+    for a, b in zip(caches[0].k + caches[0].v, caches[1].k + caches[1].v):
+        torch.testing.assert_close(b.float(), a.float(), rtol=0.05, atol=0.05 * a.abs().max().item())
 
 
 @needs_kernels

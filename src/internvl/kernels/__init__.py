@@ -10,6 +10,7 @@ from .decode import FusedDecoder
 from .modules import FastBf16Linear, Int8Linear
 from .ops import (
     MAX_ROWS,
+    argmax_rows,
     available,
     dequantize_int8,
     linear_bf16,
@@ -24,6 +25,7 @@ __all__ = [
     "FastBf16Linear",
     "FusedDecoder",
     "Int8Linear",
+    "argmax_rows",
     "available",
     "dequantize_int8",
     "linear_bf16",

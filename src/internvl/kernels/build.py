@@ -19,7 +19,7 @@ from pathlib import Path
 HERE = Path(__file__).parent
 SOURCES = (HERE / "gemv.c", HERE / "decode.c")
 HEADERS = (HERE / "gemv.h",)
-ABI_VERSION = 6
+ABI_VERSION = 7
 # Explicit ISA flags rather than -march=native: the cached library stays valid on any CPU that passes
 # the runtime feature check, even when the cache directory is shared between machines.
 CFLAGS = [
@@ -147,6 +147,9 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.ivl_read_pass.restype = ctypes.c_double
     lib.ivl_decode_step.argtypes = [p]
     lib.ivl_decode_step.restype = i
+    i64 = ctypes.c_int64
+    lib.ivl_argmax_rows.argtypes = [p, i64, i64, i64, i64, p, i64]
+    lib.ivl_argmax_rows.restype = i
 
 
 def _load() -> ctypes.CDLL:

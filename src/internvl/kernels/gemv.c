@@ -1,6 +1,6 @@
 /* Weight-streaming matrix-vector kernels for CPU decoding (AVX-512 with VNNI; AMX where present).
 
-   y[M,N] = x[M,K] @ W[N,K]^T (+ bias) for M <= 8, with W row-major in bf16, or in int8 with one fp32
+   y[M,N] = x[M,K] @ W[N,K]^T (+ bias) for M <= 16, with W row-major in bf16, or in int8 with one fp32
    scale per output row. Decoding is bound by the bytes of W read, so each thread walks a contiguous
    range of rows front to back with a software prefetch ahead of the hardware streamer; a thread that
    finishes early steals chunks from the back of a slower thread's range.
@@ -40,7 +40,7 @@
 /* Layout of the int64 parameter block passed by ivl_run (one ctypes argument instead of thirteen). */
 enum { P_OP, P_X, P_XDT, P_M, P_K, P_W, P_SCALE, P_N, P_BIAS, P_BDT, P_Y, P_YDT, P_THREADS, P_COUNT };
 
-int ivl_abi_version(void) { return 6; }
+int ivl_abi_version(void) { return 7; }
 int ivl_param_count(void) { return P_COUNT; }
 
 int ivl_cpu_ok(void) {
@@ -177,7 +177,7 @@ static inline __attribute__((always_inline)) void bf16_row(const int NM, const j
                                                            __m512 *out) {
     const int K = j->K, KH = j->KX, NS = NM <= 4 ? 2 : 1;
     const float *xf = (const float *)j->x;
-    __m512 acc[2 * MAXM]; /* 2 * NM * NS <= 16 */
+    __m512 acc[2 * VEC_M]; /* 2 * NM * NS <= 16 */
     for (int i = 0; i < 2 * NM * NS; i++) acc[i] = _mm512_setzero_ps();
     int k = 0;
     for (; k + 64 <= K; k += 64) {
@@ -206,7 +206,7 @@ static inline __attribute__((always_inline)) void bf16_row_pair(const int NM, co
     const uint16_t *w1 = w0 + K;
     const float *xf = (const float *)j->x;
     const __m512i hi_mask = _mm512_set1_epi32((int)0xffff0000u);
-    __m512 a0[MAXM], a1[MAXM];
+    __m512 a0[VEC_M], a1[VEC_M];
     for (int m = 0; m < NM; m++) a0[m] = a1[m] = _mm512_setzero_ps();
     for (int k = 0; k < K; k += 32) {
         __m512i v0, v1;
@@ -235,7 +235,7 @@ static inline __attribute__((always_inline)) void bf16_row_pair(const int NM, co
 }
 
 static inline __attribute__((always_inline)) void rows_bf16(const int NM, const job_t *j, int n0, int n1) {
-    __m512 stash[MAXM][TILE];
+    __m512 stash[VEC_M][TILE];
     for (int t0 = n0; t0 < n1; t0 += TILE) {
         int cnt = n1 - t0 < TILE ? n1 - t0 : TILE, r = 0;
         const uint16_t *w = (const uint16_t *)j->w + (size_t)t0 * j->K;
@@ -256,7 +256,7 @@ static inline __attribute__((always_inline)) void rows_int8(const int NM, const 
     const int K = j->K, NA = NM == 1 ? 4 : 2; /* independent FMA chains per x row */
     const int K64 = K & ~63;
     const float *xf = (const float *)j->x;
-    __m512 stash[MAXM][TILE];
+    __m512 stash[VEC_M][TILE];
     for (int t0 = n0; t0 < n1; t0 += TILE) {
         int cnt = n1 - t0 < TILE ? n1 - t0 : TILE;
         for (int r = 0; r < TILE; r++) {
@@ -265,7 +265,7 @@ static inline __attribute__((always_inline)) void rows_int8(const int NM, const 
                 continue;
             }
             const int8_t *q = (const int8_t *)j->w + (size_t)(t0 + r) * K;
-            __m512 acc[MAXM * 2 + 2];
+            __m512 acc[VEC_M * 2 + 2];
             for (int i = 0; i < NM * NA; i++) acc[i] = _mm512_setzero_ps();
             int k = 0;
             for (; k < K64; k += 64) {
@@ -304,7 +304,7 @@ static inline __attribute__((always_inline)) void rows_int8_fast(const int NM, c
     const int K = j->K, KP = j->KX;
     const int8_t *xd = (const int8_t *)j->x;
     const __m512i bias128 = _mm512_set1_epi8((char)0x80);
-    __m512i sh[MAXM][TILE], sl[MAXM][TILE];
+    __m512i sh[VEC_M][TILE], sl[VEC_M][TILE];
     for (int t0 = n0; t0 < n1; t0 += TILE) {
         int cnt = n1 - t0 < TILE ? n1 - t0 : TILE;
         for (int r = 0; r < TILE; r++) {
@@ -313,7 +313,7 @@ static inline __attribute__((always_inline)) void rows_int8_fast(const int NM, c
                 continue;
             }
             const int8_t *q = (const int8_t *)j->w + (size_t)(t0 + r) * K;
-            __m512i ahi[MAXM], alo[MAXM];
+            __m512i ahi[VEC_M], alo[VEC_M];
             for (int m = 0; m < NM; m++) ahi[m] = alo[m] = _mm512_setzero_si512();
             for (int k = 0; k < K; k += 64) {
                 __m512i wv;
@@ -354,13 +354,32 @@ static inline __attribute__((always_inline)) void rows_int8_fast(const int NM, c
         case 7: F(7, j, n0, n1); break; case 8: F(8, j, n0, n1); break;                              \
     }
 
-static void do_rows_avx(const job_t *j, int n0, int n1) {
+static void rows_avx(const job_t *j, int n0, int n1) {
     if (j->op == OP_BF16)
         DISPATCH(rows_bf16)
     else if (j->op == OP_INT8)
         DISPATCH(rows_int8)
     else
         DISPATCH(rows_int8_fast)
+}
+
+/* More than VEC_M rows of x: blocks of VEC_M rows, each a job of its own over the same weight rows
+   [n0, n1) (one chunk: the blocks after the first read it from L2). */
+static void do_rows_avx(const job_t *j, int n0, int n1) {
+    if (j->M <= VEC_M) {
+        rows_avx(j, n0, n1);
+        return;
+    }
+    const size_t xrow = j->op == OP_BF16 ? (size_t)8 * j->KX : (j->op == OP_INT8 ? (size_t)4 * j->K : (size_t)2 * j->KX);
+    const size_t yrow = (size_t)j->N * (j->ydt == DT_BF16 ? 2 : 4);
+    for (int m0 = 0; m0 < j->M; m0 += VEC_M) {
+        job_t s = *j;
+        s.M = j->M - m0 < VEC_M ? j->M - m0 : VEC_M;
+        s.x = (const char *)j->x + m0 * xrow;
+        s.y = (char *)j->y + m0 * yrow;
+        for (int m = 0; m < s.M; m++) s.xs[m] = j->xs[m0 + m], s.xsum[m] = j->xsum[m0 + m];
+        rows_avx(&s, n0, n1);
+    }
 }
 
 /* ---- AMX (Sapphire Rapids and later): for 2+ rows of x, tile multiplies make the arithmetic nearly
@@ -401,13 +420,20 @@ typedef struct {
     uint8_t rows[16];
 } tilecfg_t;
 
+/* Tiles: 1 = A (16 W rows x 64 bytes); 0 and 2 = C and B for x columns 0..15, 3 and 4 for columns
+   16..cu-1 when there are more than 16 (fast int8 with 9 to 16 rows of x: two digit columns per row). */
 static void amx_config(int cu) {
     tilecfg_t c;
     memset(&c, 0, sizeof c);
     c.palette = 1;
+    int c0 = cu < 16 ? cu : 16, c1 = cu - c0;
     c.rows[0] = c.rows[1] = c.rows[2] = 16;
-    c.colsb[0] = c.colsb[2] = (uint16_t)(cu * 4); /* C and B: cu columns of 4 bytes */
+    c.colsb[0] = c.colsb[2] = (uint16_t)(c0 * 4); /* C and B: columns of 4 bytes */
     c.colsb[1] = 64;                              /* A: 64 bytes of a W row */
+    if (c1 > 0) {
+        c.rows[3] = c.rows[4] = 16;
+        c.colsb[3] = c.colsb[4] = (uint16_t)(c1 * 4);
+    }
     _tile_loadconfig(&c);
 }
 
@@ -446,24 +472,26 @@ static uint32_t *x_amx(const job_t *j, const void *x, int cu, uint32_t *out) {
     const int K = j->K, M = j->M, fast = j->op == OP_INT8_FAST;
     const int step = fast ? 64 : 32, KP = round_up(K, step), per_word = fast ? 4 : 2;
     __m512i r[16];
-    for (int k = 0; k < KP; k += step) { /* 16 words of each column, then transposed into 16 rows of B */
-        for (int c = 0; c < 16; c++) {
-            if (c >= cu)
-                r[c] = _mm512_setzero_si512();
-            else if (fast) /* digit planes are zero-padded to a multiple of 64 */
-                r[c] = _mm512_loadu_si512((const int8_t *)j->x + (size_t)(2 * (c % M) + (c >= M)) * j->KX + k);
-            else {
-                int rem = K - k;
-                __mmask32 mk = (__mmask32)(rem >= 32 ? 0xffffffffu : (1u << rem) - 1u);
-                r[c] = _mm512_maskz_loadu_epi16(mk, (const uint16_t *)x + (size_t)c * K + k);
+    for (int k = 0; k < KP; k += step) /* 16 words of each column, then transposed into 16 rows of B */
+        for (int c0 = 0; c0 < cu; c0 += 16) {
+            for (int i = 0; i < 16; i++) {
+                int c = c0 + i;
+                if (c >= cu)
+                    r[i] = _mm512_setzero_si512();
+                else if (fast) /* column c: the hi (c < M) or lo digits of x row c % M, zero-padded to 64 */
+                    r[i] = _mm512_loadu_si512((const int8_t *)j->x + (size_t)(2 * (c % M) + (c >= M)) * j->KX + k);
+                else {
+                    int rem = K - k;
+                    __mmask32 mk = (__mmask32)(rem >= 32 ? 0xffffffffu : (1u << rem) - 1u);
+                    r[i] = _mm512_maskz_loadu_epi16(mk, (const uint16_t *)x + (size_t)c * K + k);
+                }
+            }
+            transpose16_epi32(r);
+            for (int i = 0; i < 16; i++) {
+                __m512i row = r[j->op == OP_INT8 ? AMX_INT8_ORDER[i] : i];
+                _mm512_mask_storeu_epi32(out + (size_t)(k / per_word + i) * cu + c0, mask16(cu - c0), row);
             }
         }
-        transpose16_epi32(r);
-        for (int i = 0; i < 16; i++) {
-            __m512i row = r[j->op == OP_INT8 ? AMX_INT8_ORDER[i] : i];
-            _mm512_mask_storeu_epi32(out + (size_t)(k / per_word + i) * cu, mask16(cu), row);
-        }
-    }
     return out;
 }
 
@@ -481,8 +509,10 @@ static void amx_group(const job_t *j, int g) {
     const char *w = (const char *)j->w + (size_t)g * ld, *next = w + 16 * ld;
     const uint32_t *b = (const uint32_t *)j->xamx;
     _Alignas(64) uint8_t abuf[16 * 64];
-    _Alignas(64) int32_t cbuf[16 * 16];
+    _Alignas(64) int32_t cbuf[16 * 2 * MAXM];
+    const int wide = cu > 16; /* a second C/B tile pair for columns 16.. */
     _tile_zero(0);
+    if (wide) _tile_zero(3);
     for (int k = 0, kb = 0; k < K; k += kstep, kb++) {
         amx_prefetch_next(j, next, 16 * kstep * esz, kb); /* what this step consumes of the group */
         if (j->op == OP_INT8) {
@@ -511,8 +541,16 @@ static void amx_group(const job_t *j, int g) {
             _tile_dpbssd(0, 1, 2);
         else
             _tile_dpbf16ps(0, 1, 2);
+        if (wide) {
+            _tile_loadd(4, b + (size_t)kb * 16 * cu + 16, cu * 4);
+            if (j->op == OP_INT8_FAST)
+                _tile_dpbssd(3, 1, 4);
+            else
+                _tile_dpbf16ps(3, 1, 4);
+        }
     }
     _tile_stored(0, cbuf, cu * 4);
+    if (wide) _tile_stored(3, cbuf + 16, cu * 4);
     const __m512i rows = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
                                             _mm512_set1_epi32(cu));
     for (int m = 0; m < M; m++) {

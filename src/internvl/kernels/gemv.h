@@ -1,6 +1,8 @@
 /* Internal interface of the weight-streaming GEMV (gemv.c) for the other kernels of this library:
    a job is one y = x @ W^T (+ bias) for up to MAXM rows of x, run by a team of threads that each walk
-   a contiguous range of W's rows and steal from the others' ranges when done. */
+   a contiguous range of W's rows and steal from the others' ranges when done. The vector loops take
+   up to VEC_M rows of x at once (more go in blocks over the same weights, then in L2); AMX tiles take
+   all of them at once. */
 #ifndef IVL_GEMV_H
 #define IVL_GEMV_H
 
@@ -10,7 +12,8 @@
 #include <stdint.h>
 #include <string.h>
 
-#define MAXM 8
+#define MAXM 16 /* rows of x per job: one AMX tile's 16 columns (two for fast int8) */
+#define VEC_M 8  /* rows of x per pass of the AVX-512 loops (their accumulators fill the registers) */
 #define TILE 16
 #define MAX_THREADS 256
 #define IVL_HIDDEN __attribute__((visibility("hidden")))

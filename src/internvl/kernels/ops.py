@@ -1,8 +1,9 @@
-"""Functional linear layers for decoding: the AVX-512/AMX kernels for up to 8 rows, torch otherwise.
+"""Functional linear layers for decoding: the AVX-512/AMX kernels for up to 16 rows, torch otherwise.
 
 Both functions compute x @ W^T (+ bias) and return x's dtype. The kernel path needs a contiguous
 2-D CPU weight, x in bf16 or fp32 with at most MAX_ROWS rows after flattening, and no autograd.
-One row streams through AVX-512 FMA (or VNNI); 2 to 8 rows use AMX tiles when the CPU has them.
+One row streams through AVX-512 FMA (or VNNI); 2 to 16 rows use AMX tiles when the CPU has them
+(without AMX, the vector loops take 8 rows per pass over each chunk of the weights).
 """
 
 from __future__ import annotations
@@ -16,10 +17,10 @@ import torch.nn.functional as F
 
 from . import build
 
-MAX_ROWS = 8
+MAX_ROWS = 16  # one AMX tile of x columns; the decode step takes as many rows
 _DT = {torch.float32: 0, torch.bfloat16: 1}
 _OP_BF16, _OP_INT8, _OP_INT8_FAST = 0, 1, 2
-SLICED_INT8_ROWS = 16  # int8 inputs up to this many rows still stream, in slices of MAX_ROWS
+SLICED_INT8_ROWS = 2 * MAX_ROWS  # int8 inputs up to this many rows still stream, in slices of MAX_ROWS
 DENSE_BLOCK_BYTES = 16 << 20  # bound on the dequantized weight a large int8 input materializes at once
 # One int64 parameter block per calling thread (ctypes releases the GIL during the call, so a block
 # shared between Python threads could be overwritten mid-call); packing it is cheaper than passing
@@ -207,6 +208,21 @@ def _dense_int8(x, qweight, scale, bias):
         w = dequantize_int8(qweight[r0:r1], scale[r0:r1], dtype, out=buf[:(r1 - r0) * k].view(r1 - r0, k))
         y[..., r0:r1] = F.linear(x, w, None if bias is None else bias[r0:r1])
     return y
+
+
+def argmax_rows(x: torch.Tensor) -> list[int]:
+    """torch.argmax(x, -1).tolist() for a 2-D CPU x (bf16 or fp32; the first maximum, or the first NaN),
+    in one pass of the kernel where it can run (torch's argmax is several times slower)."""
+    lib = build.load()
+    dt = _DT.get(x.dtype)
+    if (lib is None or dt is None or x.dim() != 2 or not x.is_cpu or x.shape[1] == 0 or x.stride(1) != 1
+            or x.shape[0] > 1 and x.stride(0) < x.shape[1]):
+        return torch.argmax(x, -1).tolist()
+    out = torch.empty(x.shape[0], dtype=torch.int64)
+    if lib.ivl_argmax_rows(x.data_ptr(), dt, x.shape[0], x.shape[1], max(x.stride(0), x.shape[1]),
+                           out.data_ptr(), torch.get_num_threads()) != 0:
+        return torch.argmax(x, -1).tolist()
+    return out.tolist()
 
 
 def read_pass(buf: torch.Tensor, threads: int | None = None) -> float:
