@@ -176,3 +176,94 @@ def test_fused_projections_and_decode_kernels_match_the_plain_model(tmp_path):
         from internvl.checkpoint.io import save_model
 
         save_model(fast16, tmp_path / "out")
+
+
+def test_batched_greedy_argmax_equals_sampling_each_row(pair):
+    """One argmax serves the plain greedy rows; penalties, suppressed stops and sampling go row by row."""
+    from internvl.engine.sampling import sample_next
+
+    _, ours = pair
+    eng = Engine(ours, stop_token_ids=[7])
+    logits = torch.randn(6, 512, generator=torch.Generator().manual_seed(0)).bfloat16()
+    logits[0, 3] = logits[0, 300] = 9  # a tie: the first index
+    logits[2, 7] = 12  # the best token is a stop that min_new_tokens suppresses
+    logits[3, 7] = 12  # the same stop, no longer suppressed
+    params = [SamplingParams(), SamplingParams(repetition_penalty=1.3), SamplingParams(min_new_tokens=2),
+              SamplingParams(min_new_tokens=1), SamplingParams(temperature=0.8, seed=3), SamplingParams()]
+    seqs = [eng.add([1, 2, 3], p) for p in params]
+    for s in seqs:
+        s.output_ids = [5, 9]
+    seqs[2].output_ids = [5]
+    expected = []
+    for s, row in zip(seqs, logits):
+        suppress = sorted(s.stop_ids) if len(s.output_ids) < s.params.min_new_tokens else None
+        gen = torch.Generator().manual_seed(3) if s.generator is not None else None
+        expected.append(sample_next(row, s.params, s.output_ids, gen, suppress))
+    events = eng._accept_all(seqs, logits)
+    assert [e.token_id for e in events] == expected
+    assert expected[0] == 3 and expected[2] != 7 and expected[3] == 7 and events[3].finished
+
+
+def test_check_reset_and_released_pixel_values(pair):
+    _, ours = pair
+    eng = Engine(ours, max_model_len=64)
+    ids, pv = prompt_with_images([1], seed=6)
+    with pytest.raises(PromptError, match="the prompt has 70 tokens but the model's context is 64 tokens"):
+        eng.check(list(range(70)))
+    with pytest.raises(PromptError, match=r"has 4 image context tokens but 2 tile\(s\)"):
+        eng.check(ids[0].tolist(), None, torch.cat([pv, pv]))
+    with pytest.raises(PromptError, match="the prompt is empty"):
+        eng.check([])
+    eng.check(ids[0].tolist(), None, pv)  # valid: nothing raised, nothing queued
+    assert not eng.has_work()
+    seqs = [eng.add(ids[0].tolist(), SamplingParams(max_new_tokens=20), pv) for _ in range(3)]
+    eng.step()
+    assert all(s.pixel_values is None for s in seqs)  # released once prefilled
+    late = eng.add(ids[0].tolist(), SamplingParams(max_new_tokens=20), pv)
+    dropped = eng.reset()
+    assert set(map(id, dropped)) == set(map(id, seqs + [late])) and late.pixel_values is None
+    assert all(s.finish_reason == "abort" for s in dropped) and not eng.has_work() and eng.cache is None
+    again = eng.generate([(ids[0].tolist(), SamplingParams(max_new_tokens=5), pv)])[0]
+    assert len(again.output_ids) == 5
+
+
+def test_prompts_admitted_together_share_a_prefill_and_rows_leave_in_place(pair):
+    """Similar lengths go through one padded forward; finished rows' slots are refilled by the last rows."""
+    _, ours = pair
+    requests = [(prompt_with_images([], seed=30 + k, text_len=8 + k)[0][0].tolist(), SamplingParams(max_new_tokens=3 + 2 * k), None)
+                for k in range(5)]  # fmt: skip
+    alone = [Engine(ours).generate([r])[0].output_ids for r in requests]
+    eng = Engine(ours, prefix_cache=False)
+    calls = []
+    real = ours.language_model.forward
+    ours.language_model.forward = lambda emb, *a, **k: calls.append(tuple(emb.shape[:2])) or real(emb, *a, **k)
+    try:
+        together = eng.generate(requests)
+    finally:
+        del ours.language_model.forward
+    assert [s.output_ids for s in together] == alone
+    assert calls[0] == (5, 12)  # one prefill of all five prompts
+    assert eng.cache is None and not eng.running
+
+
+def test_kv_cache_rows_join_free_slots_and_leave_in_place():
+    from internvl.model.cache import KVCache
+
+    def rows(n, start):
+        c = KVCache(2, n, 1, 4, torch.float32, capacity=8)
+        for layer in range(2):
+            c.write(layer, torch.arange(start, start + n, dtype=torch.float32).view(n, 1, 1, 1).expand(n, 1, 3, 4),
+                    torch.zeros(n, 1, 3, 4))  # fmt: skip
+        c.lengths += 3
+        return c
+
+    cache = rows(2, 0)
+    cache.concat(rows(1, 2))  # grows to 4 slots
+    base = cache.k[0].data_ptr()
+    cache.concat(rows(1, 3))  # a free slot: no new memory
+    assert cache.k[0].data_ptr() == base and cache.batch == 4 and cache.slots == 4
+    cache.keep([0, 3, 2])  # row 3 fills the hole of row 1
+    assert cache.k[0].data_ptr() == base and cache.k[1][:, 0, 0, 0].tolist() == [0, 3, 2]
+    assert cache.layer_pointers()[0].tolist() == [t.data_ptr() for t in cache.k]
+    cache.keep([2, 0])  # a row moving to a later slot: copied out
+    assert cache.k[1][:, 0, 0, 0].tolist() == [2, 0] and cache.lengths.tolist() == [3, 3]

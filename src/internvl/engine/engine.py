@@ -2,7 +2,9 @@
 
 `add()` queues a request, `step()` admits waiting requests (prefill) and decodes one token for every
 running one. Each request keeps its own sampling settings, stops and random generator. Synchronous
-`generate()`/`stream()` and the HTTP server all drive the same loop.
+`generate()`/`stream()` and the HTTP server all drive the same loop. Prompts that start like a recent one
+reuse its keys and values (`prefix_cache`); requests admitted together of similar length share one
+prefill forward.
 """
 
 from __future__ import annotations
@@ -10,8 +12,8 @@ from __future__ import annotations
 import itertools
 import threading
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Iterator
 
 import torch
 
@@ -19,9 +21,13 @@ from ..errors import PromptError
 from ..model.cache import KVCache
 from ..model.vlm import InternVLChatModel
 from ..tokenizer import IncrementalDecoder, Tokenizer
-from .sampling import SamplingParams, sample_next
+from .prefix_cache import Hit, PrefixCache
+from .sampling import SamplingParams, greedy_batch, sample_next
 
 _ids = itertools.count()
+PREFILL_SPAN = 8  # most positions by which the prompts of one batched prefill may differ in length
+PREFILL_TOKENS = 2048  # padded tokens of one batched prefill (a longer prompt goes alone)
+CACHE_ROUND = 256  # row capacities are rounded up to this, so joining rows rarely resizes the cache
 
 
 @dataclass
@@ -30,7 +36,7 @@ class Sequence:
 
     prompt_ids: list[int]
     params: SamplingParams
-    pixel_values: torch.Tensor | None = None
+    pixel_values: torch.Tensor | None = None  # released after the prefill
     request_id: str = field(default_factory=lambda: f"req-{next(_ids)}")
     output_ids: list[int] = field(default_factory=list)
     text: str = ""  # generated text, stop string removed
@@ -39,6 +45,8 @@ class Sequence:
     generator: torch.Generator | None = None
     decoder: IncrementalDecoder | None = None
     aborted: bool = False
+    stop_ids: frozenset[int] = frozenset()
+    cached_tokens: int = 0  # prompt tokens whose K/V came from the prefix cache
 
     @property
     def finished(self) -> bool:
@@ -55,7 +63,8 @@ class TokenEvent:
 
 class Engine:
     def __init__(self, model: InternVLChatModel, tokenizer: Tokenizer | None = None, max_batch: int = 16,
-                 max_model_len: int | None = None, stop_token_ids: list[int] | None = None):  # fmt: skip
+                 max_model_len: int | None = None, stop_token_ids: list[int] | None = None,
+                 prefix_cache: PrefixCache | bool = True):  # fmt: skip
         self.model = model
         self.tokenizer = tokenizer
         self.max_batch = max_batch
@@ -65,24 +74,35 @@ class Engine:
         self.running: list[Sequence] = []
         self.cache: KVCache | None = None
         self.lock = threading.Lock()  # guards `waiting` against producers in other threads
+        if prefix_cache is True:
+            prefix_cache = PrefixCache(stop_token=model.image_token_id)
+        self.prefix_cache: PrefixCache | None = prefix_cache or None
+        self._weights_seen: tuple | None = None  # what the prefix cache was computed with
 
     # ---- requests ------------------------------------------------------------------------------
 
-    def add(self, prompt_ids: list[int], params: SamplingParams | None = None,
-            pixel_values: torch.Tensor | None = None, request_id: str | None = None) -> Sequence:  # fmt: skip
-        params = params or SamplingParams()
+    def check(self, prompt_ids: list[int], params: SamplingParams | None = None,
+              pixel_values: torch.Tensor | None = None) -> None:  # fmt: skip
+        """Raise the PromptError add() would raise for this request, without queueing anything."""
         if not prompt_ids:
             raise PromptError("the prompt is empty")
         if len(prompt_ids) + 1 > self.max_model_len:
             raise PromptError(f"the prompt has {len(prompt_ids)} tokens but the model's context is "
                               f"{self.max_model_len} tokens")  # fmt: skip
         image_id = self.model.image_token_id
-        n_ctx = sum(1 for t in prompt_ids if t == image_id) if image_id is not None else 0
+        n_ctx = list(prompt_ids).count(image_id) if image_id is not None else 0
         n_tiles = 0 if pixel_values is None else pixel_values.shape[0]
         if n_ctx != n_tiles * self.model.num_image_token:
             raise PromptError(f"the prompt has {n_ctx} image context tokens but {n_tiles} tile(s) were given "
                               f"({self.model.num_image_token} tokens per tile)")  # fmt: skip
-        seq = Sequence(list(prompt_ids), params, pixel_values)
+
+    def add(self, prompt_ids: list[int], params: SamplingParams | None = None,
+            pixel_values: torch.Tensor | None = None, request_id: str | None = None) -> Sequence:  # fmt: skip
+        params = params or SamplingParams()
+        prompt_ids = list(prompt_ids)
+        self.check(prompt_ids, params, pixel_values)
+        seq = Sequence(prompt_ids, params, pixel_values)
+        seq.stop_ids = frozenset(params.stop_token_ids) | frozenset(self.default_stop_ids)
         if request_id:
             seq.request_id = request_id
         if params.seed is not None:
@@ -100,6 +120,24 @@ class Engine:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
+    def reset(self) -> list[Sequence]:
+        """Drop every waiting and running request (ended as "abort") and the batch's cache; returns them.
+        For recovering from a failed step: the engine is then empty and usable (the prefix cache stays)."""
+        with self.lock:
+            dropped = list(self.waiting) + self.running
+            self.waiting.clear()
+        self.running, self.cache = [], None
+        for seq in dropped:
+            if not seq.finished:
+                seq.finish_reason = "abort"
+            seq.pixel_values = None
+        return dropped
+
+    def uncached_tokens(self, prompt_ids: list[int]) -> int:
+        """Prompt tokens a prefill would compute now (the rest would come from the prefix cache)."""
+        hit = self.prefix_cache.peek(prompt_ids) if self.prefix_cache is not None else 0
+        return len(prompt_ids) - hit
+
     # ---- the loop ------------------------------------------------------------------------------
 
     @torch.inference_mode()
@@ -108,34 +146,74 @@ class Engine:
         with self.lock:
             dropped = [s for s in self.waiting if s.aborted]
             self.waiting = deque(s for s in self.waiting if not s.aborted)
+            admitted = []
+            while self.waiting and len(self.running) + len(admitted) < self.max_batch:
+                admitted.append(self.waiting.popleft())
         events += [self._finish(s, None, "abort") for s in dropped]
-        while len(self.running) < self.max_batch:
-            with self.lock:
-                if not self.waiting:
-                    break
-                seq = self.waiting.popleft()
-            events.append(self._prefill(seq))
+        if admitted:
+            events += self._prefill(admitted)
         if any(not s.finished for s in self.running):
             events += self._decode()
         self._drop_finished()
         return events
 
-    def _prefill(self, seq: Sequence) -> TokenEvent:
-        lm = self.model.language_model
-        ids = torch.tensor([seq.prompt_ids], device=self.model.device)
-        cache = lm.new_cache(1, capacity=len(seq.prompt_ids) + seq.params.max_new_tokens + 1)
-        pv = None if seq.pixel_values is None else seq.pixel_values.to(self.model.device)
-        logits = self.model(ids, pixel_values=pv, cache=cache, logits_to_keep=1).logits[0, -1]
+    def _prefill(self, seqs: list[Sequence]) -> list[TokenEvent]:
+        """Prefix-cache lookups, then one forward per group of prompts of similar uncached length."""
+        self._check_weights()
+        plans = []
+        for seq in seqs:
+            hit = self.prefix_cache.lookup(seq.prompt_ids) if self.prefix_cache is not None else None
+            plans.append((seq, hit))
+        plans.sort(key=lambda p: len(p[0].prompt_ids) - (p[1].length if p[1] else 0))
+        events, group = [], []
+        for plan in plans:
+            rest = len(plan[0].prompt_ids) - (plan[1].length if plan[1] else 0)
+            if group:
+                first = len(group[0][0].prompt_ids) - (group[0][1].length if group[0][1] else 0)
+                if rest - first >= PREFILL_SPAN or rest * (len(group) + 1) > PREFILL_TOKENS:
+                    events += self._prefill_group(group)
+                    group = []
+            group.append(plan)
+        return events + self._prefill_group(group)
+
+    def _prefill_group(self, plans: list[tuple[Sequence, Hit | None]]) -> list[TokenEvent]:
+        """Rows padded on the right to the longest uncached part; each row's logits at its last token."""
+        dev = self.model.device
+        starts = [hit.length if hit else 0 for _, hit in plans]
+        rests = [len(seq.prompt_ids) - s for (seq, _), s in zip(plans, starts)]
+        t = max(rests)
+        need = max(len(seq.prompt_ids) + seq.params.max_new_tokens + 1 for seq, _ in plans)
+        cache = self.model.language_model.new_cache(len(plans), capacity=-(-need // CACHE_ROUND) * CACHE_ROUND)
+        pad = 0 if self.model.image_token_id != 0 else 1
+        ids = torch.full((len(plans), t), pad, dtype=torch.long)
+        for b, ((seq, hit), s) in enumerate(zip(plans, starts)):
+            if hit is not None:
+                self.prefix_cache.load(hit, cache, b)
+                seq.cached_tokens = hit.length
+            ids[b, : len(seq.prompt_ids) - s] = torch.tensor(seq.prompt_ids[s:])
+        tiles = [seq.pixel_values for seq, _ in plans if seq.pixel_values is not None]
+        pv = torch.cat(tiles).to(dev) if tiles else None
+        keep = t - min(rests) + 1
+        valid = torch.tensor(rests) if len(plans) > 1 else None
+        logits = self.model(ids.to(dev), pixel_values=pv, cache=cache, valid_lengths=valid,
+                            logits_to_keep=keep).logits  # fmt: skip
+        rows = logits[torch.arange(len(plans)), torch.tensor(rests) - 1 - (t - keep)]
+        for b, (seq, _) in enumerate(plans):
+            seq.pixel_values = None
+            if self.prefix_cache is not None:
+                self.prefix_cache.store(seq.prompt_ids, cache, b)
         if self.cache is None:
             self.cache = cache
         else:
             self.cache.concat(cache)
-        self.running.append(seq)
-        return self._accept(seq, logits)
+        seqs = [seq for seq, _ in plans]
+        self.running += seqs
+        return self._accept_all(seqs, rows)
 
     def _decode(self) -> list[TokenEvent]:
         events = [self._finish(s, None, "abort") for s in self.running if s.aborted and not s.finished]
-        if all(s.finished for s in self.running):
+        live = [s for s in self.running if not s.finished]
+        if not live:
             return events
         # the cache is one batch, so every running row takes part in the forward; finished rows
         # (ended in this step's prefill or aborted) do not advance and do not sample
@@ -144,15 +222,29 @@ class Engine:
         emb = self.model.language_model.model.embed_tokens(tokens)
         step_rows = torch.tensor([0 if s.finished else 1 for s in self.running])
         logits = self.model.language_model(emb, cache=self.cache, valid_lengths=step_rows)[:, -1]
-        events += [self._accept(s, logits[i]) for i, s in enumerate(self.running) if not s.finished]
+        if len(live) < len(self.running):
+            logits = logits[[i for i, s in enumerate(self.running) if not s.finished]]
+        return events + self._accept_all(live, logits)
+
+    def _accept_all(self, seqs: list[Sequence], logits: torch.Tensor) -> list[TokenEvent]:
+        """Next tokens for seqs from logits [len(seqs), vocab]: one batched argmax serves every greedy row
+        without a repetition penalty (unless it picks a stop that min_new_tokens suppresses)."""
+        plain = [s.params.plain_greedy for s in seqs]
+        top = greedy_batch(logits) if any(plain) else None
+        events = []
+        for i, seq in enumerate(seqs):
+            suppress = len(seq.output_ids) < seq.params.min_new_tokens
+            if plain[i] and not (suppress and top[i] in seq.stop_ids):
+                token = top[i]
+            else:
+                token = sample_next(logits[i], seq.params, seq.output_ids, seq.generator,
+                                    sorted(seq.stop_ids) if suppress else None)  # fmt: skip
+            events.append(self._accept(seq, token))
         return events
 
-    def _accept(self, seq: Sequence, logits: torch.Tensor) -> TokenEvent:
+    def _accept(self, seq: Sequence, token: int) -> TokenEvent:
         p = seq.params
-        stop_ids = set(p.stop_token_ids) | set(self.default_stop_ids)
-        suppress = sorted(stop_ids) if len(seq.output_ids) < p.min_new_tokens else None
-        token = sample_next(logits, p, seq.output_ids, seq.generator, suppress)
-        if token in stop_ids:
+        if token in seq.stop_ids:
             return self._finish(seq, token, "stop")
         seq.output_ids.append(token)
         if seq.decoder is not None:
@@ -170,6 +262,7 @@ class Engine:
 
     def _finish(self, seq: Sequence, token: int | None, reason: str) -> TokenEvent:
         seq.finish_reason = reason
+        seq.pixel_values = None
         if seq.decoder is not None and reason != "stop":
             seq.text += seq.decoder.flush()
         return TokenEvent(seq, token, self._delta(seq, final=True), True)
@@ -188,14 +281,29 @@ class Engine:
         return out
 
     def _drop_finished(self) -> None:
-        keep = [i for i, s in enumerate(self.running) if not s.finished]
-        if len(keep) == len(self.running):
+        """Finished rows leave; the last running rows move into their slots (only those rows are copied)."""
+        n = sum(not s.finished for s in self.running)
+        if n == len(self.running):
             return
-        self.running = [self.running[i] for i in keep]
-        if keep:
-            self.cache.keep(keep)
-        else:
-            self.cache = None
+        if n == 0:
+            self.running, self.cache = [], None
+            return
+        order = list(range(n))
+        movers = (i for i in range(n, len(self.running)) if not self.running[i].finished)
+        for hole in (i for i in range(n) if self.running[i].finished):
+            order[hole] = next(movers)
+        self.running = [self.running[i] for i in order]
+        self.cache.keep(order)
+
+    def _check_weights(self) -> None:
+        """Forget cached prefixes when the language model's tensors were replaced or changed in place."""
+        if self.prefix_cache is None:
+            return
+        seen = tuple((t.data_ptr(), t._version if not t.is_inference() else 0)
+                     for t in self.model.language_model.state_dict(keep_vars=True).values())
+        if seen != self._weights_seen:
+            self.prefix_cache.clear()
+            self._weights_seen = seen
 
     # ---- synchronous helpers ------------------------------------------------------------------
 

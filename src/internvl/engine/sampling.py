@@ -1,4 +1,5 @@
-"""Sampling settings and the next-token sampler (repetition penalty, temperature, top-k, top-p)."""
+"""Sampling settings and the next-token samplers: one sequence at a time (repetition penalty, temperature,
+top-k, top-p), or one argmax for a batch of plain greedy rows."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import InternVLError
+from ..kernels.ops import argmax_rows
 
 
 @dataclass
@@ -42,6 +44,11 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def plain_greedy(self) -> bool:
+        """Greedy with nothing that changes the logits, so a batched argmax serves it."""
+        return self.temperature == 0.0 and self.repetition_penalty == 1.0
 
 
 def apply_repetition_penalty(logits: torch.Tensor, previous: list[int], penalty: float) -> torch.Tensor:
@@ -82,3 +89,8 @@ def sample_next(logits: torch.Tensor, params: SamplingParams, previous: list[int
     logits = filter_top_k_top_p(logits / params.temperature, params.top_k, params.top_p)
     probs = logits.softmax(-1)
     return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def greedy_batch(logits: torch.Tensor) -> list[int]:
+    """The argmax of each row of logits [B, vocab] (the first maximum), in one pass over the batch."""
+    return argmax_rows(logits)
