@@ -62,12 +62,16 @@ class InternVL:
 
     def prepare(self, question: str, images: Sequence[Any] | Any = None, video: Any = None,
                 history: Sequence[tuple[str, str]] | None = None, system_message: str | None = None,
-                max_num: int | None = None, num_segments: int = 8) -> tuple[list[int], torch.Tensor | None, str]:  # fmt: skip
-        """Prompt ids, pixel values and the question as written into the prompt (for the history)."""
+                max_num: int | Sequence[int | None] | None = None,
+                num_segments: int = 8) -> tuple[list[int], torch.Tensor | None, str]:  # fmt: skip
+        """Prompt ids, pixel values and the question as written into the prompt (for the history).
+
+        `max_num` caps the tiles of every image, or of each image when it is a list (one entry per image;
+        None: the model's max_dynamic_patch)."""
         images = _as_list(images)
         tiles, counts = [], []
-        for im in images:
-            t = self.processor(im, max_num)
+        for im, cap in zip(images, _per_image(max_num, len(images))):
+            t = self.processor(im, cap)
             tiles.append(t)
             counts.append(t.shape[0])
         frames = load_video(video, num_segments=num_segments) if video is not None else []
@@ -132,6 +136,15 @@ class InternVL:
 
     def events(self, prompt_ids: list[int], pixel_values: torch.Tensor | None = None, **generation: Any) -> Iterator[TokenEvent]:
         return self.engine.stream(prompt_ids, sampling_params(self.defaults, **generation), pixel_values)
+
+
+def _per_image(max_num: int | Sequence[int | None] | None, n: int) -> list[int | None]:
+    if max_num is None or isinstance(max_num, int):
+        return [max_num] * n
+    caps = list(max_num)
+    if len(caps) != n:
+        raise InternVLError(f"max_num has {len(caps)} entries but there are {n} images (one cap per image)")
+    return caps
 
 
 def _as_list(images: Any) -> list[Any]:

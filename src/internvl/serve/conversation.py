@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..processing import IMAGE_PLACEHOLDER, build_conversation_prompt
+from ..processing import IMAGE_PLACEHOLDER
 from .schemas import APIError, ImagePart, Message
 
 LMDEPLOY_PLACEHOLDER = "<IMAGE_TOKEN>"
@@ -112,14 +112,7 @@ def _place_images(turn: _Turn, first: int, total: int) -> str:
 
 
 def build_inputs(llm, conv: Conversation, images: list) -> tuple[list[int], torch.Tensor | None]:
-    """Prompt ids and pixel values, each image tiled with its own cap (InternVL.prepare takes one cap)."""
-    tiles = [llm.processor(im, ref.max_tiles) for im, ref in zip(images, conv.images)]
-    prompt = build_conversation_prompt(
-        llm.template, conv.question, conv.history,
-        llm.config.system_message if conv.system is None else conv.system,
-        num_images=len(tiles), num_patches_list=[t.shape[0] for t in tiles],
-        num_image_token=llm.model.num_image_token,
-    )  # fmt: skip
-    ids = llm.tokenizer.encode(prompt.text, add_special_tokens=True)
-    pixel_values = torch.cat(tiles).to(llm.model.dtype) if tiles else None
+    """Prompt ids and pixel values, each image tiled with its own cap."""
+    ids, pixel_values, _ = llm.prepare(conv.question, images, history=conv.history, system_message=conv.system,
+                                       max_num=[ref.max_tiles for ref in conv.images])  # fmt: skip
     return ids, pixel_values

@@ -1,8 +1,9 @@
 """The engine thread and its asyncio bridge: requests in from the event loop, token events back out.
 
-One thread owns `Engine.step()`. New requests wait in a queue here and join the running batch a few at a
-time (a prefill token budget per step), so a burst of arrivals delays the running streams by a bounded
-amount. Cancelling a request (client gone, time-out) removes it from the queue or aborts it in the engine.
+One thread owns `Engine.step()`. New requests are checked by the engine, wait in a queue here and join the
+running batch a few at a time (a budget of prompt tokens to compute per step; tokens the engine's prefix
+cache holds cost nothing), so a burst of arrivals delays the running streams by a bounded amount.
+Cancelling a request (client gone, time-out) removes it from the queue or aborts it in the engine.
 """
 
 from __future__ import annotations
@@ -82,6 +83,10 @@ class Scheduler:
 
     def submit(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
                pixel_values: torch.Tensor | None) -> Request:  # fmt: skip
+        try:
+            self.engine.check(prompt_ids, params, pixel_values)
+        except InternVLError as e:
+            raise APIError(400, str(e), code="invalid_prompt") from None
         req = Request(request_id, prompt_ids, params, pixel_values, asyncio.get_running_loop())
         with self.cond:
             if self.stopping:
@@ -154,13 +159,13 @@ class Scheduler:
         free = self.engine.max_batch - len(self.engine.running) - len(self.engine.waiting)
         tokens = 0
         while self.pending and free > 0:
-            n = len(self.pending[0].prompt_ids)
+            n = self.engine.uncached_tokens(self.pending[0].prompt_ids)
             if tokens and tokens + n > self.prefill_budget:
                 break
             req = self.pending.popleft()
             try:
                 req.seq = self.engine.add(req.prompt_ids, req.params, req.pixel_values, request_id=req.id)
-            except InternVLError as e:  # the app checks prompts first; this is a last line of defence
+            except InternVLError as e:  # submit() checked the prompt; this is a last line of defence
                 req.send(Update(error=APIError(400, str(e), code="invalid_prompt")))
                 continue
             req.pixel_values = None  # the sequence holds them until its prefill
@@ -173,10 +178,7 @@ class Scheduler:
             victims = list(self.active.values()) + list(self.pending)
             self.active.clear()
             self.pending.clear()
-            with self.engine.lock:  # reset the batch: the engine has no public way to drop everything
-                self.engine.waiting.clear()
-            self.engine.running = []
-            self.engine.cache = None
+            self.engine.reset()
         for req in victims:
             req.send(Update(error=error))
 
