@@ -92,3 +92,31 @@ def test_killed_and_resumed_run_is_bitwise_identical(model, meta, tmp_path):  # 
     assert a.keys() == b.keys() and len(a) > 0
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert os.path.exists(out / "loss.png")
+
+
+def test_stop_after_then_resume_equals_one_run(model, meta, tmp_path):  # noqa: F811
+    """--stop-after ends a run early with a checkpoint and the full schedule; --resume finishes it exactly."""
+    n = torch.get_num_threads()
+    options = {**OPTIONS, "max_steps": 12, "save_every": 0, "model": str(model), "data": str(meta)}
+    try:
+        whole = train(TrainArgs.from_dict({**options, "out": str(tmp_path / "whole")}), log=lambda _m: None)
+        lines = []
+        first = train(
+            TrainArgs.from_dict({**options, "out": str(tmp_path / "two"), "stop_after": 5}), log=lines.append
+        )
+        assert first.paused and not first.interrupted and first.steps == 5 and first.final is None
+        assert (
+            find_latest(tmp_path / "two").name.endswith("-00000005")
+            and not (tmp_path / "two" / "final").exists()
+        )
+        assert any("stopped at step 5 of 12" in line for line in lines)
+        rest = train(
+            TrainArgs.from_dict({**options, "out": str(tmp_path / "two"), "resume": True}),
+            log=lambda _m: None,
+        )
+    finally:
+        torch.set_num_threads(n)
+    assert rest.steps == 12 and not rest.paused
+    a = load_file(str(whole.final / "model.safetensors"))
+    b = load_file(str(rest.final / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

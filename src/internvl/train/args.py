@@ -161,6 +161,11 @@ class RunArgs:
         500, "write a checkpoint every N steps and after the last one (0: only on interruption)"
     )
     keep_last: int = _f(2, "checkpoints to keep")
+    stop_after: int = _f(
+        0,
+        "end this run after step N with a checkpoint, the schedule still spanning all steps (0: off); "
+        "--resume continues it",
+    )
     log_every: int = _f(10, "log metrics every N steps")
     tensorboard: bool = _f(True, "also log to TensorBoard in OUT/tensorboard (when installed)")
 
@@ -169,6 +174,7 @@ class RunArgs:
                f"--device must be cpu, cuda[:N] or auto, got {self.device!r}")  # fmt: skip
         _check(self.threads >= 0, f"--threads must be >= 0, got {self.threads}")
         _check(self.save_every >= 0, f"--save-every must be >= 0, got {self.save_every}")
+        _check(self.stop_after >= 0, f"--stop-after must be >= 0, got {self.stop_after}")
         _check(self.keep_last >= 1, f"--keep-last must be at least 1, got {self.keep_last}")
         _check(self.log_every >= 1, f"--log-every must be at least 1, got {self.log_every}")
 

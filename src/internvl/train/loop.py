@@ -36,6 +36,7 @@ class LoopConfig:
     max_grad_norm: float = 1.0
     log_every: int = 10
     save_every: int = 0
+    stop_after: int = 0  # end the run after this step (a checkpoint is written), the schedule unchanged
     compute_dtype: torch.dtype = torch.float32
 
 
@@ -43,6 +44,7 @@ class LoopConfig:
 class LoopResult:
     step: int
     interrupted: bool = False
+    paused: bool = False  # ended at LoopConfig.stop_after, before the last step
     last_loss: float | None = None
     history: list[dict] = field(default_factory=list)
 
@@ -137,8 +139,13 @@ class Trainer:
                 if self.save and cfg.save_every and (step % cfg.save_every == 0 or step == cfg.total_steps):
                     self.save(step, data_state)
                     saved_at = step
+                if cfg.stop_after and step >= cfg.stop_after and step < cfg.total_steps:
+                    result.paused = True
+                    break
         batches.close()  # stops the loader workers
-        if result.interrupted and self.save and saved_at != step:  # a clean stop always leaves a checkpoint
+        if (
+            (result.interrupted or result.paused) and self.save and saved_at != step
+        ):  # a stop leaves a checkpoint
             self.save(step, data_state)
         bar.close()
         result.step = step

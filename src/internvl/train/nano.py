@@ -5,12 +5,18 @@
 writes `tokenizer.json`, `tokenizer_config.json` and `config.json` (original InternVL layout) into --out;
 `internvl finetune --init-from-config OUT/config.json --tokenizer OUT ...` then trains it from scratch
 (see runs/train_nano.sh).
+
+    python -m internvl.train.nano snapshot --init DIR --checkpoint OUT/checkpoints/step-N --out DIR
+
+makes a model folder of a training checkpoint of a from-scratch run (the init folder's config and tokenizer,
+the checkpoint's weights), for evaluating it or for starting the next stage from it.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -66,6 +72,28 @@ def prepare(data: str | Path, out: str | Path, vocab_size: int = 1024) -> ModelC
     return config
 
 
+def snapshot(
+    init: str | Path, checkpoint: str | Path, out: str | Path, max_dynamic_patch: int | None = None
+) -> Path:
+    """A model folder from `init` (config.json, tokenizer files) and `checkpoint`'s model.safetensors."""
+    init, checkpoint, out = Path(init), Path(checkpoint), Path(out)
+    weights = checkpoint / "model.safetensors"
+    if not weights.exists():
+        raise FileNotFoundError(
+            f"{weights}: no weights in this checkpoint (a from-scratch run saves them all)"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    for f in init.iterdir():
+        if f.is_file() and f.name != "model.safetensors":
+            shutil.copy2(f, out / f.name)
+    shutil.copy2(weights, out / "model.safetensors")
+    if max_dynamic_patch is not None:
+        config = json.loads((out / "config.json").read_text())
+        config["max_dynamic_patch"] = max_dynamic_patch
+        (out / "config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False))
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m internvl.train.nano", description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -73,7 +101,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--data", required=True, help="a synthetic split folder (internvl synth --split train)")
     p.add_argument("--out", required=True)
     p.add_argument("--vocab-size", type=int, default=1024)
+    p = sub.add_parser("snapshot", help="a model folder from a training checkpoint of a from-scratch run")
+    p.add_argument("--init", required=True, help="the folder `prepare` wrote")
+    p.add_argument("--checkpoint", required=True, help="OUT/checkpoints/step-N")
+    p.add_argument("--out", required=True)
+    p.add_argument(
+        "--max-dynamic-patch", type=int, default=None, help="the tiling the weights were trained at"
+    )
     args = ap.parse_args(argv)
+    if args.cmd == "snapshot":
+        print(snapshot(args.init, args.checkpoint, args.out, args.max_dynamic_patch))
+        return
     cfg = prepare(args.data, args.out, args.vocab_size)
     print(f"wrote {args.out}/config.json and the tokenizer (vocabulary {cfg.llm.vocab_size})")
 

@@ -23,7 +23,7 @@ from .data import BadRow
 
 # arguments that may change between a run and its resumption
 RESUMABLE_CHANGES = {"resume", "save_every", "keep_last", "log_every", "tensorboard", "num_workers", "threads",
-                     "device", "save_layout", "save_dtype", "save_merged", "out"}  # fmt: skip
+                     "device", "save_layout", "save_dtype", "save_merged", "out", "stop_after"}  # fmt: skip
 FINAL, MERGED = "final", "merged"
 
 
@@ -33,6 +33,7 @@ class TrainResult:
     steps: int
     total_steps: int
     interrupted: bool = False
+    paused: bool = False  # ended at --stop-after; --resume continues
     final: Path | None = None  # the model folder (the adapter folder for LoRA)
     merged: Path | None = None
     last_loss: float | None = None
@@ -207,20 +208,22 @@ def run_loop(args: TrainArgs, prepared: Prepared, data: DataSource, objective, c
                         r.keep_last, trainable_only=not from_scratch)  # fmt: skip
 
     loop_cfg = LoopConfig(total, warmup_steps(total, o.warmup_ratio, o.warmup_steps), o.lr, o.lr_scheduler,
-                          o.max_grad_norm, r.log_every, r.save_every, compute)  # fmt: skip
+                          o.max_grad_norm, r.log_every, r.save_every, r.stop_after, compute)  # fmt: skip
     result = Trainer(model, optimizer, objective, data.source, ctx, loop_cfg, metrics, save).fit(
         start_step, data_state
     )
     metrics.close()
 
-    res = TrainResult(out, result.step, total, result.interrupted, last_loss=result.last_loss,
+    res = TrainResult(out, result.step, total, result.interrupted, result.paused, last_loss=result.last_loss,
                       history=result.history)  # fmt: skip
     res.skipped = _gather_bad(data.bad + list(getattr(data.source, "bad", [])), ctx)
     if ctx.is_main:
         plot_loss(out / "metrics.csv", out / "loss.png")
         _report_bad(res.skipped, out, log)
-    if result.interrupted:
-        log(f"stopped at step {result.step}: checkpoint in {out / 'checkpoints'}; continue with --resume")
+    if result.interrupted or result.paused:
+        log(
+            f"stopped at step {result.step} of {total}: checkpoint in {out / 'checkpoints'}; continue with --resume"
+        )
         return res
     save_dtype = m.save_dtype or _dtype_name(prepared.base_dtype)
     if prepared.tune.uses_lora:
