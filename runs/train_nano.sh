@@ -14,23 +14,17 @@ mkdir -p "$OUT"
 # 2. a byte-level BPE tokenizer trained on the split's text, and the nano config.json (original layout)
 [ -f "$OUT/init/config.json" ] || python -m internvl.train.nano prepare --data "$OUT/data" --out "$OUT/init"
 
-# 3. stage 1: from random weights, one tile per image, the first 500 steps of a 6000-step schedule (warmup to
-#    the peak learning rate), then stage 1b: the same data on a 3000-step cosine schedule from those weights
-[ -f "$OUT/stage1/checkpoints/step-00000500/model.safetensors" ] || internvl finetune \
-    --init-from-config "$OUT/init/config.json" --tokenizer "$OUT/init" --data "$OUT/data/meta.json" \
-    --config configs/train/nano-stage1.yaml --out "$OUT/stage1" --resume
-[ -f "$OUT/stage1-500/model.safetensors" ] || python -m internvl.train.nano snapshot --init "$OUT/init" \
-    --checkpoint "$OUT/stage1/checkpoints/step-00000500" --out "$OUT/stage1-500" --max-dynamic-patch 1
-[ -f "$OUT/stage1b/final/config.json" ] || internvl finetune "$OUT/stage1-500" --data "$OUT/data/meta.json" \
-    --config configs/train/nano-stage1b.yaml --out "$OUT/stage1b" --resume
+# 3. from random weights, one tile per image (configs/train/nano.yaml)
+[ -f "$OUT/nano/final/config.json" ] || internvl finetune --init-from-config "$OUT/init/config.json" \
+    --tokenizer "$OUT/init" --data "$OUT/data/meta.json" --config configs/train/nano.yaml --out "$OUT/nano" --resume
 
-# 4. (optional, not in the shipped model) stage 2: the full dynamic tiling, from stage 1b's weights
+# 4. (optional, not in the shipped model) the full dynamic tiling, from those weights
 if [ "${STAGE2:-0}" = 1 ]; then
-  [ -f "$OUT/stage2/final/config.json" ] || internvl finetune "$OUT/stage1b/final" --data "$OUT/data/meta.json" \
+  [ -f "$OUT/stage2/final/config.json" ] || internvl finetune "$OUT/nano/final" --data "$OUT/data/meta.json" \
       --config configs/train/nano-stage2.yaml --out "$OUT/stage2" --resume
   FINAL="$OUT/stage2/final"
 else
-  FINAL="$OUT/stage1b/final"
+  FINAL="$OUT/nano/final"
 fi
 
 # 5. the benchmark: per-task accuracy on the test split (200 items per task), greedy
