@@ -10,6 +10,11 @@ writes `tokenizer.json`, `tokenizer_config.json` and `config.json` (original Int
 
 makes a model folder of a training checkpoint of a from-scratch run (the init folder's config and tokenizer,
 the checkpoint's weights), for evaluating it or for starting the next stage from it.
+
+    python -m internvl.train.nano probe MODEL --data META.json [--n 64]
+
+tells whether a model reads its images at all: the loss on n training rows with their own images and with
+the images passed one row along, and how large the image tokens are next to the text embeddings.
 """
 
 from __future__ import annotations
@@ -94,6 +99,54 @@ def snapshot(
     return out
 
 
+def probe(model_dir: str | Path, data: str | Path, n: int = 64, batch: int = 16, seed: int = 0) -> dict:
+    """Answer-token loss with the right images and with each row given the next row's images (image rows
+    only), and the mean norm of image tokens and of text-token embeddings. A model that ignores its images
+    has (almost) the same two losses."""
+    import random
+
+    import torch
+
+    from ..api import load
+    from .collate import Collator
+    from .data import build_index, read_meta
+    from .dataset import SampleOptions, SFTDataset
+    from .objective import SFTObjective
+
+    m = load(model_dir, optimize=False)
+    model, cfg = m.model.float().eval(), m.config
+    index = build_index(read_meta(data), check_files=False)
+    ds = SFTDataset(
+        index,
+        m.tokenizer,
+        cfg,
+        SampleOptions(cfg.template, cfg.system_message, 1024, cfg.max_dynamic_patch, 8, 8, seed),
+    )
+    rng, rows = random.Random(seed), []
+    while len(rows) < n:
+        s = ds[rng.randrange(len(ds))]
+        if (
+            getattr(s, "image_flags", None) is not None
+            and int(s.image_flags.sum()) == s.pixel_values.shape[0] == 1
+        ):
+            rows.append(s)  # one image per row, so images can be swapped between rows
+    collate, objective = Collator(0, ds.dummy), SFTObjective("token")
+    losses = {"own_images": 0.0, "swapped_images": 0.0}
+    norms = []
+    with torch.no_grad():
+        for k in range(0, n, batch):
+            b = collate(rows[k : k + batch])
+            for key in losses:
+                if key == "swapped_images":
+                    b.pixel_values = b.pixel_values.roll(1, 0)
+                out = objective(model, b)
+                losses[key] += float(out.loss_sum) / objective.normalizer(b) * len(rows[k : k + batch]) / n
+            norms.append(model.extract_feature(b.pixel_values).norm(dim=-1).mean().item())
+    text = model.language_model.model.embed_tokens.weight.norm(dim=-1).mean().item()
+    return {**losses, "gap": losses["swapped_images"] - losses["own_images"],
+            "image_token_norm": sum(norms) / len(norms), "text_embedding_norm": text}  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m internvl.train.nano", description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -108,7 +161,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument(
         "--max-dynamic-patch", type=int, default=None, help="the tiling the weights were trained at"
     )
+    p = sub.add_parser("probe", help="does the model read its images? (loss with own vs swapped images)")
+    p.add_argument("model")
+    p.add_argument("--data", required=True, help="a fine-tuning meta.json (rows with one image are used)")
+    p.add_argument("--n", type=int, default=64)
     args = ap.parse_args(argv)
+    if args.cmd == "probe":
+        print(json.dumps(probe(args.model, args.data, args.n), indent=2))
+        return
     if args.cmd == "snapshot":
         print(snapshot(args.init, args.checkpoint, args.out, args.max_dynamic_patch))
         return
