@@ -51,3 +51,24 @@ def test_snapshot_takes_weights_from_the_checkpoint(model, tmp_path):
     assert a.keys() == b.keys()
     with pytest.raises(FileNotFoundError, match="no weights"):
         snapshot(init, init, tmp_path / "bad")
+
+
+def test_command_errors_are_one_line(tmp_path, capsys):
+    from internvl.train.nano import main
+
+    assert (
+        main(
+            [
+                "snapshot",
+                "--init",
+                str(tmp_path),
+                "--checkpoint",
+                str(tmp_path / "nope"),
+                "--out",
+                str(tmp_path / "o"),
+            ]
+        )
+        == 1
+    )
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "no weights" in err and "Traceback" not in err

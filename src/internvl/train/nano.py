@@ -22,10 +22,12 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 from ..config import LLMConfig, ModelConfig, VisionConfig
+from ..errors import InternVLError
 from ..tokenizer import train_bpe_tokenizer
 
 # Sized for a 2-core CPU: 224-px tiles with 14-px patches (64 tokens per tile after pixel shuffle) and up to
@@ -147,7 +149,7 @@ def probe(model_dir: str | Path, data: str | Path, n: int = 64, batch: int = 16,
             "image_token_norm": sum(norms) / len(norms), "text_embedding_norm": text}  # fmt: skip
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m internvl.train.nano", description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("prepare", help="tokenizer + config.json for training the nano model from scratch")
@@ -166,15 +168,19 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--data", required=True, help="a fine-tuning meta.json (rows with one image are used)")
     p.add_argument("--n", type=int, default=64)
     args = ap.parse_args(argv)
-    if args.cmd == "probe":
-        print(json.dumps(probe(args.model, args.data, args.n), indent=2))
-        return
-    if args.cmd == "snapshot":
-        print(snapshot(args.init, args.checkpoint, args.out, args.max_dynamic_patch))
-        return
-    cfg = prepare(args.data, args.out, args.vocab_size)
-    print(f"wrote {args.out}/config.json and the tokenizer (vocabulary {cfg.llm.vocab_size})")
+    try:
+        if args.cmd == "probe":
+            print(json.dumps(probe(args.model, args.data, args.n), indent=2))
+        elif args.cmd == "snapshot":
+            print(snapshot(args.init, args.checkpoint, args.out, args.max_dynamic_patch))
+        else:
+            cfg = prepare(args.data, args.out, args.vocab_size)
+            print(f"wrote {args.out}/config.json and the tokenizer (vocabulary {cfg.llm.vocab_size})")
+    except (InternVLError, OSError) as e:  # one line, no traceback
+        print(f"{ap.prog} {args.cmd}: error: {e}", file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
