@@ -384,11 +384,10 @@ def test_fused_decode_step_is_as_accurate_as_the_torch_modules(config, rows):
         torch.testing.assert_close(b.float(), a.float(), rtol=0.05, atol=0.05 * a.abs().max().item())
 
 
-@needs_kernels
-@pytest.mark.parametrize("quantize_x", [False, True])
-def test_fused_decode_step_int8_matches_the_int8_modules(quantize_x):
-    lm = _tiny_lm(seed=3)
-    fast = _accelerated(lm, "int8")
+def _fast_and_modules(lm, dtype: str, quantize_x: bool = False):
+    """The accelerated model (C decode step; int8 with quantized activations when asked) and a copy of it
+    that decodes through its modules."""
+    fast = _accelerated(lm, dtype)
     if quantize_x:
         for m in fast.modules():
             if isinstance(m, Int8Linear):
@@ -396,6 +395,13 @@ def test_fused_decode_step_int8_matches_the_int8_modules(quantize_x):
         fast.fast_decoder = fast.fast_decoder.rebuild(fast)
     modules = copy.deepcopy(fast)
     modules.fast_decoder = None
+    return fast, modules
+
+
+@needs_kernels
+@pytest.mark.parametrize("quantize_x", [False, True])
+def test_fused_decode_step_int8_matches_the_int8_modules(quantize_x):
+    fast, modules = _fast_and_modules(_tiny_lm(seed=3), "int8", quantize_x)
     spy = _Spy(fast)
     prompts = [[1, 2, 3], list(range(5, 25)), [7]]
     with torch.inference_mode():
@@ -410,15 +416,8 @@ def test_fused_decode_step_int8_matches_the_int8_modules(quantize_x):
 def test_fused_decode_step_takes_up_to_16_rows(rows, mode):
     """9 to 16 rows (different cache lengths, one row finished) run in C, never the per-module path, and
     give what the modules give."""
-    lm = _tiny_lm(seed=rows)
-    fast = _accelerated(lm, "bf16" if mode == "bf16" else "int8")
-    if mode == "int8 quantized x":
-        for m in fast.modules():
-            if isinstance(m, Int8Linear):
-                m.quantize_x, m._op = True, kernels.ops._OP_INT8_FAST
-        fast.fast_decoder = fast.fast_decoder.rebuild(fast)
-    modules = copy.deepcopy(fast)
-    modules.fast_decoder = None
+    fast, modules = _fast_and_modules(_tiny_lm(seed=rows), "bf16" if mode == "bf16" else "int8",
+                                      mode == "int8 quantized x")  # fmt: skip
     spy = _Spy(fast)
     g = torch.Generator().manual_seed(rows)
     prompts = [torch.randint(0, 97, (2 + 3 * i,), generator=g).tolist() for i in range(rows)]
