@@ -35,6 +35,24 @@ class SampleOptions:
     max_num_frame: int = 32
     seed: int = 0
 
+    @classmethod
+    def for_model(cls, cfg: ModelConfig, data=None, seed: int = 0) -> SampleOptions:
+        """The model's template, system message and tiling, with the length and frame limits of `data`
+        (the `DataArgs` of a run; None: the defaults)."""
+        limits = (
+            (data.max_seq_length, data.min_num_frame, data.max_num_frame)
+            if data is not None
+            else (8192, 8, 32)
+        )
+        return cls(
+            cfg.template, cfg.system_message, limits[0], cfg.max_dynamic_patch, limits[1], limits[2], seed
+        )
+
+
+def pad_token_id(tokenizer: Tokenizer) -> int:
+    """The id that pads batches: the tokenizer's pad token, else its end of sequence, else 0."""
+    return next(i for i in (tokenizer.pad_id, tokenizer.eos_id, 0) if i is not None)
+
 
 class SFTDataset:
     """Map-style dataset over a `RowIndex`; the key is (epoch, row) so per-sample randomness is reproducible."""

@@ -113,7 +113,7 @@ class PairBatches:
 
 def pair_data(args, prepared, ctx, objective: MPOObjective):
     """The pair rows of `args.data.data` as padded micro-batches for this rank (a `run.DataSource`)."""
-    from .dataset import SampleOptions
+    from .dataset import SampleOptions, pad_token_id
     from .run import DataSource
     from .stream import PaddedBatches, PaddedPlan
 
@@ -122,10 +122,9 @@ def pair_data(args, prepared, ctx, objective: MPOObjective):
         raise TrainingError("MPO trains on padded pairs: --packing is not supported")
     cfg, tokenizer = prepared.model.config, prepared.tokenizer
     index = build_pair_index(read_meta(d.data), d.skip_bad_rows, progress=ctx.is_main)
-    options = SampleOptions(cfg.template, cfg.system_message, d.max_seq_length, cfg.max_dynamic_patch,
-                            d.min_num_frame, d.max_num_frame, seed)  # fmt: skip
+    options = SampleOptions.for_model(cfg, d, seed)
     dataset = PairDataset(index, tokenizer, cfg, options)
-    pad_id = next(i for i in (tokenizer.pad_id, tokenizer.eos_id, 0) if i is not None)
+    pad_id = pad_token_id(tokenizer)
     plan = PaddedPlan(len(index), seed, o.batch_size, o.grad_accum, ctx.world_size, ctx.rank)
     total = o.max_steps or max(1, math.ceil(o.epochs * plan.steps_per_epoch))
     batches = PaddedBatches(dataset, PairCollator(Collator(pad_id, dataset.dummy)), plan, total, d.skip_bad_rows,

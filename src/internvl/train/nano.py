@@ -112,18 +112,13 @@ def probe(model_dir: str | Path, data: str | Path, n: int = 64, batch: int = 16,
     from ..api import load
     from .collate import Collator
     from .data import build_index, read_meta
-    from .dataset import SampleOptions, SFTDataset
+    from .dataset import SampleOptions, SFTDataset, pad_token_id
     from .objective import SFTObjective
 
     m = load(model_dir, optimize=False)
     model, cfg = m.model.float().eval(), m.config
     index = build_index(read_meta(data), check_files=False)
-    ds = SFTDataset(
-        index,
-        m.tokenizer,
-        cfg,
-        SampleOptions(cfg.template, cfg.system_message, 1024, cfg.max_dynamic_patch, 8, 8, seed),
-    )
+    ds = SFTDataset(index, m.tokenizer, cfg, SampleOptions.for_model(cfg, seed=seed))
     rng, rows = random.Random(seed), []
     while len(rows) < n:
         s = ds[rng.randrange(len(ds))]
@@ -132,7 +127,7 @@ def probe(model_dir: str | Path, data: str | Path, n: int = 64, batch: int = 16,
             and int(s.image_flags.sum()) == s.pixel_values.shape[0] == 1
         ):
             rows.append(s)  # one image per row, so images can be swapped between rows
-    collate, objective = Collator(0, ds.dummy), SFTObjective("token")
+    collate, objective = Collator(pad_token_id(m.tokenizer), ds.dummy), SFTObjective("token")
     losses = {"own_images": 0.0, "swapped_images": 0.0}
     norms = []
     with torch.no_grad():

@@ -148,16 +148,15 @@ def sft_data(args: TrainArgs, prepared: Prepared, ctx) -> DataSource:
     """The rows of the meta file as padded or packed micro-batches for this rank."""
     from .collate import Collator, Packer
     from .data import build_index, read_meta
-    from .dataset import SampleOptions, SFTDataset
+    from .dataset import SampleOptions, SFTDataset, pad_token_id
     from .stream import PackedBatches, PaddedBatches, PaddedPlan
 
     d, o, seed = args.data, args.optim, args.run.seed
     cfg, tokenizer = prepared.model.config, prepared.tokenizer
     index = build_index(read_meta(d.data), d.skip_bad_rows, progress=ctx.is_main)
-    options = SampleOptions(cfg.template, cfg.system_message, d.max_seq_length, cfg.max_dynamic_patch,
-                            d.min_num_frame, d.max_num_frame, seed)  # fmt: skip
+    options = SampleOptions.for_model(cfg, d, seed)
     dataset = SFTDataset(index, tokenizer, cfg, options)
-    pad_id = next(i for i in (tokenizer.pad_id, tokenizer.eos_id, 0) if i is not None)
+    pad_id = pad_token_id(tokenizer)
     collator = Collator(pad_id, dataset.dummy, packed=d.packing)
     pin = ctx.device.type == "cuda"
     if d.packing:
