@@ -110,6 +110,9 @@ def test_stop_after_then_resume_equals_one_run(model, meta, tmp_path):  # noqa: 
             and not (tmp_path / "two" / "final").exists()
         )
         assert any("stopped at step 5 of 12" in line for line in lines)
+        again = train(TrainArgs.from_dict({**options, "out": str(tmp_path / "two"), "stop_after": 5, "resume": True}),
+                      log=lambda _m: None)  # fmt: skip
+        assert again.paused and again.steps == 5  # resumed at the stop: no step taken
         rest = train(
             TrainArgs.from_dict({**options, "out": str(tmp_path / "two"), "resume": True}),
             log=lambda _m: None,

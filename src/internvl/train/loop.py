@@ -108,6 +108,11 @@ class Trainer:
         batches = self.source(data_state)
         with self._handle_signals():
             while step < cfg.total_steps:
+                if (
+                    cfg.stop_after and step >= cfg.stop_after
+                ):  # also when resumed at or past it: nothing to do
+                    result.paused = True
+                    break
                 micro, next_state, epoch = next(batches)
                 mass = sum(self.objective.normalizer(b) for b in micro)
                 flags = ctx.all_reduce(torch.tensor([mass, float(self._stop)], dtype=torch.float64))
@@ -139,9 +144,6 @@ class Trainer:
                 if self.save and cfg.save_every and (step % cfg.save_every == 0 or step == cfg.total_steps):
                     self.save(step, data_state)
                     saved_at = step
-                if cfg.stop_after and step >= cfg.stop_after and step < cfg.total_steps:
-                    result.paused = True
-                    break
         batches.close()  # stops the loader workers
         if (
             (result.interrupted or result.paused) and self.save and saved_at != step
