@@ -14,11 +14,17 @@ mkdir -p "$OUT"
 # 2. a byte-level BPE tokenizer trained on the split's text, and the nano config.json (original layout)
 [ -f "$OUT/init/config.json" ] || python -m internvl.train.nano prepare --data "$OUT/data" --out "$OUT/init"
 
-# 3. from random weights, one tile per image (configs/train/nano.yaml)
-[ -f "$OUT/nano/final/config.json" ] || internvl finetune --init-from-config "$OUT/init/config.json" \
-    --tokenizer "$OUT/init" --data "$OUT/data/meta.json" --config configs/train/nano.yaml --out "$OUT/nano" --resume
+# 3. the curriculum: scenes of one large shape (stage 0), then of one or two and of up to five (stage 1)
+[ -f "$OUT/curriculum/stage1.json" ] || python -m internvl.train.nano curriculum --split "$OUT/data" --out "$OUT/curriculum"
 
-# 4. (optional, not in the shipped model) the full dynamic tiling, from those weights
+# 4. from random weights: stage 0 teaches the model to read its images, stage 1 the whole task mixture
+[ -f "$OUT/stage0/final/config.json" ] || internvl finetune --init-from-config "$OUT/init/config.json" \
+    --tokenizer "$OUT/init" --data "$OUT/curriculum/stage0.json" --config configs/train/nano-stage0.yaml \
+    --out "$OUT/stage0" --resume
+[ -f "$OUT/nano/final/config.json" ] || internvl finetune "$OUT/stage0/final" \
+    --data "$OUT/curriculum/stage1.json" --config configs/train/nano.yaml --out "$OUT/nano" --resume
+
+# (optional, not in the shipped model) the full dynamic tiling, from those weights
 if [ "${STAGE2:-0}" = 1 ]; then
   [ -f "$OUT/stage2/final/config.json" ] || internvl finetune "$OUT/nano/final" --data "$OUT/data/meta.json" \
       --config configs/train/nano-stage2.yaml --out "$OUT/stage2" --resume

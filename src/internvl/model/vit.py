@@ -138,6 +138,20 @@ class VisionEncoder(nn.Module):
         return x
 
 
+def sincos_2d(grid: int, dim: int) -> torch.Tensor:
+    """[grid*grid, dim] fixed 2-D sine-cosine position table (MAE's): half the channels encode the row,
+    half the column, each at dim/4 frequencies, so a patch's (x, y) is a linear read-out of its embedding."""
+    quarter = dim // 4
+    freqs = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)
+    coords = torch.arange(grid, dtype=torch.float64)
+    ang = coords[:, None] * freqs[None]  # [grid, quarter]
+    axis = torch.cat([ang.sin(), ang.cos()], dim=1)  # [grid, dim/2]
+    rows = axis[:, None, :].expand(grid, grid, -1)
+    cols = axis[None, :, :].expand(grid, grid, -1)
+    table = torch.cat([rows, cols], dim=-1).reshape(grid * grid, -1)
+    return F.pad(table, (0, dim - table.shape[1])).float()
+
+
 class InternVisionModel(nn.Module):
     """Patch embedding + CLS + position table, then pre-norm layers with layer scale; no final norm."""
 
@@ -154,6 +168,14 @@ class InternVisionModel(nn.Module):
         if not 0 <= index < total:
             raise ValueError(f"select_layer {select_layer} is out of range for {total - 1} layers")
         return self.encoder(self.embeddings(pixel_values), num_layers=index)
+
+    def init_from_scratch(self) -> None:
+        """Position table for training from random weights: the fixed 2-D sine-cosine table (zeros would
+        leave the patches with no position at all, and a frozen encoder never gets one)."""
+        emb = self.embeddings
+        with torch.no_grad():
+            emb.position_embedding.zero_()
+            emb.position_embedding[0, 1:] = sincos_2d(emb.grid, emb.position_embedding.shape[-1])
 
     def set_drop_path_rate(self, rate: float) -> None:
         for layer, r in zip(self.encoder.layers, linspace(rate, len(self.encoder.layers))):

@@ -133,6 +133,7 @@ class Scene:
     objects: list[Obj] = field(default_factory=list)
     text: Text | None = None
     reserved: list[Box] = field(default_factory=list)
+    sides: tuple[float, float] | None = None  # (min, max) side fractions: only the curriculum (generate_dense)
 
     def boxes(self) -> list[Box]:
         return [o.box for o in self.objects] + self.reserved
@@ -142,6 +143,8 @@ class Scene:
         m = min(self.width, self.height)
         ew, eh = extent(shape, angle)
         lo = math.ceil(max(MIN_SIDE_FRAC * m, MIN_SIDE_PX) * max(ew, eh) / min(ew, eh)) + 1
+        if self.sides is not None:
+            return max(lo, int(self.sides[0] * m)), max(lo, int(self.sides[1] * m))
         crowd = math.sqrt(self.width * self.height / (5.0 * max(1, self.planned)))
         return lo, max(lo, int(min(MAX_SIDE_FRAC * m, crowd)))
 

@@ -219,3 +219,42 @@ def _write_tsv(path: str, rows: list[list]) -> None:
         w = csv.writer(f, delimiter="\t", lineterminator="\n")
         w.writerow(["index", "question", "A", "B", "C", "D", "answer", "category", "image"])
         w.writerows(rows)
+
+
+def generate_dense(
+    out_dir: str, n: int, max_objects: int = 3, turns: int = 6, square: bool = False, seed: int = 0,
+    sides: tuple[float, float] | None = None,
+) -> dict:
+    """A training-only curriculum split: `n` scenes of 1..`max_objects` shapes (no hexagon), each with up
+    to `turns` questions about it in one conversation (every question kind the scene allows: count, color,
+    shape, position, relation, grounding, caption). Few objects and many answers per image make the
+    image's contribution to the loss large and direct, which is what a model trained from scratch needs
+    before it starts reading its images at all (see configs/train/nano.yaml). Same meta format as a split."""
+    from .questions import follow_ups
+    from .render import render_scene
+    from .scene import SHAPES, fill, new_scene, random_size
+
+    if n < 1 or max_objects < 1 or turns < 1:
+        raise DataError(f"dense split: n, max_objects and turns must be >= 1, got {n}, {max_objects}, {turns}")
+    os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
+    rows = []
+    for i in range(n):
+        rng = random.Random(item_seed("train", seed, "dense", i, False))
+        k = rng.randint(1, max_objects)
+        while True:  # a fresh canvas when the objects do not fit
+            side = rng.randint(224, 640)
+            scene = new_scene(rng, k, (side, side) if square else random_size(rng))
+            scene.sides = sides
+            if fill(scene, rng, k, SHAPES):
+                break
+        qa = follow_ups(scene, rng, turns, set())
+        item = SynthItem("dense", [render_scene(scene)], [], qa[0].answer, {"turns": len(qa)})
+        for j, t in enumerate(qa):
+            q = ("<image>\n" if j == 0 else "") + t.question
+            item.conversations += [{"from": "human", "value": q}, {"from": "gpt", "value": t.answer}]
+        item_id = f"dense_{i:06d}"
+        names, _ = _write_images(out_dir, item_id, item.images)
+        rows.append(_row(item, item_id, names))
+    _write_jsonl(os.path.join(out_dir, "dense.jsonl"), rows)
+    _write_json(os.path.join(out_dir, "meta.json"), {"synth_dense": _meta_entry("dense.jsonl", len(rows))})
+    return {"items": len(rows), "turns": sum(len(r["conversations"]) // 2 for r in rows)}

@@ -11,6 +11,13 @@ writes `tokenizer.json`, `tokenizer_config.json` and `config.json` (original Int
 makes a model folder of a training checkpoint of a from-scratch run (the init folder's config and tokenizer,
 the checkpoint's weights), for evaluating it or for starting the next stage from it.
 
+    python -m internvl.train.nano curriculum --split DIR --out DIR
+
+writes the training curriculum next to a train split: scenes of one large shape, then of one or two, then
+of up to five at the contract's sizes, each with six questions (`synth.writer.generate_dense`), and the
+meta files of the two stages (`stage0.json`: the single large shapes; `stage1.json`: the other two sets
+with a quarter of every task of the split). See configs/train/nano-stage0.yaml.
+
     python -m internvl.train.nano probe MODEL --data META.json [--n 64]
 
 tells whether a model reads its images at all: the loss on n training rows with their own images and with
@@ -21,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 from collections.abc import Iterator
@@ -30,7 +38,9 @@ from ..config import LLMConfig, ModelConfig, VisionConfig
 from ..errors import InternVLError
 from ..tokenizer import train_bpe_tokenizer
 
-# Sized for a 2-core CPU: 224-px tiles with 14-px patches (64 tokens per tile after pixel shuffle) and up to
+# Sized for a 2-core CPU: 224-px tiles with 14-px patches (64 tokens per tile after pixel shuffle). The shipped
+# weights are trained on one tile per image (config max_dynamic_patch 1, the 64-token view that fits the CPU
+# budget); the dynamic tiling stays on (dynamic_image_size), and configs/train/nano-stage2.yaml trains up to
 # 4 tiles plus the thumbnail, so objects of 14 px keep about their native resolution.
 NANO_VISION = dict(hidden_size=192, intermediate_size=768, num_attention_heads=3, num_hidden_layers=6,
                    patch_size=14, image_size=224, qkv_bias=True, qk_normalization=False, norm_type="layer_norm",
@@ -40,14 +50,14 @@ NANO_LLM = dict(family="qwen2", hidden_size=256, intermediate_size=1024, num_hid
 
 
 def nano_config(vocab_size: int) -> ModelConfig:
-    """InternViT + pixel shuffle + Qwen2-style decoder, template internvl2_5, dynamic tiling (max 4 tiles)."""
+    """InternViT + pixel shuffle + Qwen2-style decoder, template internvl2_5, dynamic tiling (max 1 tile)."""
     return ModelConfig(
         vision=VisionConfig(**NANO_VISION),
         llm=LLMConfig(vocab_size=vocab_size, **NANO_LLM),
         template="internvl2_5",
         system_message="",  # no system block: the synthetic world needs none, and prompts stay short
         force_image_size=224,
-        max_dynamic_patch=4,
+        max_dynamic_patch=1,
     )
 
 
@@ -77,6 +87,41 @@ def prepare(data: str | Path, out: str | Path, vocab_size: int = 1024) -> ModelC
     config = nano_config(tokenizer.vocab_size)
     (out / "config.json").write_text(json.dumps(config.to_original_dict(), indent=2, ensure_ascii=False))
     return config
+
+
+# (folder, items, objects at most, side fractions or None for the contract's, square canvases, seed)
+CURRICULUM = (
+    ("dense0", 20000, 1, (0.4, 0.9), True, 0),
+    ("dense1", 20000, 2, (0.25, 0.5), True, 1),
+    ("denseS", 30000, 5, None, False, 2),
+)
+SPLIT_SHARE = 0.25  # stage 1 takes this share of every task of the train split
+
+
+def curriculum(split: str | Path, out: str | Path, scale: float = 1.0) -> dict:
+    """The curriculum sets and the two stage meta files (paths relative to `out`); `scale` shrinks them."""
+    from ..synth.writer import generate_dense
+
+    split, out = Path(split), Path(out)
+    meta_file = split / "meta.json"
+    if not meta_file.exists():
+        raise FileNotFoundError(f"{meta_file}: not a synthetic split (internvl synth --split train)")
+    out.mkdir(parents=True, exist_ok=True)
+    entries = {}
+    for name, n, k, sides, square, seed in CURRICULUM:
+        n = max(1, int(n * scale))
+        generate_dense(str(out / name), n, k, 6, square, seed, sides)
+        entries[name] = {"root": name, "annotation": f"{name}/dense.jsonl", "data_augment": False,
+                         "repeat_time": 1, "length": n}  # fmt: skip
+    stage1 = {k: v for k, v in entries.items() if k != "dense0"}
+    rel = Path(os.path.relpath(split, out))
+    for name, entry in json.loads(meta_file.read_text()).items():
+        length = max(1, int(entry["length"] * SPLIT_SHARE))
+        stage1[name] = {**entry, "root": str(rel / entry["root"]), "annotation": str(rel / entry["annotation"]),
+                        "repeat_time": SPLIT_SHARE, "length": length}  # fmt: skip
+    (out / "stage0.json").write_text(json.dumps({"dense0": entries["dense0"]}, indent=2) + "\n")
+    (out / "stage1.json").write_text(json.dumps(stage1, indent=2) + "\n")
+    return {"stage0": entries["dense0"]["length"], "stage1": sum(e["length"] for e in stage1.values())}
 
 
 def snapshot(
@@ -158,6 +203,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--max-dynamic-patch", type=int, default=None, help="the tiling the weights were trained at"
     )
+    p = sub.add_parser("curriculum", help="the curriculum sets and stage meta files, next to a train split")
+    p.add_argument("--split", required=True, help="the train split folder (internvl synth --split train)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--scale", type=float, default=1.0, help="fraction of the default set sizes")
     p = sub.add_parser("probe", help="does the model read its images? (loss with own vs swapped images)")
     p.add_argument("model")
     p.add_argument("--data", required=True, help="a fine-tuning meta.json (rows with one image are used)")
@@ -166,6 +215,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.cmd == "probe":
             print(json.dumps(probe(args.model, args.data, args.n), indent=2))
+        elif args.cmd == "curriculum":
+            print(json.dumps(curriculum(args.split, args.out, args.scale)))
         elif args.cmd == "snapshot":
             print(snapshot(args.init, args.checkpoint, args.out, args.max_dynamic_patch))
         else:

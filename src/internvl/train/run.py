@@ -272,6 +272,7 @@ def _build_model(args: TrainArgs):
         config = ModelConfig.from_file(m.init_from_config)
         model = build_model(config, tokenizer.image_context_id, meta=False)
         init_weights(model)
+        model.vision_model.init_from_scratch()
         base_dtype = torch.float32
     vocab = model.config.llm.vocab_size
     if tokenizer.vocab_size > vocab:
