@@ -133,7 +133,7 @@ class Scene:
     objects: list[Obj] = field(default_factory=list)
     text: Text | None = None
     reserved: list[Box] = field(default_factory=list)
-    sides: tuple[float, float] | None = None  # (min, max) side fractions: only the curriculum (generate_dense)
+    sides: tuple[float, float] | None = None  # (min, max) side fractions: the curriculum (generate_dense)
 
     def boxes(self) -> list[Box]:
         return [o.box for o in self.objects] + self.reserved

@@ -222,7 +222,12 @@ def _write_tsv(path: str, rows: list[list]) -> None:
 
 
 def generate_dense(
-    out_dir: str, n: int, max_objects: int = 3, turns: int = 6, square: bool = False, seed: int = 0,
+    out_dir: str,
+    n: int,
+    max_objects: int = 3,
+    turns: int = 6,
+    square: bool = False,
+    seed: int = 0,
     sides: tuple[float, float] | None = None,
 ) -> dict:
     """A training-only curriculum split: `n` scenes of 1..`max_objects` shapes (no hexagon), each with up
@@ -235,7 +240,7 @@ def generate_dense(
     from .scene import SHAPES, fill, new_scene, random_size
 
     if n < 1 or max_objects < 1 or turns < 1:
-        raise DataError(f"dense split: n, max_objects and turns must be >= 1, got {n}, {max_objects}, {turns}")
+        raise DataError(f"dense split: n, max_objects, turns must be >= 1, got {n}, {max_objects}, {turns}")
     os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
     rows = []
     for i in range(n):

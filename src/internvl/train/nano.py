@@ -38,8 +38,8 @@ from ..config import LLMConfig, ModelConfig, VisionConfig
 from ..errors import InternVLError
 from ..tokenizer import train_bpe_tokenizer
 
-# Sized for a 2-core CPU: 224-px tiles with 14-px patches (64 tokens per tile after pixel shuffle). The shipped
-# weights are trained on one tile per image (config max_dynamic_patch 1, the 64-token view that fits the CPU
+# Sized for a 2-core CPU: 224-px tiles with 14-px patches (64 tokens per tile after pixel shuffle). The
+# shipped weights are trained on one tile per image (config max_dynamic_patch 1, the 64-token view that fits the CPU
 # budget); the dynamic tiling stays on (dynamic_image_size), and configs/train/nano-stage2.yaml trains up to
 # 4 tiles plus the thumbnail, so objects of 14 px keep about their native resolution.
 NANO_VISION = dict(hidden_size=192, intermediate_size=768, num_attention_heads=3, num_hidden_layers=6,
@@ -117,8 +117,8 @@ def curriculum(split: str | Path, out: str | Path, scale: float = 1.0) -> dict:
     rel = Path(os.path.relpath(split, out))
     for name, entry in json.loads(meta_file.read_text()).items():
         length = max(1, int(entry["length"] * SPLIT_SHARE))
-        stage1[name] = {**entry, "root": str(rel / entry["root"]), "annotation": str(rel / entry["annotation"]),
-                        "repeat_time": SPLIT_SHARE, "length": length}  # fmt: skip
+        paths = {"root": str(rel / entry["root"]), "annotation": str(rel / entry["annotation"])}
+        stage1[name] = {**entry, **paths, "repeat_time": SPLIT_SHARE, "length": length}
     (out / "stage0.json").write_text(json.dumps({"dense0": entries["dense0"]}, indent=2) + "\n")
     (out / "stage1.json").write_text(json.dumps(stage1, indent=2) + "\n")
     return {"stage0": entries["dense0"]["length"], "stage1": sum(e["length"] for e in stage1.values())}
