@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from refmodels import tiny_checkpoint
 from safetensors.torch import load_file
@@ -132,3 +133,17 @@ def test_sincos_position_table_gives_every_patch_a_readable_place():
     design = torch.cat([table, torch.ones(grid * grid, 1, dtype=torch.float64)], 1)
     fit = torch.linalg.lstsq(design, target, driver="gelsd").solution  # rank-deficient: 31 of 193
     assert (design @ fit - target).abs().max() < 0.05  # row and column are linear read-outs
+
+
+def test_snapshot_of_a_later_stage_fills_frozen_tensors_from_the_base(model, tmp_path):
+    from safetensors.torch import save_file
+
+    base = load_file(str(model / "model.safetensors"))
+    trained = {k: v + 1 for k, v in base.items() if k.startswith("language_model.")}  # what a frozen-ViT run saves
+    ckpt = tmp_path / "step-00000005"
+    ckpt.mkdir()
+    save_file(trained, str(ckpt / "model.safetensors"))
+    out = load_file(str(snapshot(model, ckpt, tmp_path / "snap") / "model.safetensors"))
+    assert out.keys() == base.keys()
+    for k, v in out.items():
+        assert torch.equal(v, trained[k] if k in trained else base[k]), k

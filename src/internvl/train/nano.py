@@ -127,7 +127,8 @@ def curriculum(split: str | Path, out: str | Path, scale: float = 1.0) -> dict:
 def snapshot(
     init: str | Path, checkpoint: str | Path, out: str | Path, max_dynamic_patch: int | None = None
 ) -> Path:
-    """A model folder from `init` (config.json, tokenizer files) and `checkpoint`'s model.safetensors."""
+    """A model folder from `init` (config.json, tokenizer files) and `checkpoint`'s model.safetensors; when
+    `init` is a model folder (a later stage), the tensors the checkpoint lacks (frozen ones) come from it."""
     init, checkpoint, out = Path(init), Path(checkpoint), Path(out)
     weights = checkpoint / "model.safetensors"
     if not weights.exists():
@@ -138,7 +139,14 @@ def snapshot(
     for f in init.iterdir():
         if f.is_file() and f.name != "model.safetensors":
             shutil.copy2(f, out / f.name)
-    shutil.copy2(weights, out / "model.safetensors")
+    base = init / "model.safetensors"
+    if base.exists():  # a run from a model folder saves only what it trains: the rest comes from the base
+        from safetensors.torch import load_file, save_file
+
+        tensors = {**load_file(str(base)), **load_file(str(weights))}
+        save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    else:
+        shutil.copy2(weights, out / "model.safetensors")
     if max_dynamic_patch is not None:
         config = json.loads((out / "config.json").read_text())
         config["max_dynamic_patch"] = max_dynamic_patch
