@@ -163,6 +163,18 @@ def test_circular_off_scores_the_plain_questions(tmp_path):
     assert summary["circular"] is None and summary["vanilla"]["accuracy"] == 0.25 and len(task.examples) == 4
 
 
+@pytest.mark.parametrize("trained, asked, used", [(None, None, 6), (12, None, 6), (1, None, 1), (1, 4, 4)])
+def test_tiles_default_to_the_reference_six_or_what_the_model_was_trained_with(tmp_path, trained, asked, used):
+    """A model trained on one tile per image (the built-in one) is not evaluated on six."""
+    model, seen = FakeModel(lambda p: "A"), []
+    if trained is not None:
+        model.config = SimpleNamespace(max_dynamic_patch=trained)
+    model.prepare = lambda prompt, images, max_num=None: seen.append(max_num) or (prompt, None, prompt)
+    evaluate(model, MCQTask("toy", mcq_items(2), circular=False), tmp_path, max_num=asked, progress=False)
+    assert seen == [used, used]
+    assert json.loads((tmp_path / "settings.json").read_text())["max_num"] == used
+
+
 # ---- 3. resume ----------------------------------------------------------------------------------------------
 
 

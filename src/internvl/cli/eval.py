@@ -35,7 +35,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     r.add_argument("--out", default=None, help="output folder (default eval_out/<model>/<dataset>)")
     r.add_argument("--batch-size", type=int, default=8, help="requests in the engine at once (default 8)")
     r.add_argument("--max-new-tokens", type=int, default=None, help="override the per-task budget (64; 128 long)")
-    r.add_argument("--max-num", type=int, default=6, help="max tiles per image (default 6, as the reference eval)")
+    r.add_argument("--max-num", type=int, default=None,
+                   help="max tiles per image (default 6 as the reference eval, or the model's max_dynamic_patch "
+                        "when smaller)")  # fmt: skip
     r.add_argument("--limit", type=int, default=None, help="only the first N questions (per task for synthetic)")
     r.add_argument("--resume", action="store_true", help="keep the predictions already in --out, ask the rest")
 

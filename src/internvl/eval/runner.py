@@ -97,16 +97,24 @@ def _check_settings(path: Path, settings: dict) -> None:
                             f"{settings.get(key)!r}; use the same settings or drop --resume")  # fmt: skip
 
 
-def evaluate(model, task, out_dir: str | Path, *, batch_size: int = 8, max_num: int = DEFAULT_MAX_NUM,
+def default_max_num(model) -> int:
+    """The reference evaluation's 6 tiles per image, or fewer when the model was trained with fewer
+    (its config's max_dynamic_patch): more tiles than it has ever seen only hurt it."""
+    trained = getattr(getattr(model, "config", None), "max_dynamic_patch", None)
+    return min(DEFAULT_MAX_NUM, trained) if trained else DEFAULT_MAX_NUM
+
+
+def evaluate(model, task, out_dir: str | Path, *, batch_size: int = 8, max_num: int | None = None,
              resume: bool = False, progress: bool | None = None, model_name: str | None = None,
              on_row: Callable[[dict], None] | None = None) -> dict:  # fmt: skip
     """Answer every example of `task` that has no prediction yet, then score all of them; returns the summary.
 
     `on_row(row)` is called after each row is written (tests interrupt a run from there). Without `resume`
-    an existing predictions file is replaced.
+    an existing predictions file is replaced. `max_num` defaults to `default_max_num(model)`.
     """
     from tqdm import tqdm
 
+    max_num = max_num or default_max_num(model)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     pred_path, settings_path = out / "predictions.jsonl", out / "settings.json"
