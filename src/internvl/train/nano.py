@@ -38,10 +38,10 @@ from ..config import LLMConfig, ModelConfig, VisionConfig
 from ..errors import InternVLError
 from ..tokenizer import train_bpe_tokenizer
 
-# Sized for a 2-core CPU: 224-px tiles with 14-px patches (64 tokens per tile after pixel shuffle). The
-# shipped weights are trained on one tile per image (config max_dynamic_patch 1, the 64-token view that fits the CPU
-# budget); the dynamic tiling stays on (dynamic_image_size), and configs/train/nano-stage2.yaml trains up to
-# 4 tiles plus the thumbnail, so objects of 14 px keep about their native resolution.
+# Sized for a 2-core CPU: 224-px tiles with 14-px patches (64 tokens per tile after pixel shuffle). The recipe
+# trains on one tile per image (config max_dynamic_patch 1, the 64-token view that fits the CPU budget); the
+# dynamic tiling stays on (dynamic_image_size), and configs/train/nano-stage2.yaml trains up to 4 tiles plus
+# the thumbnail, so objects of 14 px keep about their native resolution.
 NANO_VISION = dict(hidden_size=192, intermediate_size=768, num_attention_heads=3, num_hidden_layers=6,
                    patch_size=14, image_size=224, qkv_bias=True, qk_normalization=False, norm_type="layer_norm",
                    drop_path_rate=0.0)  # fmt: skip
