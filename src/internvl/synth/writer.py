@@ -235,7 +235,8 @@ def generate_dense(
     shape, position, relation, grounding, caption). Few objects and many answers per image make the
     image's contribution to the loss large and direct, which is what a model trained from scratch needs
     before it starts reading its images at all (see configs/train/nano-stage0.yaml). `sides` overrides the
-    contract's shape sizes, as (min, max) fractions of the canvas's shorter side. Same meta format as a split."""
+    contract's shape sizes, as (min, max) fractions of the canvas's shorter side. Same meta format as a
+    split."""
     from .questions import follow_ups
     from .render import render_scene
     from .scene import SHAPES, fill, new_scene, random_size
