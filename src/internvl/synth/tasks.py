@@ -61,6 +61,15 @@ def _describe(visual) -> dict:
     return {}
 
 
+def conversation(turns, one_image: bool) -> list[dict]:
+    """Reference fine-tuning turns; a single image's `<image>` placeholder opens the first question."""
+    out = []
+    for j, turn in enumerate(turns):
+        q = "<image>\n" + turn.question if j == 0 and one_image else turn.question
+        out += [{"from": "human", "value": q}, {"from": "gpt", "value": turn.answer}]
+    return out
+
+
 def make_item(task: str, rng: random.Random, hexagon: bool = False, turns: int = 1) -> SynthItem:
     """One item of `task` drawn from `rng`; `turns` > 1 adds follow-up questions on multi-turn tasks."""
     if task not in BUILDERS:
@@ -70,10 +79,7 @@ def make_item(task: str, rng: random.Random, hexagon: bool = False, turns: int =
         follow_ups(visual, rng, turns - 1, {first.question}) if turns > 1 and task in MULTI_TURN_TASKS else []
     )
     images = _render(visual)
-    conversations = []
-    for j, turn in enumerate([first] + more):
-        q = "<image>\n" + turn.question if j == 0 and len(images) == 1 else turn.question
-        conversations += [{"from": "human", "value": q}, {"from": "gpt", "value": turn.answer}]
+    conversations = conversation([first] + more, len(images) == 1)
     meta = {
         "question": first.question,
         "answer": first.answer,

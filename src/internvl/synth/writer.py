@@ -26,7 +26,7 @@ import numpy as np
 from PIL import Image
 
 from ..errors import DataError
-from .tasks import MULTI_TURN_TASKS, TASKS, SynthItem, make_item
+from .tasks import MULTI_TURN_TASKS, TASKS, SynthItem, conversation, make_item
 
 SPLITS = ("train", "val", "test")
 MULTI_TURN_EVERY = 4  # every 4th training item of a multi-turn task gets 2 or 3 questions
@@ -255,10 +255,8 @@ def generate_dense(
             if fill(scene, rng, k, SHAPES):
                 break
         qa = follow_ups(scene, rng, turns, set())
-        item = SynthItem("dense", [render_scene(scene)], [], qa[0].answer, {"turns": len(qa)})
-        for j, t in enumerate(qa):
-            q = ("<image>\n" if j == 0 else "") + t.question
-            item.conversations += [{"from": "human", "value": q}, {"from": "gpt", "value": t.answer}]
+        meta = {"turns": len(qa)}
+        item = SynthItem("dense", [render_scene(scene)], conversation(qa, True), qa[0].answer, meta)
         item_id = f"dense_{i:06d}"
         names, _ = _write_images(out_dir, item_id, item.images)
         rows.append(_row(item, item_id, names))
