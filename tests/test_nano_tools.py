@@ -74,6 +74,10 @@ def test_command_errors_are_one_line(tmp_path, capsys):
     )
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "no weights" in err and "Traceback" not in err
+    assert main(["curriculum", "--split", str(tmp_path / "nosplit"), "--out", str(tmp_path / "cur")]) == 1
+    err = capsys.readouterr().err.strip()
+    missing = tmp_path / "nosplit" / "meta.json"
+    assert len(err.splitlines()) == 1 and f"{missing}: not a synthetic split" in err
 
 
 def test_dense_curriculum_scenes_are_seeded_sized_and_valid(tmp_path):
@@ -139,7 +143,8 @@ def test_snapshot_of_a_later_stage_fills_frozen_tensors_from_the_base(model, tmp
     from safetensors.torch import save_file
 
     base = load_file(str(model / "model.safetensors"))
-    trained = {k: v + 1 for k, v in base.items() if k.startswith("language_model.")}  # what a frozen-ViT run saves
+    # what a run with a frozen encoder saves: the language model's tensors only
+    trained = {k: v + 1 for k, v in base.items() if k.startswith("language_model.")}
     ckpt = tmp_path / "step-00000005"
     ckpt.mkdir()
     save_file(trained, str(ckpt / "model.safetensors"))

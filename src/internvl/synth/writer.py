@@ -229,6 +229,7 @@ def generate_dense(
     square: bool = False,
     seed: int = 0,
     sides: tuple[float, float] | None = None,
+    progress: bool = False,
 ) -> dict:
     """A training-only curriculum split: `n` scenes of 1..`max_objects` shapes (no hexagon), each with up
     to `turns` questions about it in one conversation (every question kind the scene allows: count, color,
@@ -243,9 +244,12 @@ def generate_dense(
 
     if n < 1 or max_objects < 1 or turns < 1:
         raise DataError(f"dense split: n, max_objects, turns must be >= 1, got {n}, {max_objects}, {turns}")
+    from tqdm import tqdm
+
     os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
     rows = []
-    for i in range(n):
+    name = os.path.basename(os.path.normpath(out_dir))
+    for i in tqdm(range(n), desc=f"curriculum {name}", unit="scene", disable=not progress):
         rng = random.Random(item_seed("train", seed, "dense", i, False))
         k = rng.randint(1, max_objects)
         while True:  # a fresh canvas when the objects do not fit

@@ -98,7 +98,7 @@ CURRICULUM = (
 SPLIT_SHARE = 0.25  # stage 1 takes this share of every task of the train split
 
 
-def curriculum(split: str | Path, out: str | Path, scale: float = 1.0) -> dict:
+def curriculum(split: str | Path, out: str | Path, scale: float = 1.0, progress: bool = False) -> dict:
     """The curriculum sets and the two stage meta files (paths relative to `out`); `scale` shrinks them."""
     from ..synth.writer import generate_dense
 
@@ -110,7 +110,7 @@ def curriculum(split: str | Path, out: str | Path, scale: float = 1.0) -> dict:
     entries = {}
     for name, n, k, sides, square, seed in CURRICULUM:
         n = max(1, int(n * scale))
-        generate_dense(str(out / name), n, k, 6, square, seed, sides)
+        generate_dense(str(out / name), n, k, 6, square, seed, sides, progress)
         entries[name] = {"root": name, "annotation": f"{name}/dense.jsonl", "data_augment": False,
                          "repeat_time": 1, "length": n}  # fmt: skip
     stage1 = {k: v for k, v in entries.items() if k != "dense0"}
@@ -213,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p = sub.add_parser("curriculum", help="the curriculum sets and stage meta files, next to a train split")
     p.add_argument("--split", required=True, help="the train split folder (internvl synth --split train)")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="folder for the three sets and stage0.json / stage1.json")
     p.add_argument("--scale", type=float, default=1.0, help="fraction of the default set sizes")
     p = sub.add_parser("probe", help="does the model read its images? (loss with own vs swapped images)")
     p.add_argument("model")
@@ -224,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.cmd == "probe":
             print(json.dumps(probe(args.model, args.data, args.n), indent=2))
         elif args.cmd == "curriculum":
-            print(json.dumps(curriculum(args.split, args.out, args.scale)))
+            print(json.dumps(curriculum(args.split, args.out, args.scale, progress=True)))
         elif args.cmd == "snapshot":
             print(snapshot(args.init, args.checkpoint, args.out, args.max_dynamic_patch))
         else:
