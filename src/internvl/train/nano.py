@@ -18,6 +18,12 @@ of up to five at the contract's sizes, each with six questions (`synth.writer.ge
 meta files of the two stages (`stage0.json`: the single large shapes; `stage1.json`: the other two sets
 with a quarter of every task of the split). See configs/train/nano-stage0.yaml.
 
+    python -m internvl.train.nano vit --init DIR --out DIR [--steps 1200]
+
+pretrains the vision encoder on dense per-patch targets drawn from the generator (train/vitpre.py) and
+writes a model folder (the init folder's config and tokenizer, the pretrained encoder, the rest random) to
+start the language stages from.
+
     python -m internvl.train.nano probe MODEL --data META.json [--n 64]
 
 tells whether a model reads its images at all: the loss on n training rows with their own images and with
@@ -215,6 +221,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--split", required=True, help="the train split folder (internvl synth --split train)")
     p.add_argument("--out", required=True, help="folder for the three sets and stage0.json / stage1.json")
     p.add_argument("--scale", type=float, default=1.0, help="fraction of the default set sizes")
+    p = sub.add_parser("vit", help="pretrain the vision encoder on dense patch targets (see train/vitpre.py)")
+    p.add_argument("--init", required=True, help="the folder `prepare` wrote")
+    p.add_argument("--out", required=True, help="model folder to write (the data cache goes there too)")
+    p.add_argument("--steps", type=int, default=1500)
+    p.add_argument("--images", type=int, default=24000, help="training images generated (cached in --out)")
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--save-every", type=int, default=250, help="also write the model folder every N steps")
     p = sub.add_parser("probe", help="does the model read its images? (loss with own vs swapped images)")
     p.add_argument("model")
     p.add_argument("--data", required=True, help="a fine-tuning meta.json (rows with one image are used)")
@@ -225,6 +239,11 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(probe(args.model, args.data, args.n), indent=2))
         elif args.cmd == "curriculum":
             print(json.dumps(curriculum(args.split, args.out, args.scale, progress=True)))
+        elif args.cmd == "vit":
+            from .vitpre import pretrain
+
+            print(json.dumps(pretrain(args.init, args.out, args.steps, args.images, args.batch, args.lr,
+                                      save_every=args.save_every), indent=2))
         elif args.cmd == "snapshot":
             print(snapshot(args.init, args.checkpoint, args.out, args.max_dynamic_patch))
         else:

@@ -1,0 +1,78 @@
+"""Dense pretraining of the nano vision encoder: patch targets drawn from the generator, and the loop."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import numpy as np
+import pytest
+from refmodels import tiny_checkpoint
+from safetensors.torch import load_file
+
+from internvl.synth.builders import BUILDERS
+from internvl.synth.scene import COLOR_NAMES, COLORS, Obj, Scene
+from internvl.train.vitpre import CHARS, KINDS, _text_regions, patch_targets, pretrain, sample_image
+
+
+def test_patch_targets_of_one_known_square():
+    scene = Scene(448, 448, (255, 255, 255), None, False, 1)
+    scene.objects.append(Obj("square", "red", (220, 30, 30), 0.0, (112, 56, 224, 168)))  # patches 4-7, 2-5
+    from PIL import Image, ImageDraw
+
+    labels = Image.new("L", (448, 448), 0)
+    ImageDraw.Draw(labels).rectangle((112, 56, 223, 167), fill=1)
+    from internvl.train.vitpre import Region
+
+    t = patch_targets(np.asarray(labels), [Region(KINDS.index("square"), 0, -1, (112, 56, 224, 168))])
+    kind = t["kind"].reshape(16, 16)
+    inside = np.zeros((16, 16), bool)
+    inside[2:6, 4:8] = True  # rows 2-5, columns 4-7 at 14 px on the 224 view
+    assert (kind[inside] == KINDS.index("square")).all() and (kind[~inside] == 0).all()
+    color = t["color"].reshape(16, 16)
+    assert (color[inside] == 0).all() and (color[~inside] == -1).all()
+    # patch (row 2, col 4) has its center half a patch from the left and top sides, 3.5 from the others
+    assert t["box"].reshape(16, 16, 4)[2, 4].tolist() == pytest.approx([0.5, 0.5, 3.5, 3.5])
+
+
+def test_ocr_characters_are_labelled_in_reading_order():
+    rng = random.Random(5)
+    scene, turn = BUILDERS["ocr"](rng, False)
+    regions = _text_regions(scene)
+    assert "".join(CHARS[r.char] for r in regions) == turn.answer
+    xs = [r.box[0] for r in regions]
+    assert xs == sorted(xs) and all(r.box[2] > r.box[0] and r.box[3] > r.box[1] for r in regions)
+    x1, y1, x2, y2 = scene.text.box
+    assert all(x1 <= r.box[0] and r.box[2] <= x2 + 1 for r in regions)
+
+
+def test_sampled_images_label_what_they_draw():
+    rng = random.Random(0)
+    seen = set()
+    for _ in range(40):
+        image, labels, regions = sample_image(rng)
+        assert labels.shape == (image.height, image.width)
+        assert labels.max() <= len(regions)
+        pixels = np.asarray(image)
+        for k, r in enumerate(regions, 1):
+            if KINDS[r.kind] in ("text",):
+                continue
+            where = labels == k
+            if where.sum() > 30:  # shapes and bars are filled with their color, jittered by <= 20 per channel
+                median = np.median(pixels[where], axis=0)
+                assert np.abs(median - COLORS[COLOR_NAMES[r.color]]).max() <= 25
+        t = patch_targets(labels, regions)
+        seen.update(int(k) for k in np.unique(t["kind"]))
+    assert seen == set(range(len(KINDS)))
+
+
+def test_pretrain_learns_and_writes_a_model_folder(tmp_path):
+    init = tiny_checkpoint(tmp_path / "init")
+    stats = pretrain(init, tmp_path / "out", steps=30, images=8, batch=8, lr=3e-3, log_every=1000)
+    first = pretrain(init, tmp_path / "out0", steps=1, images=8, batch=8, lr=3e-3, log_every=1000)
+    assert stats["held_out"]["kind"] < first["held_out"]["kind"]
+    out = tmp_path / "out"
+    assert json.loads((out / "config.json").read_text()) == json.loads((init / "config.json").read_text())
+    a, b = load_file(str(out / "model.safetensors")), load_file(str(init / "model.safetensors"))
+    assert a.keys() == b.keys()
+    assert (out / "tokenizer.json").exists()
