@@ -76,3 +76,11 @@ def test_pretrain_learns_and_writes_a_model_folder(tmp_path):
     a, b = load_file(str(out / "model.safetensors")), load_file(str(init / "model.safetensors"))
     assert a.keys() == b.keys()
     assert (out / "tokenizer.json").exists()
+
+
+def test_probe_only_trains_the_read_out_and_writes_nothing(tmp_path):
+    init = tiny_checkpoint(tmp_path / "init")
+    cache = tmp_path / "cache" / "pool.npz"
+    stats = pretrain(init, tmp_path / "out", steps=2, images=4, batch=4, data=cache, train_encoder=False)
+    assert cache.exists() and stats["images"] == 4
+    assert not (tmp_path / "out" / "model.safetensors").exists()

@@ -229,6 +229,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--save-every", type=int, default=250, help="also write the model folder every N steps")
+    p.add_argument("--data", default=None, help="the image cache (default OUT/vit_data.npz)")
+    p.add_argument(
+        "--probe-only", action="store_true", help="train the read-out alone on the random encoder (baseline)"
+    )
     p = sub.add_parser("probe", help="does the model read its images? (loss with own vs swapped images)")
     p.add_argument("model")
     p.add_argument("--data", required=True, help="a fine-tuning meta.json (rows with one image are used)")
@@ -242,8 +246,22 @@ def main(argv: list[str] | None = None) -> int:
         elif args.cmd == "vit":
             from .vitpre import pretrain
 
-            print(json.dumps(pretrain(args.init, args.out, args.steps, args.images, args.batch, args.lr,
-                                      save_every=args.save_every), indent=2))
+            print(
+                json.dumps(
+                    pretrain(
+                        args.init,
+                        args.out,
+                        args.steps,
+                        args.images,
+                        args.batch,
+                        args.lr,
+                        save_every=args.save_every,
+                        data=args.data,
+                        train_encoder=not args.probe_only,
+                    ),
+                    indent=2,
+                )
+            )
         elif args.cmd == "snapshot":
             print(snapshot(args.init, args.checkpoint, args.out, args.max_dynamic_patch))
         else:

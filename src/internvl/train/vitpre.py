@@ -215,9 +215,13 @@ def _take(data: dict, idx: np.ndarray) -> dict:
 
 def pretrain(init: str | Path, out: str | Path, steps: int = 1500, images: int = 24000, batch: int = 32,
              lr: float = 1e-3, seed: int = 0, log_every: int = 50, save_every: int = 250,
-             threads: int | None = None) -> dict:  # fmt: skip
+             threads: int | None = None, data: str | Path | None = None,
+             train_encoder: bool = True) -> dict:  # fmt: skip
     """Pretrain the encoder of `init`'s config on dense patch targets; write a model folder to `out` (also
-    every `save_every` steps, so that a run stopped early leaves a usable encoder)."""
+    every `save_every` steps, so that a run stopped early leaves a usable encoder). `data` is the image cache
+    (default OUT/vit_data.npz, written when missing). `train_encoder=False` trains the read-out alone on the
+    encoder as initialized: the baseline (how much the random encoder's tokens already tell) and writes
+    nothing."""
     from ..checkpoint.io import build_model, save_model
     from ..config import ModelConfig
     from ..model.llm import init_weights
@@ -235,16 +239,17 @@ def pretrain(init: str | Path, out: str | Path, steps: int = 1500, images: int =
     vit = model.vision_model.train()
     vcfg = config.vision
     patch = vcfg.patch_size
-    cache = out / "vit_data.npz"
+    cache = Path(data) if data else out / "vit_data.npz"
     if cache.exists():
-        data = dict(np.load(cache))
+        pool = dict(np.load(cache))
     else:
-        out.mkdir(parents=True, exist_ok=True)
-        data = make_set(images, seed, config.image_size, patch, progress=True)
-        np.savez(cache, **data)
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        pool = make_set(images, seed, config.image_size, patch, progress=True)
+        np.savez(cache, **pool)
     held = make_set(256, seed + 1, config.image_size, patch)
     head = PatchHead(vcfg.hidden_size)
-    params = list(vit.parameters()) + list(head.parameters())
+    vit.requires_grad_(train_encoder)
+    params = [p for p in vit.parameters() if p.requires_grad] + list(head.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.05, betas=(0.9, 0.98))
     warm = min(100, steps // 10)
 
@@ -255,14 +260,14 @@ def pretrain(init: str | Path, out: str | Path, steps: int = 1500, images: int =
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
     gen = np.random.default_rng(seed)
-    n = len(data["images"])
+    n = len(pool["images"])
     order, pos, t0 = gen.permutation(n), 0, time.time()
     for step in range(1, steps + 1):
         if pos + batch > n:
             order, pos = gen.permutation(n), 0
         idx = order[pos : pos + batch]
         pos += batch
-        b = _take(data, idx)
+        b = _take(pool, idx)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             loss, stats = losses(vit, head, b)
         opt.zero_grad(set_to_none=True)
@@ -273,10 +278,11 @@ def pretrain(init: str | Path, out: str | Path, steps: int = 1500, images: int =
         if step % log_every == 0 or step == steps:
             shown = " ".join(f"{k} {v:.3f}" for k, v in stats.items())
             print(f"step {step}/{steps} loss {loss.item():.4f} {shown} ({time.time() - t0:.0f}s)", flush=True)
-        if save_every and step % save_every == 0 and step < steps:
+        if train_encoder and save_every and step % save_every == 0 and step < steps:
             save_model(model, out, dtype="float32", tokenizer_dir=init)
     vit.eval()
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         _, held_stats = losses(vit, head, held)
-    save_model(model, out, dtype="float32", tokenizer_dir=init)
+    if train_encoder:
+        save_model(model, out, dtype="float32", tokenizer_dir=init)
     return {"steps": steps, "images": n, "held_out": held_stats}
