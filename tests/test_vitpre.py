@@ -76,6 +76,7 @@ def test_pretrain_learns_and_writes_a_model_folder(tmp_path):
     a, b = load_file(str(out / "model.safetensors")), load_file(str(init / "model.safetensors"))
     assert a.keys() == b.keys()
     assert (out / "tokenizer.json").exists()
+    assert json.loads((out / "vit_pretrain.json").read_text())["steps"] == 30
 
 
 def test_probe_only_trains_the_read_out_and_writes_nothing(tmp_path):
@@ -83,4 +84,7 @@ def test_probe_only_trains_the_read_out_and_writes_nothing(tmp_path):
     cache = tmp_path / "cache" / "pool.npz"
     stats = pretrain(init, tmp_path / "out", steps=2, images=4, batch=4, data=cache, train_encoder=False)
     assert cache.exists() and stats["images"] == 4
-    assert not (tmp_path / "out" / "model.safetensors").exists()
+    assert (
+        not (tmp_path / "out" / "model.safetensors").exists()
+        and not (tmp_path / "out" / "vit_pretrain.json").exists()
+    )

@@ -17,6 +17,7 @@ initialized as `internvl finetune --init-from-config` would) to train the next s
 
 from __future__ import annotations
 
+import json
 import math
 import random
 import string
@@ -40,6 +41,7 @@ CHARS = string.ascii_uppercase + string.digits
 # builders whose images are single scenes or charts; multi_image gives several scenes, one is kept
 SOURCES = ("color", "shape", "count", "position", "relation", "ocr", "grounding", "caption", "reasoning",
            "multi_image", "chart_value", "chart_max")  # fmt: skip
+DONE = "vit_pretrain.json"  # written last: the summary of a finished run
 MIN_COVER = 0.1  # a patch is labelled with the region covering the most of it, if that is >= 10% of it
 
 
@@ -283,6 +285,8 @@ def pretrain(init: str | Path, out: str | Path, steps: int = 1500, images: int =
     vit.eval()
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         _, held_stats = losses(vit, head, held)
+    result = {"steps": steps, "images": n, "train_encoder": train_encoder, "held_out": held_stats}
     if train_encoder:
         save_model(model, out, dtype="float32", tokenizer_dir=init)
-    return {"steps": steps, "images": n, "held_out": held_stats}
+        (out / DONE).write_text(json.dumps(result, indent=2) + "\n")  # the run finished (saves come earlier)
+    return result
