@@ -17,11 +17,20 @@ mkdir -p "$OUT"
 # 3. the curriculum: scenes of one large shape (stage 0), then of one or two and of up to five (stage 1)
 [ -f "$OUT/curriculum/stage1.json" ] || python -m internvl.train.nano curriculum --split "$OUT/data" --out "$OUT/curriculum"
 
-# 4. from random weights: stage 0 teaches the model to read its images, stage 1 the whole task mixture
-[ -f "$OUT/stage0/final/config.json" ] || internvl finetune --init-from-config "$OUT/init/config.json" \
-    --tokenizer "$OUT/init" --data "$OUT/curriculum/stage0.json" --config configs/train/nano-stage0.yaml \
-    --out "$OUT/stage0" --resume
-[ -f "$OUT/nano/final/config.json" ] || internvl finetune "$OUT/stage0/final" \
+# 4. from random weights: stage 0 teaches the model to read its images, stage 1 the whole task mixture.
+#    VIT=1 instead pretrains the vision encoder on per-patch targets (~26 min) and starts stage 1 from it
+#    (measured with 1400 stage-1 steps: 20.6% mean against 19.2% for the default at step 1475; README)
+if [ "${VIT:-0}" = 1 ]; then
+  [ -f "$OUT/vit/vit_pretrain.json" ] || python -m internvl.train.nano vit --init "$OUT/init" --out "$OUT/vit" \
+      --data "$OUT/vit_data.npz" --steps 1200 --images 20000
+  BASE="$OUT/vit"
+else
+  [ -f "$OUT/stage0/final/config.json" ] || internvl finetune --init-from-config "$OUT/init/config.json" \
+      --tokenizer "$OUT/init" --data "$OUT/curriculum/stage0.json" --config configs/train/nano-stage0.yaml \
+      --out "$OUT/stage0" --resume
+  BASE="$OUT/stage0/final"
+fi
+[ -f "$OUT/nano/final/config.json" ] || internvl finetune "$BASE" \
     --data "$OUT/curriculum/stage1.json" --config configs/train/nano.yaml --out "$OUT/nano" --resume
 
 # (optional, not in the shipped model) the full dynamic tiling, from those weights

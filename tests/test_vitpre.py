@@ -88,3 +88,16 @@ def test_probe_only_trains_the_read_out_and_writes_nothing(tmp_path):
         not (tmp_path / "out" / "model.safetensors").exists()
         and not (tmp_path / "out" / "vit_pretrain.json").exists()
     )
+
+
+def test_command_line_runs_the_pretraining(tmp_path, capsys):
+    from internvl.train.nano import main
+
+    init = tiny_checkpoint(tmp_path / "init")
+    argv = ["vit", "--init", str(init), "--out", str(tmp_path / "vit"), "--data", str(tmp_path / "pool.npz")]
+    assert main(argv + ["--steps", "1", "--images", "4", "--batch", "4"]) == 0
+    out = capsys.readouterr().out  # the step log, then the summary
+    assert json.loads(out[out.index("{") :])["steps"] == 1
+    assert (tmp_path / "vit" / "vit_pretrain.json").exists() and (tmp_path / "pool.npz").exists()
+    assert main(["vit", "--init", str(tmp_path / "missing"), "--out", str(tmp_path / "x")]) == 1
+    assert "error" in capsys.readouterr().err
