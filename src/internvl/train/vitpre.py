@@ -9,7 +9,7 @@ the five shapes; the shape's color; the character of a text patch; and the dista
 four sides of the object's box, which tells apart touching instances and gives sizes). A linear read-out of
 the last layer's patch tokens is trained on these, then dropped; the encoder keeps what it learned.
 
-    python -m internvl.train.nano vit --init DIR --out DIR [--steps 1500] [--images 24000]
+    python -m internvl.train.nano vit --init DIR --out DIR [--steps 1200] [--images 20000]
 
 writes a model folder (config and tokenizer from --init, the pretrained encoder, the rest randomly
 initialized as `internvl finetune --init-from-config` would) to train the next stages from.
@@ -215,7 +215,7 @@ def _take(data: dict, idx: np.ndarray) -> dict:
     return {k: v[idx] for k, v in data.items()}
 
 
-def pretrain(init: str | Path, out: str | Path, steps: int = 1500, images: int = 24000, batch: int = 32,
+def pretrain(init: str | Path, out: str | Path, steps: int = 1200, images: int = 20000, batch: int = 32,
              lr: float = 1e-3, seed: int = 0, log_every: int = 50, save_every: int = 250,
              threads: int | None = None, data: str | Path | None = None,
              train_encoder: bool = True) -> dict:  # fmt: skip
