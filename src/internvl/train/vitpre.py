@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from torch import nn
 
+from ..processing.image import dynamic_preprocess, normalize
 from ..synth.builders import BUILDERS
 from ..synth.chart import Chart, bar_boxes, layout, render_chart
 from ..synth.render import pick_font, render_scene
@@ -148,8 +149,6 @@ def make_set(n: int, seed: int, image_size: int = 224, patch: int = 14, progress
     """`n` images (uint8 [n, S, S, 3], resized as one tile is) with their patch targets."""
     from tqdm import tqdm
 
-    from ..processing.image import dynamic_preprocess
-
     rng = random.Random(seed)
     images, cols = [], {"kind": [], "color": [], "char": [], "box": []}
     for _ in tqdm(range(n), desc="vision pretraining images", unit="img", disable=not progress):
@@ -175,17 +174,8 @@ class PatchHead(nn.Module):
         return {"kind": y[..., :a], "color": y[..., a:b], "char": y[..., b:c], "box": y[..., c:]}
 
 
-def _pixels(images: np.ndarray) -> torch.Tensor:
-    from ..processing.image import IMAGENET_MEAN, IMAGENET_STD
-
-    x = torch.from_numpy(images).permute(0, 3, 1, 2).float().div_(255.0)
-    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
-    return x.sub_(mean).div_(std)
-
-
 def losses(vit: nn.Module, head: PatchHead, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
-    tokens = vit(_pixels(batch["images"]))[:, 1:]  # drop CLS
+    tokens = vit(normalize(batch["images"]))[:, 1:]  # drop CLS
     pred = head(tokens.float())
     t = {k: torch.from_numpy(batch[k]) for k in ("kind", "color", "char", "box")}
     obj = t["kind"] > 0
