@@ -217,7 +217,7 @@ def tiles_to_tensor(tiles: Sequence[Image.Image], image_size: int) -> torch.Tens
 
 
 def normalize(images: np.ndarray) -> torch.Tensor:
-    """uint8 [N, S, S, 3] -> float32 [N, 3, S, S]: ToTensor then ImageNet Normalize, in the reference order."""
+    """uint8 [N, S, S, 3] -> float32 [N, 3, S, S]: ToTensor then ImageNet Normalize (reference order)."""
     # uint8 channels-first copy, then in-place float ops: same arithmetic, a third of the time of out-of-place
     x = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous().to(torch.float32)
     mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32).view(1, 3, 1, 1)
