@@ -100,4 +100,13 @@ def test_command_line_runs_the_pretraining(tmp_path, capsys):
     assert json.loads(out[out.index("{") :])["steps"] == 1
     assert (tmp_path / "vit" / "vit_pretrain.json").exists() and (tmp_path / "pool.npz").exists()
     assert main(["vit", "--init", str(tmp_path / "missing"), "--out", str(tmp_path / "x")]) == 1
-    assert "error" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert (
+        f"{tmp_path / 'missing' / 'config.json'}: no such file" in err and len(err.strip().splitlines()) == 1
+    )
+    # bad values are refused before any image is generated
+    assert main(argv + ["--steps", "0"]) == 1
+    assert "steps must be at least 1, got 0" in capsys.readouterr().err
+    assert main(["vit", "--init", str(init), "--out", str(tmp_path / "y"), "--batch", "0"]) == 1
+    assert "batch must be at least 1, got 0" in capsys.readouterr().err
+    assert not (tmp_path / "y").exists()

@@ -223,9 +223,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--scale", type=float, default=1.0, help="fraction of the default set sizes")
     p = sub.add_parser("vit", help="pretrain the vision encoder on dense patch targets (see train/vitpre.py)")
     p.add_argument("--init", required=True, help="the folder `prepare` wrote")
-    p.add_argument("--out", required=True, help="model folder to write (the data cache goes there too)")
+    p.add_argument("--out", required=True, help="model folder to write")
     p.add_argument("--steps", type=int, default=1200)
-    p.add_argument("--images", type=int, default=20000, help="training images generated (cached in --out)")
+    p.add_argument(
+        "--images", type=int, default=20000, help="training images generated once, then cached (see --data)"
+    )
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--save-every", type=int, default=250, help="also write the model folder every N steps")
@@ -246,22 +248,10 @@ def main(argv: list[str] | None = None) -> int:
         elif args.cmd == "vit":
             from .vitpre import pretrain
 
-            print(
-                json.dumps(
-                    pretrain(
-                        args.init,
-                        args.out,
-                        args.steps,
-                        args.images,
-                        args.batch,
-                        args.lr,
-                        save_every=args.save_every,
-                        data=args.data,
-                        train_encoder=not args.probe_only,
-                    ),
-                    indent=2,
-                )
-            )
+            result = pretrain(args.init, args.out, args.steps, args.images, args.batch, args.lr,
+                              save_every=args.save_every, data=args.data, train_encoder=not args.probe_only,
+                              progress=True)  # fmt: skip
+            print(json.dumps(result, indent=2))
         elif args.cmd == "snapshot":
             print(snapshot(args.init, args.checkpoint, args.out, args.max_dynamic_patch))
         else:

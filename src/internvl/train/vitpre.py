@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from torch import nn
 
+from ..errors import TrainingError
 from ..processing.image import dynamic_preprocess, normalize
 from ..synth.builders import BUILDERS
 from ..synth.chart import Chart, bar_boxes, layout, render_chart
@@ -208,17 +209,23 @@ def _take(data: dict, idx: np.ndarray) -> dict:
 def pretrain(init: str | Path, out: str | Path, steps: int = 1200, images: int = 20000, batch: int = 32,
              lr: float = 1e-3, seed: int = 0, log_every: int = 50, save_every: int = 250,
              threads: int | None = None, data: str | Path | None = None,
-             train_encoder: bool = True) -> dict:  # fmt: skip
+             train_encoder: bool = True, progress: bool = False) -> dict:  # fmt: skip
     """Pretrain the encoder of `init`'s config on dense patch targets; write a model folder to `out` (also
     every `save_every` steps, so that a run stopped early leaves a usable encoder). `data` is the image cache
     (default OUT/vit_data.npz, written when missing). `train_encoder=False` trains the read-out alone on the
     encoder as initialized: the baseline (how much the random encoder's tokens already tell) and writes
-    nothing."""
+    nothing. `progress` shows bars for the image generation and the steps."""
+    from tqdm import tqdm
+
     from ..checkpoint.io import build_model, save_model
     from ..config import ModelConfig
     from ..model.llm import init_weights
     from ..tokenizer import Tokenizer
 
+    for name, value, least in (("steps", steps, 1), ("images", images, 1), ("batch", batch, 1),
+                               ("save_every", save_every, 0)):  # fmt: skip
+        if value < least:
+            raise TrainingError(f"vision pretraining: {name} must be at least {least}, got {value}")
     if threads:
         torch.set_num_threads(threads)
     init, out = Path(init), Path(out)
@@ -236,7 +243,7 @@ def pretrain(init: str | Path, out: str | Path, steps: int = 1200, images: int =
         pool = dict(np.load(cache))
     else:
         cache.parent.mkdir(parents=True, exist_ok=True)
-        pool = make_set(images, seed, config.image_size, patch, progress=True)
+        pool = make_set(images, seed, config.image_size, patch, progress=progress)
         np.savez(cache, **pool)
     held = make_set(256, seed + 1, config.image_size, patch)
     head = PatchHead(vcfg.hidden_size)
@@ -254,7 +261,8 @@ def pretrain(init: str | Path, out: str | Path, steps: int = 1200, images: int =
     gen = np.random.default_rng(seed)
     n = len(pool["images"])
     order, pos, t0 = gen.permutation(n), 0, time.time()
-    for step in range(1, steps + 1):
+    bar = tqdm(range(1, steps + 1), desc="vision pretraining", unit="step", disable=not progress)
+    for step in bar:
         if pos + batch > n:
             order, pos = gen.permutation(n), 0
         idx = order[pos : pos + batch]
@@ -269,7 +277,7 @@ def pretrain(init: str | Path, out: str | Path, steps: int = 1200, images: int =
         sched.step()
         if step % log_every == 0 or step == steps:
             shown = " ".join(f"{k} {v:.3f}" for k, v in stats.items())
-            print(f"step {step}/{steps} loss {loss.item():.4f} {shown} ({time.time() - t0:.0f}s)", flush=True)
+            bar.write(f"step {step}/{steps} loss {loss.item():.4f} {shown} ({time.time() - t0:.0f}s)")
         if train_encoder and save_every and step % save_every == 0 and step < steps:
             save_model(model, out, dtype="float32", tokenizer_dir=init)
     vit.eval()
