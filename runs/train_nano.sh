@@ -14,33 +14,32 @@ mkdir -p "$OUT"
 # 2. a byte-level BPE tokenizer trained on the split's text, and the nano config.json (original layout)
 [ -f "$OUT/init/config.json" ] || python -m internvl.train.nano prepare --data "$OUT/data" --out "$OUT/init"
 
-# 3. the curriculum: scenes of one large shape (stage 0), then of one or two and of up to five (stage 1)
-[ -f "$OUT/curriculum/stage1.json" ] || python -m internvl.train.nano curriculum --split "$OUT/data" --out "$OUT/curriculum"
+# 3. the curriculum: one large shape (stage 0), one or two mid-sized (stage 1a), up to five at the contract's
+#    sizes mixed with the split (stage 1); shapes.json holds only the shape questions of stage 0's scenes
+[ -f "$OUT/curriculum/stage1a.json" ] || python -m internvl.train.nano curriculum --split "$OUT/data" --out "$OUT/curriculum"
 
-# 4. from random weights: stage 0 teaches the model to read its images, stage 1 the whole task mixture.
-#    VIT=1 instead pretrains the vision encoder on per-patch targets (~26 min) and starts stage 1 from it
-#    (measured with 1400 stage-1 steps: 20.6% mean against 19.2% for the default at step 1475; README)
-if [ "${VIT:-0}" = 1 ]; then
-  [ -f "$OUT/vit/vit_pretrain.json" ] || python -m internvl.train.nano vit --init "$OUT/init" --out "$OUT/vit" \
-      --data "$OUT/vit_data.npz" --steps 1200 --images 20000
-  BASE="$OUT/vit"
-else
-  [ -f "$OUT/stage0/final/config.json" ] || internvl finetune --init-from-config "$OUT/init/config.json" \
-      --tokenizer "$OUT/init" --data "$OUT/curriculum/stage0.json" --config configs/train/nano-stage0.yaml \
-      --out "$OUT/stage0" --resume
-  BASE="$OUT/stage0/final"
-fi
-[ -f "$OUT/nano/final/config.json" ] || internvl finetune "$BASE" \
-    --data "$OUT/curriculum/stage1.json" --config configs/train/nano.yaml --out "$OUT/nano" --resume
+# 4. the vision encoder, pretrained on per-patch targets drawn from the generator (~26 min), then frozen
+[ -f "$OUT/vit/vit_pretrain.json" ] || python -m internvl.train.nano vit --init "$OUT/init" --out "$OUT/vit" \
+    --data "$OUT/vit_data.npz" --steps 1200 --images 20000
+
+# 5. the language stages, each from the last one's final weights (~12 + 16 + 42 min, then ~4 h for stage 1):
+#    shapes only (the skill the model otherwise learns last), single large shapes, one or two, the mixture
+prev="$OUT/vit"
+for stage in shapes:nano-shapes stage0:nano-stage0 stage1a:nano-stage1a stage1:nano; do
+  name=${stage%%:*}; config=configs/train/${stage##*:}.yaml
+  [ -f "$OUT/$name/final/config.json" ] || internvl finetune "$prev" --data "$OUT/curriculum/$name.json" \
+      --config "$config" --out "$OUT/$name" --resume
+  prev="$OUT/$name/final"
+done
 
 # (optional, not in the shipped model) the full dynamic tiling, from those weights
 if [ "${STAGE2:-0}" = 1 ]; then
-  [ -f "$OUT/stage2/final/config.json" ] || internvl finetune "$OUT/nano/final" --data "$OUT/data/meta.json" \
+  [ -f "$OUT/stage2/final/config.json" ] || internvl finetune "$prev" --data "$OUT/data/meta.json" \
       --config configs/train/nano-stage2.yaml --out "$OUT/stage2" --resume
   FINAL="$OUT/stage2/final"
 else
-  FINAL="$OUT/nano/final"
+  FINAL="$prev"
 fi
 
-# 5. the benchmark: per-task accuracy on the test split (200 items per task), greedy
+# 6. the benchmark: per-task accuracy on the test split (200 items per task), greedy
 internvl eval synthetic "$FINAL" --n 200 --out "$OUT/eval"

@@ -114,12 +114,20 @@ def test_curriculum_writes_both_stage_metas(tmp_path):
 
     generate_split(str(tmp_path / "split"), "train", n=4, tasks=["color", "text"])
     counts = curriculum(tmp_path / "split", tmp_path / "cur", scale=0.0005)
-    assert counts == {"stage0": 10, "stage1": 10 + 15 + 1 + 1}
-    for stage in ("stage0", "stage1"):
+    shapes = sum(t["value"].removeprefix("<image>\n").startswith("What shape")
+                 for line in open(tmp_path / "cur/dense0/dense.jsonl")
+                 for t in json.loads(line)["conversations"])  # fmt: skip
+    assert shapes > 0
+    assert counts == {"shapes": shapes, "stage0": 10, "stage1a": 3 + 10, "stage1": 10 + 15 + 1 + 1}
+    for stage in counts:
         specs = read_meta(tmp_path / "cur" / f"{stage}.json")
         assert len(build_index(specs)) == counts[stage]
     names = [s.name for s in read_meta(tmp_path / "cur" / "stage1.json")]
     assert names == ["dense1", "denseS", "synth_color", "synth_text"]
+    rows = [json.loads(line) for line in open(tmp_path / "cur/dense0/shape.jsonl")]
+    question, answer = zip(*(r["conversations"] for r in rows))
+    assert all(q["value"].startswith("<image>\nWhat shape") for q in question)
+    assert {a["value"] for a in answer} <= {"circle", "square", "triangle", "star", "diamond"}
 
 
 def test_sincos_position_table_gives_every_patch_a_readable_place():
