@@ -75,7 +75,11 @@ def train(args: TrainArgs, objective=None, data: Callable | None = None,
 
     ctx = init_distributed(args.run.device)
     try:
-        return _train(args, objective, data or sft_data, ctx, log if ctx.is_main else (lambda _msg: None))
+        result = _train(args, objective, data or sft_data, ctx, log if ctx.is_main else (lambda _msg: None))
+        # every rank leaves together: a rank that tore the group down while its peer was still writing the
+        # final model made gloo abort the peer at exit ("terminate called without an active exception")
+        ctx.barrier()
+        return result
     finally:
         shutdown()
 
