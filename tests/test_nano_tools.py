@@ -107,7 +107,7 @@ def test_dense_curriculum_scenes_are_seeded_sized_and_valid(tmp_path):
     assert shape_px.mean() >= 0.1  # a large shape, not a speck
 
 
-def test_curriculum_writes_both_stage_metas(tmp_path):
+def test_curriculum_writes_every_stage_meta(tmp_path):
     from internvl.synth.writer import generate_split
     from internvl.train.data import build_index, read_meta
     from internvl.train.nano import curriculum
