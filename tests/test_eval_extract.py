@@ -8,7 +8,6 @@ from internvl.eval.circular import (
     circular_expand,
     circular_score,
     mcq_report,
-    rotating_count,
     vanilla_score,
 )
 from internvl.eval.extract import can_infer_option, can_infer_text, extract_choice
@@ -84,9 +83,9 @@ def test_circular_expand_rotations_and_indices():
     items = circular_expand([_item(7, answer="B")])
     assert [it.index for it in items] == [7, 1_000_007, 2_000_007, 3_000_007]
     assert {it.g_index for it in items} == {7}
-    first = items[1]  # k=1: the option at A moves to B
-    assert first.options == {"A": "fish", "B": "cat", "C": "dog", "D": "bird"}
-    assert first.answer == "C" and first.options[first.answer] == "dog"
+    first = items[1]  # k=1: the option at B moves to A (VLMEvalKit's CIRCULAR tool, deque.rotate(1))
+    assert first.options == {"A": "dog", "B": "bird", "C": "fish", "D": "cat"}
+    assert first.answer == "A" and first.options[first.answer] == "dog"
     for it in items:
         assert it.options[it.answer] == "dog"
         assert list(it.options) == ["A", "B", "C", "D"]
@@ -99,14 +98,11 @@ def test_circular_offset_grows_with_large_indices():
     assert items[1].answer == "B"
 
 
-def test_fixed_last_option_is_not_rotated():
-    assert rotating_count({"A": "1", "B": "2", "C": "3", "D": "None of the above"}) == 3
-    assert rotating_count({"A": "1", "B": "2", "C": "A, B", "D": "all of them"}) == 2
-    assert rotating_count({"A": "1"}) == 1
-    fixed = {"A": "1", "B": "2", "C": "3", "D": "All of the above"}
-    items = circular_expand([_item(3, options=fixed, answer="D")])
-    assert len(items) == 3
-    assert all(it.options["D"] == "All of the above" and it.answer == "D" for it in items)
+def test_abnormal_questions_are_not_rotated():
+    assert len(circular_expand([_item(3, options={"A": "1", "B": "2", "C": "A, B", "D": "x"}, answer="D")])) == 1
+    assert len(circular_expand([_item(3, options={"A": "1"}, answer="A")])) == 1
+    with pytest.raises(DataError, match="options A, C are not consecutive letters from A"):
+        circular_expand([_item(3, options={"A": "1", "C": "2"}, answer="A")])
 
 
 def test_circular_expand_rejects_string_index():

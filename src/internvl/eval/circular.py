@@ -1,6 +1,8 @@
 """Circular evaluation (MMBench): every question asked once per rotation of its options, and scoring.
 
-Expansion mirrors VLMEvalKit's `CIRCULAR` (vlmeval/tools.py); scoring mirrors `mcq_circular_eval`,
+VLMEvalKit's MMBench files already hold the rotated copies (index = base + k * 1e6); their groups are read as
+`mcq_circular_eval` reads them (g_index, else index % 1e6). Files without copies are expanded here by the rule
+of VLMEvalKit's `CIRCULAR` tool (vlmeval/tools.py, February 2025 on). Scoring mirrors `mcq_circular_eval`,
 `mcq_vanilla_eval` and `report_acc` (vlmeval/dataset/utils/multiple_choice.py) under exact matching.
 """
 
@@ -27,45 +29,57 @@ MMB_ABBRS = {
 Record = tuple[EvalItem, str]  # an item and the model's raw prediction text
 
 
-def _can_move_last(text: str, n: int) -> bool:
-    """VLMEvalKit's `okn`: a last option such as "All of the above", "None of these" or "A, B and C" only
-    makes sense in last place, so it stays fixed and only the options before it rotate."""
-    words = text.replace(",", " ").split()
-    if all(c in words for c in string.ascii_uppercase[: n - 1]):
-        return False
-    low = text.lower().replace(",", " ").split()
-    return "all" not in low and "none" not in low
+def _words(text: str) -> list[str]:
+    # the tool's `proc_str`: every character but an ASCII letter or a space becomes a space
+    return "".join(c if c in string.ascii_letters or c == " " else " " for c in text).split()
 
 
-def rotating_count(options: dict[str, str]) -> int:
-    """How many leading options (A, B, ...) take part in the rotation."""
-    n = 0
-    while n < len(string.ascii_uppercase) and string.ascii_uppercase[n] in options:
-        n += 1
-    while n > 2 and not _can_move_last(options[string.ascii_uppercase[n - 1]], n):
-        n -= 1
-    return n
+def rotation_count(item: EvalItem) -> int:
+    """How many copies the tool makes of an item: one per option (A..), or 1 (kept as is) for what it calls
+    an abnormal entry: an option text naming two or more option letters ("A and B", "Both A, C"), an option
+    text that is a run of capital letters (`text in string.ascii_uppercase`, e.g. "B" or "CD"), fewer than two
+    options, or an answer that is not one of them. Options must be consecutive letters from A."""
+    letters = list(item.options)
+    n = len(letters)
+    if letters != list(string.ascii_uppercase[:n]):
+        raise DataError(f"index {item.index!r}: options {', '.join(letters)} are not consecutive letters from A; "
+                        f"circular evaluation cannot rotate them")  # fmt: skip
+    for text in item.options.values():
+        if len({w for w in _words(text) if w in item.options}) > 1 or text in string.ascii_uppercase:
+            return 1
+    return n if n >= 2 and item.answer in item.options else 1
 
 
 def _rotate(item: EvalItem, k: int, n: int, offset: int) -> EvalItem:
+    # The tool's k-th `deque.rotate(1)`: the option at letter j moves to letter j - k (k=1: 'BCDA' -> 'ABCD').
     letters = string.ascii_uppercase[:n]
-    # Rotation k moves the option at letter i to letter i+k (VLMEvalKit's map 'ABCD' -> 'BCDA' for k=1).
-    move = {letters[i]: letters[(i + k) % n] for i in range(n)}
-    options = {move.get(c, c): t for c, t in item.options.items()}
-    options = dict(sorted(options.items()))
-    answer = move.get(item.answer, item.answer) if item.answer is not None else None
+    options = {letters[j]: item.options[letters[(j + k) % n]] for j in range(n)}
+    answer = letters[(letters.index(item.answer) - k) % n]
     index = item.index + k * offset
-    raw = {**item.raw, **options, "index": str(index), "answer": answer or "", "g_index": str(item.index)}
+    raw = {**item.raw, **options, "index": str(index), "answer": answer, "g_index": str(item.index)}
     return replace(item, index=index, options=options, answer=answer, g_index=item.index, raw=raw)
+
+
+def group_of(item: EvalItem) -> int | str:
+    """The circular group of an item: its g_index, else index % 1e6 (VLMEvalKit's default)."""
+    if item.g_index is not None:
+        return item.g_index
+    if not isinstance(item.index, int):
+        raise DataError(f"index {item.index!r} is not an integer; circular scoring needs integer indices")
+    return int(item.index % CIRCULAR_OFFSET)
+
+
+def has_copies(items: Iterable[EvalItem]) -> bool:
+    """Whether a file already holds rotated copies (some row's group is not its own index), as MMBench's do."""
+    return any(isinstance(it.index, int) and group_of(it) != it.index for it in items)
 
 
 def circular_expand(items: Iterable[EvalItem], offset: int | None = None) -> list[EvalItem]:
     """Each item followed by its rotations k = 1..n-1, with index = orig + k*offset and g_index = orig.
 
-    The offset is 1e6, multiplied by 10 while any index reaches it. Options before a fixed last option
-    rotate among themselves (see `rotating_count`); items with fewer than 2 options are not rotated.
-    Unlike VLMEvalKit, which asserts at most 4 options, any number of options rotates. Images are
-    shared with the original, as VLMEvalKit's rotated rows reference the original index.
+    The offset is 1e6, multiplied by 10 while any index reaches it, as in the tool. Abnormal entries (see
+    `rotation_count`) are kept once. Images are shared with the original, as the tool's rotated rows
+    reference the original index. A file that already holds copies (`has_copies`) is not expanded again.
     """
     items = list(items)
     for it in items:
@@ -79,7 +93,7 @@ def circular_expand(items: Iterable[EvalItem], offset: int | None = None) -> lis
     out = []
     for it in items:
         out.append(replace(it, g_index=it.index))
-        n = rotating_count(it.options)
+        n = rotation_count(it)
         out.extend(_rotate(it, k, n, offset) for k in range(1, n))
     return out
 
@@ -109,14 +123,6 @@ def vanilla_hits(records: Iterable[Record]) -> list[Hit]:
     return hits
 
 
-def _group_of(item: EvalItem) -> int:
-    if item.g_index is not None:
-        return item.g_index
-    if not isinstance(item.index, int):
-        raise DataError(f"index {item.index!r} is not an integer; circular scoring needs integer indices")
-    return int(item.index % CIRCULAR_OFFSET)  # VLMEvalKit's default when there is no g_index column
-
-
 def circular_hits(records: Iterable[Record]) -> list[Hit]:
     """One hit per group of rotations: 1 only if every rotation's extracted letter is its answer.
 
@@ -125,7 +131,7 @@ def circular_hits(records: Iterable[Record]) -> list[Hit]:
     """
     groups: dict[int, list[Record]] = {}
     for item, pred in records:
-        groups.setdefault(_group_of(item), []).append((item, pred))
+        groups.setdefault(group_of(item), []).append((item, pred))
     hits = []
     for key, members in groups.items():
         main = [it for it, _ in members if it.index == key]
@@ -179,11 +185,14 @@ def circular_score(records: Iterable[Record]) -> dict:
     return {"hits": hits, "accuracy": _mean(hits), "table": accuracy_table(hits)}
 
 
-def mcq_report(records: Iterable[Record]) -> dict:
+def mcq_report(records: Iterable[Record], circular: bool = True) -> dict:
     """Both scores on one prediction set: vanilla over the unrotated questions only, circular over groups,
-    so the two numbers describe the same questions."""
+    so the two numbers describe the same questions. Not circular: vanilla over every record, as VLMEvalKit's
+    `mcq_vanilla_eval` scores every row whatever its index."""
     records = list(records)
-    originals = [(it, p) for it, p in records if not isinstance(it.index, int) or it.index == _group_of(it)]
+    if not circular:
+        return {"vanilla": vanilla_score(records), "circular": None}
+    originals = [(it, p) for it, p in records if not isinstance(it.index, int) or it.index == group_of(it)]
     return {"vanilla": vanilla_score(originals), "circular": circular_score(records)}
 
 

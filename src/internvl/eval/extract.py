@@ -7,6 +7,7 @@ where VLMEvalKit would fall back to one, `extract_choice` returns None (scored a
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 
 # Substrings that mark a refusal; VLMEvalKit maps them to the "no option" letter Z.
@@ -22,6 +23,10 @@ PUNCTUATION = ".()[],:;!*#{}"
 # The letter must start within the last 4 tokens: VLMEvalKit's `splits.index(ch) > len(splits) - 5`.
 TAIL_TOKENS = 4
 NO_OPTION = "Z"
+# VLMEvalKit's `_VERBOSE_ANSWER_RE` (June 2026, PR #1552): "answer is X" / "correct answer is **X**", any case,
+# letters A-D only, tried after the token rule has inferred nothing. It is matched as written there, so
+# "the answer is a dog" reads as "A" and no letter from E on is found this way.
+VERBOSE_ANSWER = re.compile(r"(?i)(?:correct\s+)?answer\s+is\s+\**([ABCD])\**")
 
 
 def tokens(answer: str) -> list[str]:
@@ -33,14 +38,17 @@ def tokens(answer: str) -> list[str]:
 def can_infer_option(answer: str, choices: Mapping[str, str]) -> str | None:
     """The option letter an answer names, "Z" for a refusal, or None.
 
-    Rules, in VLMEvalKit's order:
+    Rules, in VLMEvalKit's order (vlmeval/utils/matching_util.py as of June 2026):
     1. an API-failure message infers nothing; a known refusal substring gives "Z";
     2. punctuation `.()[],:;!*#{}` becomes spaces and the answer splits on whitespace;
-    3. if exactly one distinct option letter appears as a whole token, it is the answer when its first
-       occurrence is among the last 4 tokens, and nothing is inferred otherwise;
-    4. if no option letter appears but a lone token "Z" does, the answer is "Z";
-    5. several distinct option letters infer nothing.
-    Letters inside words ("Bear", "I'm") are not tokens, so they never count. Case matters: "b" is not "B".
+    3. if exactly one distinct option letter appears as a whole token and its first occurrence is among
+       the last 4 tokens, it is the answer;
+    4. else, if no option letter appears but a lone token "Z" does, the answer is "Z";
+    5. else, "answer is X" (`VERBOSE_ANSWER`) anywhere in the raw answer gives X when X is an option:
+       this also settles answers that name several letters or put the letter early;
+    6. otherwise nothing is inferred.
+    Letters inside words ("Bear", "I'm") are not tokens, so rules 3-4 never count them. Case matters there
+    ("b" is not "B"), but not in rule 5.
     """
     if API_FAILURE in answer:
         return None
@@ -50,9 +58,13 @@ def can_infer_option(answer: str, choices: Mapping[str, str]) -> str | None:
     present = [c for c in choices if c in splits]
     if len(present) == 1:
         letter = present[0]
-        return letter if splits.index(letter) > len(splits) - (TAIL_TOKENS + 1) else None
-    if not present and NO_OPTION in splits:
+        if splits.index(letter) > len(splits) - (TAIL_TOKENS + 1):
+            return letter
+    elif not present and NO_OPTION in splits:
         return NO_OPTION
+    match = VERBOSE_ANSWER.search(answer)
+    if match and match.group(1).upper() in choices:
+        return match.group(1).upper()
     return None
 
 

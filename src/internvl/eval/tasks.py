@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from internvl.errors import DataError
-from internvl.eval.circular import Hit, circular_expand, mcq_report
+from internvl.eval.circular import Hit, circular_expand, group_of, has_copies, mcq_report
 from internvl.eval.extract import extract_choice
 from internvl.eval.metrics import anls, box_accuracy, exact_match, parse_boxes, relaxed_accuracy
 from internvl.eval.prompts import build_mcq_prompt, build_vqa_prompt
@@ -21,7 +21,7 @@ from internvl.eval.tsv import EvalItem, ImageSource, read_tsv
 
 SHORT_TOKENS = 64  # letters, words, numbers, one box
 LONG_TOKENS = 128  # descriptions and step-by-step answers
-CIRCULAR_NAMES = ("mmbench", "ccbench", "circular")  # VLMEvalKit's rule for circular datasets
+CIRCULAR_NAMES = ("mmbench", "ccbench", "circular", "mmcr")  # VLMEvalKit's rule for circular datasets
 METRICS = {"exact": exact_match, "relaxed": relaxed_accuracy, "anls": anls, "iou": None}
 
 
@@ -50,7 +50,10 @@ def _by_category(pairs) -> dict:
 
 
 class MCQTask:
-    """Multiple choice: `extract_choice` on each answer; vanilla accuracy, and circular when rotated."""
+    """Multiple choice: `extract_choice` on each answer; vanilla accuracy, and circular when `circular`.
+
+    Circular items that already hold their rotated copies (VLMEvalKit's MMBench files) are asked as they are
+    and grouped as VLMEvalKit groups them; other items are rotated here first (`circular_expand`)."""
 
     kind = "mcq"
 
@@ -62,17 +65,23 @@ class MCQTask:
                 raise DataError(f"{where or name}, index {it.index}, column 'answer': {it.answer!r} is not one "
                                 f"of the options ({have})")  # fmt: skip
         self.name, self.circular, self.style = name, circular, style
-        self.items = circular_expand(items) if circular else items
-        self.examples, seen = [], {}
+        rotated = circular and has_copies(items)
+        self.items = items if not circular or rotated else circular_expand(items)
+        rotation: dict = {}
+        if circular:  # the k-th index of a group, in index order, is its rotation k
+            groups: dict = {}
+            for it in self.items:
+                groups.setdefault(group_of(it), []).append(it.index)
+            rotation = {i: k for members in groups.values() for k, i in enumerate(sorted(members))}
+        self.examples = []
         for it in self.items:
-            rotation = 0
-            if circular:  # circular_expand puts each question right before its rotations
-                rotation = seen[it.g_index] = seen.get(it.g_index, -1) + 1
-            info = {"index": it.index, "g_index": it.g_index, "rotation": rotation, "category": it.category,
-                    "gold": it.answer, "options": it.options}  # fmt: skip
+            g_index = group_of(it) if circular else it.g_index
+            info = {"index": it.index, "g_index": g_index, "rotation": rotation.get(it.index, 0),
+                    "category": it.category, "gold": it.answer, "options": it.options}  # fmt: skip
             prompt = build_mcq_prompt(it, style)
             self.examples.append(Example(str(it.index), prompt, it.images, max_new_tokens, info, it))
-        self.settings = {"kind": self.kind, "prompt_style": style, "circular": circular}
+        self.settings = {"kind": self.kind, "prompt_style": style, "circular": circular,
+                         "rotated_in_file": rotated}  # fmt: skip
 
     def judge(self, ex: Example, prediction: str) -> dict:
         choice = extract_choice(prediction, ex.ref.options)
@@ -80,7 +89,7 @@ class MCQTask:
 
     def summarize(self, predictions: dict[str, str]) -> dict:
         records = [(ex.ref, predictions[ex.key]) for ex in self.examples if ex.key in predictions]
-        report = mcq_report(records)
+        report = mcq_report(records, self.circular)
 
         def part(score: dict) -> dict:
             hits: list[Hit] = score["hits"]
@@ -180,12 +189,17 @@ def tsv_task(path: str | Path, circular: str = "auto", style: str = "internvl", 
     if "answer" not in items[0].raw:
         raise DataError(f"{path}, row 0 (header, line 1), column 'answer': missing; evaluation needs the gold "
                         f"answers (have {', '.join(items[0].raw)})")  # fmt: skip
-    items = items[:limit] if limit else items
     name = path.stem
     tokens = max_new_tokens or SHORT_TOKENS
     if any(it.options for it in items):
         on = {"on": True, "off": False}.get(circular, any(k in name.lower() for k in CIRCULAR_NAMES))
+        if limit and on and has_copies(items):  # the first `limit` questions with all their copies
+            keep = set([it.index for it in items if it.index == group_of(it)][:limit])
+            items = [it for it in items if group_of(it) in keep]
+        elif limit:
+            items = items[:limit]
         return MCQTask(name, items, on, style, tokens, where=str(path))
+    items = items[:limit] if limit else items
     chosen = vqa_metric(name, items) if metric == "auto" else metric
     return VQATask(name, items, chosen, style, tokens, where=str(path))
 

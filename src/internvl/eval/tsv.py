@@ -10,6 +10,7 @@ import base64
 import binascii
 import csv
 import io
+import os
 import re
 import string
 import sys
@@ -31,6 +32,12 @@ MAX_REF_LEN = 64
 REQUIRED_COLUMNS = ("index", "question")
 _B64 = re.compile(r"[A-Za-z0-9+/]*={0,2}")
 _INT = re.compile(r"-?\d+")
+# What pandas' C parser reads as a number or a boolean (surrounding spaces allowed), deciding a column's dtype.
+_PD_INT = re.compile(r"\s*[+-]?\d+\s*")
+_PD_FLOAT = re.compile(r"\s*[+-]?(?:(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?|inf|infinity)\s*", re.IGNORECASE)
+_PD_BOOL = {"True": "True", "TRUE": "True", "true": "True", "False": "False", "FALSE": "False", "false": "False"}
+# Columns whose text reaches the prompt, so their pandas rendering matters.
+TEXT_COLUMNS = ("question", "hint") + tuple(string.ascii_uppercase)
 
 
 def _raise_field_limit() -> None:
@@ -76,22 +83,15 @@ class ImageSource:
             return self.data
         return base64.b64encode(Path(self.path).read_bytes()).decode("ascii")
 
-    def load(self, reencode_jpeg: bool = False) -> Image.Image:
-        """The decoded image. `reencode_jpeg` reproduces VLMEvalKit's dump to `<index>.jpg` (PIL quality 75),
-        which is what the model sees there, so pixel-exact comparisons need it."""
+    def load(self) -> Image.Image:
+        """The decoded image: what VLMEvalKit's model sees after its lossless PNG dump (since February 2026)."""
         if self.data is not None:
-            image = decode_base64_image(self.data, self.where)
-        else:
-            try:
-                image = Image.open(self.path)
-                image.load()
-            except OSError as exc:
-                raise DataError(f"{self.where}: cannot read image file {self.path!r} ({exc})") from None
-        if reencode_jpeg:
-            buf = io.BytesIO()
-            image.convert("RGB").save(buf, format="JPEG")
-            image = Image.open(io.BytesIO(buf.getvalue()))
+            return decode_base64_image(self.data, self.where)
+        try:
+            image = Image.open(self.path)
             image.load()
+        except OSError as exc:
+            raise DataError(f"{self.where}: cannot read image file {self.path!r} ({exc})") from None
         return image
 
 
@@ -114,6 +114,30 @@ class EvalItem:
 
 def _na(value: str | None) -> str | None:
     return None if value is None or value in PANDAS_NA else value
+
+
+def pandas_column(cells: list[str]) -> list[str]:
+    """A column's cells as VLMEvalKit prints them after pandas has read the file: a column of whole numbers is
+    int64 ("007" -> "7"), or float64 once it has a missing cell or a decimal ("3" -> "3.0", "2.50" -> "2.5");
+    a column of True/False spellings is bool ("true" -> "True"); any other column keeps its text."""
+    present = [c for c in cells if _na(c) is not None]
+    if not present:
+        return cells
+    if all(_PD_INT.fullmatch(c) for c in present):
+        if len(present) == len(cells):
+            return [str(int(c)) for c in cells]
+        return [repr(float(c)) if _na(c) is not None else c for c in cells]
+    if all(_PD_FLOAT.fullmatch(c) for c in present):
+        return [repr(float(c)) if _na(c) is not None else c for c in cells]
+    if all(c in _PD_BOOL for c in present):
+        return [_PD_BOOL.get(c, c) for c in cells]
+    return cells
+
+
+def lmu_data_root() -> Path:
+    """VLMEvalKit's `LMUDataRoot()`: $LMUData when that folder exists, else ~/LMUData."""
+    env = os.environ.get("LMUData")
+    return Path(env) if env and Path(env).exists() else Path.home() / "LMUData"
 
 
 def _to_list(cell: str, where: str) -> list[str]:
@@ -141,10 +165,13 @@ def _check_b64(payload: str, where: str, checked: set[str]) -> str:
 def read_tsv(path: str | Path, skip_noimg: bool = True,
              image_root: str | Path | None = None) -> list[EvalItem]:
     """Read a VLMEvalKit TSV. Rows whose `image` is missing are dropped when `skip_noimg` (VLMEvalKit's
-    default). Relative `image_path` files (used when there is no `image` column) resolve against
-    `image_root`, by default the TSV's folder."""
+    default). Text columns read as pandas types them (see `pandas_column`). An `image` cell of at most 64
+    characters is the index of the row whose image it reuses, followed through chains of such references.
+    Relative `image_path` files (used when there is no `image` column) resolve as in VLMEvalKit: as given,
+    else under `<LMUData>/images/<file stem>/`; failing both, under `image_root` (default: the TSV's folder).
+    """
     path = Path(path)
-    root = Path(image_root) if image_root is not None else path.parent
+    roots = [lmu_data_root() / "images" / path.stem, Path(image_root) if image_root is not None else path.parent]
     _raise_field_limit()
     rows: list[tuple[int, int, dict[str, str | None]]] = []
     # utf-8-sig drops a byte-order mark, as pandas does, so the first column is still "index".
@@ -167,6 +194,10 @@ def read_tsv(path: str | Path, skip_noimg: bool = True,
                 raise DataError(f"{path}, row {row_no} (line {reader.line_num}), column {header[-1]!r}: "
                                 f"row has {len(fields)} fields, header has {len(header)}")
             rows.append((row_no, reader.line_num, dict(zip(header, fields))))
+    # pandas types each column over the whole file, before VLMEvalKit drops the rows without an image
+    for col in (c for c in TEXT_COLUMNS if c in header):
+        for (_, _, raw), text in zip(rows, pandas_column([raw[col] for _, _, raw in rows])):
+            raw[col] = text
 
     def where(row_no: int, line: int, col: str) -> str:
         return f"{path}, row {row_no} (line {line}), column {col!r}"
@@ -186,31 +217,55 @@ def read_tsv(path: str | Path, skip_noimg: bool = True,
             continue
         kept.append((row_no, line, raw))
 
-    image_map = {raw["index"]: raw["image"] for _, _, raw in kept if "image" in raw}
     all_int = all(_INT.fullmatch(raw["index"]) for _, _, raw in kept)
+    # VLMEvalKit matches references against str(index) after pandas made the index an int ("007" is "7")
+    image_map = {(str(int(raw["index"])) if all_int else raw["index"]): raw["image"]
+                 for _, _, raw in kept if "image" in raw}
     items, checked = [], set()
     for row_no, line, raw in kept:
-        images = _row_images(raw, image_map, root, lambda col: where(row_no, line, col), checked)
+        images = _row_images(raw, image_map, roots, lambda col: where(row_no, line, col), checked)
         items.append(_row_item(raw, images, all_int))
     return items
 
 
-def _row_images(raw: dict, image_map: dict, root: Path, where, checked: set[str]) -> list[ImageSource]:
+def _follow(cell: str, image_map: dict, where) -> str:
+    """The image a reference cell stands for, through chains (VLMEvalKit's circular tool writes rotated rows
+    that reference a row whose own image may be a reference)."""
+    seen = [cell]
+    while True:
+        target = image_map.get(seen[-1])
+        if target is None or _na(target) is None:
+            raise DataError(f"{where('image')}: {seen[-1]!r} is an index reference (<= {MAX_REF_LEN} chars) "
+                            f"but no row with that index has an image")
+        if len(target) > MAX_REF_LEN:
+            return target
+        if target in seen:
+            raise DataError(f"{where('image')}: image references form a cycle ({' -> '.join(seen + [target])})")
+        seen.append(target)
+
+
+def _resolve_paths(names: list[str], roots: list[Path], where) -> list[str]:
+    """VLMEvalKit's rule: the names as given when they all exist, else all of them under its image folder;
+    then our fallback (the TSV's folder), where VLMEvalKit would fail."""
+    candidates = [[Path(n) for n in names]] + [[root / n for n in names] for root in roots]
+    for paths in candidates:
+        if all(p.is_file() for p in paths):
+            return [os.path.abspath(p) for p in paths]
+    missing = next(n for n, p in zip(names, candidates[-1]) if not p.is_file())
+    tried = ", ".join(str(root) for root in roots)
+    raise DataError(f"{where('image_path')}: image file {missing!r} not found as given nor under {tried}")
+
+
+def _row_images(raw: dict, image_map: dict, roots: list[Path], where, checked: set[str]) -> list[ImageSource]:
     names = _to_list(raw["image_path"], where("image_path")) if _na(raw.get("image_path")) else []
     cell = _na(raw.get("image"))
     if cell is None:
         if "image" in raw:
             return []
-        return [ImageSource(path=str(root / n), name=n, where=where("image_path")) for n in names]
+        paths = _resolve_paths(names, roots, where)
+        return [ImageSource(path=p, name=n, where=where("image_path")) for p, n in zip(paths, names)]
     if len(cell) <= MAX_REF_LEN:
-        target = image_map.get(cell)
-        if target is None or _na(target) is None:
-            raise DataError(f"{where('image')}: {cell!r} is an index reference (<= {MAX_REF_LEN} chars) "
-                            f"but no row with that index has an image")
-        if len(target) <= MAX_REF_LEN:
-            raise DataError(f"{where('image')}: reference {cell!r} points to a row whose image is itself "
-                            f"a reference ({target!r})")
-        cell = target
+        cell = _follow(cell, image_map, where)
     payloads = _to_list(cell, where("image"))
     if names and len(names) != len(payloads):
         raise DataError(f"{where('image_path')}: {len(names)} names for {len(payloads)} images")
@@ -284,8 +339,9 @@ def write_tsv(path: str | Path, items: Iterable[EvalItem]) -> None:
 
 
 def dump_images(item: EvalItem, root: str | Path) -> list[Path]:
-    """Write an item's images where VLMEvalKit's `dump_image` puts them: `<root>/<index>.jpg` for one image,
-    `<root>/<image_path name>` for several; existing files are kept. Path images are returned as they are."""
+    """Write an item's images where VLMEvalKit's `dump_image` puts them: `<root>/<image_path name>` when the row
+    names its files, else `<root>/<index>.png` for one image and `<root>/<index>_<k>.png` for several; existing
+    files are kept. Path images are returned as they are."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     out = []
@@ -293,10 +349,8 @@ def dump_images(item: EvalItem, root: str | Path) -> list[Path]:
         if src.data is None:
             out.append(Path(src.path))
             continue
-        if len(item.images) == 1:
-            target = root / f"{item.index}.jpg"
-        else:
-            target = root / (src.name or f"{item.index}_{k}.jpg")
+        default = f"{item.index}.png" if len(item.images) == 1 else f"{item.index}_{k}.png"
+        target = root / (src.name or default)
         if not target.exists():
             src.load().save(target)
         out.append(target)
