@@ -20,11 +20,13 @@ from internvl.eval.tasks import Example
 from internvl.eval.tsv import ImageSource
 
 DEFAULT_MAX_NUM = 6  # tiles per image in the reference evaluation scripts
+TOTAL_MAX_NUM = 64  # tiles of all the images of one question together (`total_max_num` there)
 
 
 def tiles_per_image(max_num: int, n_images: int) -> int:
-    """Several images share the budget, as in training: max(1, max_num // n) tiles each."""
-    return max_num if n_images <= 1 else max(1, max_num // n_images)
+    """Tiles per image of a question with n images, as InternVL's VLMEvalKit wrapper (vlmeval/vlm/internvl/
+    internvl_chat.py) allots them: max(1, min(max_num, 64 // n)), so a few images keep their full budget."""
+    return max(1, min(max_num, TOTAL_MAX_NUM // max(1, n_images)))
 
 
 def _greedy(max_new_tokens: int):
