@@ -48,9 +48,12 @@ def test_sigmoid_and_bco_pair_losses_match_hand_computation():
         assert bco[i].item() == pytest.approx(expected, rel=1e-12)
 
 
-def test_nll_is_the_token_mean_of_the_chosen_answer():
-    logps, tokens = torch.tensor([-12.0, -3.0]), torch.tensor([4.0, 1.0])
-    assert nll_loss(logps, tokens).tolist() == [3.0, 3.0]
+def test_nll_is_one_token_mean_over_every_chosen_answer_of_the_micro_batch():
+    """TRL's "sft" term: cross-entropy over all chosen tokens at once. Answers of 4 and 1 tokens with log-prob sums
+    -12 and -2: (12 + 2) / (4 + 1) = 2.8, where the mean of the per-answer means would be (3 + 2) / 2 = 2.5."""
+    logps, tokens = torch.tensor([-12.0, -2.0]), torch.tensor([4.0, 1.0])
+    assert nll_loss(logps, tokens).item() == pytest.approx(2.8, rel=1e-7)
+    assert nll_loss(torch.tensor([-12.0, -3.0]), tokens).item() == pytest.approx(3.0, rel=1e-7)
 
 
 def test_running_mean_is_trl_running_moments_mean():
@@ -72,7 +75,7 @@ def test_running_mean_is_trl_running_moments_mean():
 
 
 def test_mpo_total_loss_with_weights_and_delta_sequence():
-    """The objective's per-pair loss = 0.8 DPO + 0.2 BCO(delta) + 1.0 NLL, delta updated before use."""
+    """Per pair 0.8 DPO + 0.2 BCO(delta) + 1.0 NLL (answers of 5 tokens each), delta updated before use."""
     beta, w = 0.1, (0.8, 0.2, 1.0)
     running, means = RunningMean(), []
     for step in range(3):
@@ -87,7 +90,8 @@ def test_mpo_total_loss_with_weights_and_delta_sequence():
         t = [torch.tensor(v, dtype=torch.float64) for v in (pc, pr, RC, RR)]
         ours = (w[0] * sigmoid_loss(*t, beta) + w[1] * bco_pair_loss(*t, beta, delta)
                 + w[2] * nll_loss(t[0], torch.full((3,), 5.0, dtype=torch.float64)))  # fmt: skip
-        assert ours.tolist() == pytest.approx(hand, rel=1e-12)
+        # equal lengths: the token mean of the micro-batch is the mean of the per-pair terms
+        assert ours.mean().item() == pytest.approx(sum(hand) / 3, rel=1e-12)
 
 
 def test_mpo_args_are_checked():
@@ -137,6 +141,12 @@ def pairs(tmp_path_factory):
 
 def prepared_objective(model, pairs, tmp_path, **options):
     """(objective, first batch, prepared) through the real stages, without the loop."""
+    objective, micro, prepared = prepared_step(model, pairs, tmp_path, **options)
+    return objective, micro[0], prepared
+
+
+def prepared_step(model, pairs, tmp_path, **options):
+    """(objective, the micro-batches of the first step, prepared) through the real stages, without the loop."""
     from internvl.train.dist import DistContext
     from internvl.train.mpo import pair_data
     from internvl.train.run import prepare_model
@@ -150,24 +160,45 @@ def prepared_objective(model, pairs, tmp_path, **options):
     source = pair_data(args, prepared, ctx, objective)
     objective.setup(prepared.model, ctx.device)
     ((micro, _, _),) = [next(source.source(None))]
-    return objective, micro[0], prepared
+    return objective, micro, prepared
+
+
+def chosen_nll(policy, batch):
+    """By hand: -(sum of the chosen rows' log-prob sums) / (their token count)."""
+    n = batch.num_samples // 2
+    logps, _ = sequence_logps(policy, batch)
+    return (-logps[:n].sum() / sum(batch.sample_tokens[:n])).item()
 
 
 def test_step_zero_rewards_are_zero_and_losses_are_log2(model, pairs, tmp_path):
     objective, batch, prepared = prepared_objective(model, pairs, tmp_path)
-    assert batch.num_samples == 14 and objective.normalizer(batch) == 7
+    assert batch.num_samples == 14 and objective.normalizer(batch) == 1  # one micro-batch, one share
     out = objective(prepared.model, batch)
     m = {k: (s.item() / n) for k, (s, n) in out.metrics.items()}
     assert m["rewards/chosen"] == m["rewards/rejected"] == m["rewards/margins"] == m["rewards/delta"] == 0
     assert m["loss/sigmoid"] == pytest.approx(math.log(2), abs=1e-6)
     assert m["loss/bco_pair"] == pytest.approx(2 * math.log(2), abs=1e-6)
-    nll = m["nll_loss"]
-    expected = 7 * (0.8 * math.log(2) + 0.2 * 2 * math.log(2) + nll)
-    assert out.loss_sum.item() == pytest.approx(expected, rel=1e-5)
-    # the NLL is the token mean of the chosen rows' cross-entropy
-    logps, _ = sequence_logps(prepared.model, batch)
-    tokens = torch.tensor(batch.sample_tokens[:7], dtype=torch.float32)
-    assert nll == pytest.approx((-logps[:7] / tokens).mean().item(), rel=1e-5)
+    # the NLL is one token mean over all the chosen rows' tokens (their lengths differ here)
+    nll = chosen_nll(prepared.model, batch)
+    assert len(set(batch.sample_tokens[:7])) > 1 and m["nll_loss"] == pytest.approx(nll, rel=1e-5)
+    assert out.loss_sum.item() == pytest.approx(0.8 * math.log(2) + 0.2 * 2 * math.log(2) + nll, rel=1e-5)
+
+
+def test_micro_batches_weigh_the_same_as_in_trl(model, pairs, tmp_path):
+    """7 pairs, 4 per micro-batch, 2 micro-batches a step: micro-batches of 4 and 3 pairs. The step's loss is
+    the mean of the two micro-batch losses (TRL divides each by the accumulation steps), each 1.2 log 2 (rewards
+    are 0 at step 0) plus its own chosen-token mean; not a mean over the 7 pairs."""
+    options = {"batch_size": 4, "grad_accum": 2, "max_steps": 1, "warmup_steps": 0}
+    _, micro, prepared = prepared_step(model, pairs, tmp_path, **options)
+    assert [b.num_samples // 2 for b in micro] == [4, 3]
+    nll = [chosen_nll(prepared.model, b) for b in micro]
+    want = 1.2 * math.log(2) + (nll[0] + nll[1]) / 2
+    args = TrainArgs.from_dict({**FAST, "model": str(model), "data": str(pairs), "out": str(tmp_path / "run"),
+                                "lr": 1e-3, **options})  # fmt: skip
+    (row,) = train_mpo(args, MPOArgs(), log=lambda _m: None).history
+    assert row["loss"] == pytest.approx(want, rel=1e-5)
+    per_pair = 1.2 * math.log(2) + (nll[0] * 4 + nll[1] * 3) / 7  # what weighing by pairs would give
+    assert abs(want - per_pair) > 1e-4
 
 
 def test_lora_reference_is_the_base_with_adapters_disabled(model, pairs, tmp_path):

@@ -134,11 +134,30 @@ def test_configs_parse_and_flags_win(tmp_path):
     assert "(default: 1e-06)" in p.format_help().replace("\n", " ")
 
 
-@pytest.mark.parametrize("lora", [False, True])
-def test_two_ranks_match_one_rank(model, pairs, tmp_path, lora):  # noqa: F811
-    """FSDP2 over gloo, 2 ranks x 2 pairs against 1 rank x 4 pairs: the same pairs per step and the same reward
-    shift (each rank's batch mean, all-gathered), so the same losses and rewards; with LoRA too. (Steps 1-3 only: in
-    step 4 the 7 pairs leave ranks with 2 and 1 pairs, and TRL's delta averages the two rank means unweighted.)"""
+@pytest.fixture(scope="module")
+def pairs8(pairs, tmp_path_factory):  # noqa: F811
+    """The 7 pairs plus one: every step splits evenly over 2 ranks."""
+    import shutil
+
+    folder = tmp_path_factory.mktemp("pairs8") / "p"
+    shutil.copytree(Path(pairs).parent, folder)
+    with open(folder / "pairs.jsonl", "a") as f:
+        f.write(json.dumps({"question": "Count: 4 5", "chosen": "6 7", "rejected": "up down"}) + "\n")
+    return folder / "meta.json"
+
+
+@pytest.mark.parametrize("lora, weights, one_rank", [(False, "0.8,0.2,0", ["--batch-size", 4]),
+                                                     (True, "0.8,0,1", ["--batch-size", 2, "--grad-accum", 2])])
+def test_two_ranks_match_one_rank(model, pairs, pairs8, tmp_path, lora, weights, one_rank):  # noqa: F811
+    """FSDP2 over gloo, 2 ranks x 2 pairs a step: the same losses as one rank, in the two layouts TRL makes equal.
+    - DPO + BCO on 8 pairs, against 1 rank x 4 pairs: the pair means of the two ranks average to the mean of the
+      4, and the reward shift takes each rank's batch mean, all-gathered (TRL's RunningMoments).
+    - DPO + NLL (one token mean per micro-batch, as TRL's) on 7 pairs, with LoRA, against 1 rank x 2 pairs x 2
+      accumulation steps: the micro-batches are the ranks' pairs (2 + 1 in the last step) and weigh the same as
+      the two ranks do. Against 1 rank x 4 pairs the token mean would span all 4 answers, so it differs by design;
+      BCO is off, as TRL updates delta once per micro-batch but once per step across ranks."""
+    if not lora:
+        pairs = pairs8
     import csv
     import subprocess
     import sys
@@ -152,9 +171,11 @@ def test_two_ranks_match_one_rank(model, pairs, tmp_path, lora):  # noqa: F811
         0,
         "--lr",
         "1e-3",
+        "--loss-weights",
+        weights,
         *(["--lora-r", 4, "--lora-dropout", 0] if lora else []),
     ]
-    assert mpo(model, *common, "--out", tmp_path / "one", "--batch-size", 4) == 0
+    assert mpo(model, *common, "--out", tmp_path / "one", *one_rank) == 0
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "internvl",
            "mpo", str(model), *FAST, *map(str, common), "--out", str(tmp_path / "two"), "--batch-size", "2"]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)

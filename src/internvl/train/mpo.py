@@ -1,8 +1,11 @@
 """Mixed Preference Optimization (MPO, arXiv 2411.10442): the three losses, the reference model, the objective.
 
-    loss = w1 * DPO sigmoid + w2 * BCO pair + w3 * NLL on the chosen answer      (0.8 / 0.2 / 1.0, beta 0.1)
+    loss = w1 * DPO sigmoid + w2 * BCO pair + w3 * NLL on the chosen answers     (0.8 / 0.2 / 1.0, beta 0.1)
 
-as the reference `MultimodalDPOTrainer` (TRL <= 0.28 `dpo_loss`, `RunningMoments`, `rpo_alpha`). A row
+as the reference `MultimodalDPOTrainer` (TRL <= 0.28 `dpo_loss`, `RunningMoments`, `rpo_alpha`; TRL's "sft" loss
+type since). As in TRL, each micro-batch's loss is the mean of its pair losses plus one cross-entropy over all its
+chosen answer tokens (a token mean, so a long answer counts more than a short one), and every micro-batch of a
+step weighs the same (the trainer divides by the accumulation steps, DDP averages the ranks). A row
 `{image | video?, question, chosen, rejected}` gives two one-turn conversations built like fine-tuning rows
 (`<image>\\n` prepended when missing); a micro-batch holds the chosen rows then the rejected rows, so one forward
 covers both, images repeated. Log-probabilities are sums over the answer tokens. The reference model is a frozen
@@ -72,8 +75,9 @@ def bco_pair_loss(pc, pr, rc, rr, beta: float, delta) -> torch.Tensor:
 
 
 def nll_loss(chosen_logps: torch.Tensor, chosen_tokens: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy of the chosen answer, averaged over its tokens (`rpo_alpha` term of the reference)."""
-    return -chosen_logps / chosen_tokens.clamp(min=1)
+    """Cross-entropy over every chosen answer token of the micro-batch, one mean (TRL's "sft" term, `rpo_alpha`
+    before it): sum of the chosen log-prob sums over the number of their tokens, not a mean of per-pair means."""
+    return -chosen_logps.sum() / chosen_tokens.sum().clamp(min=1)
 
 
 class RunningMean:
@@ -174,8 +178,9 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
 
 
 class MPOObjective(Objective):
-    """w1 * DPO sigmoid + w2 * BCO pair + w3 * NLL, summed over the pairs of a micro-batch; the loop divides by
-    the number of pairs of the global batch. `attach` (before sharding) sets up the reference model."""
+    """w1 * mean DPO sigmoid + w2 * mean BCO pair + w3 * NLL token mean, per micro-batch; a micro-batch with pairs
+    has normalizer mass 1, so the loop averages the micro-batches of a step as TRL does. `attach` (before
+    sharding) sets up the reference model."""
 
     name = "mpo"
     bar_metrics = ("rewards/accuracies", "rewards/margins")
@@ -202,7 +207,7 @@ class MPOObjective(Objective):
         self.reference.shard_like(model, self._dtype)
 
     def normalizer(self, batch: Batch) -> float:
-        return float(batch.num_samples // 2)
+        return 1.0 if batch.num_samples // 2 else 0.0
 
     # -- the resumable state: delta (and the settings it depends on) -----------------------------------
 
@@ -257,9 +262,10 @@ class MPOObjective(Objective):
         dpo = sigmoid_loss(pc, pr, rc, rr, beta)
         bco = bco_pair_loss(pc, pr, rc, rr, beta, delta.to(pc.dtype))
         nll = nll_loss(pc, tokens)
-        loss_sum = (w_dpo * dpo + w_bco * bco + w_nll * nll).sum()
         if n == 0:  # an empty micro-batch: keep every parameter in the graph with a zero loss
             loss_sum = logits.sum() * 0.0
+        else:
+            loss_sum = w_dpo * dpo.mean() + w_bco * bco.mean() + w_nll * nll
         self._step_done()
         d = lambda x: x.detach().sum()
         metrics = {
@@ -267,9 +273,11 @@ class MPOObjective(Objective):
             "rewards/accuracies": d((chosen_rewards > rejected_rewards).float()),
             "rewards/margins": d(chosen_rewards - rejected_rewards), "rewards/delta": d(delta * n),
             "logps/chosen": d(pc), "logps/rejected": d(pr),
-            "loss/sigmoid": d(dpo), "loss/bco_pair": d(bco), "nll_loss": d(nll),
+            "loss/sigmoid": d(dpo), "loss/bco_pair": d(bco),
         }  # fmt: skip
-        return ObjectiveOutput(loss_sum, {k: (v, float(n)) for k, v in metrics.items()})
+        out = {k: (v, float(n)) for k, v in metrics.items()}
+        out["nll_loss"] = (d(-pc), float(sum(batch.sample_tokens[:n])))  # a token mean over the logged steps
+        return ObjectiveOutput(loss_sum, out)
 
 
 def train_mpo(args, mpo: MPOArgs | None = None, log=print):
