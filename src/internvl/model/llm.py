@@ -16,6 +16,9 @@ from .cache import KVCache
 from .vit import RMSNorm
 
 _SDPA_GQA = "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")
+# how packed rows (`seq_ids`) attend: "spans" runs each sample on its own; "mask" is one block-diagonal mask
+# over the whole row (kept for comparison in benchmarks/profile_train_step.py)
+PACKED_ATTENTION = "spans"
 
 
 class Rotary:
@@ -61,8 +64,44 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotate_half(x) * sin
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, causal: bool):
-    """q [B, Hq, T, D], k/v [B, Hkv, S, D]; grouped-query attention through SDPA."""
+class Spans:
+    """Packed rows: causal attention inside each sample only. Each sample runs through SDPA on its own, so a
+    pack of n samples of length L costs n*L^2, not the (n*L)^2 of a block-diagonal mask. Samples are cut
+    with `split`, whose backward is one concatenation (a slice's backward would zero-fill the whole row)."""
+
+    def __init__(self, seq_ids: torch.Tensor):
+        ids = seq_ids.cpu()
+        self.lengths = []  # per row: the lengths of its runs of equal ids, in order
+        for row in ids:
+            change = (row[1:] != row[:-1]).nonzero().flatten().add(1).tolist()
+            bounds = [0, *change, len(row)]
+            self.lengths.append([b - a for a, b in zip(bounds[:-1], bounds[1:])])
+
+    @property
+    def spans(self) -> list[tuple[int, int, int]]:
+        """(row, start, end) of every sample."""
+        out = []
+        for row, lengths in enumerate(self.lengths):
+            start = 0
+            for n in lengths:
+                out.append((row, start, start + n))
+                start += n
+        return out
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        rows = []
+        for r, lengths in enumerate(self.lengths):
+            parts = zip(q[r : r + 1].split(lengths, 2), k[r : r + 1].split(lengths, 2), v[r : r + 1].split(lengths, 2))
+            outs = [attention(qs, ks, vs, None, True) for qs, ks, vs in parts]
+            rows.append(torch.cat(outs, dim=2) if len(outs) > 1 else outs[0])
+        return torch.cat(rows) if len(rows) > 1 else rows[0]
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, causal: bool):
+    """q [B, Hq, T, D], k/v [B, Hkv, S, D]; grouped-query attention through SDPA. `mask` is a boolean
+    [B, 1, T, S] mask, None, or `Spans` (packed rows)."""
+    if isinstance(mask, Spans):
+        return mask.attend(q, k, v)
     groups = q.shape[1] // k.shape[1]
     if groups > 1:
         if _SDPA_GQA:
@@ -235,7 +274,9 @@ class CausalLM(nn.Module):
         else:
             if positions is None:
                 positions = torch.arange(t, device=embeds.device).expand(b, t)
-            if seq_ids is not None or attention_mask is not None:
+            if seq_ids is not None and attention_mask is None and PACKED_ATTENTION == "spans":
+                mask, causal = Spans(seq_ids), False
+            elif seq_ids is not None or attention_mask is not None:
                 mask = torch.ones(t, t, dtype=torch.bool, device=embeds.device).tril()[None, None].expand(b, 1, t, t)
                 if seq_ids is not None:
                     mask = mask & (seq_ids[:, None, :, None] == seq_ids[:, None, None, :])
