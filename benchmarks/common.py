@@ -39,3 +39,20 @@ def run_child(code: str, *args: str) -> dict:
     if proc.returncode != 0:
         raise RuntimeError(f"benchmark child failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def cpu_features() -> str:
+    """The CPU model and the vector extensions the kernels care about (AVX2, AVX-512, AVX-512 BF16, AMX)."""
+    import platform
+
+    flags, model = set(), platform.processor()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("flags") and not flags:
+                flags = set(line.split(":", 1)[1].split())
+            elif line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    wanted = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
+    return f"{model}: " + (" ".join(f for f in wanted if f in flags) or "no AVX2")
