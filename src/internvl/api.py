@@ -23,8 +23,34 @@ SAMPLING_KEYS = {"max_new_tokens", "temperature", "top_p", "top_k", "repetition_
 
 def default_model_path() -> Path:
     if not (BUILTIN / "config.json").exists():
-        raise InternVLError(f"the built-in model is not installed ({BUILTIN}); pass a model folder")
+        raise InternVLError(f"the built-in model is not installed ({BUILTIN}); pass a model folder or a Hugging "
+                            f"Face Hub id such as OpenGVLab/InternVL3-1B")  # fmt: skip
     return BUILTIN
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """"auto" (the GPU when there is one, else the CPU), cpu, cuda, cuda:N or mps, checked against this machine."""
+    if isinstance(device, torch.device):
+        name = str(device)
+    else:
+        name = str(device).strip().lower()
+        if name == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda", "mps"):
+        raise InternVLError(f"unknown device {name!r}: use cpu, cuda, cuda:N, mps or auto")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InternVLError(f"device {name!r}: this machine has no usable CUDA GPU (torch {torch.__version__}); "
+                                f"use cpu or auto")  # fmt: skip
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise InternVLError(f"device {name!r}: there are {torch.cuda.device_count()} CUDA GPU(s)")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise InternVLError(f"device {name!r}: MPS is not available on this machine; use cpu or auto")
+    return dev
 
 
 def sampling_params(defaults: SamplingParams | None = None, **kw: Any) -> SamplingParams:
@@ -156,18 +182,23 @@ def _as_list(images: Any) -> list[Any]:
 
 
 def load(path: str | Path | None = None, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,
-         quantize: str | None = None, max_batch: int = 16, optimize: bool = True) -> InternVL:  # fmt: skip
+         quantize: str | None = None, max_batch: int = 16, optimize: bool = True,
+         revision: str | None = None) -> InternVL:  # fmt: skip
     """Load a checkpoint folder (original or -hf layout) or a LoRA adapter folder (merged into the base model it
-    records); no path loads the built-in nano model.
+    records), or a Hugging Face Hub id such as "OpenGVLab/InternVL3-1B" (downloaded into the Hub cache, at
+    `revision`; see checkpoint/hub.py); no path loads the built-in nano model.
 
     `dtype`: None keeps the stored dtype; "bf16", "fp16" or "fp32" casts. `quantize="int8"` applies
     weight-only int8 to the language model's linear layers (for fast CPU decoding). `optimize` fuses the
     decoder's projections and uses the CPU decode kernels: the model is then for inference only (pass
     False to fine-tune or save it).
     """
-    path = Path(path) if path is not None else default_model_path()
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    from .checkpoint.hub import resolve_model
+
+    device = resolve_device(device)
+    if path is None and revision is not None:
+        raise InternVLError("a revision needs a Hugging Face Hub model id")
+    path = resolve_model(path, revision) if path is not None else default_model_path()
     if (path / "adapter_config.json").is_file():  # a LoRA adapter folder: its base with the adapter merged
         from .train.lora import load_adapter_model
 

@@ -32,7 +32,9 @@ def _check(ok: bool, message: str) -> None:
 class ModelArgs:
     """What to train and where the result goes."""
 
-    model: str | None = _f(None, "checkpoint folder to fine-tune (either layout)", positional=True)
+    model: str | None = _f(None, "checkpoint folder (either layout) or Hugging Face Hub id to fine-tune",
+                           positional=True)  # fmt: skip
+    revision: str | None = _f(None, "branch, tag or commit of a Hub MODEL (default: main)", metavar="REV")
     init_from_config: str | None = _f(
         None, "train from random weights with this config.json (needs --tokenizer)", metavar="CONFIG.json"
     )

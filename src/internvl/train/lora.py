@@ -169,10 +169,13 @@ def load_adapter_model(adapter_dir: str | Path, base: str | Path | None = None, 
     """(model with the adapter merged, tokenizer, base folder) for a LoRA adapter folder; the base model is the
     one recorded in its adapter_config.json unless `base` is given. `dtype` None keeps the base's stored dtype.
     This is what a model loader calls when it is handed an adapter folder."""
+    from ..checkpoint.hub import is_hub_id, resolve_model
     from ..checkpoint.io import load_model, resolve_dtype
     from ..tokenizer import Tokenizer
 
     base = base or adapter_base(adapter_dir)
+    if base and is_hub_id(str(base)):  # PEFT adapters made elsewhere record their base's Hub id
+        base = resolve_model(str(base))
     if not base or not Path(base).is_dir():
         raise CheckpointError(f"{adapter_dir}: the adapter's base model {base!r} is not a folder; pass the base "
                               "model explicitly (internvl merge-lora BASE ADAPTER OUT)")  # fmt: skip

@@ -11,7 +11,7 @@ import math
 import os
 import random
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -73,6 +73,7 @@ def train(args: TrainArgs, objective=None, data: Callable | None = None,
     """
     from .dist import init_distributed, shutdown
 
+    args = _resolve_hub_model(args)
     ctx = init_distributed(args.run.device)
     try:
         result = _train(args, objective, data or sft_data, ctx, log if ctx.is_main else (lambda _msg: None))
@@ -82,6 +83,17 @@ def train(args: TrainArgs, objective=None, data: Callable | None = None,
         return result
     finally:
         shutdown()
+
+
+def _resolve_hub_model(args: TrainArgs) -> TrainArgs:
+    """A Hub MODEL id (at --revision) becomes its local snapshot, downloaded if needed; folders stay as given."""
+    from ..checkpoint.hub import is_hub_id, resolve_model
+
+    m = args.model
+    if m.model is None or (m.revision is None and not is_hub_id(m.model)):
+        return args
+    folder = resolve_model(m.model, m.revision)
+    return replace(args, model=replace(m, model=str(folder), revision=None))
 
 
 def _train(args: TrainArgs, objective, data: Callable, ctx, log) -> TrainResult:
