@@ -39,9 +39,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..api import resolve_device
     from ..train.prefs import PrefOptions, Sampler, build_prefs, read_questions
-    from .chat import load_from_args
+    from .chat import MAX_TILES, check_range, load_from_args
 
+    check_range("--max-num", args.max_num, 1, MAX_TILES)
+    resolve_device(args.device)
     tasks = [t.strip() for t in args.task.split(",") if t.strip()] if args.task else None
     options = PrefOptions(n=args.n, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                           max_new_tokens=args.max_new_tokens, pairs_per_question=args.pairs_per_question,

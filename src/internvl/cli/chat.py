@@ -13,10 +13,19 @@ REPL_HELP = """commands:
   /bye            quit (also Ctrl-D)"""
 
 
-def add_model_arguments(p: argparse.ArgumentParser) -> None:
+MODEL_HELP = "model folder or Hugging Face Hub id, e.g. OpenGVLab/InternVL3-1B (default: the built-in nano model)"
+MAX_TILES = 64  # tiles per image (--max-num): InternVL's evaluation gives all images of a question 64 together
+MAX_FRAMES = 64  # video frames (--num-segments): 64 frames are 16k image tokens at 256 per frame
+
+
+def add_model_arguments(p: argparse.ArgumentParser, positional: bool = True) -> None:
     """Flags shared by the verbs that load a model."""
-    p.add_argument("model", nargs="?", default=None, help="model folder (default: the built-in nano model)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default cpu)")
+    if positional:
+        p.add_argument("model", nargs="?", default=None, metavar="MODEL", help=MODEL_HELP)
+    p.add_argument("--revision", default=None, metavar="REV",
+                   help="branch, tag or commit of a Hub MODEL (default: main)")  # fmt: skip
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, mps or auto: the GPU when there is one "
+                   "(default auto)")  # fmt: skip
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None, help="cast weights (default: as stored)")
     p.add_argument("--quantize", choices=["int8"], default=None, help="weight-only int8 for the language model")
 
@@ -29,8 +38,10 @@ def add_generation_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--top-k", type=int, default=0)
     g.add_argument("--repetition-penalty", type=float, default=1.0)
     g.add_argument("--seed", type=int, default=None)
-    g.add_argument("--max-num", type=int, default=None, help="max tiles per image (default: the model's)")
-    g.add_argument("--num-segments", type=int, default=8, help="frames sampled from a video (default 8)")
+    g.add_argument("--max-num", type=int, default=None,
+                   help=f"max tiles per image, 1-{MAX_TILES} (default: the model's)")  # fmt: skip
+    g.add_argument("--num-segments", type=int, default=8,
+                   help=f"frames sampled from a video, 1-{MAX_FRAMES} (default 8)")  # fmt: skip
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -48,15 +59,51 @@ def generation_kwargs(args: argparse.Namespace) -> dict:
                 top_k=args.top_k, repetition_penalty=args.repetition_penalty, seed=args.seed)  # fmt: skip
 
 
-def load_from_args(args: argparse.Namespace):
-    from ..api import load
+def check_range(flag: str, value: int | None, low: int, high: int | None = None) -> None:
+    """A one-line error for an integer flag outside [low, high] (None: no upper bound); None passes."""
+    from ..errors import InternVLError
 
-    return load(args.model, device=args.device, dtype=args.dtype, quantize=args.quantize)
+    if value is not None and (value < low or (high is not None and value > high)):
+        span = f"between {low} and {high}" if high is not None else f"at least {low}"
+        raise InternVLError(f"{flag} must be {span}, got {value}")
+
+
+def check_generation(args: argparse.Namespace) -> None:
+    check_range("--max-new-tokens", args.max_new_tokens, 1)
+    check_range("--max-num", args.max_num, 1, MAX_TILES)
+    check_range("--num-segments", args.num_segments, 1, MAX_FRAMES)
+
+
+def model_path(args: argparse.Namespace):
+    """The local folder of MODEL: the built-in model, a folder, or a Hub id's snapshot (downloaded if needed)."""
+    from ..api import default_model_path
+    from ..checkpoint.hub import resolve_model
+    from ..errors import InternVLError
+
+    if args.model is None:
+        if args.revision is not None:
+            raise InternVLError("--revision needs a Hub MODEL id")
+        return default_model_path()
+    return resolve_model(args.model, args.revision)
+
+
+def load_from_args(args: argparse.Namespace):
+    """The model of MODEL/--revision on --device (checked before anything is downloaded or read)."""
+    from ..api import load, resolve_device
+
+    device = resolve_device(args.device)
+    return load(model_path(args), device=device, dtype=args.dtype, quantize=args.quantize)
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..api import resolve_device
+    from ..errors import PromptError
     from ..processing import load_image, load_video
 
+    check_generation(args)
+    if args.prompt is not None and not args.prompt.strip():
+        raise PromptError("-p/--prompt is empty; give a question, or leave -p out for an interactive session")
+    resolve_device(args.device)
     # read the media before the model: a bad file fails fast with one line
     images = [load_image(path) for path in args.image]
     video = args.video

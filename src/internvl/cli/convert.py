@@ -6,8 +6,9 @@ import argparse
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("src", help="checkpoint folder (either layout)")
-    p.add_argument("dst", help="output folder")
+    p.add_argument("src", help="checkpoint folder (either layout) or Hugging Face Hub id")
+    p.add_argument("dst", help="output folder (new or empty; never SRC itself)")
+    p.add_argument("--revision", default=None, metavar="REV", help="branch, tag or commit of a Hub SRC (default: main)")
     p.add_argument("--to", choices=["original", "hf"], required=True, help="layout to write")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None, help="cast weights (default: keep)")
     p.add_argument("--image-token-id", type=int, default=None,
@@ -18,15 +19,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from ..checkpoint.hub import resolve_model
     from ..checkpoint.io import load_model, save_model
     from ..errors import CheckpointError
     from ..tokenizer import IMG_CONTEXT, Tokenizer
 
-    src, dst = Path(args.src), Path(args.dst)
-    if dst.exists() and any(dst.iterdir()) and dst.resolve() != src.resolve():
+    src, dst = resolve_model(args.src, args.revision), Path(args.dst)
+    if dst.exists() and dst.resolve() == src.resolve():
+        raise CheckpointError(f"{dst}: the output folder is the source checkpoint; write to a new folder")
+    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
         raise CheckpointError(f"{dst}: output folder exists and is not empty")
     image_token_id = args.image_token_id
-    if image_token_id is None and (src / "tokenizer.json").exists() or (src / "tokenizer.model").exists():
+    if image_token_id is None and ((src / "tokenizer.json").exists() or (src / "tokenizer.model").exists()):
         image_token_id = Tokenizer.from_dir(src).require(IMG_CONTEXT)
     model, report = load_model(src, dtype=args.dtype, image_token_id=image_token_id)
     if image_token_id is None and report.layout == "hf":

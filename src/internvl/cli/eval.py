@@ -7,7 +7,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .chat import add_model_arguments, load_from_args
+from .chat import MAX_TILES, MODEL_HELP, add_model_arguments, check_range, load_from_args
 
 SYNTHETIC = "synthetic"
 
@@ -15,9 +15,10 @@ SYNTHETIC = "synthetic"
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.usage = ("internvl eval [MODEL] --data FILE.tsv [--data ...] [options]\n"
                "       internvl eval synthetic [MODEL] [--split test] [--n 200] [--tasks a,b] [options]")  # fmt: skip
-    add_model_arguments(p)
-    p.add_argument("model2", nargs="?", default=None, metavar="MODEL",
-                   help="after `synthetic`: the model folder (write a folder named 'synthetic' as ./synthetic)")  # fmt: skip
+    p.add_argument("target", nargs="*", metavar="MODEL",
+                   help=f"{MODEL_HELP}; `synthetic [MODEL]` evaluates the synthetic split (a folder named "
+                        f"'synthetic' is ./synthetic)")  # fmt: skip
+    add_model_arguments(p, positional=False)
     d = p.add_argument_group("VLMEvalKit TSV files")
     d.add_argument("--data", action="append", default=[], metavar="FILE.tsv", help="benchmark TSV (repeatable)")
     d.add_argument("--circular", choices=["auto", "on", "off"], default="auto",
@@ -42,64 +43,70 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     r.add_argument("--resume", action="store_true", help="keep the predictions already in --out, ask the rest")
 
 
-def _check_model(path: str | None) -> None:
-    from ..api import default_model_path
-    from ..errors import InternVLError
+def _target(args: argparse.Namespace) -> tuple[bool, str | None]:
+    """(synthetic?, MODEL) from the positional words: [MODEL] or synthetic [MODEL]."""
+    from ..errors import DataError
 
-    if path is None:
-        default_model_path()  # raises when the built-in model is not installed
-    elif not Path(path).is_dir():
-        raise InternVLError(f"{path}: no such model folder")
+    words = list(args.target)
+    synthetic = bool(words) and words[0] == SYNTHETIC
+    if synthetic:
+        words = words[1:]
+    if len(words) > 1:
+        raise DataError(f"unexpected argument {words[1]!r}: give one MODEL (or `synthetic MODEL`)")
+    return synthetic, (words[0] if words else None)
 
 
-def _tasks(args: argparse.Namespace) -> list:
+def _tasks(args: argparse.Namespace, synthetic: bool) -> list:
     from ..errors import DataError
     from ..eval.runner import synthetic_split
     from ..eval.tasks import SyntheticTask, synth_tasks, tsv_task
+    from .chat import model_path
 
-    if args.model == SYNTHETIC:
+    if synthetic:
         if args.data:
             raise DataError("`internvl eval synthetic` takes no --data (it evaluates the synthetic split)")
         names = synth_tasks(args.tasks)
-        _check_model(args.model2)  # before spending time on generating the split
+        args.model = str(model_path(args))  # before spending time on generating the split
         folder = synthetic_split(args.split, args.n, names, args.data_dir)
         return [SyntheticTask(folder, names, args.circular, args.limit, args.max_new_tokens, name=SYNTHETIC)]
-    if args.model2 is not None:
-        raise DataError(f"unexpected argument {args.model2!r}: give one MODEL (or `synthetic MODEL`)")
     if not args.data:
         raise DataError("nothing to evaluate: give --data FILE.tsv, or run `internvl eval synthetic`")
     tasks = [tsv_task(path, args.circular, args.prompt_style, args.metric, args.limit, args.max_new_tokens)
              for path in args.data]  # fmt: skip
-    _check_model(args.model)
+    args.model = str(model_path(args))
     return tasks
 
 
 def _check(args: argparse.Namespace) -> None:
-    from ..errors import InternVLError
+    from ..api import resolve_device
 
-    for flag, value in (("--batch-size", args.batch_size), ("--max-num", args.max_num), ("--n", args.n),
-                        ("--limit", args.limit), ("--max-new-tokens", args.max_new_tokens)):  # fmt: skip
-        if value is not None and value < 1:
-            raise InternVLError(f"{flag} must be at least 1, got {value}")
+    for flag, value in (("--batch-size", args.batch_size), ("--n", args.n), ("--limit", args.limit),
+                        ("--max-new-tokens", args.max_new_tokens)):  # fmt: skip
+        check_range(flag, value, 1)
+    check_range("--max-num", args.max_num, 1, MAX_TILES)
+    resolve_device(args.device)
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..checkpoint.hub import is_hub_id
     from ..eval.runner import evaluate
 
     _check(args)
-    tasks = _tasks(args)  # read and check the data before loading the model: bad input fails fast
-    if args.model == SYNTHETIC:
-        args.model = args.model2
+    synthetic, args.model = _target(args)
+    model_name = Path(args.model).name if args.model else "nano"  # an id's name, not its snapshot's hash
+    hub_id = args.model if args.model and is_hub_id(args.model) else None
+    # read and check the data, then find the model (a Hub id is downloaded), then load it: bad input fails fast
+    tasks = _tasks(args, synthetic)
+    args.revision = None  # args.model is the local folder now
     model = load_from_args(args)
     model.engine.max_batch = args.batch_size
-    model_name = Path(args.model).name if args.model else "nano"
     for task in tasks:
         out = Path(args.out) if args.out else Path("eval_out") / model_name / task.name
         if args.out and len(tasks) > 1:
             out = out / task.name
         try:
             summary = evaluate(model, task, out, batch_size=args.batch_size, max_num=args.max_num,
-                               resume=args.resume, model_name=str(model.path or model_name))  # fmt: skip
+                               resume=args.resume, model_name=hub_id or str(model.path or model_name))  # fmt: skip
         except KeyboardInterrupt:
             print(f"interrupted: the finished answers are in {out / 'predictions.jsonl'}; add --resume to "
                   f"continue", file=sys.stderr)  # fmt: skip

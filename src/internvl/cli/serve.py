@@ -8,9 +8,11 @@ import sys
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "model", nargs="?", default=None, help="checkpoint folder (default: the built-in model)"
-    )
+    from .chat import MODEL_HELP
+
+    parser.add_argument("model", nargs="?", default=None, metavar="MODEL", help=MODEL_HELP)
+    parser.add_argument("--revision", default=None, metavar="REV",
+                        help="branch, tag or commit of a Hub MODEL (default: main)")  # fmt: skip
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     parser.add_argument(
@@ -39,7 +41,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="prompt tokens admitted per engine step, bounding decode stalls (default 512)")  # fmt: skip
     parser.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default=None, help="cast the weights")
     parser.add_argument("--quantize", choices=("int8",), default=None, help="weight-only int8 language model")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda, or auto (default cpu)")
+    parser.add_argument("--device", default="auto",
+                        help="cpu, cuda, cuda:N, mps or auto: the GPU when there is one (default auto)")  # fmt: skip
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads for the engine (default: torch's choice, one per core)")  # fmt: skip
     parser.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
@@ -48,16 +51,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from ..api import default_model_path, load
+    from ..api import load, resolve_device
+    from ..checkpoint.hub import is_hub_id
     from ..serve.app import ServeSettings, create_app
     from ..serve.media import MediaPolicy
     from ..serve.server import run as run_server
+    from .chat import model_path
 
     if args.threads:
         import torch
 
         torch.set_num_threads(args.threads)
-    path = Path(args.model) if args.model else default_model_path()
+    device = resolve_device(args.device)  # before a download or a load
+    hub_id = args.model if args.model and is_hub_id(args.model) else None
+    path = model_path(args)
     media_dir = Path(args.allowed_local_media_path) if args.allowed_local_media_path else None
     if media_dir is not None and not media_dir.is_dir():
         print(
@@ -66,12 +73,12 @@ def run(args: argparse.Namespace) -> int:
         return 2
     body = int(args.max_body_mb * 2**20)
     settings = ServeSettings(
-        model_name=args.model_name or path.resolve().name, api_key=args.api_key or None,
+        model_name=args.model_name or hub_id or path.resolve().name, api_key=args.api_key or None,
         max_images=args.max_images, max_body_bytes=body, max_tokens_cap=args.max_tokens_cap,
         timeout=args.timeout, prefill_budget=args.prefill_budget, max_queue=args.max_queue,
         media=MediaPolicy(media_dir, args.allow_remote_images, max_bytes=body, max_pixels=args.max_image_pixels),
     )  # fmt: skip
-    llm = load(path, device=args.device, dtype=args.dtype, quantize=args.quantize, max_batch=args.max_batch)
+    llm = load(path, device=device, dtype=args.dtype, quantize=args.quantize, max_batch=args.max_batch)
     if args.host not in ("127.0.0.1", "localhost", "::1") and not settings.api_key:
         print(f"internvl serve: warning: listening on {args.host} without --api-key", file=sys.stderr)
     print(f"internvl serve: {settings.model_name} at http://{args.host}:{args.port} "
