@@ -20,8 +20,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     for action in p._actions:  # the help of the options whose default MPO changes
         if action.dest in MPO_DEFAULTS and action.help:
             action.help = action.help.rsplit(" (default:", 1)[0] + f" (default: {MPO_DEFAULTS[action.dest]})"
-    g = p.add_argument_group("mpo", "loss = w1 * DPO sigmoid + w2 * BCO pair (running reward shift) + w3 * NLL "
-                             "on the chosen answer; reference model: the starting policy, frozen")  # fmt: skip
+    g = p.add_argument_group("mpo", "loss per micro-batch, as TRL's = w1 * mean DPO sigmoid + w2 * mean BCO pair "
+                             "(running reward shift) + w3 * NLL (token mean over the chosen answers); reference "
+                             "model: the starting policy, frozen")  # fmt: skip
     g.add_argument("--beta", type=float, default=argparse.SUPPRESS,
                    help="preference temperature of the DPO and BCO terms (default: 0.1)")  # fmt: skip
     g.add_argument("--loss-weights", default=argparse.SUPPRESS, metavar="W1,W2,W3",
