@@ -52,7 +52,8 @@ NO_GPU = "cuda" if not torch.cuda.is_available() else f"cuda:{torch.cuda.device_
 
 
 @pytest.mark.parametrize("verb", ["chat", "serve", "eval", "build-prefs"])
-@pytest.mark.parametrize("device, message", [(NO_GPU, f"device {NO_GPU!r}: "), ("gpu", "unknown device 'gpu': use cpu")])
+@pytest.mark.parametrize("device, message",
+                         [(NO_GPU, f"device {NO_GPU!r}: "), ("gpu", "unknown device 'gpu': use cpu")])
 def test_a_device_this_machine_lacks_is_one_line(files, capsys, verb, device, message):
     assert cli([*base(verb, files), "--device", device]) == 1
     assert message in one_line(capsys, verb)
@@ -66,8 +67,8 @@ def test_finetune_and_mpo_say_it_in_one_line_too(files, capsys):
 
 def test_every_verb_that_loads_a_model_defaults_to_auto():
     parser = build_parser()
-    needs = {"convert": ["a", "b", "--to", "hf"], "merge-lora": ["a", "b", "c"], "synth": ["--out", "o", "--split", "test"],
-             "build-prefs": ["--data", "m.json", "--out", "o"]}  # fmt: skip
+    needs = {"convert": ["a", "b", "--to", "hf"], "merge-lora": ["a", "b", "c"],
+             "synth": ["--out", "o", "--split", "test"], "build-prefs": ["--data", "m.json", "--out", "o"]}
     defaults = {}
     for verb in VERBS:
         args = parser.parse_args([verb, *needs.get(verb, [])])
@@ -100,7 +101,8 @@ def test_the_tile_grid_search_is_cheap_and_unchanged():
     from internvl.processing.image import candidate_grids
 
     def reference(lo, hi):
-        grids = {(i, j) for n in range(lo, hi + 1) for i in range(1, n + 1) for j in range(1, n + 1) if lo <= i * j <= hi}
+        grids = {(i, j) for n in range(lo, hi + 1) for i in range(1, n + 1) for j in range(1, n + 1)
+                 if lo <= i * j <= hi}  # fmt: skip
         return sorted(grids, key=lambda g: g[0] * g[1])
 
     for lo, hi in [(1, 6), (1, 12), (1, 40), (2, 24), (3, 64)]:
@@ -180,6 +182,6 @@ def test_eval_takes_synthetic_then_one_model(files, capsys):
 
 
 def test_one_line_without_traceback_from_a_real_process(files):
-    proc = subprocess.run([sys.executable, "-m", "internvl", "chat", str(files["model"]), "-p", "hi", "--device", "gpu"],
-                          capture_output=True, text=True, timeout=120, check=False)  # fmt: skip
+    argv = [sys.executable, "-m", "internvl", "chat", str(files["model"]), "-p", "hi", "--device", "gpu"]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)
     assert proc.returncode == 1 and len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr

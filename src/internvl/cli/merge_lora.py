@@ -7,7 +7,8 @@ import argparse
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("base", help="base model folder (either layout) or Hugging Face Hub id")
-    p.add_argument("--revision", default=None, metavar="REV", help="branch, tag or commit of a Hub BASE (default: main)")
+    p.add_argument("--revision", default=None, metavar="REV",
+                   help="branch, tag or commit of a Hub BASE (default: main)")  # fmt: skip
     p.add_argument("adapter", help="LoRA adapter folder (adapter_config.json + adapter_model.safetensors)")
     p.add_argument("out", help="output folder for the merged checkpoint")
     p.add_argument("--layout", choices=["original", "hf"], default="original", help="layout to write")
