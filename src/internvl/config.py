@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from .config_checks import check_rates, check_rope_scaling, check_section, check_sizes
 from .errors import ConfigError
 
 LLM_FAMILIES = {
@@ -43,6 +44,9 @@ class VisionConfig:
     drop_path_rate: float = 0.0
 
     def __post_init__(self) -> None:
+        check_sizes(self, "vision_config", ("hidden_size", "intermediate_size", "num_attention_heads",
+                                            "num_hidden_layers", "patch_size", "image_size", "num_channels"))
+        check_rates(self, "vision_config", ("layer_norm_eps", "initializer_factor", "drop_path_rate"))
         if self.norm_type not in ("layer_norm", "rms_norm"):
             raise ConfigError(f"vision_config.norm_type: expected 'layer_norm' or 'rms_norm', got {self.norm_type!r}")
         if self.hidden_size % self.num_attention_heads:
@@ -82,8 +86,16 @@ class LLMConfig:
     def __post_init__(self) -> None:
         if self.family not in FAMILY_ARCH:
             raise ConfigError(f"llm family: expected one of {sorted(FAMILY_ARCH)}, got {self.family!r}")
+        check_sizes(self, "llm_config", ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                                         "num_attention_heads", "num_key_value_heads", "head_dim",
+                                         "max_position_embeddings"))  # fmt: skip
+        check_rates(self, "llm_config", ("rms_norm_eps", "rope_theta"))
+        check_rope_scaling(self.rope_scaling)
         if self.head_dim is None:
             self.head_dim = self.hidden_size // self.num_attention_heads
+            if self.head_dim < 1:
+                raise ConfigError(f"llm_config: hidden_size {self.hidden_size} is smaller than num_attention_heads "
+                                  f"{self.num_attention_heads}")  # fmt: skip
         if self.num_attention_heads % self.num_key_value_heads:
             raise ConfigError(
                 f"llm_config: num_attention_heads {self.num_attention_heads} is not a multiple of "
@@ -113,6 +125,7 @@ class ProjectorConfig:
     layer_norm_eps: float = 1e-5
 
     def __post_init__(self) -> None:
+        check_rates(self, "config", ("downsample_ratio", "layer_norm_eps"))
         if self.ps_version not in ("v1", "v2"):
             raise ConfigError(f"ps_version: expected 'v1' or 'v2', got {self.ps_version!r}")
 
@@ -137,6 +150,16 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.template not in TEMPLATES:
             raise ConfigError(f"template: expected one of {list(TEMPLATES)}, got {self.template!r}")
+        check_sizes(self, "config", ("force_image_size", "min_dynamic_patch", "max_dynamic_patch"))
+        if self.min_dynamic_patch > self.max_dynamic_patch:
+            raise ConfigError(f"config: min_dynamic_patch {self.min_dynamic_patch} is above max_dynamic_patch "
+                              f"{self.max_dynamic_patch}")  # fmt: skip
+        layers = self.vision.num_hidden_layers
+        if isinstance(self.select_layer, bool) or not isinstance(self.select_layer, int) or not (
+            -layers <= self.select_layer < layers
+        ):
+            raise ConfigError(f"config.select_layer: expected an integer from {-layers} to {layers - 1} (the vision "
+                              f"encoder has {layers} layers), got {self.select_layer!r}")  # fmt: skip
         grid = self.image_size // self.vision.patch_size
         if self.image_size % self.vision.patch_size or (grid * self.projector.downsample_ratio) % 1:
             raise ConfigError(
@@ -158,7 +181,7 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], source: str = "config.json") -> "ModelConfig":
-        mt = d.get("model_type")
+        mt = check_section(d, "the config", source).get("model_type")
         if mt == "internvl_chat" or "llm_config" in d:
             return _from_original(d, source)
         if mt == "internvl" or "text_config" in d:
@@ -178,10 +201,16 @@ class ModelConfig:
             d = json.loads(path.read_text())
         except json.JSONDecodeError as e:
             raise ConfigError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from None
+        except (UnicodeDecodeError, RecursionError) as e:
+            raise ConfigError(f"{path}: not a readable JSON config ({e})") from None
         cfg = cls.from_dict(d, str(path))
         pre = path.parent / "preprocessor_config.json"
         if d.get("model_type") == "internvl" and pre.exists():
-            _apply_hf_preprocessor(cfg, json.loads(pre.read_text()))
+            try:
+                _apply_hf_preprocessor(cfg, check_section(json.loads(pre.read_text()), "the config", str(pre)))
+            except (ValueError, TypeError, RecursionError) as e:
+                raise ConfigError(f"{pre}: not a usable preprocessor config ({e})") from None
+            cfg.__post_init__()
         return cfg
 
     # ---- writing -------------------------------------------------------------------------------
@@ -348,7 +377,7 @@ def _pick(d: dict[str, Any], cls: type, defaults: dict[str, Any], renames: dict[
     """Build a dataclass from dict `d`: renamed keys first, then same-named keys, then `defaults`."""
     kwargs = dict(defaults)
     names = {f.name for f in fields(cls)}
-    for key, value in d.items():
+    for key, value in check_section(d, cls.__name__, source).items():
         name = renames.get(key, key)
         if name in names:
             kwargs[name] = value
@@ -379,7 +408,7 @@ _HF_VISION_DEFAULTS = dict(
 
 
 def _parse_llm(d: dict[str, Any], source: str) -> LLMConfig:
-    archs = d.get("architectures") or []
+    archs = check_section(d, "the language model config", source).get("architectures") or []
     family = None
     if archs:
         family = LLM_FAMILIES.get(archs[0])
@@ -401,7 +430,7 @@ def _parse_llm(d: dict[str, Any], source: str) -> LLMConfig:
         qkv_bias = o_bias = bool(d.get("attention_bias", False))
     eos = d.get("eos_token_id")
     if isinstance(eos, list):
-        eos = eos[0]
+        eos = eos[0] if eos else None
     for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size", "intermediate_size"):
         if key not in d:
             raise ConfigError(f"{source}: language model config lacks the required key {key!r}")

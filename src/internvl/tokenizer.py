@@ -1,7 +1,9 @@
 """Tokenizers of a checkpoint folder: `tokenizer.json` (Qwen2, the nano model) through `tokenizers`, or
 InternLM2's sentencepiece `tokenizer.model` plus the added tokens listed in `tokenizer_config.json`.
 
-Special-token ids are always resolved from their strings, never hard-coded.
+Special-token ids are always resolved from their strings, never hard-coded. A tokenizer next to a model's
+config.json is checked against it: its files' size before loading, its vocabulary after (no id past the
+embedding).
 """
 
 from __future__ import annotations
@@ -13,6 +15,9 @@ from pathlib import Path
 from .errors import TokenizerError
 
 IMG_START, IMG_END, IMG_CONTEXT = "<img>", "</img>", "<IMG_CONTEXT>"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "added_tokens.json")
+MAX_TOKENIZER_BYTES = 256 << 20  # any one of those files, without a model to compare with
+BYTES_PER_TOKEN = 2048  # far above real files (Qwen2's tokenizer.json: ~50 bytes per token), with a 16 MiB floor
 INTERNVL_TOKENS = (IMG_START, IMG_END, IMG_CONTEXT, "<quad>", "</quad>", "<ref>", "</ref>", "<box>", "</box>")
 
 
@@ -34,14 +39,24 @@ class Tokenizer:
     @classmethod
     def from_dir(cls, folder: str | Path) -> "Tokenizer":
         folder = Path(folder)
+        model_vocab = _model_vocab(folder)
+        _check_file_sizes(folder, model_vocab)
         cfg = _read_json(folder / "tokenizer_config.json")
         eos = _token_str(cfg.get("eos_token"))
         pad = _token_str(cfg.get("pad_token"))
-        if (folder / "tokenizer.json").exists():
-            return cls._from_tokenizers(folder, cfg, eos, pad)
-        if (folder / "tokenizer.model").exists():
-            return cls._from_sentencepiece(folder, cfg, eos, pad)
-        raise TokenizerError(f"{folder}: no tokenizer.json or tokenizer.model")
+        try:
+            if (folder / "tokenizer.json").exists():
+                tok = cls._from_tokenizers(folder, cfg, eos, pad)
+            elif (folder / "tokenizer.model").exists():
+                tok = cls._from_sentencepiece(folder, cfg, eos, pad)
+            else:
+                raise TokenizerError(f"{folder}: no tokenizer.json or tokenizer.model")
+        except (KeyError, TypeError, ValueError, AttributeError) as e:  # added-token tables of the wrong shape
+            raise TokenizerError(f"{folder}: malformed tokenizer files ({type(e).__name__}: {e})") from None
+        if model_vocab is not None and tok.vocab_size > model_vocab:
+            raise TokenizerError(f"{tok.source}: the tokenizer has {tok.vocab_size} tokens but the model's "
+                                 f"vocab_size is {model_vocab} (config.json): ids past it have no embedding")  # fmt: skip
+        return tok
 
     @classmethod
     def _from_tokenizers(cls, folder: Path, cfg: dict, eos: str | None, pad: str | None) -> "Tokenizer":
@@ -53,10 +68,14 @@ class Tokenizer:
             tok = HFTokenizer.from_file(str(path))
         except Exception as e:
             raise TokenizerError(f"{path}: cannot load ({e})") from None
-        # tokens declared only in tokenizer_config.json still have to split the text
+        # tokens declared only in tokenizer_config.json still have to split the text (added in one call:
+        # each call rebuilds the added-token matcher)
+        missing: dict[str, None] = {}
         for _, info in sorted((cfg.get("added_tokens_decoder") or {}).items(), key=lambda kv: int(kv[0])):
             if tok.token_to_id(info["content"]) is None:
-                tok.add_special_tokens([AddedToken(info["content"], special=True, normalized=False)])
+                missing.setdefault(info["content"])
+        if missing:
+            tok.add_special_tokens([AddedToken(c, special=True, normalized=False) for c in missing])
         added = {t.content: i for i, t in tok.get_added_tokens_decoder().items()}
         special = {i for i, t in tok.get_added_tokens_decoder().items() if t.special}
         bos = _token_str(cfg.get("bos_token"))
@@ -232,9 +251,38 @@ def _read_json(path: Path) -> dict:
     if not path.exists():
         return {}
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise TokenizerError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from None
+    except (UnicodeDecodeError, RecursionError) as e:
+        raise TokenizerError(f"{path}: not readable JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise TokenizerError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _model_vocab(folder: Path) -> int | None:
+    """vocab_size of the language model whose config.json shares the folder (either layout), if any."""
+    try:
+        cfg = json.loads((folder / "config.json").read_text())
+        text = cfg.get("llm_config") or cfg.get("text_config") or {}
+        vocab = text.get("vocab_size")
+    except (OSError, ValueError, RecursionError, AttributeError):
+        return None  # no config, or one the model loader reports itself
+    return vocab if isinstance(vocab, int) and not isinstance(vocab, bool) and vocab > 0 else None
+
+
+def _check_file_sizes(folder: Path, model_vocab: int | None) -> None:
+    """Refuse before loading a tokenizer file far larger than the model's vocabulary can explain."""
+    limit = MAX_TOKENIZER_BYTES if model_vocab is None else min(
+        MAX_TOKENIZER_BYTES, max(16 << 20, BYTES_PER_TOKEN * model_vocab)
+    )  # fmt: skip
+    for name in TOKENIZER_FILES:
+        path = folder / name
+        size = path.stat().st_size if path.is_file() else 0
+        if size > limit:
+            model = f" for a model of {model_vocab} tokens" if model_vocab is not None else ""
+            raise TokenizerError(f"{path}: {size} bytes, above the limit of {limit} bytes{model}")
 
 
 def _token_str(value) -> str | None:

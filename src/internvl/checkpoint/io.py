@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from ..config import ModelConfig
@@ -56,11 +57,16 @@ def weight_files(folder: Path) -> tuple[list[Path], dict[str, str] | None]:
     if index.exists():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
-            raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, RecursionError) as e:
+            raise CheckpointError(f"{index}: not a valid safetensors index ({type(e).__name__}: {e})") from None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise CheckpointError(f"{index}: weight_map must map tensor names to shard file names")
         files = sorted(set(weight_map.values()))
         for f in files:
-            if not (folder / f).exists():
+            # by name, not by resolved path: the Hub cache links a snapshot's files to blobs elsewhere
+            if Path(f).is_absolute() or ".." in Path(f).parts or not f:
+                raise CheckpointError(f"{index}: shard {f[:200]!r} is not a file inside the model folder {folder}")
+            if not (folder / f).is_file():
                 raise CheckpointError(f"{folder / f}: shard listed in {INDEX} does not exist")
         return [folder / f for f in files], weight_map
     single = folder / SINGLE
@@ -120,6 +126,13 @@ def load_weights(model: InternVLChatModel, folder: str | Path, dtype: torch.dtyp
     report = LoadReport(layout=layout, files=[str(f) for f in files])
     needed = {k for e in entries for k in e.external}
     report.unexpected = sorted(set(owner) - needed)
+    shapes = {k: handles[i].shape(raw_names.get(k, k)) for k, i in owner.items()}
+    for e in entries:  # sizes against the config from the headers alone, before a byte is read
+        present = all(k in shapes for k in e.external)
+        if present and sum(_numel(shapes[k]) for k in e.external) != sum(_numel(expected[n][0]) for n in e.internal):
+            k, name = e.external[0], e.internal[0]
+            raise CheckpointError(f"{files[owner[k]]}: tensor {k!r} has shape {tuple(shapes[k])}, but the config "
+                                  f"expects {tuple(expected[name][0])} for {name!r}")  # fmt: skip
     for e in entries:
         absent = [k for k in e.external if k not in owner]
         if absent:
@@ -128,7 +141,12 @@ def load_weights(model: InternVLChatModel, folder: str | Path, dtype: torch.dtyp
             report.missing.extend(absent)
             continue
         src = [handles[owner[k]].read(raw_names.get(k, k)) for k in e.external]
-        for name, value in zip(e.internal, e.to_internal(src)):
+        try:
+            converted = e.to_internal(src)
+        except RuntimeError as err:  # a fused tensor that does not split as the config says
+            raise CheckpointError(f"{files[owner[e.external[0]]]}: tensor {e.external[0]!r} of shape "
+                                  f"{tuple(src[0].shape)} does not fit the config ({err})") from None
+        for name, value in zip(e.internal, converted):
             shape, pdtype = expected[name]
             if tuple(value.shape) != tuple(shape):
                 f = files[owner[e.external[0]]]
@@ -142,6 +160,13 @@ def load_weights(model: InternVLChatModel, folder: str | Path, dtype: torch.dtyp
     if tie:
         model.language_model.lm_head.weight = model.language_model.model.embed_tokens.weight
     return report
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
 
 
 @contextlib.contextmanager
@@ -185,9 +210,15 @@ def save_model(model: InternVLChatModel, folder: str | Path, layout: str = "orig
     if model.language_model.fused:
         raise CheckpointError("this model's projections were fused for decoding and it cannot be saved; "
                               "load it with internvl.load(..., optimize=False) or load_model() to save it")
-    folder = Path(folder)
+    try:
+        return _save(model, Path(folder), layout, resolve_dtype(dtype), max_shard_bytes, tokenizer_dir)
+    except OSError as e:  # an unwritable or full output folder: one line, not a traceback
+        raise CheckpointError(f"{e.filename or folder}: cannot write the checkpoint ({e.strerror or e})") from None
+
+
+def _save(model: InternVLChatModel, folder: Path, layout: str, dtype: torch.dtype | None, max_shard_bytes: int,
+          tokenizer_dir: str | Path | None) -> list[Path]:  # fmt: skip
     folder.mkdir(parents=True, exist_ok=True)
-    dtype = resolve_dtype(dtype)
     state = model.state_dict()
     if model.config.llm.tie_word_embeddings:
         state.pop("language_model.lm_head.weight", None)
@@ -244,7 +275,10 @@ def _write_shards(tensors: dict[str, torch.Tensor], folder: Path, max_shard_byte
 
 def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, meta: dict[str, str]) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=meta)
+    try:
+        save_file(tensors, str(tmp), metadata=meta)
+    except SafetensorError as e:  # its I/O errors (unwritable folder, full disk) are not OSError
+        raise CheckpointError(f"{path}: cannot write the checkpoint ({e})") from None
     os.replace(tmp, path)
 
 

@@ -3,11 +3,13 @@
 `safetensors.safe_open` memory-maps the file and copies each tensor out of the mapping, so while a
 checkpoint loads, both the mapped pages and the copies are resident (about twice the checkpoint).
 Reading with `readinto` into the final tensor keeps the peak at about one checkpoint. The header is
-validated against the file size so a truncated or corrupt file fails with its name, before any read.
+validated before any read: its size, each entry's dtype, shape and byte range against the file size,
+and no two tensors sharing bytes, so a truncated, corrupt or hostile file fails with its name.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import struct
@@ -22,6 +24,7 @@ DTYPES = {
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
     "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
 }  # fmt: skip
+MAX_HEADER = 100_000_000  # bytes of JSON header, the limit of the safetensors library itself
 
 
 class SafetensorsFile:
@@ -34,32 +37,49 @@ class SafetensorsFile:
                 if len(head) < 8:
                     raise ValueError("file is shorter than the 8-byte header length")
                 (n,) = struct.unpack("<Q", head)
-                if n > self.size - 8:
-                    raise ValueError(f"header length {n} exceeds the file size {self.size}")
+                if n > min(self.size - 8, MAX_HEADER):
+                    raise ValueError(f"header length {n} exceeds the file size {self.size}" if n > self.size - 8
+                                     else f"header length {n} exceeds the format's limit of {MAX_HEADER}")  # fmt: skip
                 header = json.loads(f.read(n))
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, RecursionError) as e:
             raise CheckpointError(f"{self.path}: cannot read safetensors file ({e})") from None
+        if not isinstance(header, dict):
+            raise CheckpointError(f"{self.path}: the safetensors header is not a JSON object")
         self.metadata = header.pop("__metadata__", {}) or {}
         self.data_start = 8 + n
         self.entries: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]] = {}
         for key, info in header.items():
-            try:
-                dtype = DTYPES[info["dtype"]]
-                shape = tuple(int(s) for s in info["shape"])
-                begin, end = (int(x) for x in info["data_offsets"])
-            except (KeyError, TypeError, ValueError):
-                raise CheckpointError(f"{self.path}: malformed header entry for tensor {key!r}") from None
-            numel = 1
-            for s in shape:
-                numel *= s
-            expected = numel * torch.empty((), dtype=dtype).element_size()
-            if end - begin != expected or end < begin:
-                raise CheckpointError(f"{self.path}: tensor {key!r} spans {end - begin} bytes, but dtype "
-                                      f"{info['dtype']} and shape {list(shape)} need {expected}")  # fmt: skip
-            if self.data_start + end > self.size:
-                raise CheckpointError(f"{self.path}: cannot read safetensors file (truncated: tensor {key!r} ends "
-                                      f"at byte {self.data_start + end} of {self.size})")  # fmt: skip
-            self.entries[key] = (dtype, shape, begin, end)
+            self.entries[key] = self._entry(key, info)
+        spans = sorted((begin, end, key) for key, (_, _, begin, end) in self.entries.items() if end > begin)
+        for (_, end, first), (begin, _, second) in itertools.pairwise(spans):
+            if begin < end:
+                raise CheckpointError(f"{self.path}: tensors {first!r} and {second!r} share bytes {begin}..{end} "
+                                      "of the data; each tensor needs its own byte range")  # fmt: skip
+
+    def _entry(self, key: str, info) -> tuple[torch.dtype, tuple[int, ...], int, int]:
+        where = f"{self.path}: tensor {key!r}"
+        if not isinstance(info, dict) or not isinstance(info.get("dtype"), str) or info["dtype"] not in DTYPES:
+            dtype = info.get("dtype") if isinstance(info, dict) else None
+            raise CheckpointError(f"{where}: malformed header entry (dtype {dtype!r}; expected one of "
+                                  f"{sorted(DTYPES)})")  # fmt: skip
+        shape, offsets = info.get("shape"), info.get("data_offsets")
+        if not _ints(shape) or any(d < 0 for d in shape):
+            raise CheckpointError(f"{where}: shape must be a list of non-negative integers, got {shape!r}"[:300])
+        if not _ints(offsets) or len(offsets) != 2 or not 0 <= offsets[0] <= offsets[1]:
+            raise CheckpointError(f"{where}: data_offsets must be [begin, end] with 0 <= begin <= end, "
+                                  f"got {offsets!r}"[:300])  # fmt: skip
+        dtype, (begin, end) = DTYPES[info["dtype"]], offsets
+        numel = 1
+        for d in shape:
+            numel *= d
+        expected = numel * torch.empty((), dtype=dtype).element_size()
+        if end - begin != expected:
+            raise CheckpointError(f"{where} spans {end - begin} bytes, but dtype {info['dtype']} and shape "
+                                  f"{list(shape)} need {expected}")  # fmt: skip
+        if self.data_start + end > self.size:
+            raise CheckpointError(f"{self.path}: cannot read safetensors file (truncated: tensor {key!r} ends "
+                                  f"at byte {self.data_start + end} of {self.size})")  # fmt: skip
+        return dtype, tuple(shape), begin, end
 
     def keys(self) -> list[str]:
         # in file order, so that reads are sequential
@@ -85,3 +105,7 @@ class SafetensorsFile:
         finally:
             os.close(fd)
         return out
+
+
+def _ints(value) -> bool:
+    return isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
