@@ -92,11 +92,27 @@ def read_predictions(path: Path) -> dict[str, dict]:
 def _check_settings(path: Path, settings: dict) -> None:
     if not path.exists():
         return
-    old = json.loads(path.read_text())
+    try:
+        old = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        old = e
+    if not isinstance(old, dict):
+        raise DataError(f"{path}: not a settings file written by this runner ({old}); delete it to resume anyway, "
+                        "or drop --resume")  # fmt: skip
     for key in sorted(set(old) | set(settings)):
         if old.get(key) != settings.get(key):
             raise DataError(f"{path}: the predictions were made with {key}={old.get(key)!r}, this run has "
                             f"{settings.get(key)!r}; use the same settings or drop --resume")  # fmt: skip
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Write through a temporary file and a rename: a kill leaves the old file or the new one, never half."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def default_max_num(model) -> int:
@@ -130,7 +146,7 @@ def evaluate(model, task, out_dir: str | Path, *, batch_size: int = 8, max_num: 
     else:
         done = {}
         pred_path.unlink(missing_ok=True)
-    settings_path.write_text(json.dumps(settings, indent=2) + "\n")
+    _write_atomic(settings_path, json.dumps(settings, indent=2) + "\n")
     todo = [ex for ex in task.examples if ex.key not in done]
     bar = tqdm(total=len(task.examples), initial=len(task.examples) - len(todo), desc=task.name, unit="q",
                disable=(not progress) if progress is not None else None, dynamic_ncols=True)  # fmt: skip

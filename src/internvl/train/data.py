@@ -3,7 +3,7 @@
 Meta JSON: `{name: {root, annotation, data_augment, repeat_time, length, [max_dynamic_patch]}}`; a relative
 `root` or `annotation` is resolved against the meta file's directory. Each annotation is scanned once to
 record the byte offset of every line and to validate every row; rows are read later by seeking, so a large
-file is never held in memory. Every error names `file:line`.
+file is never held in memory, nor is a line longer than `MAX_ROW_BYTES`. Every error names `file:line`.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from ..errors import DataError
 
 ROLES = ("human", "gpt", "system")
 IMAGE, VIDEO = "<image>", "<video>"
+MAX_ROW_BYTES = 16 << 20  # one annotation line; far beyond any conversation that fits a context window
 
 
 @dataclass(frozen=True)
@@ -230,6 +231,23 @@ def build_index(specs: list[DatasetSpec], skip_bad_rows: bool = False, check_fil
     return index
 
 
+def _lines(f, limit: int):
+    """(line number, byte offset, line, length) for each line of a binary file; the line is None when it is
+    longer than `limit`, and it is then skipped in blocks, never held whole."""
+    number = offset = 0
+    while raw := f.readline(limit + 1):
+        number += 1
+        size = len(raw)
+        if size > limit and not raw.endswith(b"\n"):
+            while raw and not raw.endswith(b"\n"):
+                raw = f.readline(1 << 20)
+                size += len(raw)
+            yield number, offset, None, size
+        else:
+            yield number, offset, raw, size
+        offset += size
+
+
 def _scan_file(spec: DatasetSpec, bad: list[BadRow], skip: bool, check_files: bool, check):
     name = display_path(spec.annotation)
     lines, offsets = [], []
@@ -237,24 +255,26 @@ def _scan_file(spec: DatasetSpec, bad: list[BadRow], skip: bool, check_files: bo
     if spec.repeat_time < 1:
         # the reference keeps the first fraction of the lines; only those are read and validated
         with open(spec.annotation, "rb") as f:
-            limit = int(sum(1 for raw in f if raw.strip()) * spec.repeat_time)
-    offset = 0
+            limit = int(sum(1 for _, _, raw, _ in _lines(f, MAX_ROW_BYTES) if raw is None or raw.strip())
+                        * spec.repeat_time)  # fmt: skip
     seen = 0
     with open(spec.annotation, "rb") as f:
-        for number, raw in enumerate(f, 1):
-            start, offset = offset, offset + len(raw)
-            if not raw.strip():
+        for number, start, raw, size in _lines(f, MAX_ROW_BYTES):
+            if raw is not None and not raw.strip():
                 continue
             if limit is not None and seen >= limit:
                 break
             seen += 1
             reason = None
-            try:
-                item = json.loads(raw)
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                reason = f"invalid JSON ({getattr(e, 'msg', e)} at column {getattr(e, 'colno', '?')})"
+            if raw is None:
+                reason = f"the row is {size} bytes, above the limit of {MAX_ROW_BYTES} bytes for one line"
             else:
-                reason = check(item, spec.root, check_files)
+                try:
+                    item = json.loads(raw)
+                except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+                    reason = f"invalid JSON ({getattr(e, 'msg', e)} at column {getattr(e, 'colno', '?')})"
+                else:
+                    reason = check(item, spec.root, check_files)
             if reason is not None:
                 if not skip:
                     raise DataError(f"{name}:{number}: {reason}")

@@ -1,0 +1,112 @@
+"""Hostile training and evaluation files (issue 21): an evaluation's settings.json is written atomically and a
+torn one is a one-line error on --resume; a JSONL row too large to be a conversation is refused by file and
+line without being read whole, and skipped with --skip-bad-rows."""
+
+from __future__ import annotations
+
+import json
+import tracemalloc
+from types import SimpleNamespace
+
+import pytest
+
+from internvl.errors import DataError
+from internvl.eval import runner
+from internvl.eval.runner import evaluate
+from internvl.train.data import MAX_ROW_BYTES, DatasetSpec, build_index
+
+
+class Engine:
+    """Just enough of the engine for the runner: every request answers "A" at the next step."""
+
+    def __init__(self):
+        self.waiting, self.n = [], 0
+
+    def add(self, prompt, params, pixel_values):
+        self.n += 1
+        self.waiting.append(SimpleNamespace(request_id=f"r{self.n}", text="A"))
+        return self.waiting[-1]
+
+    def step(self):
+        done, self.waiting = self.waiting, []
+        return [SimpleNamespace(seq=s, finished=True) for s in done]
+
+    def abort(self, seq):
+        pass
+
+
+class Task:
+    name, settings = "toy", {"prompt": "v1"}
+
+    def __init__(self, n=3, tokens=8):
+        self.examples = [SimpleNamespace(key=str(i), prompt=f"q{i}", images=[], info={}, max_new_tokens=tokens)
+                         for i in range(n)]  # fmt: skip
+
+    def judge(self, ex, answer):
+        return {}
+
+    def summarize(self, predictions):
+        return {"n": len(predictions)}
+
+
+def model():
+    return SimpleNamespace(engine=Engine(), path="toy-model", prepare=lambda prompt, images, max_num: (prompt, None, 0))
+
+
+def test_a_torn_settings_file_is_a_one_line_error_on_resume(tmp_path):
+    evaluate(model(), Task(), tmp_path, progress=False)
+    settings = tmp_path / "settings.json"
+    text = settings.read_text()
+    settings.write_text(text[: len(text) // 2])  # what a kill in the middle of a plain write leaves
+    with pytest.raises(DataError) as e:
+        evaluate(model(), Task(), tmp_path, resume=True, progress=False)
+    assert "settings.json" in str(e.value) and "drop --resume" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_settings_are_replaced_whole_or_not_at_all(tmp_path, monkeypatch):
+    """A run killed while writing new settings leaves the previous file intact (the write goes to a temporary
+    file that is renamed into place)."""
+    evaluate(model(), Task(tokens=8), tmp_path, progress=False)
+    before = json.loads((tmp_path / "settings.json").read_text())
+
+    def killed(*_):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runner.os, "replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(model(), Task(tokens=16), tmp_path, progress=False)
+    assert json.loads((tmp_path / "settings.json").read_text()) == before
+    monkeypatch.undo()
+    assert evaluate(model(), Task(tokens=8), tmp_path, resume=True, progress=False)["n"] == 3
+
+
+def conversation(text: str) -> bytes:
+    row = {"conversations": [{"from": "human", "value": text}, {"from": "gpt", "value": "ok"}]}
+    return json.dumps(row).encode() + b"\n"
+
+
+def test_a_100_mb_row_is_refused_by_file_and_line_without_reading_it_whole(tmp_path):
+    path = tmp_path / "data.jsonl"
+    path.write_bytes(conversation("hello") + conversation("a" * (100 << 20)))  # valid, but no real row
+    spec = DatasetSpec("toy", str(tmp_path), str(path))
+    tracemalloc.start()
+    try:
+        with pytest.raises(DataError) as e:
+            build_index([spec])
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    size = path.stat().st_size - len(conversation("hello"))
+    assert f"data.jsonl:2: the row is {size} bytes, above the limit of {MAX_ROW_BYTES}" in str(e.value)
+    assert peak < 3 * MAX_ROW_BYTES, f"{peak >> 20} MiB held while scanning"  # the row alone is 100 MiB
+
+
+def test_an_oversized_row_is_skipped_and_the_rows_after_it_still_read(tmp_path, monkeypatch):
+    monkeypatch.setattr("internvl.train.data.MAX_ROW_BYTES", 4096)
+    path = tmp_path / "data.jsonl"
+    path.write_bytes(conversation("first") + conversation("x" * 10_000) + b"\n" + conversation("third"))
+    index = build_index([DatasetSpec("toy", str(tmp_path), str(path))], skip_bad_rows=True)
+    size, name = len(conversation("x" * 10_000)), index.source(0).rsplit(":", 1)[0]
+    assert [str(b) for b in index.bad] == [f"{name}:2: the row is {size} bytes, above the limit of 4096 bytes for one line"]
+    assert len(index) == 2 and index.read(1)[0]["conversations"][0]["value"] == "third"
+    assert index.source(1).endswith(":4")
