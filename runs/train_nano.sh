@@ -1,10 +1,21 @@
 #!/usr/bin/env bash
 # Train the built-in nano model from scratch on a CPU with the ordinary training command, then evaluate it.
-#   bash runs/train_nano.sh [OUT]        (OUT defaults to runs/nano; ~7 GB of data; hours on 2 cores)
+#   bash runs/train_nano.sh [OUT]        (OUT defaults to runs/nano; ~1.5 GB of data; hours on 2 cores)
 # Rerunning the script resumes where it stopped (each stage continues from its last checkpoint).
+# Options (environment):
+#   START=DIR      start the language stages from this model folder instead of the vision stage, e.g.
+#                  START=src/internvl/assets/nano STAGES=stage1 continues training the shipped model
+#   STAGES="..."   the language stages to run, in order (default: shapes stage0 stage1a stage1)
+#   STEPS_stage1=N the steps of a stage (its cosine schedule spans them; default: the stage's config)
+#   ARGS_stage1="--lr 5e-4"   more finetune flags for a stage (e.g. a lower peak when continuing a model)
+#   N=6000         items per task in the train split
+#   VIT_STEPS=1200 VIT_IMAGES=20000 CUR_SCALE=1 EVAL_N=200   the other sizes (a tiny run: tests/test_nano_recipe.py)
+# Run nothing else that uses the cores meanwhile: two processes with two OpenMP threads each on two cores
+# run ~10x slower, not 2x.
 set -euo pipefail
 OUT=${1:-runs/nano}
-N=${N:-20000}                  # items per task in the train split
+N=${N:-6000}                   # items per task in the train split
+STAGES=${STAGES:-"shapes stage0 stage1a stage1"}
 export OMP_WAIT_POLICY=PASSIVE # yield the cores when another process competes for them
 mkdir -p "$OUT"
 
@@ -16,30 +27,31 @@ mkdir -p "$OUT"
 
 # 3. the curriculum: one large shape (stage 0), one or two mid-sized (stage 1a), up to five at the contract's
 #    sizes mixed with the split (stage 1); shapes.json holds only the shape questions of stage 0's scenes
-[ -f "$OUT/curriculum/stage1a.json" ] || python -m internvl.train.nano curriculum --split "$OUT/data" --out "$OUT/curriculum"
+[ -f "$OUT/curriculum/stage1a.json" ] || python -m internvl.train.nano curriculum --split "$OUT/data" --out "$OUT/curriculum" \
+    --scale "${CUR_SCALE:-1}"
 
-# 4. the vision encoder, pretrained on per-patch targets drawn from the generator (~26 min), then frozen
-[ -f "$OUT/vit/vit_pretrain.json" ] || python -m internvl.train.nano vit --init "$OUT/init" --out "$OUT/vit" \
-    --data "$OUT/vit_data.npz" --steps 1200 --images 20000
-
-# 5. the language stages, each from the last one's final weights (~12 + 16 + 42 min, then ~4 h for stage 1):
-#    shapes only (the skill the model otherwise learns last), single large shapes, one or two, the mixture
-prev="$OUT/vit"
-for stage in shapes:nano-shapes stage0:nano-stage0 stage1a:nano-stage1a stage1:nano; do
-  name=${stage%%:*}; config=configs/train/${stage##*:}.yaml
-  [ -f "$OUT/$name/final/config.json" ] || internvl finetune "$prev" --data "$OUT/curriculum/$name.json" \
-      --config "$config" --out "$OUT/$name" --resume
-  prev="$OUT/$name/final"
-done
-
-# (optional, not in the shipped model) the full dynamic tiling, from those weights
-if [ "${STAGE2:-0}" = 1 ]; then
-  [ -f "$OUT/stage2/final/config.json" ] || internvl finetune "$prev" --data "$OUT/data/meta.json" \
-      --config configs/train/nano-stage2.yaml --out "$OUT/stage2" --resume
-  FINAL="$OUT/stage2/final"
-else
-  FINAL="$prev"
+# 4. the vision encoder, pretrained on per-patch targets drawn from the generator (~20 min), then frozen
+if [ -z "${START:-}" ]; then
+  [ -f "$OUT/vit/vit_pretrain.json" ] || python -m internvl.train.nano vit --init "$OUT/init" --out "$OUT/vit" \
+      --data "$OUT/vit_data.npz" --steps "${VIT_STEPS:-1200}" --images "${VIT_IMAGES:-20000}"
 fi
 
+# 5. the language stages, each from the last one's final weights (~1.5 s a step of ~22 packed samples):
+#    shapes only (the skill the model otherwise learns last), single large shapes, one or two, the mixture
+prev=${START:-"$OUT/vit"}
+for name in $STAGES; do
+  case $name in shapes) config=nano-shapes ;; stage1) config=nano ;; *) config=nano-$name ;; esac
+  steps_var="STEPS_$name"; steps=${!steps_var:-}
+  args_var="ARGS_$name"; read -r -a extra <<< "${!args_var:-}"
+  [ -f "$OUT/$name/final/config.json" ] || internvl finetune "$prev" --data "$OUT/curriculum/$name.json" \
+      --config "configs/train/$config.yaml" --out "$OUT/$name" --resume ${steps:+--max-steps "$steps"} \
+      ${extra[@]+"${extra[@]}"}
+  prev="$OUT/$name/final"
+done
+FINAL="$prev"
+
 # 6. the benchmark: per-task accuracy on the test split (200 items per task), greedy
-internvl eval synthetic "$FINAL" --n 200 --out "$OUT/eval"
+internvl eval synthetic "$FINAL" --n "${EVAL_N:-200}" --out "$OUT/eval"
+
+# 7. to ship it as the built-in model (src/internvl/assets/nano, with training.json):
+#    python -m internvl.train.nano ship "$FINAL" --summary "$OUT/eval/summary.json" --stage LAST_STAGE
