@@ -65,7 +65,7 @@ def assert_error(r: httpx.Response, status: int, *words: str) -> dict:
 
 BAD = [
     ("bad json", None, b'{"model": "tiny", "messages": [', 400, ["not valid JSON"]),
-    ("messages not a list", {"model": "tiny", "messages": "hi"}, None, 400, ["messages", "valid list"]),
+    ("messages not a list", {"model": "tiny", "messages": "hi"}, None, 400, ["messages", "valid array"]),
     ("no messages", {"model": "tiny", "messages": []}, None, 400, ["messages", "at least 1"]),
     ("content a number", {**OK, "messages": [{"role": "user", "content": 5}]}, None, 400, ["messages[0].content"]),
     ("max_tokens a word", {**OK, "max_tokens": "many"}, None, 400, ["max_tokens", "integer"]),

@@ -4,7 +4,8 @@
 running one. Each request keeps its own sampling settings, stops and random generator. Synchronous
 `generate()`/`stream()` and the HTTP server all drive the same loop. Prompts that start like a recent one
 reuse its keys and values (`prefix_cache`); requests admitted together of similar length share one
-prefill forward.
+prefill forward. With `isolate_failures` (the server's setting) a request whose prefill or sampling fails
+ends alone with finish_reason "error"; otherwise the exception propagates.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ class Sequence:
     aborted: bool = False
     stop_ids: frozenset[int] = frozenset()
     cached_tokens: int = 0  # prompt tokens whose K/V came from the prefix cache
+    error: str | None = None  # why it ended with finish_reason "error"
 
     @property
     def finished(self) -> bool:
@@ -78,6 +80,7 @@ class Engine:
             prefix_cache = PrefixCache(stop_token=model.image_token_id)
         self.prefix_cache: PrefixCache | None = prefix_cache or None
         self._weights_seen: tuple | None = None  # what the prefix cache was computed with
+        self.isolate_failures = False  # a request failing in prefill or sampling ends alone ("error")
 
     # ---- requests ------------------------------------------------------------------------------
 
@@ -171,10 +174,22 @@ class Engine:
             if group:
                 first = len(group[0][0].prompt_ids) - (group[0][1].length if group[0][1] else 0)
                 if rest - first >= PREFILL_SPAN or rest * (len(group) + 1) > PREFILL_TOKENS:
-                    events += self._prefill_group(group)
+                    events += self._prefill_isolated(group)
                     group = []
             group.append(plan)
-        return events + self._prefill_group(group)
+        return events + self._prefill_isolated(group)
+
+    def _prefill_isolated(self, plans: list[tuple[Sequence, Hit | None]]) -> list[TokenEvent]:
+        """A group's prefill; when it fails (and failures are isolated), each request again alone, so
+        only the one that fails by itself ends. A failed forward has not touched the running batch."""
+        try:
+            return self._prefill_group(plans)
+        except Exception as e:
+            if not self.isolate_failures:
+                raise
+            if len(plans) == 1:
+                return [self._fail(plans[0][0], e)]
+        return [event for plan in plans for event in self._prefill_isolated([plan])]
 
     def _prefill_group(self, plans: list[tuple[Sequence, Hit | None]]) -> list[TokenEvent]:
         """Rows padded on the right to the longest uncached part; each row's logits at its last token."""
@@ -234,12 +249,17 @@ class Engine:
         events = []
         for i, seq in enumerate(seqs):
             suppress = len(seq.output_ids) < seq.params.min_new_tokens
-            if plain[i] and not (suppress and top[i] in seq.stop_ids):
-                token = top[i]
-            else:
-                token = sample_next(logits[i], seq.params, seq.output_ids, seq.generator,
-                                    sorted(seq.stop_ids) if suppress else None)  # fmt: skip
-            events.append(self._accept(seq, token))
+            try:
+                if plain[i] and not (suppress and top[i] in seq.stop_ids):
+                    token = top[i]
+                else:
+                    token = sample_next(logits[i], seq.params, seq.output_ids, seq.generator,
+                                        sorted(seq.stop_ids) if suppress else None)  # fmt: skip
+                events.append(self._accept(seq, token))
+            except Exception as e:
+                if not self.isolate_failures:
+                    raise
+                events.append(self._fail(seq, e))
         return events
 
     def _accept(self, seq: Sequence, token: int) -> TokenEvent:
@@ -266,6 +286,13 @@ class Engine:
         if seq.decoder is not None and reason != "stop":
             seq.text += seq.decoder.flush()
         return TokenEvent(seq, token, self._delta(seq, final=True), True)
+
+    def _fail(self, seq: Sequence, error: Exception) -> TokenEvent:
+        """End one request on its own failure; the rest of the batch goes on."""
+        seq.error = f"{type(error).__name__}: {error}"
+        seq.finish_reason = "error"
+        seq.pixel_values = None
+        return TokenEvent(seq, None, "", True)
 
     def _delta(self, seq: Sequence, final: bool) -> str:
         """New text, holding back a tail that could still become a stop string."""

@@ -1,7 +1,8 @@
 """The FastAPI app: OpenAI-compatible `/v1/chat/completions` and `/v1/models`, `/health`, and the chat page.
 
-A request flows: JSON -> `ChatCompletionRequest` -> conversation -> images (in worker threads) -> prompt ids
--> `Scheduler` (the engine thread) -> text deltas -> one `chat.completion` or an SSE stream of chunks.
+A request flows: JSON -> `ChatCompletionRequest` (parse.py) -> conversation -> images and prompt ids (in
+worker threads, with a time limit) -> `Scheduler` (the engine thread) -> text deltas -> one `chat.completion`
+or an SSE stream of chunks. Every failure is a JSON error; once a stream has begun, an error event and [DONE].
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
-from pydantic import ValidationError
 from starlette.exceptions import HTTPException
 
 from ..api import sampling_params
@@ -27,9 +27,20 @@ from ..errors import ImageError, InternVLError
 from .conversation import Conversation, build_inputs, parse_messages
 from .guard import Guard
 from .media import MediaPolicy, open_image
+from .parse import parse_request
 from .scheduler import Request as Job
 from .scheduler import Scheduler
-from .schemas import APIError, ChatCompletionRequest, chunk, completion, error_body, model_card, new_id, usage
+from .schemas import (
+    APIError,
+    ChatCompletionRequest,
+    chunk,
+    completion,
+    error_body,
+    model_card,
+    new_id,
+    openapi,
+    usage,
+)
 
 log = logging.getLogger("internvl.serve")
 STATIC = Path(__file__).parent / "static"
@@ -46,7 +57,13 @@ class ServeSettings:
     prefill_budget: int = 512  # prompt tokens admitted into the running batch per engine step
     max_queue: int = 256  # requests waiting for a batch slot before new ones get 429
     preprocess_threads: int = 2  # image decoding and tiling run here, off the event loop
+    preprocess_timeout: float = 60.0  # seconds to decode a request's images and tokenize its prompt
+    max_prompt_chars: int | None = None  # text characters per request; None: 32 per token of context
     media: MediaPolicy = field(default_factory=MediaPolicy)
+
+    def prompt_chars(self, context: int) -> int:
+        # no token of a real vocabulary holds 32 characters on average, so a longer text cannot fit
+        return self.max_prompt_chars if self.max_prompt_chars is not None else 32 * context
 
 
 def create_app(llm, settings: ServeSettings | None = None) -> FastAPI:
@@ -66,11 +83,12 @@ def create_app(llm, settings: ServeSettings | None = None) -> FastAPI:
                   lifespan=lifespan, docs_url="/docs", redoc_url=None)  # fmt: skip
     app.state.scheduler, app.state.settings, app.state.llm = scheduler, settings, llm
     app.add_middleware(Guard, api_key=settings.api_key, max_body_bytes=settings.max_body_bytes)
+    app.openapi = lambda: app.openapi_schema or openapi(app)
     _error_handlers(app)
 
     @app.get("/health")
     async def health():
-        if not scheduler.thread.is_alive():
+        if not scheduler.alive():
             return JSONResponse({"status": "engine stopped", "model": settings.model_name}, status_code=503)
         return {"status": "ok", "model": settings.model_name, **scheduler.stats()}
 
@@ -89,15 +107,14 @@ def create_app(llm, settings: ServeSettings | None = None) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        req = _parse(await request.body())
+        req = parse_request(await request.body(), settings.prompt_chars(llm.engine.max_model_len))
         if req.model and req.model != settings.model_name:
             raise _unknown_model(req.model, settings.model_name)
         conv = parse_messages(req.messages)
         if len(conv.images) > settings.max_images:
             raise APIError(400, f"the request has {len(conv.images)} images, above this server's limit of "
                                 f"{settings.max_images} (--max-images)", param="messages", code="too_many_images")  # fmt: skip
-        ids, pixel_values = await anyio.to_thread.run_sync(_inputs, llm, conv, settings.media,
-                                                           limiter=request.app.state.limiter)  # fmt: skip
+        ids, pixel_values = await _prepare(request, llm, conv, settings)
         params = _sampling(llm, req, len(ids), settings.max_tokens_cap)
         rid = new_id()
         job = scheduler.submit(rid, ids, params, pixel_values)
@@ -119,39 +136,17 @@ def create_app(llm, settings: ServeSettings | None = None) -> FastAPI:
 # ---- request -> engine inputs -------------------------------------------------------------------
 
 
-def _parse(body: bytes) -> ChatCompletionRequest:
+async def _prepare(request: Request, llm, conv: Conversation, settings: ServeSettings):
+    """Images decoded and the prompt tokenized in a worker thread, given up after `preprocess_timeout`
+    (the thread then finishes on its own; the size limits bound how long that can take)."""
     try:
-        data = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise APIError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from None
-    try:
-        req = ChatCompletionRequest.model_validate(data)
-    except ValidationError as e:
-        message, param = _describe(e)
-        raise APIError(400, message, param=param, code="invalid_request") from None
-    if (error := req.unsupported()) is not None:
-        raise error
-    return req
-
-
-def _describe(e: ValidationError) -> tuple[str, str | None]:
-    """`messages[0].content: Input should be ...` for the first few errors, and the first error's field."""
-    lines, first = [], None
-    for err in e.errors()[:3]:
-        loc = ""
-        for part in err["loc"]:
-            if isinstance(part, int):
-                loc += f"[{part}]"
-            elif not any(c in part for c in "[(-") and part not in (
-                "str",
-                "list",
-                "int",
-            ):  # union branch names
-                loc += f".{part}" if loc else part
-        first = first or loc or None
-        lines.append(f"{loc or 'body'}: {err['msg']}")
-    more = len(e.errors()) - 3
-    return "; ".join(lines) + (f" (and {more} more)" if more > 0 else ""), first
+        with anyio.fail_after(settings.preprocess_timeout):
+            return await anyio.to_thread.run_sync(_inputs, llm, conv, settings.media, abandon_on_cancel=True,
+                                                  limiter=request.app.state.limiter)  # fmt: skip
+    except TimeoutError:
+        raise APIError(408, f"decoding the images and tokenizing the prompt took longer than "
+                            f"{settings.preprocess_timeout:g} s; send smaller images or a shorter prompt",
+                       code="timeout") from None  # fmt: skip
 
 
 def _inputs(llm, conv: Conversation, policy: MediaPolicy):
@@ -268,7 +263,7 @@ async def _stream(job: Job, settings: ServeSettings, deadline: float, include_us
 
     yield event({"role": "assistant", "content": ""})
     started = False
-    try:
+    try:  # from here on the status line is sent: every failure becomes an error event, then [DONE]
         async for u in _updates(job, deadline):
             if u.error:
                 yield _sse(u.error.body())
@@ -285,37 +280,54 @@ async def _stream(job: Job, settings: ServeSettings, deadline: float, include_us
                                      with_usage=True))  # fmt: skip
     except asyncio.TimeoutError:
         yield _sse(_timeout_error(settings).body())
-    yield "data: [DONE]\n\n"
+    except Exception as e:
+        log.exception("streaming failed")
+        yield _sse(error_body(f"internal server error: {type(e).__name__}: {e}", "server_error"))
+    yield b"data: [DONE]\n\n"
 
 
-def _sse(obj: dict) -> str:
-    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+def _sse(obj: dict) -> bytes:
+    return b"data: " + _json_bytes(obj) + b"\n\n"
+
+
+def _json_bytes(obj: dict) -> bytes:
+    """UTF-8 JSON; with \\u escapes where a string cannot be encoded (a lone surrogate)."""
+    try:
+        return json.dumps(obj, ensure_ascii=False).encode()
+    except UnicodeEncodeError:
+        return json.dumps(obj).encode()
 
 
 # ---- errors -------------------------------------------------------------------------------------
 
 
 def _unknown_model(asked: str, served: str) -> APIError:
-    return APIError(404, f"the model {asked!r} does not exist; this server serves {served!r} (see GET /v1/models)",
+    shown = repr(asked) if len(asked) <= 200 else repr(asked[:200]) + "..."
+    return APIError(404, f"the model {shown} does not exist; this server serves {served!r} (see GET /v1/models)",
                     param="model", code="model_not_found")  # fmt: skip
+
+
+class _ErrorResponse(JSONResponse):
+    def render(self, content) -> bytes:
+        return _json_bytes(content)
 
 
 def _error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def api_error(_: Request, e: APIError):
-        return JSONResponse(e.body(), status_code=e.status)
+        return _ErrorResponse(e.body(), status_code=e.status)
 
     @app.exception_handler(HTTPException)
     async def http_error(_: Request, e: HTTPException):
-        return JSONResponse(error_body(str(e.detail), code=str(e.status_code)), status_code=e.status_code,
-                            headers=getattr(e, "headers", None))  # fmt: skip
+        return _ErrorResponse(error_body(str(e.detail), code=str(e.status_code)), status_code=e.status_code,
+                              headers=getattr(e, "headers", None))  # fmt: skip
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_: Request, e: RequestValidationError):
-        return JSONResponse(error_body(str(e.errors()[:3]), code="invalid_request"), status_code=400)
+        return _ErrorResponse(error_body(str(e.errors()[:3])[:1000], code="invalid_request"), status_code=400)
 
     @app.exception_handler(Exception)
     async def internal_error(_: Request, e: Exception):
         log.exception("unhandled error")
-        return JSONResponse(error_body(f"internal server error: {type(e).__name__}: {e}", "server_error"),
-                            status_code=500)  # fmt: skip
+        return _ErrorResponse(error_body(f"internal server error: {type(e).__name__}: {e}", "server_error"),
+                              status_code=500)  # fmt: skip

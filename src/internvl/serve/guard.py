@@ -2,16 +2,19 @@
 
 It answers 401/413 itself, in the OpenAI error shape, before any body is buffered or parsed. A refused
 upload is read and thrown away (up to a bound) first, so the client sees the answer, not a reset socket.
+Once a large body has been answered, the heap pages it used go back to the OS.
 """
 
 from __future__ import annotations
 
+import ctypes
 import hmac
 import json
 
 from .schemas import error_body
 
 DRAIN_LIMIT = 256 * 1024 * 1024  # bytes of a refused body we read before just closing the connection
+LARGE_BODY = 4 * 1024 * 1024  # after a body this large, free heap memory is released
 
 
 class Guard:
@@ -45,16 +48,23 @@ class Guard:
             chunks.append(body)
             if not message.get("more_body"):
                 break
+        whole = b"".join(chunks)
+        del chunks  # one copy of a large body, not two
         replayed = False
 
         async def replay():
-            nonlocal replayed
+            nonlocal replayed, whole
             if replayed:
                 return await receive()
             replayed = True
-            return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+            message, whole = {"type": "http.request", "body": whole, "more_body": False}, b""
+            return message
 
-        await self.app(scope, replay, send)
+        try:
+            await self.app(scope, replay, send)
+        finally:
+            if total > LARGE_BODY:  # its chunks, its copy and its parsed strings are free now
+                release_free_memory()
 
     def _authorized(self, headers: dict[bytes, bytes]) -> bool:
         scheme, _, token = headers.get(b"authorization", b"").decode("latin-1").partition(" ")
@@ -82,3 +92,11 @@ async def _reject(receive, send, status: int, body: dict, last: dict | None = No
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]})  # fmt: skip
     await send({"type": "http.response.body", "body": data})
+
+
+def release_free_memory() -> None:
+    """Give freed heap pages back to the OS (glibc keeps them otherwise, and RSS never comes down)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass

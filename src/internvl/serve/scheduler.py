@@ -4,12 +4,13 @@ One thread owns `Engine.step()`. New requests are checked by the engine, wait in
 running batch a few at a time (a budget of prompt tokens to compute per step; tokens the engine's prefix
 cache holds cost nothing), so a burst of arrivals delays the running streams by a bounded amount.
 Cancelling a request (client gone, time-out) removes it from the queue or aborts it in the engine.
+A request that fails on its own (its prefill, its sampling, its admission) ends alone with an error; a step
+that fails as a whole fails the batch; the thread survives both, and restarts itself if anything else escapes.
 """
 
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import logging
 import threading
 from collections import Counter, deque
@@ -20,6 +21,7 @@ import torch
 from ..engine.engine import Engine, Sequence
 from ..engine.sampling import SamplingParams
 from ..errors import InternVLError
+from .guard import release_free_memory
 from .schemas import APIError
 
 log = logging.getLogger("internvl.serve")
@@ -59,6 +61,7 @@ class Request:
 class Scheduler:
     def __init__(self, engine: Engine, prefill_budget: int = 512, max_queue: int = 256):
         self.engine = engine
+        engine.isolate_failures = True  # one request's failure must not end its neighbours
         self.prefill_budget = prefill_budget  # prompt tokens admitted per step (at least one request)
         self.max_queue = max_queue  # requests waiting for a batch slot; more are refused with 429
         self.pending: deque[Request] = deque()
@@ -68,12 +71,29 @@ class Scheduler:
         self.steps = 0
         self.finished: Counter[str] = Counter()  # requests ended in the engine, by finish reason
         self.dropped = 0  # requests cancelled while still queued
-        self.thread = threading.Thread(target=self._loop, name="internvl-engine", daemon=True)
+        self.restarts = 0  # times the engine loop failed outside a step and was started again
+        self.thread = self._new_thread()
 
     # ---- called from the event loop -------------------------------------------------------------
 
+    def _new_thread(self) -> threading.Thread:
+        return threading.Thread(target=self._run, name="internvl-engine", daemon=True)
+
     def start(self) -> None:
         self.thread.start()
+
+    def alive(self) -> bool:
+        """Whether the engine thread runs; a dead one (which `_run` should never allow) is started again."""
+        with self.cond:
+            if self.thread.is_alive():
+                return True
+            if self.stopping or self.thread.ident is None:  # stopped, or not started yet
+                return False
+            log.error("the engine thread had died; starting a new one")
+            self.restarts += 1
+            self.thread = self._new_thread()
+            self.thread.start()
+            return self.thread.is_alive()
 
     def stop(self, timeout: float = 10.0) -> None:
         with self.cond:
@@ -88,6 +108,7 @@ class Scheduler:
         except InternVLError as e:
             raise APIError(400, str(e), code="invalid_prompt") from None
         req = Request(request_id, prompt_ids, params, pixel_values, asyncio.get_running_loop())
+        self.alive()
         with self.cond:
             if self.stopping:
                 raise APIError(503, "the server is shutting down", code="shutting_down")
@@ -116,9 +137,20 @@ class Scheduler:
 
     def stats(self) -> dict[str, int]:
         return {"running": len(self.engine.running), "waiting": len(self.pending) + len(self.engine.waiting),
-                "steps": self.steps, "finished": dict(self.finished), "dropped": self.dropped}  # fmt: skip
+                "steps": self.steps, "finished": dict(self.finished), "dropped": self.dropped,
+                "restarts": self.restarts}  # fmt: skip
 
     # ---- the engine thread ----------------------------------------------------------------------
+
+    def _run(self) -> None:
+        """The thread's body: the loop, started again (its requests failed) if an error escapes it."""
+        while True:
+            try:
+                return self._loop()
+            except Exception as e:
+                log.exception("the engine loop failed; restarting it")
+                self.restarts += 1
+                self._fail_all(APIError(500, f"generation failed: {type(e).__name__}: {e}", code="engine_error"))
 
     def _loop(self) -> None:
         idle = True
@@ -127,7 +159,7 @@ class Scheduler:
                 while not self.stopping and not self.pending and not self.engine.has_work():
                     if not idle:
                         idle = True
-                        _release_free_memory()
+                        release_free_memory()
                     self.cond.wait()
                 if self.stopping:
                     break
@@ -149,6 +181,10 @@ class Scheduler:
                 if ev.finished:
                     del self.active[ev.seq.request_id]
                     self.finished[ev.seq.finish_reason] += 1
+                    if ev.seq.finish_reason == "error":
+                        req.send(Update(error=APIError(500, f"generation failed for this request: {ev.seq.error}",
+                                                       code="generation_error")))  # fmt: skip
+                        continue
                     req.send(Update(ev.text, ev.seq.finish_reason, len(ev.seq.output_ids)))
                 elif ev.text:
                     req.send(Update(ev.text))
@@ -168,6 +204,11 @@ class Scheduler:
             except InternVLError as e:  # submit() checked the prompt; this is a last line of defence
                 req.send(Update(error=APIError(400, str(e), code="invalid_prompt")))
                 continue
+            except Exception as e:  # e.g. a seed torch refuses: this request fails, the queue goes on
+                log.exception("admitting request %s failed", req.id)
+                req.send(Update(error=APIError(500, f"the request could not start: {type(e).__name__}: {e}",
+                                               code="generation_error")))  # fmt: skip
+                continue
             req.pixel_values = None  # the sequence holds them until its prefill
             self.active[req.id] = req
             tokens += n
@@ -181,11 +222,3 @@ class Scheduler:
             self.engine.reset()
         for req in victims:
             req.send(Update(error=error))
-
-
-def _release_free_memory() -> None:
-    """Give freed heap pages back to the OS when the engine goes idle (glibc keeps them otherwise)."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass

@@ -10,6 +10,12 @@ from pydantic import BaseModel, ConfigDict, Field
 
 MAX_TILES_PER_IMAGE = 40  # the largest max_dynamic_patch a request may ask for (InternVL uses 6 to 40)
 DETAIL_TILES = {"low": 6, "medium": 12, "high": 24}  # lmdeploy's mapping of `detail` to a tile cap
+# Each field's real range, so that nothing out of it reaches the engine: torch seeds are 64-bit (either
+# sign); below these temperature / top_p / repetition penalty floors float32 sampling gives inf or NaN.
+SEED_RANGE = (-(2**63), 2**64 - 1)
+MIN_TEMPERATURE, MIN_TOP_P, PENALTY_RANGE = 1e-5, 1e-6, (1e-2, 1e2)
+MAX_COUNT = 2**31 - 1  # token counts and top_k
+MAX_MESSAGES, MAX_PARTS, MAX_STOPS, MAX_STOP_CHARS = 4096, 256, 16, 1024
 
 
 class APIError(Exception):
@@ -34,7 +40,7 @@ def error_body(message: str, type: str = "invalid_request_error", param: str | N
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
 
 
 class ImageURL(_Model):
@@ -64,7 +70,12 @@ ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
 
 class Message(_Model):
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[ContentPart] | None = None
+    content: str | Annotated[list[ContentPart], Field(max_length=MAX_PARTS)] | None = None
+
+    def characters(self) -> int:
+        if isinstance(self.content, str):
+            return len(self.content)
+        return sum(len(p.text) for p in self.content or () if isinstance(p, TextPart))
 
 
 class StreamOptions(_Model):
@@ -75,19 +86,19 @@ class ChatCompletionRequest(_Model):
     """Unknown fields are accepted and ignored, as OpenAI clients send many optional ones."""
 
     model: str | None = None
-    messages: list[Message] = Field(min_length=1)
+    messages: list[Message] = Field(min_length=1, max_length=MAX_MESSAGES)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-    min_tokens: int | None = Field(None, ge=0)
+    max_tokens: int | None = Field(None, ge=1, le=MAX_COUNT)
+    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_COUNT)
+    min_tokens: int | None = Field(None, ge=0, le=MAX_COUNT)
     temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, gt=0, le=1)
-    top_k: int | None = Field(None, ge=-1)  # -1 or 0: no top-k (vLLM uses -1)
-    repetition_penalty: float | None = Field(None, gt=0)
-    seed: int | None = None
-    stop: str | list[str] | None = None
-    n: int = 1
+    top_p: float | None = Field(None, ge=MIN_TOP_P, le=1)
+    top_k: int | None = Field(None, ge=-1, le=MAX_COUNT)  # -1 or 0: no top-k (vLLM uses -1)
+    repetition_penalty: float | None = Field(None, ge=PENALTY_RANGE[0], le=PENALTY_RANGE[1])
+    seed: int | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
+    stop: str | Annotated[list[str], Field(max_length=MAX_STOPS)] | None = None
+    n: int = Field(1, ge=-MAX_COUNT, le=MAX_COUNT)
     logprobs: bool | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
@@ -95,6 +106,12 @@ class ChatCompletionRequest(_Model):
 
     def unsupported(self) -> APIError | None:
         """The first option we cannot honour, as a 400 (silently ignoring it would mislead the client)."""
+        if self.temperature is not None and 0 < self.temperature < MIN_TEMPERATURE:
+            return APIError(400, f"temperature must be 0 (greedy) or at least {MIN_TEMPERATURE:g}, got "
+                                 f"{self.temperature:g}", param="temperature")  # fmt: skip
+        stops = [self.stop] if isinstance(self.stop, str) else self.stop or []
+        if any(len(s) > MAX_STOP_CHARS for s in stops):
+            return APIError(400, f"a stop string may have at most {MAX_STOP_CHARS} characters", param="stop")
         if self.n != 1:
             return APIError(
                 400, f"n must be 1 (got {self.n}); send separate requests for several answers", param="n"
@@ -108,9 +125,11 @@ class ChatCompletionRequest(_Model):
                 return APIError(
                     400, f"{name} is not supported; use repetition_penalty (extra_body)", param=name
                 )
-        if isinstance(self.stop, list) and len(self.stop) > 16:
-            return APIError(400, f"at most 16 stop strings are allowed, got {len(self.stop)}", param="stop")
         return None
+
+    def characters(self) -> int:
+        """Characters of text in all the messages (image URLs not counted)."""
+        return sum(m.characters() for m in self.messages)
 
 
 # ---- replies ------------------------------------------------------------------------------------
@@ -155,3 +174,20 @@ def model_card(name: str, max_model_len: int, created: int) -> dict[str, Any]:
         "owned_by": "internvl",
         "max_model_len": max_model_len,
     }
+
+
+def openapi(app) -> dict[str, Any]:
+    """FastAPI's OpenAPI document with the chat request's schema filled in (the route reads the raw body, so
+    FastAPI cannot see it); clients and API fuzzers read it from /openapi.json."""
+    from fastapi.openapi.utils import get_openapi
+
+    spec = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+    schema = ChatCompletionRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+    components = spec.setdefault("components", {}).setdefault("schemas", {})
+    components.update(schema.pop("$defs", {}), ChatCompletionRequest=schema)
+    spec["paths"]["/v1/chat/completions"]["post"]["requestBody"] = {
+        "required": True,
+        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ChatCompletionRequest"}}},
+    }
+    app.openapi_schema = spec
+    return spec
