@@ -1,6 +1,7 @@
-"""Hostile training and evaluation files (issue 21): an evaluation's settings.json is written atomically and a
-torn one is a one-line error on --resume; a JSONL row too large to be a conversation is refused by file and
-line without being read whole, and skipped with --skip-bad-rows."""
+"""Hostile training and evaluation files (issue 21): an evaluation's settings.json and the training metrics are
+written atomically and a torn settings file is a one-line error on --resume; a JSONL row too large to be a
+conversation is refused by file and line without being read whole (skipped with --skip-bad-rows); an
+unwritable output folder stops checkpoints and metrics with one line."""
 
 from __future__ import annotations
 
@@ -9,11 +10,15 @@ import tracemalloc
 from types import SimpleNamespace
 
 import pytest
+import torch
 
-from internvl.errors import DataError
+from internvl.errors import DataError, TrainingError
 from internvl.eval import runner
 from internvl.eval.runner import evaluate
+from internvl.train.checkpoint import save_checkpoint
 from internvl.train.data import MAX_ROW_BYTES, DatasetSpec, build_index
+from internvl.train.dist import DistContext
+from internvl.train.metrics import MetricsLog
 
 
 class Engine:
@@ -110,3 +115,36 @@ def test_an_oversized_row_is_skipped_and_the_rows_after_it_still_read(tmp_path, 
     assert [str(b) for b in index.bad] == [f"{name}:2: the row is {size} bytes, above the limit of 4096 bytes for one line"]
     assert len(index) == 2 and index.read(1)[0]["conversations"][0]["value"] == "third"
     assert index.source(1).endswith(":4")
+
+
+def test_an_unwritable_output_folder_is_one_line_for_training_checkpoints(tmp_path):
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters())
+    save_checkpoint(tmp_path / "ok", 1, model, optimizer, DistContext(), {}, {})  # a writable folder works
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "checkpoints").write_text("a file where the checkpoints folder should be")
+    with pytest.raises(TrainingError) as e:
+        save_checkpoint(out, 3, model, optimizer, DistContext(), {}, {})
+    message = str(e.value)
+    assert "cannot write the checkpoint of step 3" in message and "--resume" in message and "\n" not in message
+
+
+def test_unwritable_metrics_are_one_line_and_a_rewrite_is_atomic(tmp_path, monkeypatch):
+    log = MetricsLog(tmp_path, tensorboard=False)
+    log.log({"step": 1, "loss": 2.0})
+    before = (tmp_path / "metrics.csv").read_text()
+
+    def killed(*_):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("internvl.train.metrics.os.replace", killed)
+    with pytest.raises(KeyboardInterrupt):  # a resume rewrites the file; killed then, it keeps the old one
+        MetricsLog(tmp_path, tensorboard=False, resume_step=1)
+    assert (tmp_path / "metrics.csv").read_text() == before
+    monkeypatch.undo()
+    (tmp_path / "metrics.csv").unlink()
+    (tmp_path / "metrics.csv").mkdir()  # the file can no longer be written
+    with pytest.raises(TrainingError) as e:
+        log.log({"step": 2, "loss": 1.0})
+    assert "metrics.csv: cannot write the training metrics" in str(e.value) and "\n" not in str(e.value)

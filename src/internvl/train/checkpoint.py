@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ..errors import TrainingError
@@ -102,7 +103,18 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
 def save_checkpoint(out: str | Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                     ctx: DistContext, state: dict, rank_state: dict, keep_last: int = 2,
                     trainable_only: bool = True) -> Path:  # fmt: skip
-    """Write the checkpoint of `step` (a collective call: every rank must call it)."""
+    """Write the checkpoint of `step` (a collective call: every rank must call it). An unwritable or full
+    output folder is a one-line TrainingError; the last complete checkpoint stays as it was."""
+    try:
+        return _save(out, step, model, optimizer, ctx, state, rank_state, keep_last, trainable_only)
+    except (OSError, SafetensorError) as e:
+        reason = f"{e.strerror}: {e.filename}" if isinstance(e, OSError) and e.strerror else str(e)
+        raise TrainingError(f"{checkpoint_root(out)}: cannot write the checkpoint of step {step} ({reason}); "
+                            "the last complete checkpoint is kept for --resume") from None  # fmt: skip
+
+
+def _save(out: str | Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, ctx: DistContext,
+          state: dict, rank_state: dict, keep_last: int, trainable_only: bool) -> Path:  # fmt: skip
     root = checkpoint_root(out)
     final = root / f"step-{step:08d}"
     tmp = root / f"step-{step:08d}.tmp"

@@ -1,9 +1,13 @@
-"""Training metrics: a CSV file, TensorBoard (when installed) and a loss-curve PNG, written by rank 0 only."""
+"""Training metrics: a CSV file, TensorBoard (when installed) and a loss-curve PNG, written by rank 0 only.
+The CSV is rewritten atomically (a resume reads it); an unwritable one is a one-line TrainingError."""
 
 from __future__ import annotations
 
 import csv
+import os
 from pathlib import Path
+
+from ..errors import TrainingError
 
 COLUMNS = (
     "step",
@@ -35,7 +39,10 @@ class MetricsLog:
         rows = [r for r in rows if int(float(r["step"])) <= resume_step]
         # objectives add their own metrics (e.g. MPO's rewards/*): columns after the fixed ones, in first-seen order
         self.columns = list(COLUMNS) + [k for r in rows[:1] for k in r if k not in COLUMNS]
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise self._unwritable(e) from None
         self._rewrite(rows)
         if tensorboard:
             try:
@@ -50,10 +57,18 @@ class MetricsLog:
                 )
 
     def _rewrite(self, rows: list[dict]) -> None:
-        with open(self.path, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=self.columns, extrasaction="ignore")
-            w.writeheader()
-            w.writerows(rows)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        try:
+            with open(tmp, "w", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=self.columns, extrasaction="ignore")
+                w.writeheader()
+                w.writerows(rows)
+            os.replace(tmp, self.path)
+        except OSError as e:
+            raise self._unwritable(e) from None
+
+    def _unwritable(self, e: OSError) -> TrainingError:
+        return TrainingError(f"{e.filename or self.path}: cannot write the training metrics ({e.strerror or e})")
 
     def log(self, row: dict[str, float]) -> None:
         if not self.enabled:
@@ -63,10 +78,13 @@ class MetricsLog:
             rows = _read_rows(self.path)
             self.columns += new
             self._rewrite(rows)
-        with open(self.path, "a", newline="") as f:
-            csv.DictWriter(f, fieldnames=self.columns, extrasaction="ignore").writerow(
-                {k: _fmt(row.get(k)) for k in self.columns}
-            )
+        try:
+            with open(self.path, "a", newline="") as f:
+                csv.DictWriter(f, fieldnames=self.columns, extrasaction="ignore").writerow(
+                    {k: _fmt(row.get(k)) for k in self.columns}
+                )
+        except OSError as e:
+            raise self._unwritable(e) from None
         if self.tb is not None:
             step = int(row["step"])
             for k, v in row.items():
