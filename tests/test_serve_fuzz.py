@@ -154,11 +154,11 @@ def test_the_openapi_document_describes_the_chat_request(served):
 
 
 @pytest.mark.slow
-def test_schemathesis_finds_no_server_error(served):
+def test_schemathesis_finds_no_server_error(served, tmp_path):
     pytest.importorskip("schemathesis")
     cmd = [sys.executable, "-m", "schemathesis.cli", "run", served + "/openapi.json", "--checks", "not_a_server_error",
            "--max-examples", "150", "--seed", str(SEED), "--workers", "2", "--request-timeout", "60",
            "--generation-database", "none", "--no-color"]  # fmt: skip
-    run = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, check=False)
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, check=False, cwd=tmp_path)  # its cache
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
     wait_idle(served)
