@@ -143,6 +143,30 @@ def test_bad_meta_files(tmp_path):
         read_meta(tmp_path / "m.json")
 
 
+@pytest.mark.parametrize("key, hint", [("lenght", "did you mean 'length'?"), ("repeat_times", "did you mean 'repeat_time'?"),
+                                       ("max_dynamic_patches", "did you mean 'max_dynamic_patch'?"),
+                                       ("weight", "known keys: root, annotation, data_augment")])  # fmt: skip
+def test_an_unknown_meta_key_is_one_line_with_a_suggestion(tmp_path, monkeypatch, key, hint):
+    (tmp_path / "a.jsonl").write_text("")
+    (tmp_path / "m.json").write_text(json.dumps({"x": {"root": ".", "annotation": "a.jsonl", key: 3}}))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DataError) as e:
+        read_meta(tmp_path / "m.json")
+    message = str(e.value)
+    assert message.startswith(f"m.json: dataset 'x': unknown key {key!r} (") and hint in message
+    assert "\n" not in message
+
+
+def test_every_meta_key_the_project_writes_is_accepted(tmp_path):
+    """The full reference entry (what the synthetic writer, build-prefs and the nano recipe write) reads."""
+    (tmp_path / "a.jsonl").write_text("")
+    entry = {"root": ".", "annotation": "a.jsonl", "data_augment": True, "repeat_time": 2, "length": 0,
+             "max_dynamic_patch": 4}  # fmt: skip
+    (tmp_path / "m.json").write_text(json.dumps({"x": entry}))
+    (spec,) = read_meta(tmp_path / "m.json")
+    assert (spec.data_augment, spec.repeat_time, spec.length, spec.max_dynamic_patch) == (True, 2.0, 0, 4)
+
+
 # ---- samples ------------------------------------------------------------------------------------
 
 

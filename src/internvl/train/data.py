@@ -1,13 +1,15 @@
 """Reference fine-tuning data: the meta JSON, lazily read JSONL annotations, and row validation.
 
 Meta JSON: `{name: {root, annotation, data_augment, repeat_time, length, [max_dynamic_patch]}}`; a relative
-`root` or `annotation` is resolved against the meta file's directory. Each annotation is scanned once to
+`root` or `annotation` is resolved against the meta file's directory; any other key is refused (a typo
+would otherwise be ignored silently). Each annotation is scanned once to
 record the byte offset of every line and to validate every row; rows are read later by seeking, so a large
 file is never held in memory, nor is a line longer than `MAX_ROW_BYTES`. Every error names `file:line`.
 """
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 from dataclasses import dataclass
@@ -21,6 +23,7 @@ from ..errors import DataError
 ROLES = ("human", "gpt", "system")
 IMAGE, VIDEO = "<image>", "<video>"
 MAX_ROW_BYTES = 16 << 20  # one annotation line; far beyond any conversation that fits a context window
+META_KEYS = ("root", "annotation", "data_augment", "repeat_time", "length", "max_dynamic_patch")
 
 
 @dataclass(frozen=True)
@@ -72,6 +75,11 @@ def read_meta(path: str | os.PathLike[str]) -> list[DatasetSpec]:
         where = f"{display_path(path)}: dataset {name!r}"
         if not isinstance(entry, dict):
             raise DataError(f"{where}: expected an object, got {type(entry).__name__}")
+        for key in entry:
+            if key not in META_KEYS:
+                close = difflib.get_close_matches(str(key), META_KEYS, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else f" (known keys: {', '.join(META_KEYS)})"
+                raise DataError(f"{where}: unknown key {key!r}{hint}")
         for key in ("root", "annotation"):
             if not isinstance(entry.get(key), str):
                 raise DataError(f"{where}: missing the string key {key!r}")
