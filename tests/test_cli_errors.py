@@ -3,10 +3,13 @@ model is loaded or a video decoded; the same message for a missing model in ever
 
 from __future__ import annotations
 
+import base64
 import json
+import struct
 import subprocess
 import sys
 import time
+import zlib
 
 import pytest
 import torch
@@ -149,6 +152,37 @@ def test_a_missing_model_folder_is_the_same_line_in_every_verb(files, capsys, ve
     }.get(verb) or [verb, missing, *base(verb, files)[2:]]
     assert cli(argv) == 1
     assert one_line(capsys, verb).endswith(f": error: {missing}: no such model folder")
+
+
+# ---- hostile evaluation files (issue 21) ------------------------------------------------------------------------
+
+
+def _bomb_png_b64() -> str:
+    """A PNG header claiming 30000 x 30000 pixels, no pixel data, padded past an index reference's length."""
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 30000, 30000, 1, 0, 0, 0, 0))
+           + chunk(b"tEXt", b"Comment\0" + b"x" * 64) + chunk(b"IEND", b""))  # fmt: skip
+    return base64.b64encode(png).decode()
+
+
+@pytest.mark.parametrize("kind, message", [
+    ("bomb", "row 1 (line 2), column 'image': not a decodable base64 image (refused as a possible decompression bomb"),
+    ("utf8", "row 1 (line 2), column 'question': invalid UTF-8 (byte 0xff at character 1)"),
+])  # fmt: skip
+def test_eval_on_a_hostile_tsv_is_one_line(files, capsys, tmp_path, kind, message):
+    bad = tmp_path / "bad.tsv"
+    header = b"index\tquestion\tA\tB\tanswer\timage\n"
+    if kind == "bomb":
+        bad.write_bytes(header + f"0\tq\tx\ty\tA\t{_bomb_png_b64()}\n".encode())
+    else:
+        green = base64.b64encode(files["image"].read_bytes()).decode()
+        bad.write_bytes(header + b"0\tq\xff?\tx\ty\tA\t" + green.encode() + b"\n")
+    assert cli(["eval", str(files["model"]), "--data", str(bad), "--out", str(tmp_path / "out")]) == 1
+    line = one_line(capsys, "eval")
+    assert f"{bad}, {message}" in line
 
 
 # ---- convert, eval --help -------------------------------------------------------------------------------------

@@ -214,3 +214,74 @@ def test_vqa_prompt():
     assert build_vqa_prompt("What year?") == "What year?\nAnswer the question using a single word or phrase."
     assert build_vqa_prompt("Is it red?", sep=" ") == \
         "Is it red? Answer the question using a single word or phrase."
+
+
+# ---- hostile files: decompression bombs and bytes that are not UTF-8 (issue 21) ----------------------------
+
+
+def png_header_only(width, height):
+    """A PNG that claims width x height pixels (1-bit grey) and holds no pixel data: a bomb's header (with a
+    comment, so that its base64 is longer than an index reference)."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    comment = chunk(b"tEXt", b"Comment\0" + b"x" * 64)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + comment + chunk(b"IEND", b"")
+
+
+# 9000^2 is above the project's 64 MP limit, 10000^2 in PIL's warning band, 30000^2 beyond PIL's own error limit
+BOMBS = [((9000, 9000), "above the limit of 64000000"), ((10000, 10000), "decompression bomb"),
+         ((30000, 30000), "decompression bomb")]  # fmt: skip
+
+
+@pytest.mark.parametrize("size, message", BOMBS)
+def test_a_base64_bomb_is_one_line_naming_row_and_column(tmp_path, size, message):
+    bomb = base64.b64encode(png_header_only(*size)).decode()
+    path = write(tmp_path, [row(1, RED), row(2, bomb)])
+    items = read_tsv(path)
+    assert items[0].images[0].load().size == (4, 3)
+    with pytest.raises(DataError) as e:
+        items[1].images[0].load()
+    text = str(e.value)
+    assert text.startswith(f"{path}, row 2 (line 3), column 'image': not a decodable base64 image (")
+    assert message in text and "\n" not in text
+
+
+def test_a_bomb_image_file_is_one_line_naming_row_and_file(tmp_path):
+    (tmp_path / "bomb.png").write_bytes(png_header_only(30000, 30000))
+    path = write(tmp_path, [[1, "q", "a", "b", "A", "bomb.png"]],
+                 header=["index", "question", "A", "B", "answer", "image_path"])  # fmt: skip
+    (item,) = read_tsv(path)
+    with pytest.raises(DataError) as e:
+        item.images[0].load()
+    text = str(e.value)
+    assert text.startswith(f"{path}, row 1 (line 2), column 'image_path': cannot read image file ")
+    assert "bomb.png" in text and "decompression bomb" in text and "\n" not in text
+
+
+@pytest.mark.parametrize("where, message", [
+    ("question", "row 2 (line 3), column 'question': invalid UTF-8 (byte 0xff at character 4)"),
+    ("header", "row 0 (header, line 1), column #2: invalid UTF-8 (byte 0xe9 at character 8)"),
+])  # fmt: skip
+def test_bytes_that_are_not_utf8_are_one_line_naming_row_and_column(tmp_path, where, message):
+    path = write(tmp_path, [row(1, RED), row(2, RED, question="what")])
+    data = path.read_bytes()
+    if where == "question":
+        data = data.replace(b"\twhat\t", b"\twhat\xff?\t")
+    else:
+        data = data.replace(b"\tquestion\t", b"\tquestion\xe9\t")
+    path.write_bytes(data)
+    with pytest.raises(DataError) as e:
+        read_tsv(path)
+    assert str(e.value) == f"{path}, {message}; VLMEvalKit TSV files are UTF-8"
+
+
+def test_utf8_text_and_a_byte_order_mark_still_read(tmp_path):
+    path = write(tmp_path, [row(1, RED, question="Qu'est-ce que c'est ? 这是什么 \u00e9")])
+    path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    (item,) = read_tsv(path)
+    assert item.question == "Qu'est-ce que c'est ? 这是什么 \u00e9" and item.index == 1

@@ -20,7 +20,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from internvl.errors import DataError
+from internvl.errors import DataError, ImageError
+from internvl.processing.image import DEFAULT_MAX_PIXELS, open_image
 
 # VLMEvalKit reads TSVs with pandas defaults, so every one of these cells is NaN there (pandas >= 2.0).
 PANDAS_NA = frozenset({
@@ -32,6 +33,8 @@ MAX_REF_LEN = 64
 REQUIRED_COLUMNS = ("index", "question")
 _B64 = re.compile(r"[A-Za-z0-9+/]*={0,2}")
 _INT = re.compile(r"-?\d+")
+# Bytes that are not UTF-8 read as these lone surrogates under errors="surrogateescape".
+_NOT_UTF8 = re.compile("[\udc80-\udcff]")
 # What pandas' C parser reads as a number or a boolean (surrounding spaces allowed), deciding a column's dtype.
 _PD_INT = re.compile(r"\s*[+-]?\d+\s*")
 _PD_FLOAT = re.compile(r"\s*[+-]?(?:(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?|inf|infinity)\s*", re.IGNORECASE)
@@ -51,13 +54,22 @@ def _raise_field_limit() -> None:
             limit //= 10
 
 
+def _reason(exc: ImageError, name: str) -> str:
+    """An `ImageError`'s message without its leading `name: `."""
+    return str(exc).removeprefix(f"{name}: ")
+
+
 def decode_base64_image(data: str, where: str = "image") -> Image.Image:
-    """Decode a base64 image to PIL; palette and alpha modes become RGB, as VLMEvalKit's decoder does."""
+    """Decode a base64 image to PIL; palette and alpha modes become RGB, as VLMEvalKit's decoder does. Images
+    above `DEFAULT_MAX_PIXELS` (decompression bombs) are refused from their header, before decoding."""
     try:
-        image = Image.open(io.BytesIO(base64.b64decode(data)))
-        image.load()
-    except (binascii.Error, ValueError, OSError) as exc:
+        raw = base64.b64decode(data)
+    except (binascii.Error, ValueError) as exc:
         raise DataError(f"{where}: not a decodable base64 image ({exc})") from None
+    try:
+        image = open_image(io.BytesIO(raw), where, DEFAULT_MAX_PIXELS)
+    except ImageError as exc:
+        raise DataError(f"{where}: not a decodable base64 image ({_reason(exc, where)})") from None
     if image.mode in ("RGBA", "P", "LA"):
         image = image.convert("RGB")
     return image
@@ -88,11 +100,13 @@ class ImageSource:
         if self.data is not None:
             return decode_base64_image(self.data, self.where)
         try:
-            image = Image.open(self.path)
-            image.load()
+            with open(self.path, "rb") as f:
+                return open_image(f, self.path, DEFAULT_MAX_PIXELS)
+        except ImageError as exc:
+            raise DataError(f"{self.where}: cannot read image file {self.path!r} "
+                            f"({_reason(exc, self.path)})") from None
         except OSError as exc:
-            raise DataError(f"{self.where}: cannot read image file {self.path!r} ({exc})") from None
-        return image
+            raise DataError(f"{self.where}: cannot read image file {self.path!r} ({exc.strerror or exc})") from None
 
 
 @dataclass
@@ -162,6 +176,15 @@ def _check_b64(payload: str, where: str, checked: set[str]) -> str:
     return payload
 
 
+def _check_utf8(fields: list[str], columns: list[str], where) -> None:
+    """Refuse a cell holding bytes that are not UTF-8 (read with errors="surrogateescape"), naming its column."""
+    for col, cell in zip(columns, fields):
+        if not cell.isascii() and (bad := _NOT_UTF8.search(cell)):
+            byte = ord(bad.group()) - 0xDC00
+            raise DataError(f"{where(col)}: invalid UTF-8 (byte 0x{byte:02x} at character {bad.start()}); "
+                            f"VLMEvalKit TSV files are UTF-8")
+
+
 def read_tsv(path: str | Path, skip_noimg: bool = True,
              image_root: str | Path | None = None) -> list[EvalItem]:
     """Read a VLMEvalKit TSV. Rows whose `image` is missing are dropped when `skip_noimg` (VLMEvalKit's
@@ -175,11 +198,14 @@ def read_tsv(path: str | Path, skip_noimg: bool = True,
     _raise_field_limit()
     rows: list[tuple[int, int, dict[str, str | None]]] = []
     # utf-8-sig drops a byte-order mark, as pandas does, so the first column is still "index".
-    with open(path, newline="", encoding="utf-8-sig") as f:
+    # Undecodable bytes become lone surrogates, found per cell below so that the error names the row and column.
+    with open(path, newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
         reader = csv.reader(f, delimiter="\t")
         header = next(reader, None)
         if header is None:
             raise DataError(f"{path}: empty file, expected a header row")
+        _check_utf8(header, [f"#{k + 1}" for k in range(len(header))],
+                    lambda col: f"{path}, row 0 (header, line 1), column {col}")
         # VLMEvalKit lower-cases every column name that is not an option letter.
         header = [h if h in string.ascii_uppercase else h.lower() for h in header]
         for col in REQUIRED_COLUMNS:
@@ -193,6 +219,8 @@ def read_tsv(path: str | Path, skip_noimg: bool = True,
             if len(fields) != len(header):
                 raise DataError(f"{path}, row {row_no} (line {reader.line_num}), column {header[-1]!r}: "
                                 f"row has {len(fields)} fields, header has {len(header)}")
+            at = f"{path}, row {row_no} (line {reader.line_num})"
+            _check_utf8(fields, header, lambda col, at=at: f"{at}, column {col!r}")
             rows.append((row_no, reader.line_num, dict(zip(header, fields))))
     # pandas types each column over the whole file, before VLMEvalKit drops the rows without an image
     for col in (c for c in TEXT_COLUMNS if c in header):

@@ -74,15 +74,17 @@ def load_image(src: ImageSource, max_pixels: int | None = DEFAULT_MAX_PIXELS) ->
     )
 
 
-def _decode(fp: IO[bytes], name: str, max_pixels: int | None) -> Image.Image:
+def open_image(fp: IO[bytes], name: str, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Open and fully decode an image as stored (its own mode, orientation and format: no EXIF rotation, no RGB
+    conversion), refusing decompression bombs before decoding. Every failure is an `ImageError` naming `name`."""
     try:
         # PIL only warns between MAX_IMAGE_PIXELS and twice that; make the warning an error we can report.
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(fp) as opened:  # reads the header only
-                _check_pixels(opened.size, max_pixels, name)
-                opened.load()  # decode everything now, so truncated or corrupt data fails here and not later
-                im = ImageOps.exif_transpose(opened)  # a new image, independent of the file
+            opened = Image.open(fp)  # reads the header only
+            _check_pixels(opened.size, max_pixels, name)
+            opened.load()  # decode everything now, so truncated or corrupt data fails here and not later
+            return opened
     except ImageError:
         raise
     except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
@@ -93,6 +95,16 @@ def _decode(fp: IO[bytes], name: str, max_pixels: int | None) -> Image.Image:
     except Image.UnidentifiedImageError:
         raise ImageError(f"{name}: not a recognised image format (corrupt or not an image)") from None
     except Exception as e:  # noqa: BLE001 - PIL plugins raise OSError, SyntaxError, ValueError... on bad data
+        raise ImageError(
+            f"{name}: cannot decode image ({type(e).__name__}: {e}); the file is truncated or corrupt"
+        ) from None
+
+
+def _decode(fp: IO[bytes], name: str, max_pixels: int | None) -> Image.Image:
+    opened = open_image(fp, name, max_pixels)
+    try:
+        im = ImageOps.exif_transpose(opened)  # a new image, independent of the file
+    except Exception as e:  # noqa: BLE001 - a corrupt EXIF block
         raise ImageError(
             f"{name}: cannot decode image ({type(e).__name__}: {e}); the file is truncated or corrupt"
         ) from None
