@@ -1,7 +1,8 @@
 """Hostile training and evaluation files (issue 21): an evaluation's settings.json and the training metrics are
 written atomically and a torn settings file is a one-line error on --resume; a JSONL row too large to be a
 conversation is refused by file and line without being read whole (skipped with --skip-bad-rows); an
-unwritable output folder stops checkpoints and metrics with one line."""
+unwritable output folder stops checkpoints and metrics with one line, and `internvl finetune` / `mpo` with one
+line and exit code 1 for any other output they cannot write (TensorBoard, the skipped-rows list, the adapter)."""
 
 from __future__ import annotations
 
@@ -148,3 +149,81 @@ def test_unwritable_metrics_are_one_line_and_a_rewrite_is_atomic(tmp_path, monke
     with pytest.raises(TrainingError) as e:
         log.log({"step": 2, "loss": 1.0})
     assert "metrics.csv: cannot write the training metrics" in str(e.value) and "\n" not in str(e.value)
+
+
+# ---- the training commands: an output that cannot be written is one line, exit code 1 ---------------------------
+# Each output path is blocked by something in the way (a file where a folder goes, a folder where a file goes, a
+# link to nowhere) rather than by a read-only folder: that fails for every user, root included, so nothing skips.
+
+CLI_FAST = ["--num-workers", "0", "--threads", "1", "--no-grad-checkpoint", "--max-seq-length", "256",
+            "--log-every", "1", "--max-steps", "1"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    from refmodels import tiny_checkpoint
+
+    return tiny_checkpoint(tmp_path_factory.mktemp("hostile_model") / "model")
+
+
+@pytest.fixture()
+def sft_meta(tmp_path):
+    from test_train_data import A, Q, write_split
+
+    return write_split(tmp_path / "data", [{"conversations": [Q, A]}] * 2)
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+def _one_line(capsys, verb: str) -> str:
+    """The one error line, last on stderr (after the progress bar's lines), and no traceback."""
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "Traceback (most recent call last):" not in err, err
+    assert [line for line in err if "error" in line.lower()] == err[-1:], err
+    assert err[-1].startswith(f"internvl {verb}: error: "), err
+    return err[-1]
+
+
+def _run(verb: str, model, meta, out, *extra) -> int:
+    from internvl.cli.main import main as cli
+
+    return cli([verb, str(model), "--data", str(meta), "--out", str(out), *CLI_FAST, *map(str, extra)])
+
+
+@pytest.mark.parametrize("verb", ["finetune", "mpo"])
+def test_an_unwritable_tensorboard_folder_is_one_line(tiny_model, sft_meta, tmp_path, capsys, verb):
+    pytest.importorskip("torch.utils.tensorboard")  # a dependency of the train extra
+    if verb == "mpo":
+        from test_mpo import write_pairs
+
+        sft_meta = write_pairs(tmp_path / "pairs", [{"question": "Count: 1 2 3", "chosen": "4 5 6",
+                                                     "rejected": "left right"}] * 3)  # fmt: skip
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "tensorboard").write_text("a file where the TensorBoard folder goes")
+    assert _run(verb, tiny_model, sft_meta, out, "--tensorboard") == 1
+    assert _one_line(capsys, verb).endswith(f": error: {out / 'tensorboard'}: File exists")
+
+
+def test_an_unwritable_skipped_rows_file_is_one_line(tiny_model, tmp_path, capsys):
+    from test_train_data import A, Q, write_split
+
+    sft_meta = write_split(tmp_path / "data", [{"conversations": [Q, A]}] * 2 + ["{not json"])
+    out = tmp_path / "out"
+    (out / "skipped_rows.txt").mkdir(parents=True)  # a folder where the list of bad rows goes
+    assert _run("finetune", tiny_model, sft_meta, out, "--skip-bad-rows", "--no-tensorboard") == 1
+    assert _one_line(capsys, "finetune").endswith(f": error: {out / 'skipped_rows.txt'}: Is a directory")
+
+
+def test_an_unwritable_adapter_folder_is_one_line(tiny_model, sft_meta, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (tmp_path / "blocker").write_text("a file")
+    (out / "final").symlink_to(tmp_path / "blocker" / "final")  # a link to a folder that cannot exist
+    assert _run("finetune", tiny_model, sft_meta, out, "--no-tensorboard", "--lora-r", 2) == 1
+    assert _one_line(capsys, "finetune").endswith(f": error: {out / 'final'}: File exists")

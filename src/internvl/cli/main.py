@@ -53,6 +53,14 @@ def _version() -> str:
     return f"internvl {__version__}"
 
 
+def os_error_line(e: OSError) -> str:
+    """An OSError as one line naming the path(s): `PATH: Permission denied`, `SRC -> DST: File exists`."""
+    if e.strerror and e.filename is not None:
+        paths = f"{e.filename}" + (f" -> {e.filename2}" if e.filename2 is not None else "")
+        return f"{paths}: {e.strerror}"
+    return " ".join(str(e).split()) or type(e).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -63,6 +71,9 @@ def main(argv: list[str] | None = None) -> int:
         code = args._run(args)
     except InternVLError as e:
         print(f"internvl {args.verb}: error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:  # an output that cannot be written (read-only folder, a file in the way, disk full...)
+        print(f"internvl {args.verb}: error: {os_error_line(e)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"internvl {args.verb}: interrupted", file=sys.stderr)
