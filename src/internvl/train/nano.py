@@ -26,6 +26,12 @@ pretrains the vision encoder on dense per-patch targets drawn from the generator
 writes a model folder (the init folder's config and tokenizer, the pretrained encoder, the rest random) to
 start the language stages from.
 
+    python -m internvl.train.nano ship MODEL --stage NAME [--summary EVAL/summary.json] [--hours H]
+
+copies a trained model folder into the package (`src/internvl/assets/nano`, the built-in model that every
+command uses when no model is given) with `training.json`: the recipe stage and step that made it, the
+training time, the machine, and its accuracy per task on the synthetic test split.
+
     python -m internvl.train.nano probe MODEL --data META.json [--n 64]
 
 tells whether a model reads its images at all: the loss on n training rows with their own images and with
@@ -185,6 +191,71 @@ def snapshot(
     return out
 
 
+SHIPPED_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+                 "special_tokens_map.json", "generation_config.json")  # fmt: skip
+
+
+CHECK_SPLIT, CHECK_N = "val", 10  # the fixed items a shipped model is checked on (tests/test_builtin_model.py)
+
+
+def check(model_dir: str | Path, work: str | Path, split: str = CHECK_SPLIT, n: int = CHECK_N) -> dict[str, int]:
+    """Right answers per task on n generated items of every task of `split` (seeded, greedy, the model's
+    own tiling): the figures `ship` records and the test of the shipped model reproduces."""
+    from ..api import load
+    from ..eval.runner import evaluate
+    from ..eval.tasks import SyntheticTask
+    from ..synth import TASKS, generate_split
+
+    work = Path(work)
+    generate_split(str(work / "split"), split, n=n, tasks=list(TASKS))
+    summary = evaluate(load(str(model_dir)), SyntheticTask(work / "split", list(TASKS)), work / "out",
+                       batch_size=16, progress=False)  # fmt: skip
+    return {task: round(r["accuracy"] * r["n"]) for task, r in summary["tasks"].items()}
+
+
+def ship(model_dir: str | Path, stage: str, summary: str | Path | None = None, hours: float | None = None,
+         dest: str | Path | None = None, notes: str = "") -> Path:
+    """Copy `model_dir` (a complete model folder in the original layout) into `dest` (default: the package's
+    built-in model folder) and write `training.json` there, with the model's right answers on the fixed
+    check items (`check`); returns `dest`."""
+    import tempfile
+
+    from ..api import BUILTIN
+    from ..config import ModelConfig
+    from .checkpoint import find_latest
+
+    src, dest = Path(model_dir), Path(dest) if dest else BUILTIN
+    for name in ("config.json", "model.safetensors", "tokenizer.json"):
+        if not (src / name).is_file():
+            raise FileNotFoundError(f"{src / name}: missing; ship needs a complete model folder")
+    ModelConfig.from_file(src / "config.json")  # refuses a config the loader would refuse
+    info: dict = {"stage": stage, "source": str(src)}
+    latest = find_latest(src.parent)  # a run's OUT/final sits next to OUT/checkpoints
+    if latest is not None:
+        info["step"] = int(json.loads((latest / "state.json").read_text())["step"])
+    if hours is not None:
+        info["training_hours"] = hours
+    if notes:
+        info["notes"] = notes
+    if summary:
+        s = json.loads(Path(summary).read_text())
+        if "tasks" not in s:
+            raise ValueError(f"{summary}: not the summary of `internvl eval synthetic` (no 'tasks')")
+        tasks = {k: round(v["accuracy"] * 100, 1) for k, v in s["tasks"].items()}
+        info["test_split"] = {"settings": s.get("settings", {}), "accuracy_percent": tasks,
+                              "mean_percent": round(s["overall"] * 100, 1)}  # fmt: skip
+    with tempfile.TemporaryDirectory() as work:
+        info["check"] = {"split": CHECK_SPLIT, "n": CHECK_N, "correct": check(src, work)}
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in SHIPPED_FILES:
+        if (src / name).is_file():
+            tmp = dest / (name + ".tmp")
+            shutil.copyfile(src / name, tmp)
+            os.replace(tmp, dest / name)
+    (dest / "training.json").write_text(json.dumps(info, indent=2) + "\n")
+    return dest
+
+
 def probe(model_dir: str | Path, data: str | Path, n: int = 64, batch: int = 16, seed: int = 0) -> dict:
     """Answer-token loss with the right images and with each row given the next row's images (image rows
     only), and the mean norm of image tokens and of text-token embeddings. A model that ignores its images
@@ -260,6 +331,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--probe-only", action="store_true", help="train the read-out alone on the random encoder (baseline)"
     )
+    p = sub.add_parser("ship", help="copy a trained model into the package as the built-in model")
+    p.add_argument("model", help="a complete model folder (e.g. OUT/stage1/final)")
+    p.add_argument("--stage", required=True, help="the recipe stage that made it (e.g. stage1)")
+    p.add_argument("--summary", default=None, help="internvl eval synthetic's summary.json of this model")
+    p.add_argument("--hours", type=float, default=None, help="training time on the machine, all stages")
+    p.add_argument("--notes", default="", help="a line on how it was trained")
+    p.add_argument("--dest", default=None, help="target folder (default: the package's assets/nano)")
     p = sub.add_parser("probe", help="does the model read its images? (loss with own vs swapped images)")
     p.add_argument("model")
     p.add_argument("--data", required=True, help="a fine-tuning meta.json (rows with one image are used)")
@@ -277,12 +355,14 @@ def main(argv: list[str] | None = None) -> int:
                               save_every=args.save_every, data=args.data, train_encoder=not args.probe_only,
                               progress=True)  # fmt: skip
             print(json.dumps(result, indent=2))
+        elif args.cmd == "ship":
+            print(ship(args.model, args.stage, args.summary, args.hours, args.dest, args.notes))
         elif args.cmd == "snapshot":
             print(snapshot(args.init, args.checkpoint, args.out, args.max_dynamic_patch))
         else:
             cfg = prepare(args.data, args.out, args.vocab_size)
             print(f"wrote {args.out}/config.json and the tokenizer (vocabulary {cfg.llm.vocab_size})")
-    except (InternVLError, OSError) as e:  # one line, no traceback
+    except (InternVLError, OSError, ValueError) as e:  # one line, no traceback
         print(f"{ap.prog} {args.cmd}: error: {e}", file=sys.stderr)
         return 1
     return 0

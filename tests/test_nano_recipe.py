@@ -1,0 +1,59 @@
+"""The built-in model's recipe runs end to end on a tiny budget: runs/train_nano.sh (data, tokenizer,
+curriculum, vision pretraining, every language stage, the benchmark), then `nano ship` into a folder that
+loads like any checkpoint and answers."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import internvl
+from internvl.train import nano
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = {"N": "3", "CUR_SCALE": "0.0005", "VIT_STEPS": "2", "VIT_IMAGES": "16", "EVAL_N": "2",
+        "STEPS_shapes": "2", "STEPS_stage0": "2", "STEPS_stage1a": "2", "STEPS_stage1": "2"}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def recipe(tmp_path_factory):
+    out = tmp_path_factory.mktemp("nano")
+    env = {**os.environ, **TINY, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    done = subprocess.run(["bash", str(ROOT / "runs" / "train_nano.sh"), str(out)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out
+
+
+def test_every_stage_runs_and_the_benchmark_scores_every_task(recipe):
+    for stage in ("shapes", "stage0", "stage1a", "stage1"):
+        assert (recipe / stage / "final" / "model.safetensors").is_file(), stage
+        state = json.loads((recipe / stage / "checkpoints" / "step-00000002" / "state.json").read_text())
+        assert state["step"] == 2
+    assert json.loads((recipe / "vit" / "vit_pretrain.json").read_text())["steps"] == 2
+    summary = json.loads((recipe / "eval" / "summary.json").read_text())
+    assert len(summary["tasks"]) == 15 and all(t["n"] == 2 for t in summary["tasks"].values())
+
+
+def test_ship_writes_a_loadable_model_with_its_training_record(recipe, tmp_path):
+    dest = nano.ship(recipe / "stage1" / "final", "stage1", recipe / "eval" / "summary.json", hours=0.01,
+                     dest=tmp_path / "nano")  # fmt: skip
+    info = json.loads((dest / "training.json").read_text())
+    assert info["stage"] == "stage1" and info["step"] == 2 and info["training_hours"] == 0.01
+    assert set(info["test_split"]["accuracy_percent"]) == set(json.loads(
+        (recipe / "eval" / "summary.json").read_text())["tasks"])  # fmt: skip
+    model = internvl.load(str(dest))
+    answer = model.chat("How many circles are there?", str(ROOT / "examples" / "circles.png"), max_new_tokens=4)
+    assert isinstance(answer, str)
+    # a later stage can start from the shipped folder like from any checkpoint
+    assert (dest / "config.json").read_text() == (recipe / "stage1" / "final" / "config.json").read_text()
+
+
+def test_ship_refuses_an_incomplete_folder(tmp_path, capsys):
+    (tmp_path / "m").mkdir()
+    assert nano.main(["ship", str(tmp_path / "m"), "--stage", "stage1", "--dest", str(tmp_path / "d")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "config.json: missing" in err
