@@ -91,8 +91,8 @@ class Spans:
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         rows = []
         for r, lengths in enumerate(self.lengths):
-            parts = zip(q[r : r + 1].split(lengths, 2), k[r : r + 1].split(lengths, 2), v[r : r + 1].split(lengths, 2))
-            outs = [attention(qs, ks, vs, None, True) for qs, ks, vs in parts]
+            qs, ks, vs = (x[r : r + 1].split(lengths, 2) for x in (q, k, v))
+            outs = [attention(qi, ki, vi, None, True) for qi, ki, vi in zip(qs, ks, vs)]
             rows.append(torch.cat(outs, dim=2) if len(outs) > 1 else outs[0])
         return torch.cat(rows) if len(rows) > 1 else rows[0]
 

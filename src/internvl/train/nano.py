@@ -30,7 +30,8 @@ start the language stages from.
 
 copies a trained model folder into the package (`src/internvl/assets/nano`, the built-in model that every
 command uses when no model is given) with `training.json`: the recipe stage and step that made it, the
-training time, the machine, and its accuracy per task on the synthetic test split.
+training time, a note (the machine), its accuracy per task on the synthetic test split, and its right
+answers on fixed check items.
 
     python -m internvl.train.nano probe MODEL --data META.json [--n 64]
 
@@ -214,10 +215,11 @@ def check(model_dir: str | Path, work: str | Path, split: str = CHECK_SPLIT, n: 
 
 
 def ship(model_dir: str | Path, stage: str, summary: str | Path | None = None, hours: float | None = None,
-         dest: str | Path | None = None, notes: str = "") -> Path:
+         dest: str | Path | None = None, notes: str = "", step: int | None = None) -> Path:
     """Copy `model_dir` (a complete model folder in the original layout) into `dest` (default: the package's
     built-in model folder) and write `training.json` there, with the model's right answers on the fixed
-    check items (`check`); returns `dest`."""
+    check items (`check`); returns `dest`. `step` defaults to the newest checkpoint next to `model_dir`
+    (a run's OUT/final sits beside OUT/checkpoints)."""
     import tempfile
 
     from ..api import BUILTIN
@@ -230,9 +232,11 @@ def ship(model_dir: str | Path, stage: str, summary: str | Path | None = None, h
             raise FileNotFoundError(f"{src / name}: missing; ship needs a complete model folder")
     ModelConfig.from_file(src / "config.json")  # refuses a config the loader would refuse
     info: dict = {"stage": stage, "source": str(src)}
-    latest = find_latest(src.parent)  # a run's OUT/final sits next to OUT/checkpoints
+    latest = find_latest(src.parent) if step is None else None
     if latest is not None:
-        info["step"] = int(json.loads((latest / "state.json").read_text())["step"])
+        step = int(json.loads((latest / "state.json").read_text())["step"])
+    if step is not None:
+        info["step"] = step
     if hours is not None:
         info["training_hours"] = hours
     if notes:
@@ -336,7 +340,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stage", required=True, help="the recipe stage that made it (e.g. stage1)")
     p.add_argument("--summary", default=None, help="internvl eval synthetic's summary.json of this model")
     p.add_argument("--hours", type=float, default=None, help="training time on the machine, all stages")
-    p.add_argument("--notes", default="", help="a line on how it was trained")
+    p.add_argument("--notes", default="", help="a line on how it was trained (and on which machine)")
+    p.add_argument("--step", type=int, default=None,
+                   help="the training step of MODEL (default: the newest checkpoint beside it)")
     p.add_argument("--dest", default=None, help="target folder (default: the package's assets/nano)")
     p = sub.add_parser("probe", help="does the model read its images? (loss with own vs swapped images)")
     p.add_argument("model")
@@ -356,7 +362,7 @@ def main(argv: list[str] | None = None) -> int:
                               progress=True)  # fmt: skip
             print(json.dumps(result, indent=2))
         elif args.cmd == "ship":
-            print(ship(args.model, args.stage, args.summary, args.hours, args.dest, args.notes))
+            print(ship(args.model, args.stage, args.summary, args.hours, args.dest, args.notes, args.step))
         elif args.cmd == "snapshot":
             print(snapshot(args.init, args.checkpoint, args.out, args.max_dynamic_patch))
         else:
