@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 
 import torch
-
 from common import cpu_features
 
 

@@ -6,6 +6,8 @@ InternLM2's fused `wqkv` is split on load (see checkpoint/keymap.py), so one imp
 
 from __future__ import annotations
 
+from itertools import pairwise
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -75,7 +77,7 @@ class Spans:
         for row in ids:
             change = (row[1:] != row[:-1]).nonzero().flatten().add(1).tolist()
             bounds = [0, *change, len(row)]
-            self.lengths.append([b - a for a, b in zip(bounds[:-1], bounds[1:])])
+            self.lengths.append([b - a for a, b in pairwise(bounds)])
 
     @property
     def spans(self) -> list[tuple[int, int, int]]:
