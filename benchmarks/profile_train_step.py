@@ -7,7 +7,8 @@ a plain matmul of the same width measured in the same process (the machine's pra
 The packed batches run twice: attention per sample (`Spans`, what training uses) and one block-diagonal mask
 over the whole pack (the earlier code path), so the ratio of the two is measured on the same data.
 
-    python benchmarks/profile_train_step.py MODEL --data META.json --config configs/train/nano.yaml [--steps 3]
+    python benchmarks/profile_train_step.py MODEL --data META.json --config configs/train/nano.yaml \
+        [--steps 3]
 """
 
 from __future__ import annotations
