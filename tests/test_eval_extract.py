@@ -11,8 +11,8 @@ from internvl.eval.circular import (
     vanilla_score,
 )
 from internvl.eval.extract import can_infer_option, can_infer_text, extract_choice
+from internvl.eval.items import EvalItem
 from internvl.eval.metrics import anls, box_accuracy, exact_match, relaxed_accuracy
-from internvl.eval.tsv import EvalItem
 
 CHOICES = {"A": "cat", "B": "dog", "C": "bird", "D": "fish"}
 

@@ -20,8 +20,8 @@ from internvl.cli.main import main as cli
 from internvl.errors import DataError
 from internvl.eval import MCQTask, SyntheticTask, VQATask, evaluate, synth_table, synthetic_split, tsv_task
 from internvl.eval.extract import extract_choice
+from internvl.eval.items import EvalItem, ImageSource
 from internvl.eval.runner import read_predictions
-from internvl.eval.tsv import EvalItem, ImageSource
 from internvl.synth import generate_split
 
 
@@ -353,7 +353,7 @@ def test_resume_refuses_a_file_that_is_not_predictions(tmp_path):
 
 
 def test_hexagon_split_reports_items_about_the_hexagon_apart(tmp_path):
-    from internvl.eval.tasks import SyntheticTask, synth_table
+    from internvl.eval.synthetic import SyntheticTask, synth_table
     from internvl.synth import generate_split
 
     generate_split(tmp_path, "test", n=6, tasks=["color", "count"], hexagon=True)

@@ -8,8 +8,9 @@ import pytest
 from PIL import Image
 
 from internvl.errors import DataError
+from internvl.eval.items import EvalItem, ImageSource, dump_images
 from internvl.eval.prompts import build_mcq_prompt, build_vqa_prompt
-from internvl.eval.tsv import EvalItem, ImageSource, dump_images, read_tsv, write_tsv
+from internvl.eval.tsv import read_tsv, write_tsv
 
 
 def png_b64(color, size=(4, 3), mode="RGB"):

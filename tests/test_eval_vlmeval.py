@@ -18,9 +18,10 @@ from internvl.errors import DataError
 from internvl.eval import evaluate, tsv_task
 from internvl.eval.circular import circular_expand
 from internvl.eval.extract import extract_choice
+from internvl.eval.items import EvalItem
 from internvl.eval.prompts import build_mcq_prompt
 from internvl.eval.runner import tiles_per_image
-from internvl.eval.tsv import EvalItem, read_tsv
+from internvl.eval.tsv import read_tsv
 
 
 def png_b64(color):

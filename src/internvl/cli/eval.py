@@ -59,7 +59,8 @@ def _target(args: argparse.Namespace) -> tuple[bool, str | None]:
 def _tasks(args: argparse.Namespace, synthetic: bool) -> list:
     from ..errors import DataError
     from ..eval.runner import synthetic_split
-    from ..eval.tasks import SyntheticTask, synth_tasks, tsv_task
+    from ..eval.synthetic import SyntheticTask, synth_tasks
+    from ..eval.tasks import tsv_task
     from .chat import model_path
 
     if synthetic:

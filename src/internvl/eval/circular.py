@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 
 from internvl.errors import DataError
 from internvl.eval.extract import extract_choice
-from internvl.eval.tsv import EvalItem
+from internvl.eval.items import EvalItem
 
 CIRCULAR_OFFSET = 1_000_000
 # MMBench ability names as VLMEvalKit abbreviates them in its accuracy tables.

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import re
 
-from internvl.eval.tsv import EvalItem
+from internvl.eval.items import EvalItem
 
 MCQ_DIRECTIVE = "Answer with the option's letter from the given choices directly."
 MCQ_DIRECTIVE_CN = "请直接回答选项字母。"

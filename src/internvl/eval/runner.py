@@ -16,8 +16,8 @@ from contextlib import closing, suppress
 from pathlib import Path
 
 from internvl.errors import DataError, InternVLError
+from internvl.eval.items import ImageSource
 from internvl.eval.tasks import Example
-from internvl.eval.tsv import ImageSource
 
 DEFAULT_MAX_NUM = 6  # tiles per image in the reference evaluation scripts
 TOTAL_MAX_NUM = 64  # tiles of all the images of one question together (`total_max_num` there)
