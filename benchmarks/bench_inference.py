@@ -107,9 +107,9 @@ print(json.dumps(out))
 def llm_bytes_per_token(folder: Path) -> int:
     """Weight bytes the language model streams per decoded token: everything but the embedding table."""
     from internvl.checkpoint.io import build_model
-    from internvl.config import ModelConfig
+    from internvl.checkpoint.layouts import read_config
 
-    model = build_model(ModelConfig.from_file(folder))
+    model = build_model(read_config(folder))
     lm = model.language_model
     total = sum(p.numel() * 2 for p in lm.parameters())  # bf16
     return total - lm.model.embed_tokens.weight.numel() * 2

@@ -34,7 +34,7 @@ import httpx
 WRITE = r"""
 import sys, torch
 from internvl.checkpoint.io import build_model, save_model
-from internvl.config import preset
+from internvl.presets import preset
 from internvl.tokenizer import train_bpe_tokenizer
 folder = sys.argv[1]
 words = ("the a of image shows red green blue circle square star triangle left right top bottom how many what "

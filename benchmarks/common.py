@@ -10,7 +10,7 @@ from pathlib import Path
 WRITE = r"""
 import sys, torch
 from internvl.checkpoint.io import build_model, save_model
-from internvl.config import preset
+from internvl.presets import preset
 model = build_model(preset(sys.argv[2]), image_token_id=151667, meta=True)
 g = torch.Generator().manual_seed(0)
 for name, p in list(model.named_parameters()):

@@ -73,7 +73,7 @@ def tiny_checkpoint(folder: Path, counting: bool = False, layout: str = "origina
     from dataclasses import replace
 
     from internvl.checkpoint.io import build_model, save_model
-    from internvl.config import preset
+    from internvl.presets import preset
     from internvl.tokenizer import train_bpe_tokenizer
 
     folder = Path(folder)

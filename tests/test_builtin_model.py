@@ -6,7 +6,7 @@ from pathlib import Path
 
 import internvl
 from internvl.api import BUILTIN
-from internvl.config import ModelConfig
+from internvl.checkpoint.layouts import read_config
 from internvl.train import nano
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -16,7 +16,7 @@ INFO = json.loads((BUILTIN / "training.json").read_text())
 def test_the_built_in_model_is_an_original_layout_checkpoint_under_60_mb():
     raw = json.loads((BUILTIN / "config.json").read_text())
     assert "vision_config" in raw and "llm_config" in raw  # the internvl_chat layout
-    ModelConfig.from_file(BUILTIN / "config.json")
+    read_config(BUILTIN / "config.json")
     size = sum(f.stat().st_size for f in BUILTIN.iterdir())
     assert size <= 60 * 2**20, size
     assert INFO["stage"] and INFO["step"] > 0 and INFO["test_split"]["accuracy_percent"]

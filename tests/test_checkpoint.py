@@ -11,10 +11,12 @@ from refmodels import IMAGE_TOKEN_ID, hf_reference, save_reference
 from safetensors.torch import load_file, save_file
 
 from internvl.checkpoint.io import build_model, load_model, save_model
+from internvl.checkpoint.layouts import read_config
+from internvl.checkpoint.original import to_original_dict
 from internvl.cli.main import main as cli
-from internvl.config import ModelConfig, preset
 from internvl.errors import CheckpointError, ConfigError
 from internvl.model.projector import pixel_shuffle
+from internvl.presets import preset
 
 
 def test_pixel_shuffle_v2_ordering():
@@ -37,7 +39,7 @@ def test_pixel_shuffle_v1_is_the_transposed_grid():
     assert not torch.equal(v1, v2)
 
 
-def _random_model(cfg: ModelConfig) -> torch.nn.Module:
+def _random_model(cfg) -> torch.nn.Module:
     torch.manual_seed(0)
     model = build_model(cfg, IMAGE_TOKEN_ID, meta=False)
     with torch.no_grad():
@@ -71,7 +73,7 @@ def test_save_then_load_is_bitwise_identical(tmp_path, family, layout):
 def test_original_hf_original_round_trip_is_bitwise_identical(tmp_path, family):
     cfg = preset("tiny")
     cfg.llm = replace(cfg.llm, family=family, qkv_bias=family == "qwen2")
-    cfg.template = "internlm2-chat"
+    cfg.processor.template = "internlm2-chat"
     model = _random_model(cfg)
     save_model(model, tmp_path / "a", layout="original", dtype="bf16")
     assert cli(["convert", str(tmp_path / "a"), str(tmp_path / "b"), "--to", "hf",
@@ -80,7 +82,7 @@ def test_original_hf_original_round_trip_is_bitwise_identical(tmp_path, family):
     first = load_file(str(tmp_path / "a" / "model.safetensors"))
     last = load_file(str(tmp_path / "c" / "model.safetensors"))
     _assert_state_equal(first, last)
-    assert ModelConfig.from_file(tmp_path / "c") == ModelConfig.from_file(tmp_path / "a")
+    assert read_config(tmp_path / "c") == read_config(tmp_path / "a")
 
 
 def test_sharded_checkpoint_and_dtype_choice(tmp_path):
@@ -112,7 +114,7 @@ def saved(tmp_path):
 def test_missing_folder_and_weights(tmp_path):
     with pytest.raises(ConfigError, match="config.json"):
         load_model(tmp_path / "nowhere")
-    preset_cfg = preset("tiny").to_original_dict()
+    preset_cfg = to_original_dict(preset("tiny"))
     (tmp_path / "config.json").write_text(json.dumps(preset_cfg))
     with pytest.raises(CheckpointError, match="no model.safetensors"):
         load_model(tmp_path)
@@ -164,3 +166,21 @@ def test_cli_prints_one_line_on_bad_checkpoint(saved, tmp_path, capsys):
     assert cli(["convert", str(saved), str(tmp_path / "out"), "--to", "hf"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "model.safetensors" in err[0] and "Traceback" not in err[0]
+
+
+def test_pad2square_is_read_and_pads_a_single_tile_with_the_mean_color(tmp_path):
+    from PIL import Image
+
+    from internvl.processing.image import IMAGENET_MEAN, ImageProcessor, tiles_to_tensor
+
+    d = to_original_dict(preset("tiny"))
+    (tmp_path / "config.json").write_text(json.dumps({**d, "pad2square": True, "dynamic_image_size": False}))
+    cfg = read_config(tmp_path)
+    assert cfg.processor.pad2square and not cfg.processor.dynamic_image_size
+    wide = Image.new("RGB", (56, 28), (255, 0, 0))
+    pixels = ImageProcessor.from_config(cfg)(wide)
+    mean = tuple(int(x * 255) for x in IMAGENET_MEAN)
+    expected = Image.new("RGB", (56, 56), mean)
+    expected.paste(wide, (0, 14))  # the reference expand2square: centred, padded above and below
+    assert torch.equal(pixels, tiles_to_tensor([expected], 56))
+    assert not torch.equal(pixels, ImageProcessor.from_config(cfg.replace(pad2square=False))(wide))

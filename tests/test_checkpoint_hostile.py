@@ -13,9 +13,10 @@ import torch
 from refmodels import tiny_checkpoint
 
 from internvl.checkpoint.io import build_model, load_model, save_model
+from internvl.checkpoint.layouts import read_config
 from internvl.checkpoint.reader import SafetensorsFile
-from internvl.config import ModelConfig, preset
 from internvl.errors import CheckpointError, ConfigError, InternVLError, TokenizerError
+from internvl.presets import preset
 from internvl.tokenizer import Tokenizer
 
 
@@ -158,7 +159,7 @@ def test_a_tokenizer_larger_than_the_model_is_refused(tok_folder, tmp_path):
     from tokenizers import Tokenizer as HF
 
     folder = Path(shutil.copytree(tok_folder, tmp_path / "m"))
-    vocab = ModelConfig.from_file(folder).llm.vocab_size
+    vocab = read_config(folder).llm.vocab_size
     tok = HF.from_file(str(folder / "tokenizer.json"))
     tok.add_tokens([f"extra{i}" for i in range(2000)])
     tok.save(str(folder / "tokenizer.json"))

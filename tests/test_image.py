@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from internvl.config import preset
+from internvl.presets import preset
 from internvl.errors import ImageError
 from internvl.processing import (
     ImageProcessor,

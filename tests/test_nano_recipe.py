@@ -48,7 +48,7 @@ def test_ship_writes_a_loadable_model_with_its_training_record(recipe, tmp_path)
     for name in ("model.safetensors", "tokenizer.json"):  # the weights ship unchanged
         assert (dest / name).read_bytes() == (recipe / "stage1" / "final" / name).read_bytes()
     model = internvl.load(str(dest))
-    assert model.config.max_dynamic_patch == 1 and model.tokenizer.vocab_size > 100
+    assert model.config.processor.max_dynamic_patch == 1 and model.tokenizer.vocab_size > 100
     # an explicit step wins over the checkpoint beside the folder
     again = nano.ship(recipe / "stage1" / "final", "stage1", dest=tmp_path / "again", step=7)
     assert json.loads((again / "training.json").read_text())["step"] == 7

@@ -9,7 +9,7 @@ import shutil
 import pytest
 from refmodels import tiny_checkpoint
 
-from internvl.processing.template import SYSTEM_INTERNVL2, SYSTEM_INTERNVL2_5
+from internvl.config import SYSTEM_INTERNVL2, SYSTEM_INTERNVL2_5
 from internvl.tokenizer import Tokenizer
 from internvl.train.tokenize import tokenize_conversation
 

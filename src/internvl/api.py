@@ -77,7 +77,7 @@ class InternVL:
         self.config: ModelConfig = model.config
         self.path = Path(path) if path else None
         self.processor = ImageProcessor.from_config(self.config)
-        self.template = get_template(self.config.template)
+        self.template = get_template(self.config.processor.template)
         stop_ids = [tokenizer.token_to_id(s) for s in stop_strings(self.template)]
         stop_ids.append(tokenizer.eos_id)
         self.stop_token_ids = sorted({i for i in stop_ids if i is not None})
@@ -104,7 +104,7 @@ class InternVL:
         for frame in frames:
             tiles.append(self.processor(frame, 1))
             counts.append(1)
-        system = self.config.system_message if system_message is None else system_message
+        system = self.config.processor.system_message if system_message is None else system_message
         prompt = build_conversation_prompt(self.template, question, history or (), system,
                                            num_images=len(images), num_frames=len(frames), num_patches_list=counts,
                                            num_image_token=self.model.num_image_token)  # fmt: skip

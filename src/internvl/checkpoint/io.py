@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 from ..config import ModelConfig
 from ..errors import CheckpointError, ConfigError
 from ..model.vlm import InternVLChatModel
-from .keymap import build_entries, detect_layout
+from .layouts import build_entries, config_files, detect_layout, read_config
 from .reader import SafetensorsFile
 
 INDEX = "model.safetensors.index.json"
@@ -196,7 +196,7 @@ def load_model(folder: str | Path, dtype: str | torch.dtype | None = None, devic
                image_token_id: int | None = None) -> tuple[InternVLChatModel, LoadReport]:  # fmt: skip
     """Config + weights from a checkpoint folder of either layout. `dtype` None keeps the stored dtypes."""
     folder = Path(folder)
-    config = ModelConfig.from_file(folder)
+    config = read_config(folder)
     model = build_model(config, image_token_id)
     report = load_weights(model, folder, resolve_dtype(dtype), device)
     model.eval()
@@ -229,15 +229,12 @@ def _save(model: InternVLChatModel, folder: Path, layout: str, dtype: torch.dtyp
             if dtype is not None and value.is_floating_point():
                 value = value.to(dtype)
             tensors[name] = value.contiguous().cpu()
-    if layout == "hf":
-        if model.image_token_id is None:
-            raise CheckpointError("saving in the -hf layout needs the model's image token id")
-        cfg = model.config.to_hf_dict(model.image_token_id)
-        (folder / "preprocessor_config.json").write_text(json.dumps(model.config.hf_preprocessor_dict(), indent=2))
-    else:
-        cfg = model.config.to_original_dict()
-    cfg["torch_dtype"] = str(next(iter(tensors.values())).dtype).replace("torch.", "")
-    (folder / "config.json").write_text(json.dumps(cfg, indent=2, ensure_ascii=False))
+    if layout == "hf" and model.image_token_id is None:
+        raise CheckpointError("saving in the -hf layout needs the model's image token id")
+    files = config_files(model.config, layout, model.image_token_id)
+    files["config.json"]["torch_dtype"] = str(next(iter(tensors.values())).dtype).replace("torch.", "")
+    for name, content in files.items():
+        (folder / name).write_text(json.dumps(content, indent=2, ensure_ascii=False))
     written = _write_shards(tensors, folder, max_shard_bytes)
     if tokenizer_dir is not None:
         copy_tokenizer_files(tokenizer_dir, folder)

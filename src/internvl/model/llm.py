@@ -1,7 +1,7 @@
 """Decoder-only language model shared by Qwen2, Llama and InternLM2 (RMSNorm, SwiGLU, RoPE, GQA).
 
 Names mirror the original checkpoints of the Qwen2/Llama families (`model.layers.{i}.self_attn.q_proj`);
-InternLM2's fused `wqkv` is split on load (see checkpoint/keymap.py), so one implementation serves all.
+InternLM2's fused `wqkv` is split on load (see checkpoint/original.py), so one implementation serves all.
 """
 
 from __future__ import annotations

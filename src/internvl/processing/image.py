@@ -214,6 +214,17 @@ def dynamic_preprocess(
     return tiles
 
 
+def expand2square(image: Image.Image) -> Image.Image:
+    """Reference `expand2square`: pad the shorter side evenly with the ImageNet mean color (for `pad2square`)."""
+    width, height = image.size
+    if width == height:
+        return image
+    side = max(width, height)
+    out = Image.new(image.mode, (side, side), tuple(int(x * 255) for x in IMAGENET_MEAN))
+    out.paste(image, ((side - width) // 2, (side - height) // 2))
+    return out
+
+
 def tiles_to_tensor(tiles: Sequence[Image.Image], image_size: int) -> torch.Tensor:
     """Reference `build_transform`: bicubic resize to image_size (a no-op copy for tiles), ToTensor, ImageNet
     Normalize, computed in float32 in the same order so results are bit-identical."""
@@ -246,6 +257,7 @@ class ImageProcessor:
         use_thumbnail: bool = True,
         dynamic: bool = True,
         max_pixels: int | None = DEFAULT_MAX_PIXELS,
+        pad2square: bool = False,
     ) -> None:
         if image_size <= 0 or min_num < 1 or max_num < 1:
             raise ValueError(
@@ -257,15 +269,17 @@ class ImageProcessor:
         self.use_thumbnail = use_thumbnail
         self.dynamic = dynamic
         self.max_pixels = max_pixels
+        self.pad2square = pad2square
 
     @classmethod
     def from_config(cls, config: ModelConfig, **overrides: object) -> ImageProcessor:
         kwargs: dict[str, object] = {
             "image_size": config.image_size,
-            "min_num": config.min_dynamic_patch,
-            "max_num": config.max_dynamic_patch,
-            "use_thumbnail": config.use_thumbnail,
-            "dynamic": config.dynamic_image_size,
+            "min_num": config.processor.min_dynamic_patch,
+            "max_num": config.processor.max_dynamic_patch,
+            "use_thumbnail": config.processor.use_thumbnail,
+            "dynamic": config.processor.dynamic_image_size,
+            "pad2square": config.processor.pad2square,
         }
         kwargs.update(overrides)
         return cls(**kwargs)  # type: ignore[arg-type]
@@ -273,7 +287,9 @@ class ImageProcessor:
     def tiles(self, image: ImageSource, max_num: int | None = None) -> list[Image.Image]:
         image = load_image(image, self.max_pixels)
         if not self.dynamic:
-            return [image]  # one tile: the whole image squashed to S by the transform
+            # one tile: the whole image squashed to S by the transform, or first padded to a square as the
+            # reference's transform does with pad2square (dynamic tiles are square already: a no-op there)
+            return [expand2square(to_rgb(image)) if self.pad2square else image]
         return dynamic_preprocess(
             image,
             self.min_num,

@@ -1,4 +1,4 @@
-"""Conversation templates of the released InternVL checkpoints and their prompt rendering.
+"""Prompt rendering with the chat templates of the released InternVL checkpoints (the table is `config.TEMPLATES`).
 
 Rendering follows the reference `conversation.py` MPT separator style: system block + sep, then role + message +
 sep for every turn, then the bare assistant role.
@@ -7,44 +7,13 @@ sep for every turn, then the bare assistant role.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
+from ..config import TEMPLATES, Template
 from ..errors import PromptError
 
-# Default system messages, copied from the reference conversation.py (the InternVL 2.5 / 3 one and the older one).
-SYSTEM_INTERNVL2_5 = "你是书生·万象，英文名是InternVL，是由上海人工智能实验室、清华大学及多家合作单位联合开发的多模态大语言模型。"
-SYSTEM_INTERNVL2 = "你是由上海人工智能实验室联合商汤科技开发的书生多模态大模型，英文名叫InternVL, 是一个有用无害的人工智能助手。"
+__all__ = ["TEMPLATES", "Template", "get_template", "render_prompt", "stop_strings"]
 
 ROLES = ("user", "assistant")
-
-
-@dataclass(frozen=True)
-class Template:
-    """One chat format. `roles` are the (user, assistant) prefixes, `sep` ends every block."""
-
-    name: str
-    system_template: str  # contains one "{}" for the system message
-    roles: tuple[str, str]
-    sep: str
-    system_message: str  # the default, used when the caller gives none
-    stop_str: str | None = None
-
-
-_IM_SYSTEM = "<|im_start|>system\n{}"
-_IM_ROLES = ("<|im_start|>user\n", "<|im_start|>assistant\n")
-
-TEMPLATES: dict[str, Template] = {
-    t.name: t
-    for t in (
-        Template("internvl2_5", _IM_SYSTEM, _IM_ROLES, "<|im_end|>\n", SYSTEM_INTERNVL2_5),
-        Template("internlm2-chat", _IM_SYSTEM, _IM_ROLES, "<|im_end|>", SYSTEM_INTERNVL2),
-        # Hermes-2 renders as internlm2-chat; it differs only in training (no <s>) and its extra stop string.
-        Template("Hermes-2", _IM_SYSTEM, _IM_ROLES, "<|im_end|>", SYSTEM_INTERNVL2, stop_str="<|endoftext|>"),
-        Template(
-            "phi3-chat", "<|system|>\n{}", ("<|user|>\n", "<|assistant|>\n"), "<|end|>", SYSTEM_INTERNVL2
-        ),
-    )
-}
 
 
 def get_template(name: str | Template) -> Template:

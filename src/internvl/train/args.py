@@ -14,9 +14,8 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from ..config import TEMPLATES
 from ..errors import TrainingError
-
-TEMPLATES = ("internvl2_5", "internlm2-chat", "Hermes-2", "phi3-chat")
 
 
 def _f(default: Any, help: str, **meta: Any) -> Any:
@@ -39,7 +38,7 @@ class ModelArgs:
         None, "train from random weights with this config.json (needs --tokenizer)", metavar="CONFIG.json"
     )
     tokenizer: str | None = _f(None, "tokenizer folder (default: the model folder)", metavar="DIR")
-    template: str | None = _f(None, "chat template (default: the model's)", choices=TEMPLATES)
+    template: str | None = _f(None, "chat template (default: the model's)", choices=tuple(TEMPLATES))
     system_message: str | None = _f(
         None, "system prompt for rows without a system turn (default: the model's)", metavar="TEXT"
     )

@@ -17,6 +17,7 @@ import torch
 from ..config import ModelConfig
 from ..errors import DataError, InternVLError
 from ..processing.image import ImageProcessor
+from ..processing.inputs import tiles_per_image
 from ..processing.prompt import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, image_tokens
 from ..tokenizer import IMG_CONTEXT, Tokenizer
 from .collate import Sample
@@ -45,7 +46,8 @@ class SampleOptions:
             else (8192, 8, 32)
         )
         return cls(
-            cfg.template, cfg.system_message, limits[0], cfg.max_dynamic_patch, limits[1], limits[2], seed
+            cfg.processor.template, cfg.processor.system_message, limits[0], cfg.processor.max_dynamic_patch,
+            limits[1], limits[2], seed,
         )
 
 
@@ -62,7 +64,8 @@ class SFTDataset:
         self.tokenizer = tokenizer
         self.options = options
         self.num_image_token = config.num_image_token
-        self.processor = ImageProcessor.from_config(config, max_num=options.max_dynamic_patch)
+        # the reference's training transform ignores pad2square (only its evaluation transform pads)
+        self.processor = ImageProcessor.from_config(config, max_num=options.max_dynamic_patch, pad2square=False)
         self.image_size = config.image_size
         self.dummy = dummy_tile(config.image_size)
         self.context_id = tokenizer.require(IMG_CONTEXT)
@@ -91,7 +94,8 @@ class SFTDataset:
             paths = [image] if isinstance(image, str) else list(image)
             if isinstance(image, str):
                 turns = _ensure_placeholder(turns, IMAGE_PLACEHOLDER)
-            per_image = max_num if len(paths) == 1 else max(1, max_num // len(paths))
+            # the images of a row share max_dynamic_patch tiles (the reference: max(1, max_num // n))
+            per_image = tiles_per_image(max_num, len(paths), total_max_num=max_num)
             tiles = [
                 image_pixels(media_path(root, p), self.processor, per_image, augment, rng) for p in paths
             ]

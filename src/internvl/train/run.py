@@ -131,11 +131,11 @@ def prepare_model(args: TrainArgs, ctx, log: Callable[[str], None] = print) -> P
 
     m, d, t = args.model, args.data, args.tune
     model, tokenizer, base_dtype, tok_dir = _build_model(args)
-    cfg = model.config
-    model.config = cfg.replace(
-        template=m.template or cfg.template,
-        system_message=m.system_message if m.system_message is not None else cfg.system_message,
-        max_dynamic_patch=d.max_dynamic_patch or cfg.max_dynamic_patch,
+    p = model.config.processor
+    model.config = model.config.replace(
+        template=m.template or p.template,
+        system_message=m.system_message if m.system_message is not None else p.system_message,
+        max_dynamic_patch=d.max_dynamic_patch or p.max_dynamic_patch,
     )
     model.config.vision.drop_path_rate = t.drop_path_rate
     model.vision_model.set_drop_path_rate(t.drop_path_rate)
@@ -264,7 +264,7 @@ def _threads(args: TrainArgs, ctx) -> int | None:
 def _build_model(args: TrainArgs):
     """(model, tokenizer, stored dtype of the base weights, tokenizer folder)."""
     from ..checkpoint.io import build_model, load_model
-    from ..config import ModelConfig
+    from ..checkpoint.layouts import read_config
     from ..model.llm import init_weights
     from ..tokenizer import Tokenizer
     from .lora import is_adapter
@@ -285,7 +285,7 @@ def _build_model(args: TrainArgs):
     else:
         tok_dir = Path(m.tokenizer)
         tokenizer = Tokenizer.from_dir(tok_dir)
-        config = ModelConfig.from_file(m.init_from_config)
+        config = read_config(m.init_from_config)
         model = build_model(config, tokenizer.image_context_id, meta=False)
         init_weights(model)
         model.vision_model.init_from_scratch()

@@ -1,0 +1,113 @@
+"""Pieces both checkpoint layouts share: a tensor-map `Entry`, renaming by rules, and the language-model
+section of `config.json`, which the original and the transformers layouts write almost alike.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+from typing import Any
+
+import torch
+
+from ..config import LLM_FAMILIES, LLMConfig
+from ..config_checks import check_section
+from ..errors import ConfigError
+
+Convert = Callable[[list[torch.Tensor]], list[torch.Tensor]]
+
+
+def _same(ts: list[torch.Tensor]) -> list[torch.Tensor]:
+    return ts
+
+
+@dataclass
+class Entry:
+    """Internal tensors <-> external tensors, converted both ways exactly (no arithmetic)."""
+
+    internal: list[str]
+    external: list[str]
+    to_internal: Convert = _same
+    to_external: Convert = _same
+
+
+def rename(key: str, rules: list[tuple[str, str]]) -> str:
+    for pattern, repl in rules:
+        key = re.sub(pattern, repl, key)
+    return key
+
+
+def pick(d: dict[str, Any], cls: type, defaults: dict[str, Any], renames: dict[str, str], source: str) -> Any:
+    """Build a dataclass from dict `d`: renamed keys first, then same-named keys, then `defaults`."""
+    kwargs = dict(defaults)
+    names = {f.name for f in fields(cls)}
+    for key, value in check_section(d, cls.__name__, source).items():
+        name = renames.get(key, key)
+        if name in names:
+            kwargs[name] = value
+    try:
+        return cls(**kwargs)
+    except TypeError as e:
+        raise ConfigError(f"{source}: {e}") from None
+
+
+def llm_common(m: LLMConfig) -> dict[str, Any]:
+    """The language-model keys both layouts write the same way."""
+    return {
+        "vocab_size": m.vocab_size,
+        "hidden_size": m.hidden_size,
+        "intermediate_size": m.intermediate_size,
+        "num_hidden_layers": m.num_hidden_layers,
+        "num_attention_heads": m.num_attention_heads,
+        "num_key_value_heads": m.num_key_value_heads,
+        "rms_norm_eps": m.rms_norm_eps,
+        "rope_theta": m.rope_theta,
+        "rope_scaling": m.rope_scaling,
+        "max_position_embeddings": m.max_position_embeddings,
+        "hidden_act": "silu",
+        "tie_word_embeddings": False,
+        "bos_token_id": m.bos_token_id,
+        "eos_token_id": m.eos_token_id,
+        "pad_token_id": m.pad_token_id,
+    }
+
+
+def parse_llm(d: dict[str, Any], source: str) -> LLMConfig:
+    """The language-model section (`llm_config` or `text_config`) of either layout."""
+    archs = check_section(d, "the language model config", source).get("architectures") or []
+    family = None
+    if archs:
+        family = LLM_FAMILIES.get(archs[0])
+        if family is None:
+            raise ConfigError(
+                f"{source}: unknown language model architecture {archs[0]!r}; "
+                f"supported: {sorted(LLM_FAMILIES)}"
+            )
+    else:
+        family = {"qwen2": "qwen2", "llama": "llama", "internlm2": "internlm2"}.get(d.get("model_type", ""))
+        if family is None:
+            raise ConfigError(f"{source}: language model config has no architectures and model_type "
+                              f"{d.get('model_type')!r} is not qwen2, llama or internlm2")
+    if family == "qwen2":
+        qkv_bias, o_bias = True, False
+    elif family == "internlm2":
+        qkv_bias = o_bias = bool(d.get("bias", True))
+    else:
+        qkv_bias = o_bias = bool(d.get("attention_bias", False))
+    eos = d.get("eos_token_id")
+    if isinstance(eos, list):
+        eos = eos[0] if eos else None
+    for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size", "intermediate_size"):
+        if key not in d:
+            raise ConfigError(f"{source}: language model config lacks the required key {key!r}")
+    return pick(
+        {**d, "eos_token_id": eos},
+        LLMConfig,
+        dict(family=family, qkv_bias=qkv_bias, o_bias=o_bias,
+             num_key_value_heads=d.get("num_key_value_heads") or d["num_attention_heads"],
+             rope_theta=d.get("rope_theta", 10000.0), max_position_embeddings=d.get("max_position_embeddings", 2048),
+             rms_norm_eps=d.get("rms_norm_eps", 1e-6)),
+        {"architectures": "_", "model_type": "_", "bias": "_", "attention_bias": "_"},
+        source,
+    )  # fmt: skip
