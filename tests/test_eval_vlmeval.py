@@ -20,8 +20,8 @@ from internvl.eval.circular import circular_expand
 from internvl.eval.extract import extract_choice
 from internvl.eval.items import EvalItem
 from internvl.eval.prompts import build_mcq_prompt
-from internvl.eval.runner import tiles_per_image
 from internvl.eval.tsv import read_tsv
+from internvl.processing.inputs import tiles_per_image
 
 
 def png_b64(color):
@@ -45,7 +45,7 @@ class Fake:
 
     def __init__(self, reply):
         self.asked, self.caps, self.reply = [], [], reply
-        self.engine = SimpleNamespace(add=self._add, step=self._step, abort=lambda seq: None, waiting=[])
+        self.detok = SimpleNamespace(add=self._add, step=self._step, abort=lambda seq: None, waiting=[])
 
     def prepare(self, prompt, images, max_num=None):
         self.caps.append((len(images), max_num))
@@ -55,12 +55,12 @@ class Fake:
         prompt, images = request
         self.asked.append(prompt)
         seq = SimpleNamespace(request_id=len(self.asked), text=self.reply(prompt, images))
-        self.engine.waiting.append(seq)
+        self.detok.waiting.append(seq)
         return seq
 
     def _step(self):
-        done, self.engine.waiting = self.engine.waiting, []
-        return [SimpleNamespace(seq=s, finished=True) for s in done]
+        done, self.detok.waiting = self.detok.waiting, []
+        return [SimpleNamespace(seq=s, finished=True, output=s.text) for s in done]
 
 
 def options_of(prompt: str) -> dict[str, str]:

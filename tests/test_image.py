@@ -10,8 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from internvl.presets import preset
 from internvl.errors import ImageError
+from internvl.presets import preset
 from internvl.processing import (
     ImageProcessor,
     candidate_grids,
@@ -19,6 +19,7 @@ from internvl.processing import (
     dynamic_preprocess,
     find_closest_aspect_ratio,
     load_image,
+    tile_images,
 )
 
 
@@ -138,12 +139,12 @@ def test_processor_from_config_and_budgets():
 
     q = ImageProcessor(max_num=6)
     wide, tall = Image.new("RGB", (1920, 1080)), Image.new("RGB", (300, 1200))
-    pv, counts = q.preprocess_many([wide, tall])
+    pv, counts = tile_images(q, [wide, tall])
     assert counts == [3, 5] and pv.shape[0] == 8  # each image gets the full budget, as the model cards
-    pv, counts = q.preprocess_many([wide, tall], total_max_num=6)
+    pv, counts = tile_images(q, [wide, tall], total_max_num=6)
     assert counts == [3, 4]  # max(1, 6 // 2) = 3 tiles each: (2,1)+thumb and (1,3)+thumb
     with pytest.raises(ImageError, match="no images"):
-        q.preprocess_many([])
+        tile_images(q, [])
 
 
 # ---- loading and mode conversion -----------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""The processing room: image/video files -> tiles -> pixel_values; prompt + template -> expanded text."""
+"""The processing room: image/video files -> tiles -> pixel_values; prompt + template -> expanded text;
+both together -> a request's model inputs (inputs.py)."""
 
 from .image import (
     DEFAULT_MAX_PIXELS,
@@ -10,8 +11,17 @@ from .image import (
     dynamic_preprocess,
     find_closest_aspect_ratio,
     load_image,
+    probe_image,
     tiles_to_tensor,
     to_rgb,
+)
+from .inputs import (
+    TOTAL_MAX_NUM,
+    InputBuilder,
+    ModelInputs,
+    check_media,
+    tile_images,
+    tiles_per_image,
 )
 from .prompt import (
     IMAGE_PLACEHOLDER,
@@ -28,7 +38,7 @@ from .prompt import (
     image_tokens,
 )
 from .template import TEMPLATES, Template, get_template, render_prompt, stop_strings
-from .video import load_video, read_frames, sample_frame_indices, video_info
+from .video import load_video, probe_video, read_frames, sample_frame_indices, video_info
 
 __all__ = [
     "DEFAULT_MAX_PIXELS",
@@ -39,13 +49,17 @@ __all__ = [
     "IMG_END",
     "IMG_START",
     "TEMPLATES",
+    "TOTAL_MAX_NUM",
     "VIDEO_PLACEHOLDER",
     "ChatPrompt",
     "ImageProcessor",
+    "InputBuilder",
+    "ModelInputs",
     "Template",
     "build_conversation_prompt",
     "build_question",
     "candidate_grids",
+    "check_media",
     "choose_grid",
     "dynamic_preprocess",
     "expand_image_placeholders",
@@ -56,10 +70,14 @@ __all__ = [
     "image_tokens",
     "load_image",
     "load_video",
+    "probe_image",
+    "probe_video",
     "read_frames",
     "render_prompt",
     "sample_frame_indices",
     "stop_strings",
+    "tile_images",
+    "tiles_per_image",
     "tiles_to_tensor",
     "to_rgb",
     "video_info",

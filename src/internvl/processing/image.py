@@ -20,7 +20,7 @@ from ..errors import ImageError
 if TYPE_CHECKING:
     from ..config import ModelConfig
 
-ImageSource = Union[str, "os.PathLike[str]", bytes, bytearray, memoryview, IO[bytes], Image.Image]
+ImageSource = Union[str, "os.PathLike[str]", bytes, bytearray, memoryview, IO[bytes], Image.Image, np.ndarray]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -38,26 +38,25 @@ def _source_name(src: object) -> str:
         return f"<{len(src)} bytes>"
     if isinstance(src, Image.Image):
         return "<PIL image>"
+    if isinstance(src, np.ndarray):
+        return f"<array {tuple(src.shape)}>"
     return str(getattr(src, "name", "<file object>"))
 
 
 def load_image(src: ImageSource, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Open `src` (path, bytes, binary file object or PIL image) as a fully decoded RGB image.
+    """Open `src` (path, bytes, binary file object, PIL image or array) as a fully decoded RGB image.
 
     EXIF orientation is applied, transparency is composited on white (as transformers' `convert_rgb`), and
     16-bit / float images are scaled to 8 bits. Every failure is an `ImageError` naming the source.
     """
     name = _source_name(src)
+    if isinstance(src, np.ndarray):
+        src = _from_array(src)
     if isinstance(src, Image.Image):
         _check_pixels(src.size, max_pixels, name)
         return to_rgb(src, name)
     if isinstance(src, (str, os.PathLike)):
-        if not os.path.exists(src):
-            raise ImageError(f"{name}: no such file")
-        if os.path.isdir(src):
-            raise ImageError(f"{name}: is a directory, not an image file")
-        if os.path.getsize(src) == 0:
-            raise ImageError(f"{name}: empty file (0 bytes)")
+        _check_file(src, name)
         try:
             with open(src, "rb") as f:
                 return _decode(f, name, max_pixels)
@@ -70,8 +69,47 @@ def load_image(src: ImageSource, max_pixels: int | None = DEFAULT_MAX_PIXELS) ->
     if hasattr(src, "read"):
         return _decode(src, name, max_pixels)  # type: ignore[arg-type]
     raise ImageError(
-        f"{name}: expected a path, bytes, a binary file object or a PIL image, got {type(src).__name__}"
+        f"{name}: expected a path, bytes, a binary file object, a PIL image or an array, got {type(src).__name__}"
     )
+
+
+def _check_file(path: str | os.PathLike[str], name: str) -> None:
+    if not os.path.exists(path):
+        raise ImageError(f"{name}: no such file")
+    if os.path.isdir(path):
+        raise ImageError(f"{name}: is a directory, not an image file")
+    if os.path.getsize(path) == 0:
+        raise ImageError(f"{name}: empty file (0 bytes)")
+
+
+def _from_array(a: np.ndarray) -> Image.Image:
+    """An [H, W] grey or [H, W, 3|4] RGB(A) array (uint8, or float / 16-bit as PIL reads them) as a PIL image."""
+    if a.ndim not in (2, 3) or (a.ndim == 3 and a.shape[2] not in (3, 4)):
+        raise ImageError(f"{_source_name(a)}: expected an [H, W], [H, W, 3] or [H, W, 4] image array")
+    try:
+        return Image.fromarray(np.ascontiguousarray(a))
+    except (TypeError, ValueError) as e:
+        raise ImageError(f"{_source_name(a)}: not an image array of dtype {a.dtype} ({e})") from None
+
+
+def probe_image(path: str | os.PathLike[str], max_pixels: int | None = DEFAULT_MAX_PIXELS) -> tuple[int, int]:
+    """(width, height) of an image file from its header, without decoding it: the same one-line `ImageError`s
+    as `load_image` for a missing, empty or unrecognised file, or one above `max_pixels`."""
+    name = _source_name(path)
+    _check_file(path, name)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as opened:
+                size = opened.size
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
+        raise ImageError(f"{name}: refused as a possible decompression bomb ({e})") from None
+    except Image.UnidentifiedImageError:
+        raise ImageError(f"{name}: not a recognised image format (corrupt or not an image)") from None
+    except OSError as e:
+        raise ImageError(f"{name}: cannot read file ({e.strerror or e})") from None
+    _check_pixels(size, max_pixels, name)
+    return size
 
 
 def open_image(fp: IO[bytes], name: str, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
@@ -300,21 +338,3 @@ class ImageProcessor:
 
     def __call__(self, image: ImageSource, max_num: int | None = None) -> torch.Tensor:
         return tiles_to_tensor(self.tiles(image, max_num), self.image_size)
-
-    def preprocess_many(
-        self, images: Sequence[ImageSource], max_num: int | None = None, total_max_num: int | None = None
-    ) -> tuple[torch.Tensor, list[int]]:
-        """Tile several images; returns the concatenated pixel_values and the tile count per image.
-
-        Inference default (`total_max_num=None`): every image gets the full `max_num`, as the reference model
-        cards do when they call `load_image(..., max_num=12)` per image, so one image tiles the same alone or in
-        a group. With `total_max_num` the images share a budget of max(1, min(max_num, total // n)) tiles each;
-        `total_max_num=max_dynamic_patch` is the training rule max(1, max_dynamic_patch // n_images).
-        """
-        if not images:
-            raise ImageError("preprocess_many: no images given")
-        per_image = self.max_num if max_num is None else max_num
-        if total_max_num is not None:
-            per_image = max(1, min(per_image, total_max_num // len(images)))
-        tensors = [self(im, per_image) for im in images]
-        return torch.cat(tensors), [t.shape[0] for t in tensors]

@@ -118,6 +118,20 @@ def video_info(path: str | os.PathLike[str]) -> tuple[int, float, tuple[int, int
     return n or _scan(name, None)[1], fps, size
 
 
+def probe_video(path: str | os.PathLike[str], max_pixels: int | None = DEFAULT_MAX_PIXELS,
+                ) -> tuple[int, float, tuple[int, int]]:  # fmt: skip
+    """(recorded frame count or 0, fps or 0, (width, height)) from the container's header, decoding nothing;
+    a missing, empty or unreadable file, one without a video stream, or frames above `max_pixels` raise
+    `VideoError`."""
+    name = os.fspath(path)
+    n, fps, (w, h) = _probe(name)
+    if max_pixels is not None and w * h > max_pixels:
+        raise VideoError(
+            f"{name}: frames are {w}x{h} = {w * h} pixels, above the limit of {max_pixels} (max_pixels)"
+        )
+    return n, fps, (w, h)
+
+
 def load_video(
     path: str | os.PathLike[str],
     num_segments: int = 8,
@@ -129,11 +143,7 @@ def load_video(
     `bound` is (start_s, end_s). A missing, empty, unreadable or frameless video raises `VideoError`.
     """
     name = os.fspath(path)
-    n, fps, (w, h) = _probe(name)
-    if max_pixels is not None and w * h > max_pixels:
-        raise VideoError(
-            f"{name}: frames are {w}x{h} = {w * h} pixels, above the limit of {max_pixels} (max_pixels)"
-        )
+    n, fps, _ = probe_video(name, max_pixels)
     if fps <= 0:
         if bound:
             raise VideoError(f"{name}: the video has no frame rate, so a time bound cannot be applied")
