@@ -7,7 +7,7 @@ from pathlib import Path
 import internvl
 from internvl.api import BUILTIN
 from internvl.checkpoint.layouts import read_config
-from internvl.train import nano
+from internvl.nano import ship
 
 ROOT = Path(__file__).resolve().parents[1]
 INFO = json.loads((BUILTIN / "training.json").read_text())
@@ -33,7 +33,7 @@ def test_it_still_answers_the_fixed_check_items_as_when_shipped(tmp_path):
     """Every task's right answers on the seeded check items, as `nano ship` recorded them (one item of slack
     per task for rounding differences between CPU kernels)."""
     check = INFO["check"]
-    got = nano.check(BUILTIN, tmp_path, check["split"], check["n"])
+    got = ship.check(BUILTIN, tmp_path, check["split"], check["n"])
     assert set(got) == set(check["correct"])
     worse = {t: (got[t], k) for t, k in check["correct"].items() if got[t] < k - 1}
     assert not worse, f"right answers (now, when shipped): {worse}"

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 import internvl
-from internvl.train import nano
+from internvl.nano.cli import main
+from internvl.nano.ship import ship
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {"N": "3", "CUR_SCALE": "0.0005", "VIT_STEPS": "2", "VIT_IMAGES": "16", "EVAL_N": "2",
@@ -39,7 +40,7 @@ def test_every_stage_runs_and_the_benchmark_scores_every_task(recipe):
 
 
 def test_ship_writes_a_loadable_model_with_its_training_record(recipe, tmp_path):
-    dest = nano.ship(recipe / "stage1" / "final", "stage1", recipe / "eval" / "summary.json", hours=0.01,
+    dest = ship(recipe / "stage1" / "final", "stage1", recipe / "eval" / "summary.json", hours=0.01,
                      dest=tmp_path / "nano")  # fmt: skip
     info = json.loads((dest / "training.json").read_text())
     assert info["stage"] == "stage1" and info["step"] == 2 and info["training_hours"] == 0.01
@@ -50,7 +51,7 @@ def test_ship_writes_a_loadable_model_with_its_training_record(recipe, tmp_path)
     model = internvl.load(str(dest))
     assert model.config.processor.max_dynamic_patch == 1 and model.tokenizer.vocab_size > 100
     # an explicit step wins over the checkpoint beside the folder
-    again = nano.ship(recipe / "stage1" / "final", "stage1", dest=tmp_path / "again", step=7)
+    again = ship(recipe / "stage1" / "final", "stage1", dest=tmp_path / "again", step=7)
     assert json.loads((again / "training.json").read_text())["step"] == 7
     # a later stage can start from the shipped folder like from any checkpoint
     assert (dest / "config.json").read_text() == (recipe / "stage1" / "final" / "config.json").read_text()
@@ -58,6 +59,6 @@ def test_ship_writes_a_loadable_model_with_its_training_record(recipe, tmp_path)
 
 def test_ship_refuses_an_incomplete_folder(tmp_path, capsys):
     (tmp_path / "m").mkdir()
-    assert nano.main(["ship", str(tmp_path / "m"), "--stage", "stage1", "--dest", str(tmp_path / "d")]) == 1
+    assert main(["ship", str(tmp_path / "m"), "--stage", "stage1", "--dest", str(tmp_path / "d")]) == 1
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "config.json: missing" in err

@@ -12,7 +12,8 @@ from refmodels import tiny_checkpoint
 from safetensors.torch import load_file
 from test_train_data import Q, write_split
 
-from internvl.train.nano import probe, snapshot
+from internvl.nano.probe import probe
+from internvl.nano.ship import snapshot
 
 
 @pytest.fixture(scope="module")
@@ -56,11 +57,12 @@ def test_snapshot_takes_weights_from_the_checkpoint(model, tmp_path):
 
 
 def test_command_errors_are_one_line(tmp_path, capsys):
-    from internvl.train.nano import main
+    from internvl.cli.main import main
 
     assert (
         main(
             [
+                "nano",
                 "snapshot",
                 "--init",
                 str(tmp_path),
@@ -74,7 +76,8 @@ def test_command_errors_are_one_line(tmp_path, capsys):
     )
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "no weights" in err and "Traceback" not in err
-    assert main(["curriculum", "--split", str(tmp_path / "nosplit"), "--out", str(tmp_path / "cur")]) == 1
+    nosplit = ["nano", "curriculum", "--split", str(tmp_path / "nosplit"), "--out", str(tmp_path / "cur")]
+    assert main(nosplit) == 1
     err = capsys.readouterr().err.strip()
     missing = tmp_path / "nosplit" / "meta.json"
     assert len(err.splitlines()) == 1 and f"{missing}: not a synthetic split" in err
@@ -108,14 +111,14 @@ def test_dense_curriculum_scenes_are_seeded_sized_and_valid(tmp_path):
 
 
 def test_curriculum_writes_every_stage_meta(tmp_path):
+    from internvl.nano.curriculum import curriculum
     from internvl.synth.writer import generate_split
     from internvl.train.data import build_index, read_meta
-    from internvl.train.nano import curriculum
 
     generate_split(str(tmp_path / "split"), "train", n=4, tasks=["color", "text"])
     counts = curriculum(tmp_path / "split", tmp_path / "cur", scale=0.0005)
     shapes = sum(t["value"].removeprefix("<image>\n").startswith("What shape")
-                 for line in open(tmp_path / "cur/dense0/dense.jsonl")
+                 for line in (tmp_path / "cur/dense0/dense.jsonl").read_text().splitlines()
                  for t in json.loads(line)["conversations"])  # fmt: skip
     assert shapes > 0
     assert counts == {"shapes": shapes, "stage0": 10, "stage1a": 3 + 10, "stage1": 10 + 15 + 1 + 1}
@@ -124,7 +127,7 @@ def test_curriculum_writes_every_stage_meta(tmp_path):
         assert len(build_index(specs)) == counts[stage]
     names = [s.name for s in read_meta(tmp_path / "cur" / "stage1.json")]
     assert names == ["dense1", "denseS", "synth_color", "synth_text"]
-    rows = [json.loads(line) for line in open(tmp_path / "cur/dense0/shape.jsonl")]
+    rows = [json.loads(line) for line in (tmp_path / "cur/dense0/shape.jsonl").read_text().splitlines()]
     question, answer = zip(*(r["conversations"] for r in rows))
     assert all(q["value"].startswith("<image>\nWhat shape") for q in question)
     assert {a["value"] for a in answer} <= {"circle", "square", "triangle", "star", "diamond"}

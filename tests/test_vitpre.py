@@ -1,4 +1,5 @@
-"""Dense pretraining of the nano vision encoder: patch targets drawn from the generator, and the loop."""
+"""Dense pretraining of the nano vision encoder: patch targets drawn from the generator, and the run through
+the training loop (resume included)."""
 
 from __future__ import annotations
 
@@ -7,12 +8,15 @@ import random
 
 import numpy as np
 import pytest
+import torch
 from refmodels import tiny_checkpoint
 from safetensors.torch import load_file
 
+from internvl.errors import TrainingError
+from internvl.nano.patches import CHARS, KINDS, Region, _text_regions, patch_targets, sample_image
+from internvl.nano.vit import pretrain
 from internvl.synth.builders import BUILDERS
 from internvl.synth.scene import COLOR_NAMES, COLORS, Obj, Scene
-from internvl.train.vitpre import CHARS, KINDS, _text_regions, patch_targets, pretrain, sample_image
 
 
 def test_patch_targets_of_one_known_square():
@@ -22,8 +26,6 @@ def test_patch_targets_of_one_known_square():
 
     labels = Image.new("L", (448, 448), 0)
     ImageDraw.Draw(labels).rectangle((112, 56, 223, 167), fill=1)
-    from internvl.train.vitpre import Region
-
     t = patch_targets(np.asarray(labels), [Region(KINDS.index("square"), 0, -1, (112, 56, 224, 168))])
     kind = t["kind"].reshape(16, 16)
     inside = np.zeros((16, 16), bool)
@@ -42,7 +44,7 @@ def test_ocr_characters_are_labelled_in_reading_order():
     assert "".join(CHARS[r.char] for r in regions) == turn.answer
     xs = [r.box[0] for r in regions]
     assert xs == sorted(xs) and all(r.box[2] > r.box[0] and r.box[3] > r.box[1] for r in regions)
-    x1, y1, x2, y2 = scene.text.box
+    x1, _, x2, _ = scene.text.box
     assert all(x1 <= r.box[0] and r.box[2] <= x2 + 1 for r in regions)
 
 
@@ -79,6 +81,27 @@ def test_pretrain_learns_and_writes_a_model_folder(tmp_path):
     assert json.loads((out / "vit_pretrain.json").read_text())["steps"] == 30
 
 
+def test_a_stopped_pretraining_resumes_to_the_same_weights(tmp_path):
+    """It runs through the training loop: stopped at step 3 (a checkpoint), refused without resume, then
+    resumed to the end, it ends with the weights and held-out figures of an uninterrupted run."""
+    init = tiny_checkpoint(tmp_path / "init")
+    opts = {"steps": 6, "images": 8, "batch": 4, "lr": 3e-3, "save_every": 2, "log_every": 1000,
+            "data": tmp_path / "pool.npz"}  # fmt: skip
+    whole = pretrain(init, tmp_path / "whole", **opts)
+    part = pretrain(init, tmp_path / "part", stop_after=3, **opts)
+    assert part["stopped"] and part["steps"] == 3 and not (tmp_path / "part" / "vit_pretrain.json").exists()
+    assert (tmp_path / "part" / "model.safetensors").exists()  # a stopped run leaves a usable encoder
+    with pytest.raises(TrainingError, match="pass --resume"):
+        pretrain(init, tmp_path / "part", **opts)
+    with pytest.raises(TrainingError, match="batch was 4, now 2"):
+        pretrain(init, tmp_path / "part", resume=True, **{**opts, "batch": 2})
+    resumed = pretrain(init, tmp_path / "part", resume=True, **opts)
+    assert resumed == whole
+    a = load_file(str(tmp_path / "whole" / "model.safetensors"))
+    b = load_file(str(tmp_path / "part" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_probe_only_trains_the_read_out_and_writes_nothing(tmp_path):
     init = tiny_checkpoint(tmp_path / "init")
     cache = tmp_path / "cache" / "pool.npz"
@@ -91,7 +114,7 @@ def test_probe_only_trains_the_read_out_and_writes_nothing(tmp_path):
 
 
 def test_command_line_runs_the_pretraining(tmp_path, capsys):
-    from internvl.train.nano import main
+    from internvl.nano.cli import main
 
     init = tiny_checkpoint(tmp_path / "init")
     argv = ["vit", "--init", str(init), "--out", str(tmp_path / "vit"), "--data", str(tmp_path / "pool.npz")]

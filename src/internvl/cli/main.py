@@ -20,6 +20,7 @@ VERBS: dict[str, str] = {
     "serve": "serve",
     "mpo": "mpo",
     "build-prefs": "build_prefs",
+    "nano": "nano",
 }
 
 HELP: dict[str, str] = {
@@ -32,6 +33,7 @@ HELP: dict[str, str] = {
     "merge-lora": "merge a LoRA adapter into its base model",
     "synth": "generate Synthetic Visual World data",
     "build-prefs": "build MPO preference pairs by sampling a model",
+    "nano": "the built-in model's recipe: tokenizer and config, curriculum, encoder pretraining, ship",
 }
 
 

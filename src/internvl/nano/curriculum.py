@@ -1,0 +1,66 @@
+"""The training curriculum next to a train split: scenes of one large shape, then of one or two, then of up
+to five at the contract's sizes, six questions each (`synth.writer.generate_dense`), and the meta files of
+its stages in order: shapes.json, stage0.json, stage1a.json, stage1.json (see runs/train_nano.sh)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+# (folder, items, objects at most, side fractions or None for the contract's, square canvases, seed)
+CURRICULUM = (
+    ("dense0", 20000, 1, (0.4, 0.9), True, 0),
+    ("dense1", 20000, 2, (0.25, 0.5), True, 1),
+    ("denseS", 30000, 5, None, False, 2),
+)
+SPLIT_SHARE = 0.25  # stage 1 takes this share of every task of the train split
+STAGE1A_REPLAY = 0.3  # stage 1a keeps this share of the single large shapes next to the scenes of one or two
+
+
+def curriculum(split: str | Path, out: str | Path, scale: float = 1.0, progress: bool = False) -> dict:
+    """The curriculum sets and the two stage meta files (paths relative to `out`); `scale` shrinks them."""
+    from ..synth.writer import generate_dense
+
+    split, out = Path(split), Path(out)
+    meta_file = split / "meta.json"
+    if not meta_file.exists():
+        raise FileNotFoundError(f"{meta_file}: not a synthetic split (internvl synth --split train)")
+    out.mkdir(parents=True, exist_ok=True)
+    entries = {}
+    for name, n, k, sides, square, seed in CURRICULUM:
+        n = max(1, int(n * scale))
+        generate_dense(str(out / name), n, k, 6, square, seed, sides, progress)
+        entries[name] = {"root": name, "annotation": f"{name}/dense.jsonl", "data_augment": False,
+                         "repeat_time": 1, "length": n}  # fmt: skip
+    n_shapes = shape_questions(out / "dense0" / "dense.jsonl", out / "dense0" / "shape.jsonl")
+    shapes = {"dense0_shape": {**entries["dense0"], "annotation": "dense0/shape.jsonl", "length": n_shapes}}
+    stage1a = {"dense0": {**entries["dense0"], "repeat_time": STAGE1A_REPLAY,
+                          "length": max(1, int(entries["dense0"]["length"] * STAGE1A_REPLAY))},
+               "dense1": entries["dense1"]}  # fmt: skip
+    stage1 = {k: v for k, v in entries.items() if k != "dense0"}
+    rel = Path(os.path.relpath(split, out))
+    for name, entry in json.loads(meta_file.read_text()).items():
+        length = max(1, int(entry["length"] * SPLIT_SHARE))
+        paths = {"root": str(rel / entry["root"]), "annotation": str(rel / entry["annotation"])}
+        stage1[name] = {**entry, **paths, "repeat_time": SPLIT_SHARE, "length": length}
+    metas = {"shapes": shapes, "stage0": {"dense0": entries["dense0"]}, "stage1a": stage1a, "stage1": stage1}
+    for name, meta in metas.items():
+        (out / f"{name}.json").write_text(json.dumps(meta, indent=2) + "\n")
+    return {name: sum(e["length"] for e in meta.values()) for name, meta in metas.items()}
+
+
+def shape_questions(dense: Path, out: Path) -> int:
+    """The `What shape is ...` turns of a dense set, one single-turn row each; returns how many."""
+    n = 0
+    with open(dense, encoding="utf-8") as f, open(out, "w", encoding="utf-8") as w:
+        for line in f:
+            row = json.loads(line)
+            turns = row["conversations"]
+            for q, a in zip(turns[::2], turns[1::2]):
+                question = q["value"].replace("<image>\n", "")
+                if question.startswith("What shape"):
+                    single = [{"from": "human", "value": "<image>\n" + question}, a]
+                    w.write(json.dumps({**row, "id": f"{row['id']}_shape", "conversations": single}) + "\n")
+                    n += 1
+    return n

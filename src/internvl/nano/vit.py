@@ -1,0 +1,258 @@
+"""Dense supervised pretraining of the nano vision encoder on the targets of `nano/patches.py`, run by the one
+training loop (`train/loop.py`: AdamW, warmup + cosine, bf16 autocast, atomic checkpoints), so a stopped run
+continues with `resume=True`. The read-out is dropped at the end; the encoder keeps what it learned."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import TrainingError
+from ..processing.image import normalize
+from ..synth.scene import COLOR_NAMES
+from ..train.objective import Objective, ObjectiveOutput
+from .patches import CHARS, KINDS, make_set
+
+# Why: the official encoders come contrastively pretrained; the nano one starts from random weights, and a
+# random frozen encoder leaves the language model to find 14-px shapes among 64 near-identical tokens (see
+# configs/train/nano-stage0.yaml). Trained jointly with the language model from scratch it collapses. The
+# generator knows what lies under every patch, so every patch of the view gets targets instead.
+
+DONE = "vit_pretrain.json"  # written last: the summary of a finished run
+HELD_OUT = 256  # images of the held-out set (seed + 1) that the summary reports on
+TARGETS = ("kind", "color", "char", "box")
+RESUME_KEYS = ("steps", "images", "batch", "lr", "seed", "train_encoder")  # must match to resume
+
+
+class PatchHead(nn.Module):
+    """Linear read-outs of the patch tokens: kind, color, character and box sides."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.out = nn.Linear(dim, len(KINDS) + len(COLOR_NAMES) + len(CHARS) + 4)
+
+    def forward(self, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+        y = self.out(self.norm(tokens))
+        a, b, c = len(KINDS), len(KINDS) + len(COLOR_NAMES), len(KINDS) + len(COLOR_NAMES) + len(CHARS)
+        return {"kind": y[..., :a], "color": y[..., a:b], "char": y[..., b:c], "box": y[..., c:]}
+
+
+class PatchReadout(nn.Module):
+    """What the loop trains: the encoder and the read-out of its patch tokens (the CLS token is dropped)."""
+
+    def __init__(self, vision_model: nn.Module, dim: int):
+        super().__init__()
+        self.vision_model = vision_model
+        self.head = PatchHead(dim)
+
+    def forward(self, pixel_values: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.head(self.vision_model(pixel_values)[:, 1:].float())
+
+
+@dataclass
+class PatchBatch:
+    """A micro-batch: normalized images, per-patch targets, and host-side counts of the patches with each
+    target (so that a batch without characters or objects needs no device sync to skip those losses)."""
+
+    pixel_values: torch.Tensor  # float32 [B, 3, S, S]
+    kind: torch.Tensor  # int64 [B, P], 0 = background
+    color: torch.Tensor  # int64 [B, P], -1 where none
+    char: torch.Tensor  # int64 [B, P], -1 where none
+    box: torch.Tensor  # float32 [B, P, 4], distances to the object's sides in patches
+    objects: int = 0  # patches with kind > 0
+    colors: int = 0
+    chars: int = 0
+
+    @classmethod
+    def of(cls, data: dict, idx: np.ndarray | slice) -> PatchBatch:
+        t = {k: torch.from_numpy(np.ascontiguousarray(data[k][idx])) for k in TARGETS}
+        return cls(normalize(data["images"][idx]), **t, objects=int((t["kind"] > 0).sum()),
+                   colors=int((t["color"] >= 0).sum()), chars=int((t["char"] >= 0).sum()))  # fmt: skip
+
+    @property
+    def num_samples(self) -> int:
+        return int(self.kind.shape[0])
+
+    @property
+    def num_tokens(self) -> int:  # patches: the loop's throughput is patches per second
+        return int(self.kind.numel())
+
+    def to(self, device: torch.device) -> PatchBatch:
+        moved = {f.name: getattr(self, f.name) for f in fields(self)}
+        for k, v in moved.items():
+            if isinstance(v, torch.Tensor):
+                moved[k] = v.to(device, non_blocking=True)
+        return PatchBatch(**moved)
+
+
+def patch_losses(readout: nn.Module, b: PatchBatch) -> tuple[dict, dict[str, tuple[torch.Tensor, float]]]:
+    """The four losses (cross-entropy on kind, color, character; smooth L1 on the box sides of object patches)
+    and the read-out's accuracies as (sum, count) pairs."""
+    pred = readout(b.pixel_values)
+    obj = b.kind > 0
+
+    def ce(name: str, count: int) -> torch.Tensor:
+        if not count:  # nothing of this target in the batch: no loss, every parameter still in the graph
+            return pred[name].sum() * 0
+        return F.cross_entropy(pred[name].flatten(0, 1), getattr(b, name).flatten(), ignore_index=-1)
+
+    box = F.smooth_l1_loss(pred["box"][obj], b.box[obj]) if b.objects else pred["box"].sum() * 0
+    parts = {"kind": ce("kind", b.num_tokens), "color": ce("color", b.colors), "char": ce("char", b.chars),
+             "box": box}  # fmt: skip
+    with torch.no_grad():
+
+        def hits(name: str, mask: torch.Tensor) -> torch.Tensor:
+            return (pred[name].argmax(-1)[mask] == getattr(b, name)[mask]).sum().double()
+
+        acc = {"kind_acc_objects": (hits("kind", obj), float(b.objects)),
+               "color_acc": (hits("color", b.color >= 0), float(b.colors)),
+               "char_acc": (hits("char", b.char >= 0), float(b.chars)),
+               "box_l1": ((pred["box"][obj] - b.box[obj]).abs().sum().double(), 4.0 * b.objects)}  # fmt: skip
+    return parts, acc
+
+
+class PatchObjective(Objective):
+    """The sum of the four losses, each a mean over its micro-batch (normalizer 1 per micro-batch)."""
+
+    name = "vit_patches"
+    bar_metrics = ("kind_acc_objects",)
+
+    def normalizer(self, batch: PatchBatch) -> float:
+        return 1.0
+
+    def __call__(self, model: nn.Module, batch: PatchBatch) -> ObjectiveOutput:
+        parts, acc = patch_losses(model, batch)
+        metrics = {k: (v.detach(), 1.0) for k, v in parts.items()}
+        return ObjectiveOutput(sum(parts.values()), {**metrics, **acc})
+
+
+def batch_source(pool: dict, batch: int, seed: int):
+    """The loop's data: one micro-batch a step, reshuffled each pass over the pool; the position is the number
+    of permutations drawn and the place in the last one, so a resumed run sees the same images."""
+    n = len(pool["images"])
+
+    def source(state: dict | None):
+        perms, pos = (state or {}).get("perms", 1), (state or {}).get("pos", 0)
+        gen = np.random.default_rng(seed)
+        for _ in range(perms):
+            order = gen.permutation(n)
+        while True:
+            if pos + batch > n:
+                order, pos, perms = gen.permutation(n), 0, perms + 1
+            idx = order[pos : pos + batch]
+            pos += batch
+            yield [PatchBatch.of(pool, idx)], {"perms": perms, "pos": pos}, perms - 1 + pos / n
+
+    return source
+
+
+def held_out_stats(readout: nn.Module, held: PatchBatch, device: torch.device) -> dict[str, float]:
+    readout.eval()
+    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16):
+        parts, acc = patch_losses(readout, held.to(device))
+    stats = {k: float(v) for k, v in parts.items()}
+    return {**stats, **{k: float(s) / n if n else float("nan") for k, (s, n) in acc.items()}}
+
+
+def check_sizes(steps: int, images: int, batch: int, save_every: int) -> None:
+    for name, value, least in (("steps", steps, 1), ("images", images, 1), ("batch", batch, 1),
+                               ("save_every", save_every, 0)):  # fmt: skip
+        if value < least:
+            raise TrainingError(f"vision pretraining: {name} must be at least {least}, got {value}")
+
+
+def pretrain(init: str | Path, out: str | Path, steps: int = 1200, images: int = 20000, batch: int = 32,
+             lr: float = 1e-3, seed: int = 0, log_every: int = 50, save_every: int = 250,
+             threads: int | None = None, data: str | Path | None = None, train_encoder: bool = True,
+             progress: bool = False, resume: bool = False, stop_after: int = 0,
+             device: str = "cpu") -> dict:  # fmt: skip
+    """Pretrain the encoder of `init`'s config on dense patch targets and write a model folder to `out`
+    (config and tokenizer from `init`, the pretrained encoder, the rest initialized as `internvl finetune
+    --init-from-config` would); also every `save_every` steps, with a checkpoint in OUT/checkpoints that
+    `resume=True` continues from (`stop_after` ends the run early at that step, the schedule unchanged).
+    `data` is the image cache (default OUT/vit_data.npz, written when missing). `train_encoder=False` trains
+    the read-out alone on the encoder as initialized: the baseline (how much the random encoder's tokens
+    already tell); it writes no model and no checkpoint. `progress` shows a bar for the image generation."""
+    from ..checkpoint.io import build_model, save_model
+    from ..checkpoint.layouts import read_config
+    from ..model.llm import init_weights
+    from ..tokenizer import Tokenizer
+    from ..train.checkpoint import find_latest, load_checkpoint, read_state, save_checkpoint
+    from ..train.dist import DistContext, pick_device
+    from ..train.loop import LoopConfig, Trainer
+    from ..train.metrics import MetricsLog
+    from ..train.optim import build_optimizer
+
+    check_sizes(steps, images, batch, save_every)
+    if threads:
+        torch.set_num_threads(threads)
+    init, out = Path(init), Path(out)
+    config = read_config(init / "config.json")
+    tokenizer = Tokenizer.from_dir(init)
+    ctx = DistContext(device=pick_device(device))
+    run_args = {"steps": steps, "images": images, "batch": batch, "lr": lr, "seed": seed,
+                "train_encoder": train_encoder, "init": str(init)}  # fmt: skip
+    latest = find_latest(out) if train_encoder else None
+    if latest is not None and not resume:
+        raise TrainingError(f"{out} already has checkpoints (newest: {latest.name}); pass --resume to "
+                            "continue or choose another --out")  # fmt: skip
+    if latest is not None:
+        before = read_state(latest).get("args", {})
+        for k in RESUME_KEYS:
+            if k in before and before[k] != run_args[k]:
+                raise TrainingError(
+                    f"cannot resume from {latest}: {k} was {before[k]!r}, now {run_args[k]!r}"
+                )
+
+    torch.manual_seed(seed)
+    model = build_model(config, tokenizer.image_context_id, meta=False)
+    init_weights(model)
+    model.vision_model.init_from_scratch()
+    cache = Path(data) if data else out / "vit_data.npz"
+    if cache.exists():
+        pool = dict(np.load(cache))
+    else:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        pool = make_set(images, seed, config.image_size, config.vision.patch_size, progress=progress)
+        np.savez(cache, **pool)
+    readout = PatchReadout(model.vision_model, config.vision.hidden_size).to(ctx.device)
+    readout.vision_model.requires_grad_(train_encoder)
+    optimizer = build_optimizer(readout, lr, weight_decay=0.05, betas=(0.9, 0.98))
+
+    start, position = 0, None
+    if latest is not None:
+        state, position = load_checkpoint(latest, readout, optimizer, ctx)
+        start = int(state["step"])
+        print(f"resumed from {latest} at step {start}")
+
+    def save(step: int, position: dict) -> None:
+        state = {"total_steps": steps, "args": run_args}
+        save_checkpoint(out, step, readout, optimizer, ctx, state, position)
+        if step < steps:  # a run stopped early leaves a usable encoder
+            save_model(model, out, dtype="float32", tokenizer_dir=init)
+
+    loop = LoopConfig(steps, min(100, steps // 10), lr, "cosine", 1.0, log_every, save_every, stop_after,
+                      torch.bfloat16)  # fmt: skip
+    metrics = MetricsLog(out, enabled=train_encoder, tensorboard=False, resume_step=start)
+    source = batch_source(pool, batch, seed)
+    trainer = Trainer(readout, optimizer, PatchObjective(), source, ctx, loop, metrics,
+                      save if train_encoder else None)  # fmt: skip
+    ended = trainer.fit(start, position)
+    metrics.close()
+    result = {"steps": ended.step, "images": len(pool["images"]), "train_encoder": train_encoder}
+    if ended.interrupted or ended.paused:
+        return {**result, "stopped": True, "checkpoint": str(out / "checkpoints")}
+    held = make_set(HELD_OUT, seed + 1, config.image_size, config.vision.patch_size)
+    held = PatchBatch.of(held, slice(None))
+    result["held_out"] = held_out_stats(readout, held, ctx.device)
+    if train_encoder:
+        save_model(model, out, dtype="float32", tokenizer_dir=init)
+        (out / DONE).write_text(json.dumps(result, indent=2) + "\n")  # the run finished (saves come earlier)
+    return result
