@@ -53,7 +53,7 @@ def main() -> None:
     values = {**read_yaml(a.config), "data": a.data, "out": a.out, "num_workers": 0}
     if (Path(a.model) / "model.safetensors").exists():
         values["model"] = a.model
-    else:  # a folder `python -m internvl.train.nano prepare` wrote: random weights
+    else:  # a folder `internvl nano prepare` wrote: random weights
         values.update(init_from_config=str(Path(a.model) / "config.json"), tokenizer=a.model)
     args = TrainArgs.from_dict(values)
     torch.set_num_threads(args.run.threads or torch.get_num_threads())

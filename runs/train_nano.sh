@@ -23,17 +23,18 @@ mkdir -p "$OUT"
 [ -f "$OUT/data/meta.json" ] || internvl synth --out "$OUT/data" --split train --n "$N"
 
 # 2. a byte-level BPE tokenizer trained on the split's text, and the nano config.json (original layout)
-[ -f "$OUT/init/config.json" ] || python -m internvl.train.nano prepare --data "$OUT/data" --out "$OUT/init"
+[ -f "$OUT/init/config.json" ] || internvl nano prepare --data "$OUT/data" --out "$OUT/init"
 
 # 3. the curriculum: one large shape (stage 0), one or two mid-sized (stage 1a), up to five at the contract's
 #    sizes mixed with the split (stage 1); shapes.json holds only the shape questions of stage 0's scenes
-[ -f "$OUT/curriculum/stage1a.json" ] || python -m internvl.train.nano curriculum --split "$OUT/data" --out "$OUT/curriculum" \
+[ -f "$OUT/curriculum/stage1a.json" ] || internvl nano curriculum --split "$OUT/data" --out "$OUT/curriculum" \
     --scale "${CUR_SCALE:-1}"
 
-# 4. the vision encoder, pretrained on per-patch targets drawn from the generator (~20 min), then frozen
+# 4. the vision encoder, pretrained on per-patch targets drawn from the generator (~20 min; resumes from its
+#    last checkpoint), then frozen
 if [ -z "${START:-}" ]; then
-  [ -f "$OUT/vit/vit_pretrain.json" ] || python -m internvl.train.nano vit --init "$OUT/init" --out "$OUT/vit" \
-      --data "$OUT/vit_data.npz" --steps "${VIT_STEPS:-1200}" --images "${VIT_IMAGES:-20000}"
+  [ -f "$OUT/vit/vit_pretrain.json" ] || internvl nano vit --init "$OUT/init" --out "$OUT/vit" \
+      --data "$OUT/vit_data.npz" --steps "${VIT_STEPS:-1200}" --images "${VIT_IMAGES:-20000}" --resume
 fi
 
 # 5. the language stages, each from the last one's final weights (~1.5 s a step of ~22 packed samples):
@@ -54,4 +55,4 @@ FINAL="$prev"
 internvl eval synthetic "$FINAL" --n "${EVAL_N:-200}" --out "$OUT/eval"
 
 # 7. to ship it as the built-in model (src/internvl/assets/nano, with training.json):
-#    python -m internvl.train.nano ship "$FINAL" --summary "$OUT/eval/summary.json" --stage LAST_STAGE
+#    internvl nano ship "$FINAL" --summary "$OUT/eval/summary.json" --stage LAST_STAGE
