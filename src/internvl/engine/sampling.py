@@ -51,6 +51,27 @@ class SamplingParams:
         return self.temperature == 0.0 and self.repetition_penalty == 1.0
 
 
+# The keyword options the Python API takes (`model.chat(..., temperature=0.7)`); `do_sample` is transformers'.
+OPTION_KEYS = frozenset({"max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "seed", "stop",
+                         "min_new_tokens", "do_sample"})  # fmt: skip
+
+
+def sampling_params(defaults: SamplingParams | None = None, **options: object) -> SamplingParams:
+    """`defaults` with the keyword options that are not None applied, checked once. The transformers-style
+    `do_sample=False` means greedy, `do_sample=True` without a temperature samples at 1."""
+    unknown = set(options) - OPTION_KEYS
+    if unknown:
+        raise InternVLError(f"unknown generation option(s): {sorted(unknown)}; known: {sorted(OPTION_KEYS)}")
+    base = dict(vars(defaults)) if defaults else {}
+    do_sample = options.pop("do_sample", None)
+    base.update({k: v for k, v in options.items() if v is not None})
+    if do_sample is False:
+        base["temperature"] = 0.0
+    elif do_sample and not base.get("temperature"):
+        base["temperature"] = 1.0
+    return SamplingParams(**base)
+
+
 def apply_repetition_penalty(logits: torch.Tensor, previous: list[int], penalty: float) -> torch.Tensor:
     """The CTRL rule as in transformers: divide positive logits of seen tokens, multiply negative ones."""
     if penalty == 1.0 or not previous:

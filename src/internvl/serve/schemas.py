@@ -8,6 +8,9 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from ..engine.sampling import SamplingParams, sampling_params
+from ..errors import InternVLError
+
 MAX_TILES_PER_IMAGE = 40  # the largest max_dynamic_patch a request may ask for (InternVL uses 6 to 40)
 DETAIL_TILES = {"low": 6, "medium": 12, "high": 24}  # lmdeploy's mapping of `detail` to a tile cap
 # Each field's real range, so that nothing out of it reaches the engine: torch seeds are 64-bit (either
@@ -130,6 +133,18 @@ class ChatCompletionRequest(_Model):
     def characters(self) -> int:
         """Characters of text in all the messages (image URLs not counted)."""
         return sum(m.characters() for m in self.messages)
+
+    def sampling(self, defaults: SamplingParams, max_new_tokens: int) -> SamplingParams:
+        """The validated generation fields as `SamplingParams` over the model's `defaults` (unset fields keep
+        them); a combination the sampler refuses is a 400 `invalid_sampling`."""
+        try:
+            return sampling_params(
+                defaults, max_new_tokens=max_new_tokens, temperature=self.temperature, top_p=self.top_p,
+                top_k=None if self.top_k is None else max(0, self.top_k), repetition_penalty=self.repetition_penalty,
+                seed=self.seed, stop=self.stop, min_new_tokens=self.min_tokens,
+            )  # fmt: skip
+        except InternVLError as e:
+            raise APIError(400, str(e), code="invalid_sampling") from None
 
 
 # ---- replies ------------------------------------------------------------------------------------
