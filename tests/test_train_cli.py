@@ -166,7 +166,7 @@ def test_full_finetune_writes_a_loadable_model_and_metrics(model, meta, tmp_path
 
 
 def test_lora_run_writes_an_adapter_and_merged_weights(model, meta, tmp_path):
-    from internvl.train.lora import apply_adapter
+    from internvl.checkpoint.adapter import merge_adapter
 
     out = tmp_path / "lora"
     assert finetune(model, "--data", meta, "--out", out, "--max-steps", 3, "--lora-r", 4, "--freeze-vision",
@@ -177,7 +177,7 @@ def test_lora_run_writes_an_adapter_and_merged_weights(model, meta, tmp_path):
     ]
     merged = internvl.load(out / "merged")
     base = internvl.load(model, optimize=False)  # a plain, unfused model takes adapters
-    applied = apply_adapter(base.model.float(), out / "final", merge=True)
+    applied = merge_adapter(base.model.float(), out / "final")
     ids = torch.tensor([[20, 30, 40, 50]])
     with torch.no_grad():
         torch.testing.assert_close(merged.model(ids).logits, applied(ids).logits, atol=1e-5, rtol=0)

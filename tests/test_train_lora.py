@@ -1,21 +1,24 @@
-"""LoRA: PEFT-format adapters (loadable by peft itself), merged weights equal to the adapter model, the merge-lora
-verb, and the freezing knobs."""
+"""LoRA: PEFT-format adapters (loadable by peft itself), the PEFT-free merge equal to PEFT's (rank / alpha patterns,
+rsLoRA), chatting with an adapter folder when peft cannot be imported, the merge-lora verb, and the freezing knobs."""
 
 from __future__ import annotations
 
 import json
+import shutil
+import sys
 
 import pytest
 import torch
 from refmodels import tiny_checkpoint
 
+from internvl.checkpoint.adapter import load_adapter_model, merge_adapter
 from internvl.checkpoint.io import load_model
 from internvl.cli.main import main as cli
 from internvl.errors import CheckpointError, TrainingError
 from internvl.tokenizer import Tokenizer
 from internvl.train.dist import full_state_dict
 from internvl.train.freeze import TuneSpec, configure_trainable
-from internvl.train.lora import apply_adapter, full_modules, load_adapter_model, lora_config, save_adapter
+from internvl.train.lora import full_modules, lora_config, save_adapter
 
 
 @pytest.fixture(scope="module")
@@ -84,13 +87,67 @@ def test_adapter_is_peft_format_and_loads_with_peft(base, trained):
 @pytest.mark.parametrize("dtype, atol", [("fp64", 1e-5), ("fp32", 1e-4)])
 def test_merged_model_equals_the_adapter_model(base, trained, dtype, atol):
     # fp64 shows the merge is exact (well within 1e-5); fp32 adds only rounding (logits here reach ~10)
+    from peft import PeftModel
+
     model, folder = trained
-    unmerged = apply_adapter(fresh(base, dtype), folder, merge=False).eval()
-    merged = apply_adapter(fresh(base, dtype), folder, merge=True).eval()
+    unmerged = PeftModel.from_pretrained(fresh(base, dtype), str(folder)).eval()  # LoRA layers in place
+    merged = merge_adapter(fresh(base, dtype), folder).eval()
     assert type(merged).__name__ == "InternVLChatModel"
     assert not any("lora" in n for n, _ in merged.named_parameters())
     torch.testing.assert_close(logits(merged, base), logits(unmerged, base), atol=atol, rtol=0)
     torch.testing.assert_close(logits(unmerged, base).float(), logits(model, base), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("rslora", [False, True])
+def test_merge_equals_peft_merge_and_unload(base, trained, tmp_path, rslora):
+    """The PEFT-free merge gives PEFT's merged weights, tensor by tensor: LoRA on both towers with a rank_pattern
+    and an alpha_pattern (vision r=2, alpha 4; language r=4, alpha 8), the projector as modules_to_save, and
+    alpha / sqrt(r) under use_rslora."""
+    from peft import PeftModel
+
+    _, folder = trained
+    if rslora:
+        folder = shutil.copytree(folder, tmp_path / "rslora")
+        config = json.loads((folder / "adapter_config.json").read_text())
+        (folder / "adapter_config.json").write_text(json.dumps({**config, "use_rslora": True}))
+    cfg = json.loads((folder / "adapter_config.json").read_text())
+    assert cfg["rank_pattern"] and cfg["alpha_pattern"] and cfg["use_rslora"] is rslora
+    want = PeftModel.from_pretrained(fresh(base, "fp64"), str(folder)).merge_and_unload().state_dict()
+    got = merge_adapter(fresh(base, "fp64"), folder).state_dict()
+    plain = fresh(base, "fp64").state_dict()
+    assert got.keys() == want.keys()
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], atol=1e-12, rtol=0, msg=k)
+    assert not torch.equal(got["mlp1.1.weight"], plain["mlp1.1.weight"])  # modules_to_save copied
+    assert not torch.equal(got["vision_model.encoder.layers.1.attn.qkv.weight"],
+                           plain["vision_model.encoder.layers.1.attn.qkv.weight"])  # fmt: skip
+
+
+@pytest.fixture
+def no_peft(monkeypatch):
+    """`import peft` (and any peft.*) fails, as in an install without the training extra."""
+
+    class Blocker:
+        def find_spec(self, name, path=None, target=None):
+            if name == "peft" or name.startswith("peft."):
+                raise ImportError(f"{name} is blocked: the training extra is not installed")
+
+    for name in [n for n in sys.modules if n == "peft" or n.startswith("peft.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "peft", None)
+    monkeypatch.setattr(sys, "meta_path", [Blocker(), *sys.meta_path])
+    with pytest.raises(ImportError):
+        import peft  # noqa: F401
+
+
+def test_chat_with_an_adapter_folder_without_peft(base, trained, no_peft):
+    from internvl.api import load
+
+    model, folder = trained
+    chat = load(folder)
+    torch.testing.assert_close(logits(chat.model, base), logits(model, base), atol=1e-4, rtol=0)
+    assert isinstance(chat.chat("hello", max_new_tokens=3), str)
+    assert not any(n == "peft" or n.startswith("peft.") for n, m in sys.modules.items() if m is not None)
 
 
 @pytest.mark.parametrize("layout", ["original", "hf"])
@@ -127,9 +184,9 @@ def test_adapter_for_another_model_is_rejected(base, trained, tmp_path):
     tensors["base_model.model.language_model.model.layers.7.mlp.up_proj.lora_A.weight"] = torch.zeros(4, 64)
     save_file(tensors, str(bad / "adapter_model.safetensors"))
     with pytest.raises(CheckpointError, match="matches no module"):
-        apply_adapter(fresh(base), bad)
+        merge_adapter(fresh(base), bad)
     with pytest.raises(CheckpointError, match="not a LoRA adapter"):
-        apply_adapter(fresh(base), tmp_path)
+        merge_adapter(fresh(base), tmp_path)
 
 
 def trainable(model):

@@ -200,7 +200,7 @@ def load(path: str | Path | None = None, device: str | torch.device = "cpu", dty
         raise InternVLError("a revision needs a Hugging Face Hub model id")
     path = resolve_model(path, revision) if path is not None else default_model_path()
     if (path / "adapter_config.json").is_file():  # a LoRA adapter folder: its base with the adapter merged
-        from .train.lora import load_adapter_model
+        from .checkpoint.adapter import load_adapter_model
 
         model, tokenizer, _ = load_adapter_model(path, dtype=dtype, device=device)
     else:

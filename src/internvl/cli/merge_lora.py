@@ -19,10 +19,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from ..checkpoint.adapter import load_adapter_model
     from ..checkpoint.hub import resolve_model
     from ..checkpoint.io import save_model
     from ..errors import CheckpointError
-    from ..train.lora import load_adapter_model
 
     adapter, out = Path(args.adapter), Path(args.out)
     if not adapter.is_dir():

@@ -8,7 +8,7 @@
     collate.py     samples -> batches (padding, packing, shifted targets)
     stream.py      per-rank data order, resumable, with loader workers
     objective.py   pluggable losses (SFT with token / sample / square reduction)
-    freeze.py      freezing knobs; lora.py: PEFT LoRA, adapters, merging
+    freeze.py      freezing knobs; lora.py: PEFT LoRA, adapters saved (read and merged: checkpoint/adapter.py)
     optim.py       AdamW and the warmup + cosine schedule
     dist.py        torchrun / FSDP2; checkpoint.py: atomic checkpoints, exact resume
     metrics.py     CSV, TensorBoard, loss curve; loop.py: the trainer; run.py: train(args)
@@ -26,8 +26,7 @@ _EXPORTS = {
     "Objective": "objective", "ObjectiveOutput": "objective", "SFTObjective": "objective",
     "tokenize_conversation": "tokenize", "read_meta": "data", "build_index": "data", "BadRow": "data",
     "SFTDataset": "dataset", "Sample": "collate", "Batch": "collate", "Collator": "collate", "Packer": "collate",
-    "apply_adapter": "lora", "merge_lora": "lora", "save_adapter": "lora", "is_adapter": "lora",
-    "adapter_base": "lora", "load_adapter_model": "lora", "prepare_model": "run", "sft_data": "run",
+    "merge_lora": "lora", "save_adapter": "lora", "prepare_model": "run", "sft_data": "run",
     "run_loop": "run", "DataSource": "run", "Prepared": "run",
 }  # fmt: skip
 

@@ -1,4 +1,5 @@
-"""LoRA through PEFT: the reference targets, adapters saved in PEFT's format, loading and merging them.
+"""LoRA training through PEFT: the reference targets, LoRA layers injected and merged back, adapters saved in PEFT's
+format (reading and merging a saved adapter needs no PEFT: checkpoint/adapter.py).
 
 Targets (alpha 2r, dropout 0.05 by default), as the reference `wrap_llm_lora` / `wrap_backbone_lora`:
     language model: self_attn.{q,k,v,o}_proj, mlp.{gate,up,down}_proj
@@ -10,24 +11,21 @@ reference on `wqkv` does not load onto this module tree).
 Saved adapters are `adapter_config.json` + `adapter_model.safetensors` with PEFT's key names
 (`base_model.model.<module>.lora_A.weight`); parameters trained in full alongside LoRA (the projector, for
 example) are saved as PEFT `modules_to_save`, so `peft.PeftModel.from_pretrained(model, folder)` restores
-everything.
+everything, and so does `checkpoint.adapter.merge_adapter(model, folder)`.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from ..errors import CheckpointError, TrainingError
+from ..checkpoint.adapter import ADAPTER_WEIGHTS, PREFIX
+from ..errors import TrainingError
 
 LLM_TARGETS = r"language_model\.model\.layers\.\d+\.(self_attn\.(q_proj|k_proj|v_proj|o_proj)|mlp\.(gate_proj|up_proj|down_proj))"
 VISION_TARGETS = r"vision_model\.encoder\.layers\.\d+\.(attn\.(qkv|proj)|mlp\.(fc1|fc2))"
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-PREFIX = "base_model.model."
 
 
 def lora_config(llm_r: int = 0, vision_r: int = 0, alpha: float | None = None, dropout: float = 0.05,
@@ -115,76 +113,6 @@ def save_adapter(
     tmp.replace(folder / ADAPTER_WEIGHTS)
     config.save_pretrained(str(folder))
     return folder
-
-
-def is_adapter(folder: str | Path) -> bool:
-    return (Path(folder) / ADAPTER_CONFIG).is_file()
-
-
-def adapter_base(folder: str | Path) -> str | None:
-    """The base model folder recorded in an adapter's config."""
-    try:
-        return json.loads((Path(folder) / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{folder}: unreadable {ADAPTER_CONFIG} ({e})") from None
-
-
-def apply_adapter(model: nn.Module, adapter_dir: str | Path, merge: bool = True) -> nn.Module:
-    """Load a PEFT LoRA adapter onto `model`. merge=True folds it into the weights and returns the plain model
-    (same class, no extra cost at inference); merge=False returns the model with LoRA layers in place."""
-    lm = getattr(model, "language_model", None)
-    if lm is not None and getattr(lm, "fused", False):
-        raise CheckpointError("the model's projections were fused for decoding, so an adapter cannot be applied; "
-                              "load the base with internvl.load(..., optimize=False) or load_model()")
-    from peft import PeftModel
-
-    adapter_dir = Path(adapter_dir)
-    if not is_adapter(adapter_dir) or not (adapter_dir / ADAPTER_WEIGHTS).is_file():
-        raise CheckpointError(
-            f"{adapter_dir}: not a LoRA adapter (needs {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS})"
-        )
-    _check_keys(model, adapter_dir)
-    peft_model = PeftModel.from_pretrained(model, str(adapter_dir))
-    if merge:
-        return peft_model.merge_and_unload()
-    return peft_model.base_model.model
-
-
-def _check_keys(model: nn.Module, adapter_dir: Path) -> None:
-    from safetensors import safe_open
-
-    with safe_open(str(adapter_dir / ADAPTER_WEIGHTS), "pt") as f:
-        keys = list(f.keys())
-    modules = {n for n, _ in model.named_modules()}
-    for k in keys:
-        name = k.removeprefix(PREFIX)
-        owner = name.split(".lora_")[0] if ".lora_" in name else name.rsplit(".", 1)[0]
-        if owner not in modules:
-            raise CheckpointError(f"{adapter_dir}: adapter tensor {k!r} matches no module of the model "
-                                  "(an adapter for another architecture?)")  # fmt: skip
-
-
-def load_adapter_model(adapter_dir: str | Path, base: str | Path | None = None, dtype: str | torch.dtype | None = None,
-                       device: str | torch.device = "cpu"):  # fmt: skip
-    """(model with the adapter merged, tokenizer, base folder) for a LoRA adapter folder; the base model is the
-    one recorded in its adapter_config.json unless `base` is given. `dtype` None keeps the base's stored dtype.
-    This is what a model loader calls when it is handed an adapter folder."""
-    from ..checkpoint.hub import is_hub_id, resolve_model
-    from ..checkpoint.io import load_model, resolve_dtype
-    from ..tokenizer import Tokenizer
-
-    base = base or adapter_base(adapter_dir)
-    if base and is_hub_id(str(base)):  # PEFT adapters made elsewhere record their base's Hub id
-        base = resolve_model(str(base))
-    if not base or not Path(base).is_dir():
-        raise CheckpointError(f"{adapter_dir}: the adapter's base model {base!r} is not a folder; pass the base "
-                              "model explicitly (internvl merge-lora BASE ADAPTER OUT)")  # fmt: skip
-    tokenizer = Tokenizer.from_dir(base)
-    model, _ = load_model(base, dtype=None, image_token_id=tokenizer.image_context_id)
-    stored = model.dtype
-    merged = apply_adapter(model.float(), adapter_dir, merge=True)
-    merged.to(device=device, dtype=resolve_dtype(dtype) or stored)
-    return merged.eval(), tokenizer, Path(base)
 
 
 def merge_lora(model: nn.Module) -> nn.Module:

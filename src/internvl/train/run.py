@@ -263,11 +263,11 @@ def _threads(args: TrainArgs, ctx) -> int | None:
 
 def _build_model(args: TrainArgs):
     """(model, tokenizer, stored dtype of the base weights, tokenizer folder)."""
+    from ..checkpoint.adapter import is_adapter
     from ..checkpoint.io import build_model, load_model
     from ..checkpoint.layouts import read_config
     from ..model.llm import init_weights
     from ..tokenizer import Tokenizer
-    from .lora import is_adapter
 
     m = args.model
     if m.model is not None:
@@ -339,9 +339,10 @@ def _save_full(prepared: Prepared, args: TrainArgs, ctx, out: Path, save_dtype: 
 def _save_lora(
     prepared: Prepared, args: TrainArgs, ctx, out: Path, save_dtype: str
 ) -> tuple[Path, Path | None]:
+    from ..checkpoint.adapter import load_adapter_model
     from ..checkpoint.io import save_model
     from .dist import full_state_dict
-    from .lora import load_adapter_model, lora_config, save_adapter
+    from .lora import lora_config, save_adapter
 
     t, model, tok_dir = args.tune, prepared.model, prepared.tokenizer_dir
     modules_to_save = prepared.modules_to_save
