@@ -6,57 +6,92 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import dataclass
 
 from ..errors import InternVLError
+from ..options import add_options, option
 
 DESCRIPTION = "the built-in nano model's recipe: tokenizer and config, curriculum, encoder pretraining, ship"
+SPLIT_HELP = "a synthetic split folder (internvl synth --split train)"
+
+
+@dataclass
+class PrepareOptions:
+    """`prepare`: tokenizer + config.json for training the nano model from scratch."""
+
+    data: str | None = option(None, SPLIT_HELP, required=True)
+    out: str | None = option(None, "folder to write", required=True)
+    vocab_size: int = option(1024, "BPE vocabulary size")
+
+
+@dataclass
+class SnapshotOptions:
+    """`snapshot`: a model folder from a training checkpoint of a from-scratch run."""
+
+    init: str | None = option(None, "the folder `prepare` wrote (or a model folder)", required=True)
+    checkpoint: str | None = option(None, "OUT/checkpoints/step-N", required=True)
+    out: str | None = option(None, "model folder to write", required=True)
+    max_dynamic_patch: int | None = option(None, "the tiling the weights were trained at")
+
+
+@dataclass
+class CurriculumOptions:
+    """`curriculum`: the curriculum sets and stage meta files, next to a train split."""
+
+    split: str | None = option(None, SPLIT_HELP, required=True)
+    out: str | None = option(None, "folder for the three sets and the stage meta files", required=True)
+    scale: float = option(1.0, "fraction of the default set sizes")
+
+
+@dataclass
+class VitOptions:
+    """`vit`: pretrain the vision encoder on dense patch targets (nano/vit.py)."""
+
+    init: str | None = option(None, "the folder `prepare` wrote", required=True)
+    out: str | None = option(None, "model folder to write (checkpoints in OUT/checkpoints)", required=True)
+    steps: int = option(1200, "optimizer steps")
+    images: int = option(20000, "training images generated once, then cached (see --data)")
+    batch: int = option(32, "images a step")
+    lr: float = option(1e-3, "peak learning rate (warmup, then cosine to 0)")
+    save_every: int = option(250, "checkpoint and model folder every N steps")
+    data: str | None = option(None, "the image cache (default OUT/vit_data.npz)")
+    resume: bool = option(False, "continue from the newest checkpoint in OUT")
+    stop_after: int = option(0, "end at this step with a checkpoint, the schedule unchanged (0: the end)")
+    probe_only: bool = option(False, "train the read-out alone on the random encoder (baseline)")
+
+
+@dataclass
+class ShipOptions:
+    """`ship`: copy a trained model into the package as the built-in model."""
+
+    model: str | None = option(None, "a complete model folder (e.g. OUT/stage1/final)", positional="one")
+    stage: str | None = option(None, "the recipe stage that made it (e.g. stage1)", required=True)
+    summary: str | None = option(None, "internvl eval synthetic's summary.json of this model")
+    hours: float | None = option(None, "training time on the machine, all stages")
+    notes: str = option("", "a line on how it was trained and on which machine (default: none)")
+    step: int | None = option(None, "the training step of MODEL (default: the newest checkpoint beside it)")
+    dest: str | None = option(None, "target folder (default: the package's assets/nano)")
+
+
+@dataclass
+class ProbeOptions:
+    """`probe`: does the model read its images? (loss with own vs swapped images)."""
+
+    model: str | None = option(None, "a model folder", positional="one")
+    data: str | None = option(None, "a fine-tuning meta.json (rows with one image are used)", required=True)
+    n: int = option(64, "rows")
+
+
+VERBS = {"prepare": PrepareOptions, "snapshot": SnapshotOptions, "curriculum": CurriculumOptions,
+         "vit": VitOptions, "ship": ShipOptions, "probe": ProbeOptions}  # fmt: skip
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="nano_verb", metavar="VERB")
     parser.set_defaults(_nano_prog=parser.prog, _nano_help=parser.format_help)
-    p = sub.add_parser("prepare", help="tokenizer + config.json for training the nano model from scratch")
-    p.add_argument("--data", required=True, help="a synthetic split folder (internvl synth --split train)")
-    p.add_argument("--out", required=True)
-    p.add_argument("--vocab-size", type=int, default=1024)
-    p = sub.add_parser("snapshot", help="a model folder from a training checkpoint of a from-scratch run")
-    p.add_argument("--init", required=True, help="the folder `prepare` wrote")
-    p.add_argument("--checkpoint", required=True, help="OUT/checkpoints/step-N")
-    p.add_argument("--out", required=True)
-    p.add_argument("--max-dynamic-patch", type=int, default=None,
-                   help="the tiling the weights were trained at")
-    p = sub.add_parser("curriculum", help="the curriculum sets and stage meta files, next to a train split")
-    p.add_argument("--split", required=True, help="the train split folder (internvl synth --split train)")
-    p.add_argument("--out", required=True, help="folder for the three sets and the stage meta files")
-    p.add_argument("--scale", type=float, default=1.0, help="fraction of the default set sizes")
-    p = sub.add_parser("vit", help="pretrain the vision encoder on dense patch targets (nano/vit.py)")
-    p.add_argument("--init", required=True, help="the folder `prepare` wrote")
-    p.add_argument("--out", required=True, help="model folder to write (checkpoints in OUT/checkpoints)")
-    p.add_argument("--steps", type=int, default=1200)
-    p.add_argument("--images", type=int, default=20000,
-                   help="training images generated once, then cached (see --data)")  # fmt: skip
-    p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--save-every", type=int, default=250, help="checkpoint and model folder every N steps")
-    p.add_argument("--data", default=None, help="the image cache (default OUT/vit_data.npz)")
-    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in OUT")
-    p.add_argument("--stop-after", type=int, default=0,
-                   help="end at this step with a checkpoint (the schedule unchanged)")  # fmt: skip
-    p.add_argument("--probe-only", action="store_true",
-                   help="train the read-out alone on the random encoder (baseline)")  # fmt: skip
-    p = sub.add_parser("ship", help="copy a trained model into the package as the built-in model")
-    p.add_argument("model", help="a complete model folder (e.g. OUT/stage1/final)")
-    p.add_argument("--stage", required=True, help="the recipe stage that made it (e.g. stage1)")
-    p.add_argument("--summary", default=None, help="internvl eval synthetic's summary.json of this model")
-    p.add_argument("--hours", type=float, default=None, help="training time on the machine, all stages")
-    p.add_argument("--notes", default="", help="a line on how it was trained (and on which machine)")
-    p.add_argument("--step", type=int, default=None,
-                   help="the training step of MODEL (default: the newest checkpoint beside it)")  # fmt: skip
-    p.add_argument("--dest", default=None, help="target folder (default: the package's assets/nano)")
-    p = sub.add_parser("probe", help="does the model read its images? (loss with own vs swapped images)")
-    p.add_argument("model")
-    p.add_argument("--data", required=True, help="a fine-tuning meta.json (rows with one image are used)")
-    p.add_argument("--n", type=int, default=64)
+    for verb, cls in VERBS.items():
+        text = cls.__doc__.split(": ", 1)[1].rstrip(".")
+        add_options(sub.add_parser(verb, help=text, description=text), cls)
 
 
 def run(args: argparse.Namespace) -> int:
