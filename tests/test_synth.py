@@ -17,7 +17,8 @@ import pytest
 from PIL import Image
 
 from internvl.errors import DataError
-from internvl.synth import TASKS, generate_split, make_item, score
+from internvl.eval.synth_scoring import score
+from internvl.synth import TASKS, generate_split, make_item
 from internvl.synth.questions import caption_text, reasoning_text
 from internvl.synth.render import cap_px, draw_text, pick_font
 from internvl.synth.scene import Text

@@ -1,4 +1,4 @@
-"""The Synthetic Visual World benchmark as a task: per-task accuracy by `synth.score`, its `mc` task through
+"""The Synthetic Visual World benchmark as a task: per-task accuracy by `synth_scoring.score`, its `mc` task through
 MCQTask (so it agrees with `internvl eval --data mc.tsv` by construction), and the README table.
 """
 
@@ -12,6 +12,7 @@ from internvl.errors import DataError
 from internvl.eval.items import EvalItem, ImageSource
 from internvl.eval.metrics import parse_boxes
 from internvl.eval.prompts import build_mcq_prompt
+from internvl.eval.synth_scoring import caption_set, final_answer, normalize, score
 from internvl.eval.tasks import LONG_TOKENS, SHORT_TOKENS, Example, MCQTask, markdown, pct, rate
 
 # Accuracy the built-in model is expected to reach on the test split (the README table's "target" column).
@@ -74,7 +75,7 @@ def _mc_item(row: dict, root: Path, where: str) -> EvalItem:
 
 
 class SynthPart:
-    """One synthetic task other than mc: the row's own question, scored by `synth.score`."""
+    """One synthetic task other than mc: the row's own question, scored by `synth_scoring.score`."""
 
     def __init__(self, task: str, rows: list[dict], root: Path, max_new_tokens: int):
         self.task = task
@@ -83,9 +84,6 @@ class SynthPart:
                          for row in rows]  # fmt: skip
 
     def judge(self, ex: Example, prediction: str) -> dict:
-        from internvl.synth import score
-        from internvl.synth.scoring import caption_set, final_answer, normalize
-
         if self.task == "reasoning":
             extracted = final_answer(prediction)
         elif self.task == "caption":
@@ -109,7 +107,7 @@ class SynthPart:
 
 
 class SyntheticTask:
-    """A Synthetic Visual World split: per-task accuracy (`synth.score`); `mc` also circular. Overall is
+    """A Synthetic Visual World split: per-task accuracy (`synth_scoring.score`); `mc` also circular. Overall is
     the mean over tasks. The mc task runs through MCQTask, so it matches `internvl eval --data mc.tsv`."""
 
     kind = "synthetic"

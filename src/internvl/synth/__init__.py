@@ -1,10 +1,9 @@
-"""The Synthetic Visual World: seeded scenes, charts and clips with questions, split files and scoring.
+"""The Synthetic Visual World: seeded scenes, charts and clips with questions, and split files.
 
-The on-disk layout of a split is described in `writer.py`.
+The on-disk layout of a split is described in `writer.py`; its scoring is the benchmark's, in eval/synth_scoring.py.
 """
 
-from .scoring import score
 from .tasks import TASKS, SynthItem, make_item
 from .writer import generate_split
 
-__all__ = ["TASKS", "SynthItem", "generate_split", "make_item", "score"]
+__all__ = ["TASKS", "SynthItem", "generate_split", "make_item"]

@@ -119,7 +119,8 @@ def _norm(text: str) -> str:
 def judge(answer: str, q: Question) -> bool | None:
     """True / False against the gold answer; None when the gold answer cannot be checked (free-form text).
     Synthetic rows use their task's metric; others compare the "Answer:" parts, else the whole answers."""
-    from ..synth import TASKS, score
+    from ..eval.synth_scoring import score
+    from ..synth import TASKS
 
     if q.task in TASKS and isinstance(q.row.get("meta"), dict) and "answer" in q.row["meta"]:
         return score(q.task, answer, q.row)

@@ -1,4 +1,4 @@
-"""Per-task metrics of the Synthetic Visual World benchmark (contract §2, column "metric").
+"""Per-task metrics of the Synthetic Visual World benchmark (contract §2, column "metric"); the data is synth/'s.
 
 `score(task, prediction, item)` takes an item as written to a split's JSONL (a dict with "meta") or
 an in-memory `SynthItem`. Normalization is limited to what cannot change a correct answer: outer
@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import re
 
-from ..errors import DataError
-from ..eval.metrics import box_iou, parse_boxes
-from .scene import COLOR_NAMES, shape_pool
-from .tasks import TASKS
+from internvl.errors import DataError
+from internvl.eval.metrics import box_iou, parse_boxes
+from internvl.synth.scene import COLOR_NAMES, shape_pool
+from internvl.synth.tasks import TASKS
 
 IOU_THRESHOLD = 0.5
 _CAPTION_GROUP = re.compile(
@@ -54,7 +54,7 @@ def score(task: str, prediction: str | None, item) -> bool:
         raise DataError(f"cannot score unknown synth task {task!r}; expected one of: {', '.join(TASKS)}")
     if prediction is None:
         return False
-    gold, meta = _gold(item)
+    gold = _gold(item)[0]
     if task == "grounding":
         pred_boxes, gold_boxes = parse_boxes(prediction), parse_boxes(gold)
         return bool(pred_boxes) and box_iou(pred_boxes[0], gold_boxes[0]) >= IOU_THRESHOLD
