@@ -98,3 +98,20 @@ def tiny_checkpoint(folder: Path, counting: bool = False, layout: str = "origina
             lm.lm_head.weight.copy_(unit.roll(1, dims=0))
     save_model(model, folder, layout=layout, tokenizer_dir=folder)
     return folder
+
+
+def write_clip(path: Path, frames: int = 16, fps: int = 8) -> Path:
+    """A small mpeg4 clip (64x48) whose frame i is the flat grey i * 15."""
+    import av
+    import numpy as np
+
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("mpeg4", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        for i in range(frames):
+            frame = np.full((48, 64, 3), i * 15, dtype=np.uint8)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    return Path(path)

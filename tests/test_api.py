@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import av
-import numpy as np
 import pytest
 import torch
 from PIL import Image
-from refmodels import tiny_checkpoint
+from refmodels import tiny_checkpoint, write_clip
 
 import internvl
 from internvl.api import load
@@ -26,15 +24,7 @@ def media(tmp_path_factory):
     Image.new("RGB", (100, 100), (30, 80, 220)).save(d / "small.png")
     (d / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)
     (d / "notavideo.mp4").write_bytes(b"hello")
-    with av.open(str(d / "clip.mp4"), "w") as out:
-        stream = out.add_stream("mpeg4", rate=8)
-        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
-        for i in range(16):
-            frame = np.full((48, 64, 3), i * 15, dtype=np.uint8)
-            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
-                out.mux(packet)
-        for packet in stream.encode():
-            out.mux(packet)
+    write_clip(d / "clip.mp4")
     return d
 
 

@@ -3,12 +3,11 @@ caps, arrays, video frames, history and system message, and the header checks th
 
 from __future__ import annotations
 
-import av
 import numpy as np
 import pytest
 import torch
 from PIL import Image
-from refmodels import CORPUS
+from refmodels import CORPUS, write_clip
 
 from internvl.errors import ImageError, InternVLError, VideoError
 from internvl.presets import preset
@@ -33,17 +32,7 @@ def build(tmp_path_factory) -> InputBuilder:
 
 @pytest.fixture(scope="module")
 def clip(tmp_path_factory):
-    path = tmp_path_factory.mktemp("video") / "clip.mp4"
-    with av.open(str(path), "w") as out:
-        stream = out.add_stream("mpeg4", rate=8)
-        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
-        for i in range(16):
-            frame = np.full((48, 64, 3), i * 15, dtype=np.uint8)
-            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
-                out.mux(packet)
-        for packet in stream.encode():
-            out.mux(packet)
-    return path
+    return write_clip(tmp_path_factory.mktemp("video") / "clip.mp4")
 
 
 def image(size, color=(200, 40, 40)):

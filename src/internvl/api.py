@@ -11,14 +11,12 @@ import torch
 from .checkpoint.io import load_model
 from .config import ModelConfig
 from .engine.engine import Engine, TokenEvent
-from .engine.sampling import SamplingParams
+from .engine.sampling import SamplingParams, sampling_params
 from .errors import InternVLError
-from .processing import ImageProcessor, build_conversation_prompt, get_template, load_video, stop_strings
+from .processing import InputBuilder, stop_strings
 from .tokenizer import Tokenizer
 
 BUILTIN = Path(__file__).parent / "assets" / "nano"
-SAMPLING_KEYS = {"max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "seed", "stop",
-                 "min_new_tokens", "do_sample"}  # fmt: skip
 
 
 def default_model_path() -> Path:
@@ -53,21 +51,6 @@ def resolve_device(device: str | torch.device) -> torch.device:
     return dev
 
 
-def sampling_params(defaults: SamplingParams | None = None, **kw: Any) -> SamplingParams:
-    """SamplingParams from keyword arguments, accepting the transformers-style `do_sample`."""
-    unknown = set(kw) - SAMPLING_KEYS
-    if unknown:
-        raise InternVLError(f"unknown generation option(s): {sorted(unknown)}; known: {sorted(SAMPLING_KEYS)}")
-    base = dict(vars(defaults)) if defaults else {}
-    do_sample = kw.pop("do_sample", None)
-    base.update({k: v for k, v in kw.items() if v is not None})
-    if do_sample is False:
-        base["temperature"] = 0.0
-    elif do_sample and not base.get("temperature"):
-        base["temperature"] = 1.0
-    return SamplingParams(**base)
-
-
 class InternVL:
     """A loaded model with its tokenizer, image processor, template and generation engine."""
 
@@ -76,8 +59,8 @@ class InternVL:
         self.tokenizer = tokenizer
         self.config: ModelConfig = model.config
         self.path = Path(path) if path else None
-        self.processor = ImageProcessor.from_config(self.config)
-        self.template = get_template(self.config.processor.template)
+        self.inputs = InputBuilder.from_config(self.config, tokenizer)
+        self.processor, self.template = self.inputs.processor, self.inputs.template
         stop_ids = [tokenizer.token_to_id(s) for s in stop_strings(self.template)]
         stop_ids.append(tokenizer.eos_id)
         self.stop_token_ids = sorted({i for i in stop_ids if i is not None})
@@ -90,39 +73,30 @@ class InternVL:
                 history: Sequence[tuple[str, str]] | None = None, system_message: str | None = None,
                 max_num: int | Sequence[int | None] | None = None,
                 num_segments: int = 8) -> tuple[list[int], torch.Tensor | None, str]:  # fmt: skip
-        """Prompt ids, pixel values and the question as written into the prompt (for the history).
+        """Prompt ids, pixel values [tiles, 3, S, S] in the model's dtype (None without media) and the question
+        as written into the prompt (for the history): `InputBuilder` (processing/inputs.py) builds them.
 
         `max_num` caps the tiles of every image, or of each image when it is a list (one entry per image;
         None: the model's max_dynamic_patch)."""
-        images = _as_list(images)
-        tiles, counts = [], []
-        for im, cap in zip(images, _per_image(max_num, len(images))):
-            t = self.processor(im, cap)
-            tiles.append(t)
-            counts.append(t.shape[0])
-        frames = load_video(video, num_segments=num_segments) if video is not None else []
-        for frame in frames:
-            tiles.append(self.processor(frame, 1))
-            counts.append(1)
-        system = self.config.processor.system_message if system_message is None else system_message
-        prompt = build_conversation_prompt(self.template, question, history or (), system,
-                                           num_images=len(images), num_frames=len(frames), num_patches_list=counts,
-                                           num_image_token=self.model.num_image_token)  # fmt: skip
-        ids = self.tokenizer.encode(prompt.text, add_special_tokens=True)
-        pixel_values = torch.cat(tiles) if tiles else None
-        if pixel_values is not None:
-            pixel_values = pixel_values.to(self.model.dtype)
-        return ids, pixel_values, prompt.question
+        inputs = self.inputs(question, images, video=video, history=history, system_message=system_message,
+                             max_num=max_num, num_segments=num_segments, dtype=self.model.dtype)  # fmt: skip
+        return inputs.input_ids, inputs.pixel_values, inputs.question
+
+    def sampling(self, sampling: SamplingParams | None = None, **options: Any) -> SamplingParams:
+        """A request's generation options, typed once: `sampling` (default: the model's `defaults`) with the
+        keyword options that are not None applied (`engine.sampling.sampling_params`)."""
+        return sampling_params(sampling or self.defaults, **options)
 
     # ---- chat -----------------------------------------------------------------------------------
 
     def chat(self, question: str, images: Sequence[Any] | Any = None, *, video: Any = None,
              history: list[tuple[str, str]] | None = None, system_message: str | None = None,
              max_num: int | None = None, num_segments: int = 8, return_history: bool = False,
-             **generation: Any):  # fmt: skip
-        """Answer one question. With `return_history`, also the history extended by this turn."""
+             sampling: SamplingParams | None = None, **generation: Any):  # fmt: skip
+        """Answer one question. With `return_history`, also the history extended by this turn. Generation
+        options: `sampling`, and/or keywords (max_new_tokens=..., temperature=...) applied over it."""
         ids, pv, asked = self.prepare(question, images, video, history, system_message, max_num, num_segments)
-        seq = self.engine.generate([(ids, sampling_params(self.defaults, **generation), pv)])[0]
+        seq = self.engine.generate([(ids, self.sampling(sampling, **generation), pv)])[0]
         answer = seq.text.strip()
         if return_history:
             return answer, list(history or []) + [(asked, answer)]
@@ -130,11 +104,12 @@ class InternVL:
 
     def stream_chat(self, question: str, images: Sequence[Any] | Any = None, *, video: Any = None,
                     history: list[tuple[str, str]] | None = None, system_message: str | None = None,
-                    max_num: int | None = None, num_segments: int = 8, **generation: Any) -> Iterator[str]:  # fmt: skip
+                    max_num: int | None = None, num_segments: int = 8, sampling: SamplingParams | None = None,
+                    **generation: Any) -> Iterator[str]:  # fmt: skip
         """Yield the answer as text deltas while it is generated."""
         ids, pv, _ = self.prepare(question, images, video, history, system_message, max_num, num_segments)
         started = False
-        for event in self.engine.stream(ids, sampling_params(self.defaults, **generation), pv):
+        for event in self.engine.stream(ids, self.sampling(sampling, **generation), pv):
             text = event.text
             if not started:
                 text = text.lstrip()
@@ -143,12 +118,13 @@ class InternVL:
                 yield text
 
     def batch_chat(self, questions: Sequence[str], images: Sequence[Any] | None = None, *,
-                   system_message: str | None = None, max_num: int | None = None, **generation: Any) -> list[str]:  # fmt: skip
+                   system_message: str | None = None, max_num: int | None = None,
+                   sampling: SamplingParams | None = None, **generation: Any) -> list[str]:  # fmt: skip
         """Answer several independent questions in one batch; `images[i]` is None, one image or a list."""
         images = list(images) if images is not None else [None] * len(questions)
         if len(images) != len(questions):
             raise InternVLError(f"batch_chat: {len(questions)} questions but {len(images)} image entries")
-        params = sampling_params(self.defaults, **generation)
+        params = self.sampling(sampling, **generation)
         requests = []
         for q, im in zip(questions, images):
             ids, pv, _ = self.prepare(q, im, None, None, system_message, max_num)
@@ -156,29 +132,13 @@ class InternVL:
         return [s.text.strip() for s in self.engine.generate(requests)]
 
     def generate_ids(self, prompt_ids: list[int], pixel_values: torch.Tensor | None = None,
-                     **generation: Any) -> list[int]:  # fmt: skip
+                     sampling: SamplingParams | None = None, **generation: Any) -> list[int]:  # fmt: skip
         """Token ids in, new token ids out (the stop token excluded)."""
-        return self.engine.generate([(prompt_ids, sampling_params(self.defaults, **generation), pixel_values)])[0].output_ids
+        return self.engine.generate([(prompt_ids, self.sampling(sampling, **generation), pixel_values)])[0].output_ids
 
-    def events(self, prompt_ids: list[int], pixel_values: torch.Tensor | None = None, **generation: Any) -> Iterator[TokenEvent]:
-        return self.engine.stream(prompt_ids, sampling_params(self.defaults, **generation), pixel_values)
-
-
-def _per_image(max_num: int | Sequence[int | None] | None, n: int) -> list[int | None]:
-    if max_num is None or isinstance(max_num, int):
-        return [max_num] * n
-    caps = list(max_num)
-    if len(caps) != n:
-        raise InternVLError(f"max_num has {len(caps)} entries but there are {n} images (one cap per image)")
-    return caps
-
-
-def _as_list(images: Any) -> list[Any]:
-    if images is None:
-        return []
-    if isinstance(images, (list, tuple)):
-        return list(images)
-    return [images]
+    def events(self, prompt_ids: list[int], pixel_values: torch.Tensor | None = None,
+               sampling: SamplingParams | None = None, **generation: Any) -> Iterator[TokenEvent]:  # fmt: skip
+        return self.engine.stream(prompt_ids, self.sampling(sampling, **generation), pixel_values)
 
 
 def load(path: str | Path | None = None, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,

@@ -54,9 +54,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_generation_arguments(p)
 
 
-def generation_kwargs(args: argparse.Namespace) -> dict:
-    return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                top_k=args.top_k, repetition_penalty=args.repetition_penalty, seed=args.seed)  # fmt: skip
+def sampling_from_args(args: argparse.Namespace):
+    """The generation flags as `SamplingParams`, checked before anything is loaded."""
+    from ..engine.sampling import SamplingParams
+
+    return SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                          top_k=args.top_k, repetition_penalty=args.repetition_penalty, seed=args.seed)  # fmt: skip
 
 
 def check_range(flag: str, value: int | None, low: int, high: int | None = None) -> None:
@@ -98,28 +101,27 @@ def load_from_args(args: argparse.Namespace):
 def run(args: argparse.Namespace) -> int:
     from ..api import resolve_device
     from ..errors import PromptError
-    from ..processing import load_image, load_video
+    from ..processing import check_media
 
     check_generation(args)
+    sampling = sampling_from_args(args)
     if args.prompt is not None and not args.prompt.strip():
         raise PromptError("-p/--prompt is empty; give a question, or leave -p out for an interactive session")
     resolve_device(args.device)
-    # read the media before the model: a bad file fails fast with one line
-    images = [load_image(path) for path in args.image]
-    video = args.video
-    if video is not None:
-        load_video(video, num_segments=1)
+    # check the media files' headers before loading the model, so a bad file fails fast with one line; they
+    # are decoded once, by the model's inputs room
+    images, video = list(args.image), args.video
+    check_media(images, video)
     model = load_from_args(args)
-    gen = generation_kwargs(args)
     if args.prompt is not None:
-        answer(model, args.prompt, images, video, [], args.system, args, gen)
+        answer(model, args.prompt, images, video, [], args.system, args, sampling)
         return 0
-    return repl(model, images, video, args, gen)
+    return repl(model, images, video, args, sampling)
 
 
-def answer(model, question, images, video, history, system, args, gen) -> str:
-    kw = dict(video=video, history=history, system_message=system, max_num=args.max_num,
-              num_segments=args.num_segments, **gen)  # fmt: skip
+def answer(model, question, images, video, history, system, args, sampling) -> str:
+    kw = {"video": video, "history": history, "system_message": system, "max_num": args.max_num,
+          "num_segments": args.num_segments, "sampling": sampling}  # fmt: skip
     if args.no_stream:
         text = model.chat(question, images, **kw)
         print(text, flush=True)
@@ -132,9 +134,9 @@ def answer(model, question, images, video, history, system, args, gen) -> str:
     return "".join(parts).strip()
 
 
-def repl(model, images, video, args, gen) -> int:
+def repl(model, images, video, args, sampling) -> int:
     from ..errors import InternVLError
-    from ..processing import build_question, load_image
+    from ..processing import build_question, check_media
 
     history: list[tuple[str, str]] = []
     system = args.system
@@ -164,17 +166,19 @@ def repl(model, images, video, args, gen) -> int:
                 elif cmd == "/image":
                     if history:
                         raise InternVLError("attach images before the first question (or /clear first)")
-                    images.append(load_image(rest))
+                    check_media([rest])
+                    images.append(rest)
                     print(f"(image {len(images)} attached: {rest})")
                 elif cmd == "/video":
                     if history:
                         raise InternVLError("attach a video before the first question (or /clear first)")
+                    check_media(video=rest)
                     video = rest
                     print(f"(video attached: {rest})")
                 else:
                     print(f"unknown command {cmd}; /help lists them")
                 continue
-            text = answer(model, line, images, video, history, system, args, gen)
+            text = answer(model, line, images, video, history, system, args, sampling)
             asked = line if history else build_question(line, len(images), args.num_segments if video else 0)
             history.append((asked, text))
         except InternVLError as e:

@@ -18,15 +18,9 @@ from pathlib import Path
 from internvl.errors import DataError, InternVLError
 from internvl.eval.items import ImageSource
 from internvl.eval.tasks import Example
+from internvl.processing.inputs import tiles_per_image
 
 DEFAULT_MAX_NUM = 6  # tiles per image in the reference evaluation scripts
-TOTAL_MAX_NUM = 64  # tiles of all the images of one question together (`total_max_num` there)
-
-
-def tiles_per_image(max_num: int, n_images: int) -> int:
-    """Tiles per image of a question with n images, as InternVL's VLMEvalKit wrapper (vlmeval/vlm/internvl/
-    internvl_chat.py) allots them: max(1, min(max_num, 64 // n)), so a few images keep their full budget."""
-    return max(1, min(max_num, TOTAL_MAX_NUM // max(1, n_images)))
 
 
 def _greedy(max_new_tokens: int):
@@ -48,6 +42,7 @@ def generate(model, examples: Iterable[Example], max_num: int = DEFAULT_MAX_NUM,
             while len(pending) < batch_size and (ex := next(todo, None)) is not None:
                 images = [im.load() if isinstance(im, ImageSource) else im for im in ex.images]
                 try:
+                    # the images of a question share 64 tiles, as InternVL's VLMEvalKit wrapper gives them
                     ids, pv, _ = model.prepare(ex.prompt, images, max_num=tiles_per_image(max_num, len(images)))
                     seq = engine.add(ids, _greedy(ex.max_new_tokens), pv)
                 except InternVLError as exc:

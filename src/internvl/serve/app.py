@@ -22,7 +22,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response, StreamingRes
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException
 
-from ..api import sampling_params
+from ..engine.sampling import SamplingParams
 from ..errors import ImageError, InternVLError
 from .conversation import Conversation, build_inputs, parse_messages
 from .guard import Guard
@@ -164,7 +164,7 @@ def _inputs(llm, conv: Conversation, policy: MediaPolicy):
         raise APIError(400, str(e), param="messages", code="invalid_prompt") from None
 
 
-def _sampling(llm, req: ChatCompletionRequest, prompt_tokens: int, cap: int):
+def _sampling(llm, req: ChatCompletionRequest, prompt_tokens: int, cap: int) -> SamplingParams:
     context = llm.engine.max_model_len
     room = context - prompt_tokens - 1  # the engine keeps one position free
     asked = req.max_completion_tokens or req.max_tokens
@@ -176,15 +176,7 @@ def _sampling(llm, req: ChatCompletionRequest, prompt_tokens: int, cap: int):
     if asked is not None and asked > cap:
         raise APIError(400, f"max_tokens is {asked}, above this server's cap of {cap} (--max-tokens-cap)",
                        param="max_tokens", code="max_tokens_too_large")  # fmt: skip
-    max_tokens = asked or min(cap, room)
-    try:
-        return sampling_params(
-            llm.defaults, max_new_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
-            top_k=None if req.top_k is None else max(0, req.top_k), repetition_penalty=req.repetition_penalty,
-            seed=req.seed, stop=req.stop, min_new_tokens=req.min_tokens,
-        )  # fmt: skip
-    except InternVLError as e:
-        raise APIError(400, str(e), code="invalid_sampling") from None
+    return req.sampling(llm.defaults, asked or min(cap, room))
 
 
 # ---- engine updates -> replies ------------------------------------------------------------------

@@ -112,7 +112,8 @@ def _place_images(turn: _Turn, first: int, total: int) -> str:
 
 
 def build_inputs(llm, conv: Conversation, images: list) -> tuple[list[int], torch.Tensor | None]:
-    """Prompt ids and pixel values, each image tiled with its own cap."""
-    ids, pixel_values, _ = llm.prepare(conv.question, images, history=conv.history, system_message=conv.system,
-                                       max_num=[ref.max_tiles for ref in conv.images])  # fmt: skip
-    return ids, pixel_values
+    """Prompt ids and pixel values from the model's inputs room (processing/inputs.py), each decoded image
+    tiled with its own cap."""
+    inputs = llm.inputs(conv.question, images, history=conv.history, system_message=conv.system,
+                        max_num=[ref.max_tiles for ref in conv.images], dtype=llm.model.dtype)  # fmt: skip
+    return inputs.input_ids, inputs.pixel_values
