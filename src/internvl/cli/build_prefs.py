@@ -4,44 +4,52 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 
-from .chat import add_model_arguments
+from ..options import add_options, option
+from .options import GenerationOptions, ModelOptions
+
+
+@dataclass
+class PrefsOptions:
+    """The questions asked and where the pairs go."""
+
+    data: str | None = option(None, "fine-tuning meta file whose rows are asked", metavar="META.json", required=True)
+    out: str | None = option(None, "writes DIR/pairs.jsonl, meta.json, summary.json", metavar="DIR", required=True)
+    task: str | None = option(None, "only rows of these synthetic tasks (comma-separated)")
+    limit: int | None = option(None, "only the first N questions")
+    resume: bool = option(False, "continue an interrupted run in DIR")
+
+
+@dataclass
+class PairOptions:
+    """How many answers are sampled and how they become pairs."""
+
+    n: int = option(8, "answers sampled per question")
+    batch_size: int = option(16, "requests in the engine at once")
+    pairs_per_question: int = option(4, "correct-vs-wrong pairs per question")
+    truncate_ratio: float = option(0.5, "Dropout-NTP: keep this fraction of a correct answer's words")
+    truncations_per_question: int = option(
+        1, "correct answers cut and continued without the image, per question (default 1; 0: none)"
+    )
+
+
+# preference pairs need varied answers: sampling defaults unlike chat's greedy ones
+SAMPLING_DEFAULTS = {"temperature": 0.7, "top_k": 50, "max_new_tokens": 256, "seed": 0}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    add_model_arguments(p)
-    p.add_argument(
-        "--data", required=True, metavar="META.json", help="fine-tuning meta file whose rows are asked"
-    )
-    p.add_argument(
-        "--out", required=True, metavar="DIR", help="writes DIR/pairs.jsonl, meta.json, summary.json"
-    )
-    p.add_argument("--task", default=None, help="only rows of these synthetic tasks (comma-separated)")
-    p.add_argument("--limit", type=int, default=None, help="only the first N questions")
-    p.add_argument("--resume", action="store_true", help="continue an interrupted run in DIR")
-    g = p.add_argument_group("sampling")
-    g.add_argument("--n", type=int, default=8, help="answers sampled per question (default 8)")
-    g.add_argument("--temperature", type=float, default=0.7, help="(default 0.7)")
-    g.add_argument("--top-k", type=int, default=50, help="(default 50)")
-    g.add_argument("--top-p", type=float, default=1.0, help="(default 1.0)")
-    g.add_argument("--max-new-tokens", type=int, default=256, help="(default 256)")
-    g.add_argument("--max-num", type=int, default=None, help="max tiles per image (default: the model's)")
-    g.add_argument("--seed", type=int, default=0, help="base seed of every sample (default 0)")
-    g.add_argument("--batch-size", type=int, default=16, help="requests in the engine at once (default 16)")
-    g = p.add_argument_group("pairs")
-    g.add_argument(
-        "--pairs-per-question", type=int, default=4, help="correct-vs-wrong pairs per question (default 4)"
-    )
-    g.add_argument("--truncate-ratio", type=float, default=0.5,
-                   help="Dropout-NTP: keep this fraction of a correct answer's words (default 0.5)")  # fmt: skip
-    g.add_argument("--truncations-per-question", type=int, default=1,
-                   help="correct answers cut and continued without the image, per question (default 1; 0: none)")  # fmt: skip
+    add_options(p, ModelOptions)
+    add_options(p, PrefsOptions)
+    add_options(p.add_argument_group("sampling"), GenerationOptions, defaults=SAMPLING_DEFAULTS,
+                skip=("repetition_penalty", "num_segments"))  # fmt: skip
+    add_options(p.add_argument_group("pairs"), PairOptions)
 
 
 def run(args: argparse.Namespace) -> int:
     from ..api import resolve_device
     from ..train.prefs import PrefOptions, Sampler, build_prefs, read_questions
-    from .chat import MAX_TILES, check_range, load_from_args
+    from .options import MAX_TILES, check_range, load_from_args
 
     check_range("--max-num", args.max_num, 1, MAX_TILES)
     resolve_device(args.device)

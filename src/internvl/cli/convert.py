@@ -3,17 +3,29 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
+
+from ..options import add_options, option
+
+
+@dataclass
+class ConvertOptions:
+    """What is converted, and how the result is written."""
+
+    src: str | None = option(None, "checkpoint folder (either layout) or Hugging Face Hub id", positional="one",
+                             metavar="src")  # fmt: skip
+    dst: str | None = option(None, "output folder (new or empty; never SRC itself)", positional="one", metavar="dst")
+    revision: str | None = option(None, "branch, tag or commit of a Hub SRC (default: main)", metavar="REV")
+    to: str | None = option(None, "layout to write", choices=("original", "hf"), required=True)
+    dtype: str | None = option(None, "cast weights (default: keep)", choices=("fp32", "bf16", "fp16"))
+    image_token_id: int | None = option(
+        None, "id of <IMG_CONTEXT> when SRC has no tokenizer files (needed to write the -hf layout)"
+    )
+    max_shard_size: float = option(4.0, "shard size in GiB (default 4)")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("src", help="checkpoint folder (either layout) or Hugging Face Hub id")
-    p.add_argument("dst", help="output folder (new or empty; never SRC itself)")
-    p.add_argument("--revision", default=None, metavar="REV", help="branch, tag or commit of a Hub SRC (default: main)")
-    p.add_argument("--to", choices=["original", "hf"], required=True, help="layout to write")
-    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None, help="cast weights (default: keep)")
-    p.add_argument("--image-token-id", type=int, default=None,
-                   help="id of <IMG_CONTEXT> when SRC has no tokenizer files (needed to write the -hf layout)")
-    p.add_argument("--max-shard-size", type=float, default=4.0, help="shard size in GiB (default 4)")
+    add_options(p, ConvertOptions)
 
 
 def run(args: argparse.Namespace) -> int:

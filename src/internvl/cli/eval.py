@@ -5,11 +5,49 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
-from .chat import MAX_TILES, MODEL_HELP, add_model_arguments, check_range, load_from_args
+from ..options import add_options, option
+from .options import MAX_TILES, MODEL_HELP, ModelOptions, check_range, load_from_args
 
 SYNTHETIC = "synthetic"
+
+
+@dataclass
+class TsvOptions:
+    """VLMEvalKit TSV files."""
+
+    data: list[str] = option([], "benchmark TSV (repeatable)", append=True, metavar="FILE.tsv")  # noqa: RUF009
+    circular: str = option("auto", "rotate MCQ options; auto: on for names with mmbench/ccbench/circular "
+                           "(synthetic: on for mc)", choices=("auto", "on", "off"))  # fmt: skip
+    prompt_style: str = option("internvl", "InternVL wrapper prompts (default) or VLMEvalKit's generic ones",
+                               choices=("internvl", "vlmeval"))  # fmt: skip
+    metric: str = option("auto", "open-answer metric; auto: chartqa relaxed, docvqa/infovqa anls, <box> answers "
+                         "iou, else exact", choices=("auto", "exact", "relaxed", "anls", "iou"))  # fmt: skip
+
+
+@dataclass
+class SyntheticOptions:
+    """The synthetic benchmark."""
+
+    split: str = option("test", "which split", choices=("train", "val", "test"))
+    n: int = option(200, "items per task in the generated split (default 200)")
+    tasks: str | None = option(None, "comma-separated task ids (default: all)")
+    data_dir: str | None = option(None, "an existing split folder (default: generated into the cache)")
+
+
+@dataclass
+class EvalRunOptions:
+    """How the evaluation runs."""
+
+    out: str | None = option(None, "output folder (default eval_out/<model>/<dataset>)")
+    batch_size: int = option(8, "requests in the engine at once (default 8)")
+    max_new_tokens: int | None = option(None, "override the per-task budget (64; 128 long)")
+    max_num: int | None = option(None, "max tiles per image (default 6 as the reference eval, or the model's "
+                                 "max_dynamic_patch when smaller)")  # fmt: skip
+    limit: int | None = option(None, "only the first N questions (per task for synthetic)")
+    resume: bool = option(False, "keep the predictions already in --out, ask the rest")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -18,29 +56,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("target", nargs="*", metavar="MODEL",
                    help=f"{MODEL_HELP}; `synthetic [MODEL]` evaluates the synthetic split (a folder named "
                         f"'synthetic' is ./synthetic)")  # fmt: skip
-    add_model_arguments(p, positional=False)
-    d = p.add_argument_group("VLMEvalKit TSV files")
-    d.add_argument("--data", action="append", default=[], metavar="FILE.tsv", help="benchmark TSV (repeatable)")
-    d.add_argument("--circular", choices=["auto", "on", "off"], default="auto",
-                   help="rotate MCQ options; auto: on for names with mmbench/ccbench/circular (synthetic: on for mc)")  # fmt: skip
-    d.add_argument("--prompt-style", choices=["internvl", "vlmeval"], default="internvl",
-                   help="InternVL wrapper prompts (default) or VLMEvalKit's generic ones")  # fmt: skip
-    d.add_argument("--metric", choices=["auto", "exact", "relaxed", "anls", "iou"], default="auto",
-                   help="open-answer metric; auto: chartqa relaxed, docvqa/infovqa anls, <box> answers iou, else exact")  # fmt: skip
-    s = p.add_argument_group("synthetic benchmark")
-    s.add_argument("--split", choices=["train", "val", "test"], default="test")
-    s.add_argument("--n", type=int, default=200, help="items per task in the generated split (default 200)")
-    s.add_argument("--tasks", default=None, help="comma-separated task ids (default: all)")
-    s.add_argument("--data-dir", default=None, help="an existing split folder (default: generated into the cache)")
-    r = p.add_argument_group("run")
-    r.add_argument("--out", default=None, help="output folder (default eval_out/<model>/<dataset>)")
-    r.add_argument("--batch-size", type=int, default=8, help="requests in the engine at once (default 8)")
-    r.add_argument("--max-new-tokens", type=int, default=None, help="override the per-task budget (64; 128 long)")
-    r.add_argument("--max-num", type=int, default=None,
-                   help="max tiles per image (default 6 as the reference eval, or the model's max_dynamic_patch "
-                        "when smaller)")  # fmt: skip
-    r.add_argument("--limit", type=int, default=None, help="only the first N questions (per task for synthetic)")
-    r.add_argument("--resume", action="store_true", help="keep the predictions already in --out, ask the rest")
+    add_options(p, ModelOptions, skip=("model",))
+    add_options(p.add_argument_group("VLMEvalKit TSV files"), TsvOptions)
+    add_options(p.add_argument_group("synthetic benchmark"), SyntheticOptions)
+    add_options(p.add_argument_group("run"), EvalRunOptions)
 
 
 def _target(args: argparse.Namespace) -> tuple[bool, str | None]:
@@ -61,7 +80,7 @@ def _tasks(args: argparse.Namespace, synthetic: bool) -> list:
     from ..eval.runner import synthetic_split
     from ..eval.synthetic import SyntheticTask, synth_tasks
     from ..eval.tasks import tsv_task
-    from .chat import model_path
+    from .options import model_path
 
     if synthetic:
         if args.data:

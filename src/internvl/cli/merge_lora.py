@@ -3,17 +3,28 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
+
+from ..options import add_options, option
+
+
+@dataclass
+class MergeOptions:
+    """The base, the adapter, and how the merged model is written."""
+
+    base: str | None = option(None, "base model folder (either layout) or Hugging Face Hub id", positional="one",
+                              metavar="base")  # fmt: skip
+    revision: str | None = option(None, "branch, tag or commit of a Hub BASE (default: main)", metavar="REV")
+    adapter: str | None = option(None, "LoRA adapter folder (adapter_config.json + adapter_model.safetensors)",
+                                 positional="one", metavar="adapter")  # fmt: skip
+    out: str | None = option(None, "output folder for the merged checkpoint", positional="one", metavar="out")
+    layout: str = option("original", "layout to write", choices=("original", "hf"))
+    dtype: str | None = option(None, "dtype of the written weights (default: the base checkpoint's)",
+                               choices=("fp32", "bf16", "fp16"))  # fmt: skip
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("base", help="base model folder (either layout) or Hugging Face Hub id")
-    p.add_argument("--revision", default=None, metavar="REV",
-                   help="branch, tag or commit of a Hub BASE (default: main)")  # fmt: skip
-    p.add_argument("adapter", help="LoRA adapter folder (adapter_config.json + adapter_model.safetensors)")
-    p.add_argument("out", help="output folder for the merged checkpoint")
-    p.add_argument("--layout", choices=["original", "hf"], default="original", help="layout to write")
-    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None,
-                   help="dtype of the written weights (default: the base checkpoint's)")  # fmt: skip
+    add_options(p, MergeOptions)
 
 
 def run(args: argparse.Namespace) -> int:

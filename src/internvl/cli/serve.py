@@ -5,47 +5,41 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from dataclasses import dataclass
+
+from ..options import add_options, option
+from .options import ModelOptions
+
+
+@dataclass
+class ServeOptions:
+    """The HTTP server: address, access, limits and the engine's batch."""
+
+    host: str = option("127.0.0.1", "address to listen on")
+    port: int = option(8000, "port")
+    model_name: str | None = option(None, "the model id clients send (default: the folder name)")
+    api_key: str | None = option(None, "require 'Authorization: Bearer KEY' on /v1/* (default: $INTERNVL_API_KEY, "
+                                 "or none)")  # fmt: skip
+    allowed_local_media_path: str | None = option(
+        None, "allow image_url file paths under DIR (default: local files refused)", metavar="DIR"
+    )
+    allow_remote_images: bool = option(False, "fetch http(s) image URLs (size- and time-limited; default: refused)")
+    max_images: int = option(8, "images per request")
+    max_body_mb: float = option(32.0, "request body limit in MiB")
+    max_image_pixels: int = option(40_000_000, "largest image (width*height) decoded, a decompression-bomb cap "
+                                   "(default 40M)")  # fmt: skip
+    max_tokens_cap: int = option(2048, "largest max_tokens a request may ask for, and the default")
+    timeout: float = option(600.0, "seconds per request")
+    max_batch: int = option(16, "requests decoded together")
+    max_queue: int = option(256, "requests waiting before 429")
+    prefill_budget: int = option(512, "prompt tokens admitted per engine step, bounding decode stalls")
+    threads: int | None = option(None, "torch CPU threads for the engine (default: torch's choice, one per core)")
+    log_level: str = option("info", "uvicorn's log level", choices=("debug", "info", "warning", "error"))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from .chat import MODEL_HELP
-
-    parser.add_argument("model", nargs="?", default=None, metavar="MODEL", help=MODEL_HELP)
-    parser.add_argument("--revision", default=None, metavar="REV",
-                        help="branch, tag or commit of a Hub MODEL (default: main)")  # fmt: skip
-    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    parser.add_argument("--port", type=int, default=8000, help="port (default 8000)")
-    parser.add_argument(
-        "--model-name", default=None, help="the model id clients send (default: the folder name)"
-    )
-    parser.add_argument("--api-key", default=os.environ.get("INTERNVL_API_KEY"),
-                        help="require 'Authorization: Bearer KEY' on /v1/* (default: $INTERNVL_API_KEY, or none)")  # fmt: skip
-    parser.add_argument("--allowed-local-media-path", default=None, metavar="DIR",
-                        help="allow image_url file paths under DIR (default: local files refused)")  # fmt: skip
-    parser.add_argument("--allow-remote-images", action="store_true",
-                        help="fetch http(s) image URLs (size- and time-limited; default: refused)")  # fmt: skip
-    parser.add_argument("--max-images", type=int, default=8, help="images per request (default 8)")
-    parser.add_argument(
-        "--max-body-mb", type=float, default=32, help="request body limit in MiB (default 32)"
-    )
-    parser.add_argument("--max-image-pixels", type=int, default=40_000_000,
-                        help="largest image (width*height) decoded, a decompression-bomb cap (default 40M)")  # fmt: skip
-    parser.add_argument("--max-tokens-cap", type=int, default=2048,
-                        help="largest max_tokens a request may ask for, and the default (default 2048)")  # fmt: skip
-    parser.add_argument("--timeout", type=float, default=600, help="seconds per request (default 600)")
-    parser.add_argument("--max-batch", type=int, default=16, help="requests decoded together (default 16)")
-    parser.add_argument(
-        "--max-queue", type=int, default=256, help="requests waiting before 429 (default 256)"
-    )
-    parser.add_argument("--prefill-budget", type=int, default=512,
-                        help="prompt tokens admitted per engine step, bounding decode stalls (default 512)")  # fmt: skip
-    parser.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default=None, help="cast the weights")
-    parser.add_argument("--quantize", choices=("int8",), default=None, help="weight-only int8 language model")
-    parser.add_argument("--device", default="auto",
-                        help="cpu, cuda, cuda:N, mps or auto: the GPU when there is one (default auto)")  # fmt: skip
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch CPU threads for the engine (default: torch's choice, one per core)")  # fmt: skip
-    parser.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    add_options(parser, ModelOptions)
+    add_options(parser, ServeOptions, defaults={"api_key": os.environ.get("INTERNVL_API_KEY")})
 
 
 def run(args: argparse.Namespace) -> int:
@@ -56,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
     from ..serve.app import ServeSettings, create_app
     from ..serve.media import MediaPolicy
     from ..serve.server import run as run_server
-    from .chat import model_path
+    from .options import model_path
 
     if args.threads:
         import torch

@@ -3,25 +3,25 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
+
+from ..options import add_options, option
+
+
+@dataclass
+class SynthOptions:
+    """Which split of the Synthetic Visual World, how large, and where."""
+
+    out: str | None = option(None, "output directory (created; existing files are overwritten)", required=True)
+    split: str | None = option(None, "which split to write", choices=("train", "val", "test"), required=True)
+    n: int = option(200, "items per task (default 200)")
+    tasks: str | None = option(None, "comma-separated task ids (default: all)")
+    hexagon: bool = option(False, "the fine-tuning demonstration set: scenes and questions with the reserved hexagon")
+    seed: int | None = option(None, "base seed (default 0); splits never share item seeds")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--out", required=True, help="output directory (created; existing files are overwritten)"
-    )
-    parser.add_argument(
-        "--split", required=True, choices=("train", "val", "test"), help="which split to write"
-    )
-    parser.add_argument("--n", type=int, default=200, help="items per task (default 200)")
-    parser.add_argument("--tasks", default=None, help="comma-separated task ids (default: all)")
-    parser.add_argument(
-        "--hexagon",
-        action="store_true",
-        help="the fine-tuning demonstration set: scenes and questions with the reserved hexagon",
-    )
-    parser.add_argument(
-        "--seed", type=int, default=None, help="base seed (default 0); splits never share item seeds"
-    )
+    add_options(parser, SynthOptions)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -9,17 +9,15 @@ from __future__ import annotations
 
 import argparse
 import difflib
-import typing
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from ..config import TEMPLATES
 from ..errors import TrainingError
-
-
-def _f(default: Any, help: str, **meta: Any) -> Any:
-    return field(default=default, metadata={"help": help, **meta})
+from ..options import add_options, coerce, values_of
+from ..options import option as _f
+from ..options import read_yaml as _read_yaml
 
 
 def _check(ok: bool, message: str) -> None:
@@ -214,54 +212,13 @@ class TrainArgs:
         built = {}
         for g, c in GROUPS.items():
             try:
-                built[g] = c(**_coerce(c, parts[g], source))
+                built[g] = c(**coerce(c, parts[g], source, TrainingError))
             except TypeError as e:
                 raise TrainingError(f"{source}: {e}") from None
         return cls(**built)
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for g in GROUPS for k, v in asdict(getattr(self, g)).items()}
-
-
-def _coerce(cls: type, values: dict[str, Any], source: str) -> dict[str, Any]:
-    hints = typing.get_type_hints(cls)
-    out = {}
-    for f in fields(cls):
-        if f.name not in values:
-            continue
-        v = values[f.name]
-        kind, optional = _base_type(hints[f.name])
-        if v is None and optional:
-            out[f.name] = None
-            continue
-        try:
-            if kind is bool:
-                if not isinstance(v, bool):
-                    raise ValueError
-            elif kind is int:
-                if isinstance(v, bool) or (isinstance(v, float) and not v.is_integer()):
-                    raise ValueError
-                v = int(v)
-            elif kind is float:
-                if isinstance(v, bool):
-                    raise ValueError
-                v = float(v)
-            else:
-                v = str(v)
-        except (TypeError, ValueError):
-            raise TrainingError(f"{source}: {f.name} must be {kind.__name__}, got {v!r}") from None
-        choices = f.metadata.get("choices")
-        if choices and v not in choices:
-            raise TrainingError(f"{source}: {f.name} must be one of {list(choices)}, got {v!r}")
-        out[f.name] = v
-    return out
-
-
-def _base_type(hint: Any) -> tuple[type, bool]:
-    args = [a for a in typing.get_args(hint) if a is not type(None)]
-    if args:
-        return args[0], True
-    return hint, False
 
 
 # ---- command line -------------------------------------------------------------------------------
@@ -272,26 +229,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", metavar="YAML", default=argparse.SUPPRESS,
                    help="YAML file whose keys are these options' names (max_seq_length: 4096); flags win")  # fmt: skip
     for g, cls in GROUPS.items():
-        group = p.add_argument_group(g, (cls.__doc__ or "").strip())
-        hints = typing.get_type_hints(cls)
-        for f in fields(cls):
-            kind, _ = _base_type(hints[f.name])
-            default = f.default if f.default is not MISSING else None
-            help_text = f.metadata["help"] + (
-                f" (default: {default})" if default not in (None, False) else ""
-            )
-            if f.metadata.get("positional"):
-                group.add_argument(f.name, nargs="?", default=argparse.SUPPRESS, metavar=f.name.upper(),
-                                   help=help_text)  # fmt: skip
-                continue
-            flag = "--" + f.name.replace("_", "-")
-            if kind is bool:
-                group.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
-                                   help=help_text)  # fmt: skip
-            else:
-                group.add_argument(flag, type=kind, default=argparse.SUPPRESS, choices=f.metadata.get("choices"),
-                                   metavar=None if f.metadata.get("choices") else f.metadata.get("metavar", kind.__name__.upper()),
-                                   help=help_text)  # fmt: skip
+        add_options(p.add_argument_group(g, (cls.__doc__ or "").strip()), cls, suppress=True)
 
 
 def from_namespace(ns: argparse.Namespace) -> TrainArgs:
@@ -300,21 +238,9 @@ def from_namespace(ns: argparse.Namespace) -> TrainArgs:
     config = getattr(ns, "config", None)
     if config:
         values.update(read_yaml(config))
-    known = {f.name for c in GROUPS.values() for f in fields(c)}
-    values.update({k: v for k, v in vars(ns).items() if k in known})
+    values.update(values_of(ns, *GROUPS.values()))
     return TrainArgs.from_dict(values, source=str(config) if config else "arguments")
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
-    import yaml
-
-    path = Path(path)
-    if not path.is_file():
-        raise TrainingError(f"{path}: no such config file")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise TrainingError(f"{path}: invalid YAML ({str(e).splitlines()[0]})") from None
-    if not isinstance(data, dict):
-        raise TrainingError(f"{path}: expected a mapping of option names to values")
-    return data
+    return _read_yaml(path, TrainingError)
