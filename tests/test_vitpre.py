@@ -89,7 +89,7 @@ def test_a_stopped_pretraining_resumes_to_the_same_weights(tmp_path):
             "data": tmp_path / "pool.npz"}  # fmt: skip
     whole = pretrain(init, tmp_path / "whole", **opts)
     part = pretrain(init, tmp_path / "part", stop_after=3, **opts)
-    assert part["stopped"] and part["steps"] == 3 and not (tmp_path / "part" / "vit_pretrain.json").exists()
+    assert part["paused"] and part["steps"] == 3 and not (tmp_path / "part" / "vit_pretrain.json").exists()
     assert (tmp_path / "part" / "model.safetensors").exists()  # a stopped run leaves a usable encoder
     with pytest.raises(TrainingError, match="pass --resume"):
         pretrain(init, tmp_path / "part", **opts)

@@ -101,14 +101,14 @@ def run(args: argparse.Namespace) -> int:
         print(args._nano_help(), file=sys.stderr)
         return 2
     try:
-        _run(verb, args)
+        code = _run(verb, args)
     except (InternVLError, OSError, ValueError) as e:
         print(f"{args._nano_prog} {verb}: error: {e}", file=sys.stderr)
         return 1
-    return 0
+    return code
 
 
-def _run(verb: str, args: argparse.Namespace) -> None:
+def _run(verb: str, args: argparse.Namespace) -> int:
     if verb == "prepare":
         from .prepare import prepare
 
@@ -129,6 +129,7 @@ def _run(verb: str, args: argparse.Namespace) -> None:
                           save_every=args.save_every, data=args.data, train_encoder=not args.probe_only,
                           progress=True, resume=args.resume, stop_after=args.stop_after)  # fmt: skip
         print(json.dumps(result, indent=2))
+        return 130 if result.get("interrupted") else 0
     elif verb == "ship":
         from .ship import ship
 
@@ -137,6 +138,7 @@ def _run(verb: str, args: argparse.Namespace) -> None:
         from .probe import probe
 
         print(json.dumps(probe(args.model, args.data, args.n), indent=2))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -248,7 +248,8 @@ def pretrain(init: str | Path, out: str | Path, steps: int = 1200, images: int =
     metrics.close()
     result = {"steps": ended.step, "images": len(pool["images"]), "train_encoder": train_encoder}
     if ended.interrupted or ended.paused:
-        return {**result, "stopped": True, "checkpoint": str(out / "checkpoints")}
+        stop = "interrupted" if ended.interrupted else "paused"  # a signal, or stop_after
+        return {**result, stop: True, "checkpoint": str(out / "checkpoints")}
     held = make_set(HELD_OUT, seed + 1, config.image_size, config.vision.patch_size)
     held = PatchBatch.of(held, slice(None))
     result["held_out"] = held_out_stats(readout, held, ctx.device)
