@@ -173,7 +173,7 @@ def model_step(rows: int, repeats: int, bw, context: int = 300) -> dict:
     """ms per decoding step of the real decoder: the one-call C step against its modules, bf16 and int8."""
     from types import SimpleNamespace
 
-    from internvl.engine.quant import quantize_model, use_decode_kernels
+    from internvl.engine.accelerate import FusedStep, decode_step, quantize_model, use_decode_kernels
 
     out = {}
     for mode, prepare in (("bf16", use_decode_kernels), ("int8", quantize_model)):
@@ -181,21 +181,20 @@ def model_step(rows: int, repeats: int, bw, context: int = 300) -> dict:
         prepare(SimpleNamespace(language_model=lm))
         streamed = sum(t.numel() * t.element_size() for name, t in [*lm.named_parameters(), *lm.named_buffers()]
                        if "embed_tokens" not in name)
-        fused = lm.fast_decoder
-        x = lm.model.embed_tokens(torch.full((rows, 1), 5))
+        fused = decode_step(SimpleNamespace(language_model=lm, decode=lm.decode))
+        tokens = torch.full((rows,), 5)
         best = {"one C call": float("inf"), "modules": float("inf")}
-
-        def step(lm=lm, x=x, cache=cache):
-            lm(x, cache=cache)
-            cache.lengths -= 1  # the same position every time
-
         with torch.inference_mode():
             for _ in range(repeats):
                 bw.sample(1)
-                for path, decoder in (("one C call", fused), ("modules", None)):
-                    if path == "one C call" and decoder is None:
+                for path, decode in (("one C call", fused), ("modules", lm.decode)):
+                    if path == "one C call" and not isinstance(fused, FusedStep):
                         continue
-                    lm.fast_decoder = decoder
+
+                    def step(decode=decode, cache=cache, tokens=tokens):
+                        decode(tokens, cache)
+                        cache.lengths -= 1  # the same position every time
+
                     best[path] = min(best[path], best_time(step, 3))
         out[mode] = (best, streamed)
     return out

@@ -32,7 +32,7 @@ import json, resource, sys, time
 torch.set_num_threads(int(sys.argv[3]))
 from internvl.checkpoint.io import load_model
 from internvl.engine.engine import Engine
-from internvl.engine.quant import quantize_model, use_decode_kernels
+from internvl.engine.accelerate import quantize_model, use_decode_kernels
 from internvl.engine.sampling import SamplingParams
 model, _ = load_model(sys.argv[1], image_token_id=151667)
 mode = sys.argv[2]

@@ -175,6 +175,7 @@ def profile(folder: Path, threads: int, dtype: str | None, steps: int = 16) -> N
     import torch
 
     from internvl.api import load
+    from internvl.engine.accelerate import FusedStep
     from internvl.engine.sampling import SamplingParams
     from internvl.model.cache import KVCache
 
@@ -197,8 +198,10 @@ def profile(folder: Path, threads: int, dtype: str | None, steps: int = 16) -> N
     for mod, key in [(layer0.self_attn, "attention (incl. qkv/o proj)"), (layer0.mlp, "mlp"),
                      (lm.lm_head, "lm_head"), (llm.model.language_model, "language model forward")]:  # fmt: skip
         mod.forward = timed(key, mod.forward)
-    eng._accept = timed("sample + detokenize (per row)", eng._accept)
-    fused = getattr(lm, "fast_decoder", None) is not None
+    eng._accept = timed("sample (per row)", eng._accept)
+    fused = isinstance(eng.decode_step, FusedStep)
+    if fused:  # the C step bypasses the modules' forward: time it as the forward
+        eng.decode_step = timed("language model forward", eng.decode_step)
     KVCache.concat = timed("cache concat (admission)", KVCache.concat)
     KVCache.keep = timed("cache keep (departure)", KVCache.keep)
     n_layers = len(lm.model.layers)
@@ -237,10 +240,10 @@ def profile(folder: Path, threads: int, dtype: str | None, steps: int = 16) -> N
             )
         print(f"     {'lm_head':<34} {per.get('lm_head', 0) * 1000:7.1f} ms")
         rest = total - lm_fwd
-        for k in ("sample + detokenize (per row)", "cache concat (admission)", "cache keep (departure)"):
+        for k in ("sample (per row)", "cache concat (admission)", "cache keep (departure)"):
             print(f"   {k:<36} {per.get(k, 0) * 1000:7.1f} ms")
         print(
-            f"   other Python outside the forward    {(rest - per.get('sample + detokenize (per row)', 0)) * 1000:7.1f} ms"
+            f"   other Python outside the forward    {(rest - per.get('sample (per row)', 0)) * 1000:7.1f} ms"
         )
 
 

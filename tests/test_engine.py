@@ -90,15 +90,15 @@ def test_counting_model_and_stop_strings(counting):
     assert free == list(range(prompt[-1] + 1, prompt[-1] + 13))
     text = tok.decode(free)
     stop = text[5:7]
-    seq = counting.engine.generate([(prompt, SamplingParams(max_new_tokens=12, stop=[stop]), None)])[0]
-    assert seq.text == text[: text.index(stop)] and seq.finish_reason == "stop"
+    done = counting.detok.generate([(prompt, SamplingParams(max_new_tokens=12, stop=[stop]), None)])[0]
+    assert done.text == text[: text.index(stop)] and done.seq.finish_reason == "stop"
     # streamed deltas never show part of the stop string and add up to the final text
-    deltas = [e.text for e in counting.engine.stream(prompt, SamplingParams(max_new_tokens=12, stop=[stop]))]
-    assert "".join(deltas) == seq.text and stop not in seq.text
+    deltas = [e.text for e in counting.detok.stream(prompt, SamplingParams(max_new_tokens=12, stop=[stop]))]
+    assert "".join(deltas) == done.text and stop not in done.text
     shown = ""
     for d in deltas:  # what was shown is never taken back: every partial stream is a prefix of the answer
         shown += d
-        assert seq.text.startswith(shown)
+        assert done.text.startswith(shown)
 
 
 def test_min_new_tokens_suppresses_stops_and_max_tokens_gives_length(counting):
@@ -155,7 +155,7 @@ def test_bad_requests_raise_typed_errors(pair):
 
 
 def test_fused_projections_and_decode_kernels_match_the_plain_model(tmp_path):
-    from internvl.engine.quant import use_decode_kernels
+    from internvl.engine.accelerate import use_decode_kernels
 
     folder = tiny_checkpoint(tmp_path / "m")
     plain, _ = load_model(folder, image_token_id=None)
@@ -247,6 +247,7 @@ def test_prompts_admitted_together_share_a_prefill_and_rows_leave_in_place(pair)
 
 
 def test_kv_cache_rows_join_free_slots_and_leave_in_place():
+    from internvl.kernels.decode import cache_pointers
     from internvl.model.cache import KVCache
 
     def rows(n, start):
@@ -264,6 +265,6 @@ def test_kv_cache_rows_join_free_slots_and_leave_in_place():
     assert cache.k[0].data_ptr() == base and cache.batch == 4 and cache.slots == 4
     cache.keep([0, 3, 2])  # row 3 fills the hole of row 1
     assert cache.k[0].data_ptr() == base and cache.k[1][:, 0, 0, 0].tolist() == [0, 3, 2]
-    assert cache.layer_pointers()[0].tolist() == [t.data_ptr() for t in cache.k]
+    assert cache_pointers(cache)[0].tolist() == [t.data_ptr() for t in cache.k]
     cache.keep([2, 0])  # a row moving to a later slot: copied out
     assert cache.k[1][:, 0, 0, 0].tolist() == [2, 0] and cache.lengths.tolist() == [3, 3]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -296,22 +297,30 @@ def _tiny_lm(seed=0, **over):
 
 
 def _accelerated(lm, mode):
-    from types import SimpleNamespace
-
-    from internvl.engine.quant import quantize_model, use_decode_kernels
+    from internvl.engine.accelerate import quantize_model, use_decode_kernels
 
     fast = copy.deepcopy(lm)
     (quantize_model if mode == "int8" else use_decode_kernels)(SimpleNamespace(language_model=fast))
     return fast
 
 
-def _prefill(lm, prompts):
-    """One cache row per prompt, each prefilled alone and joined (as the engine does); capacity 16 makes
-    decoding grow the cache."""
+def _step(lm):
+    """The decode step an engine chooses for this language model (engine/accelerate.py)."""
+    from internvl.engine.accelerate import decode_step
+
+    return decode_step(SimpleNamespace(language_model=lm, decode=lm.decode))
+
+
+def _prefill(lm, prompts, step=None):
+    """One cache row per prompt, each prefilled alone and joined (as the engine does, which runs a 1-token
+    prompt as a decode `step`); capacity 16 makes decoding grow the cache."""
     cache = None
     for p in prompts:
         c = lm.new_cache(1, capacity=16)
-        lm(lm.model.embed_tokens(torch.tensor([p])), cache=c, logits_to_keep=1)
+        if len(p) == 1 and step is not None:
+            step(torch.tensor(p), c)
+        else:
+            lm(lm.embed(torch.tensor([p])), cache=c, logits_to_keep=1)
         if cache is None:
             cache = c
         else:
@@ -320,32 +329,30 @@ def _prefill(lm, prompts):
 
 
 class _Spy:
-    """Counts the decode steps the fused decoder answered."""
+    """Counts the decode steps the fused decoder of a FusedStep answered."""
 
-    def __init__(self, lm):
-        self.real, self.hits = lm.fast_decoder, 0
-        lm.fast_decoder = self
+    def __init__(self, step):
+        self.real, self.hits = step.fused, 0
+        step.fused = self
 
     def __call__(self, embeds, cache, valid_lengths=None):
         out = self.real(embeds, cache, valid_lengths)
         self.hits += out is not None
         return out
 
-    def rebuild(self, lm):
-        return self.real.rebuild(lm)
-
 
 def _decode_both(ref, fast, prompts, steps, finished_row=None):
-    """The same random tokens fed to both models after their prompts; the logits of each step."""
-    caches = [_prefill(m, prompts) for m in (ref, fast)]
-    tokens = torch.randint(0, ref.config.vocab_size, (steps, len(prompts), 1), generator=torch.Generator().manual_seed(9))
+    """The same random tokens fed to both (model, decode step) pairs after their prompts; the logits of
+    each step."""
+    caches = [_prefill(m, prompts, step) for m, step in (ref, fast)]
+    tokens = torch.randint(0, ref[0].config.vocab_size, (steps, len(prompts)), generator=torch.Generator().manual_seed(9))
     outs = ([], [])
-    for step in range(steps):
+    for i in range(steps):
         valid = torch.ones(len(prompts), dtype=torch.long)
-        if finished_row is not None and step >= 2:
+        if finished_row is not None and i >= 2:
             valid[finished_row] = 0  # a finished row stays in the batch without advancing
-        for m, c, out in zip((ref, fast), caches, outs):
-            out.append(m(m.model.embed_tokens(tokens[step]), cache=c, valid_lengths=valid)[:, -1].float())
+        for (_, step), c, out in zip((ref, fast), caches, outs):
+            out.append(step(tokens[i], c, valid).float())
     assert torch.equal(caches[0].lengths, caches[1].lengths)
     return torch.stack(outs[0]), torch.stack(outs[1]), caches
 
@@ -369,13 +376,15 @@ def test_fused_decode_step_is_as_accurate_as_the_torch_modules(config, rows):
     scalings: the one-call step stays as close to an fp32 model as the bf16 torch modules are."""
     lm = _tiny_lm(seed=rows, **CONFIGS[config])
     fast = _accelerated(lm, "bf16")
-    spy = _Spy(fast)
+    step = _step(fast)
+    spy = _Spy(step)
     truth = copy.deepcopy(lm).float()
     g = torch.Generator().manual_seed(rows)
     prompts = [torch.randint(0, 97, (int(n),), generator=g).tolist() for n in torch.randint(1, 30, (rows,), generator=g)]
+    finished = rows - 1 if rows > 1 else None
     with torch.inference_mode():
-        want, got, caches = _decode_both(lm, fast, prompts, steps=6, finished_row=rows - 1 if rows > 1 else None)
-        exact, _, _ = _decode_both(truth, truth, prompts, steps=6, finished_row=rows - 1 if rows > 1 else None)
+        want, got, caches = _decode_both((lm, lm.decode), (fast, step), prompts, steps=6, finished_row=finished)
+        exact, _, _ = _decode_both((truth, truth.decode), (truth, truth.decode), prompts, steps=6, finished_row=finished)
     assert spy.hits == 6 + sum(len(p) == 1 for p in prompts)  # a 1-token prompt's prefill is a step too
     scale = exact.abs().max()
     err_fast, err_torch = (got - exact).abs().max() / scale, (want - exact).abs().max() / scale
@@ -385,24 +394,22 @@ def test_fused_decode_step_is_as_accurate_as_the_torch_modules(config, rows):
 
 
 def _fast_and_modules(lm, dtype: str, quantize_x: bool = False):
-    """The accelerated model (C decode step; int8 with quantized activations when asked) and a copy of it
-    that decodes through its modules."""
+    """The accelerated model with its C decode step (int8 with quantized activations when asked), and a copy
+    of it that decodes through its modules; (model, step) pairs."""
     fast = _accelerated(lm, dtype)
     if quantize_x:
         for m in fast.modules():
             if isinstance(m, Int8Linear):
                 m.quantize_x, m._op = True, kernels.ops._OP_INT8_FAST
-        fast.fast_decoder = fast.fast_decoder.rebuild(fast)
     modules = copy.deepcopy(fast)
-    modules.fast_decoder = None
-    return fast, modules
+    return (fast, _step(fast)), (modules, modules.decode)
 
 
 @needs_kernels
 @pytest.mark.parametrize("quantize_x", [False, True])
 def test_fused_decode_step_int8_matches_the_int8_modules(quantize_x):
     fast, modules = _fast_and_modules(_tiny_lm(seed=3), "int8", quantize_x)
-    spy = _Spy(fast)
+    spy = _Spy(fast[1])
     prompts = [[1, 2, 3], list(range(5, 25)), [7]]
     with torch.inference_mode():
         want, got, _ = _decode_both(modules, fast, prompts, steps=5)
@@ -418,7 +425,7 @@ def test_fused_decode_step_takes_up_to_16_rows(rows, mode):
     give what the modules give."""
     fast, modules = _fast_and_modules(_tiny_lm(seed=rows), "bf16" if mode == "bf16" else "int8",
                                       mode == "int8 quantized x")  # fmt: skip
-    spy = _Spy(fast)
+    spy = _Spy(fast[1])
     g = torch.Generator().manual_seed(rows)
     prompts = [torch.randint(0, 97, (2 + 3 * i,), generator=g).tolist() for i in range(rows)]
     with torch.inference_mode():
@@ -434,9 +441,7 @@ def test_fused_decode_step_takes_up_to_16_rows(rows, mode):
 def test_fused_decode_step_any_thread_count(threads):
     """The phases split rows, heads and columns among however many threads run the step."""
     lm = _tiny_lm(seed=5, **CONFIGS["llama gqa5 head80 linear-rope"])
-    fast = _accelerated(lm, "bf16")
-    modules = copy.deepcopy(fast)
-    modules.fast_decoder = None
+    fast, modules = _fast_and_modules(lm, "bf16")
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -449,49 +454,58 @@ def test_fused_decode_step_any_thread_count(threads):
 
 @needs_kernels
 def test_fused_decode_declines_what_it_does_not_cover():
+    from internvl.engine.accelerate import FusedStep
+
     lm = _tiny_lm()
     fast = _accelerated(lm, "bf16")
-    spy = _Spy(fast)
+    step = _step(fast)
+    spy = _Spy(step)
     prompts = [[1, 2, 3]] * (kernels.MAX_ROWS + 1)
+    tok = torch.tensor([4])
     with torch.no_grad():
-        want, got, _ = _decode_both(lm, fast, prompts, steps=2)  # more rows than the kernels take
+        want, got, _ = _decode_both((lm, lm.decode), (fast, step), prompts, steps=2)  # more rows than it takes
         assert spy.hits == 0
         torch.testing.assert_close(got, want, rtol=0.05, atol=0.05 * want.abs().max().item())
         cache = _prefill(fast, [[1, 2, 3]])
-        emb = fast.model.embed_tokens(torch.tensor([[4]]))
-        fast(emb, cache=cache, positions=torch.tensor([[3]]))  # explicit positions
+        fast(fast.embed(tok[:, None]), cache=cache, positions=torch.tensor([[3]]))  # the modules' forward: never C
         calls = []
         handle = fast.model.layers[0].mlp.register_forward_hook(lambda *a: calls.append(1))
-        fast(emb, cache=cache)  # a hook added after the decoder was built
+        step(tok, cache)  # a hook added after the decoder was built
         handle.remove()
         assert calls == [1] and spy.hits == 0
-        fast(emb, cache=cache)
+        step(tok, cache)
         assert spy.hits == 1
     with torch.enable_grad():
-        fast(emb, cache=cache)  # autograd: the modules
+        step(tok, cache)  # autograd: the modules
     assert spy.hits == 1 and cache.lengths.tolist() == [7]
-    twin = copy.deepcopy(fast)  # a copy's decoder reads the copy's weights
+    twin = copy.deepcopy(fast)  # a copy's step reads the copy's weights
     with torch.no_grad():
         twin.lm_head.weight.mul_(-1)
-        cache2 = _prefill(twin, [[1, 2, 3]])
-        a = fast(emb, cache=_prefill(fast, [[1, 2, 3]]))
-        b = twin(emb, cache=cache2)
-    assert twin.fast_decoder.real.bound and torch.equal(b, -a)
-    fast.float()  # new tensors: the decoder is rebuilt, and an fp32 model has none
-    assert fast.fast_decoder is None
+        twin_step = _step(twin)
+        a = step(tok, _prefill(fast, [[1, 2, 3]]))
+        b = twin_step(tok, _prefill(twin, [[1, 2, 3]]))
+    assert isinstance(twin_step, FusedStep) and twin_step.fused.bound and torch.equal(b, -a)
+    hits = spy.hits
+    fast.float()  # new tensors: the decoder binds again, and an fp32 model has none
+    with torch.no_grad():
+        step(tok, _prefill(fast, [[1, 2, 3]]))
+    assert spy.hits == hits and not spy.real.bound
     lm32 = _accelerated(lm.float(), "bf16")
-    assert lm32.fast_decoder is None
+    assert not isinstance(_step(lm32), FusedStep)
 
 
 def test_fused_decode_off_without_kernels(monkeypatch):
+    from internvl.engine.accelerate import FusedStep
+
     monkeypatch.setenv("INTERNVL_NO_KERNELS", "1")
     build.reset()
     try:
         lm = _tiny_lm()
         fast = _accelerated(lm, "bf16")
-        assert fast.fast_decoder is None
+        step = _step(fast)
+        assert not isinstance(step, FusedStep)
         with torch.inference_mode():
-            want, got, _ = _decode_both(lm, fast, [[1, 2, 3], [4]], steps=3)
+            want, got, _ = _decode_both((lm, lm.decode), (fast, step), [[1, 2, 3], [4]], steps=3)
         torch.testing.assert_close(got, want, rtol=0.05, atol=0.05 * want.abs().max().item())
     finally:
         monkeypatch.delenv("INTERNVL_NO_KERNELS")

@@ -8,7 +8,7 @@ import httpx
 import pytest
 from PIL import Image
 from refmodels import tiny_checkpoint
-from test_serve_common import data_url, one_torch_thread  # noqa: F401 (a fixture)
+from test_serve_common import data_url
 
 from internvl.api import load, sampling_params
 from internvl.serve.app import ServeSettings, create_app
@@ -44,8 +44,8 @@ class Live:
         ids, pv, _ = self.ref.prepare(
             question, images, history=history, system_message=system, max_num=max_num
         )
-        seq = self.ref.engine.generate([(ids, sampling_params(self.ref.defaults, **gen), pv)])[0]
-        return seq.text.lstrip(), seq.finish_reason, len(ids), len(seq.output_ids)
+        done = self.ref.detok.generate([(ids, sampling_params(self.ref.defaults, **gen), pv)])[0]
+        return done.text.lstrip(), done.seq.finish_reason, len(ids), len(done.seq.output_ids)
 
     def ask(self, messages, **kw):
         r = self.client.chat.completions.create(model="tiny", messages=messages, **kw)

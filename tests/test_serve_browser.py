@@ -11,7 +11,6 @@ import time
 import pytest
 from PIL import Image
 from refmodels import tiny_checkpoint
-from test_serve_common import one_torch_thread  # noqa: F401 (a fixture)
 
 from internvl.api import load, sampling_params
 from internvl.serve.app import ServeSettings, create_app
@@ -56,8 +55,8 @@ def page(site):
 
 def expected(ref, question, images=None, history=None, max_new_tokens=12) -> str:
     ids, pv, _ = ref.prepare(question, images, history=history)
-    seq = ref.engine.generate([(ids, sampling_params(ref.defaults, max_new_tokens=max_new_tokens), pv)])[0]
-    return seq.text.lstrip()
+    done = ref.detok.generate([(ids, sampling_params(ref.defaults, max_new_tokens=max_new_tokens), pv)])[0]
+    return done.text.lstrip()
 
 
 def ask(page, question: str) -> str:

@@ -9,7 +9,7 @@ import httpx
 import pytest
 from PIL import Image
 from refmodels import tiny_checkpoint
-from test_serve_common import one_torch_thread, wait_idle  # noqa: F401 (a fixture)
+from test_serve_common import wait_idle
 
 from internvl.api import load
 from internvl.engine.sampling import SamplingParams
@@ -30,7 +30,7 @@ def llm(tmp_path_factory):
 
 
 def test_bad_prompt_is_refused_before_it_queues(llm):
-    scheduler = Scheduler(llm.engine)  # not started: a queued request would stay in `pending`
+    scheduler = Scheduler(llm.detok)  # not started: a queued request would stay in `pending`
 
     async def submit(ids):
         return scheduler.submit("r1", ids, SamplingParams(), None)

@@ -14,7 +14,7 @@ import time
 import httpx
 import pytest
 from refmodels import tiny_checkpoint
-from test_serve_common import one_torch_thread, wait_idle  # noqa: F401 (a fixture)
+from test_serve_common import wait_idle
 
 import internvl.serve.app as app_module
 from internvl.api import load
@@ -117,7 +117,7 @@ def _stream_text(base: str, body: dict, out: list, i: int) -> None:
         chunks = [json.loads(line[6:]) for line in lines[:-1]]
         text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
         out[i] = (status, text, chunks[-1]["choices"][0]["finish_reason"], lines[-1])
-    except Exception as e:  # noqa: BLE001 - reported by the assertion below
+    except Exception as e:
         out[i] = e
 
 
@@ -180,14 +180,14 @@ def test_a_request_failing_inside_the_engine_ends_alone(folder):
     good = SamplingParams(max_new_tokens=12)
     jobs = [(ids, good), (ids, SamplingParams(max_new_tokens=12, temperature=1e-300)), (ids, good),
             (ids, SamplingParams(max_new_tokens=12, seed=2**64)), (ids, good)]  # fmt: skip
-    scheduler = Scheduler(llm.engine)
+    scheduler = Scheduler(llm.detok)
     scheduler.start()
     try:
         results = asyncio.run(_run(scheduler, jobs))
         assert scheduler.thread.is_alive()
     finally:
         scheduler.stop()
-    expected = llm.engine.generate([(ids, good, None)])[0]
+    expected = llm.detok.generate([(ids, good, None)])[0]
     assert "generation failed for this request" in results[1] and "inf" in results[1]
     assert "could not start" in results[3] and "Overflow" in results[3]
     assert [results[i] for i in (0, 2, 4)] == [(expected.text, "length")] * 3

@@ -10,7 +10,8 @@ import torch
 
 from .checkpoint.io import load_model
 from .config import ModelConfig
-from .engine.engine import Engine, TokenEvent
+from .engine.detok import Detokenizer, TextEvent
+from .engine.engine import Engine
 from .engine.sampling import SamplingParams, sampling_params
 from .errors import InternVLError
 from .processing import InputBuilder, stop_strings
@@ -64,7 +65,8 @@ class InternVL:
         stop_ids = [tokenizer.token_to_id(s) for s in stop_strings(self.template)]
         stop_ids.append(tokenizer.eos_id)
         self.stop_token_ids = sorted({i for i in stop_ids if i is not None})
-        self.engine = Engine(model, tokenizer, max_batch=max_batch, stop_token_ids=self.stop_token_ids)
+        self.engine = Engine(model, max_batch=max_batch, stop_token_ids=self.stop_token_ids)  # token ids
+        self.detok = Detokenizer(self.engine, tokenizer)  # the same engine with text and stop strings
         self.defaults = SamplingParams(max_new_tokens=1024)
 
     # ---- preparing inputs -----------------------------------------------------------------------
@@ -96,8 +98,7 @@ class InternVL:
         """Answer one question. With `return_history`, also the history extended by this turn. Generation
         options: `sampling`, and/or keywords (max_new_tokens=..., temperature=...) applied over it."""
         ids, pv, asked = self.prepare(question, images, video, history, system_message, max_num, num_segments)
-        seq = self.engine.generate([(ids, self.sampling(sampling, **generation), pv)])[0]
-        answer = seq.text.strip()
+        answer = self.detok.generate([(ids, self.sampling(sampling, **generation), pv)])[0].text.strip()
         if return_history:
             return answer, list(history or []) + [(asked, answer)]
         return answer
@@ -109,7 +110,7 @@ class InternVL:
         """Yield the answer as text deltas while it is generated."""
         ids, pv, _ = self.prepare(question, images, video, history, system_message, max_num, num_segments)
         started = False
-        for event in self.engine.stream(ids, self.sampling(sampling, **generation), pv):
+        for event in self.detok.stream(ids, self.sampling(sampling, **generation), pv):
             text = event.text
             if not started:
                 text = text.lstrip()
@@ -129,16 +130,17 @@ class InternVL:
         for q, im in zip(questions, images):
             ids, pv, _ = self.prepare(q, im, None, None, system_message, max_num)
             requests.append((ids, params, pv))
-        return [s.text.strip() for s in self.engine.generate(requests)]
+        return [c.text.strip() for c in self.detok.generate(requests)]
 
     def generate_ids(self, prompt_ids: list[int], pixel_values: torch.Tensor | None = None,
                      sampling: SamplingParams | None = None, **generation: Any) -> list[int]:  # fmt: skip
         """Token ids in, new token ids out (the stop token excluded)."""
-        return self.engine.generate([(prompt_ids, self.sampling(sampling, **generation), pixel_values)])[0].output_ids
+        done = self.detok.generate([(prompt_ids, self.sampling(sampling, **generation), pixel_values)])[0]
+        return done.seq.output_ids  # (through the text: a stop string ends the ids too)
 
     def events(self, prompt_ids: list[int], pixel_values: torch.Tensor | None = None,
-               sampling: SamplingParams | None = None, **generation: Any) -> Iterator[TokenEvent]:  # fmt: skip
-        return self.engine.stream(prompt_ids, self.sampling(sampling, **generation), pixel_values)
+               sampling: SamplingParams | None = None, **generation: Any) -> Iterator[TextEvent]:  # fmt: skip
+        return self.detok.stream(prompt_ids, self.sampling(sampling, **generation), pixel_values)
 
 
 def load(path: str | Path | None = None, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,
@@ -167,11 +169,11 @@ def load(path: str | Path | None = None, device: str | torch.device = "cpu", dty
         tokenizer = Tokenizer.from_dir(path)
         model, _ = load_model(path, dtype=dtype, device=device, image_token_id=tokenizer.image_context_id)
     if quantize is not None:
-        from .engine.quant import quantize_model
+        from .engine.accelerate import quantize_model
 
         quantize_model(model, quantize)
     elif optimize:
-        from .engine.quant import use_decode_kernels
+        from .engine.accelerate import use_decode_kernels
 
         use_decode_kernels(model)
     return InternVL(model, tokenizer, path, max_batch=max_batch)

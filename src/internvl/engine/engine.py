@@ -1,11 +1,15 @@
 """Generation engine on token ids: prefill into a KV cache, then batched decode with continuous batching.
 
 `add()` queues a request, `step()` admits waiting requests (prefill) and decodes one token for every
-running one. Each request keeps its own sampling settings, stops and random generator. Synchronous
-`generate()`/`stream()` and the HTTP server all drive the same loop. Prompts that start like a recent one
-reuse its keys and values (`prefix_cache`); requests admitted together of similar length share one
-prefill forward. With `isolate_failures` (the server's setting) a request whose prefill or sampling fails
-ends alone with finish_reason "error"; otherwise the exception propagates.
+running one. Each request keeps its own sampling settings, stop ids and random generator. Synchronous
+`generate()`/`stream()` and the HTTP server all drive the same loop; text and stop strings are detok.py's.
+Prompts that start like a recent one reuse its keys and values (`prefix_cache`); requests admitted together
+of similar length share one prefill forward. With `isolate_failures` (the server's setting) a request whose
+prefill or sampling fails ends alone with finish_reason "error"; otherwise the exception propagates.
+
+The model is reached through new_cache(), prefill(), decode() and decoder_version() (model/vlm.py; a mock
+in tests/test_engine_mock.py) and its image_token_id, num_image_token and device; the decode step, torch or
+the C kernels, is chosen once by accelerate.py.
 """
 
 from __future__ import annotations
@@ -20,8 +24,7 @@ import torch
 
 from ..errors import PromptError
 from ..model.cache import KVCache
-from ..model.vlm import InternVLChatModel
-from ..tokenizer import IncrementalDecoder, Tokenizer
+from .accelerate import decode_step
 from .prefix_cache import Hit, PrefixCache
 from .sampling import SamplingParams, greedy_batch, sample_next
 
@@ -39,12 +42,9 @@ class Sequence:
     params: SamplingParams
     pixel_values: torch.Tensor | None = None  # released after the prefill
     request_id: str = field(default_factory=lambda: f"req-{next(_ids)}")
-    output_ids: list[int] = field(default_factory=list)
-    text: str = ""  # generated text, stop string removed
-    emitted: int = 0  # characters of `text` already handed out as deltas
-    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    output_ids: list[int] = field(default_factory=list)  # the new tokens (a stop id excluded)
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
     generator: torch.Generator | None = None
-    decoder: IncrementalDecoder | None = None
     aborted: bool = False
     stop_ids: frozenset[int] = frozenset()
     cached_tokens: int = 0  # prompt tokens whose K/V came from the prefix cache
@@ -58,17 +58,15 @@ class Sequence:
 @dataclass
 class TokenEvent:
     seq: Sequence
-    token_id: int | None  # None when the sequence ended without a new token (abort)
-    text: str  # new text that is safe to show (no partial stop string)
+    token_id: int | None  # None when the sequence ended without a new token (abort, error)
     finished: bool
 
 
 class Engine:
-    def __init__(self, model: InternVLChatModel, tokenizer: Tokenizer | None = None, max_batch: int = 16,
-                 max_model_len: int | None = None, stop_token_ids: list[int] | None = None,
-                 prefix_cache: PrefixCache | bool = True):  # fmt: skip
+    def __init__(self, model, max_batch: int = 16, max_model_len: int | None = None,
+                 stop_token_ids: list[int] | None = None, prefix_cache: PrefixCache | bool = True):  # fmt: skip
         self.model = model
-        self.tokenizer = tokenizer
+        self.decode_step = decode_step(model)  # (tokens [B], cache, valid_lengths) -> logits [B, vocab]
         self.max_batch = max_batch
         self.max_model_len = max_model_len or model.config.llm.max_position_embeddings
         self.default_stop_ids = list(stop_token_ids or [])
@@ -110,8 +108,6 @@ class Engine:
             seq.request_id = request_id
         if params.seed is not None:
             seq.generator = torch.Generator().manual_seed(params.seed)
-        if self.tokenizer is not None:
-            seq.decoder = IncrementalDecoder(self.tokenizer)
         with self.lock:
             self.waiting.append(seq)
         return seq
@@ -120,8 +116,16 @@ class Engine:
         """Stop a request at the next step (safe from another thread)."""
         seq.aborted = True
 
+    def stop(self, seq: Sequence) -> None:
+        """End a running request as "stop" after its latest token, for a stop the engine cannot see (a stop
+        string in its text, detok.py); one that ended on that token by length ends as "stop" too. Called
+        between steps by the thread that runs them: its row leaves the batch at the next step."""
+        if seq.finish_reason in (None, "length"):
+            seq.finish_reason = "stop"
+            seq.pixel_values = None
+
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting) or any(not s.finished for s in self.running)
 
     def reset(self) -> list[Sequence]:
         """Drop every waiting and running request (ended as "abort") and the batch's cache; returns them.
@@ -146,6 +150,7 @@ class Engine:
     @torch.inference_mode()
     def step(self) -> list[TokenEvent]:
         events: list[TokenEvent] = []
+        self._drop_finished()  # rows stopped between steps
         with self.lock:
             dropped = [s for s in self.waiting if s.aborted]
             self.waiting = deque(s for s in self.waiting if not s.aborted)
@@ -198,7 +203,7 @@ class Engine:
         rests = [len(seq.prompt_ids) - s for (seq, _), s in zip(plans, starts)]
         t = max(rests)
         need = max(len(seq.prompt_ids) + seq.params.max_new_tokens + 1 for seq, _ in plans)
-        cache = self.model.language_model.new_cache(len(plans), capacity=-(-need // CACHE_ROUND) * CACHE_ROUND)
+        cache = self.model.new_cache(len(plans), capacity=-(-need // CACHE_ROUND) * CACHE_ROUND)
         pad = 0 if self.model.image_token_id != 0 else 1
         ids = torch.full((len(plans), t), pad, dtype=torch.long)
         for b, ((seq, hit), s) in enumerate(zip(plans, starts)):
@@ -210,8 +215,10 @@ class Engine:
         pv = torch.cat(tiles).to(dev) if tiles else None
         keep = t - min(rests) + 1
         valid = torch.tensor(rests) if len(plans) > 1 else None
-        logits = self.model(ids.to(dev), pixel_values=pv, cache=cache, valid_lengths=valid,
-                            logits_to_keep=keep).logits  # fmt: skip
+        if t == 1 and pv is None:  # one token per row (what the prefix cache left): a decode step
+            logits = self.decode_step(ids[:, 0].to(dev), cache, valid)[:, None]
+        else:
+            logits = self.model.prefill(ids.to(dev), pv, cache, valid, keep)
         rows = logits[torch.arange(len(plans)), torch.tensor(rests) - 1 - (t - keep)]
         for b, (seq, _) in enumerate(plans):
             seq.pixel_values = None
@@ -233,10 +240,8 @@ class Engine:
         # the cache is one batch, so every running row takes part in the forward; finished rows
         # (ended in this step's prefill or aborted) do not advance and do not sample
         last = [s.output_ids[-1] if s.output_ids else s.prompt_ids[-1] for s in self.running]
-        tokens = torch.tensor(last, device=self.model.device)[:, None]
-        emb = self.model.language_model.model.embed_tokens(tokens)
         step_rows = torch.tensor([0 if s.finished else 1 for s in self.running])
-        logits = self.model.language_model(emb, cache=self.cache, valid_lengths=step_rows)[:, -1]
+        logits = self.decode_step(torch.tensor(last, device=self.model.device), self.cache, step_rows)
         if len(live) < len(self.running):
             logits = logits[[i for i, s in enumerate(self.running) if not s.finished]]
         return events + self._accept_all(live, logits)
@@ -263,49 +268,26 @@ class Engine:
         return events
 
     def _accept(self, seq: Sequence, token: int) -> TokenEvent:
-        p = seq.params
         if token in seq.stop_ids:
             return self._finish(seq, token, "stop")
         seq.output_ids.append(token)
-        if seq.decoder is not None:
-            seq.text += seq.decoder.push(token)
-            for s in p.stop:
-                cut = seq.text.find(s, max(0, seq.emitted - len(s)))
-                if cut >= 0:
-                    seq.text = seq.text[:cut]
-                    return self._finish(seq, token, "stop")
-        if len(seq.output_ids) >= p.max_new_tokens:
+        if len(seq.output_ids) >= seq.params.max_new_tokens:
             return self._finish(seq, token, "length")
         if len(seq.prompt_ids) + len(seq.output_ids) + 1 >= self.max_model_len:
             return self._finish(seq, token, "length")
-        return TokenEvent(seq, token, self._delta(seq, final=False), False)
+        return TokenEvent(seq, token, False)
 
     def _finish(self, seq: Sequence, token: int | None, reason: str) -> TokenEvent:
         seq.finish_reason = reason
         seq.pixel_values = None
-        if seq.decoder is not None and reason != "stop":
-            seq.text += seq.decoder.flush()
-        return TokenEvent(seq, token, self._delta(seq, final=True), True)
+        return TokenEvent(seq, token, True)
 
     def _fail(self, seq: Sequence, error: Exception) -> TokenEvent:
         """End one request on its own failure; the rest of the batch goes on."""
         seq.error = f"{type(error).__name__}: {error}"
         seq.finish_reason = "error"
         seq.pixel_values = None
-        return TokenEvent(seq, None, "", True)
-
-    def _delta(self, seq: Sequence, final: bool) -> str:
-        """New text, holding back a tail that could still become a stop string."""
-        safe = len(seq.text)
-        if not final:
-            for s in seq.params.stop:
-                for k in range(min(len(s) - 1, len(seq.text)), 0, -1):
-                    if seq.text.endswith(s[:k]):
-                        safe = min(safe, len(seq.text) - k)
-                        break
-        out = seq.text[seq.emitted : max(safe, seq.emitted)]
-        seq.emitted = max(safe, seq.emitted)
-        return out
+        return TokenEvent(seq, None, True)
 
     def _drop_finished(self) -> None:
         """Finished rows leave; the last running rows move into their slots (only those rows are copied)."""
@@ -326,8 +308,7 @@ class Engine:
         """Forget cached prefixes when the language model's tensors were replaced or changed in place."""
         if self.prefix_cache is None:
             return
-        seen = tuple((t.data_ptr(), t._version if not t.is_inference() else 0)
-                     for t in self.model.language_model.state_dict(keep_vars=True).values())
+        seen = self.model.decoder_version()
         if seen != self._weights_seen:
             self.prefix_cache.clear()
             self._weights_seen = seen

@@ -34,7 +34,7 @@ def generate(model, examples: Iterable[Example], max_num: int = DEFAULT_MAX_NUM,
     """Yield (example, answer) as answers finish. Up to `batch_size` requests are in the engine at once; a new
     one is prepared (images decoded and tiled) only when one finishes, so memory stays flat. Closing the
     iterator early (an error, Ctrl-C) aborts the requests still in flight."""
-    engine = model.engine
+    engine = model.detok  # the engine, with text
     todo = iter(examples)
     pending: dict[str, tuple] = {}
     try:
@@ -52,8 +52,8 @@ def generate(model, examples: Iterable[Example], max_num: int = DEFAULT_MAX_NUM,
                 return
             for event in engine.step():
                 if event.finished and event.seq.request_id in pending:
-                    seq, ex = pending.pop(event.seq.request_id)
-                    yield ex, seq.text.strip()
+                    _, ex = pending.pop(event.seq.request_id)
+                    yield ex, event.output.strip()
     finally:
         if pending:
             for seq, _ in pending.values():

@@ -3,7 +3,8 @@
 `FusedDecoder.build(lm)` checks once that every layer can run in C (bf16 activations and norms, CPU
 weights, FastBf16Linear or Int8Linear projections, no hooks) and records the weight pointers; calling
 it then decodes one token per cache row with a single ctypes call, or returns None for the caller's
-own path (several tokens, explicit positions, autograd, another dtype, hooks added later).
+own path (more rows than the kernels take, autograd, another dtype, hooks added later). It belongs to
+whoever chose it (engine/accelerate.py): the model knows nothing of it.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ from __future__ import annotations
 import ctypes
 import struct
 import threading
-import weakref
 
 import torch
 from torch import nn
@@ -80,16 +80,27 @@ def _hook_dicts(modules: list[nn.Module]) -> list[dict]:
     return dicts + [d for m in modules for d in (m._forward_hooks, m._forward_pre_hooks)]
 
 
+def cache_pointers(cache) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Addresses of every layer's key and value tensors of a KVCache (int64 [layers] each), for the C step
+    that writes them in place; None unless every one is a contiguous [batch, heads, capacity, dim]."""
+    tensors = cache.k + cache.v
+    shape = tensors[0].shape if tensors else None
+    if not all(t.is_contiguous() and t.shape == shape for t in tensors):
+        return None
+    return (torch.tensor([t.data_ptr() for t in cache.k], dtype=torch.int64),
+            torch.tensor([t.data_ptr() for t in cache.v], dtype=torch.int64))
+
+
 class FusedDecoder:
     """Decodes one token per row of a KV cache through `ivl_decode_step`; see the module docstring.
 
-    It refers to its model weakly (no reference cycle keeps a dropped model's weights alive), and a
-    copy (deepcopy, pickle) binds to the copied model's tensors on first use.
-    """
+    When the model's tensors were replaced since it was bound (`.to()`, `.float()`, new layers), the next
+    call binds it again, to the new tensors or to nothing."""
 
     def __init__(self, lm):
-        self._lm = weakref.ref(lm)
-        self.bound: bool | None = None  # None: not tried yet; False: this model cannot run in C
+        self.lm = lm
+        self.bound = False
+        self._memo: tuple = ([], None)  # (addresses of the last cache's tensors, cache_pointers() of them)
 
     @classmethod
     def build(cls, lm) -> FusedDecoder | None:
@@ -97,21 +108,20 @@ class FusedDecoder:
         dec = cls(lm)
         return dec if dec._bind() else None
 
-    def rebuild(self, lm) -> FusedDecoder | None:
-        """After the model's tensors were replaced (`.to()`, `.float()`): a decoder for the new ones."""
-        return FusedDecoder.build(lm)
-
-    def __getstate__(self):
-        return {"lm": self._lm()}
-
-    def __setstate__(self, state):
-        self.__init__(state["lm"])
+    def _current(self) -> bool:
+        """Whether the tensors bound are still the model's (its head stands for the rest: replacing
+        the model's tensors replaces the head's too)."""
+        head = self.lm._modules.get("lm_head")
+        return head is self._head[0] and head._buffers.get(self._head[1]) is self._head[2]
 
     def _bind(self) -> bool:
-        lm, lib = self._lm(), build.load()
+        lm, lib = self.lm, build.load()
         self.bound = False
+        head_mod = lm._modules.get("lm_head")
+        key = "qweight" if isinstance(head_mod, Int8Linear) else "weight"
+        self._head = (head_mod, key, head_mod._buffers.get(key) if head_mod is not None else None)
         # (Rotary knows no other RoPE kinds today; a new one must be taught to decode.c first)
-        if lm is None or lib is None or not lm.fused or lm.rotary.kind not in ("default", "linear", "dynamic"):
+        if lib is None or not lm.fused or lm.rotary.kind not in ("default", "linear", "dynamic"):
             return False
         cfg, emb = lm.config, lm.model.embed_tokens.weight
         if emb.dtype != torch.bfloat16 or not emb.is_cpu:
@@ -138,7 +148,7 @@ class FusedDecoder:
                               layer_table=ctypes.addressof(layers), norm=norm, head=head,
                               pos_div=lm.rotary.factor if lm.rotary.kind == "linear" else 1.0)
         self.lib, self.layers, self.keep, self.hooks, self.rotary = lib, layers, keep, hooks, lm.rotary
-        self.vocab, self._checked = head.n, None
+        self.vocab, self._memo = head.n, ([], None)
         # the RoPE frequencies depend on the length only with dynamic scaling
         self.inv_freq = None if lm.rotary.kind == "dynamic" else lm.rotary.inv_freq(0, emb.device)
         self._tls = threading.local()  # one parameter block per calling thread (ctypes drops the GIL)
@@ -152,8 +162,10 @@ class FusedDecoder:
 
         This runs once per token right after a gigabyte of weights went through the caches, so every
         Python object it touches is a cache miss: it touches few (the cache checks are remembered per
-        layout of the cache, the per-call fields are packed in one go)."""
-        if not self.bound and (self.bound is False or not self._bind()):
+        set of cache addresses, the per-call fields are packed in one go)."""
+        if not self._current():
+            self._bind()
+        if not self.bound:
             return None
         b = embeds.shape[0]
         if (embeds.dtype != torch.bfloat16 or embeds.shape[1] != 1 or embeds.dim() != 3 or not embeds.is_cpu
@@ -162,12 +174,13 @@ class FusedDecoder:
         lengths = cache.lengths
         kv_len = max(lengths.tolist()) + 1
         cache.reserve(kv_len)
-        ptrs = cache.layer_pointers()
-        if ptrs is not self._checked:  # a new cache, or its tensors changed (grown, rows kept or joined)
-            if (ptrs[0] is None or cache.dtype != torch.bfloat16 or cache.device.type != "cpu"
+        seen, (known, ptrs) = [t.data_ptr() for t in cache.k + cache.v], self._memo
+        if seen != known:  # a new cache, or its tensors changed (grown, rows kept or joined)
+            ptrs = cache_pointers(cache)
+            if (ptrs is None or cache.dtype != torch.bfloat16 or cache.device.type != "cpu"
                     or cache.num_layers != self.template.layers):
                 return None
-            self._checked = ptrs
+            self._memo = (seen, ptrs)  # one assignment: a thread never sees a half-updated pair
         if cache.batch != b or lengths.dtype != torch.int64 or not lengths.is_contiguous():
             return None
         advance = 0

@@ -3,7 +3,7 @@
 Rows can be dropped (`keep`) and joined (`concat`) between steps, which is what continuous batching needs.
 The rows live in slots of a larger allocation: joining fills free slots and leaving moves only the rows
 that change slot, so neither copies the whole batch (the per-layer tensors stay contiguous views of the
-first `batch` slots, as the C decode step needs).
+first `batch` slots, which compiled code may write in place).
 """
 
 from __future__ import annotations
@@ -35,7 +35,6 @@ class KVCache:
     def _view(self, batch: int) -> None:
         self.k = [_first_rows(t, batch) for t in self._slots[0]]
         self.v = [_first_rows(t, batch) for t in self._slots[1]]
-        self._pointers: tuple | None = None  # layer_pointers(), until the per-layer tensors change
 
     @property
     def batch(self) -> int:
@@ -55,19 +54,6 @@ class KVCache:
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
-
-    def layer_pointers(self) -> tuple[torch.Tensor, torch.Tensor] | tuple[None, None]:
-        """Addresses of every layer's key and value tensors (int64 [layers] each), for kernels that
-        write the cache in place; (None, None) unless every one is contiguous [batch, heads, capacity, dim]."""
-        if self._pointers is None:
-            tensors = self.k + self.v
-            shape = tensors[0].shape if tensors else None
-            if all(t.is_contiguous() and t.shape == shape for t in tensors):
-                self._pointers = (torch.tensor([t.data_ptr() for t in self.k], dtype=torch.int64),
-                                  torch.tensor([t.data_ptr() for t in self.v], dtype=torch.int64))
-            else:
-                self._pointers = (None, None)
-        return self._pointers
 
     def reserve(self, needed: int) -> None:
         """Grow every row to hold at least `needed` positions (in chunks, so growth is rare)."""

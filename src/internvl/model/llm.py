@@ -211,10 +211,6 @@ class CausalLM(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.rotary = Rotary(cfg)
         self.gradient_checkpointing = False
-        # Optional inference fast path for one new token per cache row (set by engine.quant): called as
-        # fast_decoder(embeds, cache, valid_lengths), it returns the logits having advanced the cache as
-        # below, or None (nothing done) when this input needs the modules.
-        self.fast_decoder = None
 
     @property
     def fused(self) -> bool:
@@ -227,11 +223,12 @@ class CausalLM(nn.Module):
                 layer.self_attn.fuse()
                 layer.mlp.fuse()
 
-    def _apply(self, fn, recurse=True):
-        out = super()._apply(fn, recurse)
-        if self.fast_decoder is not None:  # it holds pointers to the tensors just replaced
-            self.fast_decoder = self.fast_decoder.rebuild(self)
-        return out
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model.embed_tokens(input_ids)
+
+    def decode(self, tokens: torch.Tensor, cache: KVCache, valid_lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [B, vocab] of one new token per cache row (`tokens` [B]), appended as forward() does."""
+        return self(self.embed(tokens[:, None]), cache=cache, valid_lengths=valid_lengths)[:, -1]
 
     def new_cache(self, batch: int, dtype: torch.dtype | None = None, device=None, capacity: int = 256) -> KVCache:
         w = self.model.embed_tokens.weight
@@ -258,10 +255,6 @@ class CausalLM(nn.Module):
         positions only.
         """
         b, t, _ = embeds.shape
-        if self.fast_decoder is not None and cache is not None and positions is None and t == 1:
-            logits = self.fast_decoder(embeds, cache, valid_lengths)
-            if logits is not None:  # the step ran, and advanced the cache
-                return logits
         mask, causal, kv_len = None, True, t
         if cache is not None:
             start = cache.lengths.to(embeds.device)

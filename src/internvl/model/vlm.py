@@ -60,7 +60,7 @@ class InternVLChatModel(nn.Module):
         image_embeds: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Token embeddings with the image embeddings written over the <IMG_CONTEXT> positions, in order."""
-        emb = self.language_model.model.embed_tokens(input_ids)
+        emb = self.language_model.embed(input_ids)
         if pixel_values is None and image_embeds is None:
             return emb
         if image_embeds is None:
@@ -106,6 +106,29 @@ class InternVLChatModel(nn.Module):
                 logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1), ignore_index=-100
             )
         return ModelOutput(logits=logits, loss=loss)
+
+    # ---- generation: what the engine calls (engine/engine.py) ----
+
+    def new_cache(self, batch: int, capacity: int = 256) -> KVCache:
+        return self.language_model.new_cache(batch, capacity=capacity)
+
+    def prefill(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None, cache: KVCache,
+                valid_lengths: torch.Tensor | None = None, logits_to_keep: int = 0) -> torch.Tensor:  # fmt: skip
+        """Logits [B, T or logits_to_keep, vocab] of prompts [B, T] (right-padded, `valid_lengths` real
+        tokens per row) appended to `cache`, with the images' embeddings at their <IMG_CONTEXT> tokens."""
+        return self(input_ids, pixel_values=pixel_values, cache=cache, valid_lengths=valid_lengths,
+                    logits_to_keep=logits_to_keep).logits  # fmt: skip
+
+    def decode(self, tokens: torch.Tensor, cache: KVCache, valid_lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [B, vocab] of one new token per cache row (`tokens` [B]); rows with valid_lengths 0 do
+        not advance."""
+        return self.language_model.decode(tokens, cache, valid_lengths)
+
+    def decoder_version(self) -> tuple:
+        """Changes whenever the language model's tensors are replaced or changed in place: what keys and
+        values computed earlier (a prefix cache) depend on."""
+        return tuple((t.data_ptr(), t._version if not t.is_inference() else 0)
+                     for t in self.language_model.state_dict(keep_vars=True).values())
 
     def set_gradient_checkpointing(self, enabled: bool = True) -> None:
         self.vision_model.encoder.gradient_checkpointing = enabled

@@ -69,7 +69,7 @@ class ServeSettings:
 def create_app(llm, settings: ServeSettings | None = None) -> FastAPI:
     """The app serving a loaded `InternVL`. The engine thread starts and stops with the app's lifespan."""
     settings = settings or ServeSettings()
-    scheduler = Scheduler(llm.engine, settings.prefill_budget, settings.max_queue)
+    scheduler = Scheduler(llm.detok, settings.prefill_budget, settings.max_queue)
     created = int(time.time())
 
     @asynccontextmanager

@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..engine.engine import Engine, Sequence
+from ..engine.detok import Detokenizer
+from ..engine.engine import Sequence
 from ..engine.sampling import SamplingParams
 from ..errors import InternVLError
 from .guard import release_free_memory
@@ -59,9 +60,9 @@ class Request:
 
 
 class Scheduler:
-    def __init__(self, engine: Engine, prefill_budget: int = 512, max_queue: int = 256):
-        self.engine = engine
-        engine.isolate_failures = True  # one request's failure must not end its neighbours
+    def __init__(self, detok: Detokenizer, prefill_budget: int = 512, max_queue: int = 256):
+        self.detok, self.engine = detok, detok.engine  # the engine's steps go through its detokenizer
+        self.engine.isolate_failures = True  # one request's failure must not end its neighbours
         self.prefill_budget = prefill_budget  # prompt tokens admitted per step (at least one request)
         self.max_queue = max_queue  # requests waiting for a batch slot; more are refused with 429
         self.pending: deque[Request] = deque()
@@ -166,7 +167,7 @@ class Scheduler:
                 self._admit()
             idle = False
             try:
-                events = self.engine.step()
+                events = self.detok.step()
             except Exception as e:  # a failing step must not kill the thread or leave a broken batch behind
                 log.exception("engine step failed")
                 self._fail_all(
@@ -200,7 +201,7 @@ class Scheduler:
                 break
             req = self.pending.popleft()
             try:
-                req.seq = self.engine.add(req.prompt_ids, req.params, req.pixel_values, request_id=req.id)
+                req.seq = self.detok.add(req.prompt_ids, req.params, req.pixel_values, request_id=req.id)
             except InternVLError as e:  # submit() checked the prompt; this is a last line of defence
                 req.send(Update(error=APIError(400, str(e), code="invalid_prompt")))
                 continue
@@ -219,6 +220,6 @@ class Scheduler:
             victims = list(self.active.values()) + list(self.pending)
             self.active.clear()
             self.pending.clear()
-            self.engine.reset()
+            self.detok.reset()
         for req in victims:
             req.send(Update(error=error))

@@ -1,0 +1,92 @@
+"""CPU acceleration of decoding, chosen in one place: the language model's linears swapped for the kernel
+modules (bf16 weight streaming, or weight-only int8), and the engine's decode step (the one-call C step of
+`kernels.decode` where the CPU, the compiler and every layer allow it, else the model's own `decode`).
+
+The kernel modules fall back to torch where they cannot run (prefill, no compiler, other CPUs, GPUs), and the
+streamed weights move onto transparent huge pages where Linux allows (`kernels.memory`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from ..errors import InternVLError
+from ..kernels.decode import FusedDecoder
+from ..kernels.memory import collapse_to_hugepages
+from ..kernels.modules import FastBf16Linear, Int8Linear
+
+MODES = ("int8",)
+DecodeStep = Callable[..., torch.Tensor]  # (tokens [B], cache, valid_lengths [B] | None) -> logits [B, vocab]
+
+
+def _replace_linears(module: nn.Module, make: Callable[[nn.Linear], nn.Module | None]) -> int:
+    """Replace every nn.Linear below `module` by make(linear) when that returns a module."""
+    count = 0
+    for name, child in list(module.named_children()):
+        if isinstance(child, nn.Linear):
+            new = make(child)
+            if new is not None:
+                setattr(module, name, new)
+                count += 1
+        else:
+            count += _replace_linears(child, make)
+    return count
+
+
+def _huge_pages(lm) -> None:
+    streamed = [t for name, t in [*lm.named_parameters(), *lm.named_buffers()] if "embed_tokens" not in name]
+    collapse_to_hugepages([t for t in streamed if t.device.type == "cpu"])
+
+
+def quantize_model(model, mode: str = "int8") -> int:
+    """Weight-only int8 (one scale per output row) for every linear layer of the language model."""
+    if mode not in MODES:
+        raise InternVLError(f"quantize: expected one of {list(MODES)}, got {mode!r}")
+    lm = model.language_model
+    lm.fuse_projections()
+    count = _replace_linears(lm, Int8Linear.from_linear)
+    _huge_pages(lm)
+    return count
+
+
+def use_decode_kernels(model) -> int:
+    """Fuse the projections and route a bf16 language model's decode-sized matmuls through the streaming
+    kernel (CPU weights only; other layers keep torch)."""
+
+    def fast(linear: nn.Linear) -> nn.Module | None:
+        w = linear.weight
+        return FastBf16Linear.from_linear(linear) if w.dtype == torch.bfloat16 and w.device.type == "cpu" else None
+
+    lm = model.language_model
+    lm.fuse_projections()
+    count = _replace_linears(lm, fast)
+    _huge_pages(lm)
+    return count
+
+
+class FusedStep:
+    """The model's decode step with the C step in front: decode.c answers what it covers (bf16 on the CPU,
+    up to kernels.MAX_ROWS rows, no autograd or hooks), the model the rest."""
+
+    def __init__(self, model, fused: FusedDecoder):
+        self.model, self.fused = model, fused
+
+    def __call__(self, tokens: torch.Tensor, cache, valid_lengths: torch.Tensor | None = None) -> torch.Tensor:
+        logits = self.fused(self.model.language_model.embed(tokens[:, None]), cache, valid_lengths)
+        if logits is None:
+            return self.model.decode(tokens, cache, valid_lengths)
+        return logits[:, -1]
+
+
+def decode_step(model) -> DecodeStep:
+    """How an engine decodes one token per cache row of `model`: (tokens [B], cache, valid_lengths) ->
+    logits [B, vocab]. The C step when the model's decoder was accelerated above and every part of it can
+    run in C here, else `model.decode`. Models without a `language_model` (a test's mock) decode alone."""
+    lm = getattr(model, "language_model", None)
+    if lm is None or not isinstance(getattr(lm, "lm_head", None), (FastBf16Linear, Int8Linear)):
+        return model.decode  # not accelerated: no reason to build (or compile) the kernels
+    fused = FusedDecoder.build(lm)
+    return model.decode if fused is None else FusedStep(model, fused)

@@ -1,0 +1,140 @@
+"""Detokenization: the engine's token ids become text deltas, cut at the request's stop strings.
+
+`TextStream` follows one request's tokens. `Detokenizer` drives an engine for callers that want text (the
+Python API, the server, evaluation): its events carry text, and a request whose text reaches one of its
+stop strings is ended there (`Engine.stop`). The engine itself never sees text.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from ..tokenizer import IncrementalDecoder, Tokenizer
+from .engine import Engine
+from .engine import Sequence as Request
+from .sampling import SamplingParams
+
+
+class TextStream:
+    """The text of one request's output ids, its first stop string and what follows removed, handed out in
+    deltas that never show part of a stop string (a tail that could still become one is held back)."""
+
+    def __init__(self, tokenizer: Tokenizer, stop: Sequence[str] = ()):
+        self.decoder = IncrementalDecoder(tokenizer)
+        self.stop = list(stop)
+        self.text = ""
+        self.emitted = 0  # characters of `text` already handed out
+        self.seen = 0  # output ids decoded so far
+        self.stopped = False  # a stop string was found: `text` ends before it
+
+    def feed(self, output_ids: list[int]) -> None:
+        """Decode the ids not seen yet; nothing after a stop string counts."""
+        for token in output_ids[self.seen :]:
+            if self.stopped:
+                break
+            self.text += self.decoder.push(token)
+            for s in self.stop:
+                cut = self.text.find(s, max(0, self.emitted - len(s)))
+                if cut >= 0:
+                    self.text, self.stopped = self.text[:cut], True
+                    break
+        self.seen = len(output_ids)
+
+    def delta(self, final: bool = False) -> str:
+        """Text not handed out yet; unless `final`, without a tail that could still become a stop string."""
+        safe = len(self.text)
+        if not final:
+            for s in self.stop:
+                for k in range(min(len(s) - 1, len(self.text)), 0, -1):
+                    if self.text.endswith(s[:k]):
+                        safe = min(safe, len(self.text) - k)
+                        break
+        out = self.text[self.emitted : max(safe, self.emitted)]
+        self.emitted = max(safe, self.emitted)
+        return out
+
+    def end(self, flush: bool) -> str:
+        """The last delta; `flush` adds what the decoder still holds (an incomplete character)."""
+        if flush and not self.stopped:
+            self.text += self.decoder.flush()
+        return self.delta(final=True)
+
+
+@dataclass
+class TextEvent:
+    seq: Request
+    token_id: int | None
+    text: str  # new text that is safe to show
+    finished: bool
+    output: str  # all the text so far (the answer, once finished)
+
+
+@dataclass
+class Completion:
+    seq: Request  # output_ids, finish_reason, cached_tokens, error
+    text: str
+
+
+class Detokenizer:
+    """Text for the requests of one engine: `add`, `step`, `generate` and `stream` as the engine's, with text."""
+
+    def __init__(self, engine: Engine, tokenizer: Tokenizer):
+        self.engine, self.tokenizer = engine, tokenizer
+        self.streams: dict[str, TextStream] = {}  # by request id, until the request ends
+
+    def add(self, prompt_ids: list[int], params: SamplingParams | None = None,
+            pixel_values: torch.Tensor | None = None, request_id: str | None = None) -> Request:  # fmt: skip
+        seq = self.engine.add(prompt_ids, params, pixel_values, request_id)
+        self.streams[seq.request_id] = TextStream(self.tokenizer, seq.params.stop)
+        return seq
+
+    def step(self) -> list[TextEvent]:
+        return [self._text(event.seq, event.token_id, event.finished) for event in self.engine.step()]
+
+    def abort(self, seq: Request) -> None:
+        self.engine.abort(seq)
+
+    def reset(self) -> list[Request]:
+        """Engine.reset(), and the texts of the dropped requests forgotten."""
+        self.streams.clear()
+        return self.engine.reset()
+
+    def _text(self, seq: Request, token_id: int | None, finished: bool) -> TextEvent:
+        stream = self.streams.get(seq.request_id)
+        if stream is None:  # a request added to the engine directly: no text
+            return TextEvent(seq, token_id, "", finished, "")
+        if seq.finish_reason == "error":
+            del self.streams[seq.request_id]
+            return TextEvent(seq, token_id, "", True, stream.text)
+        stream.feed(seq.output_ids)
+        if stream.stopped:
+            self.engine.stop(seq)
+        if not seq.finished:
+            return TextEvent(seq, token_id, stream.delta(), False, stream.text)
+        del self.streams[seq.request_id]
+        text = stream.end(flush=seq.finish_reason != "stop")  # a stop (id or string) ends the text as it is
+        return TextEvent(seq, token_id, text, True, stream.text)
+
+    def generate(self, requests: list[tuple[list[int], SamplingParams | None, torch.Tensor | None]]) -> list[Completion]:
+        """Run (prompt_ids, params, pixel_values) requests to completion, batched; results in input order."""
+        seqs = [self.add(ids, params, pv) for ids, params, pv in requests]
+        texts: dict[str, str] = {}
+        while any(not s.finished for s in seqs):
+            texts.update((e.seq.request_id, e.output) for e in self.step() if e.finished)
+        return [Completion(s, texts.get(s.request_id, "")) for s in seqs]
+
+    def stream(self, prompt_ids: list[int], params: SamplingParams | None = None,
+               pixel_values: torch.Tensor | None = None) -> Iterator[TextEvent]:  # fmt: skip
+        """Events of one request as they are produced (other queued requests advance too)."""
+        seq = self.add(prompt_ids, params, pixel_values)
+        try:
+            while not seq.finished:
+                for event in self.step():
+                    if event.seq is seq:
+                        yield event
+        finally:
+            if not seq.finished:
+                self.abort(seq)
