@@ -12,17 +12,9 @@ from PIL import Image
 from refmodels import tiny_checkpoint
 
 from internvl.errors import DataError, TrainingError
+from internvl.mpo.losses import MPOArgs, RunningMean, bco_pair_loss, nll_loss, sigmoid_loss
+from internvl.mpo.objective import MPOObjective, sequence_logps, train_mpo
 from internvl.train.args import TrainArgs
-from internvl.train.mpo import (
-    MPOArgs,
-    MPOObjective,
-    RunningMean,
-    bco_pair_loss,
-    nll_loss,
-    sequence_logps,
-    sigmoid_loss,
-    train_mpo,
-)
 
 FAST = {"num_workers": 0, "threads": 1, "grad_checkpoint": False, "max_seq_length": 256, "tensorboard": False,
         "log_every": 1, "save_every": 0, "seed": 3}  # fmt: skip
@@ -147,8 +139,8 @@ def prepared_objective(model, pairs, tmp_path, **options):
 
 def prepared_step(model, pairs, tmp_path, **options):
     """(objective, the micro-batches of the first step, prepared) through the real stages, without the loop."""
+    from internvl.mpo.data import pair_data
     from internvl.train.dist import DistContext
-    from internvl.train.mpo import pair_data
     from internvl.train.run import prepare_model
 
     args = TrainArgs.from_dict({**FAST, "model": str(model), "data": str(pairs), "out": str(tmp_path / "o"),

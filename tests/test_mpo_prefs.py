@@ -12,10 +12,8 @@ from test_train_data import write_split
 
 from internvl.cli.main import main as cli
 from internvl.errors import DataError
-from internvl.synth import generate_split
-from internvl.train.data import read_meta
-from internvl.train.mpo import build_pair_index
-from internvl.train.prefs import (
+from internvl.mpo.data import build_pair_index
+from internvl.mpo.prefs import (
     PrefOptions,
     Question,
     build_prefs,
@@ -24,6 +22,8 @@ from internvl.train.prefs import (
     truncate,
     without_media,
 )
+from internvl.synth import generate_split
+from internvl.train.data import read_meta
 
 
 class StubSampler:
@@ -208,7 +208,7 @@ def test_real_sampler_prompts(tmp_path):
     """Answers are asked with the image; continuations without it, from the prompt plus the encoded prefix (the
     counting model continues the prefix's last token with the next ids)."""
     import internvl
-    from internvl.train.prefs import Sampler
+    from internvl.mpo.prefs import Sampler
 
     model = internvl.load(tiny_checkpoint(tmp_path / "model", counting=True))
     Image.new("RGB", (64, 56), "red").save(tmp_path / "r.png")

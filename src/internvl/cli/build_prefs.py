@@ -48,7 +48,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..api import resolve_device
-    from ..train.prefs import PrefOptions, Sampler, build_prefs, read_questions
+    from ..mpo.prefs import PrefOptions, Sampler, build_prefs, read_questions
     from .options import MAX_TILES, check_range, load_from_args
 
     check_range("--max-num", args.max_num, 1, MAX_TILES)

@@ -34,8 +34,8 @@ def from_namespace(ns: argparse.Namespace):
     from dataclasses import fields
 
     from ..errors import TrainingError
+    from ..mpo.losses import MPOArgs
     from ..train.args import GROUPS, TrainArgs, read_yaml
-    from ..train.mpo import MPOArgs
 
     values = dict(MPO_DEFAULTS)
     config = getattr(ns, "config", None)
@@ -53,7 +53,7 @@ def from_namespace(ns: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..train.mpo import train_mpo
+    from ..mpo.objective import train_mpo
 
     train_args, mpo_args = from_namespace(args)
     result = train_mpo(train_args, mpo_args)

@@ -1,4 +1,4 @@
-"""Mixed Preference Optimization (MPO, arXiv 2411.10442): the three losses, the reference model, the objective.
+"""Mixed Preference Optimization (MPO, arXiv 2411.10442): the reference model, the objective, a run (`train_mpo`).
 
     loss = w1 * DPO sigmoid + w2 * BCO pair + w3 * NLL on the chosen answers     (0.8 / 0.2 / 1.0, beta 0.1)
 
@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import math
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -27,78 +25,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import TrainingError
-from .collate import Batch
-from .mpo_data import (PairBatches, PairCollator, PairDataset, build_pair_index, check_pair_row,  # noqa: F401
-                       pair_conversation, pair_data)
-from .objective import Objective, ObjectiveOutput
-
-LOSSES = ("sigmoid", "bco_pair", "nll")  # the order of --loss-weights
-
-
-@dataclass
-class MPOArgs:
-    """The preference part of an MPO run (the rest is a `TrainArgs`)."""
-
-    beta: float = 0.1
-    loss_weights: tuple[float, float, float] = (0.8, 0.2, 1.0)  # DPO sigmoid, BCO pair, NLL on chosen
-
-    def __post_init__(self) -> None:
-        w = self.loss_weights
-        if isinstance(w, str):
-            w = w.split(",")
-        try:
-            w = tuple(float(x) for x in w)
-        except (TypeError, ValueError):
-            raise TrainingError(
-                f"loss_weights must be three numbers W1,W2,W3, got {self.loss_weights!r}"
-            ) from None
-        if len(w) != len(LOSSES) or any(x < 0 or not math.isfinite(x) for x in w) or not any(w):
-            raise TrainingError(f"loss_weights must be three non-negative numbers (for {', '.join(LOSSES)}), "
-                                f"not all 0, got {self.loss_weights!r}")  # fmt: skip
-        self.loss_weights = w
-        if not (isinstance(self.beta, (int, float)) and self.beta > 0 and math.isfinite(self.beta)):
-            raise TrainingError(f"beta must be a positive number, got {self.beta!r}")
-        self.beta = float(self.beta)
-
-
-# ---- the losses, per pair ---------------------------------------------------------------------------
-
-
-def sigmoid_loss(pc, pr, rc, rr, beta: float) -> torch.Tensor:
-    """DPO: -log sigmoid(beta * ((pc - pr) - (rc - rr))); p* policy, r* reference log-probs of chosen / rejected."""
-    return -F.logsigmoid(beta * ((pc - pr) - (rc - rr)))
-
-
-def bco_pair_loss(pc, pr, rc, rr, beta: float, delta) -> torch.Tensor:
-    """BCO pair: -log sigmoid(beta (pc - rc) - delta) - log sigmoid(-(beta (pr - rr) - delta))."""
-    return -F.logsigmoid(beta * (pc - rc) - delta) - F.logsigmoid(-(beta * (pr - rr) - delta))
-
-
-def nll_loss(chosen_logps: torch.Tensor, chosen_tokens: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy over every chosen answer token of the micro-batch, one mean (TRL's "sft" term, `rpo_alpha`
-    before it): sum of the chosen log-prob sums over the number of their tokens, not a mean of per-pair means."""
-    return -chosen_logps.sum() / chosen_tokens.sum().clamp(min=1)
-
-
-class RunningMean:
-    """The mean of TRL's `RunningMoments`, the BCO reward shift delta: each update brings the batch means of
-    `n` ranks (their sum), so delta is the average of every batch mean seen so far, counted from 1e-24."""
-
-    def __init__(self, mean: float = 0.0, count: float = 1e-24):
-        self.mean, self.count = mean, count
-
-    def update(self, total, n):
-        """Add `n` batch means whose sum is `total` (tensors or floats); returns the new mean."""
-        count = self.count + n
-        self.mean = self.mean + (total - n * self.mean) / count  # mean += (total / n - mean) * n / count
-        self.count = count
-        return self.mean
-
-    def state(self) -> dict:
-        return {"mean": float(self.mean), "count": float(self.count)}
-
-
-# ---- the objective ----------------------------------------------------------------------------------
+from ..train.collate import Batch
+from ..train.objective import Objective, ObjectiveOutput
+from .data import pair_data
+from .losses import MPOArgs, RunningMean, bco_pair_loss, nll_loss, sigmoid_loss
 
 
 def sequence_logps(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -121,7 +51,7 @@ class FrozenReference:
         self.model.set_gradient_checkpointing(False)
 
     def shard_like(self, policy: nn.Module, dtype: torch.dtype | None) -> None:
-        from .dist import is_sharded, shard_model
+        from ..train.dist import is_sharded, shard_model
 
         if is_sharded(policy):
             shard_model(self.model, dtype)
@@ -283,7 +213,7 @@ class MPOObjective(Objective):
 def train_mpo(args, mpo: MPOArgs | None = None, log=print):
     """An MPO run: `train(args)` with the pair data and the MPO objective (same loop, checkpoints, resume,
     distribution and final model as fine-tuning)."""
-    from .run import train
+    from ..train.run import train
 
     if args.data.packing:
         raise TrainingError("MPO trains on padded pairs: --packing is not supported")
@@ -294,7 +224,3 @@ def train_mpo(args, mpo: MPOArgs | None = None, log=print):
         return pair_data(run_args, prepared, ctx, objective)
 
     return train(args, objective, data, log)
-
-
-__all__ = ["LOSSES", "MPOArgs", "MPOObjective", "RunningMean", "bco_pair_loss", "build_pair_index",
-           "check_pair_row", "nll_loss", "pair_data", "sequence_logps", "sigmoid_loss", "train_mpo"]  # fmt: skip

@@ -5,16 +5,21 @@ like fine-tuning rows -> padded batches holding the chosen rows then the rejecte
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import numpy as np
 
 from ..errors import DataError, InternVLError, TrainingError
-from .collate import IGNORE, Batch, Collator
-from .data import BadRow, DatasetSpec, RowIndex, build_index, check_row, read_meta
+from ..train.collate import IGNORE, Batch, Collator
+from ..train.data import BadRow, DatasetSpec, RowIndex, build_index, check_row, read_meta
 
-if TYPE_CHECKING:
-    from .mpo import MPOObjective
+
+class StepState(Protocol):
+    """What the batch stream needs of the objective (objective.MPOObjective): its resumable state."""
+
+    def load_state(self, state: dict) -> None: ...
+
+    def track(self, position: dict, micro_steps: int) -> None: ...
 
 
 def pair_conversation(item: dict, side: str) -> dict:
@@ -47,7 +52,7 @@ class PairDataset:
     """(epoch, row) -> (chosen Sample, rejected Sample) or BadRow; both sides get the same tiles."""
 
     def __init__(self, index: RowIndex, tokenizer, config, options):
-        from .dataset import SFTDataset
+        from ..train.dataset import SFTDataset
 
         self.index, self.sft = index, SFTDataset(index, tokenizer, config, options)
         self.dummy = self.sft.dummy
@@ -90,7 +95,7 @@ class PairBatches:
     """The padded batch stream, with the objective's state (delta) written into each step's data position,
     so that a checkpoint stores it and a resumed run starts from it."""
 
-    def __init__(self, batches, objective: MPOObjective):
+    def __init__(self, batches, objective: StepState):
         self.batches, self.objective = batches, objective
 
     @property
@@ -111,11 +116,11 @@ class PairBatches:
             it.close()
 
 
-def pair_data(args, prepared, ctx, objective: MPOObjective):
+def pair_data(args, prepared, ctx, objective: StepState):
     """The pair rows of `args.data.data` as padded micro-batches for this rank (a `run.DataSource`)."""
-    from .dataset import SampleOptions, pad_token_id
-    from .run import DataSource
-    from .stream import PaddedBatches, PaddedPlan
+    from ..train.dataset import SampleOptions, pad_token_id
+    from ..train.run import DataSource
+    from ..train.stream import PaddedBatches, PaddedPlan
 
     d, o, seed = args.data, args.optim, args.run.seed
     if d.packing:

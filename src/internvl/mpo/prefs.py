@@ -26,7 +26,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
 from ..errors import DataError
-from .data import build_index, read_meta
+from ..train.data import build_index, read_meta
 
 SHORT_ANSWER_WORDS = 10  # a gold answer without "Answer:" is checked by exact match up to this many words
 _FINAL = re.compile(r"answer:\s*(.*)", re.IGNORECASE)
