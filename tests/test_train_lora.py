@@ -123,18 +123,27 @@ def test_merge_equals_peft_merge_and_unload(base, trained, tmp_path, rslora):
                            plain["vision_model.encoder.layers.1.attn.qkv.weight"])  # fmt: skip
 
 
+TRAIN_EXTRA = ("peft", "matplotlib", "tensorboard")  # pyproject.toml's `train` extra
+
+
+def _in_extra(name: str) -> bool:
+    return any(name == top or name.startswith(top + ".") for top in TRAIN_EXTRA)
+
+
 @pytest.fixture
 def no_peft(monkeypatch):
-    """`import peft` (and any peft.*) fails, as in an install without the training extra."""
+    """`import peft` (and matplotlib, tensorboard, their submodules) fails, as in an install without the training
+    extra."""
 
     class Blocker:
         def find_spec(self, name, path=None, target=None):
-            if name == "peft" or name.startswith("peft."):
+            if _in_extra(name):
                 raise ImportError(f"{name} is blocked: the training extra is not installed")
 
-    for name in [n for n in sys.modules if n == "peft" or n.startswith("peft.")]:
+    for name in [n for n in sys.modules if _in_extra(n)]:
         monkeypatch.delitem(sys.modules, name)
-    monkeypatch.setitem(sys.modules, "peft", None)
+    for top in TRAIN_EXTRA:
+        monkeypatch.setitem(sys.modules, top, None)
     monkeypatch.setattr(sys, "meta_path", [Blocker(), *sys.meta_path])
     with pytest.raises(ImportError):
         import peft  # noqa: F401
@@ -147,7 +156,7 @@ def test_chat_with_an_adapter_folder_without_peft(base, trained, no_peft):
     chat = load(folder)
     torch.testing.assert_close(logits(chat.model, base), logits(model, base), atol=1e-4, rtol=0)
     assert isinstance(chat.chat("hello", max_new_tokens=3), str)
-    assert not any(n == "peft" or n.startswith("peft.") for n, m in sys.modules.items() if m is not None)
+    assert not [n for n, m in sys.modules.items() if _in_extra(n) and m is not None]
 
 
 @pytest.mark.parametrize("layout", ["original", "hf"])
