@@ -158,7 +158,7 @@ def test_tiles_default_to_the_reference_six_or_what_the_model_was_trained_with(t
     """A model trained on one tile per image (the built-in one) is not evaluated on six."""
     model, seen = FakeModel(lambda p: "A"), []
     if trained is not None:
-        model.config = SimpleNamespace(max_dynamic_patch=trained)
+        model.config = SimpleNamespace(processor=SimpleNamespace(max_dynamic_patch=trained))  # as ModelConfig
     model.prepare = lambda prompt, images, max_num=None: seen.append(max_num) or (prompt, None, prompt)
     evaluate(model, MCQTask("toy", mcq_items(2), circular=False), tmp_path, max_num=asked, progress=False)
     assert seen == [used, used]

@@ -113,7 +113,8 @@ def _write_atomic(path: Path, text: str) -> None:
 def default_max_num(model) -> int:
     """The reference evaluation's 6 tiles per image, or fewer when the model was trained with fewer
     (its config's max_dynamic_patch): more tiles than it has ever seen only hurt it."""
-    trained = getattr(getattr(model, "config", None), "max_dynamic_patch", None)
+    processor = getattr(getattr(model, "config", None), "processor", None)  # config.ProcessorConfig
+    trained = getattr(processor, "max_dynamic_patch", None)
     return min(DEFAULT_MAX_NUM, trained) if trained else DEFAULT_MAX_NUM
 
 
