@@ -168,16 +168,9 @@ def tiny_model(tmp_path_factory):
 
 @pytest.fixture()
 def sft_meta(tmp_path):
-    from test_train_data import A, Q, write_split
+    from datafiles import A, Q, write_split
 
     return write_split(tmp_path / "data", [{"conversations": [Q, A]}] * 2)
-
-
-@pytest.fixture(autouse=True)
-def _restore_threads():
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
 
 
 def _one_line(capsys, verb: str) -> str:
@@ -199,7 +192,7 @@ def _run(verb: str, model, meta, out, *extra) -> int:
 def test_an_unwritable_tensorboard_folder_is_one_line(tiny_model, sft_meta, tmp_path, capsys, verb):
     pytest.importorskip("torch.utils.tensorboard")  # a dependency of the train extra
     if verb == "mpo":
-        from test_mpo import write_pairs
+        from datafiles import write_pairs
 
         sft_meta = write_pairs(tmp_path / "pairs", [{"question": "Count: 1 2 3", "chosen": "4 5 6",
                                                      "rejected": "left right"}] * 3)  # fmt: skip
@@ -211,7 +204,7 @@ def test_an_unwritable_tensorboard_folder_is_one_line(tiny_model, sft_meta, tmp_
 
 
 def test_an_unwritable_skipped_rows_file_is_one_line(tiny_model, tmp_path, capsys):
-    from test_train_data import A, Q, write_split
+    from datafiles import A, Q, write_split
 
     sft_meta = write_split(tmp_path / "data", [{"conversations": [Q, A]}] * 2 + ["{not json"])
     out = tmp_path / "out"

@@ -3,12 +3,11 @@
 
 from __future__ import annotations
 
-import json
 import math
 
 import pytest
 import torch
-from PIL import Image
+from datafiles import write_pairs
 from refmodels import tiny_checkpoint
 
 from internvl.errors import DataError, TrainingError
@@ -101,34 +100,6 @@ def test_mpo_args_are_checked():
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
     return tiny_checkpoint(tmp_path_factory.mktemp("mpo") / "model")
-
-
-def write_pairs(folder, rows, name="pairs"):
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / f"{name}.jsonl").write_text(
-        "".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows)
-    )
-    meta = {name: {"root": ".", "annotation": f"{name}.jsonl", "data_augment": False, "repeat_time": 1}}
-    (folder / "meta.json").write_text(json.dumps(meta))
-    return folder / "meta.json"
-
-
-COLORS = ["red", "green", "blue"]
-
-
-@pytest.fixture(scope="module")
-def pairs(tmp_path_factory):
-    """Images of one color; chosen names the color, rejected another one (plus one text-only pair)."""
-    root = tmp_path_factory.mktemp("pairs")
-    (root / "img").mkdir()
-    rows = []
-    for i, color in enumerate(COLORS * 2):
-        Image.new("RGB", (56 + 8 * i, 56), color).save(root / "img" / f"{i}.png")
-        wrong = COLORS[(i + 1) % 3]
-        rows.append({"image": f"img/{i}.png", "question": "What color is it?", "chosen": f"It is {color}.",
-                     "rejected": f"It is {wrong}."})  # fmt: skip
-    rows.append({"question": "Count: 1 2 3", "chosen": "4 5 6", "rejected": "left right"})
-    return write_pairs(root, rows)
 
 
 def prepared_objective(model, pairs, tmp_path, **options):

@@ -4,9 +4,8 @@ and the shipped configs parse."""
 
 from __future__ import annotations
 
-import csv
-
 import argparse
+import csv
 import json
 from pathlib import Path
 
@@ -14,7 +13,6 @@ import pytest
 import torch
 from refmodels import tiny_checkpoint
 from safetensors.torch import load_file
-from test_mpo import pairs  # noqa: F401 (fixture)
 
 import internvl
 from internvl.cli.main import main as cli
@@ -30,18 +28,11 @@ def model(tmp_path_factory):
     return tiny_checkpoint(tmp_path_factory.mktemp("mpocli") / "model")
 
 
-@pytest.fixture(autouse=True)
-def _restore_threads():
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
-
-
 def mpo(*args) -> int:
     return cli(["mpo", *FAST, *map(str, args)])  # the arguments given win over FAST
 
 
-def test_runs_and_writes_a_loadable_model(model, pairs, tmp_path):  # noqa: F811
+def test_runs_and_writes_a_loadable_model(model, pairs, tmp_path):
     assert mpo(model, "--data", pairs, "--out", tmp_path / "full", "--max-steps", 2) == 0
     m = internvl.load(tmp_path / "full" / "final")
     assert isinstance(m.chat("What color is it?", max_new_tokens=3), str)
@@ -53,7 +44,7 @@ def test_runs_and_writes_a_loadable_model(model, pairs, tmp_path):  # noqa: F811
     assert isinstance(internvl.load(tmp_path / "lora" / "final").chat("Count: 1 2", max_new_tokens=3), str)
 
 
-def test_resume_restores_delta_exactly(model, pairs, tmp_path):  # noqa: F811
+def test_resume_restores_delta_exactly(model, pairs, tmp_path):
     """Stopped after the step-3 checkpoint and resumed: the same weights as an uninterrupted 6-step run; the same
     resume with delta reset to 0 ends elsewhere (so delta really is restored, not recomputed)."""
     steps = ["--max-steps", 6, "--save-every", 3, "--keep-last", 5]
@@ -89,7 +80,7 @@ def test_resume_restores_delta_exactly(model, pairs, tmp_path):  # noqa: F811
     assert not all(torch.equal(reset[k], reference[k]) for k in reference)
 
 
-def test_resume_refuses_other_loss_settings(model, pairs, tmp_path, capsys):  # noqa: F811
+def test_resume_refuses_other_loss_settings(model, pairs, tmp_path, capsys):
     out = tmp_path / "r"
     assert mpo(model, "--data", pairs, "--out", out, "--max-steps", 4, "--save-every", 2) == 0
     (out / "final" / "model.safetensors").unlink()
@@ -106,7 +97,7 @@ def test_resume_refuses_other_loss_settings(model, pairs, tmp_path, capsys):  # 
     (["--beta", "-1"], "arguments: beta must be a positive number"),
     (["--packing", "--max-steps", "2"], "--packing is not supported"),
 ])  # fmt: skip
-def test_errors_are_one_line(model, pairs, tmp_path, capsys, extra, message):  # noqa: F811
+def test_errors_are_one_line(model, pairs, tmp_path, capsys, extra, message):
     assert mpo(model, "--data", pairs, "--out", tmp_path / "e", *extra) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("internvl mpo: error: ") and message in err[0], err
@@ -135,7 +126,7 @@ def test_configs_parse_and_flags_win(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def pairs8(pairs, tmp_path_factory):  # noqa: F811
+def pairs8(pairs, tmp_path_factory):
     """The 7 pairs plus one: every step splits evenly over 2 ranks."""
     import shutil
 
@@ -148,7 +139,7 @@ def pairs8(pairs, tmp_path_factory):  # noqa: F811
 
 @pytest.mark.parametrize("lora, weights, one_rank", [(False, "0.8,0.2,0", ["--batch-size", 4]),
                                                      (True, "0.8,0,1", ["--batch-size", 2, "--grad-accum", 2])])
-def test_two_ranks_match_one_rank(model, pairs, pairs8, tmp_path, lora, weights, one_rank):  # noqa: F811
+def test_two_ranks_match_one_rank(model, pairs, pairs8, tmp_path, lora, weights, one_rank):
     """FSDP2 over gloo, 2 ranks x 2 pairs a step: the same losses as one rank, in the two layouts TRL makes equal.
     - DPO + BCO on 8 pairs, against 1 rank x 4 pairs: the pair means of the two ranks average to the mean of the
       4, and the reward shift takes each rank's batch mean, all-gathered (TRL's RunningMoments).

@@ -6,9 +6,9 @@ from __future__ import annotations
 import json
 
 import pytest
+from datafiles import write_split
 from PIL import Image
 from refmodels import tiny_checkpoint
-from test_train_data import write_split
 
 from internvl.cli.main import main as cli
 from internvl.errors import DataError
@@ -214,8 +214,8 @@ def test_real_sampler_prompts(tmp_path):
     Image.new("RGB", (64, 56), "red").save(tmp_path / "r.png")
     q = Question(0, "f:1", "<image>\nColor?", "red", images=[str(tmp_path / "r.png")])
     seen = []
-    generate = model.engine.generate
-    model.engine.generate = lambda reqs: seen.append(reqs) or generate(reqs)
+    generate = model.detok.generate
+    model.detok.generate = lambda reqs: seen.append(reqs) or generate(reqs)
     o = PrefOptions(n=2, temperature=1e-4, max_new_tokens=3)
     sampler = Sampler(model)
     assert len(sampler.answers([(q, 1), (q, 2)], o)) == 2

@@ -7,10 +7,10 @@ import json
 import numpy as np
 import pytest
 import torch
+from datafiles import Q, write_split
 from PIL import Image
 from refmodels import tiny_checkpoint
 from safetensors.torch import load_file
-from test_train_data import Q, write_split
 
 from internvl.nano.probe import probe
 from internvl.nano.ship import snapshot

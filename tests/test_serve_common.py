@@ -7,8 +7,6 @@ import io
 import time
 
 import httpx
-import pytest
-import torch
 from PIL import Image
 
 
@@ -25,15 +23,6 @@ def data_url(image: Image.Image | bytes) -> str:
         image.save(buf, "PNG")
         image = buf.getvalue()
     return "data:image/png;base64," + base64.b64encode(image).decode()
-
-
-@pytest.fixture(scope="module")
-def one_torch_thread():
-    """The tiny model is fastest on one thread; two OpenMP threads stall badly when the cores are shared."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def wait_idle(base: str, seconds: float = 15) -> dict:

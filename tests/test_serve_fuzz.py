@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 from refmodels import tiny_checkpoint
-from test_serve_common import data_url, one_torch_thread, png, wait_idle  # noqa: F401 (a fixture)
+from test_serve_common import data_url, png, wait_idle
 
 from internvl.api import load
 from internvl.serve.app import ServeSettings, create_app

@@ -145,6 +145,7 @@ def test_a_client_that_hangs_up_cancels_its_generation(server, stream):
     assert stats["finished"]["abort"] == aborted + 1
 
 
+@pytest.mark.slow  # 500 requests from 64 clients: 10 s and more on a 2-core machine
 def test_64_clients_500_requests_no_errors_and_memory_returns(server):
     run_load(server, clients=64, total=500)
 

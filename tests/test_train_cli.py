@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from datafiles import A, Q, write_split
 from PIL import Image
 from refmodels import tiny_checkpoint
-from test_train_data import A, Q, write_split
 
 import internvl
 from internvl.cli.main import main as cli
@@ -27,25 +27,6 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "finetune"
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
     return tiny_checkpoint(tmp_path_factory.mktemp("ft") / "model")
-
-
-@pytest.fixture(scope="module")
-def meta(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ftdata")
-    (root / "img").mkdir()
-    rows = []
-    for i, color in enumerate(["red", "green", "blue"] * 2):
-        Image.new("RGB", (60 + 20 * i, 56), color).save(root / "img" / f"{i}.png")
-        rows.append({"image": f"img/{i}.png", "conversations": [Q, {"from": "gpt", "value": color}]})
-    rows.append({"conversations": [Q, A]})
-    return write_split(root, rows, meta_extra={"data_augment": True})
-
-
-@pytest.fixture(autouse=True)
-def _restore_threads():
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
 
 
 def finetune(*args) -> int:

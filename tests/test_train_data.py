@@ -9,6 +9,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from datafiles import A, Q, write_split
 from PIL import Image
 from refmodels import tiny_checkpoint
 from test_video import _index_of, _write_video
@@ -23,25 +24,6 @@ from internvl.train.dataset import SampleOptions, SFTDataset
 from internvl.train.media import training_frame_indices, training_frames
 from internvl.train.objective import SFTObjective
 from internvl.train.stream import PaddedPlan
-
-Q, A = {"from": "human", "value": "What color is it?"}, {"from": "gpt", "value": "red"}
-
-
-def write_split(folder, rows, name="train", meta_extra=None):
-    """Rows to folder/{name}.jsonl and a meta.json with root "." and a relative annotation."""
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / f"{name}.jsonl").write_text(
-        "".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows)
-    )
-    entry = {
-        "root": ".",
-        "annotation": f"{name}.jsonl",
-        "data_augment": False,
-        "repeat_time": 1,
-        "length": len(rows),
-    }
-    (folder / "meta.json").write_text(json.dumps({name: {**entry, **(meta_extra or {})}}))
-    return folder / "meta.json"
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ import sys
 import pytest
 import torch
 from refmodels import tiny_checkpoint
-from test_train_cli import meta  # noqa: F401 (fixture)
 
 from internvl.train.args import TrainArgs
 from internvl.train.run import train
@@ -24,7 +23,7 @@ def losses(path):
     return [float(r["loss"]) for r in csv.DictReader(open(path))]
 
 
-def test_two_ranks_match_one_rank(model, meta, tmp_path):  # noqa: F811
+def test_two_ranks_match_one_rank(model, meta, tmp_path):
     common = {"model": str(model), "data": str(meta), "max_steps": 10, "lr": 1e-3, "log_every": 1, "num_workers": 0,
               "max_seq_length": 256, "grad_checkpoint": False, "tensorboard": False, "save_every": 0, "threads": 1,
               "seed": 5}  # fmt: skip

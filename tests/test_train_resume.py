@@ -14,7 +14,6 @@ import pytest
 import torch
 from refmodels import tiny_checkpoint
 from safetensors.torch import load_file
-from test_train_cli import meta  # noqa: F401 (fixture)
 
 from internvl.train.args import TrainArgs
 from internvl.train.checkpoint import find_latest
@@ -39,7 +38,7 @@ def model(tmp_path_factory):
     return tiny_checkpoint(tmp_path_factory.mktemp("resume") / "model")
 
 
-def start(model, meta, out, *extra):  # noqa: F811
+def start(model, meta, out, *extra):
     cmd = [sys.executable, "-m", "internvl", "finetune", str(model), "--data", str(meta), "--out", str(out),
            *flags(OPTIONS), *extra]  # fmt: skip
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -57,7 +56,7 @@ def wait_for_checkpoint(proc, out, after: int = 0, timeout: float = 120):
     pytest.fail("no checkpoint appeared")
 
 
-def test_killed_and_resumed_run_is_bitwise_identical(model, meta, tmp_path):  # noqa: F811
+def test_killed_and_resumed_run_is_bitwise_identical(model, meta, tmp_path):
     n = torch.get_num_threads()
     try:
         options = {**OPTIONS, "model": str(model), "data": str(meta), "out": str(tmp_path / "ref")}
@@ -94,7 +93,7 @@ def test_killed_and_resumed_run_is_bitwise_identical(model, meta, tmp_path):  # 
     assert os.path.exists(out / "loss.png")
 
 
-def test_stop_after_then_resume_equals_one_run(model, meta, tmp_path):  # noqa: F811
+def test_stop_after_then_resume_equals_one_run(model, meta, tmp_path):
     """--stop-after ends a run early with a checkpoint and the full schedule; --resume finishes it exactly."""
     n = torch.get_num_threads()
     options = {**OPTIONS, "max_steps": 12, "save_every": 0, "model": str(model), "data": str(meta)}
