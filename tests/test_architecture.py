@@ -161,6 +161,38 @@ def test_no_cycles_between_modules():
     assert not found, "import cycles:\n  " + "\n  ".join(" <-> ".join(c) for c in found)
 
 
+# pyproject.toml's `train` extra, and the verbs that a `pip install internvl` without extras runs
+TRAIN_EXTRA = ("peft", "matplotlib", "tensorboard", "torch.utils.tensorboard")
+INFERENCE = ("internvl.api", "internvl.cli.chat", "internvl.cli.merge_lora", "internvl.cli.convert", "internvl.cli.serve",
+             "internvl.cli.eval")  # fmt: skip
+
+
+def external(path: Path) -> set[str]:
+    """Every module outside the package that a file imports, anywhere in it."""
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            out |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+    return {m for m in out if not m.startswith("internvl")}
+
+
+def test_inference_needs_no_training_extra():
+    """What chat, serve, eval, convert and merge-lora reach never imports PEFT, matplotlib or TensorBoard."""
+    edges, files = graph(), modules()
+    seen, todo = set(), list(INFERENCE)
+    while todo:
+        m = todo.pop()
+        if m not in seen:
+            seen.add(m)
+            todo.extend(edges[m])
+    bad = sorted(f"{m} imports {x}" for m in seen for x in external(files[m])
+                 if any(x == e or x.startswith(e + ".") for e in TRAIN_EXTRA))  # fmt: skip
+    assert not bad, "inference needs the training extra:\n  " + "\n  ".join(bad)
+    assert not {room(m) for m in seen} & {"train", "mpo", "nano"}
+
+
 def test_allowed_pairs_are_all_used():
     used = {(room(m), room(t)) for m, ts in graph().items() for t in ts}
     assert set(ALLOWED) <= used, f"ALLOWED pairs no import needs any more: {sorted(set(ALLOWED) - used)}"
