@@ -180,7 +180,7 @@ class Sampler:
                 )
             ids, pv, _ = prompts[q.index]
             batch.append((ids, self._params(o, seed), pv))
-        return [s.text.strip() for s in self.model.engine.generate(batch)]
+        return [s.text.strip() for s in self.model.detok.generate(batch)]
 
     def continuations(self, requests: list[tuple[Question, str, int]], o: PrefOptions) -> list[str]:
         """The text that follows `prefix` in the assistant turn, asked without any image or video."""
@@ -189,7 +189,7 @@ class Sampler:
             ids, _, _ = self.model.prepare(without_media(q.text))
             ids = ids + self.model.tokenizer.encode(prefix, add_special_tokens=False)
             batch.append((ids, self._params(o, seed), None))
-        return [s.text.rstrip() for s in self.model.engine.generate(batch)]
+        return [s.text.rstrip() for s in self.model.detok.generate(batch)]
 
 
 # ---- pairs ------------------------------------------------------------------------------------------
