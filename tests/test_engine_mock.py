@@ -146,7 +146,9 @@ def test_stop_ids_end_a_request_and_min_new_tokens_suppresses_them():
 
 
 def test_seeded_sampling_is_reproducible_and_independent_of_the_batch():
-    params = lambda seed: SamplingParams(max_new_tokens=12, temperature=1.0, top_k=8, seed=seed)  # noqa: E731
+    def params(seed):
+        return SamplingParams(max_new_tokens=12, temperature=1.0, top_k=8, seed=seed)
+
     runs = [engine().generate([(PROMPTS[1], params(s), None)])[0].output_ids for s in (1, 1, 2)]
     assert runs[0] == runs[1] and runs[0] != runs[2]
     together = engine().generate([(PROMPTS[1], params(1), None), (PROMPTS[3], params(2), None)])
@@ -197,6 +199,8 @@ def test_detokenizer_cuts_at_stop_strings_and_never_shows_part_of_one():
     done = detok.generate([(PROMPTS[3], params, None)])[0]
     assert done.text == free.text[: free.text.index(stop)] and done.seq.finish_reason == "stop"
     assert len(done.seq.output_ids) == free.text.index(stop) + len(stop)  # it ended on the stop's last token
+    last = SamplingParams(max_new_tokens=len(done.seq.output_ids), stop=[stop])  # the stop on the last token
+    assert detok.generate([(PROMPTS[3], last, None)])[0].seq.finish_reason == "stop"
     events = list(detok.stream(PROMPTS[3], params))
     assert "".join(e.text for e in events) == done.text and events[-1].finished and events[-1].output == done.text
     shown = ""

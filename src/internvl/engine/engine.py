@@ -2,14 +2,14 @@
 
 `add()` queues a request, `step()` admits waiting requests (prefill) and decodes one token for every
 running one. Each request keeps its own sampling settings, stop ids and random generator. Synchronous
-`generate()`/`stream()` and the HTTP server all drive the same loop; text and stop strings are detok.py's.
+`generate()`, detok.py (text, stop strings, streaming) and the HTTP server all drive the same loop.
 Prompts that start like a recent one reuse its keys and values (`prefix_cache`); requests admitted together
 of similar length share one prefill forward. With `isolate_failures` (the server's setting) a request whose
 prefill or sampling fails ends alone with finish_reason "error"; otherwise the exception propagates.
 
 The model is reached through new_cache(), prefill(), decode() and decoder_version() (model/vlm.py; a mock
-in tests/test_engine_mock.py) and its image_token_id, num_image_token and device; the decode step, torch or
-the C kernels, is chosen once by accelerate.py.
+in tests/test_engine_mock.py), image_token_id, num_image_token, device and config (the context length when
+max_model_len is not given); the decode step, torch or the C kernels, is chosen once by accelerate.py.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ from __future__ import annotations
 import itertools
 import threading
 from collections import deque
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -321,16 +320,3 @@ class Engine:
         while any(not s.finished for s in seqs):
             self.step()
         return seqs
-
-    def stream(self, prompt_ids: list[int], params: SamplingParams | None = None,
-               pixel_values: torch.Tensor | None = None) -> Iterator[TokenEvent]:  # fmt: skip
-        """Events of one request as they are produced (other queued requests advance too)."""
-        seq = self.add(prompt_ids, params, pixel_values)
-        try:
-            while not seq.finished:
-                for event in self.step():
-                    if event.seq is seq:
-                        yield event
-        finally:
-            if not seq.finished:
-                self.abort(seq)

@@ -107,7 +107,7 @@ class InternVLChatModel(nn.Module):
             )
         return ModelOutput(logits=logits, loss=loss)
 
-    # ---- generation: what the engine calls (engine/engine.py) ----
+    # ---- generation: a prompt into a KV cache, then one token per row at a time ----
 
     def new_cache(self, batch: int, capacity: int = 256) -> KVCache:
         return self.language_model.new_cache(batch, capacity=capacity)
