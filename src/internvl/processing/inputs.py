@@ -1,5 +1,6 @@
 """The inputs room: a question, its history, images, per-image tile caps, a video and a system message in;
-prompt ids, pixel values and tiles per image out. The API, the server, evaluation and training build here.
+prompt ids, pixel values and tiles per image out. The API and the server build here; evaluation and training
+take the tile split between several images from here.
 """
 
 from __future__ import annotations
