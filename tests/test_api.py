@@ -9,6 +9,7 @@ from refmodels import tiny_checkpoint, write_clip
 
 import internvl
 from internvl.api import load
+from internvl.engine.sampling import SamplingParams
 from internvl.errors import ImageError, PromptError, VideoError
 
 
@@ -62,6 +63,15 @@ def test_stream_chat_adds_up_to_chat(model, media):
     full = model.chat("What color?", media / "small.png", **kw)
     streamed = "".join(model.stream_chat("What color?", media / "small.png", **kw))
     assert streamed.strip() == full
+
+
+def test_typed_sampling_equals_keyword_options(model, media):
+    params = SamplingParams(max_new_tokens=6, temperature=0.8, seed=1)
+    typed = model.chat("What color?", media / "small.png", sampling=params)
+    assert typed == model.chat("What color?", media / "small.png", max_new_tokens=6, temperature=0.8, seed=1)
+    ids, pv, _ = model.prepare("What color?", media / "small.png")
+    assert len(model.generate_ids(ids, pv, sampling=params, max_new_tokens=2)) <= 2  # keywords apply over it
+    assert params.max_new_tokens == 6
 
 
 def test_batch_chat_equals_one_by_one(model, media):
