@@ -23,7 +23,8 @@ from internvl.train.metrics import MetricsLog
 
 
 class Engine:
-    """Just enough of the engine for the runner: every request answers "A" at the next step."""
+    """Just enough of the engine with text (engine.detok) for the runner: every request answers "A" at the
+    next step."""
 
     def __init__(self):
         self.waiting, self.n = [], 0
@@ -35,7 +36,7 @@ class Engine:
 
     def step(self):
         done, self.waiting = self.waiting, []
-        return [SimpleNamespace(seq=s, finished=True) for s in done]
+        return [SimpleNamespace(seq=s, finished=True, output=s.text) for s in done]
 
     def abort(self, seq):
         pass
@@ -56,7 +57,7 @@ class Task:
 
 
 def model():
-    return SimpleNamespace(engine=Engine(), path="toy-model", prepare=lambda prompt, images, max_num: (prompt, None, 0))
+    return SimpleNamespace(detok=Engine(), path="toy-model", prepare=lambda prompt, images, max_num: (prompt, None, 0))
 
 
 def test_a_torn_settings_file_is_a_one_line_error_on_resume(tmp_path):
