@@ -100,6 +100,7 @@ class FusedDecoder:
     def __init__(self, lm):
         self.lm = lm
         self.bound = False
+        self._head: tuple = (None, None, None)  # the head module, its weight's key and tensor when bound
         self._memo: tuple = ([], None)  # (addresses of the last cache's tensors, cache_pointers() of them)
 
     @classmethod
