@@ -62,3 +62,29 @@ def test_interactive_session_commands(ckpt):
     assert "/video PATH" in proc.stdout and "(image 1 attached" in proc.stdout
     assert "attach images before the first question" in proc.stderr  # second /image after a question
     assert "(conversation cleared)" in proc.stdout and "(system message set)" in proc.stdout
+
+
+def test_a_config_file_sets_any_verbs_options_and_the_flags_given_win(tmp_path, capsys):
+    """Every verb built from option dataclasses reads `--config YAML` (keys = the flags' names) under its flags."""
+    from internvl.options import apply_config
+
+    parser = build_parser()
+    config = tmp_path / "chat.yaml"
+    config.write_text("max_new_tokens: 7\ntemperature: 0.5\nimage: [a.png, b.png]\ndevice: cpu\nmodel: some/folder\n")
+    args = parser.parse_args(["chat", "--config", str(config), "--temperature", "0.0", "-p", "hi"])
+    apply_config(args)
+    assert (args.max_new_tokens, args.temperature, args.image, args.device) == (7, 0.0, ["a.png", "b.png"], "cpu")
+    assert args.model == "some/folder" and args.top_k == 0  # a positional left out comes from the file too
+    args = parser.parse_args(["chat", "mine", "--config", str(config)])
+    apply_config(args)
+    assert args.model == "mine"
+
+    config.write_text("temprature: 0.5\n")
+    assert cli(["chat", "--config", str(config), "-p", "hi"]) == 1
+    assert "chat.yaml: unknown key 'temprature' (did you mean 'temperature'?)" in capsys.readouterr().err
+    config.write_text("max_batch: many\n")
+    assert cli(["serve", "--config", str(config)]) == 1
+    assert "max_batch must be int, got 'many'" in capsys.readouterr().err
+    config.write_text("repetition_penalty: 1.2\n")  # build-prefs has no --repetition-penalty
+    assert cli(["build-prefs", "--data", "m.json", "--out", str(tmp_path / "o"), "--config", str(config)]) == 1
+    assert "unknown key 'repetition_penalty'" in capsys.readouterr().err

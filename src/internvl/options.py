@@ -6,6 +6,7 @@ file or a dict are coerced and checked against the field's type and choices (`co
 from __future__ import annotations
 
 import argparse
+import difflib
 import typing
 from dataclasses import MISSING, Field, field, fields
 from pathlib import Path
@@ -41,6 +42,22 @@ def default_of(f: Field) -> Any:
     return None
 
 
+def _recorded(action: type[argparse.Action]) -> type[argparse.Action]:
+    """`action` that also notes its flag as given on the command line (so that a --config file yields to it)."""
+
+    class Recorded(action):
+        def __call__(self, parser, namespace, values, option_string=None):
+            super().__call__(parser, namespace, values, option_string)
+            namespace.__dict__.setdefault("_given", set()).add(self.dest)
+
+    return Recorded
+
+
+_ACTIONS = {name: _recorded(cls) for name, cls in (("store", argparse._StoreAction),
+            ("store_true", argparse._StoreTrueAction), ("append", argparse._AppendAction),
+            ("negatable", argparse.BooleanOptionalAction))}  # fmt: skip
+
+
 def add_options(
     p: argparse.ArgumentParser | argparse._ArgumentGroup,
     cls: type,
@@ -73,18 +90,47 @@ def add_options(
             continue
         flags = ([meta["short"]] if "short" in meta else []) + ["--" + f.name.replace("_", "-")]
         if meta.get("required"):
-            p.add_argument(*flags, required=True, type=kind, choices=meta.get("choices"),
+            p.add_argument(*flags, action=_ACTIONS["store"], required=True, type=kind, choices=meta.get("choices"),
                            metavar=meta.get("metavar"), help=help_text)  # fmt: skip
         elif kind is bool:
-            action = argparse.BooleanOptionalAction if suppress or meta.get("negatable") else "store_true"
-            p.add_argument(*flags, action=action, default=value, help=help_text)
+            action = "negatable" if suppress or meta.get("negatable") else "store_true"
+            p.add_argument(*flags, action=_ACTIONS[action], default=value, help=help_text)
         elif meta.get("append"):
-            p.add_argument(*flags, action="append", type=kind, default=value, metavar=meta.get("metavar"),
+            p.add_argument(*flags, action=_ACTIONS["append"], type=kind, default=value, metavar=meta.get("metavar"),
                            help=help_text)  # fmt: skip
         else:
             choices = meta.get("choices")
             metavar = None if choices else meta.get("metavar", kind.__name__.upper() if suppress else None)
-            p.add_argument(*flags, type=kind, default=value, choices=choices, metavar=metavar, help=help_text)
+            p.add_argument(*flags, action=_ACTIONS["store"], type=kind, default=value, choices=choices,
+                           metavar=metavar, help=help_text)  # fmt: skip
+
+
+def add_config(p: argparse.ArgumentParser, *classes: type) -> None:
+    """A `--config YAML` flag whose keys are the fields of `classes`: defaults <- the file <- the flags given
+    (`apply_config` merges it once the command line is parsed)."""
+    p.add_argument("--config", metavar="YAML", default=None,
+                   help="YAML file whose keys are these options' names (max_new_tokens: 64); flags win")  # fmt: skip
+    p.set_defaults(_option_classes=classes)
+
+
+def apply_config(ns: argparse.Namespace, error: type[Exception] = InternVLError) -> None:
+    """Values of the `--config` file into `ns`, checked, except those given as flags (or as a positional)."""
+    path, classes = getattr(ns, "config", None), getattr(ns, "_option_classes", ())
+    if not path or not classes:
+        return
+    values = read_yaml(path, error)
+    owner = {f.name: c for c in classes for f in fields(c) if hasattr(ns, f.name)}  # not the verb's skipped
+    for key in values:
+        if key not in owner:
+            close = difflib.get_close_matches(str(key), owner, n=1)
+            raise error(f"{path}: unknown key {key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    given = getattr(ns, "_given", set())
+    for cls in classes:
+        mine = {k: v for k, v in values.items() if owner[k] is cls}
+        for key, value in coerce(cls, mine, str(path), error).items():
+            positional = any(f.name == key and f.metadata.get("positional") for f in fields(cls))
+            if key not in given and (not positional or getattr(ns, key, None) in (None, [])):
+                setattr(ns, key, value)
 
 
 def values_of(ns: argparse.Namespace, *classes: type) -> dict[str, Any]:
@@ -105,6 +151,11 @@ def coerce(cls: type, values: dict[str, Any], source: str, error: type[Exception
         kind, optional = base_type(hints[f.name])
         if v is None and optional:
             out[f.name] = None
+            continue
+        if typing.get_origin(hints[f.name]) is list:
+            if not isinstance(v, list) or not all(isinstance(x, (str, int, float)) for x in v):
+                raise error(f"{source}: {f.name} must be a list of {kind.__name__}, got {v!r}")
+            out[f.name] = [kind(x) for x in v]
             continue
         try:
             if kind is bool:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 
-from ..options import add_options, option
+from ..options import add_config, add_options, option
 from .options import GenerationOptions, ModelOptions
 
 
@@ -44,6 +44,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_options(p.add_argument_group("sampling"), GenerationOptions, defaults=SAMPLING_DEFAULTS,
                 skip=("repetition_penalty", "num_segments"))  # fmt: skip
     add_options(p.add_argument_group("pairs"), PairOptions)
+    add_config(p, ModelOptions, PrefsOptions, GenerationOptions, PairOptions)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -6,7 +6,7 @@ import argparse
 import sys
 from dataclasses import dataclass
 
-from ..options import add_options, option
+from ..options import add_config, add_options, option
 from .options import GenerationOptions, ModelOptions, check_generation, load_from_args
 
 REPL_HELP = """commands:
@@ -32,6 +32,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_options(p, ModelOptions)
     add_options(p, ChatOptions)
     add_options(p.add_argument_group("generation"), GenerationOptions)
+    add_config(p, ModelOptions, ChatOptions, GenerationOptions)
 
 
 def sampling_from_args(args: argparse.Namespace):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 
-from ..options import add_options, option
+from ..options import add_config, add_options, option
 
 
 @dataclass
@@ -26,6 +26,7 @@ class ConvertOptions:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_options(p, ConvertOptions)
+    add_config(p, ConvertOptions)
 
 
 def run(args: argparse.Namespace) -> int:

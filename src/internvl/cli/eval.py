@@ -8,7 +8,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..options import add_options, option
+from ..options import add_config, add_options, option
 from .options import MAX_TILES, MODEL_HELP, ModelOptions, check_range, load_from_args
 
 SYNTHETIC = "synthetic"
@@ -60,6 +60,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_options(p.add_argument_group("VLMEvalKit TSV files"), TsvOptions)
     add_options(p.add_argument_group("synthetic benchmark"), SyntheticOptions)
     add_options(p.add_argument_group("run"), EvalRunOptions)
+    add_config(p, ModelOptions, TsvOptions, SyntheticOptions, EvalRunOptions)
 
 
 def _target(args: argparse.Namespace) -> tuple[bool, str | None]:

@@ -7,6 +7,7 @@ import importlib
 import sys
 
 from ..errors import InternVLError
+from ..options import apply_config
 
 # verb name -> module under internvl.cli that defines add_arguments(parser) and run(args) -> int | None
 # Verb modules keep heavy imports (torch, PIL, fastapi) inside run() so that `--help` stays fast.
@@ -70,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
+        apply_config(args)  # a verb's --config YAML, under the flags given
         code = args._run(args)
     except InternVLError as e:
         print(f"internvl {args.verb}: error: {e}", file=sys.stderr)

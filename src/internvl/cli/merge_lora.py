@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 
-from ..options import add_options, option
+from ..options import add_config, add_options, option
 
 
 @dataclass
@@ -25,6 +25,7 @@ class MergeOptions:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_options(p, MergeOptions)
+    add_config(p, MergeOptions)
 
 
 def run(args: argparse.Namespace) -> int:

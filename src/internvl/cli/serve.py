@@ -7,7 +7,7 @@ import os
 import sys
 from dataclasses import dataclass
 
-from ..options import add_options, option
+from ..options import add_config, add_options, option
 from .options import ModelOptions
 
 
@@ -40,6 +40,7 @@ class ServeOptions:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_options(parser, ModelOptions)
     add_options(parser, ServeOptions, defaults={"api_key": os.environ.get("INTERNVL_API_KEY")})
+    add_config(parser, ModelOptions, ServeOptions)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 
-from ..options import add_options, option
+from ..options import add_config, add_options, option
 
 
 @dataclass
@@ -22,6 +22,7 @@ class SynthOptions:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_options(parser, SynthOptions)
+    add_config(parser, SynthOptions)
 
 
 def run(args: argparse.Namespace) -> int:
