@@ -7,6 +7,7 @@ assistant role. chat() prepends "<image>\\n" to a first question with images; th
 
 from __future__ import annotations
 
+import dataclasses
 from types import SimpleNamespace
 
 import pytest
@@ -221,3 +222,16 @@ def test_expansion_matches_transformers_internvl_processor():
     theirs = hf.InternVLProcessor.replace_video_token(fake, {"pixel_values_videos": [video]}, 0)
     ours = expand_image_placeholders(build_question("<video>\nQ", num_frames=3), [1, 1, 1], 4)
     assert ours == theirs + "\nQ"
+
+
+def test_one_template_table_serves_the_config_the_prompts_and_the_training_flags():
+    from internvl import config
+    from internvl.errors import ConfigError
+    from internvl.presets import preset
+    from internvl.train.args import ModelArgs
+
+    assert TEMPLATES is config.TEMPLATES
+    choices = next(f for f in dataclasses.fields(ModelArgs) if f.name == "template").metadata["choices"]
+    assert list(choices) == list(TEMPLATES)
+    with pytest.raises(ConfigError, match=r"template: expected one of \['internvl2_5', 'internlm2-chat'"):
+        preset("tiny", template="vicuna")
