@@ -210,15 +210,33 @@ def test_detokenizer_cuts_at_stop_strings_and_never_shows_part_of_one():
     assert not detok.streams and not detok.engine.has_work()
 
 
+def test_a_stop_right_after_the_prefill_token_keeps_that_token():
+    """The prefill's token and the next one come in one step: a stop id as the second token, or a stop string
+    completed by the first, still leaves the first token's text (and only that token)."""
+    detok = Detokenizer(engine(), ByteTokenizer())
+    first, second = reference(PROMPTS[4], 2)
+    done = detok.generate([(PROMPTS[4], SamplingParams(max_new_tokens=8, stop_token_ids=[second]), None)])[0]
+    assert done.text == chr(first) and done.seq.output_ids == [first] and done.seq.finish_reason == "stop"
+    done = detok.generate([(PROMPTS[4], SamplingParams(max_new_tokens=8, stop=[chr(first)]), None)])[0]
+    assert done.text == "" and done.seq.output_ids == [first] and done.seq.finish_reason == "stop"
+    events = list(detok.stream(PROMPTS[4], SamplingParams(max_new_tokens=8, stop=[chr(first)])))
+    assert [(e.token_id, e.finished) for e in events] == [(first, True)]  # the second token's event is dropped
+    assert not detok.engine.has_work()
+
+
 def test_text_stream_holds_back_incomplete_characters_and_stop_prefixes():
     stream = TextStream(ByteTokenizer(), stop=["<end>"])
     ids = list("café <e".encode())
-    stream.feed(ids[:4])  # "caf" and the first byte of "é"
+    for token in ids[:4]:  # "caf" and the first byte of "é"
+        stream.push(token)
     assert stream.delta() == "caf"
-    stream.feed(ids)
+    for token in ids[4:]:
+        stream.push(token)
     assert stream.delta() == "é "  # "<e" could begin the stop string: held back
-    stream.feed(ids + list(b"nd> more"))
-    assert stream.stopped and stream.end(flush=False) == "" and stream.text == "café "
+    for token in b"nd> more":
+        stream.push(token)
+    assert stream.stopped and stream.tokens == len(ids) + 3 and stream.end(flush=False) == ""
+    assert stream.text == "café "
     tail = TextStream(ByteTokenizer())
-    tail.feed(list("é".encode())[:1])
+    tail.push("é".encode()[0])
     assert tail.delta() == "" and tail.end(flush=True) == "\ufffd"  # flushed at the end of a request

@@ -27,21 +27,20 @@ class TextStream:
         self.stop = list(stop)
         self.text = ""
         self.emitted = 0  # characters of `text` already handed out
-        self.seen = 0  # output ids decoded so far
+        self.tokens = 0  # tokens pushed up to the stop string (all of them when there is none)
         self.stopped = False  # a stop string was found: `text` ends before it
 
-    def feed(self, output_ids: list[int]) -> None:
-        """Decode the ids not seen yet; nothing after a stop string counts."""
-        for token in output_ids[self.seen :]:
-            if self.stopped:
-                break
-            self.text += self.decoder.push(token)
-            for s in self.stop:
-                cut = self.text.find(s, max(0, self.emitted - len(s)))
-                if cut >= 0:
-                    self.text, self.stopped = self.text[:cut], True
-                    break
-        self.seen = len(output_ids)
+    def push(self, token: int) -> None:
+        """Decode one more token; nothing after a stop string counts."""
+        if self.stopped:
+            return
+        self.tokens += 1
+        self.text += self.decoder.push(token)
+        for s in self.stop:
+            cut = self.text.find(s, max(0, self.emitted - len(s)))
+            if cut >= 0:
+                self.text, self.stopped = self.text[:cut], True
+                return
 
     def delta(self, final: bool = False) -> str:
         """Text not handed out yet; unless `final`, without a tail that could still become a stop string."""
@@ -92,7 +91,15 @@ class Detokenizer:
         return seq
 
     def step(self) -> list[TextEvent]:
-        return [self._text(event.seq, event.token_id, event.finished) for event in self.engine.step()]
+        """Engine.step() in text. A request can have two events in one step (its prefill's token and the
+        next one): once its text reaches a stop string, the engine ends it there and its later events go."""
+        events, ended = [], set()
+        for e in self.engine.step():
+            if e.seq.request_id not in ended:
+                events.append(self._text(e.seq, e.token_id, e.finished))
+                if events[-1].finished:
+                    ended.add(e.seq.request_id)
+        return events
 
     def abort(self, seq: Request) -> None:
         self.engine.abort(seq)
@@ -106,15 +113,16 @@ class Detokenizer:
         stream = self.streams.get(seq.request_id)
         if stream is None:  # a request added to the engine directly: no text
             return TextEvent(seq, token_id, "", finished, "")
-        if seq.finish_reason == "error":
-            del self.streams[seq.request_id]
-            return TextEvent(seq, token_id, "", True, stream.text)
-        stream.feed(seq.output_ids)
-        if stream.stopped:
-            self.engine.stop(seq)
-        if not seq.finished:
+        if token_id is not None and token_id not in seq.stop_ids:  # the token joined the output
+            stream.push(token_id)
+            if stream.stopped:
+                self.engine.stop(seq, stream.tokens)
+                finished = True
+        if not finished:
             return TextEvent(seq, token_id, stream.delta(), False, stream.text)
         del self.streams[seq.request_id]
+        if seq.finish_reason == "error":
+            return TextEvent(seq, token_id, "", True, stream.text)
         text = stream.end(flush=seq.finish_reason != "stop")  # a stop (id or string) ends the text as it is
         return TextEvent(seq, token_id, text, True, stream.text)
 

@@ -115,13 +115,12 @@ class Engine:
         """Stop a request at the next step (safe from another thread)."""
         seq.aborted = True
 
-    def stop(self, seq: Sequence) -> None:
-        """End a running request as "stop" after its latest token, for a stop the engine cannot see (a stop
-        string in its text, detok.py); one that ended on that token by length ends as "stop" too. Called
+    def stop(self, seq: Sequence, at: int) -> None:
+        """End a request as "stop" after its first `at` new tokens, for a stop the engine cannot see (a stop
+        string in its text, detok.py); what it produced after them in the same step is dropped. Called
         between steps by the thread that runs them: its row leaves the batch at the next step."""
-        if seq.finish_reason in (None, "length"):
-            seq.finish_reason = "stop"
-            seq.pixel_values = None
+        del seq.output_ids[at:]
+        seq.finish_reason, seq.error, seq.pixel_values = "stop", None, None
 
     def has_work(self) -> bool:
         return bool(self.waiting) or any(not s.finished for s in self.running)
