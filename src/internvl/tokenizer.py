@@ -29,7 +29,8 @@ class Tokenizer:
         self._backend = backend
         self.added = added  # added-token string -> id
         self.special_ids = special
-        self.bos_id = bos_id if add_bos else None
+        self.bos_id = bos_id  # the id a text starts with (None: none is added)
+        self._add_bos = add_bos  # True: added here (sentencepiece); False: by the backend (a post-processor)
         self.source = source
         self.eos_id = self.token_to_id(eos_token) if eos_token else None
         self.pad_id = self.token_to_id(pad_token) if pad_token else None
@@ -37,7 +38,7 @@ class Tokenizer:
     # ---- construction --------------------------------------------------------------------------
 
     @classmethod
-    def from_dir(cls, folder: str | Path) -> "Tokenizer":
+    def from_dir(cls, folder: str | Path) -> Tokenizer:
         folder = Path(folder)
         model_vocab = _model_vocab(folder)
         _check_file_sizes(folder, model_vocab)
@@ -59,7 +60,7 @@ class Tokenizer:
         return tok
 
     @classmethod
-    def _from_tokenizers(cls, folder: Path, cfg: dict, eos: str | None, pad: str | None) -> "Tokenizer":
+    def _from_tokenizers(cls, folder: Path, cfg: dict, eos: str | None, pad: str | None) -> Tokenizer:
         from tokenizers import AddedToken
         from tokenizers import Tokenizer as HFTokenizer
 
@@ -78,14 +79,16 @@ class Tokenizer:
             tok.add_special_tokens([AddedToken(c, special=True, normalized=False) for c in missing])
         added = {t.content: i for i, t in tok.get_added_tokens_decoder().items()}
         special = {i for i, t in tok.get_added_tokens_decoder().items() if t.special}
-        bos = _token_str(cfg.get("bos_token"))
-        bos_id = tok.token_to_id(bos) if bos else None
-        # the post-processor of tokenizer.json already adds what the model wants (Qwen2: nothing)
+        # Prompts are encoded as the official `tokenizer(query)` call does: with the post-processor of
+        # tokenizer.json, which adds what the model wants (Llama-3: <|begin_of_text|>; Qwen2/Qwen3: nothing).
+        # `bos_id` is the id it puts first, for the trainer, which encodes the turns separately.
+        probe = tok.encode("a", add_special_tokens=True)
+        bos_id = probe.ids[0] if probe.special_tokens_mask[:1] == [1] else None
         return cls(_TokenizersBackend(tok), added, special, bos_id, add_bos=False, eos_token=eos, pad_token=pad,
                    source=str(path))  # fmt: skip
 
     @classmethod
-    def _from_sentencepiece(cls, folder: Path, cfg: dict, eos: str | None, pad: str | None) -> "Tokenizer":
+    def _from_sentencepiece(cls, folder: Path, cfg: dict, eos: str | None, pad: str | None) -> Tokenizer:
         import sentencepiece as spm
 
         path = folder / "tokenizer.model"
@@ -107,15 +110,17 @@ class Tokenizer:
             if piece_id >= 0:
                 special.add(piece_id)
         add_bos = bool(cfg.get("add_bos_token", True))
-        bos_id = sp.bos_id() if sp.bos_id() >= 0 else None
+        bos_id = sp.bos_id() if add_bos and sp.bos_id() >= 0 else None
         return cls(_SentencePieceBackend(sp, added), added, special, bos_id, add_bos, eos or "</s>", pad,
                    source=str(path))  # fmt: skip
 
     # ---- interface -----------------------------------------------------------------------------
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        ids = self._backend.encode(text)
-        if add_special_tokens and self.bos_id is not None:
+        """Token ids; with `add_special_tokens`, what the tokenizer adds around a text (its post-processor,
+        or sentencepiece's BOS when `add_bos_token`), as transformers' `tokenizer(text)` does."""
+        ids = self._backend.encode(text, add_special_tokens)
+        if add_special_tokens and self._add_bos and self.bos_id is not None:
             ids = [self.bos_id] + ids
         return ids
 
@@ -154,8 +159,8 @@ class _TokenizersBackend:
     def __init__(self, tok):
         self.tok = tok
 
-    def encode(self, text: str) -> list[int]:
-        return self.tok.encode(text, add_special_tokens=False).ids
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        return self.tok.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids: list[int]) -> str:
         return self.tok.decode(ids, skip_special_tokens=False)
@@ -181,7 +186,7 @@ class _SentencePieceBackend:
         names = sorted(added, key=len, reverse=True)
         self.split_re = re.compile("(" + "|".join(re.escape(n) for n in names) + ")") if names else None
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         parts = self.split_re.split(text) if self.split_re else [text]
         ids: list[int] = []
         for part in parts:
