@@ -11,7 +11,7 @@ import json
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-from .config_checks import check_rates, check_rope_scaling, check_sizes
+from .config_checks import check_rates, check_rope_kind, check_rope_scaling, check_sizes
 from .errors import ConfigError
 
 LLM_FAMILIES = {
@@ -20,6 +20,14 @@ LLM_FAMILIES = {
     "InternLM2ForCausalLM": "internlm2",
 }
 FAMILY_ARCH = {v: k for k, v in LLM_FAMILIES.items()}
+# rope_scaling types -> the Rotary's kinds; "su" is LongRoPE's older name (Phi-3 checkpoints)
+ROPE_KINDS = {"default": "default", "linear": "linear", "dynamic": "dynamic", "longrope": "longrope", "su": "longrope"}
+
+
+def rope_kind(scaling: dict | None) -> str:
+    s = scaling or {}
+    kind = s.get("rope_type", s.get("type", "default"))
+    return ROPE_KINDS.get(kind, kind) if isinstance(kind, str) else repr(kind)
 
 # ---- chat templates ------------------------------------------------------------------------------
 
@@ -141,14 +149,19 @@ class LLMConfig:
                 f"llm_config: {self.architecture} has one bias flag for q, k, v and o "
                 f"(got qkv_bias={self.qkv_bias}, o_bias={self.o_bias})"
             )
-        if self.rope_scaling is not None:
-            kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type", "default"))
-            if kind not in ("default", "linear", "dynamic"):
-                raise ConfigError(f"llm_config.rope_scaling: unsupported type {kind!r} (supported: linear, dynamic)")
+        check_rope_kind(self.rope_scaling, rope_kind(self.rope_scaling), self.head_dim)
 
     @property
     def architecture(self) -> str:
         return FAMILY_ARCH[self.family]
+
+    @property
+    def context_length(self) -> int:
+        """The engine's default limit: max_position_embeddings, or `factor` times it with dynamic-NTK scaling,
+        whose base keeps growing past max_position_embeddings (as transformers and the official code do)."""
+        if rope_kind(self.rope_scaling) == "dynamic":
+            return int(self.max_position_embeddings * float(self.rope_scaling.get("factor") or 1.0))
+        return self.max_position_embeddings
 
 
 @dataclass

@@ -63,6 +63,21 @@ def check_rope_scaling(scaling: Any) -> None:
         raise ConfigError(f"llm_config.rope_scaling.factor: expected a number in (0, 1e6], got {_shown(factor)}")
 
 
+def check_rope_kind(scaling: Any, kind: str, head_dim: int) -> None:
+    """A rope scaling type the model implements; LongRoPE with one short and one long factor per frequency."""
+    if kind not in ("default", "linear", "dynamic", "longrope"):
+        raise ConfigError(f"llm_config.rope_scaling: unsupported type {kind} "
+                          f"(supported: linear, dynamic, longrope/su)")  # fmt: skip
+    if kind == "longrope":
+        for name in ("short_factor", "long_factor"):
+            value = scaling.get(name)
+            if not isinstance(value, list) or len(value) != head_dim // 2 or not all(
+                isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0 for x in value
+            ):
+                raise ConfigError(f"llm_config.rope_scaling.{name}: expected {head_dim // 2} positive numbers "
+                                  f"(head_dim / 2), got {_shown(value)}")  # fmt: skip
+
+
 def check_section(value: Any, section: str, source: str) -> dict:
     """A config section that must be a JSON object."""
     if not isinstance(value, dict):

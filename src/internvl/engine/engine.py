@@ -67,7 +67,7 @@ class Engine:
         self.model = model
         self.decode_step = decode_step(model)  # (tokens [B], cache, valid_lengths) -> logits [B, vocab]
         self.max_batch = max_batch
-        self.max_model_len = max_model_len or model.config.llm.max_position_embeddings
+        self.max_model_len = max_model_len or model.config.llm.context_length
         self.default_stop_ids = list(stop_token_ids or [])
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []

@@ -6,6 +6,7 @@ InternLM2's fused `wqkv` is split on load (see checkpoint/original.py), so one i
 
 from __future__ import annotations
 
+import math
 from itertools import pairwise
 
 import torch
@@ -13,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..config import LLMConfig
+from ..config import LLMConfig, rope_kind
 from .cache import KVCache
 from .vit import RMSNorm
 
@@ -24,25 +25,43 @@ PACKED_ATTENTION = "spans"
 
 
 class Rotary:
-    """RoPE tables from explicit positions (integer or fractional), with linear and dynamic-NTK scaling."""
+    """RoPE tables from explicit positions (integer or fractional), with the checkpoint's scaling, as transformers
+    computes it: linear; dynamic NTK (the base recomputed from the current length past max_position_embeddings);
+    LongRoPE (`longrope`, Phi-3's older name `su`: per-frequency short or long factors, chosen by whether the
+    length passes original_max_position_embeddings, and cos/sin times the attention factor)."""
 
     def __init__(self, cfg: LLMConfig):
         self.dim = cfg.head_dim
         self.base = cfg.rope_theta
         self.max_pos = cfg.max_position_embeddings
         scaling = cfg.rope_scaling or {}
-        self.kind = scaling.get("rope_type", scaling.get("type", "default"))
-        self.factor = float(scaling.get("factor", 1.0))
+        self.kind = rope_kind(scaling)
+        self.factor = float(scaling.get("factor") or 1.0)
+        self.attention_scaling = 1.0
+        if self.kind == "longrope":
+            self.original_max = int(scaling.get("original_max_position_embeddings") or self.max_pos)
+            self.short = torch.tensor(scaling["short_factor"], dtype=torch.float32)
+            self.long = torch.tensor(scaling["long_factor"], dtype=torch.float32)
+            factor = scaling.get("factor") or self.max_pos / self.original_max
+            attention = scaling.get("attention_factor")
+            if attention is None:
+                attention = 1.0 if factor <= 1 else math.sqrt(1 + math.log(factor) / math.log(self.original_max))
+            self.attention_scaling = float(attention)
         self._cache: dict = {}
 
     def inv_freq(self, seq_len: int, device: torch.device) -> torch.Tensor:
-        base = self.base
-        if self.kind == "dynamic" and seq_len > self.max_pos:
-            base = base * ((self.factor * seq_len / self.max_pos) - (self.factor - 1)) ** (self.dim / (self.dim - 2))
-        key = (base, device)
+        exps = torch.arange(0, self.dim, 2, dtype=torch.int64, device=device).float() / self.dim
+        if self.kind == "dynamic" and seq_len > self.max_pos:  # float32 as transformers, not cached
+            grown = torch.tensor(self.factor * seq_len / self.max_pos - (self.factor - 1), dtype=torch.float32)
+            base = self.base * grown ** (self.dim / (self.dim - 2))
+            return 1.0 / (base.to(device) ** exps)
+        long = self.kind == "longrope" and seq_len > self.original_max
+        key = (long, device)
         if key not in self._cache:
-            exps = torch.arange(0, self.dim, 2, dtype=torch.int64, device=device).float() / self.dim
-            self._cache[key] = 1.0 / (base**exps)
+            inv = 1.0 / (self.base**exps)
+            if self.kind == "longrope":
+                inv = 1.0 / ((self.long if long else self.short).to(device) * self.base**exps)
+            self._cache[key] = inv
         return self._cache[key]
 
     def __call__(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -53,6 +72,8 @@ class Rotary:
             pos = pos / self.factor
         freqs = pos[..., None] * self.inv_freq(seq_len, positions.device)
         emb = torch.cat([freqs, freqs], dim=-1)
+        if self.attention_scaling != 1.0:
+            return (emb.cos() * self.attention_scaling).to(dtype), (emb.sin() * self.attention_scaling).to(dtype)
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
