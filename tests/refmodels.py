@@ -27,6 +27,11 @@ def hf_reference(text: str = "qwen2", vision: str = "300m", heads: int = 4, kv_h
     )  # fmt: skip
     if text == "llama":
         text_cfg["attention_bias"] = False
+    if text in ("qwen3", "qwen3_moe"):  # a head_dim that is not hidden / heads, RoPE base from rope_parameters
+        text_cfg.update(head_dim=24, attention_bias=False, rope_theta=1e6)
+    if text == "qwen3_moe":  # layer 0 sparse (8 experts, top 2), layer 1 dense
+        text_cfg.update(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=True,
+                        mlp_only_layers=[1], decoder_sparse_step=1)  # fmt: skip
     cfg = InternVLConfig(vision_config=vision_cfg, text_config=text_cfg, image_token_id=IMAGE_TOKEN_ID,
                          image_seq_length=TOKENS_PER_TILE, tie_word_embeddings=False)  # fmt: skip
     model = InternVLForConditionalGeneration(cfg).eval()

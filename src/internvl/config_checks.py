@@ -17,6 +17,7 @@ SIZE_LIMITS = {
     "intermediate_size": 1 << 20, "head_dim": 4096, "vocab_size": 1 << 23, "max_position_embeddings": 1 << 27,
     "image_size": 16384, "patch_size": 1024, "num_channels": 16, "force_image_size": 16384,
     "min_dynamic_patch": 1024, "max_dynamic_patch": 1024,
+    "num_experts": 1 << 16, "num_experts_per_tok": 1024, "moe_intermediate_size": 1 << 20, "decoder_sparse_step": 1024,
 }  # fmt: skip
 # (low, high, low included): norms divide by a positive epsilon, a ratio of 0 has no tokens
 RATE_LIMITS = {

@@ -1,4 +1,5 @@
-"""Model shapes by name: the released InternVL 2.5 / 3 sizes and `tiny` for tests (`preset("internvl3-1b")`)."""
+"""Model shapes by name: the released InternVL 2.5 / 3 / 3.5 sizes, a small MoE and `tiny` for tests
+(`preset("internvl3-1b")`)."""
 
 from __future__ import annotations
 
@@ -28,6 +29,18 @@ INTERNLM25_18B = dict(_INTERNLM, hidden_size=2048, intermediate_size=8192, num_h
 INTERNLM25_7B = dict(_INTERNLM, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                      num_attention_heads=32, num_key_value_heads=8)  # fmt: skip
 _DYN = {"rope_scaling": {"type": "dynamic", "factor": 2.0}}
+# InternVL3.5: Qwen3 decoders (q/k norm, no qkv bias, head_dim 128), vocabulary 151936
+_QWEN3 = dict(family="qwen3", vocab_size=151936, rope_theta=1e6, max_position_embeddings=40960, qkv_bias=False,
+              o_bias=False, head_dim=128, bos_token_id=151643, eos_token_id=151645)  # fmt: skip
+QWEN3_06B = dict(_QWEN3, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
+                 num_key_value_heads=8)  # fmt: skip
+QWEN3_30B_A3B = dict(_QWEN3, family="qwen3_moe", hidden_size=2048, intermediate_size=6144, num_hidden_layers=48,
+                     num_attention_heads=32, num_key_value_heads=4, num_experts=128, num_experts_per_tok=8,
+                     moe_intermediate_size=768, norm_topk_prob=True)  # fmt: skip
+# a small Qwen3-MoE decoder for CPU benchmarks (not a released model): 0.6B-like attention, 32 experts, top 4
+QWEN3_MOE_SMALL = dict(_QWEN3, family="qwen3_moe", hidden_size=1024, intermediate_size=3072, num_hidden_layers=12,
+                       num_attention_heads=16, num_key_value_heads=8, num_experts=32, num_experts_per_tok=4,
+                       moe_intermediate_size=384, norm_topk_prob=True)  # fmt: skip
 
 PRESETS: dict[str, tuple[dict, dict]] = {
     "internvl2_5-1b": (VIT_300M, QWEN25_05B),
@@ -36,6 +49,9 @@ PRESETS: dict[str, tuple[dict, dict]] = {
     "internvl3-1b": (VIT_300M, dict(QWEN25_05B, **_DYN)),
     "internvl3-2b": (VIT_300M, dict(QWEN25_15B, **_DYN)),
     "internvl3-8b": (VIT_300M, dict(QWEN25_7B, **_DYN)),
+    "internvl3.5-1b": (VIT_300M, QWEN3_06B),
+    "internvl3.5-30b-a3b": (VIT_300M, QWEN3_30B_A3B),
+    "internvl3.5-moe-small": (VIT_300M, QWEN3_MOE_SMALL),
     # tiny shapes for tests: a 56-px tile gives a 4x4 patch grid and 4 tokens per tile
     "tiny": (
         dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_hidden_layers=2, image_size=56,

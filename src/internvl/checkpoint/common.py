@@ -73,6 +73,24 @@ def llm_common(m: LLMConfig) -> dict[str, Any]:
     }
 
 
+def llm_family_keys(m: LLMConfig) -> dict[str, Any]:
+    """Keys only some families write: Qwen3's head_dim and attention_bias, Qwen3-MoE's experts."""
+    out: dict[str, Any] = {}
+    if m.family in ("qwen3", "qwen3_moe"):
+        out.update(head_dim=m.head_dim, attention_bias=m.qkv_bias)
+    if m.family == "qwen3_moe":
+        out.update(num_experts=m.num_experts, num_experts_per_tok=m.num_experts_per_tok,
+                   moe_intermediate_size=m.moe_intermediate_size, norm_topk_prob=m.norm_topk_prob,
+                   mlp_only_layers=list(m.mlp_only_layers), decoder_sparse_step=m.decoder_sparse_step)  # fmt: skip
+    return out
+
+
+def _rope_parameters(d: dict[str, Any]) -> dict[str, Any]:
+    """transformers 5 writes `rope_parameters` ({rope_theta, rope_type, ...}) instead of `rope_theta`."""
+    rp = d.get("rope_parameters")
+    return rp if isinstance(rp, dict) else {}
+
+
 def parse_llm(d: dict[str, Any], source: str) -> LLMConfig:
     """The language-model section (`llm_config` or `text_config`) of either layout."""
     archs = check_section(d, "the language model config", source).get("architectures") or []
@@ -85,10 +103,11 @@ def parse_llm(d: dict[str, Any], source: str) -> LLMConfig:
                 f"supported: {sorted(LLM_FAMILIES)}"
             )
     else:
-        family = {"qwen2": "qwen2", "llama": "llama", "internlm2": "internlm2"}.get(d.get("model_type", ""))
+        family = {f: f for f in LLM_FAMILIES.values()}.get(d.get("model_type", ""))
         if family is None:
+            known = sorted(set(LLM_FAMILIES.values()))
             raise ConfigError(f"{source}: language model config has no architectures and model_type "
-                              f"{d.get('model_type')!r} is not qwen2, llama or internlm2")
+                              f"{d.get('model_type')!r} is not one of {known}")  # fmt: skip
     if family == "qwen2":
         qkv_bias, o_bias = True, False
     elif family == "internlm2":
@@ -106,8 +125,9 @@ def parse_llm(d: dict[str, Any], source: str) -> LLMConfig:
         LLMConfig,
         dict(family=family, qkv_bias=qkv_bias, o_bias=o_bias,
              num_key_value_heads=d.get("num_key_value_heads") or d["num_attention_heads"],
-             rope_theta=d.get("rope_theta", 10000.0), max_position_embeddings=d.get("max_position_embeddings", 2048),
-             rms_norm_eps=d.get("rms_norm_eps", 1e-6)),
-        {"architectures": "_", "model_type": "_", "bias": "_", "attention_bias": "_"},
+             rope_theta=d.get("rope_theta", _rope_parameters(d).get("rope_theta", 10000.0)),
+             max_position_embeddings=d.get("max_position_embeddings", 2048), rms_norm_eps=d.get("rms_norm_eps", 1e-6)),
+        {"architectures": "_", "model_type": "_", "bias": "_", "attention_bias": "_",
+         "num_local_experts": "num_experts"},
         source,
     )  # fmt: skip

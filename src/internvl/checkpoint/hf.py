@@ -11,7 +11,7 @@ import torch
 
 from ..config import ModelConfig, ProcessorConfig, ProjectorConfig, VisionConfig
 from ..errors import ConfigError
-from .common import Entry, llm_common, parse_llm, pick, rename
+from .common import Entry, llm_common, llm_family_keys, parse_llm, pick, rename
 
 # transformers' InternVLVisionConfig class defaults (note: attention_bias defaults to False there)
 _VISION_DEFAULTS = dict(
@@ -76,6 +76,7 @@ def to_hf_dict(config: ModelConfig, image_token_id: int) -> dict[str, Any]:
         text["attention_bias"] = m.qkv_bias
     if m.head_dim != m.hidden_size // m.num_attention_heads:
         text["head_dim"] = m.head_dim
+    text.update(llm_family_keys(m))
     return {
         "architectures": ["InternVLForConditionalGeneration"],
         "model_type": "internvl",

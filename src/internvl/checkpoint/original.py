@@ -11,7 +11,7 @@ import torch
 
 from ..config import LLMConfig, ModelConfig, ProcessorConfig, ProjectorConfig, VisionConfig
 from ..errors import ConfigError
-from .common import Entry, llm_common, parse_llm, pick, rename
+from .common import Entry, llm_common, llm_family_keys, parse_llm, pick, rename
 
 # The original InternVisionConfig class defaults are 6B-style: a key missing from vision_config means these.
 _VISION_DEFAULTS = dict(
@@ -63,6 +63,7 @@ def to_original_dict(config: ModelConfig) -> dict[str, Any]:
     }
     llm: dict[str, Any] = {"architectures": [m.architecture], "model_type": m.family}
     llm.update(llm_common(m))
+    llm.update(llm_family_keys(m))
     if m.family == "internlm2":
         llm["bias"] = m.qkv_bias
     elif m.family == "llama":

@@ -74,6 +74,20 @@ def _norm(norm: nn.Module, hidden: int, keep: list) -> int | None:
     return w.data_ptr()
 
 
+_PLAIN = {"": {"self_attn", "mlp", "input_layernorm", "post_attention_layernorm"},
+          "self_attn": {"qkv_proj", "o_proj"}, "mlp": {"gate_up_proj", "down_proj"}}  # fmt: skip
+
+
+def _plain(layer: nn.Module) -> bool:
+    """Whether a decoder layer is exactly what decode.c computes: fused attention and SwiGLU, nothing more
+    (no q/k norms, no experts, no attention sinks, no parameters of their own)."""
+    for path, children in _PLAIN.items():
+        m = layer.get_submodule(path) if path else layer
+        if set(m._modules) != children or m._parameters:
+            return False
+    return True
+
+
 def _hook_dicts(modules: list[nn.Module]) -> list[dict]:
     """The dicts that hooks registered on `modules` (or on every module) would land in."""
     dicts = [_module._global_forward_hooks, _module._global_forward_pre_hooks]
@@ -131,6 +145,8 @@ class FusedDecoder:
         layers = (_Layer * len(lm.model.layers))()
         modules: list[nn.Module] = [lm, lm.model, lm.model.norm, lm.lm_head]
         for i, layer in enumerate(lm.model.layers):
+            if not _plain(layer):
+                return False
             attn, mlp = layer.self_attn, layer.mlp
             parts = [_lin(m, keep) for m in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)]
             norms = [_norm(n, h, keep) for n in (layer.input_layernorm, layer.post_attention_layernorm)]

@@ -1,7 +1,8 @@
-"""Decoder-only language model shared by Qwen2, Llama and InternLM2 (RMSNorm, SwiGLU, RoPE, GQA).
+"""Decoder-only language model shared by Qwen2, Llama, InternLM2 and Qwen3(-MoE) (RMSNorm, SwiGLU, RoPE, GQA).
 
 Names mirror the original checkpoints of the Qwen2/Llama families (`model.layers.{i}.self_attn.q_proj`);
 InternLM2's fused `wqkv` is split on load (see checkpoint/original.py), so one implementation serves all.
+Qwen3 adds per-head `q_norm`/`k_norm` before RoPE; Qwen3-MoE's sparse feed-forward is in moe.py.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..config import LLMConfig, rope_kind
 from .cache import KVCache
+from .moe import SparseMoE
 from .vit import RMSNorm
 
 _SDPA_GQA = "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")
@@ -153,6 +155,9 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, self.num_kv_heads * self.head_dim, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, cfg.hidden_size, bias=cfg.o_bias)
         self.qkv_proj: nn.Linear | None = None
+        if cfg.qk_norm:  # Qwen3: RMSNorm over each head's vector, before RoPE
+            self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
 
     def fuse(self) -> None:
         """Inference only: q/k/v become one projection (one weight stream per decoded token, not three)."""
@@ -162,13 +167,19 @@ class Attention(nn.Module):
     def _qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         b, t, _ = x.shape
         hq, hk, d = self.num_heads, self.num_kv_heads, self.head_dim
+        norm = hasattr(self, "q_norm")
         if self.qkv_proj is None:
-            q = self.q_proj(x).view(b, t, hq, d).transpose(1, 2)
-            k = self.k_proj(x).view(b, t, hk, d).transpose(1, 2)
+            q = self.q_proj(x).view(b, t, hq, d)
+            k = self.k_proj(x).view(b, t, hk, d)
+            if norm:
+                q, k = self.q_norm(q), self.k_norm(k)
             v = self.v_proj(x).view(b, t, hk, d).transpose(1, 2)
-            return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+            return apply_rope(q.transpose(1, 2), cos, sin), apply_rope(k.transpose(1, 2), cos, sin), v
         qkv = self.qkv_proj(x).view(b, t, hq + 2 * hk, d).transpose(1, 2)
-        qk = apply_rope(qkv[:, : hq + hk], cos, sin)  # q and k heads rotated in one pass
+        qk = qkv[:, : hq + hk]
+        if norm:
+            qk = torch.cat([self.q_norm(qk[:, :hq]), self.k_norm(qk[:, hq:])], dim=1)
+        qk = apply_rope(qk, cos, sin)  # q and k heads rotated in one pass
         return qk[:, :hq], qk[:, hq:], qkv[:, hq + hk :]
 
     def forward(self, x, cos, sin, mask, causal, cache: KVCache | None, layer: int, kv_len: int):
@@ -182,11 +193,12 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: LLMConfig):
+    def __init__(self, cfg: LLMConfig, intermediate: int | None = None):
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        inter = intermediate or cfg.intermediate_size
+        self.gate_proj = nn.Linear(cfg.hidden_size, inter, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, inter, bias=False)
+        self.down_proj = nn.Linear(inter, cfg.hidden_size, bias=False)
         self.gate_up_proj: nn.Linear | None = None
 
     def fuse(self) -> None:
@@ -201,11 +213,19 @@ class MLP(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
+def make_mlp(cfg: LLMConfig, layer: int) -> nn.Module:
+    """The feed-forward block of decoder layer `layer`: dense SwiGLU, or Qwen3-MoE's experts where sparse."""
+    if not cfg.sparse(layer):
+        return MLP(cfg)
+    return SparseMoE(cfg.hidden_size, cfg.num_experts, cfg.num_experts_per_tok, cfg.norm_topk_prob,
+                     lambda: MLP(cfg, cfg.moe_intermediate_size))  # fmt: skip
+
+
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: LLMConfig):
+    def __init__(self, cfg: LLMConfig, layer: int = 0):
         super().__init__()
         self.self_attn = Attention(cfg)
-        self.mlp = MLP(cfg)
+        self.mlp = make_mlp(cfg, layer)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
@@ -218,7 +238,7 @@ class DecoderModel(nn.Module):
     def __init__(self, cfg: LLMConfig):
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
