@@ -1,4 +1,5 @@
-"""CPU inference: ours vs transformers' InternVLForConditionalGeneration on the InternVL3-1B shape in bf16.
+"""CPU inference: ours vs transformers' InternVLForConditionalGeneration on the InternVL3-1B shape in bf16
+(or another preset with --shape: internvl3.5-1b is the Qwen3-0.6B decoder, internvl3.5-moe-small a small Qwen3-MoE).
 
 Same random weights, same input (one 448 tile and 64 text tokens), 64 new tokens, greedy. Each engine runs
 in a fresh process. Prints decode tokens/s (ours / reference), time to first token (reference / ours),
@@ -6,7 +7,7 @@ our decode speed as a fraction of the memory-bandwidth roofline (language-model 
 token over the read bandwidth of a multi-threaded pass over a large buffer), our peak memory over the
 weight size, and the int8 decode speedup over our bf16.
 
-    python benchmarks/bench_inference.py [--keep DIR] [--repeats 3] [--threads 2]
+    python benchmarks/bench_inference.py [--shape internvl3.5-1b] [--keep DIR] [--repeats 3] [--threads 2]
 """
 
 from __future__ import annotations
@@ -105,26 +106,35 @@ print(json.dumps(out))
 
 
 def llm_bytes_per_token(folder: Path) -> int:
-    """Weight bytes the language model streams per decoded token: everything but the embedding table."""
+    """Weight bytes the language model streams per decoded token: everything but the embedding table, and of
+    a mixture-of-experts layer only the experts one token is routed to."""
     from internvl.checkpoint.io import build_model
     from internvl.checkpoint.layouts import read_config
+    from internvl.model.moe import SparseMoE
 
     model = build_model(read_config(folder))
     lm = model.language_model
     total = sum(p.numel() * 2 for p in lm.parameters())  # bf16
+    for layer in lm.model.layers:
+        if isinstance(layer.mlp, SparseMoE):
+            idle = len(layer.mlp.experts) - layer.mlp.top_k
+            total -= idle * sum(p.numel() * 2 for p in layer.mlp.experts[0].parameters())
     return total - lm.model.embed_tokens.weight.numel() * 2
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shape", default="internvl3-1b", choices=["internvl3-1b", "internvl3.5-1b", "internvl3.5-moe-small"],
+                    help="the preset whose shape the random checkpoint has")  # fmt: skip
     ap.add_argument("--keep", default=None, help="checkpoint folder to reuse (written if empty)")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--skip-reference", action="store_true")
     args = ap.parse_args()
     root = Path(args.keep or tempfile.mkdtemp(prefix="bench_inference_"))
-    orig = random_checkpoint(root / "original", "internvl3-1b", "original")
-    hf = random_checkpoint(root / "hf", "internvl3-1b", "hf")
+    sub = "" if args.shape == "internvl3-1b" else f"{args.shape}-"  # the default shape keeps its folder names
+    orig = random_checkpoint(root / f"{sub}original", args.shape, "original")
+    hf = random_checkpoint(root / f"{sub}hf", args.shape, "hf")
     t, r = str(args.threads), str(args.repeats)
     bw = run_child(BANDWIDTH, t)
     bandwidth = max(bw.values())
@@ -134,6 +144,7 @@ def main() -> None:
     per_token = llm_bytes_per_token(orig)
     roofline = bandwidth * 1e9 / per_token
     res = {
+        "shape": args.shape,
         "bandwidth_gb_s": bw,
         "llm_bytes_per_token_mb": round(per_token / 1e6, 1),
         "roofline_tok_s": round(roofline, 2),
