@@ -145,7 +145,7 @@ class InternVL:
 
 def load(path: str | Path | None = None, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,
          quantize: str | None = None, max_batch: int = 16, optimize: bool = True,
-         revision: str | None = None) -> InternVL:  # fmt: skip
+         revision: str | None = None, v2pe: int | None = None) -> InternVL:  # fmt: skip
     """Load a checkpoint folder (original or -hf layout) or a LoRA adapter folder (merged into the base model it
     records), or a Hugging Face Hub id such as "OpenGVLab/InternVL3-1B" (downloaded into the Hub cache, at
     `revision`; see checkpoint/hub.py); no path loads the built-in nano model.
@@ -153,7 +153,8 @@ def load(path: str | Path | None = None, device: str | torch.device = "cpu", dty
     `dtype`: None keeps the stored dtype; "bf16", "fp16" or "fp32" casts. `quantize="int8"` applies
     weight-only int8 to the language model's linear layers (for fast CPU decoding). `optimize` fuses the
     decoder's projections and uses the CPU decode kernels: the model is then for inference only (pass
-    False to fine-tune or save it).
+    False to fine-tune or save it). `v2pe`: a stride turns on V2PE positions (`rope_pos_id_version` v2pe_fix;
+    an image token advances stride / tokens per tile (256) positions, model/v2pe.py), as for OpenGVLab/V2PE.
     """
     from .checkpoint.hub import resolve_model
 
@@ -168,6 +169,8 @@ def load(path: str | Path | None = None, device: str | torch.device = "cpu", dty
     else:
         tokenizer = Tokenizer.from_dir(path)
         model, _ = load_model(path, dtype=dtype, device=device, image_token_id=tokenizer.image_context_id)
+    if v2pe is not None:
+        model.config = model.config.replace(rope_pos_id_version="v2pe_fix", rope_pos_id_stride=v2pe)
     if quantize is not None:
         from .engine.accelerate import quantize_model
 

@@ -22,6 +22,9 @@ LLM_FAMILIES = {
     "Qwen3MoeForCausalLM": "qwen3_moe",
 }
 FAMILY_ARCH = {v: k for k, v in LLM_FAMILIES.items()}
+# Mono-InternVL's decoder: InternLM2 with visual-expert feed-forwards (`LLMConfig.visual_experts`, model/mono.py)
+LLM_FAMILIES["InternLM2VEForCausalLM"] = "internlm2"
+V2PE_VERSIONS = ("default", "v2pe_fix", "v2pe_rnd")  # rope_pos_id_version (model/v2pe.py)
 # rope_scaling types -> the Rotary's kinds; "su" is LongRoPE's older name (Phi-3 checkpoints)
 ROPE_KINDS = {"default": "default", "linear": "linear", "dynamic": "dynamic", "longrope": "longrope", "su": "longrope"}
 
@@ -87,6 +90,7 @@ class VisionConfig:
     layer_norm_eps: float = 1e-6
     initializer_factor: float = 0.1  # initial value of the layer-scale vectors ls1/ls2
     drop_path_rate: float = 0.0
+    embeddings_only: bool = False  # Mono-InternVL's `intern_vit_patch`: patch embedding, no encoder layers
 
     def __post_init__(self) -> None:
         check_sizes(self, "vision_config", ("hidden_size", "intermediate_size", "num_attention_heads",
@@ -128,6 +132,7 @@ class LLMConfig:
     bos_token_id: int | None = None
     eos_token_id: int | None = None
     pad_token_id: int | None = None
+    visual_experts: bool = False  # Mono-InternVL (InternLM2 only): image tokens through `feed_forward_ve`
     # Qwen3-MoE only (ignored by the other families)
     num_experts: int = 0
     num_experts_per_tok: int = 8
@@ -174,7 +179,7 @@ class LLMConfig:
 
     @property
     def architecture(self) -> str:
-        return FAMILY_ARCH[self.family]
+        return "InternLM2VEForCausalLM" if self.visual_experts else FAMILY_ARCH[self.family]
 
     @property
     def qk_norm(self) -> bool:
@@ -243,10 +248,22 @@ class ModelConfig:
     processor: ProcessorConfig = field(default_factory=ProcessorConfig)
     force_image_size: int | None = 448  # the tile side; overrides vision.image_size (the ViT is built for it)
     select_layer: int = -1
+    # V2PE: image tokens advance the RoPE position by rope_pos_id_stride / num_image_token (model/v2pe.py)
+    rope_pos_id_version: str = "default"
+    rope_pos_id_stride: int | None = None
 
     def __post_init__(self) -> None:
         self.processor.__post_init__()
         check_sizes(self, "config", ("force_image_size",))
+        if self.rope_pos_id_version not in V2PE_VERSIONS:
+            raise ConfigError(f"rope_pos_id_version: expected one of {list(V2PE_VERSIONS)}, "
+                              f"got {self.rope_pos_id_version!r}")  # fmt: skip
+        stride = self.rope_pos_id_stride
+        if self.rope_pos_id_version != "default" and (isinstance(stride, bool) or not isinstance(stride, int)
+                                                      or stride < 1):
+            raise ConfigError(f"rope_pos_id_stride: V2PE needs a positive integer stride, got {stride!r}")
+        if self.llm.visual_experts and self.llm.family != "internlm2":
+            raise ConfigError("llm_config: visual experts (Mono-InternVL) need an InternLM2 decoder")
         layers = self.vision.num_hidden_layers
         if isinstance(self.select_layer, bool) or not isinstance(self.select_layer, int) or not (
             -layers <= self.select_layer < layers

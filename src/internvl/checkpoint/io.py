@@ -19,6 +19,7 @@ from safetensors.torch import save_file
 
 from ..config import ModelConfig
 from ..errors import CheckpointError, ConfigError
+from ..model.mono import model_class
 from ..model.vlm import InternVLChatModel
 from .layouts import build_entries, config_files, detect_layout, read_config
 from .reader import SafetensorsFile
@@ -188,8 +189,8 @@ def build_model(config: ModelConfig, image_token_id: int | None = None, meta: bo
     """The model with empty (meta) parameters to be filled by `load_weights`, or randomly initialized."""
     if meta:
         with torch.device("meta"), _skip_init():
-            return InternVLChatModel(config, image_token_id)
-    return InternVLChatModel(config, image_token_id)
+            return model_class(config)(config, image_token_id)
+    return model_class(config)(config, image_token_id)
 
 
 def load_model(folder: str | Path, dtype: str | torch.dtype | None = None, device: str | torch.device = "cpu",

@@ -19,6 +19,8 @@ _VISION_DEFAULTS = dict(
     image_size=224, qkv_bias=False, qk_normalization=True, norm_type="rms_norm", layer_norm_eps=1e-6,
     initializer_factor=0.1, drop_path_rate=0.0,
 )  # fmt: skip
+# Mono-InternVL's vision side (`intern_vit_patch`): only the embeddings exist; the encoder fields are moot
+_PATCH_DEFAULTS = {**_VISION_DEFAULTS, "num_attention_heads": 1, "num_hidden_layers": 1, "embeddings_only": True}
 
 
 # ---- config.json ---------------------------------------------------------------------------------
@@ -27,8 +29,12 @@ _VISION_DEFAULTS = dict(
 def from_original_dict(d: dict[str, Any], source: str) -> ModelConfig:
     if "vision_config" not in d or "llm_config" not in d:
         raise ConfigError(f"{source}: an internvl_chat config needs both 'vision_config' and 'llm_config'")
-    vision = pick(d["vision_config"], VisionConfig, _VISION_DEFAULTS, {}, source)
+    vision_defaults = _VISION_DEFAULTS
+    if isinstance(d["vision_config"], dict) and d["vision_config"].get("model_type") == "intern_vit_patch":
+        vision_defaults = _PATCH_DEFAULTS
+    vision = pick(d["vision_config"], VisionConfig, vision_defaults, {}, source)
     llm = parse_llm(d["llm_config"], source)
+    llm.visual_experts = (d["llm_config"].get("architectures") or [None])[0] == "InternLM2VEForCausalLM"
     projector = ProjectorConfig(downsample_ratio=d.get("downsample_ratio", 0.5), ps_version=d.get("ps_version", "v1"))
     processor = ProcessorConfig(
         template=d.get("template") or "internvl2_5", system_message=d.get("system_message"),
@@ -37,7 +43,9 @@ def from_original_dict(d: dict[str, Any], source: str) -> ModelConfig:
         pad2square=d.get("pad2square", False),
     )  # fmt: skip
     return ModelConfig(vision=vision, llm=llm, projector=projector, processor=processor,
-                       force_image_size=d.get("force_image_size"), select_layer=d.get("select_layer", -1))  # fmt: skip
+                       force_image_size=d.get("force_image_size"), select_layer=d.get("select_layer", -1),
+                       rope_pos_id_version=d.get("rope_pos_id_version") or "default",
+                       rope_pos_id_stride=d.get("rope_pos_id_stride"))  # fmt: skip
 
 
 def to_original_dict(config: ModelConfig) -> dict[str, Any]:
@@ -61,6 +69,9 @@ def to_original_dict(config: ModelConfig) -> dict[str, Any]:
         "drop_path_rate": v.drop_path_rate,
         "use_flash_attn": False,
     }
+    if v.embeddings_only:
+        vision = {"architectures": ["InternVisionPatchModel"], "model_type": "intern_vit_patch",
+                  **{k: vision[k] for k in ("hidden_size", "patch_size", "image_size", "num_channels")}}
     llm: dict[str, Any] = {"architectures": [m.architecture], "model_type": m.family}
     llm.update(llm_common(m))
     llm.update(llm_family_keys(m))
@@ -90,6 +101,8 @@ def to_original_dict(config: ModelConfig) -> dict[str, Any]:
     }
     if p.system_message is not None:
         out["system_message"] = p.system_message
+    if config.rope_pos_id_version != "default":
+        out.update(rope_pos_id_version=config.rope_pos_id_version, rope_pos_id_stride=config.rope_pos_id_stride)
     return out
 
 
@@ -123,6 +136,9 @@ _INTERNLM2_RENAMES = [
     (r"\.mlp\.gate_proj\.", ".feed_forward.w1."),
     (r"\.mlp\.up_proj\.", ".feed_forward.w3."),
     (r"\.mlp\.down_proj\.", ".feed_forward.w2."),
+    (r"\.mlp_ve\.gate_proj\.", ".feed_forward_ve.w1."),  # Mono-InternVL's visual experts
+    (r"\.mlp_ve\.up_proj\.", ".feed_forward_ve.w3."),
+    (r"\.mlp_ve\.down_proj\.", ".feed_forward_ve.w2."),
     (r"\.input_layernorm\.", ".attention_norm."),
     (r"\.post_attention_layernorm\.", ".ffn_norm."),
     (r"^language_model\.lm_head\.", "language_model.output."),

@@ -188,6 +188,8 @@ class FusedDecoder:
         if (embeds.dtype != torch.bfloat16 or embeds.shape[1] != 1 or embeds.dim() != 3 or not embeds.is_cpu
                 or not 0 < b <= MAX_ROWS or torch.is_grad_enabled() or any(self.hooks)):
             return None
+        if getattr(cache, "offsets", None) is not None:  # V2PE positions: the module path computes them
+            return None
         lengths = cache.lengths
         kv_len = max(lengths.tolist()) + 1
         cache.reserve(kv_len)

@@ -17,6 +17,8 @@ class KVCache:
         self.num_layers, self.num_kv_heads, self.head_dim = num_layers, num_kv_heads, head_dim
         self.dtype, self.device = dtype, torch.device(device)
         self.lengths = torch.zeros(batch, dtype=torch.long)  # tokens stored per row (on the CPU)
+        # per row, the next token's RoPE position minus its length; None: 0 (V2PE sets it, model/v2pe.py)
+        self.offsets: torch.Tensor | None = None
         self._alloc(batch, capacity, batch)
 
     def _alloc(self, slots: int, capacity: int, batch: int) -> None:
@@ -97,6 +99,8 @@ class KVCache:
         """Keep only these rows, in this order. Where no row moves to a later slot (rows[i] >= i, as when
         the last rows fill the holes left by finished ones), only the moved rows are copied, in place."""
         lengths = self.lengths[torch.tensor(rows, dtype=torch.long)] if rows else self.lengths[:0]
+        if self.offsets is not None:
+            self.offsets = self.offsets[torch.tensor(rows, dtype=torch.long)] if rows else self.offsets[:0]
         if all(src >= i for i, src in enumerate(rows)) and len(set(rows)) == len(rows):
             for i, src in enumerate(rows):  # ascending: a source is never a slot already overwritten
                 if src != i:
@@ -122,6 +126,9 @@ class KVCache:
         for mine, theirs in zip(self._slots[0] + self._slots[1], other.k + other.v):
             n = min(theirs.shape[2], self.capacity)
             mine[b0:b1, :, :n] = theirs[:, :, :n]
+        if self.offsets is not None or other.offsets is not None:
+            self.offsets = torch.cat([torch.zeros_like(x.lengths) if x.offsets is None else x.offsets
+                                      for x in (self, other)])  # fmt: skip
         self.lengths = torch.cat([self.lengths, other.lengths])
         self._view(b1)
 
@@ -138,6 +145,8 @@ class KVCache:
             self.k[layer][row, :, :n] = k[layer, :, :n]
             self.v[layer][row, :, :n] = v[layer, :, :n]
         self.lengths[row] = n
+        if self.offsets is not None:
+            self.offsets[row] = 0  # stored prefixes are text (they stop before the first image)
 
 
 def _first_rows(t: torch.Tensor, n: int) -> torch.Tensor:

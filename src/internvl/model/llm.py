@@ -300,7 +300,8 @@ class CausalLM(nn.Module):
         if cache is not None:
             start = cache.lengths.to(embeds.device)
             if positions is None:
-                positions = start[:, None] + torch.arange(t, device=embeds.device)
+                first = start if cache.offsets is None else start + cache.offsets.to(embeds.device)  # V2PE
+                positions = first[:, None] + torch.arange(t, device=embeds.device)
             kv_len = int(cache.lengths.max().item()) + t
             cache.reserve(kv_len)
             if t > 1 or not cache.same_lengths:

@@ -13,6 +13,7 @@ from ..errors import PromptError
 from .cache import KVCache
 from .llm import CausalLM
 from .projector import Projector, merge_and_project
+from .v2pe import image_step, prompt_positions
 from .vit import InternVisionModel
 
 
@@ -97,15 +98,23 @@ class InternVLChatModel(nn.Module):
         image_embeds: torch.Tensor | None = None,
     ) -> ModelOutput:
         emb = self.embed(input_ids, pixel_values, image_flags, image_embeds)
-        logits = self.language_model(emb, positions=positions, cache=cache, valid_lengths=valid_lengths,
-                                     seq_ids=seq_ids, attention_mask=attention_mask,
-                                     logits_to_keep=logits_to_keep)  # fmt: skip
+        logits = self.language_model(emb, cache=cache, valid_lengths=valid_lengths,
+                                     seq_ids=seq_ids, attention_mask=attention_mask, logits_to_keep=logits_to_keep,
+                                     **self.lm_inputs(input_ids, positions, cache, valid_lengths))  # fmt: skip
         loss = None
         if labels is not None:
             loss = F.cross_entropy(
                 logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1), ignore_index=-100
             )
         return ModelOutput(logits=logits, loss=loss)
+
+    def lm_inputs(self, input_ids: torch.Tensor, positions: torch.Tensor | None, cache: KVCache | None,
+                  valid_lengths: torch.Tensor | None) -> dict:  # fmt: skip
+        """The language model's inputs besides the embeddings: the positions, V2PE's fractional ones where the
+        config turns it on and none are given (model/v2pe.py; they also shift the cache's later positions)."""
+        if positions is None and image_step(self.config) is not None:
+            positions = prompt_positions(self.config, input_ids, self.image_token_id, cache, valid_lengths)
+        return {"positions": positions}
 
     # ---- generation: a prompt into a KV cache, then one token per row at a time ----
 
