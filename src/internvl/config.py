@@ -18,6 +18,7 @@ LLM_FAMILIES = {
     "Qwen2ForCausalLM": "qwen2",
     "LlamaForCausalLM": "llama",
     "InternLM2ForCausalLM": "internlm2",
+    "Phi3ForCausalLM": "phi3",
     "Qwen3ForCausalLM": "qwen3",
     "Qwen3MoeForCausalLM": "qwen3_moe",
 }

@@ -91,6 +91,25 @@ def _rope_parameters(d: dict[str, Any]) -> dict[str, Any]:
     return rp if isinstance(rp, dict) else {}
 
 
+def _phi3(d: dict[str, Any], source: str) -> dict[str, Any]:
+    """Phi-3 keeps original_max_position_embeddings beside rope_scaling (LongRoPE, older name `su`). Not
+    implemented, so refused: a partial rotary factor (Phi-3.5, Phi-4-mini), a window shorter than the context."""
+    rp = d.get("rope_parameters") if isinstance(d.get("rope_parameters"), dict) else {}
+    rs = d.get("rope_scaling")
+    if rs is None and rp.get("rope_type", "default") != "default":  # transformers 5 writes rope_parameters
+        rs = {k: v for k, v in rp.items() if k != "rope_theta"}
+    if isinstance(rs, dict) and d.get("original_max_position_embeddings") and "original_max_position_embeddings" not in rs:
+        rs = {**rs, "original_max_position_embeddings": d["original_max_position_embeddings"]}
+    d = {**d, "rope_scaling": rs}
+    if d.get("partial_rotary_factor", rp.get("partial_rotary_factor", 1.0)) != 1.0:
+        raise ConfigError(f"{source}: Phi-3 with partial_rotary_factor != 1 (Phi-3.5, Phi-4-mini) is not supported")
+    window, context = d.get("sliding_window"), d.get("max_position_embeddings", 4096)
+    if isinstance(window, int) and not isinstance(window, bool) and window < context:
+        raise ConfigError(f"{source}: Phi-3 with a sliding window ({window}) shorter than its context ({context}) "
+                          f"is not supported (Phi-3-mini-128k, the Mini-InternVL decoder, has none in effect)")  # fmt: skip
+    return d
+
+
 def parse_llm(d: dict[str, Any], source: str) -> LLMConfig:
     """The language-model section (`llm_config` or `text_config`) of either layout."""
     archs = check_section(d, "the language model config", source).get("architectures") or []
@@ -108,6 +127,8 @@ def parse_llm(d: dict[str, Any], source: str) -> LLMConfig:
             known = sorted(set(LLM_FAMILIES.values()))
             raise ConfigError(f"{source}: language model config has no architectures and model_type "
                               f"{d.get('model_type')!r} is not one of {known}")  # fmt: skip
+    if family == "phi3":
+        d = _phi3(d, source)
     if family == "qwen2":
         qkv_bias, o_bias = True, False
     elif family == "internlm2":

@@ -12,6 +12,7 @@ import torch
 from ..config import ModelConfig, ProcessorConfig, ProjectorConfig, VisionConfig
 from ..errors import ConfigError
 from .common import Entry, llm_common, llm_family_keys, parse_llm, pick, rename
+from .original import phi3_entries
 
 # transformers' InternVLVisionConfig class defaults (note: attention_bias defaults to False there)
 _VISION_DEFAULTS = dict(
@@ -46,7 +47,7 @@ def from_hf_dict(d: dict[str, Any], source: str) -> ModelConfig:
     projector = ProjectorConfig(downsample_ratio=d.get("downsample_ratio", 0.5), ps_version="v2")
     # The transformers chat template has no default system prompt: an empty system message omits it.
     processor = ProcessorConfig(
-        template=extra.get("template", "internvl2_5"), system_message=extra.get("system_message", ""),
+        template=extra.get("template", "phi3-chat" if llm.family == "phi3" else "internvl2_5"), system_message=extra.get("system_message", ""),
         dynamic_image_size=extra.get("dynamic_image_size", True), use_thumbnail=extra.get("use_thumbnail", True),
         min_dynamic_patch=extra.get("min_dynamic_patch", 1), max_dynamic_patch=extra.get("max_dynamic_patch", 12),
         pad2square=extra.get("pad2square", False),
@@ -177,6 +178,10 @@ def _hf_name(key: str) -> str:
 def hf_entries(internal_keys: list[str], config: ModelConfig) -> list[Entry]:
     """Entries covering every internal key; the ViT's fused qkv becomes q_proj, k_proj, v_proj."""
     entries: list[Entry] = []
+    if config.llm.family == "phi3":  # the fused qkv_proj and gate_up_proj, as in the original layout
+        lm = [key for key in internal_keys if key.startswith("language_model.")]
+        entries += phi3_entries(lm, config.llm, _hf_name)
+        internal_keys = [key for key in internal_keys if not key.startswith("language_model.")]
     for key in internal_keys:
         m = _VIT_QKV.match(key)
         if m:

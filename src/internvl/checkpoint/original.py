@@ -149,6 +149,8 @@ _QKV = re.compile(r"^(language_model\.model\.layers\.\d+\.self_attn\.)q_proj\.(w
 def original_entries(internal_keys: list[str], config: ModelConfig) -> list[Entry]:
     """Entries covering every internal key: names as they are, except InternLM2's."""
     llm = config.llm
+    if llm.family == "phi3":
+        return phi3_entries(internal_keys, llm, lambda key: key)
     if llm.family != "internlm2":
         return [Entry([key], [key]) for key in internal_keys]
     entries: list[Entry] = []
@@ -167,4 +169,33 @@ def original_entries(internal_keys: list[str], config: ModelConfig) -> list[Entr
             continue
         entries.append(Entry([key], [rename(key, _INTERNLM2_RENAMES)]))
         done.add(key)
+    return entries
+
+
+_PHI3_FUSED = re.compile(r"^(.*\.layers\.\d+\.)(self_attn\.q_proj|mlp\.gate_proj)\.weight$")
+
+
+def phi3_entries(internal_keys: list[str], llm: LLMConfig, name) -> list[Entry]:
+    """Phi-3's fused `self_attn.qkv_proj` (q | k | v rows) and `mlp.gate_up_proj` (gate | up rows), the other
+    keys one to one; `name` gives a key's external name (the layouts differ only in the prefix)."""
+    d, i = llm.head_dim, llm.intermediate_size
+    qkv = [llm.num_attention_heads * d, llm.num_key_value_heads * d, llm.num_key_value_heads * d]
+    entries: list[Entry] = []
+    done: set[str] = set()
+    for key in internal_keys:
+        if key in done:
+            continue
+        m = _PHI3_FUSED.match(key)
+        if not m:
+            entries.append(Entry([key], [name(key)]))
+            continue
+        prefix, which = m.groups()
+        if which == "self_attn.q_proj":
+            group, fused, sizes = [f"{prefix}self_attn.{p}_proj.weight" for p in "qkv"], "self_attn.qkv_proj", qkv
+        else:
+            group, fused, sizes = [f"{prefix}mlp.gate_proj.weight", f"{prefix}mlp.up_proj.weight"], "mlp.gate_up_proj", [i, i]
+        entries.append(Entry(group, [name(f"{prefix}{fused}.weight")],
+                             lambda ts, s=sizes: [t.contiguous() for t in ts[0].split(s)],
+                             lambda ts: [torch.cat(ts).contiguous()]))  # fmt: skip
+        done.update(group)
     return entries

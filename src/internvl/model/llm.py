@@ -42,8 +42,7 @@ class Rotary:
         self.attention_scaling = 1.0
         if self.kind == "longrope":
             self.original_max = int(scaling.get("original_max_position_embeddings") or self.max_pos)
-            self.short = torch.tensor(scaling["short_factor"], dtype=torch.float32)
-            self.long = torch.tensor(scaling["long_factor"], dtype=torch.float32)
+            self.short, self.long = list(scaling["short_factor"]), list(scaling["long_factor"])
             factor = scaling.get("factor") or self.max_pos / self.original_max
             attention = scaling.get("attention_factor")
             if attention is None:
@@ -62,7 +61,8 @@ class Rotary:
         if key not in self._cache:
             inv = 1.0 / (self.base**exps)
             if self.kind == "longrope":
-                inv = 1.0 / ((self.long if long else self.short).to(device) * self.base**exps)
+                ext = torch.tensor(self.long if long else self.short, dtype=torch.float32, device=device)
+                inv = 1.0 / (ext * self.base**exps)
             self._cache[key] = inv
         return self._cache[key]
 
