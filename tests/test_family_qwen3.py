@@ -127,9 +127,9 @@ def test_moe_is_differentiable():
 
 
 def test_sparse_layers_follow_mlp_only_layers_and_sparse_step():
-    base = dict(family="qwen3_moe", hidden_size=16, intermediate_size=32, num_attention_heads=2, num_key_value_heads=1,
-                num_hidden_layers=6, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=8, qkv_bias=False,
-                o_bias=False)  # fmt: skip
+    base = {"family": "qwen3_moe", "hidden_size": 16, "intermediate_size": 32, "num_attention_heads": 2,
+            "num_key_value_heads": 1, "num_hidden_layers": 6, "num_experts": 4, "num_experts_per_tok": 2,
+            "moe_intermediate_size": 8, "qkv_bias": False, "o_bias": False}
     cfg = LLMConfig(**base, decoder_sparse_step=2, mlp_only_layers=[3])
     assert [cfg.sparse(i) for i in range(6)] == [False, True, False, False, False, True]
     lm = CausalLM(cfg)
@@ -186,3 +186,16 @@ def test_accelerated_decode_declines_the_c_step_for_qwen3(mode):
     accelerate(SimpleNamespace(language_model=plain))
     step = decode_step(SimpleNamespace(language_model=plain, decode=plain.decode))
     assert isinstance(step, FusedStep) == kernels.available()
+
+
+def test_our_hf_layout_loads_in_transformers(folders, tmp_path):
+    """original -> -hf by `internvl convert`: transformers reads our text_config (experts, head_dim) and keys."""
+    from transformers import InternVLForConditionalGeneration
+
+    _, ref, _, orig = folders
+    assert cli(["convert", str(orig), str(tmp_path / "hf"), "--to", "hf", "--image-token-id", str(IMAGE_TOKEN_ID)]) == 0
+    back = InternVLForConditionalGeneration.from_pretrained(tmp_path / "hf").eval()
+    ids, pv = prompt_with_images([2], seed=3)
+    with torch.no_grad():
+        torch.testing.assert_close(back(input_ids=ids, pixel_values=pv).logits,
+                                   ref(input_ids=ids, pixel_values=pv).logits, atol=1e-5, rtol=0)  # fmt: skip
