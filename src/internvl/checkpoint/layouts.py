@@ -28,7 +28,7 @@ def config_from_dict(d: dict[str, Any], source: str = "config.json") -> ModelCon
     if mt == "internvl" or "text_config" in d:
         return from_hf_dict(d, source)
     raise ConfigError(
-        f"{source}: unknown model_type {mt!r}; expected 'internvl_chat' (original layout) or 'internvl' (-hf)"
+        f"{source}: unknown model_type {mt!r}; expected 'internvl_chat' (original layout) or 'internvl' / 'interns1' (-hf)"
     )
 
 
@@ -47,7 +47,7 @@ def read_config(path: str | Path) -> ModelConfig:
         raise ConfigError(f"{path}: not a readable JSON config ({e})") from None
     cfg = config_from_dict(d, str(path))
     pre = path.parent / "preprocessor_config.json"
-    if d.get("model_type") == "internvl" and pre.exists():
+    if d.get("model_type") in ("internvl", "interns1") and pre.exists():  # interns1: Intern-S1(-mini), same layout
         try:
             apply_hf_preprocessor(cfg, check_section(json.loads(pre.read_text()), "the config", str(pre)))
         except (ValueError, TypeError, RecursionError) as e:
