@@ -199,3 +199,14 @@ def test_our_hf_layout_loads_in_transformers(folders, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(back(input_ids=ids, pixel_values=pv).logits,
                                    ref(input_ids=ids, pixel_values=pv).logits, atol=1e-5, rtol=0)  # fmt: skip
+
+
+def test_int8_keeps_the_router_unquantized():
+    from internvl.engine.accelerate import quantize_model
+    from internvl.kernels.modules import Int8Linear
+
+    lm = _tiny_lm("qwen3_moe")
+    quantize_model(SimpleNamespace(language_model=lm), "int8")
+    moe = lm.model.layers[0].mlp
+    assert type(moe.gate) is torch.nn.Linear and isinstance(moe.experts[0].down_proj, Int8Linear)
+    assert isinstance(lm.model.layers[0].self_attn.o_proj, Int8Linear)

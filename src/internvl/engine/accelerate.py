@@ -41,13 +41,22 @@ def _huge_pages(lm) -> None:
     collapse_to_hugepages([t for t in streamed if t.device.type == "cpu"])
 
 
+def _routers(lm) -> set[int]:
+    """ids of the mixture-of-experts routers (`gate` or `router` beside `experts`): they stay unquantized, as
+    a rounding there changes which experts a token goes to."""
+    return {id(r) for m in lm.modules() if hasattr(m, "experts")
+            for r in (getattr(m, "gate", None), getattr(m, "router", None)) if isinstance(r, nn.Linear)}  # fmt: skip
+
+
 def quantize_model(model, mode: str = "int8") -> int:
-    """Weight-only int8 (one scale per output row) for every linear layer of the language model."""
+    """Weight-only int8 (one scale per output row) for every linear layer of the language model but the
+    mixture-of-experts routers."""
     if mode not in MODES:
         raise InternVLError(f"quantize: expected one of {list(MODES)}, got {mode!r}")
     lm = model.language_model
     lm.fuse_projections()
-    count = _replace_linears(lm, Int8Linear.from_linear)
+    routers = _routers(lm)
+    count = _replace_linears(lm, lambda lin: None if id(lin) in routers else Int8Linear.from_linear(lin))
     _huge_pages(lm)
     return count
 
