@@ -32,6 +32,12 @@ def hf_reference(text: str = "qwen2", vision: str = "300m", heads: int = 4, kv_h
     if text == "qwen3_moe":  # layer 0 sparse (8 experts, top 2), layer 1 dense
         text_cfg.update(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=True,
                         mlp_only_layers=[1], decoder_sparse_step=1)  # fmt: skip
+    if text == "gpt_oss":  # sliding (window 4) / full / sliding layers, 4 experts top 2, YaRN, sinks, biases
+        text_cfg.update(num_hidden_layers=3, head_dim=16, intermediate_size=32, num_local_experts=4,
+                        num_experts_per_tok=2, sliding_window=4, attention_bias=True,
+                        rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "beta_fast": 32.0,
+                                         "beta_slow": 1.0, "truncate": False, "original_max_position_embeddings": 1024})
+        del text_cfg["rope_theta"]  # fmt: skip
     cfg = InternVLConfig(vision_config=vision_cfg, text_config=text_cfg, image_token_id=IMAGE_TOKEN_ID,
                          image_seq_length=TOKENS_PER_TILE, tie_word_embeddings=False)  # fmt: skip
     model = InternVLForConditionalGeneration(cfg).eval()

@@ -162,7 +162,8 @@ def test_empty_turns():
 
 
 def test_templates_and_stop_strings():
-    assert set(TEMPLATES) == {"internvl2_5", "internlm2-chat", "Hermes-2", "phi3-chat"}
+    assert set(TEMPLATES) == {"internvl2_5", "internlm2-chat", "Hermes-2", "phi3-chat", "internvl3_5_gpt_oss"}
+    assert stop_strings("internvl3_5_gpt_oss") == ["<|return|>"]  # golden prompts in test_family_gpt_oss.py
     assert stop_strings("internvl2_5") == ["<|im_end|>"]
     assert stop_strings("internlm2-chat") == ["<|im_end|>"]
     assert stop_strings("Hermes-2") == ["<|im_end|>", "<|endoftext|>"]

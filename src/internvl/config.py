@@ -21,13 +21,15 @@ LLM_FAMILIES = {
     "Phi3ForCausalLM": "phi3",
     "Qwen3ForCausalLM": "qwen3",
     "Qwen3MoeForCausalLM": "qwen3_moe",
+    "GptOssForCausalLM": "gpt_oss",
 }
 FAMILY_ARCH = {v: k for k, v in LLM_FAMILIES.items()}
 # Mono-InternVL's decoder: InternLM2 with visual-expert feed-forwards (`LLMConfig.visual_experts`, model/mono.py)
 LLM_FAMILIES["InternLM2VEForCausalLM"] = "internlm2"
 V2PE_VERSIONS = ("default", "v2pe_fix", "v2pe_rnd")  # rope_pos_id_version (model/v2pe.py)
 # rope_scaling types -> the Rotary's kinds; "su" is LongRoPE's older name (Phi-3 checkpoints)
-ROPE_KINDS = {"default": "default", "linear": "linear", "dynamic": "dynamic", "longrope": "longrope", "su": "longrope"}
+ROPE_KINDS = {"default": "default", "linear": "linear", "dynamic": "dynamic", "longrope": "longrope", "su": "longrope",
+              "yarn": "yarn"}
 
 
 def rope_kind(scaling: dict | None) -> str:
@@ -39,12 +41,17 @@ def rope_kind(scaling: dict | None) -> str:
 
 # Default system messages, copied from the reference conversation.py (the InternVL 2.5 / 3 one and the older one).
 SYSTEM_INTERNVL2_5 = "你是书生·万象，英文名是InternVL，是由上海人工智能实验室、清华大学及多家合作单位联合开发的多模态大语言模型。"
+SYSTEM_GPT_OSS = (
+    "You are InternVL, a large language model trained by Shanghai AI Laboratory.\nKnowledge cutoff: 2024-06\n"
+    "Current date: 2025-08-06\n\nReasoning: low\n\n# Valid channels: final. Channel must be included for every message."
+)
 SYSTEM_INTERNVL2 = "你是由上海人工智能实验室联合商汤科技开发的书生多模态大模型，英文名叫InternVL, 是一个有用无害的人工智能助手。"
 
 
 @dataclass(frozen=True)
 class Template:
-    """One chat format. `roles` are the (user, assistant) prefixes, `sep` ends every block."""
+    """One chat format. `roles` are the (user, assistant) prefixes, `sep` ends every block; `last_sep`, where
+    set, ends a final assistant message instead and is the one stop string (GPT-OSS's `<|return|>`)."""
 
     name: str
     system_template: str  # contains one "{}" for the system message
@@ -52,6 +59,7 @@ class Template:
     sep: str
     system_message: str  # the default, used when the caller gives none
     stop_str: str | None = None
+    last_sep: str | None = None
 
 
 _IM_SYSTEM = "<|im_start|>system\n{}"
@@ -67,6 +75,11 @@ TEMPLATES: dict[str, Template] = {
         Template("Hermes-2", _IM_SYSTEM, _IM_ROLES, "<|im_end|>", SYSTEM_INTERNVL2, stop_str="<|endoftext|>"),
         Template(
             "phi3-chat", "<|system|>\n{}", ("<|user|>\n", "<|assistant|>\n"), "<|end|>", SYSTEM_INTERNVL2
+        ),
+        # InternVL3.5-GPT-OSS (harmony format): the reply opens with <|channel|>final<|message|> itself
+        Template(
+            "internvl3_5_gpt_oss", "<|start|>system<|message|>{}", ("<|start|>user<|message|>", "<|start|>assistant"),
+            "<|end|>", SYSTEM_GPT_OSS, last_sep="<|return|>",
         ),
     )
 }
@@ -141,6 +154,11 @@ class LLMConfig:
     norm_topk_prob: bool = False
     mlp_only_layers: list[int] = field(default_factory=list)
     decoder_sparse_step: int = 1
+    # GPT-OSS only: every layer is a MoE of `num_experts` clamped-SwiGLU experts of `intermediate_size`
+    sliding_window: int | None = None  # keys a "sliding_attention" layer sees (the query's own included)
+    layer_types: list[str] | None = None  # per layer "sliding_attention" | "full_attention"
+    swiglu_alpha: float = 1.702
+    swiglu_limit: float = 7.0
 
     def __post_init__(self) -> None:
         if self.family not in FAMILY_ARCH:
@@ -166,6 +184,8 @@ class LLMConfig:
                 f"(got qkv_bias={self.qkv_bias}, o_bias={self.o_bias})"
             )
         check_rope_kind(self.rope_scaling, rope_kind(self.rope_scaling), self.head_dim)
+        if self.family == "gpt_oss":
+            self._check_gpt_oss()
         if self.family == "qwen3_moe":
             check_sizes(self, "llm_config", ("num_experts", "num_experts_per_tok", "moe_intermediate_size",
                                              "decoder_sparse_step"))  # fmt: skip
@@ -178,9 +198,35 @@ class LLMConfig:
                 raise ConfigError(f"llm_config.mlp_only_layers: expected a list of layer indices, "
                                   f"got {self.mlp_only_layers!r}")  # fmt: skip
 
+    def _check_gpt_oss(self) -> None:
+        check_sizes(self, "llm_config", ("num_experts", "num_experts_per_tok")
+                    + (("sliding_window",) if self.sliding_window is not None else ()))  # fmt: skip
+        check_rates(self, "llm_config", ("swiglu_alpha", "swiglu_limit"))
+        if self.num_experts_per_tok > self.num_experts:
+            raise ConfigError(f"llm_config: num_experts_per_tok {self.num_experts_per_tok} is above "
+                              f"num_experts {self.num_experts}")  # fmt: skip
+        if self.layer_types is None:  # transformers' default: sliding first, then alternating
+            self.layer_types = ["sliding_attention" if i % 2 == 0 else "full_attention"
+                                for i in range(self.num_hidden_layers)]  # fmt: skip
+        kinds = ("sliding_attention", "full_attention")
+        if (not isinstance(self.layer_types, (list, tuple)) or len(self.layer_types) != self.num_hidden_layers
+                or any(k not in kinds for k in self.layer_types)):  # fmt: skip
+            raise ConfigError(f"llm_config.layer_types: expected {self.num_hidden_layers} entries of {kinds}, "
+                              f"got {self.layer_types!r}")  # fmt: skip
+        if "sliding_attention" in self.layer_types and self.sliding_window is None:
+            raise ConfigError("llm_config: sliding_attention layers need a sliding_window")
+
     @property
     def architecture(self) -> str:
         return "InternLM2VEForCausalLM" if self.visual_experts else FAMILY_ARCH[self.family]
+
+    @property
+    def context_length(self) -> int:
+        """The engine's default limit: max_position_embeddings, or `factor` times it with dynamic-NTK scaling,
+        whose base keeps growing past max_position_embeddings (as transformers and the official code do)."""
+        if rope_kind(self.rope_scaling) == "dynamic":
+            return int(self.max_position_embeddings * float(self.rope_scaling.get("factor") or 1.0))
+        return self.max_position_embeddings
 
     @property
     def qk_norm(self) -> bool:
@@ -191,14 +237,6 @@ class LLMConfig:
         """Whether decoder layer `layer` is a mixture of experts (the Qwen3-MoE rule)."""
         return (self.family == "qwen3_moe" and layer not in self.mlp_only_layers
                 and (layer + 1) % self.decoder_sparse_step == 0)  # fmt: skip
-
-    @property
-    def context_length(self) -> int:
-        """The engine's default limit: max_position_embeddings, or `factor` times it with dynamic-NTK scaling,
-        whose base keeps growing past max_position_embeddings (as transformers and the official code do)."""
-        if rope_kind(self.rope_scaling) == "dynamic":
-            return int(self.max_position_embeddings * float(self.rope_scaling.get("factor") or 1.0))
-        return self.max_position_embeddings
 
 
 @dataclass

@@ -18,12 +18,13 @@ SIZE_LIMITS = {
     "image_size": 16384, "patch_size": 1024, "num_channels": 16, "force_image_size": 16384,
     "min_dynamic_patch": 1024, "max_dynamic_patch": 1024,
     "num_experts": 1 << 16, "num_experts_per_tok": 1024, "moe_intermediate_size": 1 << 20, "decoder_sparse_step": 1024,
+    "sliding_window": 1 << 27,
 }  # fmt: skip
 # (low, high, low included): norms divide by a positive epsilon, a ratio of 0 has no tokens
 RATE_LIMITS = {
     "layer_norm_eps": (0.0, 1.0, False), "rms_norm_eps": (0.0, 1.0, False), "rope_theta": (0.0, 1e12, False),
     "drop_path_rate": (0.0, 1.0, True), "downsample_ratio": (0.0, 1.0, False),
-    "initializer_factor": (-1e6, 1e6, True),
+    "initializer_factor": (-1e6, 1e6, True), "swiglu_alpha": (0.0, 1e6, False), "swiglu_limit": (0.0, 1e6, False),
 }  # fmt: skip
 
 
@@ -66,9 +67,9 @@ def check_rope_scaling(scaling: Any) -> None:
 
 def check_rope_kind(scaling: Any, kind: str, head_dim: int) -> None:
     """A rope scaling type the model implements; LongRoPE with one short and one long factor per frequency."""
-    if kind not in ("default", "linear", "dynamic", "longrope"):
+    if kind not in ("default", "linear", "dynamic", "longrope", "yarn"):
         raise ConfigError(f"llm_config.rope_scaling: unsupported type {kind} "
-                          f"(supported: linear, dynamic, longrope/su)")  # fmt: skip
+                          f"(supported: linear, dynamic, longrope/su, yarn)")  # fmt: skip
     if kind == "longrope":
         for name in ("short_factor", "long_factor"):
             value = scaling.get(name)

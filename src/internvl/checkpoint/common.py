@@ -30,6 +30,7 @@ class Entry:
     external: list[str]
     to_internal: Convert = _same
     to_external: Convert = _same
+    packed: bool = False  # external tensors are a packed encoding (MXFP4): their sizes differ from the values'
 
 
 def rename(key: str, rules: list[tuple[str, str]]) -> str:
@@ -74,15 +75,23 @@ def llm_common(m: LLMConfig) -> dict[str, Any]:
 
 
 def llm_family_keys(m: LLMConfig) -> dict[str, Any]:
-    """Keys only some families write: Qwen3's head_dim and attention_bias, Qwen3-MoE's experts."""
+    """Keys only some families write: Qwen3's head_dim and attention_bias, Qwen3-MoE's and GPT-OSS's experts,
+    GPT-OSS's attention windows."""
     out: dict[str, Any] = {}
     if m.family in ("qwen3", "qwen3_moe"):
         out.update(head_dim=m.head_dim, attention_bias=m.qkv_bias)
+    if m.family == "gpt_oss":
+        out.update(head_dim=m.head_dim, attention_bias=m.qkv_bias, num_local_experts=m.num_experts,
+                   num_experts_per_tok=m.num_experts_per_tok, sliding_window=m.sliding_window,
+                   layer_types=list(m.layer_types), swiglu_alpha=m.swiglu_alpha, swiglu_limit=m.swiglu_limit)  # fmt: skip
     if m.family == "qwen3_moe":
         out.update(num_experts=m.num_experts, num_experts_per_tok=m.num_experts_per_tok,
                    moe_intermediate_size=m.moe_intermediate_size, norm_topk_prob=m.norm_topk_prob,
                    mlp_only_layers=list(m.mlp_only_layers), decoder_sparse_step=m.decoder_sparse_step)  # fmt: skip
     return out
+
+
+_GPT_OSS_KEYS = ("sliding_window", "layer_types", "swiglu_alpha", "swiglu_limit")
 
 
 def _rope_parameters(d: dict[str, Any]) -> dict[str, Any]:
@@ -134,7 +143,12 @@ def parse_llm(d: dict[str, Any], source: str) -> LLMConfig:
     elif family == "internlm2":
         qkv_bias = o_bias = bool(d.get("bias", True))
     else:
-        qkv_bias = o_bias = bool(d.get("attention_bias", False))
+        qkv_bias = o_bias = bool(d.get("attention_bias", family == "gpt_oss"))
+    if family != "gpt_oss":  # Qwen2 configs carry sliding_window and layer_types too, unused by the model
+        d = {k: v for k, v in d.items() if k not in _GPT_OSS_KEYS}
+    rp = _rope_parameters(d)
+    if d.get("rope_scaling") is None and rp.get("rope_type", "default") != "default":
+        d = {**d, "rope_scaling": {k: v for k, v in rp.items() if k != "rope_theta"}}  # transformers 5 (YaRN)
     eos = d.get("eos_token_id")
     if isinstance(eos, list):
         eos = eos[0] if eos else None

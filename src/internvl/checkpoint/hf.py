@@ -46,8 +46,10 @@ def from_hf_dict(d: dict[str, Any], source: str) -> ModelConfig:
         llm.family = "internlm2"  # stored as Llama in -hf; the original layout fuses wqkv again
     projector = ProjectorConfig(downsample_ratio=d.get("downsample_ratio", 0.5), ps_version="v2")
     # The transformers chat template has no default system prompt: an empty system message omits it.
+    template = "internvl3_5_gpt_oss" if llm.family == "gpt_oss" else "internvl2_5"  # InternVL3.5's choices
+    template = "phi3-chat" if llm.family == "phi3" else template  # Mini-InternVL
     processor = ProcessorConfig(
-        template=extra.get("template", "phi3-chat" if llm.family == "phi3" else "internvl2_5"), system_message=extra.get("system_message", ""),
+        template=extra.get("template", template), system_message=extra.get("system_message", ""),
         dynamic_image_size=extra.get("dynamic_image_size", True), use_thumbnail=extra.get("use_thumbnail", True),
         min_dynamic_patch=extra.get("min_dynamic_patch", 1), max_dynamic_patch=extra.get("max_dynamic_patch", 12),
         pad2square=extra.get("pad2square", False),

@@ -22,6 +22,7 @@ from ..errors import CheckpointError, ConfigError
 from ..model.mono import model_class
 from ..model.vlm import InternVLChatModel
 from .layouts import build_entries, config_files, detect_layout, read_config
+from .mxfp4 import packed_entries
 from .reader import SafetensorsFile
 
 INDEX = "model.safetensors.index.json"
@@ -120,7 +121,7 @@ def load_weights(model: InternVLChatModel, folder: str | Path, dtype: torch.dtyp
                 raw_names[nk] = k
     expected = {k: (p.shape, p.dtype) for k, p in model.state_dict(keep_vars=True).items()}
     tie = model.config.llm.tie_word_embeddings
-    entries = build_entries(list(expected), model.config, layout)
+    entries = packed_entries(build_entries(list(expected), model.config, layout), set(owner))
     # read in file order: sequential reads, one file after another
     position = {k: (owner[k], handles[owner[k]].entries[raw_names.get(k, k)][2]) for k in owner}
     entries.sort(key=lambda e: min((position[k] for k in e.external if k in position), default=(-1, 0)))
@@ -130,6 +131,7 @@ def load_weights(model: InternVLChatModel, folder: str | Path, dtype: torch.dtyp
     shapes = {k: handles[i].shape(raw_names.get(k, k)) for k, i in owner.items()}
     for e in entries:  # sizes against the config from the headers alone, before a byte is read
         present = all(k in shapes for k in e.external)
+        present = present and not e.packed  # packed (MXFP4) tensors are checked once dequantized, below
         if present and sum(_numel(shapes[k]) for k in e.external) != sum(_numel(expected[n][0]) for n in e.internal):
             k, name = e.external[0], e.internal[0]
             raise CheckpointError(f"{files[owner[k]]}: tensor {k!r} has shape {tuple(shapes[k])}, but the config "

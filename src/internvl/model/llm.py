@@ -3,6 +3,7 @@
 Names mirror the original checkpoints of the Qwen2/Llama families (`model.layers.{i}.self_attn.q_proj`);
 InternLM2's fused `wqkv` is split on load (see checkpoint/original.py), so one implementation serves all.
 Qwen3 adds per-head `q_norm`/`k_norm` before RoPE; Qwen3-MoE's sparse feed-forward is in moe.py.
+GPT-OSS adds a sink logit per head and sliding-window layers to the attention, and its own experts (gpt_oss.py).
 """
 
 from __future__ import annotations
@@ -17,8 +18,10 @@ from torch.utils.checkpoint import checkpoint
 
 from ..config import LLMConfig, rope_kind
 from .cache import KVCache
+from .gpt_oss import GptOssMoE, window_attention
 from .moe import SparseMoE
 from .vit import RMSNorm
+from .yarn import yarn_frequencies
 
 _SDPA_GQA = "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")
 # how packed rows (`seq_ids`) attend: "spans" runs each sample on its own; "mask" is one block-diagonal mask
@@ -48,9 +51,13 @@ class Rotary:
             if attention is None:
                 attention = 1.0 if factor <= 1 else math.sqrt(1 + math.log(factor) / math.log(self.original_max))
             self.attention_scaling = float(attention)
+        if self.kind == "yarn":  # GPT-OSS
+            self.yarn_inv, self.attention_scaling = yarn_frequencies(scaling, self.base, self.dim, self.max_pos)
         self._cache: dict = {}
 
     def inv_freq(self, seq_len: int, device: torch.device) -> torch.Tensor:
+        if self.kind == "yarn":
+            return self.yarn_inv.to(device)
         exps = torch.arange(0, self.dim, 2, dtype=torch.int64, device=device).float() / self.dim
         if self.kind == "dynamic" and seq_len > self.max_pos:  # float32 as transformers, not cached
             grown = torch.tensor(self.factor * seq_len / self.max_pos - (self.factor - 1), dtype=torch.float32)
@@ -147,7 +154,7 @@ def _fuse_linears(linears: list[nn.Linear]) -> nn.Linear:
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: LLMConfig):
+    def __init__(self, cfg: LLMConfig, layer: int = 0):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         self.q_proj = nn.Linear(cfg.hidden_size, self.num_heads * self.head_dim, bias=cfg.qkv_bias)
@@ -158,6 +165,9 @@ class Attention(nn.Module):
         if cfg.qk_norm:  # Qwen3: RMSNorm over each head's vector, before RoPE
             self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
+        if cfg.family == "gpt_oss":  # a learned logit per head in every softmax; some layers see a window
+            self.sinks = nn.Parameter(torch.zeros(self.num_heads))
+            self.window = cfg.sliding_window if cfg.layer_types[layer] == "sliding_attention" else None
 
     def fuse(self) -> None:
         """Inference only: q/k/v become one projection (one weight stream per decoded token, not three)."""
@@ -188,7 +198,10 @@ class Attention(nn.Module):
         if cache is not None:
             cache.write(layer, k, v, uniform=mask is None)
             k, v = cache.view(layer, kv_len)
-        out = attention(q, k, v, mask, causal)
+        if hasattr(self, "sinks"):
+            out = window_attention(q, k, v, mask, cache, self.sinks, self.window)
+        else:
+            out = attention(q, k, v, mask, causal)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 
 
@@ -215,6 +228,8 @@ class MLP(nn.Module):
 
 def make_mlp(cfg: LLMConfig, layer: int) -> nn.Module:
     """The feed-forward block of decoder layer `layer`: dense SwiGLU, or Qwen3-MoE's experts where sparse."""
+    if cfg.family == "gpt_oss":
+        return GptOssMoE(cfg)
     if not cfg.sparse(layer):
         return MLP(cfg)
     return SparseMoE(cfg.hidden_size, cfg.num_experts, cfg.num_experts_per_tok, cfg.norm_topk_prob,
@@ -224,7 +239,7 @@ def make_mlp(cfg: LLMConfig, layer: int) -> nn.Module:
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: LLMConfig, layer: int = 0):
         super().__init__()
-        self.self_attn = Attention(cfg)
+        self.self_attn = Attention(cfg, layer)
         self.mlp = make_mlp(cfg, layer)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)

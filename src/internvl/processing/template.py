@@ -1,7 +1,7 @@
 """Prompt rendering with the chat templates of the released InternVL checkpoints (the table is `config.TEMPLATES`).
 
 Rendering follows the reference `conversation.py` MPT separator style: system block + sep, then role + message +
-sep for every turn, then the bare assistant role.
+sep for every turn, then the bare assistant role (MPT_TWO, GPT-OSS's: a final assistant message ends in `last_sep`).
 """
 
 from __future__ import annotations
@@ -56,14 +56,16 @@ def render_prompt(
         elif text is None:
             raise PromptError(f"message {k} ({role}) is None; only the last message may be left open")
         else:
-            out.append(prefix + text + t.sep)
+            last = k == len(messages) - 1 and role == "assistant" and t.last_sep is not None
+            out.append(prefix + text + (t.last_sep if last else t.sep))
     return "".join(out)
 
 
 def stop_strings(template: str | Template) -> list[str]:
-    """Strings that end a reply: the separator without its whitespace (the reference eos), plus stop_str."""
+    """Strings that end a reply: the separator without its whitespace (the reference eos), or `last_sep` where the
+    template has one (GPT-OSS: `<|end|>` also closes an analysis message before the final one), plus stop_str."""
     t = get_template(template)
-    stops = [t.sep.strip()]
+    stops = [t.last_sep or t.sep.strip()]
     if t.stop_str and t.stop_str not in stops:
         stops.append(t.stop_str)
     return stops
