@@ -167,3 +167,15 @@ def test_load_switch_through_the_engine(tmp_path):
                 assert int(logits.argmax()) == tok
                 seq.append(tok)
         assert plain.generate_ids(ids, pv, params) == same.generate_ids(ids, pv, params)
+
+
+def test_cli_flag():
+    import argparse
+
+    from internvl.cli.options import ModelOptions
+    from internvl.options import add_options
+
+    parser = argparse.ArgumentParser()
+    add_options(parser, ModelOptions)
+    assert parser.parse_args(["m", "--v2pe", "64"]).v2pe == 64
+    assert parser.parse_args(["m"]).v2pe is None

@@ -22,6 +22,8 @@ class ModelOptions:
     device: str = option("auto", "cpu, cuda, cuda:N, mps or auto: the GPU when there is one (default auto)")
     dtype: str | None = option(None, "cast weights (default: as stored)", choices=("fp32", "bf16", "fp16"))
     quantize: str | None = option(None, "weight-only int8 for the language model", choices=("int8",))
+    v2pe: int | None = option(None, "V2PE positions: image tokens advance STRIDE / 256 each (OpenGVLab/V2PE: 64)",
+                              metavar="STRIDE")  # fmt: skip
 
 
 @dataclass
@@ -71,4 +73,4 @@ def load_from_args(args: argparse.Namespace, **kwargs):
     from ..api import load, resolve_device
 
     device = resolve_device(args.device)
-    return load(model_path(args), device=device, dtype=args.dtype, quantize=args.quantize, **kwargs)
+    return load(model_path(args), device=device, dtype=args.dtype, quantize=args.quantize, v2pe=args.v2pe, **kwargs)
