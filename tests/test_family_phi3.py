@@ -30,13 +30,14 @@ def phi3_reference(rope: str, seed: int = 6):
     from transformers import InternVLConfig, InternVLForConditionalGeneration
 
     torch.manual_seed(seed)
-    vision = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_hidden_layers=2,
-                  image_size=[56, 56], patch_size=[14, 14], attention_bias=True, use_qk_norm=False,
-                  norm_type="layer_norm", layer_scale_init_value=0.1)  # fmt: skip
-    text = dict(model_type="phi3", vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-5,
-                rope_parameters=ROPES[rope], original_max_position_embeddings=16, pad_token_id=0, bos_token_id=1, eos_token_id=511,
-                tie_word_embeddings=False, sliding_window=None)  # fmt: skip
+    vision = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4, "num_hidden_layers": 2,
+              "image_size": [56, 56], "patch_size": [14, 14], "attention_bias": True, "use_qk_norm": False,
+              "norm_type": "layer_norm", "layer_scale_init_value": 0.1}
+    text = {"model_type": "phi3", "vocab_size": 512, "hidden_size": 64, "intermediate_size": 128,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "max_position_embeddings": 64, "rms_norm_eps": 1e-5, "rope_parameters": ROPES[rope],
+            "original_max_position_embeddings": 16, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 511,
+            "tie_word_embeddings": False, "sliding_window": None}
     cfg = InternVLConfig(vision_config=vision, text_config=text, image_token_id=IMAGE_TOKEN_ID,
                          image_seq_length=TOKENS_PER_TILE, tie_word_embeddings=False)  # fmt: skip
     model = InternVLForConditionalGeneration(cfg).eval()
