@@ -155,3 +155,13 @@ def test_cached_decode_uses_text_ffn_and_matches_forward():
             logits = mono.decode(nxt, cache)[:, None]
             full = mono(seq, pv).logits[:, -1]
             torch.testing.assert_close(logits[:, -1], full, atol=1e-5, rtol=1e-5)
+
+
+def test_no_hf_layout():
+    import pytest
+
+    from internvl.checkpoint.hf import to_hf_dict
+    from internvl.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="Mono-InternVL"):
+        to_hf_dict(mono_model().config, IMG)

@@ -70,6 +70,9 @@ def to_hf_dict(config: ModelConfig, image_token_id: int) -> dict[str, Any]:
     v, m, p = config.vision, config.llm, config.processor
     if config.projector.ps_version != "v2":
         raise ConfigError("the transformers layout supports only ps_version 'v2'")
+    if m.visual_experts or v.embeddings_only:
+        raise ConfigError("the transformers layout has no Mono-InternVL (visual experts, patch-only vision): "
+                          "keep the original layout")  # fmt: skip
     text: dict[str, Any] = {
         "architectures": ["LlamaForCausalLM" if m.family == "internlm2" else m.architecture],
         "model_type": "llama" if m.family == "internlm2" else m.family,
