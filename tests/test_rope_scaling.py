@@ -95,3 +95,26 @@ def test_unsupported_or_malformed_scaling_is_a_config_error():
     with pytest.raises(ConfigError, match="long_factor: expected 8 positive numbers"):
         _cfg({"rope_type": "longrope", "short_factor": SHORT, "long_factor": LONG[:3]})
     assert _cfg(None).context_length == 32 and _cfg(SCALINGS["linear"]).context_length == 32
+
+
+def test_engine_with_dynamic_ntk_runs_past_max_position_embeddings():
+    """The engine's limit follows the rope settings: a prompt longer than max_position_embeddings is served."""
+    from dataclasses import replace
+
+    from internvl.checkpoint.io import build_model
+    from internvl.engine.engine import Engine
+    from internvl.engine.sampling import SamplingParams
+    from internvl.presets import preset
+
+    cfg = preset("tiny")
+    cfg.llm = replace(cfg.llm, max_position_embeddings=24, rope_scaling={"type": "dynamic", "factor": 4.0})
+    torch.manual_seed(0)
+    model = build_model(cfg, image_token_id=cfg.llm.vocab_size - 1, meta=False).eval()
+    engine = Engine(model)
+    assert engine.max_model_len == 96
+    prompt = torch.randint(0, 200, (40,), generator=torch.Generator().manual_seed(2)).tolist()
+    out = engine.generate([(prompt, SamplingParams(max_new_tokens=8), None)])[0]
+    assert len(out.output_ids) == 8
+    with torch.no_grad():  # the first token is the full forward's greedy choice at position 39
+        logits = model.language_model(model.language_model.embed(torch.tensor([prompt])))[0, -1]
+    assert out.output_ids[0] == int(logits.argmax())
