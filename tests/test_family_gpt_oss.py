@@ -105,9 +105,9 @@ def test_cached_decode_of_uneven_rows_matches_full_forward(folders):
 
 
 def _cfg(**changes) -> LLMConfig:
-    base = dict(family="gpt_oss", vocab_size=64, hidden_size=32, intermediate_size=24, num_hidden_layers=2,
-                num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_experts=4, num_experts_per_tok=2,
-                sliding_window=3, rope_theta=10000.0, o_bias=True)  # fmt: skip
+    base = {"family": "gpt_oss", "vocab_size": 64, "hidden_size": 32, "intermediate_size": 24, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8, "num_experts": 4,
+            "num_experts_per_tok": 2, "sliding_window": 3, "rope_theta": 10000.0, "o_bias": True}  # fmt: skip
     return LLMConfig(**{**base, **changes})
 
 
@@ -274,6 +274,40 @@ def test_gpt_oss_template_golden_strings():
     )
     assert stop_strings("internvl3_5_gpt_oss") == ["<|return|>"]  # <|end|> also closes an analysis message
     assert stop_strings("internvl2_5") == ["<|im_end|>"]
+
+
+HARMONY_SPECIALS = ("<|startoftext|>", "<|endoftext|>", "<|start|>", "<|message|>", "<|channel|>", "<|end|>",
+                    "<|return|>")  # fmt: skip
+
+
+def test_harmony_style_tokenizer_adds_no_bos(tmp_path):
+    """GPT-OSS's o200k_harmony tokenizer defines <|startoftext|> but its ByteLevel post-processor adds nothing:
+    prompt ids start at <|start|>, as transformers' tokenizer(query) gives, and the trainer adds no BOS."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import processors
+    from transformers import AutoTokenizer
+
+    from internvl.tokenizer import Tokenizer, train_bpe_tokenizer
+
+    train_bpe_tokenizer(["What is in the image? A red circle and 2 blue squares."] * 40, tmp_path, vocab_size=300)
+    tok = HFTokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    tok.add_special_tokens(list(HARMONY_SPECIALS))
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    tok.save(str(tmp_path / "tokenizer.json"))
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    config.update(tokenizer_class="PreTrainedTokenizerFast", bos_token="<|startoftext|>", eos_token="<|return|>",
+                  pad_token="<|endoftext|>")  # fmt: skip
+    config["added_tokens_decoder"] = {str(i): {"content": t.content, "special": True, "normalized": False}
+                                      for i, t in tok.get_added_tokens_decoder().items()}  # fmt: skip
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    prompt = render_prompt("internvl3_5_gpt_oss", [("user", "<img><IMG_CONTEXT></img>\nWhat is in the image?"),
+                                                   ("assistant", None)])  # fmt: skip
+    ours, ref = Tokenizer.from_dir(tmp_path), AutoTokenizer.from_pretrained(str(tmp_path))
+    ids = ours.encode(prompt)
+    assert ids == ref(prompt).input_ids and ids[0] == ours.require("<|start|>") and ours.bos_id is None
+    tail = ours.encode("assistant", add_special_tokens=False)
+    assert ids[-len(tail) - 1 :] == [ours.require("<|start|>"), *tail]  # the prompt ends open at <|start|>assistant
+    assert ours.require("<|startoftext|>") not in ids
 
 
 # ---- the C decode step ---------------------------------------------------------------------------
