@@ -129,3 +129,17 @@ def test_original_checkpoint_with_su_rope_and_top_level_original_max(folders, tm
     ids, pv = prompt_with_images([1, 3, 2], seed=3, text_len=3)
     with torch.no_grad():
         torch.testing.assert_close(ours(ids, pv).logits, ref(input_ids=ids, pixel_values=pv).logits, atol=1e-4, rtol=0)
+
+
+def test_original_back_to_hf_keeps_phi3(folders, tmp_path):
+    """original -> -hf (our writer): the fused tensors and LongRoPE settings survive, logits unchanged."""
+    rope, ref, _, orig = folders
+    hf2 = str(tmp_path / "hf2")
+    assert cli(["convert", str(orig), hf2, "--to", "hf", "--image-token-id", str(IMAGE_TOKEN_ID)]) == 0
+    text = json.loads((tmp_path / "hf2" / "config.json").read_text())["text_config"]
+    assert text["model_type"] == "phi3" and (text["rope_scaling"] is None) == (rope == "default")
+    ours = _load(tmp_path / "hf2", "hf")
+    assert ours.config.processor.template == "phi3-chat"
+    ids, pv = prompt_with_images([2, 1], seed=5, text_len=3)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids, pv).logits, ref(input_ids=ids, pixel_values=pv).logits, atol=1e-4, rtol=0)
