@@ -19,20 +19,23 @@ QUERY_CHUNK = 512  # queries per score block: the [B, H, chunk, S] scores bound 
 def sink_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor,
                    sinks: torch.Tensor, scale: float) -> torch.Tensor:  # fmt: skip
     """softmax([q.k * scale, sink_h]) over the allowed keys plus one sink logit per head, the sink's share
-    dropped: q [B, Hq, T, D], k/v [B, Hkv, S, D], allowed [B, 1, T, S] boolean."""
-    groups = q.shape[1] // k.shape[1]
-    if groups > 1:
-        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-    b, h, t, _ = q.shape
-    sink = sinks.float()[None, :, None, None]
+    dropped: q [B, Hq, T, D], k/v [B, Hkv, S, D], allowed [B, 1, T, S] boolean. Query heads are grouped
+    over their KV head ([B, Hkv, g, T, D]), so the cache is never copied per query head."""
+    b, hq, t, d = q.shape
+    hk = k.shape[1]
+    g = hq // hk
+    q = q.reshape(b, hk, g, t, d)
+    k, v = k[:, :, None], v[:, :, None]  # [B, Hkv, 1, S, D]
+    sink = sinks.float().reshape(1, hk, g, 1, 1)
     outs = []
     for i in range(0, t, QUERY_CHUNK):
-        scores = (q[:, :, i : i + QUERY_CHUNK] @ k.transpose(-1, -2)).float() * scale
-        scores = scores.masked_fill(~allowed[:, :, i : i + QUERY_CHUNK], float("-inf"))
-        logits = torch.cat([scores, sink.expand(b, h, scores.shape[2], 1)], dim=-1)
+        scores = (q[:, :, :, i : i + QUERY_CHUNK] @ k.transpose(-1, -2)).float() * scale  # [B, Hkv, g, t, S]
+        scores = scores.masked_fill(~allowed[:, :, None, i : i + QUERY_CHUNK], float("-inf"))
+        logits = torch.cat([scores, sink.expand(b, hk, g, scores.shape[3], 1)], dim=-1)
         probs = torch.softmax(logits, dim=-1)[..., :-1]
         outs.append(probs.to(v.dtype) @ v)
-    return torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]
+    out = torch.cat(outs, dim=3) if len(outs) > 1 else outs[0]
+    return out.reshape(b, hq, t, d)
 
 
 def _span_mask(lengths: list[list[int]], device: torch.device) -> torch.Tensor:
