@@ -210,3 +210,17 @@ def test_int8_keeps_the_router_unquantized():
     moe = lm.model.layers[0].mlp
     assert type(moe.gate) is torch.nn.Linear and isinstance(moe.experts[0].down_proj, Int8Linear)
     assert isinstance(lm.model.layers[0].self_attn.o_proj, Int8Linear)
+
+
+def test_moe_decoder_trains_with_and_without_gradient_checkpointing():
+    grads = []
+    for checkpointing in (False, True):
+        lm = _tiny_lm("qwen3_moe").float().train()
+        lm.gradient_checkpointing = checkpointing
+        logits = lm(lm.embed(torch.tensor([[1, 2, 3, 4, 5, 6]])))
+        torch.nn.functional.cross_entropy(logits[0, :-1], torch.tensor([2, 3, 4, 5, 6])).backward()
+        grads.append({n: p.grad for n, p in lm.named_parameters() if p.grad is not None})
+    assert "model.layers.0.mlp.gate.weight" in grads[0] and "model.layers.0.self_attn.q_norm.weight" in grads[0]
+    assert grads[0].keys() == grads[1].keys()
+    for name, g in grads[0].items():
+        torch.testing.assert_close(grads[1][name], g, atol=1e-5, rtol=1e-4)
