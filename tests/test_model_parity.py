@@ -118,3 +118,22 @@ def test_internlm2_fused_wqkv_checkpoint_matches_llama_reference(tmp_path):
     assert ours.config.llm.family == "internlm2" and not report.unexpected
     ids, pv = prompt_with_images([2, 1], seed=5)
     torch.testing.assert_close(_logits(ours, ids, pv, True), _logits(ref, ids, pv, False), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("layout", ["hf", "original"])
+def test_32_greedy_tokens_equal_transformers_generate(reference, layout, tmp_path):
+    """The engine's greedy decoding (prefill, then cached decode) against transformers' generate()."""
+    from internvl.engine.engine import Engine
+    from internvl.engine.sampling import SamplingParams
+
+    ref, folder = reference
+    if layout == "original":
+        assert cli(["convert", str(folder), str(tmp_path / "orig"), "--to", "original"]) == 0
+        folder = tmp_path / "orig"
+    ours, report = load_model(folder, image_token_id=IMAGE_TOKEN_ID)
+    assert report.layout == layout
+    ids, pv = prompt_with_images([2, 1], seed=7)
+    with torch.no_grad():
+        out = ref.generate(input_ids=ids, pixel_values=pv, max_new_tokens=32, min_new_tokens=32, do_sample=False)
+    got = Engine(ours).generate([(ids[0].tolist(), SamplingParams(max_new_tokens=32), pv)])[0]
+    assert got.output_ids == out[0, ids.shape[1] :].tolist()
