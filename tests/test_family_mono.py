@@ -165,3 +165,25 @@ def test_no_hf_layout():
 
     with pytest.raises(ConfigError, match="Mono-InternVL"):
         to_hf_dict(mono_model().config, IMG)
+
+
+def test_trains_with_gradient_checkpointing():
+    """Image tokens' loss reaches the visual experts and the patch embedding; the trainer's freezing works
+    on a vision side without encoder layers."""
+    from internvl.train.freeze import TuneSpec, configure_trainable
+
+    ids, pv = prompt()
+    grads = []
+    for ckpt in (False, True):
+        model = mono_model().train()
+        configure_trainable(model, TuneSpec())
+        model.set_gradient_checkpointing(ckpt)
+        model(ids, pv, labels=ids).loss.backward()
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+    for name, g in grads[0].items():  # the recomputed layers route as the first pass did
+        torch.testing.assert_close(grads[1][name], g, msg=name)
+    layer = model.language_model.model.layers[0]
+    assert (
+        layer.mlp_ve.down_proj.weight.grad.abs().sum() > 0 and layer.mlp.down_proj.weight.grad.abs().sum() > 0
+    )
+    assert model.vision_model.embeddings.patch_embedding.weight.grad.abs().sum() > 0

@@ -20,11 +20,15 @@ from .vlm import InternVLChatModel
 
 class PatchVisionModel(nn.Module):
     """`vision_model` of Mono-InternVL: `embeddings.{class_embedding,patch_embedding,position_embedding}` only;
-    its output keeps the CLS token first, which the projector drops, as after InternViT."""
+    its output keeps the CLS token first, which the projector drops, as after InternViT. The encoder is empty
+    (no tensors), so the trainer's per-layer freezing and sharding find zero vision layers."""
 
     def __init__(self, cfg: VisionConfig, image_size: int):
         super().__init__()
         self.embeddings = VisionEmbeddings(cfg, image_size)
+        self.encoder = nn.Module()
+        self.encoder.layers = nn.ModuleList()
+        self.encoder.gradient_checkpointing = False
 
     def forward(self, pixel_values: torch.Tensor, select_layer: int = -1) -> torch.Tensor:
         return self.embeddings(pixel_values)
@@ -89,9 +93,6 @@ class MonoInternVLChatModel(InternVLChatModel):
         if self.image_token_id is not None:
             out["visual_mask"] = input_ids == self.image_token_id
         return out
-
-    def set_gradient_checkpointing(self, enabled: bool = True) -> None:
-        self.language_model.gradient_checkpointing = enabled
 
 
 def is_mono(config: ModelConfig) -> bool:
