@@ -82,6 +82,21 @@ def test_32_greedy_tokens_equal_transformers_generate(folders, layout):
     assert got.output_ids == expected
 
 
+def test_our_hf_layout_loads_in_transformers(folders, tmp_path):
+    """original -> -hf by `internvl convert`: transformers reads our text_config (experts, windows, YaRN) and keys."""
+    from transformers import InternVLForConditionalGeneration
+
+    ref, _, orig = folders
+    assert cli(["convert", str(orig), str(tmp_path / "hf"), "--to", "hf", "--image-token-id", str(IMAGE_TOKEN_ID)]) == 0
+    back = InternVLForConditionalGeneration.from_pretrained(tmp_path / "hf").eval()
+    assert back.config.text_config.layer_types == ref.config.text_config.layer_types
+    assert back.config.text_config.rope_parameters["rope_type"] == "yarn"
+    ids, pv = prompt_with_images([2], seed=3)
+    with torch.no_grad():
+        torch.testing.assert_close(back(input_ids=ids, pixel_values=pv).logits,
+                                   ref(input_ids=ids, pixel_values=pv).logits, atol=1e-5, rtol=0)  # fmt: skip
+
+
 def test_cached_decode_of_uneven_rows_matches_full_forward(folders):
     """Two right-padded rows of different lengths, prefilled then decoded token by token: each step's logits
     equal a full forward of that row (the window is a mask over the whole cache)."""
@@ -331,6 +346,8 @@ def test_accelerated_decode_declines_the_c_step_for_gpt_oss(mode):
     (quantize_model if mode == "int8" else use_decode_kernels)(SimpleNamespace(language_model=fast))
     step = decode_step(SimpleNamespace(language_model=fast, decode=fast.decode))
     assert not isinstance(step, FusedStep)
+    if mode == "int8":  # routing is never rounded to int8
+        assert type(fast.model.layers[0].mlp.router) is torch.nn.Linear
     with torch.no_grad():
         caches = [m.new_cache(1) for m in (lm, fast)]
         for m, c in zip((lm, fast), caches):
