@@ -4,6 +4,7 @@ decoding after the last prompt position. transformers has no V2PE: the defining 
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -179,3 +180,27 @@ def test_cli_flag():
     add_options(parser, ModelOptions)
     assert parser.parse_args(["m", "--v2pe", "64"]).v2pe == 64
     assert parser.parse_args(["m"]).v2pe is None
+
+
+def test_plain_rope_as_the_official_v2pe_rotary():
+    """V2PE replaces the decoder's rope_scaling (InternLM2's dynamic NTK) by plain RoPE; a config.json that
+    V2PE's training code wrote (rope_scaling type 'v2pe') reads as plain RoPE."""
+    ids, pv = prompt_with_images([1, 2])
+    dyn = {"type": "dynamic", "factor": 2.0}
+    models = []
+    for scaling, stride in ((dyn, TOKENS_PER_TILE), (None, None), (dyn, None)):
+        cfg = preset("tiny")
+        cfg.llm = dataclasses.replace(
+            cfg.llm, rope_scaling=scaling, max_position_embeddings=8
+        )  # prompt: 36 tokens
+        if stride:
+            cfg = cfg.replace(rope_pos_id_version="v2pe_fix", rope_pos_id_stride=stride)
+        torch.manual_seed(0)
+        models.append(build_model(cfg, IMG, meta=False).eval())
+    with torch.no_grad():
+        v2pe, plain, dynamic = (m(ids, pv).logits for m in models)
+    torch.testing.assert_close(v2pe, plain, rtol=0, atol=0)
+    assert not torch.allclose(v2pe, dynamic)
+    d = to_original_dict(preset("tiny"))
+    d["llm_config"]["rope_scaling"] = {"type": "v2pe", "factor": 1.0}
+    assert from_original_dict(d, "test").llm.rope_scaling is None

@@ -33,7 +33,11 @@ def from_original_dict(d: dict[str, Any], source: str) -> ModelConfig:
     if isinstance(d["vision_config"], dict) and d["vision_config"].get("model_type") == "intern_vit_patch":
         vision_defaults = _PATCH_DEFAULTS
     vision = pick(d["vision_config"], VisionConfig, vision_defaults, {}, source)
-    llm = parse_llm(d["llm_config"], source)
+    llm_d = d["llm_config"]
+    scaling = llm_d.get("rope_scaling") if isinstance(llm_d, dict) else None
+    if isinstance(scaling, dict) and scaling.get("type") == "v2pe":  # V2PE's own RoPE: plain (model/v2pe.py)
+        llm_d = {**llm_d, "rope_scaling": None}
+    llm = parse_llm(llm_d, source)
     llm.visual_experts = (d["llm_config"].get("architectures") or [None])[0] == "InternLM2VEForCausalLM"
     projector = ProjectorConfig(downsample_ratio=d.get("downsample_ratio", 0.5), ps_version=d.get("ps_version", "v1"))
     processor = ProcessorConfig(

@@ -7,17 +7,21 @@ p + d, p + 2d, ..., p + N d (float32, d = stride / num_image_token); the next te
 ceil(p + N d) + 1. With stride = num_image_token (256 for a 448 tile) d is 1 and the positions are the
 ordinary integer ones. A stride counts per tile: an image of n tiles spans n * stride positions.
 Decoding continues from the last prompt position: the k-th generated token takes last + k (the official
-`prepare_inputs_for_generation`); the cache keeps that shift per row (`KVCache.offsets`).
+`prepare_inputs_for_generation`); the cache keeps that shift per row (`KVCache.offsets`). RoPE is then
+plain (no rope_scaling), as the official V2PE rotary.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from itertools import pairwise
 
 import torch
+from torch import nn
 
 from ..config import ModelConfig
+from .llm import Rotary
 
 
 def image_step(config: ModelConfig) -> float | None:
@@ -54,6 +58,14 @@ def v2pe_positions(input_ids: torch.Tensor, image_token_id: int | None, step: fl
                 out[row, a:z] = prev + k
                 prev += n
     return out.to(torch.float32)
+
+
+def plain_rope(language_model: nn.Module) -> None:
+    """V2PE's RoPE is plain (the official code replaces the decoder's rope_scaling by its own unscaled `V2PE`
+    rotary): drop the checkpoint's scaling (InternLM2's dynamic NTK) from `language_model` once."""
+    rotary = language_model.rotary
+    if rotary.kind != "default" or rotary.factor != 1.0:
+        language_model.rotary = Rotary(dataclasses.replace(language_model.config, rope_scaling=None))
 
 
 def prompt_positions(config: ModelConfig, input_ids: torch.Tensor, image_token_id: int | None, cache=None,

@@ -13,7 +13,7 @@ from ..errors import PromptError
 from .cache import KVCache
 from .llm import CausalLM
 from .projector import Projector, merge_and_project
-from .v2pe import image_step, prompt_positions
+from .v2pe import image_step, plain_rope, prompt_positions
 from .vit import InternVisionModel
 
 
@@ -113,6 +113,7 @@ class InternVLChatModel(nn.Module):
         """The language model's inputs besides the embeddings: the positions, V2PE's fractional ones where the
         config turns it on and none are given (model/v2pe.py; they also shift the cache's later positions)."""
         if positions is None and image_step(self.config) is not None:
+            plain_rope(self.language_model)
             positions = prompt_positions(self.config, input_ids, self.image_token_id, cache, valid_lengths)
         return {"positions": positions}
 
