@@ -187,3 +187,38 @@ def test_trains_with_gradient_checkpointing():
         layer.mlp_ve.down_proj.weight.grad.abs().sum() > 0 and layer.mlp.down_proj.weight.grad.abs().sum() > 0
     )
     assert model.vision_model.embeddings.patch_embedding.weight.grad.abs().sum() > 0
+
+
+def test_generates_through_the_engine(tmp_path):
+    """load() of a saved Mono-InternVL (fused projections, visual experts included) generates the tokens of a
+    greedy loop over uncached forwards, in which generated tokens are text."""
+    from dataclasses import replace
+
+    from PIL import Image
+    from refmodels import CORPUS
+
+    from internvl import load
+    from internvl.tokenizer import train_bpe_tokenizer
+
+    tok = train_bpe_tokenizer(CORPUS, tmp_path, vocab_size=320)
+    cfg = from_original_dict(copy.deepcopy(MONO_CONFIG), "test")
+    cfg.llm = replace(cfg.llm, vocab_size=tok.vocab_size)
+    torch.manual_seed(0)
+    model = build_model(cfg, tok.image_context_id, meta=False)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" not in name:
+                p.normal_(0, 0.3 if "language_model" in name else 0.1)
+    save_model(model, tmp_path, tokenizer_dir=tmp_path)
+    Image.new("RGB", (120, 60), (220, 30, 30)).save(tmp_path / "wide.png")
+    fused, ref = load(tmp_path), load(tmp_path, optimize=False)
+    assert fused.model.language_model.model.layers[0].mlp_ve.gate_up_proj is not None
+    ids, pv, _ = ref.prepare("What color?", tmp_path / "wide.png")
+    params = ref.sampling(max_new_tokens=6, temperature=0.0)
+    out = fused.generate_ids(ids, pv, params)
+    assert out and out == ref.generate_ids(ids, pv, params)
+    seq = list(ids)
+    with torch.no_grad():
+        for t in out:
+            assert int(ref.model(torch.tensor([seq]), pv).logits[0, -1].argmax()) == t
+            seq.append(t)
