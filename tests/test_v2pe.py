@@ -204,3 +204,28 @@ def test_plain_rope_as_the_official_v2pe_rotary():
     d = to_original_dict(preset("tiny"))
     d["llm_config"]["rope_scaling"] = {"type": "v2pe", "factor": 1.0}
     assert from_original_dict(d, "test").llm.rope_scaling is None
+
+
+def test_training_rows_are_renumbered_per_sample():
+    """A packed row (positions restart at 0 per sample) gets each sample's V2PE positions: the packed forward
+    equals the samples' own forwards; v2pe_rnd draws one stride per image in training."""
+    from internvl.model.v2pe import RND_STRIDES, sample_positions
+
+    model = tiny(2)
+    (a, pa), (b, pb) = prompt_with_images([1], seed=3), prompt_with_images([2], seed=4)
+    ids = torch.cat([a, b], 1)
+    pos = torch.cat([torch.arange(a.shape[1]), torch.arange(b.shape[1])])[None]
+    seq_ids = torch.cat([torch.zeros(a.shape[1]), torch.ones(b.shape[1])]).long()[None]
+    with torch.no_grad():
+        packed = model(ids, torch.cat([pa, pb]), positions=pos, seq_ids=seq_ids).logits
+        torch.testing.assert_close(packed[:, : a.shape[1]], model(a, pa).logits, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(packed[:, a.shape[1] :], model(b, pb).logits, atol=1e-5, rtol=1e-5)
+    cfg = preset("tiny", rope_pos_id_version="v2pe_rnd", rope_pos_id_stride=64)
+    ids, _ = prompt_with_images([1, 2, 1, 3], seed=5)
+    out = sample_positions(cfg, ids, IMG, torch.arange(ids.shape[1])[None], training=True)[0]
+    img = ids[0] == IMG
+    steps = (out[1:] - out[:-1])[img[1:]]  # the step into every image token
+    allowed = {s / TOKENS_PER_TILE for s in RND_STRIDES}
+    assert set(steps.tolist()) <= allowed
+    fixed = sample_positions(cfg, ids, IMG, torch.arange(ids.shape[1])[None], training=False)[0]
+    assert torch.equal(fixed, v2pe_positions(ids, IMG, 64 / TOKENS_PER_TILE)[0])

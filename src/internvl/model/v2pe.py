@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import random
+from collections.abc import Callable
 from itertools import pairwise
 
 import torch
@@ -32,10 +34,14 @@ def image_step(config: ModelConfig) -> float | None:
     return config.rope_pos_id_stride / config.num_image_token
 
 
-def v2pe_positions(input_ids: torch.Tensor, image_token_id: int | None, step: float,
+RND_STRIDES = (1, 2, 4, 8, 16, 32, 64, 128, 256)  # v2pe_rnd: each image's stride drawn from these in training
+
+
+def v2pe_positions(input_ids: torch.Tensor, image_token_id: int | None, step: float | Callable[[], float],
                    start: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
     """Float32 positions [B, T] of `input_ids` [B, T]; row b's first token follows position start[b] - 1
-    (default 0: the prompt starts at position 0). Every run of `image_token_id` tokens is one image."""
+    (default 0: the prompt starts at position 0). Every run of `image_token_id` tokens is one image; a
+    callable `step` is called once per image."""
     b, t = input_ids.shape
     starts = [0] * b if start is None else [int(s) for s in start.tolist()]
     out = torch.empty(b, t, dtype=torch.float64)
@@ -52,8 +58,9 @@ def v2pe_positions(input_ids: torch.Tensor, image_token_id: int | None, step: fl
                 continue
             k = torch.arange(1, n + 1, dtype=torch.float64)
             if is_img[a]:
-                out[row, a:z] = prev + k * step
-                prev = prev + math.ceil(n * step)
+                s = step() if callable(step) else step
+                out[row, a:z] = prev + k * s
+                prev = prev + math.ceil(n * s)
             else:
                 out[row, a:z] = prev + k
                 prev += n
@@ -84,3 +91,22 @@ def prompt_positions(config: ModelConfig, input_ids: torch.Tensor, image_token_i
         last = pos[torch.arange(b), (n - 1).clamp(min=0)].double().ceil().long()
         cache.offsets = torch.where(n > 0, last + 1 - (lengths + n), old)
     return pos.to(input_ids.device)
+
+
+def sample_positions(config: ModelConfig, input_ids: torch.Tensor, image_token_id: int | None,
+                     positions: torch.Tensor, training: bool) -> torch.Tensor:  # fmt: skip
+    """V2PE positions for rows whose integer `positions` restart at 0 at every sample (the trainer's packed
+    rows; one sample from 0 otherwise): each sample renumbered by the rule. In training, `v2pe_rnd` draws
+    each image's stride from RND_STRIDES, as the official training does."""
+    step: float | Callable[[], float] = image_step(config)
+    if training and config.rope_pos_id_version == "v2pe_rnd":
+        step = lambda: random.choice(RND_STRIDES) / config.num_image_token
+    pos = positions.cpu().long()
+    out = torch.empty(pos.shape, dtype=torch.float32)
+    for row in range(pos.shape[0]):
+        starts = [i for i in (pos[row] == 0).nonzero().flatten().tolist() if i > 0]
+        for a, z in pairwise([0, *starts, pos.shape[1]]):
+            out[row, a:z] = v2pe_positions(
+                input_ids[row : row + 1, a:z], image_token_id, step, pos[row, a : a + 1]
+            )[0]
+    return out.to(positions.device)

@@ -13,7 +13,7 @@ from ..errors import PromptError
 from .cache import KVCache
 from .llm import CausalLM
 from .projector import Projector, merge_and_project
-from .v2pe import image_step, plain_rope, prompt_positions
+from .v2pe import image_step, plain_rope, prompt_positions, sample_positions
 from .vit import InternVisionModel
 
 
@@ -111,10 +111,14 @@ class InternVLChatModel(nn.Module):
     def lm_inputs(self, input_ids: torch.Tensor, positions: torch.Tensor | None, cache: KVCache | None,
                   valid_lengths: torch.Tensor | None) -> dict:  # fmt: skip
         """The language model's inputs besides the embeddings: the positions, V2PE's fractional ones where the
-        config turns it on and none are given (model/v2pe.py; they also shift the cache's later positions)."""
-        if positions is None and image_step(self.config) is not None:
+        config turns it on (model/v2pe.py): for a prompt (they also shift the cache's later positions), or
+        renumbering the integer positions of training rows sample by sample."""
+        if image_step(self.config) is not None:
             plain_rope(self.language_model)
-            positions = prompt_positions(self.config, input_ids, self.image_token_id, cache, valid_lengths)
+            if positions is None:
+                positions = prompt_positions(self.config, input_ids, self.image_token_id, cache, valid_lengths)
+            elif cache is None and not positions.is_floating_point():  # training rows: per packed sample
+                positions = sample_positions(self.config, input_ids, self.image_token_id, positions, self.training)
         return {"positions": positions}
 
     # ---- generation: a prompt into a KV cache, then one token per row at a time ----
