@@ -206,6 +206,29 @@ def test_yarn_frequencies_match_transformers(truncate):
     assert factor == pytest.approx(want_factor)
 
 
+def test_gpt_oss_20b_config_round_trips_both_layouts():
+    """gpt-oss-20b's shape (InternVL3.5-GPT-OSS-20B-A4B's LLM) through both config.json writers and readers."""
+    from dataclasses import replace
+
+    from internvl.checkpoint.hf import from_hf_dict, to_hf_dict
+    from internvl.checkpoint.original import from_original_dict, to_original_dict
+    from internvl.config import ModelConfig, ProcessorConfig
+
+    yarn = {"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False,
+            "original_max_position_embeddings": 4096}  # fmt: skip
+    llm = _cfg(vocab_size=201088, hidden_size=2880, intermediate_size=2880, num_hidden_layers=24,
+               num_attention_heads=64, num_key_value_heads=8, head_dim=64, num_experts=32, num_experts_per_tok=4,
+               sliding_window=128, rope_theta=150000.0, rope_scaling=yarn, max_position_embeddings=131072,
+               rms_norm_eps=1e-5)  # fmt: skip
+    cfg = ModelConfig(llm=llm, processor=ProcessorConfig(template="internvl3_5_gpt_oss"))
+    assert len(llm.layer_types) == 24 and llm.layer_types[:2] == ["sliding_attention", "full_attention"]
+    assert from_original_dict(to_original_dict(cfg), "x").llm == llm
+    assert from_hf_dict(to_hf_dict(cfg, 200021), "x").llm == llm
+    assert from_original_dict(to_original_dict(cfg), "x").processor.template == "internvl3_5_gpt_oss"
+    no_bias = replace(llm, qkv_bias=False, o_bias=False)
+    assert from_original_dict(to_original_dict(replace(cfg, llm=no_bias)), "x").llm.qkv_bias is False
+
+
 def test_config_errors_name_the_field():
     with pytest.raises(ConfigError, match="layer_types"):
         _cfg(layer_types=["sliding_attention"])
