@@ -67,6 +67,18 @@ def prompt_with_images(tiles_per_image: list[int], seed: int = 0, text_len: int 
     return torch.tensor([ids]), pixel_values
 
 
+def greedy_tokens(ref, ours, ids: torch.Tensor, pixel_values: torch.Tensor, n: int = 32) -> tuple[list, list]:
+    """n greedy tokens from transformers' generate() and from our engine (prefill, then cached decode)."""
+    from internvl.engine.engine import Engine
+    from internvl.engine.sampling import SamplingParams
+
+    with torch.no_grad():
+        out = ref.generate(input_ids=ids, pixel_values=pixel_values, max_new_tokens=n, min_new_tokens=n,
+                           do_sample=False)  # fmt: skip
+    got = Engine(ours).generate([(ids[0].tolist(), SamplingParams(max_new_tokens=n), pixel_values)])[0]
+    return out[0, ids.shape[1] :].tolist(), got.output_ids
+
+
 CORPUS = [
     "What color is the circle? red. How many squares are there? 3. Describe the image.",
     "There are 2 blue stars and 1 green triangle. Where is the red circle? top left.",

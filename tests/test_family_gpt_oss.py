@@ -9,15 +9,13 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from refmodels import IMAGE_TOKEN_ID, hf_reference, prompt_with_images, save_reference
+from refmodels import IMAGE_TOKEN_ID, greedy_tokens, hf_reference, prompt_with_images, save_reference
 from safetensors.torch import load_file, save_file
 
 from internvl.checkpoint.io import load_model
 from internvl.checkpoint.mxfp4 import FP4_VALUES, dequantize, expert_weight
 from internvl.cli.main import main as cli
 from internvl.config import LLMConfig
-from internvl.engine.engine import Engine
-from internvl.engine.sampling import SamplingParams
 from internvl.errors import ConfigError
 from internvl.model.gpt_oss import GptOssMoE, sink_attention
 from internvl.model.llm import Attention, CausalLM
@@ -74,12 +72,8 @@ def test_logits_match_transformers(folders, layout):
 def test_32_greedy_tokens_equal_transformers_generate(folders, layout):
     ref, hf, orig = folders
     ours, _ = _load(hf if layout == "hf" else orig)
-    ids, pv = prompt_with_images([2, 1], seed=11)
-    with torch.no_grad():
-        out = ref.generate(input_ids=ids, pixel_values=pv, max_new_tokens=32, min_new_tokens=32, do_sample=False)
-    expected = out[0, ids.shape[1] :].tolist()
-    got = Engine(ours).generate([(ids[0].tolist(), SamplingParams(max_new_tokens=32), pv)])[0]
-    assert got.output_ids == expected
+    expected, got = greedy_tokens(ref, ours, *prompt_with_images([2, 1], seed=11))
+    assert got == expected
 
 
 def test_our_hf_layout_loads_in_transformers(folders, tmp_path):
