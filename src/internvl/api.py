@@ -61,6 +61,8 @@ class InternVL:
         self.config: ModelConfig = model.config
         self.path = Path(path) if path else None
         self.inputs = InputBuilder.from_config(self.config, tokenizer)
+        if self.config.flash_mode:  # InternVL3.5-Flash: the prompt gives each tile the tokens the router picks
+            self.inputs.tile_tokens = model.tile_tokens
         self.processor, self.template = self.inputs.processor, self.inputs.template
         stop_ids = [tokenizer.token_to_id(s) for s in stop_strings(self.template)]
         stop_ids.append(tokenizer.eos_id)
@@ -145,7 +147,7 @@ class InternVL:
 
 def load(path: str | Path | None = None, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,
          quantize: str | None = None, max_batch: int = 16, optimize: bool = True,
-         revision: str | None = None, v2pe: int | None = None) -> InternVL:  # fmt: skip
+         revision: str | None = None, v2pe: int | None = None, vir: int | None = None) -> InternVL:  # fmt: skip
     """Load a checkpoint folder (original or -hf layout) or a LoRA adapter folder (merged into the base model it
     records), or a Hugging Face Hub id such as "OpenGVLab/InternVL3-1B" (downloaded into the Hub cache, at
     `revision`; see checkpoint/hub.py); no path loads the built-in nano model.
@@ -155,6 +157,7 @@ def load(path: str | Path | None = None, device: str | torch.device = "cpu", dty
     decoder's projections and uses the CPU decode kernels: the model is then for inference only (pass
     False to fine-tune or save it). `v2pe`: a stride turns on V2PE positions (`rope_pos_id_version` v2pe_fix;
     an image token advances stride / tokens per tile (256) positions, model/v2pe.py), as for OpenGVLab/V2PE.
+    `vir` (InternVL3.5-Flash): 256 or 64 gives every tile that many tokens instead of the router's choice.
     """
     from .checkpoint.hub import resolve_model
 
@@ -171,6 +174,10 @@ def load(path: str | Path | None = None, device: str | torch.device = "cpu", dty
         model, _ = load_model(path, dtype=dtype, device=device, image_token_id=tokenizer.image_context_id)
     if v2pe is not None:
         model.config = model.config.replace(rope_pos_id_version="v2pe_fix", rope_pos_id_stride=v2pe)
+    if vir is not None:
+        if not model.config.flash_mode or vir not in (256, 64):
+            raise InternVLError("vir: 256 or 64, for an InternVL3.5-Flash checkpoint (flash_mode in config.json)")
+        model.vir = vir
     if quantize is not None:
         from .engine.accelerate import quantize_model
 

@@ -290,6 +290,10 @@ class ModelConfig:
     # V2PE: image tokens advance the RoPE position by rope_pos_id_stride / num_image_token (model/v2pe.py)
     rope_pos_id_version: str = "default"
     rope_pos_id_stride: int | None = None
+    # InternVL3.5-Flash: a router picks 256 or 64 tokens per tile (model/vir.py)
+    flash_mode: bool = False
+    flash_relative_threshold: float = 0.0
+    flash_absolute_threshold: float = 0.0
 
     def __post_init__(self) -> None:
         self.processor.__post_init__()

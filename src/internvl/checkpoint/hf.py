@@ -73,6 +73,9 @@ def to_hf_dict(config: ModelConfig, image_token_id: int) -> dict[str, Any]:
     if m.visual_experts or v.embeddings_only:
         raise ConfigError("the transformers layout has no Mono-InternVL (visual experts, patch-only vision): "
                           "keep the original layout")  # fmt: skip
+    if config.flash_mode:
+        raise ConfigError("the transformers layout has no InternVL3.5-Flash (ViR: mlp2 and the router; transformers "
+                          "has no internvl_flash model): keep the original layout")  # fmt: skip
     text: dict[str, Any] = {
         "architectures": ["LlamaForCausalLM" if m.family == "internlm2" else m.architecture],
         "model_type": "llama" if m.family == "internlm2" else m.family,

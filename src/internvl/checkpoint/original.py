@@ -49,7 +49,9 @@ def from_original_dict(d: dict[str, Any], source: str) -> ModelConfig:
     return ModelConfig(vision=vision, llm=llm, projector=projector, processor=processor,
                        force_image_size=d.get("force_image_size"), select_layer=d.get("select_layer", -1),
                        rope_pos_id_version=d.get("rope_pos_id_version") or "default",
-                       rope_pos_id_stride=d.get("rope_pos_id_stride"))  # fmt: skip
+                       rope_pos_id_stride=d.get("rope_pos_id_stride"), flash_mode=bool(d.get("flash_mode")),
+                       flash_relative_threshold=float(d.get("flash_relative_threshold") or 0.0),
+                       flash_absolute_threshold=float(d.get("flash_absolute_threshold") or 0.0))  # fmt: skip
 
 
 def to_original_dict(config: ModelConfig) -> dict[str, Any]:
@@ -107,6 +109,9 @@ def to_original_dict(config: ModelConfig) -> dict[str, Any]:
         out["system_message"] = p.system_message
     if config.rope_pos_id_version != "default":
         out.update(rope_pos_id_version=config.rope_pos_id_version, rope_pos_id_stride=config.rope_pos_id_stride)
+    if config.flash_mode:  # InternVL3.5-Flash (model/vir.py)
+        out.update(flash_mode=True, flash_relative_threshold=config.flash_relative_threshold,
+                   flash_absolute_threshold=config.flash_absolute_threshold)
     return out
 
 

@@ -92,7 +92,11 @@ class Engine:
         image_id = self.model.image_token_id
         n_ctx = list(prompt_ids).count(image_id) if image_id is not None else 0
         n_tiles = 0 if pixel_values is None else pixel_values.shape[0]
-        if n_ctx != n_tiles * self.model.num_image_token:
+        if getattr(getattr(self.model, "config", None), "flash_mode", False):  # Flash: 1/4 or all, per tile
+            if not n_tiles * self.model.num_image_token // 4 <= n_ctx <= n_tiles * self.model.num_image_token:
+                raise PromptError(f"the prompt has {n_ctx} image context tokens, which {n_tiles} tile(s) cannot "
+                                  "give (InternVL3.5-Flash: 1/4 or all of the tokens of each tile)")  # fmt: skip
+        elif n_ctx != n_tiles * self.model.num_image_token:
             raise PromptError(f"the prompt has {n_ctx} image context tokens but {n_tiles} tile(s) were given "
                               f"({self.model.num_image_token} tokens per tile)")  # fmt: skip
 
@@ -172,8 +176,13 @@ class Engine:
             plans.append((seq, hit))
         plans.sort(key=lambda p: len(p[0].prompt_ids) - (p[1].length if p[1] else 0))
         events, group = [], []
+        # InternVL3.5-Flash routes a request's tiles together (a quantile over them): its images prefill alone
+        flash = getattr(getattr(self.model, "config", None), "flash_mode", False)
         for plan in plans:
             rest = len(plan[0].prompt_ids) - (plan[1].length if plan[1] else 0)
+            if group and flash and (plan[0].pixel_values is not None or group[-1][0].pixel_values is not None):
+                events += self._prefill_isolated(group)
+                group = []
             if group:
                 first = len(group[0][0].prompt_ids) - (group[0][1].length if group[0][1] else 0)
                 if rest - first >= PREFILL_SPAN or rest * (len(group) + 1) > PREFILL_TOKENS:

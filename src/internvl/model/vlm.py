@@ -14,6 +14,7 @@ from .cache import KVCache
 from .llm import CausalLM
 from .projector import Projector, merge_and_project
 from .v2pe import image_step, plain_rope, prompt_positions, sample_positions
+from .vir import CrossAttentionPooling, Gating, Mlp2, vir_embeddings
 from .vit import InternVisionModel
 
 
@@ -33,6 +34,12 @@ class InternVLChatModel(nn.Module):
         self.mlp1 = Projector(config.vision.hidden_size, config.llm.hidden_size, config.projector)
         self.language_model = CausalLM(config.llm)
         self.image_token_id = image_token_id
+        if config.flash_mode:  # InternVL3.5-Flash's router and 64-token projector (model/vir.py)
+            c = config.vision.hidden_size
+            self.mlp2 = Mlp2(c, config.llm.hidden_size, config.projector.downsample_ratio)
+            self.pooling_before_gating = CrossAttentionPooling(c)
+            self.gating = Gating(c)
+        self.vir: int | None = None  # Flash: None routes each tile; 256 or 64 forces every tile's tokens
 
     # the token embedding is never swapped for a quantized layer, so it tells the model's dtype and device
     @property
@@ -48,10 +55,20 @@ class InternVLChatModel(nn.Module):
         return self.config.num_image_token
 
     def extract_feature(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Tiles [N, 3, S, S] -> image embeddings [N, num_image_token, H]."""
+        """Tiles [N, 3, S, S] -> image embeddings [N, num_image_token, H]; with Flash [1, sum(tile_tokens), H]."""
         vit = self.vision_model(pixel_values.to(self.vision_model.embeddings.patch_embedding.weight.dtype),
-                                select_layer=self.config.select_layer)  # fmt: skip
+                                select_layer=-1 if self.config.flash_mode else self.config.select_layer)  # fmt: skip
+        if self.config.flash_mode:
+            return vir_embeddings(self, vit, self.vir)[0].unsqueeze(0)
         return merge_and_project(vit, self.mlp1, self.config.projector)
+
+    def tile_tokens(self, pixel_values: torch.Tensor) -> list[int]:
+        """Tokens each tile gives: num_image_token, or with Flash the router's choice (model/vir.py)."""
+        if not self.config.flash_mode:
+            return [self.num_image_token] * pixel_values.shape[0]
+        with torch.no_grad():
+            vit = self.vision_model(pixel_values.to(self.vision_model.embeddings.patch_embedding.weight.dtype))
+            return vir_embeddings(self, vit, self.vir)[1]
 
     def embed(
         self,

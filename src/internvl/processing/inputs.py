@@ -6,7 +6,7 @@ take the tile split between several images from here.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -120,6 +120,8 @@ class InputBuilder:
         self.template = get_template(template)
         self.num_image_token = num_image_token
         self.system_message = system_message  # None: the template's default
+        # InternVL3.5-Flash: pixel values -> context tokens per tile (the model's router); None: num_image_token
+        self.tile_tokens: Callable[[torch.Tensor], list[int]] | None = None
 
     @classmethod
     def from_config(cls, config: ModelConfig, tokenizer: Tokenizer) -> InputBuilder:
@@ -146,11 +148,12 @@ class InputBuilder:
             tiles.append(self.processor(frame, 1))
             counts.append(1)
         system = self.system_message if system_message is None else system_message
+        pixel_values = torch.cat(tiles) if tiles else None
+        per_tile = self.tile_tokens(pixel_values) if self.tile_tokens and pixel_values is not None else None
         prompt = build_conversation_prompt(self.template, question, history or (), system, num_images=len(images),
                                            num_frames=len(frames), num_patches_list=counts,
-                                           num_image_token=self.num_image_token)  # fmt: skip
+                                           num_image_token=self.num_image_token, tile_tokens=per_tile)  # fmt: skip
         ids = self.tokenizer.encode(prompt.text, add_special_tokens=True)
-        pixel_values = torch.cat(tiles) if tiles else None
         if pixel_values is not None and dtype is not None:
             pixel_values = pixel_values.to(dtype)
         return ModelInputs(ids, pixel_values, counts, prompt.question)

@@ -77,8 +77,12 @@ def expand_image_placeholders(
     img_start: str = IMG_START,
     img_end: str = IMG_END,
     img_context: str = IMG_CONTEXT,
+    tile_tokens: Sequence[int] | None = None,
 ) -> str:
-    """Replace the k-th `<image>` by `img_start + img_context * (num_image_token * tiles_k) + img_end`."""
+    """Replace the k-th `<image>` by `img_start + img_context * (num_image_token * tiles_k) + img_end`.
+
+    `tile_tokens` (InternVL3.5-Flash, model/vir.py): the context tokens of every tile of every image, in order,
+    replacing num_image_token per tile (image k then has the sum of its tiles' counts)."""
     parts = prompt.split(IMAGE_PLACEHOLDER)
     found = len(parts) - 1
     if found != len(num_patches_list):
@@ -89,9 +93,15 @@ def expand_image_placeholders(
     for k, n in enumerate(num_patches_list):
         if n < 1:
             raise PromptError(f"image {k} has {n} tiles; every image needs at least one")
-    out = [parts[0]]
+    if tile_tokens is not None and len(tile_tokens) != sum(num_patches_list):
+        raise PromptError(f"{len(tile_tokens)} per-tile token counts for {sum(num_patches_list)} tiles")
+    out, first = [parts[0]], 0
     for n, rest in zip(num_patches_list, parts[1:]):
-        out.append(image_tokens(n, num_image_token, img_start, img_end, img_context))
+        if tile_tokens is None:
+            out.append(image_tokens(n, num_image_token, img_start, img_end, img_context))
+        else:
+            out.append(image_tokens(1, sum(tile_tokens[first : first + n]), img_start, img_end, img_context))
+        first += n
         out.append(rest)
     return "".join(out)
 
@@ -112,6 +122,7 @@ def build_conversation_prompt(
     num_patches_list: Sequence[int] | None = None,
     num_image_token: int = 256,
     omit_empty_system: bool = True,
+    tile_tokens: Sequence[int] | None = None,
 ) -> ChatPrompt:
     """A multi-turn prompt: history (user, assistant) pairs, then `question` and an open assistant turn.
 
@@ -119,6 +130,7 @@ def build_conversation_prompt(
     placeholders: if a history turn already has `<image>`, the new question is used as is (the reference keeps
     the prefixed question in its history); otherwise the placeholders go on this question.
     `num_patches_list` (tiles per image, one entry per placeholder) expands them; None leaves `<image>` in.
+    `tile_tokens`: per-tile token counts (Flash), see `expand_image_placeholders`.
     """
     placed = any(IMAGE_PLACEHOLDER in user for user, _ in history)
     q = question if placed else build_question(question, num_images, num_frames)
@@ -128,5 +140,5 @@ def build_conversation_prompt(
     messages += [("user", q), ("assistant", None)]
     text = render_prompt(template, messages, system_message, omit_empty_system=omit_empty_system)
     if num_patches_list is not None:
-        text = expand_image_placeholders(text, num_patches_list, num_image_token)
+        text = expand_image_placeholders(text, num_patches_list, num_image_token, tile_tokens=tile_tokens)
     return ChatPrompt(text, q)
