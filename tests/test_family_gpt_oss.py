@@ -113,6 +113,26 @@ def test_cached_decode_of_uneven_rows_matches_full_forward(folders):
                 torch.testing.assert_close(got[r], want, atol=1e-4, rtol=0)
 
 
+def test_prefix_cache_and_batching_keep_the_greedy_tokens(folders):
+    """A reused prompt prefix (longer than the window) and two uneven prompts decoded together: the same
+    tokens as each prompt alone without the prefix cache."""
+    from internvl.engine.engine import Engine
+    from internvl.engine.sampling import SamplingParams
+
+    _, hf, _ = folders
+    ours = _load(hf)[0]
+    g = torch.Generator().manual_seed(5)
+    shared = torch.randint(0, 400, (20,), generator=g).tolist()  # the prefix cache keeps 16 tokens or more
+    prompts = [shared + torch.randint(0, 400, (n,), generator=g).tolist() for n in (3, 7)]
+    params = SamplingParams(max_new_tokens=10)
+    plain = Engine(ours, prefix_cache=False)
+    want = [plain.generate([(ids, params, None)])[0].output_ids for ids in prompts]
+    cached = Engine(ours)
+    assert [cached.generate([(ids, params, None)])[0].output_ids for ids in prompts] == want
+    assert cached.prefix_cache.hits == 1
+    assert [s.output_ids for s in plain.generate([(ids, params, None) for ids in prompts])] == want
+
+
 def _cfg(**changes) -> LLMConfig:
     base = {"family": "gpt_oss", "vocab_size": 64, "hidden_size": 32, "intermediate_size": 24, "num_hidden_layers": 2,
             "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8, "num_experts": 4,
