@@ -78,6 +78,9 @@ def test_original_keys_and_config(flash):
         to_hf_dict(loaded.config, IMAGE_TOKEN_ID)
     plain = flash_config().replace(flash_mode=False)
     assert "mlp2" not in dict(build_model(plain).named_children())
+    assert build_model(plain).tile_tokens(torch.zeros(3, 3, 56, 56)) == [4, 4, 4]
+    with pytest.raises(ConfigError, match="quantile"):
+        flash_config().replace(flash_relative_threshold=1.5)
 
 
 def test_all_256_equals_the_plain_model(flash):

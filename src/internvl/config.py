@@ -305,6 +305,9 @@ class ModelConfig:
         if self.rope_pos_id_version != "default" and (isinstance(stride, bool) or not isinstance(stride, int)
                                                       or stride < 1):
             raise ConfigError(f"rope_pos_id_stride: V2PE needs a positive integer stride, got {stride!r}")
+        if not 0.0 <= self.flash_relative_threshold <= 1.0:  # a quantile (InternVL3.5-Flash, model/vir.py)
+            raise ConfigError(f"flash_relative_threshold: expected a quantile from 0 to 1, "
+                              f"got {self.flash_relative_threshold!r}")  # fmt: skip
         if self.llm.visual_experts and self.llm.family != "internlm2":
             raise ConfigError("llm_config: visual experts (Mono-InternVL) need an InternLM2 decoder")
         layers = self.vision.num_hidden_layers

@@ -77,21 +77,31 @@ def compress_decision(probs: torch.Tensor, relative: float, absolute: float) -> 
     return (p > torch.quantile(p, relative)) & (p >= absolute)
 
 
-def vir_embeddings(model: nn.Module, vit_tokens: torch.Tensor, force: int | None = None
-                   ) -> tuple[torch.Tensor, list[int]]:  # fmt: skip
-    """ViT output with CLS [T, 1+h*w, C] -> (the tiles' embeddings concatenated [sum(counts), H], tokens per
-    tile). `model` holds mlp1, mlp2, pooling_before_gating, gating and config; `force` FULL or COMPRESSED
-    skips the router."""
+def route(model: nn.Module, vit_tokens: torch.Tensor, force: int | None = None) -> torch.Tensor:
+    """Bool [T], True where a tile gives its compressed tokens, from the ViT output with CLS [T, 1+h*w, C].
+    `model` holds pooling_before_gating, gating and config; `force` FULL or COMPRESSED skips the router."""
+    if force is not None:
+        return torch.full((vit_tokens.shape[0],), force == COMPRESSED, dtype=torch.bool)
     cfg: ModelConfig = model.config
+    probs = model.gating(model.pooling_before_gating(vit_tokens[:, 1:, :]))
+    return compress_decision(probs, cfg.flash_relative_threshold, cfg.flash_absolute_threshold).cpu()
+
+
+def token_counts(config: ModelConfig, compress: torch.Tensor) -> list[int]:
+    """Context tokens of each tile: a quarter of num_image_token (64 of 256) where compressed, else all."""
+    n = config.num_image_token
+    return [n // 4 if c else n for c in compress.tolist()]
+
+
+def vir_embeddings(model: nn.Module, vit_tokens: torch.Tensor, force: int | None = None) -> torch.Tensor:
+    """ViT output with CLS [T, 1+h*w, C] -> the tiles' embeddings concatenated [sum(tile_tokens), H]: mlp1 of
+    the usual pixel shuffle for a full tile, mlp2 of a second one (each token a 4x4 block) for a compressed one."""
+    cfg: ModelConfig = model.config
+    compress = route(model, vit_tokens, force)
     x = vit_tokens[:, 1:, :]
     t, n, c = x.shape
     side = int(n**0.5)
     grid = x.reshape(t, side, side, c)
-    if force is None:
-        compress = compress_decision(model.gating(model.pooling_before_gating(x)),
-                                     cfg.flash_relative_threshold, cfg.flash_absolute_threshold)  # fmt: skip
-    else:
-        compress = torch.full((t,), force == COMPRESSED, dtype=torch.bool)
     r, ps = cfg.projector.downsample_ratio, cfg.projector.ps_version
     out: list[torch.Tensor] = [None] * t  # type: ignore[list-item]
     small, full = compress.nonzero().flatten().tolist(), (~compress).nonzero().flatten().tolist()
@@ -103,4 +113,4 @@ def vir_embeddings(model: nn.Module, vit_tokens: torch.Tensor, force: int | None
         g = pixel_shuffle(grid[full], r, ps)
         for i, e in zip(full, model.mlp1(g.reshape(len(full), -1, g.shape[-1]))):
             out[i] = e
-    return torch.cat(out), [e.shape[0] for e in out]
+    return torch.cat(out)

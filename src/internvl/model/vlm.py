@@ -14,7 +14,7 @@ from .cache import KVCache
 from .llm import CausalLM
 from .projector import Projector, merge_and_project
 from .v2pe import image_step, plain_rope, prompt_positions, sample_positions
-from .vir import CrossAttentionPooling, Gating, Mlp2, vir_embeddings
+from .vir import CrossAttentionPooling, Gating, Mlp2, route, token_counts, vir_embeddings
 from .vit import InternVisionModel
 
 
@@ -59,7 +59,7 @@ class InternVLChatModel(nn.Module):
         vit = self.vision_model(pixel_values.to(self.vision_model.embeddings.patch_embedding.weight.dtype),
                                 select_layer=-1 if self.config.flash_mode else self.config.select_layer)  # fmt: skip
         if self.config.flash_mode:
-            return vir_embeddings(self, vit, self.vir)[0].unsqueeze(0)
+            return vir_embeddings(self, vit, self.vir).unsqueeze(0)
         return merge_and_project(vit, self.mlp1, self.config.projector)
 
     def tile_tokens(self, pixel_values: torch.Tensor) -> list[int]:
@@ -68,7 +68,7 @@ class InternVLChatModel(nn.Module):
             return [self.num_image_token] * pixel_values.shape[0]
         with torch.no_grad():
             vit = self.vision_model(pixel_values.to(self.vision_model.embeddings.patch_embedding.weight.dtype))
-            return vir_embeddings(self, vit, self.vir)[1]
+            return token_counts(self.config, route(self, vit, self.vir))
 
     def embed(
         self,
