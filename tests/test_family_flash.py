@@ -16,6 +16,7 @@ from safetensors import safe_open
 from internvl.checkpoint.hf import to_hf_dict
 from internvl.checkpoint.io import build_model, load_model, save_model
 from internvl.errors import ConfigError, PromptError
+from internvl.model.projector import merge_and_project
 from internvl.model.vir import compress_decision
 from internvl.presets import preset
 from internvl.processing.prompt import expand_image_placeholders
@@ -142,6 +143,34 @@ def test_router_thresholds_and_the_attn2_reuse(flash):
             assert not torch.allclose(pool(x), pooled)
         finally:
             pool.load_state_dict(saved)
+
+
+def test_equals_the_original_token_deletion(flash):
+    """The original builds 256 (here 4) context tokens a tile, then deletes tokens 64..255 (here 1..3) of each
+    compressed tile's block and writes mlp2's tokens there: the same ids and embeddings as our routed prompt."""
+    model, _ = flash
+    ids, pv = prompt_with_images([3, 2], seed=9)
+    with torch.no_grad():
+        vit = model.vision_model(pv)
+        p = model.gating(model.pooling_before_gating(vit[:, 1:]))[:, 0]
+        compress = ((p > torch.quantile(p, 0.5)) & (p >= 0.0)).tolist()
+        assert sorted(set(compress)) == [False, True]
+        kept, tile, run = [], -1, 0
+        for tok in ids[0].tolist():
+            if tok == IMAGE_TOKEN_ID:
+                tile, k, run = tile + (run % 4 == 0), run % 4, run + 1
+                if compress[tile] and k >= 1:
+                    continue
+            else:
+                run = 0
+            kept.append(tok)
+        t, _, c = vit[:, 1:].shape
+        small = model.mlp2(vit[:, 1:].reshape(t, 1, 16 * c))  # one 4x4 block a tile
+        full = merge_and_project(vit, model.mlp1, model.config.projector)
+        embeds = torch.cat([small[i] if compress[i] else full[i] for i in range(t)])[None]
+        assert kept.count(IMAGE_TOKEN_ID) == sum(model.tile_tokens(pv)) == embeds.shape[1]
+        kept = torch.tensor([kept])
+        torch.testing.assert_close(model(kept, pv).logits, model(kept, image_embeds=embeds).logits, atol=1e-5, rtol=0)
 
 
 def test_prompt_with_per_tile_counts():
