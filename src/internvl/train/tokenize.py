@@ -6,6 +6,9 @@ Every turn is rendered with its template and tokenized on its own, then the segm
     internlm2-chat   <|im_start|>{role}\\n{text}<|im_end|>      (`preprocess_internlm`; turn texts are stripped)
     Hermes-2         <|im_start|>{role}\\n{text}<|im_end|>      (`preprocess_mpt`)
     phi3-chat        <|{role}|>\\n{text}<|end|>                 (`preprocess_phi3`; <|endoftext|> never learned)
+    internvl3_5_gpt_oss  <|start|>{role}<|message|>{text}<|end|>, an assistant's
+                     <|start|>assistant<|channel|>final<|message|>{text}<|end|>, the last one ending in <|return|>
+                     (`preprocess_internvl3_5_gpt_oss`; the channel header is learned, `<|start|>assistant` not)
 
 System and user segments are all -100. An assistant segment learns its text and the separator token
 (`<|im_end|>` / `<|end|>`) but not the role prefix nor the whitespace after the separator (internvl2_5's final
@@ -22,6 +25,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from ..errors import DataError
+from ..processing.harmony import FINAL_HEADER, is_harmony
 from ..processing.template import get_template
 from ..tokenizer import Tokenizer
 
@@ -29,14 +33,20 @@ IGNORE = -100
 ROLES = ("system", "human", "gpt")
 
 
-def render_turn(template: str, role: str, text: str) -> str:
-    """The text of one segment: `role` is "system", "human" or "gpt"."""
+def render_turn(template: str, role: str, text: str, last: bool = False) -> str:
+    """The text of one segment: `role` is "system", "human" or "gpt"; `last`: the conversation's final message,
+    which a template with `last_sep` (GPT-OSS's `<|return|>`) ends with it when it is the assistant's. A harmony
+    template's assistant text gets the final channel header unless it already names a channel."""
     t = get_template(template)
     if role == "system":
         return t.system_template.format(text) + t.sep
     if role not in ROLES:
         raise DataError(f"turn role must be one of {ROLES}, got {role!r}")
-    return t.roles[0 if role == "human" else 1] + text + t.sep
+    if role == "human":
+        return t.roles[0] + text + t.sep
+    if is_harmony(t) and not text.startswith("<|channel|>"):
+        text = FINAL_HEADER + text
+    return t.roles[1] + text + (t.last_sep if last and t.last_sep is not None else t.sep)
 
 
 def tokenize_conversation(
@@ -76,8 +86,8 @@ def tokenize_conversation(
 
     ids: list[int] = [] if tokenizer.bos_id is None else [tokenizer.bos_id]
     labels: list[int] = [IGNORE] * len(ids)
-    for role, text in segments:
-        seg = tokenizer.encode(render_turn(t.name, role, text), add_special_tokens=False)
+    for k, (role, text) in enumerate(segments):
+        seg = tokenizer.encode(render_turn(t.name, role, text, last=k == len(segments) - 1), add_special_tokens=False)
         ids += seg
         if role != "gpt":
             labels += [IGNORE] * len(seg)
