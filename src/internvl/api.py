@@ -15,6 +15,7 @@ from .engine.engine import Engine
 from .engine.sampling import SamplingParams, sampling_params
 from .errors import InternVLError
 from .processing import InputBuilder, stop_strings
+from .processing.harmony import is_harmony
 from .tokenizer import Tokenizer
 
 BUILTIN = Path(__file__).parent / "assets" / "nano"
@@ -68,7 +69,8 @@ class InternVL:
         stop_ids.append(tokenizer.eos_id)
         self.stop_token_ids = sorted({i for i in stop_ids if i is not None})
         self.engine = Engine(model, max_batch=max_batch, stop_token_ids=self.stop_token_ids)  # token ids
-        self.detok = Detokenizer(self.engine, tokenizer)  # the same engine with text and stop strings
+        # the same engine with text and stop strings; GPT-OSS: the text is the harmony final channel's
+        self.detok = Detokenizer(self.engine, tokenizer, harmony=is_harmony(self.template))
         self.defaults = SamplingParams(max_new_tokens=1024)
 
     # ---- preparing inputs -----------------------------------------------------------------------
