@@ -15,6 +15,7 @@ from safetensors import safe_open
 
 from internvl.checkpoint.hf import to_hf_dict
 from internvl.checkpoint.io import build_model, load_model, save_model
+from internvl.cli.main import main as cli
 from internvl.errors import ConfigError, PromptError
 from internvl.model.projector import merge_and_project
 from internvl.model.vir import compress_decision
@@ -226,3 +227,8 @@ def test_load_routes_the_prompt(tmp_path):
         assert len(forced.generate_ids(ids, pv, max_new_tokens=3)) <= 3
     with pytest.raises(internvl.errors.InternVLError, match="vir"):
         internvl.load(tmp_path, vir=128)
+    image.save(tmp_path / "im.png")
+    chat = ["chat", str(tmp_path), "-i", str(tmp_path / "im.png"), "-p", "Hi", "--max-new-tokens", "2", "--vir"]
+    assert cli([*chat, "64"]) == 0
+    with pytest.raises(SystemExit):
+        cli([*chat, "128"])

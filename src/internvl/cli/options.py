@@ -24,6 +24,8 @@ class ModelOptions:
     quantize: str | None = option(None, "weight-only int8 for the language model", choices=("int8",))
     v2pe: int | None = option(None, "V2PE positions: image tokens advance STRIDE / 256 each (OpenGVLab/V2PE: 64)",
                               metavar="STRIDE")  # fmt: skip
+    vir: int | None = option(None, "InternVL3.5-Flash: every tile gives 256 or 64 tokens (default: the router picks)",
+                             choices=(256, 64))  # fmt: skip
 
 
 @dataclass
@@ -73,4 +75,5 @@ def load_from_args(args: argparse.Namespace, **kwargs):
     from ..api import load, resolve_device
 
     device = resolve_device(args.device)
-    return load(model_path(args), device=device, dtype=args.dtype, quantize=args.quantize, v2pe=args.v2pe, **kwargs)
+    return load(model_path(args), device=device, dtype=args.dtype, quantize=args.quantize, v2pe=args.v2pe,
+                vir=getattr(args, "vir", None), **kwargs)  # fmt: skip
