@@ -225,6 +225,9 @@ def test_load_routes_the_prompt(tmp_path):
         ids, pv, _ = forced.prepare("What is it?", images=[image])
         assert ids.count(tok.image_context_id) == per_tile * pv.shape[0]
         assert len(forced.generate_ids(ids, pv, max_new_tokens=3)) <= 3
+    half = internvl.load(tmp_path, dtype="bf16")  # the router in bf16, the decision in float32
+    ids, pv, _ = half.prepare("What is it?", images=[image])
+    assert len(half.generate_ids(ids, pv, max_new_tokens=2)) <= 2
     with pytest.raises(internvl.errors.InternVLError, match="vir"):
         internvl.load(tmp_path, vir=128)
     image.save(tmp_path / "im.png")

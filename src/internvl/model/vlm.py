@@ -67,7 +67,8 @@ class InternVLChatModel(nn.Module):
         if not self.config.flash_mode:
             return [self.num_image_token] * pixel_values.shape[0]
         with torch.no_grad():
-            vit = self.vision_model(pixel_values.to(self.vision_model.embeddings.patch_embedding.weight.dtype))
+            w = self.vision_model.embeddings.patch_embedding.weight
+            vit = self.vision_model(pixel_values.to(device=w.device, dtype=w.dtype))
             return token_counts(self.config, route(self, vit, self.vir))
 
     def embed(
