@@ -99,6 +99,10 @@ def test_all_256_equals_the_plain_model(flash):
             assert model.tile_tokens(pv) == [4] * 6
     finally:
         model.vir = None
+    flags = torch.ones(6, dtype=torch.long)  # training (image flags): the plain path, as the original forward()
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids, pv, image_flags=flags).logits, plain(ids, pv).logits, atol=1e-6,
+                                   rtol=0)  # fmt: skip
 
 
 def test_all_64_is_mlp2_of_the_pooled_blocks(flash):

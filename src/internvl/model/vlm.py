@@ -54,11 +54,13 @@ class InternVLChatModel(nn.Module):
     def num_image_token(self) -> int:
         return self.config.num_image_token
 
-    def extract_feature(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Tiles [N, 3, S, S] -> image embeddings [N, num_image_token, H]; with Flash [1, sum(tile_tokens), H]."""
+    def extract_feature(self, pixel_values: torch.Tensor, routed: bool = True) -> torch.Tensor:
+        """Tiles [N, 3, S, S] -> image embeddings [N, num_image_token, H]; with Flash [1, sum(tile_tokens), H]
+        (`routed` False: the plain path, as the original Flash model's forward(), which training uses)."""
+        flash = self.config.flash_mode and routed
         vit = self.vision_model(pixel_values.to(self.vision_model.embeddings.patch_embedding.weight.dtype),
-                                select_layer=-1 if self.config.flash_mode else self.config.select_layer)  # fmt: skip
-        if self.config.flash_mode:
+                                select_layer=-1 if flash else self.config.select_layer)  # fmt: skip
+        if flash:
             return vir_embeddings(self, vit, self.vir).unsqueeze(0)
         return merge_and_project(vit, self.mlp1, self.config.projector)
 
@@ -83,7 +85,7 @@ class InternVLChatModel(nn.Module):
         if pixel_values is None and image_embeds is None:
             return emb
         if image_embeds is None:
-            image_embeds = self.extract_feature(pixel_values)
+            image_embeds = self.extract_feature(pixel_values, routed=image_flags is None)  # training: unrouted
         keep = image_embeds
         if image_flags is not None:
             keep = image_embeds[image_flags.view(-1) == 1]
