@@ -11,7 +11,7 @@ from internvl.engine.engine import Engine
 from internvl.engine.sampling import SamplingParams
 from internvl.model.cache import KVCache
 from internvl.processing.harmony import is_harmony
-from internvl.processing.template import get_template
+from internvl.processing.template import get_template, render_prompt
 from internvl.train.tokenize import IGNORE, render_turn, tokenize_conversation
 
 SPECIALS = ("<|start|>", "<|end|>", "<|message|>", "<|channel|>", "<|return|>")
@@ -128,6 +128,16 @@ def test_a_reply_without_a_channel_and_other_templates_are_plain_text():
 def test_only_the_gpt_oss_template_is_harmony():
     assert is_harmony(get_template("internvl3_5_gpt_oss"))
     assert not any(is_harmony(get_template(n)) for n in ("internvl2_5", "internlm2-chat", "Hermes-2", "phi3-chat"))
+
+
+def test_a_shown_answer_goes_back_into_the_history_with_its_channel():
+    """chat(history=...) and the server get back the final text only: the prompt restores its header."""
+    turns = [("user", "a"), ("assistant", "b"), ("user", "c"), ("assistant", None)]
+    assert render_prompt("internvl3_5_gpt_oss", turns, "S") == (
+        "<|start|>system<|message|>S<|end|><|start|>user<|message|>a<|end|>"
+        "<|start|>assistant<|channel|>final<|message|>b<|end|><|start|>user<|message|>c<|end|><|start|>assistant"
+    )
+    assert "final" not in render_prompt("internvl2_5", turns, "S")
 
 
 # ---- training ------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 
 from ..config import TEMPLATES, Template
 from ..errors import PromptError
+from .harmony import FINAL_HEADER, is_harmony
 
 __all__ = ["TEMPLATES", "Template", "get_template", "render_prompt", "stop_strings"]
 
@@ -57,6 +58,8 @@ def render_prompt(
             raise PromptError(f"message {k} ({role}) is None; only the last message may be left open")
         else:
             last = k == len(messages) - 1 and role == "assistant" and t.last_sep is not None
+            if role == "assistant" and is_harmony(t) and not text.startswith("<|channel|>"):
+                text = FINAL_HEADER + text  # an answer shown to the user (final channel only) goes back whole
             out.append(prefix + text + (t.last_sep if last else t.sep))
     return "".join(out)
 
