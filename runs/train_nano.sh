@@ -4,8 +4,8 @@
 # Rerunning the script resumes where it stopped (each stage continues from its last checkpoint).
 # Options (environment):
 #   START=DIR      start the language stages from this model folder instead of the vision stage, e.g.
-#                  START=src/internvl/assets/nano STAGES=stage1 continues training the shipped model
-#   STAGES="..."   the language stages to run, in order (default: shapes stage0 stage1a stage1)
+#                  START=src/internvl/assets/nano STAGES=stage1b continues training the shipped model
+#   STAGES="..."   the language stages to run, in order (default: shapes stage0 stage1a stage1 stage1b)
 #   STEPS_stage1=N the steps of a stage (its cosine schedule spans them; default: the stage's config)
 #   ARGS_stage1="--lr 5e-4"   more finetune flags for a stage (e.g. a lower peak when continuing a model)
 #   N=6000         items per task in the train split
@@ -15,7 +15,7 @@
 set -euo pipefail
 OUT=${1:-runs/nano}
 N=${N:-6000}                   # items per task in the train split
-STAGES=${STAGES:-"shapes stage0 stage1a stage1"}
+STAGES=${STAGES:-"shapes stage0 stage1a stage1 stage1b"}
 export OMP_WAIT_POLICY=PASSIVE # yield the cores when another process competes for them
 mkdir -p "$OUT"
 
@@ -27,7 +27,7 @@ mkdir -p "$OUT"
 
 # 3. the curriculum: one large shape (stage 0), one or two mid-sized (stage 1a), up to five at the contract's
 #    sizes mixed with the split (stage 1); shapes.json holds only the shape questions of stage 0's scenes
-[ -f "$OUT/curriculum/stage1a.json" ] || internvl nano curriculum --split "$OUT/data" --out "$OUT/curriculum" \
+[ -f "$OUT/curriculum/stage1b.json" ] || internvl nano curriculum --split "$OUT/data" --out "$OUT/curriculum" \
     --scale "${CUR_SCALE:-1}"
 
 # 4. the vision encoder, pretrained on per-patch targets drawn from the generator (~20 min; resumes from its

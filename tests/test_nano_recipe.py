@@ -16,7 +16,8 @@ from internvl.nano.ship import ship
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {"N": "3", "CUR_SCALE": "0.0005", "VIT_STEPS": "2", "VIT_IMAGES": "16", "EVAL_N": "2",
-        "STEPS_shapes": "2", "STEPS_stage0": "2", "STEPS_stage1a": "2", "STEPS_stage1": "2"}  # fmt: skip
+        "STEPS_shapes": "2", "STEPS_stage0": "2", "STEPS_stage1a": "2", "STEPS_stage1": "2",
+        "STEPS_stage1b": "2"}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +31,7 @@ def recipe(tmp_path_factory):
 
 
 def test_every_stage_runs_and_the_benchmark_scores_every_task(recipe):
-    for stage in ("shapes", "stage0", "stage1a", "stage1"):
+    for stage in ("shapes", "stage0", "stage1a", "stage1", "stage1b"):
         assert (recipe / stage / "final" / "model.safetensors").is_file(), stage
         state = json.loads((recipe / stage / "checkpoints" / "step-00000002" / "state.json").read_text())
         assert state["step"] == 2

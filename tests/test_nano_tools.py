@@ -121,7 +121,8 @@ def test_curriculum_writes_every_stage_meta(tmp_path):
                  for line in (tmp_path / "cur/dense0/dense.jsonl").read_text().splitlines()
                  for t in json.loads(line)["conversations"])  # fmt: skip
     assert shapes > 0
-    assert counts == {"shapes": shapes, "stage0": 10, "stage1a": 3 + 10, "stage1": 10 + 15 + 1 + 1}
+    assert counts == {"shapes": shapes, "stage0": 10, "stage1a": 3 + 10, "stage1": 10 + 15 + 1 + 1,
+                      "stage1b": 5 + 7 + 4 + 4}  # half the scenes, all of the split
     for stage in counts:
         specs = read_meta(tmp_path / "cur" / f"{stage}.json")
         assert len(build_index(specs)) == counts[stage]

@@ -1,6 +1,6 @@
 """The training curriculum next to a train split: scenes of one large shape, then of one or two, then of up
 to five at the contract's sizes, six questions each (`synth.writer.generate_dense`), and the meta files of
-its stages in order: shapes.json, stage0.json, stage1a.json, stage1.json (see runs/train_nano.sh)."""
+its stages in order: shapes.json, stage0.json, stage1a.json, stage1.json, stage1b.json (see runs/train_nano.sh)."""
 
 from __future__ import annotations
 
@@ -16,10 +16,11 @@ CURRICULUM = (
 )
 SPLIT_SHARE = 0.25  # stage 1 takes this share of every task of the train split
 STAGE1A_REPLAY = 0.3  # stage 1a keeps this share of the single large shapes next to the scenes of one or two
+STAGE1B_SCENES = 0.5  # stage 1b: all of every task of the split, and this share of stage 1's scenes
 
 
 def curriculum(split: str | Path, out: str | Path, scale: float = 1.0, progress: bool = False) -> dict:
-    """The curriculum sets and the two stage meta files (paths relative to `out`); `scale` shrinks them."""
+    """The curriculum sets and the stages' meta files (paths relative to `out`); `scale` shrinks them."""
     from ..synth.writer import generate_dense
 
     split, out = Path(split), Path(out)
@@ -39,15 +40,22 @@ def curriculum(split: str | Path, out: str | Path, scale: float = 1.0, progress:
                           "length": max(1, int(entries["dense0"]["length"] * STAGE1A_REPLAY))},
                "dense1": entries["dense1"]}  # fmt: skip
     stage1 = {k: v for k, v in entries.items() if k != "dense0"}
+    stage1b = {k: share(v, STAGE1B_SCENES) for k, v in stage1.items()}
     rel = Path(os.path.relpath(split, out))
     for name, entry in json.loads(meta_file.read_text()).items():
-        length = max(1, int(entry["length"] * SPLIT_SHARE))
         paths = {"root": str(rel / entry["root"]), "annotation": str(rel / entry["annotation"])}
-        stage1[name] = {**entry, **paths, "repeat_time": SPLIT_SHARE, "length": length}
-    metas = {"shapes": shapes, "stage0": {"dense0": entries["dense0"]}, "stage1a": stage1a, "stage1": stage1}
+        stage1[name] = share({**entry, **paths}, SPLIT_SHARE)
+        stage1b[name] = share({**entry, **paths}, 1.0)
+    metas = {"shapes": shapes, "stage0": {"dense0": entries["dense0"]}, "stage1a": stage1a, "stage1": stage1,
+             "stage1b": stage1b}  # fmt: skip
     for name, meta in metas.items():
         (out / f"{name}.json").write_text(json.dumps(meta, indent=2) + "\n")
     return {name: sum(e["length"] for e in meta.values()) for name, meta in metas.items()}
+
+
+def share(entry: dict, rate: float) -> dict:
+    """A meta entry that takes `rate` of its rows each epoch (its length the rows it contributes)."""
+    return {**entry, "repeat_time": rate, "length": max(1, int(entry["length"] * rate))}
 
 
 def shape_questions(dense: Path, out: Path) -> int:
