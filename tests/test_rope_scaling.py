@@ -8,7 +8,8 @@ import torch
 
 from internvl.config import LLMConfig
 from internvl.errors import ConfigError
-from internvl.model.llm import CausalLM, Rotary
+from internvl.model.llm import CausalLM
+from internvl.model.rope import Rotary
 
 HEAD = 16
 LONG = [1.0 + 0.5 * i for i in range(HEAD // 2)]

@@ -13,7 +13,7 @@ from refmodels import IMAGE_TOKEN_ID, TOKENS_PER_TILE, prompt_with_images
 from internvl.checkpoint.io import build_model
 from internvl.checkpoint.original import from_original_dict, to_original_dict
 from internvl.errors import ConfigError
-from internvl.model.llm import Rotary
+from internvl.model.rope import Rotary
 from internvl.model.v2pe import v2pe_positions
 from internvl.presets import preset
 

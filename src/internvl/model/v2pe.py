@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from ..config import ModelConfig
-from .llm import Rotary
+from .rope import Rotary
 
 
 def image_step(config: ModelConfig) -> float | None:
