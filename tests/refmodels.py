@@ -67,6 +67,14 @@ def prompt_with_images(tiles_per_image: list[int], seed: int = 0, text_len: int 
     return torch.tensor([ids]), pixel_values
 
 
+def assert_logits_match(ref, ours, ids: torch.Tensor, pixel_values: torch.Tensor, atol: float = 1e-4) -> None:
+    """Our logits equal transformers' on the same prompt and tiles (fp32 parity)."""
+    with torch.no_grad():
+        expected = ref(input_ids=ids, pixel_values=pixel_values).logits
+        got = ours(ids, pixel_values).logits
+    torch.testing.assert_close(got, expected, atol=atol, rtol=0)
+
+
 def greedy_tokens(ref, ours, ids: torch.Tensor, pixel_values: torch.Tensor, n: int = 32) -> tuple[list, list]:
     """n greedy tokens from transformers' generate() and from our engine (prefill, then cached decode)."""
     from internvl.engine.engine import Engine

@@ -9,7 +9,14 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from refmodels import IMAGE_TOKEN_ID, greedy_tokens, hf_reference, prompt_with_images, save_reference
+from refmodels import (
+    IMAGE_TOKEN_ID,
+    assert_logits_match,
+    greedy_tokens,
+    hf_reference,
+    prompt_with_images,
+    save_reference,
+)
 from safetensors.torch import load_file, save_file
 
 from internvl.checkpoint.io import load_model
@@ -62,10 +69,7 @@ def test_logits_match_transformers(folders, layout):
     ours, report = _load(hf if layout == "hf" else orig)
     assert report.layout == layout
     ids, pv = prompt_with_images([1, 3, 2], seed=2)  # 48 tokens: far past the 4-token window
-    with torch.no_grad():
-        expected = ref(input_ids=ids, pixel_values=pv).logits
-        got = ours(ids, pv).logits
-    torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
+    assert_logits_match(ref, ours, ids, pv)
 
 
 @pytest.mark.parametrize("layout", ["hf", "original"])

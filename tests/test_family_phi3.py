@@ -8,12 +8,10 @@ import math
 
 import pytest
 import torch
-from refmodels import IMAGE_TOKEN_ID, TOKENS_PER_TILE, prompt_with_images
+from refmodels import IMAGE_TOKEN_ID, TOKENS_PER_TILE, assert_logits_match, greedy_tokens, prompt_with_images
 
 from internvl.checkpoint.io import load_model
 from internvl.cli.main import main as cli
-from internvl.engine.engine import Engine
-from internvl.engine.sampling import SamplingParams
 
 HEAD = 16  # hidden 64 / 4 heads
 SHORT = [1.0 + 0.1 * i for i in range(HEAD // 2)]
@@ -91,10 +89,7 @@ def test_logits_match_transformers(folders, layout, images):
     _, ref, hf, orig = folders
     ours = _load(hf if layout == "hf" else orig, layout)
     ids, pv = prompt_with_images(images, seed=2, text_len=3)
-    with torch.no_grad():
-        expected = ref(input_ids=ids, pixel_values=pv).logits
-        got = ours(ids, pv).logits
-    torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
+    assert_logits_match(ref, ours, ids, pv)
 
 
 @pytest.mark.parametrize("layout", ["hf", "original"])
@@ -104,11 +99,8 @@ def test_32_greedy_tokens_equal_transformers_generate(folders, layout):
     ours = _load(hf if layout == "hf" else orig, layout)
     ids, pv = prompt_with_images([1], seed=11, text_len=3)
     assert ids.shape[1] < 16
-    with torch.no_grad():
-        out = ref.generate(input_ids=ids, pixel_values=pv, max_new_tokens=32, min_new_tokens=32, do_sample=False)
-    expected = out[0, ids.shape[1] :].tolist()
-    got = Engine(ours).generate([(ids[0].tolist(), SamplingParams(max_new_tokens=32), pv)])[0]
-    assert got.output_ids == expected
+    expected, got = greedy_tokens(ref, ours, ids, pv)
+    assert got == expected
 
 
 def test_original_checkpoint_with_su_rope_and_top_level_original_max(folders, tmp_path):

@@ -8,15 +8,20 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from refmodels import IMAGE_TOKEN_ID, hf_reference, prompt_with_images, save_reference
+from refmodels import (
+    IMAGE_TOKEN_ID,
+    assert_logits_match,
+    greedy_tokens,
+    hf_reference,
+    prompt_with_images,
+    save_reference,
+)
 
 from internvl.checkpoint.hf import from_hf_dict, to_hf_dict
 from internvl.checkpoint.io import load_model
 from internvl.checkpoint.original import from_original_dict, to_original_dict
 from internvl.cli.main import main as cli
 from internvl.config import LLMConfig
-from internvl.engine.engine import Engine
-from internvl.engine.sampling import SamplingParams
 from internvl.model.llm import MLP, CausalLM
 from internvl.model.moe import SparseMoE, dispatch, route
 from internvl.presets import preset
@@ -63,10 +68,7 @@ def test_logits_match_transformers(folders, layout):
     ours, report = _load(hf if layout == "hf" else orig)
     assert report.layout == layout
     ids, pv = prompt_with_images([1, 3, 2], seed=2)
-    with torch.no_grad():
-        expected = ref(input_ids=ids, pixel_values=pv).logits
-        got = ours(ids, pv).logits
-    torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
+    assert_logits_match(ref, ours, ids, pv)
 
 
 @pytest.mark.parametrize("layout", ["hf", "original"])
@@ -74,11 +76,8 @@ def test_32_greedy_tokens_equal_transformers_generate(folders, layout):
     _, ref, hf, orig = folders
     ours, _ = _load(hf if layout == "hf" else orig)
     ids, pv = prompt_with_images([2, 1], seed=11)
-    with torch.no_grad():
-        out = ref.generate(input_ids=ids, pixel_values=pv, max_new_tokens=32, min_new_tokens=32, do_sample=False)
-    expected = out[0, ids.shape[1] :].tolist()
-    got = Engine(ours).generate([(ids[0].tolist(), SamplingParams(max_new_tokens=32), pv)])[0]
-    assert got.output_ids == expected
+    expected, got = greedy_tokens(ref, ours, ids, pv)
+    assert got == expected
 
 
 def _naive_moe(x, gate, experts, top_k, normalize):
