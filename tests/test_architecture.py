@@ -13,7 +13,7 @@ PACKAGE = Path(internvl.__file__).parent
 
 # Rooms (the first name under internvl/: a folder or a top-level module), floor by floor, low to high.
 FLOORS = [
-    {"errors", "config", "config_checks", "tokenizer", "presets", "options"},  # words, shapes, options
+    {"errors", "config", "config_checks", "tokenizer", "presets", "options", "efficiency"},  # words, shapes, options
     {"model", "checkpoint", "processing", "kernels", "synth"},  # the inference core, and the synthetic data
     {"engine"},  # generation on token ids
     {"api", "__init__"},  # the Python API (the package's own `internvl.load` is the API)
@@ -29,6 +29,7 @@ ALLOWED = {
     ("tokenizer", "errors"): "every room raises the package's errors",
     ("presets", "errors"): "every room raises the package's errors",
     ("options", "errors"): "every room raises the package's errors",
+    ("efficiency", "errors"): "every room raises the package's errors",
     ("presets", "config"): "a preset is a ModelConfig",
     ("config", "config_checks"): "the dataclasses validate their fields with the shared checks",
     ("checkpoint", "model"): "a checkpoint layout builds the model it loads and maps its tensors",
