@@ -95,7 +95,8 @@ def decode_step(model) -> DecodeStep:
     logits [B, vocab]. The C step when the model's decoder was accelerated above and every part of it can
     run in C here, else `model.decode`. Models without a `language_model` (a test's mock) decode alone."""
     lm = getattr(model, "language_model", None)
-    if lm is None or not isinstance(getattr(lm, "lm_head", None), (FastBf16Linear, Int8Linear)):
+    if lm is None or getattr(lm, "efficiency", None) is not None or not isinstance(  # pruned caches: torch
+            getattr(lm, "lm_head", None), (FastBf16Linear, Int8Linear)):
         return model.decode  # not accelerated: no reason to build (or compile) the kernels
     fused = FusedDecoder.build(lm)
     return model.decode if fused is None else FusedStep(model, fused)

@@ -199,6 +199,7 @@ class CausalLM(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.rotary = Rotary(cfg)
         self.gradient_checkpointing = False
+        self.efficiency = None  # visual-efficiency switches (model/prune.py install()); None: the plain path
 
     @property
     def fused(self) -> bool:
@@ -219,6 +220,8 @@ class CausalLM(nn.Module):
         return self(self.embed(tokens[:, None]), cache=cache, valid_lengths=valid_lengths)[:, -1]
 
     def new_cache(self, batch: int, dtype: torch.dtype | None = None, device=None, capacity: int = 256) -> KVCache:
+        if self.efficiency is not None:  # per-layer token counts (model/visual_cache.py)
+            return self.efficiency.new_cache(self, batch, dtype, device, capacity)
         w = self.model.embed_tokens.weight
         c = self.config
         return KVCache(c.num_hidden_layers, batch, c.num_key_value_heads, c.head_dim,
@@ -233,6 +236,7 @@ class CausalLM(nn.Module):
         seq_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         logits_to_keep: int = 0,
+        visual_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits for `embeds` [B, T, H].
 
@@ -240,8 +244,12 @@ class CausalLM(nn.Module):
         and to real tokens (`attention_mask` [B, T], 1 = token). With a cache: the T new tokens of each row
         are appended after its stored length; `valid_lengths` [B] says how many of them are real (right
         padding), and only those advance the row. `logits_to_keep` > 0 computes logits for the last
-        positions only.
+        positions only. `visual_mask` [B, T] (image tokens) is read by the efficiency switches only.
         """
+        if self.efficiency is not None and seq_ids is None and attention_mask is None and not self.training:
+            out = self.efficiency.forward(self, embeds, positions, cache, valid_lengths, logits_to_keep, visual_mask)
+            if out is not None:
+                return out
         b, t, _ = embeds.shape
         mask, causal, kv_len = None, True, t
         if cache is not None:

@@ -139,6 +139,8 @@ class InternVLChatModel(nn.Module):
                 positions = prompt_positions(self.config, input_ids, self.image_token_id, cache, valid_lengths)
             elif cache is None and not positions.is_floating_point():  # training rows: per packed sample
                 positions = sample_positions(self.config, input_ids, self.image_token_id, positions, self.training)
+        if self.language_model.efficiency is not None and self.image_token_id is not None:  # model/prune.py
+            return {"positions": positions, "visual_mask": input_ids == self.image_token_id}
         return {"positions": positions}
 
     # ---- generation: a prompt into a KV cache, then one token per row at a time ----
