@@ -39,7 +39,7 @@ def test_off_by_default():
         ("fastv=2:0", "efficiency.fastv_keep: expected a number in (0, 1], got 0.0"),
         ("yopo_ffn_keep=nan", "efficiency.yopo_ffn_keep: expected a number in (0, 1]"),
         ("max_visual_tokens=0", "efficiency.max_visual_tokens: expected an integer from 1"),
-        ("yopo_window=-1", "efficiency.yopo_window: expected an integer from 0"),
+        ("yopo_window=0", "efficiency.yopo_window: expected an integer from 1"),
         ("fastv_keep=0.5", "needs fastv_layer"),
         ("schedule", "schedule needs a value"),
         ("pyramid=maybe", "efficiency.pyramid: expected a bare flag or true/false"),

@@ -30,7 +30,7 @@ class EfficiencyConfig:
 
     fastv_layer: int | None = None  # FastV: after this decoder layer keep the top visual tokens
     fastv_keep: float = 1.0  # FastV: fraction of visual tokens kept (by the attention text tokens pay them)
-    yopo_window: int | None = None  # YOPO: visual-visual attention within a (2w+1)^2 grid window
+    yopo_window: int | None = None  # YOPO: visual-visual attention in a w x w window of a tile
     yopo_head_mask: str | None = None  # YOPO: path of a head-mask JSON written by `internvl calibrate`
     yopo_ffn_keep: float = 1.0  # YOPO: fraction of visual tokens that go through each layer's FFN
     yopo_drop_after: int | None = None  # YOPO: visual tokens skip every decoder layer after this one
@@ -45,7 +45,7 @@ class EfficiencyConfig:
     def validate(self) -> None:
         for name in ("fastv_layer", "yopo_drop_after"):
             _check_int(self, name, 0, MAX_LAYER)
-        _check_int(self, "yopo_window", 0, MAX_LAYER)
+        _check_int(self, "yopo_window", 1, MAX_LAYER)
         _check_int(self, "max_visual_tokens", 1, MAX_TOKENS)
         for name in ("fastv_keep", "yopo_ffn_keep"):
             _check_ratio(self, name, getattr(self, name))
@@ -62,6 +62,19 @@ class EfficiencyConfig:
         if self.fastv_keep < 1.0 and self.fastv_layer is None:
             keep = f"{self.fastv_keep:g}"
             raise ConfigError(f"efficiency.fastv_keep: {keep} needs fastv_layer (spec fastv=K:{keep})")
+
+    def check_model(self, num_layers: int) -> None:
+        """The layer switches inside a decoder of `num_layers` layers, and the files named present."""
+        for name in ("fastv_layer", "yopo_drop_after"):
+            value = getattr(self, name)
+            if value is not None and value >= num_layers:
+                raise ConfigError(
+                    f"efficiency.{name}: expected a layer from 0 to {num_layers - 1}, got {value}"
+                )
+        for name in ("yopo_head_mask", "schedule"):
+            value = getattr(self, name)
+            if value is not None and not Path(value).is_file():
+                raise ConfigError(f"efficiency.{name}: no such file {value}")
 
     def is_off(self) -> bool:
         return self == EfficiencyConfig()

@@ -26,6 +26,8 @@ class ModelOptions:
                               metavar="STRIDE")  # fmt: skip
     vir: int | None = option(None, "InternVL3.5-Flash: every tile gives 256 or 64 tokens (default: the router picks)",
                              choices=(256, 64))  # fmt: skip
+    efficiency: str | None = option(None, "visual-efficiency switches, e.g. fastv=2:0.5,pyramid,max_visual_tokens="
+                                    "1024 (README: Seeing with fewer tokens; default: off)", metavar="SPEC")  # fmt: skip
 
 
 @dataclass
@@ -76,4 +78,5 @@ def load_from_args(args: argparse.Namespace, **kwargs):
 
     device = resolve_device(args.device)
     return load(model_path(args), device=device, dtype=args.dtype, quantize=args.quantize, v2pe=args.v2pe,
-                vir=getattr(args, "vir", None), **kwargs)  # fmt: skip
+                vir=getattr(args, "vir", None), efficiency=getattr(args, "efficiency", None),
+                **kwargs)  # fmt: skip

@@ -74,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
         media=MediaPolicy(media_dir, args.allow_remote_images, max_bytes=body, max_pixels=args.max_image_pixels),
     )  # fmt: skip
     llm = load(path, device=device, dtype=args.dtype, quantize=args.quantize, max_batch=args.max_batch,
-               v2pe=args.v2pe, vir=getattr(args, "vir", None))
+               v2pe=args.v2pe, vir=getattr(args, "vir", None), efficiency=args.efficiency)
     if args.host not in ("127.0.0.1", "localhost", "::1") and not settings.api_key:
         print(f"internvl serve: warning: listening on {args.host} without --api-key", file=sys.stderr)
     print(f"internvl serve: {settings.model_name} at http://{args.host}:{args.port} "

@@ -240,15 +240,21 @@ def dynamic_preprocess(
 ) -> list[Image.Image]:
     """Resize the whole image onto the chosen grid (PIL bicubic), crop it row-major into image_size tiles, and
     append a resized copy of the original as a thumbnail when there is more than one tile."""
-    width, height = image.size
-    cols, rows = choose_grid(width, height, min_num, max_num, image_size)
+    grid = choose_grid(image.size[0], image.size[1], min_num, max_num, image_size)
+    tiles = grid_tiles(image, grid, image_size)
+    if use_thumbnail and len(tiles) != 1:
+        tiles.append(image.resize((image_size, image_size), Image.Resampling.BICUBIC))
+    return tiles
+
+
+def grid_tiles(image: Image.Image, grid: tuple[int, int], image_size: int) -> list[Image.Image]:
+    """The image resized onto a (cols, rows) grid (PIL bicubic), cropped row-major into image_size tiles."""
+    cols, rows = grid
     resized = image.resize((image_size * cols, image_size * rows), Image.Resampling.BICUBIC)
     tiles = []
     for k in range(cols * rows):
         x, y = (k % cols) * image_size, (k // cols) * image_size
         tiles.append(resized.crop((x, y, x + image_size, y + image_size)))
-    if use_thumbnail and len(tiles) != 1:
-        tiles.append(image.resize((image_size, image_size), Image.Resampling.BICUBIC))
     return tiles
 
 
@@ -338,3 +344,13 @@ class ImageProcessor:
 
     def __call__(self, image: ImageSource, max_num: int | None = None) -> torch.Tensor:
         return tiles_to_tensor(self.tiles(image, max_num), self.image_size)
+
+    def max_tiles(self, max_num: int) -> int:
+        """The most tiles one image gives with this cap, whatever its size (the grid, then the thumbnail)."""
+        return max_num + int(self.use_thumbnail and max_num > 1) if self.dynamic else 1
+
+    def cap_within(self, tiles: int, max_num: int | None = None) -> int:
+        """The largest cap up to `max_num` (None: the processor's) whose images never exceed `tiles` tiles;
+        1 when even two tiles do not fit (one tile, no thumbnail)."""
+        cap = self.max_num if max_num is None else max_num
+        return next((c for c in range(cap, 0, -1) if self.max_tiles(c) <= tiles), 1)

@@ -12,15 +12,17 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..errors import ImageError, InternVLError
+from ..errors import ImageError, InternVLError, PromptError
 from ..tokenizer import Tokenizer
 from .image import DEFAULT_MAX_PIXELS, ImageProcessor, probe_image
 from .prompt import build_conversation_prompt
+from .pyramid import PyramidProcessor
 from .template import Template, get_template
 from .video import load_video, probe_video
 
 if TYPE_CHECKING:
     from ..config import ModelConfig
+    from ..efficiency import EfficiencyConfig
 
 # Tiles of all the images of one question together, as InternVL's evaluation gives them (`total_max_num`).
 TOTAL_MAX_NUM = 64
@@ -33,6 +35,16 @@ def tiles_per_image(max_num: int, n_images: int, total_max_num: int = TOTAL_MAX_
     their full `max_num`); training shares `max_dynamic_patch` itself (total_max_num=max_num), which is the
     reference's max(1, max_dynamic_patch // n) for several images and the full budget for one."""
     return max(1, min(max_num, total_max_num // max(1, n_images)))
+
+
+def budget_tiles(max_visual_tokens: int, num_image_token: int, n_images: int, n_frames: int = 0) -> int:
+    """Tiles (thumbnail included) each of n images may have when the prompt's visual tokens are capped at
+    `max_visual_tokens`: video frames (a tile each) first, the rest shared evenly by `tiles_per_image`."""
+    total = max_visual_tokens // num_image_token - n_frames
+    if total < max(1, n_images):
+        raise PromptError(f"max_visual_tokens={max_visual_tokens} is below one tile ({num_image_token} tokens) "
+                          f"for each of {n_images} image(s) and {n_frames} video frame(s)")  # fmt: skip
+    return tiles_per_image(total, n_images, total)
 
 
 def per_image_caps(max_num: int | Sequence[int | None] | None, n_images: int) -> list[int | None]:
@@ -122,6 +134,15 @@ class InputBuilder:
         self.system_message = system_message  # None: the template's default
         # InternVL3.5-Flash: pixel values -> context tokens per tile (the model's router); None: num_image_token
         self.tile_tokens: Callable[[torch.Tensor], list[int]] | None = None
+        self.max_visual_tokens: int | None = None  # all media of a prompt share this many tokens (issue 19)
+
+    def use_efficiency(self, cfg: EfficiencyConfig | None) -> None:
+        """The input side of the efficiency switches: pyramid tiling and the visual-token budget (None: off)."""
+        p = self.processor
+        kind = PyramidProcessor if cfg is not None and cfg.pyramid else ImageProcessor
+        self.processor = kind(p.image_size, p.min_num, p.max_num, p.use_thumbnail, p.dynamic, p.max_pixels,
+                              p.pad2square)  # fmt: skip
+        self.max_visual_tokens = cfg.max_visual_tokens if cfg is not None else None
 
     @classmethod
     def from_config(cls, config: ModelConfig, tokenizer: Tokenizer) -> InputBuilder:
@@ -139,11 +160,15 @@ class InputBuilder:
         `num_segments` frames, or a list of frames. `system_message` None: the model's. `dtype` casts the
         pixel values (default float32)."""
         images = as_image_list(images)
+        frames = video_frames(video, num_segments)
+        caps = per_image_caps(max_num, len(images))
+        if self.max_visual_tokens is not None:
+            share = budget_tiles(self.max_visual_tokens, self.num_image_token, len(images), len(frames))
+            caps = [self.processor.cap_within(share, cap) for cap in caps]
         tiles, counts = [], []
-        for im, cap in zip(images, per_image_caps(max_num, len(images))):
+        for im, cap in zip(images, caps):
             tiles.append(self.processor(im, cap))
             counts.append(tiles[-1].shape[0])
-        frames = video_frames(video, num_segments)
         for frame in frames:
             tiles.append(self.processor(frame, 1))
             counts.append(1)
