@@ -17,7 +17,7 @@ FLOORS = [
     {"model", "checkpoint", "processing", "kernels", "synth"},  # the inference core, and the synthetic data
     {"engine"},  # generation on token ids
     {"api", "__init__"},  # the Python API (the package's own `internvl.load` is the API)
-    {"serve", "eval", "train", "nano", "mpo"},  # applications of the API and of the model
+    {"serve", "eval", "train", "nano", "mpo", "prm"},  # applications of the API and of the model
     {"cli", "__main__"},  # the console
 ]
 FLOOR = {room: i for i, rooms in enumerate(FLOORS) for room in rooms}
@@ -36,6 +36,8 @@ ALLOWED = {
     ("mpo", "train"): "MPO is a training objective run by the one training loop, on its data rows",
     ("mpo", "eval"): "preference pairs are judged by the synthetic benchmark's scoring",
     ("nano", "train"): "the built-in model is trained by the one training loop",
+    ("prm", "eval"): "best-of-N asks a synthetic split's items and judges answers with the benchmark's scoring",
+    ("prm", "train"): "the step evaluation reads PRM rows through the fine-tuning meta reader",
     ("nano", "eval"): "the recipe measures its model on the synthetic benchmark",
     ("__init__", "api"): "`internvl.load` is the API's load, imported on first use (internvl/__init__.py)",
     ("__main__", "cli"): "`python -m internvl` is the console",

@@ -22,6 +22,9 @@ VERBS: dict[str, str] = {
     "mpo": "mpo",
     "build-prefs": "build_prefs",
     "nano": "nano",
+    "prm-data": "prm_data",
+    "bon": "bon",
+    "prm-bench": "prm_bench",
 }
 
 HELP: dict[str, str] = {
@@ -35,6 +38,9 @@ HELP: dict[str, str] = {
     "synth": "generate Synthetic Visual World data",
     "build-prefs": "build MPO preference pairs by sampling a model",
     "nano": "the built-in model's recipe: tokenizer and config, curriculum, encoder pretraining, ship",
+    "prm-data": "step-labelled solutions from a synthetic split, to fine-tune a process reward model",
+    "bon": "best-of-N answers picked by a process reward model, against greedy and majority vote",
+    "prm-bench": "step-correctness F1 of a process reward model (VisualProcessBench's form)",
 }
 
 
