@@ -11,6 +11,7 @@ import torch
 
 from .checkpoint.io import load_model
 from .config import ModelConfig
+from .efficiency import EfficiencyConfig
 from .engine.detok import Detokenizer, TextEvent
 from .engine.engine import Engine
 from .engine.sampling import SamplingParams, sampling_params
@@ -73,6 +74,16 @@ class InternVL:
         # the same engine with text and stop strings; GPT-OSS: the text is the harmony final channel's
         self.detok = Detokenizer(self.engine, tokenizer, harmony=is_harmony(self.template))
         self.defaults = SamplingParams(max_new_tokens=1024)
+        self.efficiency: EfficiencyConfig | None = None
+
+    def use_efficiency(self, cfg: EfficiencyConfig | str | None) -> None:
+        """Turn the visual-efficiency switches on (None: off): the inputs tile and budget, the model prunes."""
+        cfg = EfficiencyConfig.coerce(cfg)
+        if cfg is not None:
+            cfg.check_model(self.config.llm.num_hidden_layers)
+        self.efficiency = self.model.efficiency = cfg
+        self.inputs.use_efficiency(cfg)
+        self.processor = self.inputs.processor
 
     # ---- preparing inputs -----------------------------------------------------------------------
 
@@ -160,7 +171,8 @@ class InternVL:
 
 def load(path: str | Path | None = None, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,
          quantize: str | None = None, max_batch: int = 16, optimize: bool = True,
-         revision: str | None = None, v2pe: int | None = None, vir: int | None = None) -> InternVL:  # fmt: skip
+         revision: str | None = None, v2pe: int | None = None, vir: int | None = None,
+         efficiency: EfficiencyConfig | str | None = None) -> InternVL:  # fmt: skip
     """Load a checkpoint folder (original or -hf layout) or a LoRA adapter folder (merged into the base model it
     records), or a Hugging Face Hub id such as "OpenGVLab/InternVL3-1B" (downloaded into the Hub cache, at
     `revision`; see checkpoint/hub.py); no path loads the built-in nano model.
@@ -171,10 +183,13 @@ def load(path: str | Path | None = None, device: str | torch.device = "cpu", dty
     False to fine-tune or save it). `v2pe`: a stride turns on V2PE positions (`rope_pos_id_version` v2pe_fix;
     an image token advances stride / tokens per tile (256) positions, model/v2pe.py), as for OpenGVLab/V2PE.
     `vir` (InternVL3.5-Flash): 256 or 64 gives every tile that many tokens instead of the router's choice.
+    `efficiency`: the visual-efficiency switches, an `EfficiencyConfig` or its spec ("fastv=2:0.5,pyramid");
+    None is the plain model (efficiency.py).
     """
     from .checkpoint.hub import resolve_model
 
     device = resolve_device(device)
+    efficiency = EfficiencyConfig.coerce(efficiency)  # a bad spec fails before anything is read
     if path is None and revision is not None:
         raise InternVLError("a revision needs a Hugging Face Hub model id")
     path = resolve_model(path, revision) if path is not None else default_model_path()
@@ -199,4 +214,7 @@ def load(path: str | Path | None = None, device: str | torch.device = "cpu", dty
         from .engine.accelerate import use_decode_kernels
 
         use_decode_kernels(model)
-    return InternVL(model, tokenizer, path, max_batch=max_batch)
+    llm = InternVL(model, tokenizer, path, max_batch=max_batch)
+    if efficiency is not None:
+        llm.use_efficiency(efficiency)
+    return llm
