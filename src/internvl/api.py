@@ -77,13 +77,19 @@ class InternVL:
         self.efficiency: EfficiencyConfig | None = None
 
     def use_efficiency(self, cfg: EfficiencyConfig | str | None) -> None:
-        """Turn the visual-efficiency switches on (None: off): the inputs tile and budget, the model prunes."""
+        """Set the visual-efficiency switches (None: all off): the inputs room tiles and budgets, the decoder
+        prunes (model/prune.py), and the engine decodes with the step that the pruned caches need."""
+        from .engine.accelerate import decode_step
+        from .model.prune import install
+
         cfg = EfficiencyConfig.coerce(cfg)
         if cfg is not None:
             cfg.check_model(self.config.llm.num_hidden_layers)
-        self.efficiency = self.model.efficiency = cfg
+        install(self.model, cfg)
+        self.efficiency = cfg
         self.inputs.use_efficiency(cfg)
         self.processor = self.inputs.processor
+        self.engine.decode_step = decode_step(self.model)
 
     # ---- preparing inputs -----------------------------------------------------------------------
 

@@ -32,8 +32,8 @@ class EfficiencyConfig:
     fastv_keep: float = 1.0  # FastV: fraction of visual tokens kept (by the attention text tokens pay them)
     yopo_window: int | None = None  # YOPO: visual-visual attention in a w x w window of a tile
     yopo_head_mask: str | None = None  # YOPO: path of a head-mask JSON written by `internvl calibrate`
-    yopo_ffn_keep: float = 1.0  # YOPO: fraction of visual tokens that go through each layer's FFN
-    yopo_drop_after: int | None = None  # YOPO: visual tokens skip every decoder layer after this one
+    yopo_ffn_keep: float = 1.0  # YOPO: fraction of FFN intermediate units visual tokens use
+    yopo_drop_after: int | None = None  # YOPO: visual tokens skip decoder layers >= this one
     schedule: str | None = None  # G-Search / P-Sigmoid: path of a per-layer keep-ratio JSON
     pyramid: bool = False  # Mini-Monkey: complementary image pyramid tiling
     scale_compress: float | None = None  # Mini-Monkey: fraction kept by layer-2 attention
