@@ -133,3 +133,42 @@ def test_command_line_runs_the_pretraining(tmp_path, capsys):
     assert main(["vit", "--init", str(init), "--out", str(tmp_path / "y"), "--batch", "0"]) == 1
     assert "batch must be at least 1, got 0" in capsys.readouterr().err
     assert not (tmp_path / "y").exists()
+
+
+def test_tiled_views_label_tiles_at_native_scale():
+    """A 448x224 canvas tiles into two 224 tiles at scale 1 and a thumbnail: the square drawn at x 252-336 is in
+    the second tile at patches 2-7 (x 28-112 there), with box distances in that tile's patch units."""
+    from PIL import Image, ImageDraw
+
+    from internvl.nano.patches import tiled_views
+
+    image = Image.new("RGB", (448, 224), (255, 255, 255))
+    ImageDraw.Draw(image).rectangle((252, 56, 335, 139), fill=(220, 30, 30))
+    labels = Image.new("L", (448, 224), 0)
+    ImageDraw.Draw(labels).rectangle((252, 56, 335, 139), fill=1)
+    region = Region(KINDS.index("square"), 0, -1, (252, 56, 336, 140))
+    views = tiled_views(image, np.asarray(labels), [region], max_num=4)
+    assert len(views) == 3  # two tiles and the thumbnail
+    (left, t0), (right, t1), (thumb, t2) = views
+    assert (t0["kind"] == 0).all()
+    kind = t1["kind"].reshape(16, 16)
+    inside = np.zeros((16, 16), bool)
+    inside[4:10, 2:8] = True
+    assert (kind[inside] == KINDS.index("square")).all() and (kind[~inside] == 0).all()
+    assert right[4 * 14 + 7, 2 * 14 + 7].tolist() == [220, 30, 30] and (left == 255).all()
+    assert t1["box"].reshape(16, 16, 4)[4, 2].tolist() == pytest.approx([0.5, 0.5, 5.5, 5.5])
+    assert thumb.shape == (224, 224, 3)
+    # the thumbnail squeezes the canvas to half its width: the square spans 3 patch columns there
+    assert t2["box"].reshape(16, 16, 4)[4, 9].tolist() == pytest.approx([0.5 - 0.0, 0.5, 2.5, 5.5], abs=0.01)
+
+
+def test_pretraining_can_continue_a_trained_model_on_tiles(tmp_path):
+    """--keep-weights starts from INIT's weights: the language model comes back unchanged, the encoder moves."""
+    init = tiny_checkpoint(tmp_path / "init")
+    pretrain(init, tmp_path / "out", steps=2, images=3, batch=4, lr=3e-3, log_every=1000, max_num=4,
+             keep_weights=True)  # fmt: skip
+    a, b = load_file(str(tmp_path / "out" / "model.safetensors")), load_file(str(init / "model.safetensors"))
+    llm = [k for k in a if k.startswith("language_model.")]
+    vit = [k for k in a if k.startswith("vision_model.") and "weight" in k]
+    assert llm and all(torch.equal(a[k], b[k]) for k in llm)
+    assert any(not torch.equal(a[k], b[k]) for k in vit)

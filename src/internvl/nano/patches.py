@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw
 
-from ..processing.image import dynamic_preprocess
+from ..processing.image import choose_grid, dynamic_preprocess
 from ..synth.builders import BUILDERS
 from ..synth.chart import Chart, bar_boxes, layout, render_chart
 from ..synth.render import pick_font, render_scene
@@ -101,9 +101,19 @@ def sample_image(rng: random.Random) -> tuple[Image.Image, np.ndarray, list[Regi
 def patch_targets(labels: np.ndarray, regions: list[Region], image_size: int = 224, patch: int = 14) -> dict:
     """Per-patch targets on the `image_size` view (the whole image resized, as one tile is)."""
     h, w = labels.shape
-    g = image_size // patch
     small = np.asarray(Image.fromarray(labels).resize((image_size, image_size), Image.Resampling.NEAREST))
-    blocks = small.reshape(g, patch, g, patch).transpose(0, 2, 1, 3).reshape(g * g, patch * patch)
+    return view_targets(small, regions, (image_size / w, image_size / h), (0, 0), patch)
+
+
+def view_targets(view: np.ndarray, regions: list[Region], scale: tuple[float, float], origin: tuple[float, float],
+                 patch: int = 14) -> dict:  # fmt: skip
+    """Per-patch targets of one square view of the label map (a tile or the thumbnail): `view` is the label map
+    as the view shows it, `scale` maps canvas pixels to view pixels and `origin` is the view's corner in the
+    scaled canvas, so box distances are in the view's patch units (negative or past the view for an object
+    the view cuts)."""
+    size = view.shape[0]
+    g = size // patch
+    blocks = view.reshape(g, patch, g, patch).transpose(0, 2, 1, 3).reshape(g * g, patch * patch)
     counts = np.stack([(blocks == k).sum(1) for k in range(len(regions) + 1)], 1)
     counts[:, 0] = 0
     best = counts.argmax(1)
@@ -112,28 +122,57 @@ def patch_targets(labels: np.ndarray, regions: list[Region], image_size: int = 2
     color = np.full(g * g, -1, np.int64)
     char = np.full(g * g, -1, np.int64)
     box = np.zeros((g * g, 4), np.float32)
-    sx, sy = image_size / w / patch, image_size / h / patch  # canvas pixels -> patch units
+    (sx, sy), (ox, oy) = scale, origin
     centers = np.arange(g) + 0.5
     cy, cx = np.meshgrid(centers, centers, indexing="ij")
     cx, cy = cx.reshape(-1), cy.reshape(-1)
     for p in np.nonzero(best)[0]:
         r = regions[best[p] - 1]
         kind[p], color[p], char[p] = r.kind, r.color, r.char
-        x1, y1, x2, y2 = r.box
-        box[p] = (cx[p] - x1 * sx, cy[p] - y1 * sy, x2 * sx - cx[p], y2 * sy - cy[p])
+        x1, y1, x2, y2 = ((r.box[0] * sx - ox) / patch, (r.box[1] * sy - oy) / patch,
+                          (r.box[2] * sx - ox) / patch, (r.box[3] * sy - oy) / patch)  # fmt: skip
+        box[p] = (cx[p] - x1, cy[p] - y1, x2 - cx[p], y2 - cy[p])
     return {"kind": kind, "color": color, "char": char, "box": box}
 
 
-def make_set(n: int, seed: int, image_size: int = 224, patch: int = 14, progress: bool = False) -> dict:
-    """`n` images (uint8 [n, S, S, 3], resized as one tile is) with their patch targets."""
+def tiled_views(image: Image.Image, labels: np.ndarray, regions: list[Region], max_num: int, image_size: int = 224,
+                patch: int = 14) -> list[tuple[np.ndarray, dict]]:  # fmt: skip
+    """The views the model sees with dynamic tiling (`dynamic_preprocess` with up to `max_num` tiles and the
+    thumbnail), each as (uint8 [S, S, 3], its patch targets): at native scale for the tiles, which is where
+    14-px letters and shapes stay readable."""
+    tiles = dynamic_preprocess(image, 1, max_num, image_size, True)
+    cols, rows = choose_grid(image.width, image.height, 1, max_num, image_size)
+    h, w = labels.shape
+    grid = np.asarray(Image.fromarray(labels).resize((cols * image_size, rows * image_size),
+                                                     Image.Resampling.NEAREST))  # fmt: skip
+    out = []
+    for k in range(cols * rows):
+        x, y = (k % cols) * image_size, (k // cols) * image_size
+        view = grid[y : y + image_size, x : x + image_size]
+        t = view_targets(view, regions, (cols * image_size / w, rows * image_size / h), (x, y), patch)
+        out.append((np.asarray(tiles[k], np.uint8), t))
+    if len(tiles) > cols * rows:  # the thumbnail
+        out.append((np.asarray(tiles[-1], np.uint8), patch_targets(labels, regions, image_size, patch)))
+    return out
+
+
+def make_set(n: int, seed: int, image_size: int = 224, patch: int = 14, progress: bool = False,
+             max_num: int = 1) -> dict:  # fmt: skip
+    """The views of `n` images (uint8 [V, S, S, 3]) with their patch targets: each image resized as one tile
+    is (`max_num` 1), or all its tiles at native scale and its thumbnail (`max_num` > 1, see `tiled_views`)."""
     from tqdm import tqdm
 
     rng = random.Random(seed)
     images, cols = [], {"kind": [], "color": [], "char": [], "box": []}
     for _ in tqdm(range(n), desc="vision pretraining images", unit="img", disable=not progress):
         image, labels, regions = sample_image(rng)
-        tile = dynamic_preprocess(image, 1, 1, image_size, True)[0]
-        images.append(np.asarray(tile, np.uint8))
-        for k, v in patch_targets(labels, regions, image_size, patch).items():
-            cols[k].append(v)
+        if max_num > 1:
+            views = tiled_views(image, labels, regions, max_num, image_size, patch)
+        else:
+            tile = dynamic_preprocess(image, 1, 1, image_size, True)[0]
+            views = [(np.asarray(tile, np.uint8), patch_targets(labels, regions, image_size, patch))]
+        for array, targets in views:
+            images.append(array)
+            for k, v in targets.items():
+                cols[k].append(v)
     return {"images": np.stack(images), **{k: np.stack(v) for k, v in cols.items()}}

@@ -27,7 +27,7 @@ from .patches import CHARS, KINDS, make_set
 DONE = "vit_pretrain.json"  # written last: the summary of a finished run
 HELD_OUT = 256  # images of the held-out set (seed + 1) that the summary reports on
 TARGETS = ("kind", "color", "char", "box")
-RESUME_KEYS = ("steps", "images", "batch", "lr", "seed", "train_encoder")  # must match to resume
+RESUME_KEYS = ("steps", "images", "batch", "lr", "seed", "train_encoder", "max_num", "keep_weights")  # must match to resume
 
 
 class PatchHead(nn.Module):
@@ -172,15 +172,18 @@ def pretrain(init: str | Path, out: str | Path, steps: int = 1200, images: int =
              lr: float = 1e-3, seed: int = 0, log_every: int = 50, save_every: int = 250,
              threads: int | None = None, data: str | Path | None = None, train_encoder: bool = True,
              progress: bool = False, resume: bool = False, stop_after: int = 0,
-             device: str = "cpu") -> dict:  # fmt: skip
+             device: str = "cpu", max_num: int = 1, keep_weights: bool = False) -> dict:  # fmt: skip
     """Pretrain the encoder of `init`'s config on dense patch targets and write a model folder to `out`
     (config and tokenizer from `init`, the pretrained encoder, the rest initialized as `internvl finetune
     --init-from-config` would); also every `save_every` steps, with a checkpoint in OUT/checkpoints that
     `resume=True` continues from (`stop_after` ends the run early at that step, the schedule unchanged).
     `data` is the image cache (default OUT/vit_data.npz, written when missing). `train_encoder=False` trains
     the read-out alone on the encoder as initialized: the baseline (how much the random encoder's tokens
-    already tell); it writes no model and no checkpoint. `progress` shows a bar for the image generation."""
-    from ..checkpoint.io import build_model, save_model
+    already tell); it writes no model and no checkpoint. `progress` shows a bar for the image generation.
+    `max_num` > 1 trains on the views of dynamic tiling (every tile at native scale, and the thumbnail) instead
+    of the whole image squeezed into one tile. `keep_weights` starts from `init`'s weights (a trained model:
+    its encoder continues, its projector and language model are written back unchanged)."""
+    from ..checkpoint.io import build_model, load_weights, save_model
     from ..checkpoint.layouts import read_config
     from ..model.llm import init_weights
     from ..tokenizer import Tokenizer
@@ -198,7 +201,8 @@ def pretrain(init: str | Path, out: str | Path, steps: int = 1200, images: int =
     tokenizer = Tokenizer.from_dir(init)
     ctx = DistContext(device=pick_device(device))
     run_args = {"steps": steps, "images": images, "batch": batch, "lr": lr, "seed": seed,
-                "train_encoder": train_encoder, "init": str(init)}  # fmt: skip
+                "train_encoder": train_encoder, "init": str(init), "max_num": max_num,
+                "keep_weights": keep_weights}  # fmt: skip
     latest = find_latest(out) if train_encoder else None
     if latest is not None and not resume:
         raise TrainingError(f"{out} already has checkpoints (newest: {latest.name}); pass --resume to "
@@ -213,14 +217,17 @@ def pretrain(init: str | Path, out: str | Path, steps: int = 1200, images: int =
 
     torch.manual_seed(seed)
     model = build_model(config, tokenizer.image_context_id, meta=False)
-    init_weights(model)
-    model.vision_model.init_from_scratch()
+    if keep_weights:
+        load_weights(model, init, dtype=torch.float32)
+    else:
+        init_weights(model)
+        model.vision_model.init_from_scratch()
     cache = Path(data) if data else out / "vit_data.npz"
     if cache.exists():
         pool = dict(np.load(cache))
     else:
         cache.parent.mkdir(parents=True, exist_ok=True)
-        pool = make_set(images, seed, config.image_size, config.vision.patch_size, progress=progress)
+        pool = make_set(images, seed, config.image_size, config.vision.patch_size, progress, max_num)
         np.savez(cache, **pool)
     readout = PatchReadout(model.vision_model, config.vision.hidden_size).to(ctx.device)
     readout.vision_model.requires_grad_(train_encoder)
@@ -250,7 +257,7 @@ def pretrain(init: str | Path, out: str | Path, steps: int = 1200, images: int =
     if ended.interrupted or ended.paused:
         stop = "interrupted" if ended.interrupted else "paused"  # a signal, or stop_after
         return {**result, stop: True, "checkpoint": str(out / "checkpoints")}
-    held = make_set(HELD_OUT, seed + 1, config.image_size, config.vision.patch_size)
+    held = make_set(HELD_OUT, seed + 1, config.image_size, config.vision.patch_size, max_num=max_num)
     held = PatchBatch.of(held, slice(None))
     result["held_out"] = held_out_stats(readout, held, ctx.device)
     if train_encoder:
