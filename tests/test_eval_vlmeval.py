@@ -7,6 +7,7 @@ dataset/utils/multiple_choice.py, utils/matching_util.py, vlm/internvl/internvl_
 from __future__ import annotations
 
 import base64
+import json
 import io
 import re
 from types import SimpleNamespace
@@ -296,3 +297,19 @@ def test_a_two_image_question_gets_the_full_budget_per_image(tmp_path):
     fake = Fake(lambda p, i: "A")
     evaluate(fake, tsv_task(path), tmp_path / "out", max_num=6, progress=False)
     assert sorted(fake.caps) == [(1, 6), (2, 6)]  # was 6 // 2 = 3 tiles per image
+
+
+def test_the_synthetic_benchmark_shares_tiles_as_training(tmp_path):
+    """The synthetic split's several-image questions (up to 8 video frames) share max_num tiles as in training
+    (max(1, max_num // n) each), where a TSV benchmark gives each image min(max_num, 64 // n)."""
+    from internvl.eval.synthetic import SyntheticTask
+    from internvl.synth import generate_split
+
+    generate_split(str(tmp_path / "split"), "test", 2, tasks=["multi_image", "video", "color"])
+    fake = Fake(lambda p, i: "red")
+    summary = evaluate(fake, SyntheticTask(tmp_path / "split", tasks=["multi_image", "video", "color"]), tmp_path / "out", max_num=4, progress=False)
+    caps = {(n, cap) for n, cap in fake.caps}
+    assert {cap for n, cap in caps if n == 1} == {4}
+    assert all(cap == max(1, 4 // n) for n, cap in caps) and any(n > 1 for n, _ in caps)
+    assert json.loads((tmp_path / "out" / "settings.json").read_text())["total_max_num"] == 4
+    assert summary["n"] == 6

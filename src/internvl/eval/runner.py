@@ -18,7 +18,7 @@ from pathlib import Path
 from internvl.errors import DataError, InternVLError
 from internvl.eval.items import ImageSource
 from internvl.eval.tasks import Example
-from internvl.processing.inputs import tiles_per_image
+from internvl.processing.inputs import TOTAL_MAX_NUM, tiles_per_image
 
 DEFAULT_MAX_NUM = 6  # tiles per image in the reference evaluation scripts
 
@@ -30,7 +30,7 @@ def _greedy(max_new_tokens: int):
 
 
 def generate(model, examples: Iterable[Example], max_num: int = DEFAULT_MAX_NUM,
-             batch_size: int = 8) -> Iterator[tuple[Example, str]]:  # fmt: skip
+             batch_size: int = 8, total_max_num: int = TOTAL_MAX_NUM) -> Iterator[tuple[Example, str]]:  # fmt: skip
     """Yield (example, answer) as answers finish. Up to `batch_size` requests are in the engine at once; a new
     one is prepared (images decoded and tiled) only when one finishes, so memory stays flat. Closing the
     iterator early (an error, Ctrl-C) aborts the requests still in flight."""
@@ -43,7 +43,8 @@ def generate(model, examples: Iterable[Example], max_num: int = DEFAULT_MAX_NUM,
                 images = [im.load() if isinstance(im, ImageSource) else im for im in ex.images]
                 try:
                     # the images of a question share 64 tiles, as InternVL's VLMEvalKit wrapper gives them
-                    ids, pv, _ = model.prepare(ex.prompt, images, max_num=tiles_per_image(max_num, len(images)))
+                    caps = tiles_per_image(max_num, len(images), total_max_num)
+                    ids, pv, _ = model.prepare(ex.prompt, images, max_num=caps)
                     seq = engine.add(ids, _greedy(ex.max_new_tokens), pv)
                 except InternVLError as exc:
                     raise type(exc)(f"question {ex.key}: {exc}") from None
@@ -129,12 +130,14 @@ def evaluate(model, task, out_dir: str | Path, *, batch_size: int = 8, max_num: 
     from tqdm import tqdm
 
     max_num = max_num or default_max_num(model)
+    total = max_num if getattr(task, "shares_tiles_as_training", False) else TOTAL_MAX_NUM
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     pred_path, settings_path = out / "predictions.jsonl", out / "settings.json"
     tokens = sorted({ex.max_new_tokens for ex in task.examples})
     settings = {**task.settings, "model": model_name or str(getattr(model, "path", None) or "model"),
-                "max_num": max_num, "max_new_tokens": tokens[0] if len(tokens) == 1 else tokens,
+                "max_num": max_num, "total_max_num": total,
+                "max_new_tokens": tokens[0] if len(tokens) == 1 else tokens,
                 "temperature": 0.0}  # fmt: skip
     if resume:
         _check_settings(settings_path, settings)
@@ -147,7 +150,7 @@ def evaluate(model, task, out_dir: str | Path, *, batch_size: int = 8, max_num: 
     bar = tqdm(total=len(task.examples), initial=len(task.examples) - len(todo), desc=task.name, unit="q",
                disable=(not progress) if progress is not None else None, dynamic_ncols=True)  # fmt: skip
     try:
-        with open(pred_path, "a", encoding="utf-8") as f, closing(generate(model, todo, max_num, batch_size)) as gen:
+        with open(pred_path, "a", encoding="utf-8") as f, closing(generate(model, todo, max_num, batch_size, total)) as gen:
             for ex, answer in gen:
                 row = {"key": ex.key, **ex.info, "question": ex.prompt, "prediction": answer, **task.judge(ex, answer)}
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")

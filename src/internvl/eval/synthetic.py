@@ -111,6 +111,9 @@ class SyntheticTask:
     the mean over tasks. The mc task runs through MCQTask, so it matches `internvl eval --data mc.tsv`."""
 
     kind = "synthetic"
+    # the images of a question share max_num tiles, as in training (max(1, max_num // n) each), not VLMEvalKit's
+    # 64: the synthetic questions have up to 8 frames, and the built-in model never saw more tiles a question
+    shares_tiles_as_training = True
 
     def __init__(self, data_dir: str | Path, tasks=None, circular: str = "auto", limit: int | None = None,
                  max_new_tokens: int | None = None, name: str = "synthetic"):  # fmt: skip
