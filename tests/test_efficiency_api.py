@@ -3,6 +3,8 @@ off is the plain model bit for bit, the switches reach both the tiler and the de
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from PIL import Image
@@ -80,6 +82,8 @@ def test_chat_and_eval_take_the_flag(ckpt, tmp_path, capsys):
     assert cli(["eval", "synthetic", str(model), "--data-dir", str(tmp_path / "split"), "--tasks", "color",
                 "--max-new-tokens", "4", "--out", str(tmp_path / "out"), "--efficiency", spec]) == 0  # fmt: skip
     assert "| color | 2 |" in capsys.readouterr().out
+    settings = json.loads((tmp_path / "out" / "settings.json").read_text())
+    assert settings["efficiency"] == spec  # a --resume with other switches is refused
 
 
 def test_serve_passes_the_flag_to_load(ckpt, monkeypatch):

@@ -139,6 +139,8 @@ def evaluate(model, task, out_dir: str | Path, *, batch_size: int = 8, max_num: 
                 "max_num": max_num, "total_max_num": total,
                 "max_new_tokens": tokens[0] if len(tokens) == 1 else tokens,
                 "temperature": 0.0}  # fmt: skip
+    if getattr(model, "efficiency", None) is not None:  # --efficiency: a resumed run keeps the same switches
+        settings["efficiency"] = model.efficiency.to_spec()
     if resume:
         _check_settings(settings_path, settings)
         done = read_predictions(pred_path)
