@@ -252,6 +252,7 @@ def accuracy_table(args, folder: Path) -> dict[int, dict]:
     own.mkdir(exist_ok=True)
     out = {}
     llm = cfg.llm
+    max_num = args.builtin_max_num or default_max_num(model)  # tiles per image (the built-in model: 1)
     for key, (method, label, spec) in enumerate(settings_for(llm.num_hidden_layers, llm.num_attention_heads,
                                             cfg.num_image_token, own, args.builtin_schedule,
                                             args.builtin_head_mask)):  # fmt: skip
@@ -261,9 +262,10 @@ def accuracy_table(args, folder: Path) -> dict[int, dict]:
             continue
         model.use_efficiency(spec)
         t0 = time.perf_counter()
-        summary = evaluate(model, task, own / f"eval-{len(out)}", batch_size=args.batch_size, progress=False)
+        summary = evaluate(model, task, own / f"eval-{len(out)}", batch_size=args.batch_size, max_num=max_num,
+                           progress=False)  # fmt: skip
         eff = EfficiencyConfig.from_spec(spec)
-        tiles = image_tiles(cfg, eff, default_max_num(model)).shape[0]
+        tiles = image_tiles(cfg, eff, max_num).shape[0]
         out[key] = {"method": method, "label": label, "spec": spec, "overall": summary["overall"],
                     "tasks": {t: r["accuracy"] for t, r in summary["tasks"].items()},
                     **gflops(cfg, tiles, eff)}  # fmt: skip
@@ -350,6 +352,12 @@ def main() -> None:
     ap.add_argument("--split-n", type=int, default=200, help="items per task of the cached test split")
     ap.add_argument("--tasks", default=None, help="synthetic tasks (default: all)")
     ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument(
+        "--builtin-max-num",
+        type=int,
+        default=None,
+        help="tiles per image for --accuracy (default: the model's; the pyramid and budget need > 1)",
+    )
     ap.add_argument(
         "--builtin-schedule", default=None, help="a calibrated keep schedule for the built-in model"
     )

@@ -28,7 +28,7 @@ def _shown(value: Any) -> str:
 class EfficiencyConfig:
     """Each field None / 1.0 / False means that switch is off; `is_off()` when all are."""
 
-    fastv_layer: int | None = None  # FastV: after this decoder layer keep the top visual tokens
+    fastv_layer: int | None = None  # FastV: from this decoder layer on (0-based) only the top visual tokens
     fastv_keep: float = 1.0  # FastV: fraction of visual tokens kept (by the attention text tokens pay them)
     yopo_window: int | None = None  # YOPO: visual-visual attention in a w x w window of a tile
     yopo_head_mask: str | None = None  # YOPO: path of a head-mask JSON written by `internvl calibrate`
