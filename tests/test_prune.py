@@ -187,3 +187,30 @@ class _vlm:  # install() reads the language model and the tile size
             flash_mode = False
 
         self.config = C()
+
+
+@torch.no_grad()
+def test_scale_compression_runs_the_shortened_sequence():
+    """Mini-Monkey's SCM: layer 2's attention from every token after the span (the first image's tiles but its
+    last) to the span, mean over those rows and heads; the top half of the span kept in order; then the model
+    runs the shortened sequence from scratch (fresh positions), as the plain model would."""
+    lm = tiny_lm()
+    emb, vis = prompt(lm, [3])
+    t = emb.shape[1]
+    cos, sin = lm.rotary(torch.arange(t)[None], emb.dtype)
+    causal = torch.ones(t, t, dtype=torch.bool).tril()[None, None]
+    x = lm.model.layers[0](emb, cos[:, None], sin[:, None], causal, False, None, 0, t)
+    attn = lm.model.layers[1].self_attn
+    q, k, _ = attn._qkv(lm.model.layers[1].input_layernorm(x), cos[:, None], sin[:, None])
+    k = k.repeat_interleave(2, dim=1)
+    probs = torch.softmax((q @ k.transpose(-1, -2) / 16**0.5).masked_fill(~causal, float("-inf")), -1)[0]
+    first = int(vis.nonzero()[0])
+    span = torch.arange(first, first + 2 * TILE)
+    score = probs[:, span[-1] + 1 :, span].mean(dim=(0, 1))
+    rows = torch.cat([torch.arange(first), span[score.topk(TILE).indices.sort().values], torch.arange(first + 2 * TILE, t)])
+    short = emb[:, rows]
+    expected, plain = greedy(lm, short, vis[rows], 6)
+    switch(lm, scale_compress=0.5)
+    tokens, logits = greedy(lm, emb, vis, 6)
+    torch.testing.assert_close(logits[0, -1], plain[0, -1], atol=1e-5, rtol=0)
+    assert tokens == expected

@@ -25,6 +25,7 @@ VERBS: dict[str, str] = {
     "prm-data": "prm_data",
     "bon": "bon",
     "prm-bench": "prm_bench",
+    "calibrate": "calibrate",
 }
 
 HELP: dict[str, str] = {
@@ -41,6 +42,7 @@ HELP: dict[str, str] = {
     "prm-data": "step-labelled solutions from a synthetic split, to fine-tune a process reward model",
     "bon": "best-of-N answers picked by a process reward model, against greedy and majority vote",
     "prm-bench": "step-correctness F1 of a process reward model (VisualProcessBench's form)",
+    "calibrate": "a visual keep schedule (G-Search / P-Sigmoid) and YOPO's head mask from validation rows",
 }
 
 

@@ -50,6 +50,12 @@ def keep_ratios(cfg, layers: int) -> list[float]:
         keep = [min(r, cfg.fastv_keep) if i >= cfg.fastv_layer else r for i, r in enumerate(keep)]
     if cfg.yopo_drop_after is not None:
         keep = [0.0 if i >= cfg.yopo_drop_after else r for i, r in enumerate(keep)]
+    return checked(keep, layers)
+
+
+def checked(keep: list[float], layers: int) -> list[float]:
+    if len(keep) != layers:
+        raise ConfigError(f"{len(keep)} keep ratios for {layers} layers")
     if any(not 0.0 <= r <= 1.0 for r in keep) or any(b > a for a, b in pairwise(keep)):
         raise ConfigError(f"keep ratios must lie in [0, 1] and never increase with depth, got {keep}")
     if layers and 0.0 < keep[0] < 1.0:
@@ -75,9 +81,11 @@ class DecoderEfficiency:
     """The language model's `efficiency`: CausalLM.forward hands it every call (it answers None to let the plain
     path run) and new_cache() makes its LayeredCache."""
 
-    def __init__(self, cfg, num_layers: int, num_heads: int, tile_tokens: int):
-        self.keep = keep_ratios(cfg, num_layers)
-        self.rank_by = "text" if cfg.schedule else "last"  # FastV's code: the last token; G-Search: the text
+    def __init__(self, cfg, num_layers: int, num_heads: int, tile_tokens: int, keep: list[float] | None = None):
+        """`keep` (calibration's trial schedules) replaces the config's keep ratios."""
+        self.keep = keep_ratios(cfg, num_layers) if keep is None else checked(list(keep), num_layers)
+        # ranked by FastV's released code: the last token; by a schedule (G-Search): the text after the images
+        self.rank_by = "text" if cfg.schedule or keep is not None else "last"
         self.window = cfg.yopo_window
         kept = load_head_mask(cfg.yopo_head_mask, num_layers, num_heads) if cfg.yopo_head_mask else None
         self.kept_heads = None if kept is None or bool(kept.all()) else kept
