@@ -1,6 +1,8 @@
-"""Compile the C kernels (gemv.c, decode.c) with the system C compiler at first use, cache the shared library, load it with ctypes.
+"""Compile the C kernels with the system C compiler at first use, cache the shared library, load it with ctypes.
 
-Every failure (no compiler, no AVX-512 VNNI, a compile error, INTERNVL_NO_KERNELS=1) leaves `load()`
+Two variants: "avx512" (gemv.c, decode.c, quant.c; AVX-512 VNNI, AMX where present, the one-call decode step)
+and "avx2" (gemv_avx2.c, quant.c; AVX2 + FMA + F16C, the GEMVs only). The first the CPU supports is chosen once;
+INTERNVL_KERNELS=avx512|avx2|torch forces one (INTERNVL_NO_KERNELS=1 means torch). Every failure leaves `load()`
 returning None with the reason in `load_error()`; callers then keep the plain torch path.
 """
 
@@ -14,24 +16,43 @@ import shutil
 import subprocess
 import tempfile
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 HERE = Path(__file__).parent
-SOURCES = (HERE / "gemv.c", HERE / "decode.c")
-HEADERS = (HERE / "gemv.h",)
-ABI_VERSION = 7
-# Explicit ISA flags rather than -march=native: the cached library stays valid on any CPU that passes
-# the runtime feature check, even when the cache directory is shared between machines.
-CFLAGS = [
-    "-O3", "-std=gnu11", "-fPIC", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq",
-    "-mavx512vnni", "-mfma", "-mbmi2", "-fno-math-errno", "-fno-trapping-math",
-]
+ABI_VERSION = 8
+ENV = "INTERNVL_KERNELS"
+COMMON_CFLAGS = ("-O3", "-std=gnu11", "-fPIC", "-fopenmp", "-fno-math-errno", "-fno-trapping-math")
 # AMX is optional: compiled in when the compiler knows it, used when the CPU and the kernel allow it.
-AMX_CFLAGS = ["-mamx-tile", "-mamx-bf16", "-mamx-int8", "-DIVL_AMX"]
-CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni")
+AMX_CFLAGS = ("-mamx-tile", "-mamx-bf16", "-mamx-int8", "-DIVL_AMX")
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One build of the kernels: its sources, ISA flags (explicit rather than -march=native, so a cached
+    library stays valid on any CPU that passes the feature check) and the /proc/cpuinfo flags it needs."""
+
+    name: str
+    sources: tuple[str, ...]
+    cflags: tuple[str, ...]
+    cpu_flags: tuple[str, ...]
+    optional_cflags: tuple[str, ...] = ()
+    decode_step: bool = False  # exports ivl_decode_step (decode.c)
+
+
+VARIANTS = {
+    "avx512": Variant("avx512", ("gemv.c", "decode.c", "quant.c"),
+                      ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni", "-mfma", "-mbmi2",
+                       "-mf16c"),
+                      ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni"), AMX_CFLAGS, True),
+    "avx2": Variant("avx2", ("gemv_avx2.c", "quant.c"), ("-mavx2", "-mfma", "-mf16c"), ("avx2", "fma", "f16c")),
+}
+HEADERS = ("gemv.h", "quant.h")  # every header a source includes: shipped with them, part of the cache key
+KERNEL_FILES = tuple(sorted({s for v in VARIANTS.values() for s in v.sources} | set(HEADERS)))
 
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
+_variant: Variant | None = None
 _error: str | None = None
 _tried = False
 
@@ -49,22 +70,38 @@ def disabled_by_env() -> bool:
     return os.environ.get("INTERNVL_NO_KERNELS", "").strip().lower() not in ("", "0", "false", "no")
 
 
-def cpu_supported() -> tuple[bool, str]:
+def cpu_flags() -> tuple[set[str] | None, str]:
+    """The CPU's feature flags from /proc/cpuinfo, or None and why they cannot be known."""
     if platform.system() != "Linux" or platform.machine().lower() not in ("x86_64", "amd64"):
-        return False, f"kernels need Linux on x86-64, this is {platform.system()} {platform.machine()}"
+        return None, f"kernels need Linux on x86-64, this is {platform.system()} {platform.machine()}"
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError as e:
-        return False, f"cannot read /proc/cpuinfo: {e}"
-    flags: set[str] = set()
+        return None, f"cannot read /proc/cpuinfo: {e}"
     for line in text.splitlines():
         if line.startswith("flags"):
-            flags = set(line.split(":", 1)[1].split())
-            break
-    missing = [f for f in CPU_FLAGS if f not in flags]
-    if missing:
-        return False, f"CPU lacks {', '.join(missing)}"
-    return True, ""
+            return set(line.split(":", 1)[1].split()), ""
+    return set(), ""
+
+
+def choose() -> Variant:
+    """The variant to run: INTERNVL_KERNELS when set, else the fastest the CPU supports; raises with the reason
+    when there is none (also for INTERNVL_KERNELS=torch or INTERNVL_NO_KERNELS=1)."""
+    want = os.environ.get(ENV, "").strip().lower()
+    if disabled_by_env() or want == "torch":
+        raise RuntimeError(f"disabled by {'INTERNVL_NO_KERNELS' if disabled_by_env() else ENV + '=torch'}")
+    if want not in ("", "auto", *VARIANTS):
+        raise RuntimeError(f"{ENV}={want!r}: expected one of auto, {', '.join(VARIANTS)}, torch")
+    flags, why = cpu_flags()
+    if flags is None:
+        raise RuntimeError(why)
+    missing = {}
+    for v in VARIANTS.values():
+        if want in ("", "auto") or want == v.name:
+            missing[v.name] = [f for f in v.cpu_flags if f not in flags]
+            if not missing[v.name]:
+                return v
+    raise RuntimeError("; ".join(f"{name}: CPU lacks {', '.join(m)}" for name, m in missing.items()))
 
 
 def _compiler() -> str | None:
@@ -92,27 +129,43 @@ def _compiler_id(cc: str) -> str:
         return cc
 
 
-def library_path(cc: str, gomp: Path | None) -> Path:
+def library_path(variant: Variant, cc: str, gomp: Path | None) -> Path:
     key = hashlib.sha256()
-    for part in (*(p.read_bytes() for p in SOURCES + HEADERS), " ".join(CFLAGS + AMX_CFLAGS).encode(),
-                 _compiler_id(cc).encode(), str(gomp).encode(), str(ABI_VERSION).encode()):
+    files = [HERE / f for f in (*variant.sources, *HEADERS)]
+    flags = " ".join((*COMMON_CFLAGS, *variant.cflags, *variant.optional_cflags))
+    for part in (*(p.read_bytes() for p in files), flags.encode(), _compiler_id(cc).encode(), str(gomp).encode(),
+                 str(ABI_VERSION).encode()):
         key.update(part)
         key.update(b"\0")
-    return cache_dir() / f"gemv-{key.hexdigest()[:16]}.so"
+    return cache_dir() / f"gemv-{variant.name}-{key.hexdigest()[:16]}.so"
 
 
-def build(cc: str, gomp: Path | None, out: Path) -> None:
+def compile_objects(variant: Variant, cc: str, src_dir: Path, prefix: str) -> list[str]:
+    """gcc -c every source of `variant` found in src_dir into `prefix`.<stem>.o (with the optional flags when the
+    compiler takes them); the object paths. Raises RuntimeError with the compiler's message."""
+    objs = []
+    for src in variant.sources:
+        obj = f"{prefix}.{Path(src).stem}.o"
+        base = [cc, *COMMON_CFLAGS, *variant.cflags]
+        try:
+            _run([*base, *variant.optional_cflags, "-c", str(src_dir / src), "-o", obj])
+        except RuntimeError:  # e.g. a compiler without AMX intrinsics: the variant without them
+            if not variant.optional_cflags:
+                raise
+            _run([*base, "-c", str(src_dir / src), "-o", obj])
+        objs.append(obj)
+    return objs
+
+
+def build(variant: Variant, cc: str, gomp: Path | None, out: Path) -> None:
     """Compile into a temporary file next to `out`, then rename: concurrent builders never see half a file."""
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_so = tempfile.mkstemp(prefix=out.stem + ".", suffix=".so.tmp", dir=out.parent)
     os.close(fd)
-    objs = [f"{tmp_so[:-len('.so.tmp')]}.{src.stem}.o" for src in SOURCES]
+    prefix = tmp_so[:-len(".so.tmp")]
+    objs = [f"{prefix}.{Path(s).stem}.o" for s in variant.sources]
     try:
-        for src, obj in zip(SOURCES, objs):
-            try:
-                _run([cc, *CFLAGS, *AMX_CFLAGS, "-c", str(src), "-o", obj])
-            except RuntimeError:  # a compiler without AMX intrinsics: the AVX-512 paths alone
-                _run([cc, *CFLAGS, "-c", str(src), "-o", obj])
+        compile_objects(variant, cc, HERE, prefix)
         # Compiled with -fopenmp, but linked to torch's OpenMP runtime when torch bundles one.
         link = [str(gomp), f"-Wl,-rpath,{gomp.parent}"] if gomp is not None else ["-fopenmp"]
         _run([cc, "-shared", *objs, *link, "-o", tmp_so])
@@ -129,8 +182,8 @@ def _run(cmd: list[str]) -> None:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{res.stderr.strip()[-2000:]}")
 
 
-def _declare(lib: ctypes.CDLL) -> None:
-    p, i, sz = ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t
+def _declare(lib: ctypes.CDLL, variant: Variant) -> None:
+    p, i, sz, i64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t, ctypes.c_int64
     lib.ivl_abi_version.restype = i
     lib.ivl_cpu_ok.restype = i
     lib.ivl_param_count.restype = i
@@ -140,51 +193,49 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.ivl_quantize_int8.restype = i
     lib.ivl_dequantize_int8.argtypes = [p, p, i, i, p, i, i]
     lib.ivl_dequantize_int8.restype = i
+    lib.ivl_dequantize_int4.argtypes = [p, p, i, i, p, i, i]
+    lib.ivl_dequantize_int4.restype = i
     lib.ivl_amx_available.restype = i
     lib.ivl_set_amx_min_rows.argtypes = [i]
     lib.ivl_set_amx_min_rows.restype = i
     lib.ivl_read_pass.argtypes = [p, sz, i]
     lib.ivl_read_pass.restype = ctypes.c_double
-    lib.ivl_decode_step.argtypes = [p]
-    lib.ivl_decode_step.restype = i
-    i64 = ctypes.c_int64
     lib.ivl_argmax_rows.argtypes = [p, i64, i64, i64, i64, p, i64]
     lib.ivl_argmax_rows.restype = i
+    if variant.decode_step:
+        lib.ivl_decode_step.argtypes = [p]
+        lib.ivl_decode_step.restype = i
 
 
-def _load() -> ctypes.CDLL:
-    if disabled_by_env():
-        raise RuntimeError("disabled by INTERNVL_NO_KERNELS")
-    ok, why = cpu_supported()
-    if not ok:
-        raise RuntimeError(why)
+def _load() -> tuple[ctypes.CDLL, Variant]:
+    variant = choose()
     cc = _compiler()
     if cc is None:
         raise RuntimeError("no C compiler found (tried $CC, cc, gcc, clang)")
     gomp = _torch_gomp()
-    path = library_path(cc, gomp)
+    path = library_path(variant, cc, gomp)
     if not path.exists():
-        build(cc, gomp, path)
+        build(variant, cc, gomp, path)
     lib = ctypes.CDLL(str(path))
-    _declare(lib)
+    _declare(lib, variant)
     if lib.ivl_abi_version() != ABI_VERSION:
         raise RuntimeError(f"{path} has ABI {lib.ivl_abi_version()}, expected {ABI_VERSION}")
     if not lib.ivl_cpu_ok():
-        raise RuntimeError("runtime CPU check failed (avx512f/bw/vl/bf16)")
-    return lib
+        raise RuntimeError(f"runtime CPU check failed ({', '.join(variant.cpu_flags)})")
+    return lib, variant
 
 
 def load() -> ctypes.CDLL | None:
     """The loaded library, building it on first use; None when the kernels cannot be used here."""
-    global _lib, _error, _tried
+    global _lib, _variant, _error, _tried
     if _tried:
         return _lib
     with _lock:
         if not _tried:
             try:
-                _lib = _load()
+                _lib, _variant = _load()
             except Exception as e:  # noqa: BLE001 - any failure means "use torch", never a crash
-                _lib, _error = None, f"{type(e).__name__}: {e}"
+                _lib, _variant, _error = None, None, f"{type(e).__name__}: {e}"
             _tried = True
     return _lib
 
@@ -194,8 +245,14 @@ def load_error() -> str | None:
     return _error
 
 
+def variant() -> Variant | None:
+    """The variant loaded (building it on first use), None on the torch path."""
+    load()
+    return _variant
+
+
 def reset() -> None:
     """Forget the loaded library so the next load() looks again (tests toggle the environment)."""
-    global _lib, _error, _tried
+    global _lib, _variant, _error, _tried
     with _lock:
-        _lib, _error, _tried = None, None, False
+        _lib, _variant, _error, _tried = None, None, None, False

@@ -1,7 +1,7 @@
 /* Weight-streaming matrix-vector kernels for CPU decoding (AVX-512 with VNNI; AMX where present).
 
-   y[M,N] = x[M,K] @ W[N,K]^T (+ bias) for M <= 16, with W row-major in bf16, or in int8 with one fp32
-   scale per output row. Decoding is bound by the bytes of W read, so each thread walks a contiguous
+   y[M,N] = x[M,K] @ W[N,K]^T (+ bias) for M <= 16, with W row-major in bf16, in int8 with one fp32
+   scale per output row, or in int4 with an fp16 scale per 32 weights (quant.h). Decoding is bound by the bytes of W read, so each thread walks a contiguous
    range of rows front to back with a software prefetch ahead of the hardware streamer; a thread that
    finishes early steals chunks from the back of a slower thread's range.
 
@@ -40,7 +40,7 @@
 /* Layout of the int64 parameter block passed by ivl_run (one ctypes argument instead of thirteen). */
 enum { P_OP, P_X, P_XDT, P_M, P_K, P_W, P_SCALE, P_N, P_BIAS, P_BDT, P_Y, P_YDT, P_THREADS, P_COUNT };
 
-int ivl_abi_version(void) { return 7; }
+int ivl_abi_version(void) { return 8; }
 int ivl_param_count(void) { return P_COUNT; }
 
 int ivl_cpu_ok(void) {
@@ -346,6 +346,52 @@ static inline __attribute__((always_inline)) void rows_int8_fast(const int NM, c
     }
 }
 
+/* int4 W (quant.h): per group of 32, 16 bytes widen to 16 lanes whose low nibbles are elements 0..15 and
+   high nibbles 16..31; (u - 8) * d is exact in fp32 and multiplies an fp32 x with FMA, as for exact int8.
+   The row's fp16 group scales are widened once into a stack buffer. */
+static inline __attribute__((always_inline)) void rows_int4(const int NM, const job_t *j, int n0, int n1) {
+    const int K = j->K, G = K / QK4, NA = NM == 1 ? 4 : 2;
+    const float *xf = (const float *)j->x;
+    const __m512i m4 = _mm512_set1_epi32(15), c8 = _mm512_set1_epi32(8);
+    _Alignas(64) float ds[INT4_MAX_K / QK4 + 16];
+    __m512 stash[VEC_M][TILE];
+    for (int t0 = n0; t0 < n1; t0 += TILE) {
+        int cnt = n1 - t0 < TILE ? n1 - t0 : TILE;
+        for (int r = 0; r < TILE; r++) {
+            if (r >= cnt) {
+                for (int m = 0; m < NM; m++) stash[m][r] = _mm512_setzero_ps();
+                continue;
+            }
+            const uint8_t *q = (const uint8_t *)j->w + (size_t)(t0 + r) * (K / 2);
+            const uint16_t *sc = j->gscale + (size_t)(t0 + r) * G;
+            for (int g = 0; g < G; g += 16)
+                _mm512_store_ps(ds + g, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask16(G - g), sc + g)));
+            __m512 acc[VEC_M * 2 + 2];
+            for (int i = 0; i < NM * NA; i++) acc[i] = _mm512_setzero_ps();
+            for (int g = 0; g < G; g++) {
+                if (!(g & 3)) _mm_prefetch((const char *)(q + 16 * g) + PF_BYTES, PF_HINT);
+                __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(q + 16 * g)));
+                __m512 d = _mm512_set1_ps(ds[g]);
+                __m512 lo = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_and_si512(b, m4), c8)), d);
+                __m512 hi = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_srli_epi32(b, 4), c8)), d);
+                const int o = NA == 4 ? 2 * (g & 1) : 0;
+                for (int m = 0; m < NM; m++) {
+                    const float *xm = xf + (size_t)m * K + (size_t)g * QK4;
+                    __m512 *a = acc + m * NA;
+                    a[o] = _mm512_fmadd_ps(lo, _mm512_loadu_ps(xm), a[o]);
+                    a[o + 1] = _mm512_fmadd_ps(hi, _mm512_loadu_ps(xm + 16), a[o + 1]);
+                }
+            }
+            for (int m = 0; m < NM; m++) {
+                __m512 t = acc[m * NA];
+                for (int i = 1; i < NA; i++) t = _mm512_add_ps(t, acc[m * NA + i]);
+                stash[m][r] = t;
+            }
+        }
+        for (int m = 0; m < NM; m++) finish_tile(j, t0, cnt, m, hsum16_ps(stash[m]));
+    }
+}
+
 #define DISPATCH(F)                                                                                  \
     switch (j->M) {                                                                                  \
         case 1: F(1, j, n0, n1); break; case 2: F(2, j, n0, n1); break;                              \
@@ -359,6 +405,8 @@ static void rows_avx(const job_t *j, int n0, int n1) {
         DISPATCH(rows_bf16)
     else if (j->op == OP_INT8)
         DISPATCH(rows_int8)
+    else if (j->op == OP_INT4)
+        DISPATCH(rows_int4)
     else
         DISPATCH(rows_int8_fast)
 }
@@ -370,7 +418,8 @@ static void do_rows_avx(const job_t *j, int n0, int n1) {
         rows_avx(j, n0, n1);
         return;
     }
-    const size_t xrow = j->op == OP_BF16 ? (size_t)8 * j->KX : (j->op == OP_INT8 ? (size_t)4 * j->K : (size_t)2 * j->KX);
+    const size_t xrow = j->op == OP_BF16 ? (size_t)8 * j->KX
+                        : (j->op == OP_INT8 || j->op == OP_INT4 ? (size_t)4 * j->K : (size_t)2 * j->KX);
     const size_t yrow = (size_t)j->N * (j->ydt == DT_BF16 ? 2 : 4);
     for (int m0 = 0; m0 < j->M; m0 += VEC_M) {
         job_t s = *j;
@@ -616,18 +665,21 @@ int job_init(job_t *j, int op, int xdt, int M, int K, const void *w, const float
              int bdt, void *y, int ydt, int nthreads) {
     if (M < 1 || M > MAXM || K < 1 || N < 1 || (xdt != DT_F32 && xdt != DT_BF16)) return 1;
     if (op == OP_INT8_FAST && K > FAST_MAX_K) op = OP_INT8;
-    if ((op == OP_INT8 || op == OP_INT8_FAST) && !scale) return 1;
-    if (op != OP_BF16 && op != OP_INT8 && op != OP_INT8_FAST) return 1;
+    if ((op == OP_INT8 || op == OP_INT8_FAST || op == OP_INT4) && !scale) return 1;
+    if (op == OP_INT4 && (K % QK4 || K > INT4_MAX_K)) return 1;
+    if (op != OP_BF16 && op != OP_INT8 && op != OP_INT8_FAST && op != OP_INT4) return 1;
+    const int exact = op == OP_INT8 || op == OP_INT4; /* fp32 x rows */
     j->op = op, j->xdt = xdt, j->M = M, j->K = K, j->N = N, j->bdt = bdt, j->ydt = ydt;
-    j->w = w, j->scale = op == OP_BF16 ? NULL : scale, j->bias = bias, j->y = y;
+    j->w = w, j->scale = op == OP_BF16 || op == OP_INT4 ? NULL : scale, j->bias = bias, j->y = y;
+    j->gscale = op == OP_INT4 ? (const uint16_t *)scale : NULL;
     j->x = j->xamx = NULL;
     /* Scratch: x for the vector path (also serving rows that do not fill an AMX tile), then AMX's B. */
-    j->row_bytes = (size_t)K * (op == OP_BF16 ? 2 : 1);
-    j->KX = op == OP_BF16 ? round_up((K + 1) / 2, 16) : (op == OP_INT8 ? K : round_up(K, 64));
+    j->row_bytes = op == OP_INT4 ? (size_t)K / 2 : (size_t)K * (op == OP_BF16 ? 2 : 1);
+    j->KX = op == OP_BF16 ? round_up((K + 1) / 2, 16) : (exact ? K : round_up(K, 64));
     size_t vec_bytes;
     if (op == OP_BF16)
         vec_bytes = (size_t)8 * M * j->KX; /* even and odd fp32 halves */
-    else if (op == OP_INT8)
+    else if (exact)
         vec_bytes = xdt == DT_F32 ? 0 : (size_t)4 * M * K; /* fp32 rows */
     else
         vec_bytes = (size_t)2 * M * j->KX; /* two digit planes */
@@ -638,7 +690,8 @@ int job_init(job_t *j, int op, int xdt, int M, int K, const void *w, const float
 #ifdef IVL_AMX
     /* Widening int8 for exact tiles costs about what 3 rows of vector FMAs do: AMX pays from 4 rows. */
     int min_m = op == OP_INT8 && amx_min_m > 0 && amx_min_m < 4 ? 4 : amx_min_m;
-    j->amx = min_m > 0 && M >= min_m && N >= TILE && (op == OP_INT8_FAST || xdt == DT_BF16) && ivl_amx_available();
+    j->amx = min_m > 0 && M >= min_m && N >= TILE && op != OP_INT4 && (op == OP_INT8_FAST || xdt == DT_BF16) &&
+             ivl_amx_available();
     if (j->amx) j->amx_bytes = (size_t)round_up(K, 64) * j->cu * 4;
 #endif
     /* The split: whole tiles per chunk; small weights are not worth waking other threads for. */
@@ -656,7 +709,7 @@ size_t job_scratch_bytes(const job_t *j) { return j->vec_bytes + j->amx_bytes + 
 void job_set_x(job_t *j, const void *x, char *buf) {
     if (j->op == OP_BF16)
         j->x = x_even_odd(x, j->xdt, j->M, j->K, j->KX, (float *)buf);
-    else if (j->op == OP_INT8)
+    else if (j->op == OP_INT8 || j->op == OP_INT4)
         j->x = x_f32(x, j->xdt, j->M, j->K, (float *)buf);
     else
         j->x = x_digits(x, j->xdt, j->M, j->K, j->KX, j->xs, j->xsum, (int8_t *)buf);
@@ -717,48 +770,6 @@ int ivl_run(const int64_t *p) {
     }
 #pragma omp parallel num_threads(j.team)
     job_team(&j, ranges, omp_get_thread_num());
-    return 0;
-}
-
-/* Symmetric per-row int8 quantization, matching the torch fallback bit for bit:
-   scale = max|w| / 127 (1 for an all-zero row), q = round_half_even(w * (1 / scale)). */
-int ivl_quantize_int8(const void *w, int wdt, int N, int K, int8_t *q, float *scale, int nthreads) {
-#pragma omp parallel for num_threads(nthreads < 1 ? 1 : nthreads) schedule(static)
-    for (int n = 0; n < N; n++) {
-        const uint16_t *wb = (const uint16_t *)w + (size_t)n * K;
-        const float *wf = (const float *)w + (size_t)n * K;
-        float amax = 0.0f;
-        for (int k = 0; k < K; k++) {
-            float v = wdt == DT_BF16 ? bf16_to_f32(wb[k]) : wf[k];
-            amax = fmaxf(amax, v < 0 ? -v : v);
-        }
-        float s = amax > 0 ? amax / 127.0f : 1.0f, inv = 1.0f / s;
-        scale[n] = s;
-        for (int k = 0; k < K; k++) {
-            float r = __builtin_nearbyintf((wdt == DT_BF16 ? bf16_to_f32(wb[k]) : wf[k]) * inv);
-            q[(size_t)n * K + k] = (int8_t)(r > 127.0f ? 127 : (r < -127.0f ? -127 : r));
-        }
-    }
-    return 0;
-}
-
-/* out[N, K] = q * scale[:, None] in fp32 or bf16 (round to nearest even): the weight for inputs with
-   too many rows for the streaming kernels, where a dense matmul wins. */
-int ivl_dequantize_int8(const int8_t *q, const float *scale, int N, int K, void *out, int odt, int nthreads) {
-#pragma omp parallel for num_threads(nthreads < 1 ? 1 : nthreads) schedule(static)
-    for (int n = 0; n < N; n++) {
-        const int8_t *qr = q + (size_t)n * K;
-        __m512 s = _mm512_set1_ps(scale[n]);
-        for (int k = 0; k < K; k += 16) {
-            __mmask16 mk = mask16(K - k);
-            __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mk, qr + k))), s);
-            size_t i = (size_t)n * K + k;
-            if (odt == DT_BF16)
-                _mm256_mask_storeu_epi16((uint16_t *)out + i, mk, f32x16_to_bf16(v));
-            else
-                _mm512_mask_storeu_ps((float *)out + i, mk, v);
-        }
-    }
     return 0;
 }
 

@@ -12,6 +12,8 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "quant.h"
+
 #define MAXM 16 /* rows of x per job: one AMX tile's 16 columns (two for fast int8) */
 #define VEC_M 8  /* rows of x per pass of the AVX-512 loops (their accumulators fill the registers) */
 #define TILE 16
@@ -25,13 +27,14 @@
 #endif
 
 enum { DT_F32 = 0, DT_BF16 = 1 };
-enum { OP_BF16 = 0, OP_INT8 = 1, OP_INT8_FAST = 2 };
+enum { OP_BF16 = 0, OP_INT8 = 1, OP_INT8_FAST = 2, OP_INT4 = 3 }; /* OP_INT4: quant.h's int4 */
 
 typedef struct {
     int op, M, K, N, bdt, ydt, xdt, KX; /* KX: row stride of the prepared x, in its elements */
     const void *x;                      /* prepared x */
     const void *w;
-    const float *scale;
+    const float *scale;  /* int8: per-row scales, applied by finish_tile */
+    const uint16_t *gscale; /* int4: fp16 [N, K / QK4] group scales */
     const void *bias;
     void *y;
     float xs[MAXM];     /* fast int8: per-row x scales */
