@@ -1,24 +1,29 @@
 """CPU acceleration of decoding, chosen in one place: the language model's linears swapped for the kernel
-modules (bf16 weight streaming, or weight-only int8), and the engine's decode step (the one-call C step of
-`kernels.decode` where the CPU, the compiler and every layer allow it, else the model's own `decode`).
+modules (bf16 weight streaming, weight-only int8, or group-wise int4), and the engine's decode step (the one-call
+C step of `kernels.decode` where the CPU, the compiler and every layer allow it, else the model's own `decode`).
 
 The kernel modules fall back to torch where they cannot run (prefill, no compiler, other CPUs, GPUs), and the
-streamed weights move onto transparent huge pages where Linux allows (`kernels.memory`).
+streamed weights move onto transparent huge pages where Linux allows (`kernels.memory`). `kernel_report` is
+the one line that says which path runs (logged by `load()`).
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
 from ..errors import InternVLError
+from ..kernels import build
 from ..kernels.decode import FusedDecoder
 from ..kernels.memory import collapse_to_hugepages
-from ..kernels.modules import FastBf16Linear, Int8Linear
+from ..kernels.modules import FastBf16Linear, Int4Linear, Int8Linear
+from ..kernels.ops import QK4, describe
 
-MODES = ("int8",)
+MODES = ("int8", "int4")
+log = logging.getLogger("internvl")
 DecodeStep = Callable[..., torch.Tensor]  # (tokens [B], cache, valid_lengths [B] | None) -> logits [B, vocab]
 
 
@@ -48,15 +53,28 @@ def _routers(lm) -> set[int]:
             for r in (getattr(m, "gate", None), getattr(m, "router", None)) if isinstance(r, nn.Linear)}  # fmt: skip
 
 
+def _quantized(mode: str, linear: nn.Linear) -> nn.Module:
+    """int8: one scale per output row. int4: a scale per QK4 weights of a row (a layer whose input size is not
+    a multiple of QK4 takes int8 instead)."""
+    if mode == "int4" and linear.in_features % QK4 == 0:
+        return Int4Linear.from_linear(linear)
+    return Int8Linear.from_linear(linear)
+
+
 def quantize_model(model, mode: str = "int8") -> int:
-    """Weight-only int8 (one scale per output row) for every linear layer of the language model but the
-    mixture-of-experts routers."""
+    """Weight-only int8 or int4 for every linear layer of the language model but the mixture-of-experts
+    routers. int4 without a kernel would dequantize every weight per token: int8 is used instead (torch has a
+    fast weight-only int8 matmul), with one warning line."""
     if mode not in MODES:
         raise InternVLError(f"quantize: expected one of {list(MODES)}, got {mode!r}")
+    if mode == "int4" and build.load() is None:
+        log.warning("quantize int4: no int4 kernel on this machine (%s); using int8 weights instead",
+                    build.load_error())
+        mode = "int8"
     lm = model.language_model
     lm.fuse_projections()
     routers = _routers(lm)
-    count = _replace_linears(lm, lambda lin: None if id(lin) in routers else Int8Linear.from_linear(lin))
+    count = _replace_linears(lm, lambda lin: None if id(lin) in routers else _quantized(mode, lin))
     _huge_pages(lm)
     return count
 
@@ -96,7 +114,23 @@ def decode_step(model) -> DecodeStep:
     run in C here, else `model.decode`. Models without a `language_model` (a test's mock) decode alone."""
     lm = getattr(model, "language_model", None)
     if lm is None or getattr(lm, "efficiency", None) is not None or not isinstance(  # pruned caches: torch
-            getattr(lm, "lm_head", None), (FastBf16Linear, Int8Linear)):
+            getattr(lm, "lm_head", None), (FastBf16Linear, Int8Linear, Int4Linear)):
         return model.decode  # not accelerated: no reason to build (or compile) the kernels
     fused = FusedDecoder.build(lm)
     return model.decode if fused is None else FusedStep(model, fused)
+
+
+def kernel_report(model) -> str:
+    """One line: which kernels the language model's decoding runs on this machine, and what that costs when
+    there are none (a CPU model never slows down silently)."""
+    lm = getattr(model, "language_model", None)
+    kinds = {type(m) for m in lm.modules()} if lm is not None else set()
+    fmt = "int4" if Int4Linear in kinds else "int8" if Int8Linear in kinds else "bf16" if FastBf16Linear in kinds else None
+    if fmt is None:
+        return "decode: plain torch (kernels not in use for this model)"
+    line = f"decode ({fmt} weights): {describe()}"
+    if build.load() is None:
+        slow = {"int4": "int4 dequantizes every weight per token (slow)", "int8": "torch's weight-only int8 matmul",
+                "bf16": "torch's bf16 matmul"}[fmt]
+        line += f"; no fast path on this CPU, decoding runs {slow}"
+    return line

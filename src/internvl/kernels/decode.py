@@ -1,7 +1,7 @@
 """The one-call decode step (decode.c) for a fused language model whose linears are the kernel modules.
 
 `FusedDecoder.build(lm)` checks once that every layer can run in C (bf16 activations and norms, CPU
-weights, FastBf16Linear or Int8Linear projections, no hooks) and records the weight pointers; calling
+weights, FastBf16Linear, Int8Linear or Int4Linear projections, no hooks) and records the weight pointers; calling
 it then decodes one token per cache row with a single ctypes call, or returns None for the caller's
 own path (more rows than the kernels take, autograd, another dtype, hooks added later). It belongs to
 whoever chose it (engine/accelerate.py): the model knows nothing of it.
@@ -18,8 +18,8 @@ from torch import nn
 from torch.nn.modules import module as _module
 
 from . import build
-from .modules import FastBf16Linear, Int8Linear
-from .ops import _OP_BF16, MAX_ROWS, bias_args
+from .modules import FastBf16Linear, Int4Linear, Int8Linear
+from .ops import _OP_BF16, _OP_INT4, MAX_ROWS, QK4, bias_args
 
 _I64 = ctypes.c_int64
 
@@ -49,6 +49,11 @@ def _lin(module: nn.Module, keep: list) -> _Lin | None:
     bufs = module._buffers
     if isinstance(module, FastBf16Linear):
         w, scale, op = bufs["weight"], None, _OP_BF16
+    elif isinstance(module, Int4Linear):
+        w, scale, op = bufs["qweight"], bufs["scale"], _OP_INT4
+        if not (scale.is_cpu and scale.is_contiguous() and scale.dtype == torch.float16
+                and module.in_features % QK4 == 0):
+            return None
     elif isinstance(module, Int8Linear):
         w, scale, op = bufs["qweight"], bufs["scale"], module._op
         if not (scale.is_cpu and scale.is_contiguous() and scale.dtype == torch.float32):
@@ -62,7 +67,7 @@ def _lin(module: nn.Module, keep: list) -> _Lin | None:
         return None
     keep += [t for t in (w, scale, bufs["bias"]) if t is not None]
     scale_ptr = 0 if scale is None else scale.data_ptr()
-    return _Lin(w.data_ptr(), scale_ptr, b[0], b[1], op, w.shape[0], w.shape[1])
+    return _Lin(w.data_ptr(), scale_ptr, b[0], b[1], op, module.out_features, module.in_features)
 
 
 def _norm(norm: nn.Module, hidden: int, keep: list) -> int | None:
@@ -133,10 +138,12 @@ class FusedDecoder:
         lm, lib = self.lm, build.load()
         self.bound = False
         head_mod = lm._modules.get("lm_head")
-        key = "qweight" if isinstance(head_mod, Int8Linear) else "weight"
+        key = "qweight" if isinstance(head_mod, (Int8Linear, Int4Linear)) else "weight"
         self._head = (head_mod, key, head_mod._buffers.get(key) if head_mod is not None else None)
         # (Rotary knows no other RoPE kinds today; a new one must be taught to decode.c first)
-        if lib is None or not lm.fused or lm.rotary.kind not in ("default", "linear", "dynamic"):
+        variant = build.variant()  # the AVX2 build has the GEMVs but no decode step
+        if (lib is None or variant is None or not variant.decode_step or not lm.fused
+                or lm.rotary.kind not in ("default", "linear", "dynamic")):
             return False
         cfg, emb = lm.config, lm.model.embed_tokens.weight
         if emb.dtype != torch.bfloat16 or not emb.is_cpu:

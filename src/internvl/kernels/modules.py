@@ -1,4 +1,5 @@
-"""Inference drop-ins for nn.Linear: the streaming kernels for decode-sized inputs, torch for prefill.
+"""Inference drop-ins for nn.Linear (bf16, int8, int4 weights): the streaming kernels for decode-sized inputs,
+torch for prefill.
 
 Weights are buffers, not parameters: these layers are for inference only (an input that requires grad
 under autograd goes through torch). Both keep nn.Linear's state-dict key for the bias.
@@ -12,13 +13,17 @@ from torch import nn
 from . import build
 from .ops import (
     _OP_BF16,
+    _OP_INT4,
     _OP_INT8,
     _OP_INT8_FAST,
     MAX_ROWS,
+    QK4,
     bias_args,
     gemv,
     linear_bf16,
+    linear_int4,
     linear_int8,
+    quantize_int4,
     quantize_int8,
 )
 
@@ -107,3 +112,43 @@ class Int8Linear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}, quantize_x={self.quantize_x}, max_kernel_rows={MAX_ROWS}")
+
+
+class Int4Linear(nn.Module):
+    """y = x @ dequantize_int4(qweight, scale)^T + bias: group-wise int4 (ops.quantize_int4, llama.cpp's Q4_0
+    layout) with qweight uint8 [out, in / 2] and one fp16 scale per QK4 weights. Decode-sized inputs run the
+    kernel, which reads about a quarter of a bf16 weight's bytes; prefill multiplies by the weight dequantized
+    a block at a time (memory stays at int4)."""
+
+    def __init__(self, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None):
+        super().__init__()
+        if qweight.dtype != torch.uint8 or qweight.dim() != 2:
+            raise ValueError(f"qweight must be a 2-D uint8 tensor, got {qweight.dtype} {tuple(qweight.shape)}")
+        self.out_features, self.in_features = qweight.shape[0], 2 * qweight.shape[1]
+        if scale.dtype != torch.float16 or scale.shape != (self.out_features, self.in_features // QK4):
+            raise ValueError(f"scale must be float16 of shape ({self.out_features}, {self.in_features // QK4}), "
+                             f"got {scale.dtype} {tuple(scale.shape)}")
+        self.register_buffer("qweight", qweight.contiguous())
+        self.register_buffer("scale", scale.contiguous())
+        self.register_buffer("bias", _check_bias(bias, self.out_features))
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> Int4Linear:
+        q, s = quantize_int4(linear.weight)
+        return cls(q, s, linear.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bufs = self._buffers
+        q, s, b = bufs["qweight"], bufs["scale"], bufs["bias"]
+        lib = build.load()
+        if lib is not None and x.shape[-1] == self.in_features and q.is_cpu and s.is_cpu and q.is_contiguous():
+            ba = bias_args(b)
+            if ba is not None:
+                y = gemv(lib, _OP_INT4, x, q.data_ptr(), s.data_ptr(), self.out_features, *ba)
+                if y is not None:
+                    return y
+        return linear_int4(x, q, s, b)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, group={QK4}")

@@ -1,9 +1,8 @@
-"""Functional linear layers for decoding: the AVX-512/AMX kernels for up to 16 rows, torch otherwise.
+"""Functional linear layers for decoding (bf16, int8 and int4 weights): the kernels for up to 16 rows, torch otherwise.
 
-Both functions compute x @ W^T (+ bias) and return x's dtype. The kernel path needs a contiguous
-2-D CPU weight, x in bf16 or fp32 with at most MAX_ROWS rows after flattening, and no autograd.
-One row streams through AVX-512 FMA (or VNNI); 2 to 16 rows use AMX tiles when the CPU has them
-(without AMX, the vector loops take 8 rows per pass over each chunk of the weights).
+Each computes x @ W^T (+ bias) in x's dtype. The kernel path needs a contiguous 2-D CPU weight, x in bf16 or
+fp32 with at most MAX_ROWS rows after flattening, and no autograd. On AVX-512 one row streams through FMA (or
+VNNI) and 2 to 16 rows use AMX tiles when the CPU has them; the AVX2 variant takes 4 rows per pass.
 """
 
 from __future__ import annotations
@@ -19,7 +18,8 @@ from . import build
 
 MAX_ROWS = 16  # one AMX tile of x columns; the decode step takes as many rows
 _DT = {torch.float32: 0, torch.bfloat16: 1}
-_OP_BF16, _OP_INT8, _OP_INT8_FAST = 0, 1, 2
+_OP_BF16, _OP_INT8, _OP_INT8_FAST, _OP_INT4 = 0, 1, 2, 3
+QK4 = 32  # int4: weights per group sharing one fp16 scale (llama.cpp's Q4_0 block)
 SLICED_INT8_ROWS = 2 * MAX_ROWS  # int8 inputs up to this many rows still stream, in slices of MAX_ROWS
 DENSE_BLOCK_BYTES = 16 << 20  # bound on the dequantized weight a large int8 input materializes at once
 # One int64 parameter block per calling thread (ctypes releases the GIL during the call, so a block
@@ -30,12 +30,22 @@ _tls = threading.local()
 
 
 def available() -> bool:
-    """True when the compiled kernels can run here (AVX-512 VNNI CPU, a C compiler, not disabled)."""
+    """True when the compiled kernels can run here (an AVX-512 or AVX2 CPU, a C compiler, not disabled)."""
     return build.load() is not None
 
 
 def unavailable_reason() -> str | None:
     return None if available() else build.load_error()
+
+
+def describe() -> str:
+    """One line naming the kernel path that runs here: the variant (and AMX), or torch and why."""
+    lib, v = build.load(), build.variant()
+    if lib is None or v is None:
+        return f"CPU kernels: none, plain torch ({build.load_error()})"
+    extra = " + AMX" if lib.ivl_amx_available() else ""
+    step = ", one-call decode step" if v.decode_step else ", GEMVs only (no fused decode step)"
+    return f"CPU kernels: {v.name}{extra}{step}"
 
 
 def amx_available() -> bool:
@@ -187,27 +197,115 @@ def linear_int8(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bia
                 y = None if any(p is None for p in parts) else torch.cat(parts).view(*x.shape[:-1], n)
             if y is not None:
                 return y
-    return _dense_int8(x, qweight, scale, bias)
+    if 0 < rows <= SLICED_INT8_ROWS:  # no kernel: torch's own weight-only int8 matmul streams the weight once
+        y = _torch_int8_mm(x, qweight, scale, bias)
+        if y is not None:
+            return y
+    return _dense(x, qweight.shape[0], lambda r0, r1, dt, out: dequantize_int8(qweight[r0:r1], scale[r0:r1],
+                                                                                 dt, out), bias)
 
 
-def _dense_int8(x, qweight, scale, bias):
-    """Prefill: F.linear against the dequantized weight, a block of rows at a time in a buffer kept per
-    thread (a fresh allocation of that size pays a page fault per 4 KiB on every call)."""
-    dtype = x.dtype if x.is_floating_point() else torch.float32
+def _torch_int8_mm(x, qweight, scale, bias):
+    """aten._weight_int8pack_mm (x in bf16 or fp32 against int8 rows with per-row scales in x's dtype), or None
+    where it does not apply. Without it, each decoded token would dequantize every weight (20x slower)."""
+    op = getattr(torch.ops.aten, "_weight_int8pack_mm", None)
+    if (op is None or x.dtype not in _DT or not x.is_cpu or not qweight.is_cpu or qweight.dim() != 2
+            or (x.requires_grad and torch.is_grad_enabled())):
+        return None
     n, k = qweight.shape
+    if n % 16 or k % 32 or k < 64:  # torch 2.13's CPU kernel reads garbage or crashes off these shapes
+        return None
+    try:
+        y = op(x.reshape(-1, k).contiguous(), qweight.contiguous(), scale.to(x.dtype))
+    except RuntimeError:  # an older torch without this dtype or shape: the dense path
+        return None
+    if bias is not None:
+        y = y + bias.to(x.dtype)
+    return y.view(*x.shape[:-1], n)
+
+
+def _dense(x, n, dequantize, bias):
+    """Prefill: F.linear against the weight dequantized (dequantize(r0, r1, dtype, out) gives rows r0:r1),
+    a block of rows at a time in a buffer kept per thread (a fresh allocation of that size pays a page
+    fault per 4 KiB on every call)."""
+    dtype = x.dtype if x.is_floating_point() else torch.float32
+    k = x.shape[-1]
     bias = None if bias is None else bias.to(dtype)
     block = max(1, DENSE_BLOCK_BYTES // max(1, k * torch.finfo(dtype).bits // 8))
     if n <= block // 4:  # small weights: a plain temporary
-        return F.linear(x, dequantize_int8(qweight, scale, dtype), bias)
+        return F.linear(x, dequantize(0, n, dtype, None), bias)
     buf = getattr(_tls, "dense", None)
     if buf is None or buf.dtype != dtype or buf.numel() < block * k:
         buf = _tls.dense = torch.empty(block * k, dtype=dtype)
     y = torch.empty((*x.shape[:-1], n), dtype=dtype)
     for r0 in range(0, n, block):
         r1 = min(n, r0 + block)
-        w = dequantize_int8(qweight[r0:r1], scale[r0:r1], dtype, out=buf[:(r1 - r0) * k].view(r1 - r0, k))
+        w = dequantize(r0, r1, dtype, buf[:(r1 - r0) * k].view(r1 - r0, k))
         y[..., r0:r1] = F.linear(x, w, None if bias is None else bias[r0:r1])
     return y
+
+
+def quantize_int4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Group-wise symmetric int4 as llama.cpp's Q4_0 (and gguf's quantizer) forms it: per group of QK4 weights
+    of a row, d = (the weight of largest magnitude) / -8, u = min(15, trunc(w / d + 8.5)); the weight is
+    (u - 8) * fp16(d). Returns (qweight uint8 [N, K / 2]: byte i of a group holds u[i] low and u[i + 16]
+    high, scale float16 [N, K / QK4]). K must be a multiple of QK4."""
+    if weight.dim() != 2 or weight.shape[1] % QK4:
+        raise ValueError(f"quantize_int4 expects a 2-D weight [N, K] with K a multiple of {QK4}, "
+                         f"got shape {tuple(weight.shape)}")
+    w = weight.detach()
+    n, k = w.shape
+    q = torch.empty((n, k // 2), dtype=torch.uint8)
+    scale = torch.empty((n, k // QK4), dtype=torch.float16)
+    for r0 in range(0, n, 1024):  # row blocks bound the float64 temporary
+        blk = w[r0:r0 + 1024].to(device="cpu", dtype=torch.float32).reshape(-1, k // QK4, QK4)
+        mx = blk.gather(-1, blk.abs().argmax(-1, keepdim=True))
+        d = mx / -8
+        inv = torch.where(d == 0, torch.zeros_like(d), 1 / d)
+        u = torch.trunc(blk.double() * inv.double() + 8.5).clamp_(0, 15).to(torch.uint8)
+        q[r0:r0 + 1024] = (u[..., :QK4 // 2] | (u[..., QK4 // 2:] << 4)).reshape(-1, k // 2)
+        scale[r0:r0 + 1024] = d[..., 0].to(torch.float16)
+    return q, scale
+
+
+def dequantize_int4(qweight: torch.Tensor, scale: torch.Tensor, dtype=torch.float32,
+                    out: torch.Tensor | None = None) -> torch.Tensor:
+    """The dense weight (u - 8) * scale of quantize_int4's format, in dtype (formed in fp32, then rounded)."""
+    n, k = qweight.shape[0], qweight.shape[1] * 2
+    lib = build.load()
+    if (lib is not None and dtype in _DT and qweight.dtype == torch.uint8 and qweight.is_cpu
+            and qweight.is_contiguous() and scale.dtype == torch.float16 and scale.is_cpu and scale.is_contiguous()
+            and scale.shape == (n, k // QK4) and qweight.numel() > 0):
+        if out is None:
+            out = torch.empty((n, k), dtype=dtype)
+        lib.ivl_dequantize_int4(qweight.data_ptr(), scale.data_ptr(), n, k, out.data_ptr(), _DT[dtype],
+                                torch.get_num_threads())
+        return out
+    g = qweight.reshape(n, k // QK4, QK4 // 2)
+    u = torch.cat([g & 15, g >> 4], dim=-1).to(torch.float32) - 8
+    w = (u * scale.to(torch.float32)[..., None]).reshape(n, k).to(dtype)
+    return w if out is None else out.copy_(w)
+
+
+def linear_int4(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
+                bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., K] @ dequantize_int4(qweight, scale)^T + bias, in x's dtype: the kernel widens the weights in
+    registers (exact products, fp32 sums) for up to SLICED_INT8_ROWS rows; without it, or for more rows
+    (prefill), F.linear against the weight dequantized DENSE_BLOCK_BYTES at a time."""
+    lib = build.load()
+    k = x.shape[-1]
+    rows = x.numel() // k if k else 0
+    n = qweight.shape[0]
+    if (lib is not None and 0 < rows <= SLICED_INT8_ROWS and qweight.dtype == torch.uint8
+            and scale.dtype == torch.float16 and scale.is_cpu and scale.is_contiguous()
+            and scale.shape == (n, k // QK4) and k % QK4 == 0 and _weight_ok(qweight, k // 2)):
+        b = bias_args(bias)
+        if b is not None and (bias is None or bias.numel() == n):
+            ptrs = (qweight.data_ptr(), scale.data_ptr(), n, *b)
+            parts = [gemv(lib, _OP_INT4, xs, *ptrs) for xs in x.reshape(rows, k).split(MAX_ROWS)]
+            if all(p is not None for p in parts):
+                return (parts[0] if len(parts) == 1 else torch.cat(parts)).view(*x.shape[:-1], n)
+    return _dense(x, n, lambda r0, r1, dt, out: dequantize_int4(qweight[r0:r1], scale[r0:r1], dt, out), bias)
 
 
 def argmax_rows(x: torch.Tensor) -> list[int]:

@@ -1,0 +1,122 @@
+"""Every kernel variant (AVX-512 and AVX2) against fp32 references, forced through INTERNVL_KERNELS so an AVX-512
+machine runs the AVX2 code too; how the variant is chosen; and a compile-only check of every variant (issue 16)."""
+
+from __future__ import annotations
+
+import platform
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from internvl import kernels
+from internvl.kernels import build
+
+FLAGS = build.cpu_flags()[0] or set()
+HERE = [v.name for v in build.VARIANTS.values() if set(v.cpu_flags) <= FLAGS]
+SHAPES = [(7, 64), (33, 96), (130, 160), (129, 896), (300, 4864), (2000, 512)]  # K % 32 == 0 (int4)
+
+
+@pytest.fixture(params=list(build.VARIANTS))
+def variant(request, monkeypatch):
+    """The kernels forced to one variant (skipped where the CPU lacks it)."""
+    if request.param not in HERE:
+        pytest.skip(f"the CPU lacks the {request.param} variant's features")
+    monkeypatch.setenv(build.ENV, request.param)
+    build.reset()
+    assert build.variant() is not None and build.variant().name == request.param, build.load_error()
+    yield request.param
+    monkeypatch.undo()
+    build.reset()
+
+
+def _data(m, n, k, xdtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=g).to(xdtype)
+    w = (torch.randn(n, k, generator=g) * 0.05).to(torch.bfloat16)
+    return x, w, torch.randn(n, generator=g)
+
+
+def _close(y, ref, x_dtype):
+    scale = ref.abs().max().item() + 1e-6
+    if x_dtype == torch.bfloat16:  # one bf16 rounding of the output
+        torch.testing.assert_close(y.float(), ref, rtol=2**-8, atol=2**-8 * scale)
+    else:  # fp32 sums in another order
+        torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-5 * scale)
+
+
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 9, 16])
+@pytest.mark.parametrize("x_dtype", [torch.bfloat16, torch.float32])
+def test_linears_match_fp32_references(variant, m, x_dtype):
+    for i, (n, k) in enumerate(SHAPES):
+        x, w, b = _data(m, n, k, x_dtype, seed=10 * m + i)
+        b = b if i % 2 else None
+        _close(kernels.linear_bf16(x, w, b), F.linear(x.float(), w.float(), b), x_dtype)
+        q, s = kernels.quantize_int8(w)
+        _close(kernels.linear_int8(x, q, s, b), F.linear(x.float(), kernels.dequantize_int8(q, s), b), x_dtype)
+        q4, s4 = kernels.quantize_int4(w)
+        _close(kernels.linear_int4(x, q4, s4, b), F.linear(x.float(), kernels.dequantize_int4(q4, s4), b), x_dtype)
+
+
+def test_odd_k_bf16_and_int8_tails(variant):
+    """K not a multiple of the vector width: the scalar tails of the AVX2 loops, the masked ones of AVX-512."""
+    for k in (1, 17, 33, 77, 513):
+        x, w, b = _data(3, 40, k, torch.float32, seed=k)
+        _close(kernels.linear_bf16(x, w, b), F.linear(x, w.float(), b), torch.float32)
+        q, s = kernels.quantize_int8(w)
+        _close(kernels.linear_int8(x, q, s, b), F.linear(x, kernels.dequantize_int8(q, s), b), torch.float32)
+
+
+def test_argmax_and_dequantize_agree_with_torch(variant, monkeypatch):
+    x = torch.randn(5, 1001).bfloat16()
+    x[1, 10] = x[1, 900] = 40
+    x[2] = float("-inf")
+    x[3, 5], x[3, 50] = float("nan"), float("nan")
+    for t in (x, x.float()):
+        assert kernels.argmax_rows(t) == torch.argmax(t, -1).tolist()
+    q, s = kernels.quantize_int8(torch.randn(37, 70))
+    assert torch.equal(kernels.dequantize_int8(q, s, torch.bfloat16), (q.float() * s[:, None]).bfloat16())
+    q4, s4 = kernels.quantize_int4(torch.randn(37, 96))
+    got = [kernels.dequantize_int4(q4, s4, dt) for dt in (torch.float32, torch.bfloat16)]
+    monkeypatch.setattr(build, "load", lambda: None)  # the torch formulas
+    assert all(torch.equal(g, kernels.dequantize_int4(q4, s4, g.dtype)) for g in got)
+
+
+def test_describe_names_the_variant_and_only_avx512_has_the_decode_step(variant):
+    line = kernels.describe()
+    assert line.startswith(f"CPU kernels: {variant}")
+    assert build.variant().decode_step == (variant == "avx512")
+
+
+def test_an_avx2_only_cpu_gets_avx2_and_a_forced_avx512_is_refused(monkeypatch):
+    monkeypatch.setattr(build, "cpu_flags", lambda: ({"avx", "avx2", "fma", "f16c", "sse4_2"}, ""))
+    monkeypatch.delenv(build.ENV, raising=False)
+    assert build.choose().name == "avx2"
+    monkeypatch.setenv(build.ENV, "avx512")
+    with pytest.raises(RuntimeError, match="avx512: CPU lacks avx512f"):
+        build.choose()
+    monkeypatch.setattr(build, "cpu_flags", lambda: ({"avx", "sse4_2"}, ""))
+    monkeypatch.setenv(build.ENV, "auto")
+    with pytest.raises(RuntimeError, match="avx2: CPU lacks avx2, fma, f16c"):
+        build.choose()
+
+
+@pytest.mark.parametrize("value, reason", [("torch", "INTERNVL_KERNELS=torch"), ("sse", "expected one of")])
+def test_override_torch_or_unknown_means_no_kernels(monkeypatch, value, reason):
+    monkeypatch.setenv(build.ENV, value)
+    build.reset()
+    try:
+        assert not kernels.available() and reason in kernels.unavailable_reason()
+        assert kernels.describe().startswith("CPU kernels: none, plain torch")
+    finally:
+        monkeypatch.undo()
+        build.reset()
+
+
+@pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64") or shutil.which("gcc") is None,
+                    reason="compile-only check needs gcc on x86-64 (it checks the C, not the CPU)")
+@pytest.mark.parametrize("name", list(build.VARIANTS))
+def test_every_variant_compiles(name, tmp_path):
+    objs = build.compile_objects(build.VARIANTS[name], shutil.which("gcc"), build.HERE, str(tmp_path / name))
+    assert len(objs) == len(build.VARIANTS[name].sources) and all((tmp_path / o).exists() for o in objs)
