@@ -5,7 +5,8 @@
 # Options (environment):
 #   START=DIR      start the language stages from this model folder instead of the vision stage, e.g.
 #                  START=src/internvl/assets/nano STAGES=stage1b continues training the shipped model
-#   STAGES="..."   the language stages to run, in order (default: shapes stage0 stage1a stage1 stage1b)
+#   STAGES="..."   the stages after the vision stage, in order (default: shapes stage0 stage1a stage1 stage1b vit4
+#                  stage2); vit4 pretrains the encoder again on native-scale tiles, keeping the language model
 #   STEPS_stage1=N the steps of a stage (its cosine schedule spans them; default: the stage's config)
 #   ARGS_stage1="--lr 5e-4"   more finetune flags for a stage (e.g. a lower peak when continuing a model)
 #   N=6000         items per task in the train split
@@ -15,7 +16,7 @@
 set -euo pipefail
 OUT=${1:-runs/nano}
 N=${N:-6000}                   # items per task in the train split
-STAGES=${STAGES:-"shapes stage0 stage1a stage1 stage1b"}
+STAGES=${STAGES:-"shapes stage0 stage1a stage1 stage1b vit4 stage2"}
 export OMP_WAIT_POLICY=PASSIVE # yield the cores when another process competes for them
 mkdir -p "$OUT"
 
@@ -41,6 +42,13 @@ fi
 #    shapes only (the skill the model otherwise learns last), single large shapes, one or two, the mixture
 prev=${START:-"$OUT/vit"}
 for name in $STAGES; do
+  if [ "$name" = vit4 ]; then  # the encoder again, on dynamic tiling's tiles (up to 4) and thumbnails
+    [ -f "$OUT/vit4/vit_pretrain.json" ] || internvl nano vit --init "$prev" --keep-weights --max-num 4 \
+        --out "$OUT/vit4" --data "$OUT/vit4_data.npz" --steps "${STEPS_vit4:-2000}" \
+        --images "${VIT4_IMAGES:-6000}" --lr 5e-4 --resume
+    prev="$OUT/vit4"
+    continue
+  fi
   case $name in shapes) config=nano-shapes ;; stage1) config=nano ;; *) config=nano-$name ;; esac
   steps_var="STEPS_$name"; steps=${!steps_var:-}
   args_var="ARGS_$name"; read -r -a extra <<< "${!args_var:-}"

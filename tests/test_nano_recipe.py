@@ -17,7 +17,7 @@ from internvl.nano.ship import ship
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {"N": "3", "CUR_SCALE": "0.0005", "VIT_STEPS": "2", "VIT_IMAGES": "16", "EVAL_N": "2",
         "STEPS_shapes": "2", "STEPS_stage0": "2", "STEPS_stage1a": "2", "STEPS_stage1": "2",
-        "STEPS_stage1b": "2"}  # fmt: skip
+        "STEPS_stage1b": "2", "STEPS_vit4": "2", "VIT4_IMAGES": "3", "STEPS_stage2": "2"}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -31,11 +31,14 @@ def recipe(tmp_path_factory):
 
 
 def test_every_stage_runs_and_the_benchmark_scores_every_task(recipe):
-    for stage in ("shapes", "stage0", "stage1a", "stage1", "stage1b"):
+    for stage in ("shapes", "stage0", "stage1a", "stage1", "stage1b", "stage2"):
         assert (recipe / stage / "final" / "model.safetensors").is_file(), stage
         state = json.loads((recipe / stage / "checkpoints" / "step-00000002" / "state.json").read_text())
         assert state["step"] == 2
     assert json.loads((recipe / "vit" / "vit_pretrain.json").read_text())["steps"] == 2
+    tiled = json.loads((recipe / "vit4" / "vit_pretrain.json").read_text())
+    assert tiled["steps"] == 2 and tiled["images"] >= 3  # every view of the 3 images
+    assert json.loads((recipe / "stage2" / "final" / "config.json").read_text())["max_dynamic_patch"] == 4
     summary = json.loads((recipe / "eval" / "summary.json").read_text())
     assert len(summary["tasks"]) == 15 and all(t["n"] == 2 for t in summary["tasks"].values())
 
