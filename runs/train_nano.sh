@@ -50,9 +50,10 @@ for name in $STAGES; do
     continue
   fi
   case $name in shapes) config=nano-shapes ;; stage1) config=nano ;; *) config=nano-$name ;; esac
+  data=$name; [ "$name" = stage2 ] && data=stage1b  # stage 2 trains on stage 1b's mixture, tiled
   steps_var="STEPS_$name"; steps=${!steps_var:-}
   args_var="ARGS_$name"; read -r -a extra <<< "${!args_var:-}"
-  [ -f "$OUT/$name/final/config.json" ] || internvl finetune "$prev" --data "$OUT/curriculum/$name.json" \
+  [ -f "$OUT/$name/final/config.json" ] || internvl finetune "$prev" --data "$OUT/curriculum/$data.json" \
       --config "configs/train/$config.yaml" --out "$OUT/$name" --resume ${steps:+--max-steps "$steps"} \
       ${extra[@]+"${extra[@]}"}
   prev="$OUT/$name/final"

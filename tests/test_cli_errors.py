@@ -71,7 +71,8 @@ def test_finetune_and_mpo_say_it_in_one_line_too(files, capsys):
 def test_every_verb_that_loads_a_model_defaults_to_auto():
     parser = build_parser()
     needs = {"convert": ["a", "b", "--to", "hf"], "merge-lora": ["a", "b", "c"],
-             "synth": ["--out", "o", "--split", "test"], "build-prefs": ["--data", "m.json", "--out", "o"]}
+             "synth": ["--out", "o", "--split", "test"], "build-prefs": ["--data", "m.json", "--out", "o"],
+             "prm-data": ["split", "--out", "o"], "bon": ["--prm", "p"], "prm-bench": ["--data", "m.json"]}
     defaults = {}
     for verb in VERBS:
         args = parser.parse_args([verb, *needs.get(verb, [])])
@@ -83,7 +84,8 @@ def test_every_verb_that_loads_a_model_defaults_to_auto():
 
     defaults["finetune"] = train_args(parser.parse_args(["finetune", "m", "--data", "x"])).run.device
     defaults["mpo"] = mpo_args(parser.parse_args(["mpo", "m", "--data", "x"]))[0].run.device
-    assert set(defaults) == {"chat", "serve", "eval", "finetune", "mpo", "build-prefs"}
+    assert set(defaults) == {"chat", "serve", "eval", "finetune", "mpo", "build-prefs", "bon", "prm-bench",
+                             "calibrate"}  # fmt: skip
     assert set(defaults.values()) == {"auto"}
 
 
