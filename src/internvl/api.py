@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -63,6 +64,7 @@ class InternVL:
         self.tokenizer = tokenizer
         self.config: ModelConfig = model.config
         self.path = Path(path) if path else None
+        self.kernel_line: str | None = None  # set by load() on a CPU: the decode kernels in use
         self.inputs = InputBuilder.from_config(self.config, tokenizer)
         if self.config.flash_mode:  # InternVL3.5-Flash: the prompt gives each tile the tokens the router picks
             self.inputs.tile_tokens = model.tile_tokens
@@ -183,10 +185,11 @@ def load(path: str | Path | None = None, device: str | torch.device = "cpu", dty
     records), or a Hugging Face Hub id such as "OpenGVLab/InternVL3-1B" (downloaded into the Hub cache, at
     `revision`; see checkpoint/hub.py); no path loads the built-in nano model.
 
-    `dtype`: None keeps the stored dtype; "bf16", "fp16" or "fp32" casts. `quantize="int8"` applies
-    weight-only int8 to the language model's linear layers (for fast CPU decoding). `optimize` fuses the
-    decoder's projections and uses the CPU decode kernels: the model is then for inference only (pass
-    False to fine-tune or save it). `v2pe`: a stride turns on V2PE positions (`rope_pos_id_version` v2pe_fix;
+    `dtype`: None keeps the stored dtype; "bf16", "fp16" or "fp32" casts. `quantize="int8"` (or "int4",
+    llama.cpp's Q4_0 groups) applies weight-only quantization to the language model's linear layers (for fast CPU
+    decoding); on a CPU `kernel_line` says which decode kernels run (also logged to the "internvl" logger).
+    `optimize` fuses the decoder's projections and uses the CPU decode kernels: the model is then for inference
+    only (pass False to fine-tune or save it). `v2pe`: a stride turns on V2PE positions (`rope_pos_id_version` v2pe_fix;
     an image token advances stride / tokens per tile (256) positions, model/v2pe.py), as for OpenGVLab/V2PE.
     `vir` (InternVL3.5-Flash): 256 or 64 gives every tile that many tokens instead of the router's choice.
     `efficiency`: the visual-efficiency switches, an `EfficiencyConfig` or its spec ("fastv=2:0.5,pyramid");
@@ -221,6 +224,11 @@ def load(path: str | Path | None = None, device: str | torch.device = "cpu", dty
 
         use_decode_kernels(model)
     llm = InternVL(model, tokenizer, path, max_batch=max_batch)
+    if device.type == "cpu" and (quantize is not None or optimize):
+        from .engine.accelerate import kernel_report
+
+        llm.kernel_line = kernel_report(model)  # which decode path runs; `internvl chat --verbose` prints it
+        logging.getLogger("internvl").info(llm.kernel_line)
     if efficiency is not None:
         llm.use_efficiency(efficiency)
     return llm

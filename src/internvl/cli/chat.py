@@ -26,6 +26,7 @@ class ChatOptions:
     prompt: str | None = option(None, "question; without it, an interactive session", short="-p")
     system: str | None = option(None, "system message (default: the template's)", short="-s")
     no_stream: bool = option(False, "print the answer at once")
+    verbose: bool = option(False, "print which decode kernels run (on a CPU) before answering")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -58,6 +59,9 @@ def run(args: argparse.Namespace) -> int:
     images, video = list(args.image), args.video
     check_media(images, video)
     model = load_from_args(args)
+    line = getattr(model, "kernel_line", None)
+    if line and (args.verbose or "no fast path" in line):  # never a silent slowdown: said in one line
+        print(line, file=sys.stderr, flush=True)
     if args.prompt is not None:
         answer(model, args.prompt, images, video, [], args.system, args, sampling)
         return 0

@@ -21,7 +21,8 @@ class ModelOptions:
     revision: str | None = option(None, "branch, tag or commit of a Hub MODEL (default: main)", metavar="REV")
     device: str = option("auto", "cpu, cuda, cuda:N, mps or auto: the GPU when there is one (default auto)")
     dtype: str | None = option(None, "cast weights (default: as stored)", choices=("fp32", "bf16", "fp16"))
-    quantize: str | None = option(None, "weight-only int8 for the language model", choices=("int8",))
+    quantize: str | None = option(None, "weight-only int8, or int4 (llama.cpp's Q4_0 groups), for the language model",
+                                  choices=("int8", "int4"))  # fmt: skip
     v2pe: int | None = option(None, "V2PE positions: image tokens advance STRIDE / 256 each (OpenGVLab/V2PE: 64)",
                               metavar="STRIDE")  # fmt: skip
     vir: int | None = option(None, "InternVL3.5-Flash: every tile gives 256 or 64 tokens (default: the router picks)",
