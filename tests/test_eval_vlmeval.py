@@ -7,8 +7,8 @@ dataset/utils/multiple_choice.py, utils/matching_util.py, vlm/internvl/internvl_
 from __future__ import annotations
 
 import base64
-import json
 import io
+import json
 import re
 from types import SimpleNamespace
 
