@@ -3,6 +3,7 @@ top-k, top-p), or one argmax for a batch of plain greedy rows."""
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 
 import torch
@@ -115,3 +116,8 @@ def sample_next(logits: torch.Tensor, params: SamplingParams, previous: list[int
 def greedy_batch(logits: torch.Tensor) -> list[int]:
     """The argmax of each row of logits [B, vocab] (the first maximum), in one pass over the batch."""
     return argmax_rows(logits)
+
+
+def seed_of(*parts) -> int:
+    """A sampling seed that depends only on what is sampled (question, sample number), not on batching."""
+    return int.from_bytes(hashlib.sha256("|".join(map(str, parts)).encode()).digest()[:8], "big") >> 1

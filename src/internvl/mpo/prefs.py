@@ -17,7 +17,6 @@ Questions whose gold answer cannot be checked (long free-form text) use the mode
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -25,6 +24,7 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
+from ..engine.sampling import seed_of
 from ..errors import DataError
 from ..train.data import build_index, read_meta
 
@@ -147,10 +147,6 @@ def without_media(question: str) -> str:
 def _unique(texts: Sequence[str]) -> list[str]:
     return list(dict.fromkeys(t for t in texts if t.strip()))
 
-
-def seed_of(*parts) -> int:
-    """A sampling seed that depends only on the question and the sample, not on batching."""
-    return int.from_bytes(hashlib.sha256("|".join(map(str, parts)).encode()).digest()[:8], "big") >> 1
 
 
 # ---- sampling ---------------------------------------------------------------------------------------

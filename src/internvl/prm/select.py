@@ -3,7 +3,6 @@ greedy decoding, majority vote over the final answers and an outcome-only reward
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from collections import Counter
@@ -11,7 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..engine.sampling import SamplingParams
+from ..engine.sampling import SamplingParams, seed_of
 from ..errors import DataError
 from ..eval.tasks import markdown, pct
 from .score import AGGREGATES, aggregate
@@ -56,10 +55,6 @@ def best_of(policy, prm, question: str, images: Any = None, n: int = 8, aggregat
     scores = [aggregate(s, aggregate_by) for s in steps]
     return BestOf(candidates[best_index(scores)], candidates, scores, steps)
 
-
-def seed_of(*parts) -> int:
-    """A sampling seed that depends only on the item and the sample, not on batching."""
-    return int.from_bytes(hashlib.sha256("|".join(map(str, parts)).encode()).digest()[:8], "big") >> 1
 
 
 @dataclass
