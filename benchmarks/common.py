@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -35,7 +36,7 @@ def random_checkpoint(folder: Path, preset: str = "internvl3-1b", layout: str = 
 
 def run_child(code: str, *args: str) -> dict:
     """Run `code` in a fresh interpreter; its last stdout line is a JSON object."""
-    proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-c", code, *args], check=False, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"benchmark child failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -47,12 +48,38 @@ def cpu_features() -> str:
 
     flags, model = set(), platform.processor()
     try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("flags") and not flags:
-                flags = set(line.split(":", 1)[1].split())
-            elif line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags") and not flags:
+                    flags = set(line.split(":", 1)[1].split())
+                elif line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
     except OSError:
         pass
     wanted = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
     return f"{model}: " + (" ".join(f for f in wanted if f in flags) or "no AVX2")
+
+
+KERNEL_CHOICES = ("auto", "avx512", "avx2", "torch")
+
+
+def kernels_env(choice: str) -> str:
+    """Set INTERNVL_KERNELS for the child processes (`auto`: the fastest variant the CPU supports); returns
+    the header line that says which was asked for."""
+    if choice not in KERNEL_CHOICES:
+        raise ValueError(f"--kernels: expected one of {list(KERNEL_CHOICES)}, got {choice!r}")
+    os.environ.pop("INTERNVL_NO_KERNELS", None)
+    if choice == "auto":
+        os.environ.pop("INTERNVL_KERNELS", None)
+    else:
+        os.environ["INTERNVL_KERNELS"] = choice
+    return f"kernels: {choice}" + ("" if choice == "auto" else f" (INTERNVL_KERNELS={choice})")
+
+
+def logits_cosine(a, b) -> dict:
+    """Cosine similarity of two logits tensors [T, vocab] (or files torch.save'd), per position: mean and min."""
+    import torch
+
+    a, b = (torch.load(x) if isinstance(x, (str, Path)) else x for x in (a, b))
+    cos = torch.nn.functional.cosine_similarity(a.double(), b.double(), dim=-1)
+    return {"mean": round(cos.mean().item(), 5), "min": round(cos.min().item(), 5)}
