@@ -9,10 +9,13 @@ import sys
 from pathlib import Path
 
 WRITE = r"""
-import sys, torch
+import dataclasses, json, sys, torch
 from internvl.checkpoint.io import build_model, save_model
 from internvl.presets import preset
-model = build_model(preset(sys.argv[2]), image_token_id=151667, meta=True)
+cfg = preset(sys.argv[2])
+if len(sys.argv) > 4:  # language-model overrides (a shape that is no preset)
+    cfg = cfg.replace(llm=dataclasses.replace(cfg.llm, **json.loads(sys.argv[4])))
+model = build_model(cfg, image_token_id=151667, meta=True)
 g = torch.Generator().manual_seed(0)
 for name, p in list(model.named_parameters()):
     mod, _, attr = name.rpartition(".")
@@ -24,13 +27,16 @@ save_model(model, sys.argv[1], layout=sys.argv[3])
 """
 
 
-def random_checkpoint(folder: Path, preset: str = "internvl3-1b", layout: str = "original") -> Path:
-    """A bf16 checkpoint of a released shape with random weights (written once, reused when present)."""
+def random_checkpoint(folder: Path, preset: str = "internvl3-1b", layout: str = "original",
+                      llm: dict | None = None) -> Path:  # fmt: skip
+    """A bf16 checkpoint of a released shape with random weights (written once, reused when present); `llm`
+    overrides fields of the preset's language-model config."""
     folder = Path(folder)
     if not any(folder.glob("*.safetensors")):
         folder.mkdir(parents=True, exist_ok=True)
         print(f"writing a random {preset} checkpoint (bf16, {layout} layout) to {folder} ...", flush=True)
-        subprocess.run([sys.executable, "-c", WRITE, str(folder), preset, layout], check=True)
+        extra = [json.dumps(llm)] if llm else []
+        subprocess.run([sys.executable, "-c", WRITE, str(folder), preset, layout, *extra], check=True)
     return folder
 
 
