@@ -55,7 +55,7 @@ with torch.inference_mode():  # the prompt's last 32 logits, for the cosine simi
 torch.save(logits, sys.argv[5])
 del logits
 weights = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
-engine = Engine(model)
+engine = Engine(model, prefix_cache=False)  # each repeat prefills the whole prompt, as transformers does
 params = SamplingParams(max_new_tokens=NEW, min_new_tokens=NEW)
 best = None
 for _ in range(int(sys.argv[4]) + 1):  # the first run warms up
