@@ -91,7 +91,8 @@ def write_gguf(state: dict[str, torch.Tensor], cfg, path: str | Path, fmt: str =
 
     if fmt not in FORMATS:
         raise ValueError(f"GGUF export: format must be one of {list(FORMATS)}, got {fmt!r}")
-    if cfg.family != "qwen2" or cfg.rope_scaling not in (None, {"type": "dynamic", "factor": 2.0}):
+    scaling = (cfg.rope_scaling or {}).get("type", (cfg.rope_scaling or {}).get("rope_type"))
+    if cfg.family != "qwen2" or scaling not in (None, "dynamic"):
         # InternVL3's dynamic scaling changes nothing below max_position_embeddings, where the benchmark runs
         raise ValueError(
             f"GGUF export: only Qwen2 decoders without rope scaling, got {cfg.family} {cfg.rope_scaling}"
