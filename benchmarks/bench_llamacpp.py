@@ -62,7 +62,8 @@ for i in range(int(repeats) + 1):  # the first run warms up
     if i:
         prefill, decode = min(prefill, t1 - t0), max(decode, (new - 1) / (t2 - t1))
 print(json.dumps({"prefill_s": prefill, "decode_tok_s": decode, "tokens": seq.output_ids,
-                  "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "kernels": kernel_report(model)}))
+                  "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                  "kernels": kernel_report(model)}))
 """
 
 LLAMA = r"""
@@ -97,7 +98,8 @@ for i in range(int(repeats) + 1):  # the first run warms up
 np.save(logits_file + ".npy", last[None])
 print(json.dumps({"prefill_s": prefill, "decode_tok_s": decode, "tokens": tokens,
                   "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-                  "kernels": "llama.cpp " + llama_cpp.__version__ + ": " + llama_cpp.llama_print_system_info().decode().strip()}))
+                  "kernels": f"llama.cpp {llama_cpp.__version__}: "
+                             + llama_cpp.llama_print_system_info().decode().strip()}))
 """
 
 
@@ -168,7 +170,8 @@ def main() -> None:
         f = root / f"logits_{name.lower()}"
         other = torch.load(f.with_suffix(".pt")) if name.islower() else torch.from_numpy(np.load(f.with_suffix(".npy")))
         run["logits_cosine_to_our_bf16"] = logits_cosine(other, ref)["mean"]
-        run["top10_overlap_with_our_bf16"] = len(set(other[-1].topk(10).indices.tolist()) & set(ref[-1].topk(10).indices.tolist()))
+        top = [set(x[-1].topk(10).indices.tolist()) for x in (other, ref)]
+        run["top10_overlap_with_our_bf16"] = len(top[0] & top[1])
     res = {"header": header, "shape": args.shape, "runs": runs,
            "ratios": {ours: {"decode": round(runs[ours]["decode_tok_s"] / runs[fmt.upper()]["decode_tok_s"], 2),
                              "prefill": round(runs[fmt.upper()]["prefill_s"] / runs[ours]["prefill_s"], 2)}
@@ -193,7 +196,8 @@ def main() -> None:
         print(f"ours {ours} / llama.cpp {fmt.upper()}: decode {q['decode']}x (target >= 1), prefill {q['prefill']}x")
     cos = runs["BF16"]["logits_cosine_to_our_bf16"]
     print(f"correctness: llama.cpp BF16 vs ours bf16 last logits: cosine {cos:.5f}, top-10 tokens in common "
-          f"{runs['BF16']['top10_overlap_with_our_bf16']} of 10; greedy tokens agreeing {res['bf16_greedy_tokens_agreeing']} "
+          f"{runs['BF16']['top10_overlap_with_our_bf16']} of 10; greedy tokens agreeing "
+          f"{res['bf16_greedy_tokens_agreeing']} "
           f"of {args.new} (random weights give near-ties, and our bf16 logits round some to equal values)")
     if cos < 0.99:
         sys.exit(f"bench_llamacpp: llama.cpp and ours disagree on the same bf16 weights (cosine {cos:.4f} < 0.99)")
