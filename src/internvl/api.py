@@ -180,7 +180,7 @@ class InternVL:
 def load(path: str | Path | None = None, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,
          quantize: str | None = None, max_batch: int = 16, optimize: bool = True,
          revision: str | None = None, v2pe: int | None = None, vir: int | None = None,
-         efficiency: EfficiencyConfig | str | None = None) -> InternVL:  # fmt: skip
+         efficiency: EfficiencyConfig | str | None = None, prefill_dtype: str | None = None) -> InternVL:  # fmt: skip
     """Load a checkpoint folder (original or -hf layout) or a LoRA adapter folder (merged into the base model it
     records), or a Hugging Face Hub id such as "OpenGVLab/InternVL3-1B" (downloaded into the Hub cache, at
     `revision`; see checkpoint/hub.py); no path loads the built-in nano model.
@@ -193,12 +193,16 @@ def load(path: str | Path | None = None, device: str | torch.device = "cpu", dty
     an image token advances stride / tokens per tile (256) positions, model/v2pe.py), as for OpenGVLab/V2PE.
     `vir` (InternVL3.5-Flash): 256 or 64 gives every tile that many tokens instead of the router's choice.
     `efficiency`: the visual-efficiency switches, an `EfficiencyConfig` or its spec ("fastv=2:0.5,pyramid");
-    None is the plain model (efficiency.py).
+    None is the plain model (efficiency.py). `prefill_dtype` (auto, bf16, fp32; default $INTERNVL_PREFILL_DTYPE,
+    else auto): what a CPU computes the vision encoder and the prompt in; auto is fp32 for a bf16 model on a CPU
+    without native bf16 matmuls (engine/prefill.py), said in `kernel_line`.
     """
     from .checkpoint.hub import resolve_model
+    from .engine.prefill import choose
 
     device = resolve_device(device)
     efficiency = EfficiencyConfig.coerce(efficiency)  # a bad spec fails before anything is read
+    choose(torch.float32, device, prefill_dtype)  # so does a bad prefill dtype
     if path is None and revision is not None:
         raise InternVLError("a revision needs a Hugging Face Hub model id")
     path = resolve_model(path, revision) if path is not None else default_model_path()
@@ -228,6 +232,9 @@ def load(path: str | Path | None = None, device: str | torch.device = "cpu", dty
         from .engine.accelerate import kernel_report
 
         llm.kernel_line = kernel_report(model)  # which decode path runs; `internvl chat --verbose` prints it
+    if device.type == "cpu":
+        llm.engine.prefill_run.dtype, why = choose(model.dtype, device, prefill_dtype)
+        llm.kernel_line = f"{llm.kernel_line}; prefill: {why}" if llm.kernel_line else f"prefill: {why}"
         logging.getLogger("internvl").info(llm.kernel_line)
     if efficiency is not None:
         llm.use_efficiency(efficiency)

@@ -24,6 +24,7 @@ import torch
 from ..errors import PromptError
 from ..model.cache import KVCache
 from .accelerate import decode_step
+from .prefill import PrefillRun
 from .prefix_cache import Hit, PrefixCache
 from .sampling import SamplingParams, greedy_batch, sample_next
 
@@ -66,6 +67,7 @@ class Engine:
                  stop_token_ids: list[int] | None = None, prefix_cache: PrefixCache | bool = True):  # fmt: skip
         self.model = model
         self.decode_step = decode_step(model)  # (tokens [B], cache, valid_lengths) -> logits [B, vocab]
+        self.prefill_run = PrefillRun()  # compute dtype and progress line of prefills (engine/prefill.py)
         self.max_batch = max_batch
         self.max_model_len = max_model_len or model.config.llm.context_length
         self.default_stop_ids = list(stop_token_ids or [])
@@ -225,7 +227,8 @@ class Engine:
         if t == 1 and pv is None:  # one token per row (what the prefix cache left): a decode step
             logits = self.decode_step(ids[:, 0].to(dev), cache, valid)[:, None]
         else:
-            logits = self.model.prefill(ids.to(dev), pv, cache, valid, keep)
+            with self.prefill_run(self.model, sum(rests), 0 if pv is None else pv.shape[0]):
+                logits = self.model.prefill(ids.to(dev), pv, cache, valid, keep)
         rows = logits[torch.arange(len(plans)), torch.tensor(rests) - 1 - (t - keep)]
         for b, (seq, _) in enumerate(plans):
             seq.pixel_values = None
