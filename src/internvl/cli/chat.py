@@ -7,7 +7,7 @@ import sys
 from dataclasses import dataclass
 
 from ..options import add_config, add_options, option
-from .options import GenerationOptions, ModelOptions, check_generation, load_from_args
+from .options import GenerationOptions, ModelOptions, check_generation, cpu_tile_default, load_from_args
 
 REPL_HELP = """commands:
   /image PATH     attach an image to the conversation (several allowed)
@@ -26,7 +26,7 @@ class ChatOptions:
     prompt: str | None = option(None, "question; without it, an interactive session", short="-p")
     system: str | None = option(None, "system message (default: the template's)", short="-s")
     no_stream: bool = option(False, "print the answer at once")
-    verbose: bool = option(False, "print which decode kernels run (on a CPU) before answering")
+    verbose: bool = option(False, "print which decode and prefill paths run (on a CPU) before answering")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -46,6 +46,7 @@ def sampling_from_args(args: argparse.Namespace):
 
 def run(args: argparse.Namespace) -> int:
     from ..api import resolve_device
+    from ..engine.prefill import console_progress
     from ..errors import PromptError
     from ..processing import check_media
 
@@ -62,9 +63,15 @@ def run(args: argparse.Namespace) -> int:
     line = getattr(model, "kernel_line", None)
     if line and (args.verbose or "no fast path" in line):  # never a silent slowdown: said in one line
         print(line, file=sys.stderr, flush=True)
+    notice = cpu_tile_default(args, model)  # a first answer in seconds, not minutes; said once it is given
+    model.engine.prefill_run.progress = console_progress(sys.stderr)  # long prefills show a line (terminal only)
     if args.prompt is not None:
         answer(model, args.prompt, images, video, [], args.system, args, sampling)
+        if notice and images:
+            print(notice, file=sys.stderr, flush=True)
         return 0
+    if notice:
+        print(notice, file=sys.stderr, flush=True)
     return repl(model, images, video, args, sampling)
 
 

@@ -11,6 +11,9 @@ from ..options import option
 MODEL_HELP = "model folder or Hugging Face Hub id, e.g. OpenGVLab/InternVL3-1B (default: the built-in nano model)"
 MAX_TILES = 64  # tiles per image (--max-num): InternVL's evaluation gives all images of a question 64 together
 MAX_FRAMES = 64  # video frames (--num-segments): 64 frames are 16k image tokens at 256 per frame
+# tiles per image on a CPU when --max-num is left out (README: Running on a CPU): the InternVL3-1B shape spends
+# seconds per tile there, so its own 12 (+ thumbnail) would take minutes to a first answer, 4 (+ thumbnail) a third
+CPU_MAX_NUM = 4
 
 
 @dataclass
@@ -58,6 +61,17 @@ def check_generation(args: argparse.Namespace) -> None:
     check_range("--max-new-tokens", args.max_new_tokens, 1)
     check_range("--max-num", args.max_num, 1, MAX_TILES)
     check_range("--num-segments", args.num_segments, 1, MAX_FRAMES)
+
+
+def cpu_tile_default(args: argparse.Namespace, model) -> str | None:
+    """--max-num left out on a CPU: at most CPU_MAX_NUM tiles per image (set in args.max_num) when the model's own
+    default is more; the one-line notice to print, None when the model's default stands (GPU, or few tiles)."""
+    own = model.config.processor.max_dynamic_patch
+    if args.max_num is not None or model.model.device.type != "cpu" or own <= CPU_MAX_NUM:
+        return None
+    args.max_num = CPU_MAX_NUM
+    return (f"cpu: up to {CPU_MAX_NUM} tiles per image (the model's default is {own}, minutes per answer on a CPU); "
+            f"--max-num {own} for finer detail")
 
 
 def model_path(args: argparse.Namespace):
