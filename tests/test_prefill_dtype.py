@@ -13,6 +13,7 @@ from PIL import Image
 from refmodels import tiny_checkpoint
 
 from internvl.api import load
+from internvl.engine.engine import Engine
 from internvl.engine.prefill import ENV, PrefillRun, Widen, choose
 from internvl.errors import InternVLError
 from internvl.kernels import build
@@ -68,6 +69,7 @@ def test_load_chooses_fp32_on_an_avx2_cpu_and_says_so(folder, monkeypatch):
     llm = load(folder, dtype="bf16")
     assert llm.engine.prefill_run.dtype == torch.float32
     assert "; prefill: fp32 (this CPU has no AMX_BF16 or AVX512_BF16" in llm.kernel_line
+    assert Engine(llm.model).prefill_run.dtype == torch.float32  # an engine built without load() chooses too
     monkeypatch.setattr(build, "cpu_flags", lambda: ({"avx512_bf16", "avx2"}, ""))
     llm = load(folder, dtype="bf16")
     assert llm.engine.prefill_run.dtype is None and "prefill: bf16 (native on this CPU" in llm.kernel_line

@@ -67,7 +67,7 @@ class Engine:
                  stop_token_ids: list[int] | None = None, prefix_cache: PrefixCache | bool = True):  # fmt: skip
         self.model = model
         self.decode_step = decode_step(model)  # (tokens [B], cache, valid_lengths) -> logits [B, vocab]
-        self.prefill_run = PrefillRun()  # compute dtype and progress line of prefills (engine/prefill.py)
+        self.prefill_run = PrefillRun.for_model(model)  # fp32 where the CPU emulates bf16; progress (prefill.py)
         self.max_batch = max_batch
         self.max_model_len = max_model_len or model.config.llm.context_length
         self.default_stop_ids = list(stop_token_ids or [])

@@ -144,6 +144,14 @@ class PrefillRun:
     def __init__(self, dtype: torch.dtype | None = None, progress: Progress | None = None):
         self.dtype, self.progress = dtype, progress
 
+    @classmethod
+    def for_model(cls, model) -> PrefillRun:
+        """The automatic choice (or $INTERNVL_PREFILL_DTYPE's) for `model`'s dtype and device."""
+        dtype, device = getattr(model, "dtype", None), getattr(model, "device", None)
+        if not isinstance(dtype, torch.dtype) or not isinstance(device, torch.device):  # a test's mock model
+            return cls()
+        return cls(choose(dtype, device)[0])
+
     @contextlib.contextmanager
     def __call__(self, model, tokens: int, tiles: int):
         with contextlib.ExitStack() as stack:
