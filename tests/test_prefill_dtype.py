@@ -72,7 +72,7 @@ def test_load_chooses_fp32_on_an_avx2_cpu_and_says_so(folder, monkeypatch):
     assert Engine(llm.model).prefill_run.dtype == torch.float32  # an engine built without load() chooses too
     monkeypatch.setattr(build, "cpu_flags", lambda: ({"avx512_bf16", "avx2"}, ""))
     llm = load(folder, dtype="bf16")
-    assert llm.engine.prefill_run.dtype is None and "prefill: bf16 (native on this CPU" in llm.kernel_line
+    assert llm.engine.prefill_run.dtype is None and "prefill: bf16 (native on this CPU: AVX512_BF16)" in llm.kernel_line
 
 
 def test_widen_touches_many_rows_and_mixed_dtypes_only():

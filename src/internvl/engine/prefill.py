@@ -60,7 +60,8 @@ def choose(model_dtype: torch.dtype, device: torch.device, want: str | None = No
     if native is None:
         return None, f"{_name(model_dtype)} (CPU features unknown: {why})"
     if native:
-        return None, f"{_name(model_dtype)} (native on this CPU: {needs})"
+        have = " and ".join(f.upper() for f in NATIVE[model_dtype] if f in cpu)
+        return None, f"{_name(model_dtype)} (native on this CPU: {have})"
     return torch.float32, f"fp32 (this CPU has no {needs}: {_name(model_dtype)} matmuls would be emulated)"
 
 
