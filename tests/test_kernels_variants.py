@@ -1,10 +1,13 @@
 """Every kernel variant (AVX-512 and AVX2) against fp32 references, forced through INTERNVL_KERNELS so an AVX-512
-machine runs the AVX2 code too; how the variant is chosen; and a compile-only check of every variant (issue 16)."""
+machine runs the AVX2 code too: the linears and the one-call decode step with bf16, int8 and int4 weights; how the
+variant is chosen; and a compile-only check of every variant (issue 16)."""
 
 from __future__ import annotations
 
+import copy
 import platform
 import shutil
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -83,10 +86,45 @@ def test_argmax_and_dequantize_agree_with_torch(variant, monkeypatch):
     assert all(torch.equal(g, kernels.dequantize_int4(q4, s4, g.dtype)) for g in got)
 
 
-def test_describe_names_the_variant_and_only_avx512_has_the_decode_step(variant):
-    line = kernels.describe()
-    assert line.startswith(f"CPU kernels: {variant}")
-    assert build.variant().decode_step == (variant == "avx512")
+def test_describe_names_the_variant_and_its_decode_step(variant):
+    assert kernels.describe() == f"CPU kernels: {variant}{' + AMX' if kernels.ops.amx_available() else ''}, " \
+                                 "one-call decode step"
+
+
+@pytest.mark.parametrize("mode", ["bf16", "int8", "int4"])
+def test_fused_decode_step_matches_a_torch_model_of_the_same_weights(variant, mode):
+    """Each variant's one-call decode step (C answers every step: a spy counts) with bf16, int8 and int4 weights,
+    three cache rows of different lengths: its logits are as close to an fp32 torch model of the same
+    (dequantized) weights as the per-module path's, and its greedy choice is the reference's wherever the
+    reference's top two logits are clearly apart."""
+    from test_kernels import _decode_both, _Spy, _step, _tiny_lm
+    from test_kernels_int4 import _plain_reference
+
+    from internvl.engine.accelerate import FusedStep, quantize_model, use_decode_kernels
+
+    lm = _tiny_lm(seed=5, hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,
+                  head_dim=16)
+    fast = copy.deepcopy(lm)
+    if mode == "bf16":
+        use_decode_kernels(SimpleNamespace(language_model=fast))
+    else:
+        quantize_model(SimpleNamespace(language_model=fast), mode)
+    modules, ref = copy.deepcopy(fast), _plain_reference(fast) if mode != "bf16" else copy.deepcopy(lm).float()
+    step = _step(fast)
+    assert isinstance(step, FusedStep)
+    spy = _Spy(step)
+    prompts = [[3, 14, 15, 92, 65], list(range(20, 40)), [7, 8]]
+    with torch.inference_mode():
+        exact, got, _ = _decode_both((ref, ref.decode), (fast, step), prompts, steps=6)
+        _, want, _ = _decode_both((ref, ref.decode), (modules, modules.decode), prompts, steps=6)
+    assert spy.hits == 6
+    scale = exact.abs().max()
+    err_fast, err_modules = (got - exact).abs().max() / scale, (want - exact).abs().max() / scale
+    assert err_fast <= 2 * err_modules + 2**-7, (err_fast, err_modules)
+    top = exact.topk(2, -1).values
+    clear = (top[..., 0] - top[..., 1]) > 0.05 * scale
+    assert clear.sum() >= 6, "too many near-ties to judge: pick another seed"
+    assert torch.equal(got.argmax(-1)[clear], exact.argmax(-1)[clear])
 
 
 def test_an_avx2_only_cpu_gets_avx2_and_a_forced_avx512_is_refused(monkeypatch):

@@ -95,7 +95,7 @@ def use_decode_kernels(model) -> int:
 
 
 class FusedStep:
-    """The model's decode step with the C step in front: decode.c answers what it covers (bf16 on the CPU,
+    """The model's decode step with the C step in front: step.c answers what it covers (bf16 on the CPU,
     up to kernels.MAX_ROWS rows, no autograd or hooks), the model the rest."""
 
     def __init__(self, model, fused: FusedDecoder):

@@ -1,7 +1,8 @@
 """Compile the C kernels with the system C compiler at first use, cache the shared library, load it with ctypes.
 
-Two variants: "avx512" (gemv.c, decode.c, quant.c; AVX-512 VNNI, AMX where present, the one-call decode step)
-and "avx2" (gemv_avx2.c, quant.c; AVX2 + FMA + F16C, the GEMVs only). The first the CPU supports is chosen once;
+Two variants, each with the GEMVs and the one-call decode step: "avx512" (gemv.c, decode.c; AVX-512 VNNI, AMX
+where present) and "avx2" (gemv_avx2.c, decode_avx2.c; AVX2 + FMA + F16C); both compile the common team.c
+(threads), step.c (the decode step) and quant.c. The first the CPU supports is chosen once;
 INTERNVL_KERNELS=avx512|avx2|torch forces one (INTERNVL_NO_KERNELS=1 means torch). Every failure leaves `load()`
 returning None with the reason in `load_error()`; callers then keep the plain torch path.
 """
@@ -20,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 HERE = Path(__file__).parent
-ABI_VERSION = 8
+ABI_VERSION = 9
 ENV = "INTERNVL_KERNELS"
 COMMON_CFLAGS = ("-O3", "-std=gnu11", "-fPIC", "-fopenmp", "-fno-math-errno", "-fno-trapping-math")
 # AMX is optional: compiled in when the compiler knows it, used when the CPU and the kernel allow it.
@@ -37,17 +38,18 @@ class Variant:
     cflags: tuple[str, ...]
     cpu_flags: tuple[str, ...]
     optional_cflags: tuple[str, ...] = ()
-    decode_step: bool = False  # exports ivl_decode_step (decode.c)
 
 
+COMMON_SOURCES = ("team.c", "step.c", "quant.c")
 VARIANTS = {
-    "avx512": Variant("avx512", ("gemv.c", "decode.c", "quant.c"),
+    "avx512": Variant("avx512", ("gemv.c", "decode.c", *COMMON_SOURCES),
                       ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni", "-mfma", "-mbmi2",
                        "-mf16c"),
-                      ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni"), AMX_CFLAGS, True),
-    "avx2": Variant("avx2", ("gemv_avx2.c", "quant.c"), ("-mavx2", "-mfma", "-mf16c"), ("avx2", "fma", "f16c")),
+                      ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni"), AMX_CFLAGS),
+    "avx2": Variant("avx2", ("gemv_avx2.c", "decode_avx2.c", *COMMON_SOURCES), ("-mavx2", "-mfma", "-mf16c"),
+                    ("avx2", "fma", "f16c")),
 }
-HEADERS = ("gemv.h", "quant.h")  # every header a source includes: shipped with them, part of the cache key
+HEADERS = ("gemv.h", "job.h", "quant.h", "step.h", "step_ops.h")  # every header a source includes: shipped with them, part of the cache key
 KERNEL_FILES = tuple(sorted({s for v in VARIANTS.values() for s in v.sources} | set(HEADERS)))
 
 _lock = threading.Lock()
@@ -182,7 +184,7 @@ def _run(cmd: list[str]) -> None:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{res.stderr.strip()[-2000:]}")
 
 
-def _declare(lib: ctypes.CDLL, variant: Variant) -> None:
+def _declare(lib: ctypes.CDLL) -> None:
     p, i, sz, i64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t, ctypes.c_int64
     lib.ivl_abi_version.restype = i
     lib.ivl_cpu_ok.restype = i
@@ -202,9 +204,8 @@ def _declare(lib: ctypes.CDLL, variant: Variant) -> None:
     lib.ivl_read_pass.restype = ctypes.c_double
     lib.ivl_argmax_rows.argtypes = [p, i64, i64, i64, i64, p, i64]
     lib.ivl_argmax_rows.restype = i
-    if variant.decode_step:
-        lib.ivl_decode_step.argtypes = [p]
-        lib.ivl_decode_step.restype = i
+    lib.ivl_decode_step.argtypes = [p]
+    lib.ivl_decode_step.restype = i
 
 
 def _load() -> tuple[ctypes.CDLL, Variant]:
@@ -217,7 +218,7 @@ def _load() -> tuple[ctypes.CDLL, Variant]:
     if not path.exists():
         build(variant, cc, gomp, path)
     lib = ctypes.CDLL(str(path))
-    _declare(lib, variant)
+    _declare(lib)
     if lib.ivl_abi_version() != ABI_VERSION:
         raise RuntimeError(f"{path} has ABI {lib.ivl_abi_version()}, expected {ABI_VERSION}")
     if not lib.ivl_cpu_ok():

@@ -1,4 +1,4 @@
-"""The one-call decode step (decode.c) for a fused language model whose linears are the kernel modules.
+"""The one-call decode step (step.c, with decode.c or decode_avx2.c) for a fused language model whose linears are the kernel modules.
 
 `FusedDecoder.build(lm)` checks once that every layer can run in C (bf16 activations and norms, CPU
 weights, FastBf16Linear, Int8Linear or Int4Linear projections, no hooks) and records the weight pointers; calling
@@ -141,9 +141,7 @@ class FusedDecoder:
         key = "qweight" if isinstance(head_mod, (Int8Linear, Int4Linear)) else "weight"
         self._head = (head_mod, key, head_mod._buffers.get(key) if head_mod is not None else None)
         # (Rotary knows no other RoPE kinds today; a new one must be taught to decode.c first)
-        variant = build.variant()  # the AVX2 build has the GEMVs but no decode step
-        if (lib is None or variant is None or not variant.decode_step or not lm.fused
-                or lm.rotary.kind not in ("default", "linear", "dynamic")):
+        if lib is None or not lm.fused or lm.rotary.kind not in ("default", "linear", "dynamic"):
             return False
         cfg, emb = lm.config, lm.model.embed_tokens.weight
         if emb.dtype != torch.bfloat16 or not emb.is_cpu:

@@ -29,19 +29,7 @@
 
 #include "gemv.h"
 
-#ifndef CHUNK_BYTES
-#define CHUNK_BYTES (64 * 1024) /* unit of work handed between threads */
-#endif
-#ifndef MIN_PARALLEL_BYTES
-#define MIN_PARALLEL_BYTES (96 * 1024)
-#endif
 #define FAST_MAX_K 65536 /* int32 sums of the fast int8 path cannot overflow below this K */
-
-/* Layout of the int64 parameter block passed by ivl_run (one ctypes argument instead of thirteen). */
-enum { P_OP, P_X, P_XDT, P_M, P_K, P_W, P_SCALE, P_N, P_BIAS, P_BDT, P_Y, P_YDT, P_THREADS, P_COUNT };
-
-int ivl_abi_version(void) { return 8; }
-int ivl_param_count(void) { return P_COUNT; }
 
 int ivl_cpu_ok(void) {
     __builtin_cpu_init();
@@ -51,26 +39,6 @@ int ivl_cpu_ok(void) {
 }
 
 /* ---- x preparation: the layout each inner loop reads, in a per-calling-thread scratch buffer ---- */
-
-/* One buffer per calling thread (concurrent callers never share it), freed when that thread exits. */
-static __thread void *scratch = NULL;
-static __thread size_t scratch_bytes = 0;
-static pthread_key_t scratch_key;
-static pthread_once_t scratch_once = PTHREAD_ONCE_INIT;
-
-static void scratch_key_init(void) { pthread_key_create(&scratch_key, free); }
-
-void *scratch_get(size_t bytes) {
-    if (bytes > scratch_bytes) {
-        pthread_once(&scratch_once, scratch_key_init);
-        free(scratch);
-        if (bytes < scratch_bytes + scratch_bytes / 2) bytes = scratch_bytes + scratch_bytes / 2; /* grow rarely */
-        scratch = aligned_alloc(64, (bytes + 63) / 64 * 64);
-        scratch_bytes = scratch ? bytes : 0;
-        pthread_setspecific(scratch_key, scratch);
-    }
-    return scratch;
-}
 
 /* bf16 W: row m is its even elements then its odd elements in fp32, each half zero-padded to KH. */
 static const float *x_even_odd(const void *x, int xdt, int M, int K, int KH, float *out) {
@@ -625,7 +593,7 @@ int ivl_amx_available(void) { return 0; }
 int ivl_set_amx_min_rows(int m) { (void)m; return 0; }
 #endif
 
-static void do_rows(const job_t *j, int n0, int n1) {
+void job_rows(const job_t *j, int n0, int n1) {
 #ifdef IVL_AMX
     if (j->amx) {
         int full = n0 + (n1 - n0) / TILE * TILE;
@@ -638,27 +606,6 @@ static void do_rows(const job_t *j, int n0, int n1) {
     }
 #endif
     if (n0 < n1) do_rows_avx(j, n0, n1);
-}
-
-/* ---- threading: contiguous chunk ranges per thread, stealing from the back when done ---- */
-
-static int claim(range_t *r, int from_back) {
-    uint64_t v = atomic_load_explicit(&r->fb, memory_order_relaxed);
-    for (;;) {
-        uint32_t f = (uint32_t)v, b = (uint32_t)(v >> 32);
-        if (f >= b) return -1;
-        uint64_t nv = from_back ? ((uint64_t)(b - 1) << 32) | f : v + 1;
-        if (atomic_compare_exchange_weak_explicit(&r->fb, &v, nv, memory_order_relaxed, memory_order_relaxed))
-            return from_back ? (int)(b - 1) : (int)f;
-    }
-}
-
-/* Where a thread starts reading somewhere new, the loop's prefetches (PF_BYTES ahead) have not
-   covered the first PF_BYTES yet: request them all at once rather than one miss at a time. */
-static inline void prefetch_rows(const job_t *j, int n0, size_t bytes) {
-    const char *p = (const char *)j->w + (size_t)n0 * j->row_bytes;
-    size_t len = (size_t)(j->N - n0) * j->row_bytes;
-    for (size_t off = 0; off < bytes && off < len; off += 64) _mm_prefetch(p + off, PF_HINT);
 }
 
 int job_init(job_t *j, int op, int xdt, int M, int K, const void *w, const float *scale, int N, const void *bias,
@@ -694,17 +641,9 @@ int job_init(job_t *j, int op, int xdt, int M, int K, const void *w, const float
              ivl_amx_available();
     if (j->amx) j->amx_bytes = (size_t)round_up(K, 64) * j->cu * 4;
 #endif
-    /* The split: whole tiles per chunk; small weights are not worth waking other threads for. */
-    int nt = nthreads < 1 ? 1 : (nthreads > MAX_THREADS ? MAX_THREADS : nthreads);
-    int rpc = (int)(CHUNK_BYTES / j->row_bytes) / TILE * TILE;
-    j->rows_per_chunk = rpc < TILE ? TILE : rpc;
-    j->nchunks = (N + j->rows_per_chunk - 1) / j->rows_per_chunk;
-    if (j->row_bytes * (size_t)N < MIN_PARALLEL_BYTES) nt = 1;
-    j->team = nt > j->nchunks ? j->nchunks : nt;
+    job_split(j, nthreads, TILE);
     return 0;
 }
-
-size_t job_scratch_bytes(const job_t *j) { return j->vec_bytes + j->amx_bytes + 64; }
 
 void job_set_x(job_t *j, const void *x, char *buf) {
     if (j->op == OP_BF16)
@@ -716,61 +655,6 @@ void job_set_x(job_t *j, const void *x, char *buf) {
 #ifdef IVL_AMX
     if (j->amx) j->xamx = x_amx(j, x, j->cu, (uint32_t *)(buf + j->vec_bytes));
 #endif
-}
-
-void job_reset_ranges(const job_t *j, range_t *ranges) {
-    for (int t = 0; t < j->team; t++) {
-        uint64_t f = (uint64_t)j->nchunks * t / j->team, b = (uint64_t)j->nchunks * (t + 1) / j->team;
-        atomic_store_explicit(&ranges[t].fb, f | (b << 32), memory_order_relaxed);
-    }
-}
-
-pf_cursor_t job_head(const job_t *j, int t, size_t bytes) {
-    pf_cursor_t c = {NULL, NULL};
-    if (t >= j->team) return c;
-    int n0 = (int)((uint64_t)j->nchunks * t / j->team) * j->rows_per_chunk;
-    size_t len = (size_t)(j->N - n0) * j->row_bytes;
-    c.p = (const char *)j->w + (size_t)n0 * j->row_bytes;
-    c.end = c.p + (bytes < len ? bytes : len);
-    return c;
-}
-
-void job_team(const job_t *j, range_t *ranges, int t) {
-    const int nt = j->team, rpc = j->rows_per_chunk;
-    if (t >= nt) return;
-    int next = -1;
-    for (int v = 0; v < nt; v++) { /* own range first (front), then others' (back) */
-        int victim = (t + v) % nt, c;
-        while ((c = claim(&ranges[victim], v > 0)) >= 0) {
-            int n0 = c * rpc, n1 = n0 + rpc < j->N ? n0 + rpc : j->N;
-            if (n0 != next) prefetch_rows(j, n0, PF_BYTES);
-            do_rows(j, n0, n1);
-            next = n1;
-        }
-    }
-}
-
-/* ---- entry points ---- */
-
-/* p: int64 parameter block, see P_*. Returns 0 on success, nonzero when the caller must fall back. */
-int ivl_run(const int64_t *p) {
-    job_t j;
-    if (job_init(&j, (int)p[P_OP], (int)p[P_XDT], (int)p[P_M], (int)p[P_K], (const void *)(intptr_t)p[P_W],
-                 (const float *)(intptr_t)p[P_SCALE], (int)p[P_N], (const void *)(intptr_t)p[P_BIAS],
-                 (int)p[P_BDT], (void *)(intptr_t)p[P_Y], (int)p[P_YDT], (int)p[P_THREADS]))
-        return 1;
-    char *buf = (char *)scratch_get(job_scratch_bytes(&j));
-    if (!buf) return 2;
-    job_set_x(&j, (const void *)(intptr_t)p[P_X], buf);
-    range_t ranges[MAX_THREADS]; /* on this caller's stack: concurrent calls never share counters */
-    job_reset_ranges(&j, ranges);
-    if (j.team == 1) {
-        job_team(&j, ranges, 0);
-        return 0;
-    }
-#pragma omp parallel num_threads(j.team)
-    job_team(&j, ranges, omp_get_thread_num());
-    return 0;
 }
 
 /* A pure read of a buffer with the kernels' prefetch distance and threading: the bandwidth ceiling

@@ -1,54 +1,12 @@
-/* Internal interface of the weight-streaming GEMV (gemv.c) for the other kernels of this library:
-   a job is one y = x @ W^T (+ bias) for up to MAXM rows of x, run by a team of threads that each walk
-   a contiguous range of W's rows and steal from the others' ranges when done. The vector loops take
-   up to VEC_M rows of x at once (more go in blocks over the same weights, then in L2); AMX tiles take
-   all of them at once. */
+/* AVX-512 helpers shared by gemv.c and decode.c, over the job interface of job.h. The vector loops take up
+   to VEC_M rows of x at once (more go in blocks over the same weights, then in L2); AMX tiles take all of
+   them at once. */
 #ifndef IVL_GEMV_H
 #define IVL_GEMV_H
 
-#include <immintrin.h>
-#include <stdatomic.h>
-#include <stddef.h>
-#include <stdint.h>
-#include <string.h>
+#include "job.h"
 
-#include "quant.h"
-
-#define MAXM 16 /* rows of x per job: one AMX tile's 16 columns (two for fast int8) */
 #define VEC_M 8  /* rows of x per pass of the AVX-512 loops (their accumulators fill the registers) */
-#define TILE 16
-#define MAX_THREADS 256
-#define IVL_HIDDEN __attribute__((visibility("hidden")))
-#ifndef PF_BYTES
-#define PF_BYTES 6144 /* software prefetch distance along the weight stream (measured plateau: 4-16 KiB) */
-#endif
-#ifndef PF_HINT
-#define PF_HINT _MM_HINT_T1 /* into L2; NTA (past L2) halves the decode step's bandwidth here */
-#endif
-
-enum { DT_F32 = 0, DT_BF16 = 1 };
-enum { OP_BF16 = 0, OP_INT8 = 1, OP_INT8_FAST = 2, OP_INT4 = 3 }; /* OP_INT4: quant.h's int4 */
-
-typedef struct {
-    int op, M, K, N, bdt, ydt, xdt, KX; /* KX: row stride of the prepared x, in its elements */
-    const void *x;                      /* prepared x */
-    const void *w;
-    const float *scale;  /* int8: per-row scales, applied by finish_tile */
-    const uint16_t *gscale; /* int4: fp16 [N, K / QK4] group scales */
-    const void *bias;
-    void *y;
-    float xs[MAXM];     /* fast int8: per-row x scales */
-    int64_t xsum[MAXM]; /* fast int8: per-row sums of quantized x */
-    int amx, cu;        /* AMX: in use, and the columns of its x tile */
-    const void *xamx;   /* AMX: x laid out as the B tiles */
-    size_t vec_bytes, amx_bytes, row_bytes;
-    int rows_per_chunk, nchunks, team; /* work split: chunk size in rows, chunks, threads taking part */
-} job_t;
-
-typedef struct {
-    _Alignas(64) _Atomic uint64_t fb; /* front (low 32 bits) and back (high 32 bits) chunk indices */
-    char pad[56];
-} range_t;
 
 /* ---- small vector helpers shared by the kernels ---- */
 
@@ -58,8 +16,6 @@ static inline float bf16_to_f32(uint16_t h) {
     memcpy(&f, &u, 4);
     return f;
 }
-
-static inline int round_up(int v, int to) { return (v + to - 1) / to * to; }
 
 /* Up to 16 fp32 values from a bf16 or fp32 x (masked: lanes past the end read as zero). */
 static inline __m512 load_x16(const void *x, int xdt, size_t i, __mmask16 mk) {
@@ -94,28 +50,5 @@ static inline __m256i f32x16_to_bf16(__m512 v) {
     r = _mm512_mask_mov_epi32(r, nan, _mm512_or_si512(u, _mm512_set1_epi32(0x00400000)));
     return _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16));
 }
-
-/* Describe a job (no x yet) and split it for `nthreads`; nonzero when the arguments are invalid. */
-IVL_HIDDEN int job_init(job_t *j, int op, int xdt, int M, int K, const void *w, const float *scale, int N,
-                        const void *bias, int bdt, void *y, int ydt, int nthreads);
-/* Bytes of scratch job_set_x needs. */
-IVL_HIDDEN size_t job_scratch_bytes(const job_t *j);
-/* Lay out x as the job's inner loops read it, in `buf` (job_scratch_bytes, 64-byte aligned). */
-IVL_HIDDEN void job_set_x(job_t *j, const void *x, char *buf);
-/* The initial ranges (job->team of them); must happen before any thread of the team runs the job. */
-IVL_HIDDEN void job_reset_ranges(const job_t *j, range_t *ranges);
-/* Thread t's share of the job, inside a parallel region; threads t >= j->team return at once. */
-IVL_HIDDEN void job_team(const job_t *j, range_t *ranges, int t);
-/* The first `bytes` thread t will read of a job: prefetched ahead (pf_step) while the thread still
-   waits or computes elsewhere, they are in L2 when the job starts. */
-typedef struct {
-    const char *p, *end;
-} pf_cursor_t;
-IVL_HIDDEN pf_cursor_t job_head(const job_t *j, int t, size_t bytes);
-static inline void pf_step(pf_cursor_t *c, int lines) {
-    for (int i = 0; i < lines && c->p < c->end; i++, c->p += 64) _mm_prefetch(c->p, PF_HINT);
-}
-/* A 64-byte aligned per-calling-thread buffer of at least `bytes` (kept between calls). */
-IVL_HIDDEN void *scratch_get(size_t bytes);
 
 #endif

@@ -1,67 +1,27 @@
 /* Weight-streaming matrix-vector kernels for CPUs with AVX2, FMA and F16C but no AVX-512 (most laptops and
-   desktops, older servers): the same entry points and parameter block as gemv.c, for bf16, int8 and int4
-   weights (quant.h), y[M,N] = x[M,K] @ W[N,K]^T (+ bias) for M <= 16.
+   desktops, older servers): job.h's job_init, job_set_x and job_rows (team.c runs them, step.c chains them into
+   the decode step), for bf16, int8 and int4 weights (quant.h), y[M,N] = x[M,K] @ W[N,K]^T (+ bias), M <= 16.
 
    Every product is exact and summed in fp32, as gemv.c's exact paths: bf16 weights become two fp32 with one
    shift (even elements) and one mask (odd elements) against x laid out as even and odd halves; int8 and int4
    weights are widened to fp32 in registers (int4 times its group's scale, exact too). The weights stream
-   once: each thread takes a contiguous range of rows, and x rows go in blocks of 4 over each weight row
+   once: each thread takes a contiguous range of rows (team.c), and x rows go in blocks of 4 over each weight row
    while it is in L1. OP_INT8_FAST (16-bit x, VNNI) has no AVX2 form here and runs the exact int8 loop. */
-#include <immintrin.h>
 #include <math.h>
 #include <omp.h>
-#include <pthread.h>
-#include <stdint.h>
-#include <stdlib.h>
-#include <string.h>
 
-#include "quant.h"
+#include "job.h"
 
-#define MAXM 16
-#define XB 4                        /* x rows per pass over a weight row (accumulators fill the 16 registers) */
-#define CHUNK_BYTES (64 * 1024)     /* of weights per unit of work */
-#define MIN_PARALLEL_BYTES (96 * 1024)
-#define PF_BYTES 4096
+#define XB 4 /* x rows per pass over a weight row (accumulators fill the 16 registers) */
+#define AVX2_PF_BYTES 4096
 #define AI __attribute__((always_inline)) inline
 
-enum { DT_F32 = 0, DT_BF16 = 1 };
-enum { OP_BF16 = 0, OP_INT8 = 1, OP_INT8_FAST = 2, OP_INT4 = 3 };
-enum { P_OP, P_X, P_XDT, P_M, P_K, P_W, P_SCALE, P_N, P_BIAS, P_BDT, P_Y, P_YDT, P_THREADS, P_COUNT };
-
-int ivl_abi_version(void) { return 8; }
-int ivl_param_count(void) { return P_COUNT; }
 int ivl_amx_available(void) { return 0; }
 int ivl_set_amx_min_rows(int m) { (void)m; return 0; }
 
 int ivl_cpu_ok(void) {
     __builtin_cpu_init();
     return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-}
-
-typedef struct {
-    int op, M, K, N, KH, bdt, ydt;
-    const float *x; /* bf16 W: per row, even then odd elements (KH each); else fp32 rows of K */
-    const void *w, *bias;
-    const float *scale;     /* int8 */
-    const uint16_t *gscale; /* int4 */
-    void *y;
-} job_t;
-
-static __thread void *scratch = NULL;
-static __thread size_t scratch_bytes = 0;
-static pthread_key_t scratch_key;
-static pthread_once_t scratch_once = PTHREAD_ONCE_INIT;
-static void scratch_key_init(void) { pthread_key_create(&scratch_key, free); }
-
-static void *scratch_get(size_t bytes) {
-    if (bytes > scratch_bytes) {
-        pthread_once(&scratch_once, scratch_key_init);
-        free(scratch);
-        scratch = aligned_alloc(64, (bytes + 63) / 64 * 64);
-        scratch_bytes = scratch ? bytes : 0;
-        pthread_setspecific(scratch_key, scratch);
-    }
-    return scratch;
 }
 
 static inline float hsum8(__m256 v) {
@@ -87,18 +47,18 @@ static void store_y(const job_t *j, int m, int n, float v) {
 /* ---- one weight row against NM (1..XB) rows of x; NM is a constant after inlining ---- */
 
 static AI void bf16_row(const int NM, const job_t *j, int n, int m0) {
-    const int K = j->K, KH = j->KH, K32 = K & ~31;
+    const int K = j->K, KH = j->KX, K32 = K & ~31;
     const uint16_t *w = (const uint16_t *)j->w + (size_t)n * K;
     const __m256i hi = _mm256_set1_epi32((int)0xffff0000u);
     __m256 acc[4 * XB]; /* (even, odd) x (two alternating sets) per x row */
     for (int i = 0; i < 4 * NM; i++) acc[i] = _mm256_setzero_ps();
     for (int k = 0; k < K32; k += 32) {
-        _mm_prefetch((const char *)(w + k) + PF_BYTES, _MM_HINT_T0);
+        _mm_prefetch((const char *)(w + k) + AVX2_PF_BYTES, _MM_HINT_T0);
         for (int s = 0; s < 2; s++) {
             __m256i v = _mm256_loadu_si256((const __m256i *)(w + k + 16 * s));
             __m256 we = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16)), wo = _mm256_castsi256_ps(_mm256_and_si256(v, hi));
             for (int m = 0; m < NM; m++) {
-                const float *xe = j->x + (size_t)2 * (m0 + m) * KH + (k + 16 * s) / 2;
+                const float *xe = (const float *)j->x + (size_t)2 * (m0 + m) * KH + (k + 16 * s) / 2;
                 __m256 *a = acc + 4 * m + 2 * s;
                 a[0] = _mm256_fmadd_ps(we, _mm256_loadu_ps(xe), a[0]);
                 a[1] = _mm256_fmadd_ps(wo, _mm256_loadu_ps(xe + KH), a[1]);
@@ -106,7 +66,7 @@ static AI void bf16_row(const int NM, const job_t *j, int n, int m0) {
         }
     }
     for (int m = 0; m < NM; m++) {
-        const float *xe = j->x + (size_t)2 * (m0 + m) * KH;
+        const float *xe = (const float *)j->x + (size_t)2 * (m0 + m) * KH;
         float t = hsum8(_mm256_add_ps(_mm256_add_ps(acc[4 * m], acc[4 * m + 1]), _mm256_add_ps(acc[4 * m + 2], acc[4 * m + 3])));
         for (int k = K32; k < K; k++) t += q_bf16_to_f32(w[k]) * xe[(k & 1) * KH + k / 2];
         store_y(j, m0 + m, n, t);
@@ -121,10 +81,10 @@ static AI void int8_row(const int NM, const job_t *j, int n, int m0) {
     __m256 acc[2 * XB + 2];
     for (int i = 0; i < NA * NM; i++) acc[i] = _mm256_setzero_ps();
     for (int k = 0; k < K32; k += 32) {
-        if (!(k & 63)) _mm_prefetch((const char *)(q + k) + PF_BYTES, _MM_HINT_T0);
+        if (!(k & 63)) _mm_prefetch((const char *)(q + k) + AVX2_PF_BYTES, _MM_HINT_T0);
         __m256 w0 = i8x8(q + k), w1 = i8x8(q + k + 8), w2 = i8x8(q + k + 16), w3 = i8x8(q + k + 24);
         for (int m = 0; m < NM; m++) {
-            const float *xm = j->x + (size_t)(m0 + m) * K + k;
+            const float *xm = (const float *)j->x + (size_t)(m0 + m) * K + k;
             __m256 *a = acc + NA * m;
             a[0] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xm), a[0]);
             a[1] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xm + 8), a[1]);
@@ -133,7 +93,7 @@ static AI void int8_row(const int NM, const job_t *j, int n, int m0) {
         }
     }
     for (int m = 0; m < NM; m++) {
-        const float *xm = j->x + (size_t)(m0 + m) * K;
+        const float *xm = (const float *)j->x + (size_t)(m0 + m) * K;
         __m256 s = acc[NA * m];
         for (int i = 1; i < NA; i++) s = _mm256_add_ps(s, acc[NA * m + i]);
         float t = hsum8(s);
@@ -159,7 +119,7 @@ static AI void int4_row(const int NM, const job_t *j, int n, int m0) {
     __m256 acc[2 * XB + 2];
     for (int i = 0; i < NA * NM; i++) acc[i] = _mm256_setzero_ps();
     for (int g = 0; g < G; g++) {
-        if (!(g & 3)) _mm_prefetch((const char *)(q + 16 * g) + PF_BYTES, _MM_HINT_T0);
+        if (!(g & 3)) _mm_prefetch((const char *)(q + 16 * g) + AVX2_PF_BYTES, _MM_HINT_T0);
         __m128i b = _mm_loadu_si128((const __m128i *)(q + 16 * g));
         __m128i lo = _mm_sub_epi8(_mm_and_si128(b, m4), c8), hi = _mm_sub_epi8(_mm_and_si128(_mm_srli_epi16(b, 4), m4), c8);
         __m256 d = _mm256_broadcast_ss(ds + g);
@@ -168,7 +128,7 @@ static AI void int4_row(const int NM, const job_t *j, int n, int m0) {
         __m256 w2 = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(hi)), d);
         __m256 w3 = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(hi, 8))), d);
         for (int m = 0; m < NM; m++) {
-            const float *xm = j->x + (size_t)(m0 + m) * K + (size_t)g * QK4;
+            const float *xm = (const float *)j->x + (size_t)(m0 + m) * K + (size_t)g * QK4;
             __m256 *a = acc + NA * m;
             a[0] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xm), a[0]);
             a[1] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xm + 8), a[1]);
@@ -189,7 +149,7 @@ static AI void int4_row(const int NM, const job_t *j, int n, int m0) {
         case 3: F(3, j, n, m0); break; default: F(4, j, n, m0); break;                                  \
     }
 
-static void do_rows(const job_t *j, int n0, int n1) {
+void job_rows(const job_t *j, int n0, int n1) {
     for (int n = n0; n < n1; n++)
         for (int m0 = 0; m0 < j->M; m0 += XB) {
             int nm = j->M - m0 < XB ? j->M - m0 : XB;
@@ -202,46 +162,39 @@ static void do_rows(const job_t *j, int n0, int n1) {
         }
 }
 
-/* p: int64 parameter block (see P_*). Returns 0 on success, nonzero when the caller must fall back. */
-int ivl_run(const int64_t *p) {
-    job_t j = {(int)p[P_OP], (int)p[P_M], (int)p[P_K], (int)p[P_N], 0, (int)p[P_BDT], (int)p[P_YDT], NULL,
-               (const void *)(intptr_t)p[P_W], (const void *)(intptr_t)p[P_BIAS], NULL, NULL, (void *)(intptr_t)p[P_Y]};
-    const int xdt = (int)p[P_XDT], M = j.M, K = j.K;
-    const void *x = (const void *)(intptr_t)p[P_X];
-    if (M < 1 || M > MAXM || K < 1 || j.N < 1 || (xdt != DT_F32 && xdt != DT_BF16) || j.op < 0 || j.op > OP_INT4)
+/* OP_INT8_FAST runs the exact int8 loop. Scratch: x in fp32, as even then odd halves (KX each) for bf16 W. */
+int job_init(job_t *j, int op, int xdt, int M, int K, const void *w, const float *scale, int N, const void *bias,
+             int bdt, void *y, int ydt, int nthreads) {
+    if (M < 1 || M > MAXM || K < 1 || N < 1 || (xdt != DT_F32 && xdt != DT_BF16) || op < OP_BF16 || op > OP_INT4)
         return 1;
-    if (j.op != OP_BF16 && !p[P_SCALE]) return 1;
-    if (j.op == OP_INT4 && (K % QK4 || K > INT4_MAX_K)) return 1;
-    if (j.op == OP_INT4)
-        j.gscale = (const uint16_t *)(intptr_t)p[P_SCALE];
-    else if (j.op != OP_BF16)
-        j.scale = (const float *)(intptr_t)p[P_SCALE];
-    j.KH = (K + 1) / 2;
-    float *xb = (float *)scratch_get((size_t)4 * M * (j.op == OP_BF16 ? 2 * j.KH : K) + 64);
-    if (!xb) return 2;
-    for (int m = 0; m < M; m++) /* bf16 W: even then odd elements; else the row as fp32 */
+    if (op == OP_INT8_FAST) op = OP_INT8;
+    if ((op != OP_BF16 && !scale) || (op == OP_INT4 && (K % QK4 || K > INT4_MAX_K))) return 1;
+    memset(j, 0, sizeof *j);
+    j->op = op, j->xdt = xdt, j->M = M, j->K = K, j->N = N, j->bdt = bdt, j->ydt = ydt;
+    j->w = w, j->bias = bias, j->y = y;
+    j->scale = op == OP_INT8 ? scale : NULL;
+    j->gscale = op == OP_INT4 ? (const uint16_t *)scale : NULL;
+    j->KX = op == OP_BF16 ? (K + 1) / 2 : K;
+    j->vec_bytes = ((size_t)4 * M * (op == OP_BF16 ? 2 * j->KX : K) + 63) / 64 * 64;
+    j->row_bytes = op == OP_INT4 ? (size_t)K / 2 : (size_t)K * (op == OP_BF16 ? 2 : 1);
+    job_split(j, nthreads, 1);
+    return 0;
+}
+
+void job_set_x(job_t *j, const void *x, char *buf) {
+    const int M = j->M, K = j->K, KH = j->KX;
+    float *xb = (float *)buf;
+    for (int m = 0; m < M; m++)
         for (int k = 0; k < K; k++) {
-            float v = x_at(x, xdt, (size_t)m * K + k);
-            if (j.op == OP_BF16)
-                xb[(size_t)2 * m * j.KH + (k & 1) * j.KH + k / 2] = v;
+            float v = x_at(x, j->xdt, (size_t)m * K + k);
+            if (j->op == OP_BF16)
+                xb[(size_t)2 * m * KH + (k & 1) * KH + k / 2] = v;
             else
                 xb[(size_t)m * K + k] = v;
         }
-    if (j.op == OP_BF16 && (K & 1))
-        for (int m = 0; m < M; m++) xb[(size_t)2 * m * j.KH + 2 * j.KH - 1] = 0.0f;
-    j.x = xb;
-    size_t row_bytes = j.op == OP_INT4 ? (size_t)K / 2 : (size_t)K * (j.op == OP_BF16 ? 2 : 1);
-    int rpc = (int)(CHUNK_BYTES / row_bytes);
-    rpc = rpc < 1 ? 1 : rpc;
-    int nchunks = (j.N + rpc - 1) / rpc, nt = (int)p[P_THREADS];
-    nt = row_bytes * j.N < MIN_PARALLEL_BYTES || nt < 1 ? 1 : (nt > nchunks ? nchunks : nt);
-    if (nt == 1) {
-        do_rows(&j, 0, j.N);
-        return 0;
-    }
-#pragma omp parallel for num_threads(nt) schedule(static)
-    for (int c = 0; c < nchunks; c++) do_rows(&j, c * rpc, (c + 1) * rpc < j.N ? (c + 1) * rpc : j.N);
-    return 0;
+    if (j->op == OP_BF16 && (K & 1))
+        for (int m = 0; m < M; m++) xb[(size_t)2 * m * KH + 2 * KH - 1] = 0.0f;
+    j->x = xb;
 }
 
 /* Greedy sampling: out[r] = the index of the first maximum of row r (bf16 or fp32, rows `ld` apart), or of
@@ -272,7 +225,7 @@ double ivl_read_pass(const void *p, size_t bytes, int nthreads) {
         __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
         for (size_t l = blocks * t / T; l < blocks * (t + 1) / T; l++) {
             const char *b = c + l * 128;
-            _mm_prefetch(b + PF_BYTES, _MM_HINT_T0);
+            _mm_prefetch(b + AVX2_PF_BYTES, _MM_HINT_T0);
             _mm_prefetch(b + PF_BYTES + 64, _MM_HINT_T0);
             a0 = _mm256_add_ps(a0, _mm256_castsi256_ps(_mm256_loadu_si256((const __m256i *)b)));
             a1 = _mm256_add_ps(a1, _mm256_castsi256_ps(_mm256_loadu_si256((const __m256i *)(b + 32))));

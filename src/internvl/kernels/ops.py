@@ -44,8 +44,7 @@ def describe() -> str:
     if lib is None or v is None:
         return f"CPU kernels: none, plain torch ({build.load_error()})"
     extra = " + AMX" if lib.ivl_amx_available() else ""
-    step = ", one-call decode step" if v.decode_step else ", GEMVs only (no fused decode step)"
-    return f"CPU kernels: {v.name}{extra}{step}"
+    return f"CPU kernels: {v.name}{extra}, one-call decode step"
 
 
 def amx_available() -> bool:
