@@ -65,6 +65,24 @@ def test_int4_linear_module_and_state_dict():
                                                     lin.bias.float()), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("block_bytes", [1 << 24, 40 * 96 * 4, 7 * 96 * 4])
+def test_prefill_sized_inputs_match_the_dequantized_weight(monkeypatch, block_bytes):
+    """More rows than the streaming kernels take (prefill): F.linear against the weight dequantized in x's dtype,
+    whether it comes whole (a small weight), in one reused block, or in several blocks."""
+    monkeypatch.setattr(kernels.ops, "DENSE_BLOCK_BYTES", block_bytes)
+    g = torch.Generator().manual_seed(1)
+    w, b = torch.randn(40, 96, generator=g), torch.randn(40, generator=g)
+    q4, s4 = kernels.quantize_int4(w)
+    q8, s8 = kernels.quantize_int8(w)
+    for x in (torch.randn(2, 33, 96, generator=g), torch.randn(70, 96, generator=g).bfloat16()):
+        for got, deq in ((kernels.linear_int4(x, q4, s4, b), kernels.dequantize_int4(q4, s4)),
+                         (kernels.linear_int8(x, q8, s8, b), kernels.dequantize_int8(q8, s8))):
+            ref = F.linear(x.float(), deq.to(x.dtype).float(), b)
+            assert got.shape == (*x.shape[:-1], 40) and got.dtype == x.dtype
+            tol = 1e-5 if x.dtype == torch.float32 else 2**-7
+            torch.testing.assert_close(got.float(), ref, rtol=tol, atol=tol * ref.abs().max().item())
+
+
 @pytest.fixture(params=PATHS)
 def path(request, monkeypatch):
     monkeypatch.setenv(build.ENV, request.param)

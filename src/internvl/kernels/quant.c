@@ -26,25 +26,29 @@ int ivl_quantize_int8(const void *w, int wdt, int N, int K, int8_t *q, float *sc
     return 0;
 }
 
-static inline void store(void *out, int odt, size_t i, float v) {
-    if (odt == QDT_BF16)
-        ((uint16_t *)out)[i] = q_f32_to_bf16(v);
-    else
-        ((float *)out)[i] = v;
+/* n values of v to out + i in fp32 or bf16 (separate loops, so each vectorizes). */
+static inline void store_row(void *out, int odt, size_t i, const float *v, int n) {
+    if (odt == QDT_BF16) {
+        uint16_t *o = (uint16_t *)out + i;
+        for (int k = 0; k < n; k++) o[k] = q_f32_to_bf16(v[k]);
+    } else {
+        memcpy((float *)out + i, v, (size_t)n * 4);
+    }
 }
 
 /* out[N, K] = q * scale[:, None] in fp32 or bf16: the weight for inputs with too many rows for the
-   streaming kernels (prefill), where a dense matmul wins. */
+   streaming kernels (prefill), where a dense matmul wins. Blocks of 256 of a row go through a stack buffer. */
 int ivl_dequantize_int8(const int8_t *q, const float *scale, int N, int K, void *out, int odt, int nthreads) {
 #pragma omp parallel for num_threads(nthreads < 1 ? 1 : nthreads) schedule(static)
     for (int n = 0; n < N; n++) {
         const int8_t *qr = q + (size_t)n * K;
         const float s = scale[n];
-        size_t base = (size_t)n * K;
-        if (odt == QDT_BF16)
-            for (int k = 0; k < K; k++) ((uint16_t *)out)[base + k] = q_f32_to_bf16((float)qr[k] * s);
-        else
-            for (int k = 0; k < K; k++) ((float *)out)[base + k] = (float)qr[k] * s;
+        float v[256];
+        for (int k0 = 0; k0 < K; k0 += 256) {
+            int cnt = K - k0 < 256 ? K - k0 : 256;
+            for (int k = 0; k < cnt; k++) v[k] = (float)qr[k0 + k] * s;
+            store_row(out, odt, (size_t)n * K + k0, v, cnt);
+        }
     }
     return 0;
 }
@@ -58,11 +62,12 @@ int ivl_dequantize_int4(const uint8_t *q, const uint16_t *scale, int N, int K, v
         for (int g = 0; g < G; g++) {
             const uint8_t *b = q + (size_t)n * (K / 2) + (size_t)g * (QK4 / 2);
             const float d = _cvtsh_ss(scale[(size_t)n * G + g]);
-            size_t base = (size_t)n * K + (size_t)g * QK4;
+            float v[QK4];
             for (int i = 0; i < QK4 / 2; i++) {
-                store(out, odt, base + i, (float)((int)(b[i] & 15) - 8) * d);
-                store(out, odt, base + i + QK4 / 2, (float)((int)(b[i] >> 4) - 8) * d);
+                v[i] = (float)((int)(b[i] & 15) - 8) * d;
+                v[i + QK4 / 2] = (float)((int)(b[i] >> 4) - 8) * d;
             }
+            store_row(out, odt, (size_t)n * K + (size_t)g * QK4, v, QK4);
         }
     }
     return 0;

@@ -22,12 +22,13 @@ static inline float q_bf16_to_f32(uint16_t h) {
     return f;
 }
 
-/* fp32 -> bf16, round to nearest even, NaN kept quiet (as torch's .to(torch.bfloat16)). */
+/* fp32 -> bf16, round to nearest even, NaN kept quiet (as torch's .to(torch.bfloat16)); branch-free, so loops
+of it vectorize. */
 static inline uint16_t q_f32_to_bf16(float f) {
     uint32_t u;
     memcpy(&u, &f, 4);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);
-    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+    uint32_t nan = (u & 0x7fffffffu) > 0x7f800000u;
+    return (uint16_t)(nan ? (u >> 16) | 0x40 : (u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
 }
 
 #endif
