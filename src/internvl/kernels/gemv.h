@@ -10,13 +10,6 @@
 
 /* ---- small vector helpers shared by the kernels ---- */
 
-static inline float bf16_to_f32(uint16_t h) {
-    uint32_t u = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
-
 /* Up to 16 fp32 values from a bf16 or fp32 x (masked: lanes past the end read as zero). */
 static inline __m512 load_x16(const void *x, int xdt, size_t i, __mmask16 mk) {
     if (xdt == DT_BF16)

@@ -226,7 +226,7 @@ double ivl_read_pass(const void *p, size_t bytes, int nthreads) {
         for (size_t l = blocks * t / T; l < blocks * (t + 1) / T; l++) {
             const char *b = c + l * 128;
             _mm_prefetch(b + AVX2_PF_BYTES, _MM_HINT_T0);
-            _mm_prefetch(b + PF_BYTES + 64, _MM_HINT_T0);
+            _mm_prefetch(b + AVX2_PF_BYTES + 64, _MM_HINT_T0);
             a0 = _mm256_add_ps(a0, _mm256_castsi256_ps(_mm256_loadu_si256((const __m256i *)b)));
             a1 = _mm256_add_ps(a1, _mm256_castsi256_ps(_mm256_loadu_si256((const __m256i *)(b + 32))));
             a2 = _mm256_add_ps(a2, _mm256_castsi256_ps(_mm256_loadu_si256((const __m256i *)(b + 64))));
