@@ -74,7 +74,8 @@ def test_the_tables_say_what_the_outputs_hold(outputs):
     assert bon.startswith("| task | items | greedy | one sample | majority@8 | ORM-BoN@8 | PRM-BoN@8 (mean) | pass@8 |"
                           "\n|---|---:|---:|---:|---:|---:|---:|---:|\n| reasoning | 2 | 50.0 | 40.0 | 50.0 | 50.0 | "
                           "100.0 | 100.0 |\n\nORM: the PRM reading one step;")  # fmt: skip
-    assert "| **all** | 4 | 10 | 75.0 | 50.0 | 100.0 | 90.0 | 50.0 |" in bon
+    assert ("| kind | solutions | steps | macro F1 | F1 wrong steps | F1 correct steps | step accuracy | first error "
+            "found |\n|---|---:|---:|---:|---:|---:|---:|---:|\n| **all** | 4 | 10 | 75.0 | 50.0 | 100.0 | 90.0 | 50.0 |") in bon
     assert "PRM training 0.5 min, best-of-N 1.5 min, prm-bench 0.5 min" in bon
 
 

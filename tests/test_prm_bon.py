@@ -124,6 +124,6 @@ def test_verbs_end_to_end(policy, tmp_path, capsys):
     out = tmp_path / "m.json"
     assert cli(["prm-bench", str(folder), "--data", str(tmp_path / "p" / "meta.json"), "--out", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert "| solutions | n | steps | macro F1 |" in printed and "| **all** | 4 | 12 |" in printed
+    assert "| kind | solutions | steps | macro F1 |" in printed and "| **all** | 4 | 12 |" in printed
     assert out.is_file()
     assert cli(["prm-bench", str(folder), "--data", str(tmp_path / "p" / "meta.json"), "--threshold", "2"]) == 1

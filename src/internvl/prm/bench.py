@@ -107,5 +107,5 @@ def bench_table(summary: dict) -> str:
     for name, m in [("**all**", summary), *summary.get("kinds", {}).items()]:
         rows.append([name, m["solutions"], m["steps"], pct(m["macro_f1"]), pct(m["wrong"]["f1"]),
                      pct(m["correct"]["f1"]), pct(m["accuracy"]), pct(m["first_error"])])  # fmt: skip
-    return markdown(["solutions", "n", "steps", "macro F1", "F1 wrong steps", "F1 correct steps", "step accuracy",
+    return markdown(["kind", "solutions", "steps", "macro F1", "F1 wrong steps", "F1 correct steps", "step accuracy",
                      "first error found"], rows)  # fmt: skip
