@@ -320,7 +320,13 @@ def test_ctrl_c_leaves_a_valid_partial_file_and_resume_finishes_it(split, models
     cmd = [sys.executable, "-m", "internvl", "eval", str(models["counting"]), "--data", str(split / "mc.tsv"),
            "--circular", "on", "--max-new-tokens", "400", "--batch-size", "2", "--out", str(out)]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    # the tiny model answers all 24 rows within the poll's 50 ms once it starts, so the run would end before
+    # the Ctrl-C: every engine step sleeps 20 ms here (the launcher patches Engine.step, then runs the CLI)
+    launcher = ("import sys, time\nfrom internvl.engine.engine import Engine\nstep = Engine.step\n"
+                "Engine.step = lambda self, *a, **k: (time.sleep(0.02), step(self, *a, **k))[1]\n"
+                "from internvl.cli.main import main\nsys.exit(main(sys.argv[1:]))\n")
+    proc = subprocess.Popen([sys.executable, "-c", launcher, *cmd[3:]], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)  # fmt: skip
     preds, deadline = out / "predictions.jsonl", time.monotonic() + 60
     while not (preds.exists() and preds.read_text().count("\n") >= 2) and proc.poll() is None:
         assert time.monotonic() < deadline, "no predictions within 60 s"
