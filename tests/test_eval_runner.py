@@ -325,8 +325,11 @@ def test_ctrl_c_leaves_a_valid_partial_file_and_resume_finishes_it(split, models
     launcher = ("import sys, time\nfrom internvl.engine.engine import Engine\nstep = Engine.step\n"
                 "Engine.step = lambda self, *a, **k: (time.sleep(0.02), step(self, *a, **k))[1]\n"
                 "from internvl.cli.main import main\nsys.exit(main(sys.argv[1:]))\n")
+    # an ignored SIGINT is inherited through exec, and something earlier in the suite leaves pytest ignoring it
+    # (seen in the full run only): the child starts with the default disposition, as from a shell
     proc = subprocess.Popen([sys.executable, "-c", launcher, *cmd[3:]], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env)  # fmt: skip
+                            stderr=subprocess.PIPE, text=True, env=env,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
     preds, deadline = out / "predictions.jsonl", time.monotonic() + 60
     while not (preds.exists() and preds.read_text().count("\n") >= 2) and proc.poll() is None:
         assert time.monotonic() < deadline, "no predictions within 60 s"
