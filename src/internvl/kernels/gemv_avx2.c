@@ -75,6 +75,19 @@ static AI void bf16_row(const int NM, const job_t *j, int n, int m0) {
 
 static inline __m256 i8x8(const int8_t *p) { return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p))); }
 
+/* 32 widened weights times 32 inputs at column k of each of the NM rows from m0, into NA accumulators a row. */
+static AI void fma32(const int NM, const int NA, const job_t *j, int m0, size_t k, __m256 *acc, __m256 w0, __m256 w1,
+                     __m256 w2, __m256 w3) {
+    for (int m = 0; m < NM; m++) {
+        const float *xm = (const float *)j->x + (size_t)(m0 + m) * j->K + k;
+        __m256 *a = acc + NA * m;
+        a[0] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xm), a[0]);
+        a[1] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xm + 8), a[1]);
+        a[2 % NA] = _mm256_fmadd_ps(w2, _mm256_loadu_ps(xm + 16), a[2 % NA]);
+        a[3 % NA] = _mm256_fmadd_ps(w3, _mm256_loadu_ps(xm + 24), a[3 % NA]);
+    }
+}
+
 static AI void int8_row(const int NM, const job_t *j, int n, int m0) {
     const int K = j->K, K32 = K & ~31, NA = NM == 1 ? 4 : 2;
     const int8_t *q = (const int8_t *)j->w + (size_t)n * K;
@@ -83,14 +96,7 @@ static AI void int8_row(const int NM, const job_t *j, int n, int m0) {
     for (int k = 0; k < K32; k += 32) {
         if (!(k & 63)) _mm_prefetch((const char *)(q + k) + AVX2_PF_BYTES, _MM_HINT_T0);
         __m256 w0 = i8x8(q + k), w1 = i8x8(q + k + 8), w2 = i8x8(q + k + 16), w3 = i8x8(q + k + 24);
-        for (int m = 0; m < NM; m++) {
-            const float *xm = (const float *)j->x + (size_t)(m0 + m) * K + k;
-            __m256 *a = acc + NA * m;
-            a[0] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xm), a[0]);
-            a[1] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xm + 8), a[1]);
-            a[2 % NA] = _mm256_fmadd_ps(w2, _mm256_loadu_ps(xm + 16), a[2 % NA]);
-            a[3 % NA] = _mm256_fmadd_ps(w3, _mm256_loadu_ps(xm + 24), a[3 % NA]);
-        }
+        fma32(NM, NA, j, m0, (size_t)k, acc, w0, w1, w2, w3);
     }
     for (int m = 0; m < NM; m++) {
         const float *xm = (const float *)j->x + (size_t)(m0 + m) * K;
@@ -127,14 +133,7 @@ static AI void int4_row(const int NM, const job_t *j, int n, int m0) {
         __m256 w1 = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(lo, 8))), d);
         __m256 w2 = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(hi)), d);
         __m256 w3 = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(hi, 8))), d);
-        for (int m = 0; m < NM; m++) {
-            const float *xm = (const float *)j->x + (size_t)(m0 + m) * K + (size_t)g * QK4;
-            __m256 *a = acc + NA * m;
-            a[0] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xm), a[0]);
-            a[1] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xm + 8), a[1]);
-            a[2 % NA] = _mm256_fmadd_ps(w2, _mm256_loadu_ps(xm + 16), a[2 % NA]);
-            a[3 % NA] = _mm256_fmadd_ps(w3, _mm256_loadu_ps(xm + 24), a[3 % NA]);
-        }
+        fma32(NM, NA, j, m0, (size_t)g * QK4, acc, w0, w1, w2, w3);
     }
     for (int m = 0; m < NM; m++) {
         __m256 s = acc[NA * m];
