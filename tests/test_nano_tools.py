@@ -12,6 +12,7 @@ from PIL import Image
 from refmodels import tiny_checkpoint
 from safetensors.torch import load_file
 
+from internvl.errors import CheckpointError
 from internvl.nano.probe import probe
 from internvl.nano.ship import snapshot
 
@@ -52,7 +53,7 @@ def test_snapshot_takes_weights_from_the_checkpoint(model, tmp_path):
     assert json.loads((out / "config.json").read_text())["max_dynamic_patch"] == 1
     a, b = load_file(str(out / "model.safetensors")), load_file(str(model / "model.safetensors"))
     assert a.keys() == b.keys()
-    with pytest.raises(FileNotFoundError, match="no weights"):
+    with pytest.raises(CheckpointError, match="no weights"):
         snapshot(init, init, tmp_path / "bad")
 
 

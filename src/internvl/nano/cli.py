@@ -26,9 +26,9 @@ class PrepareOptions:
 
 @dataclass
 class SnapshotOptions:
-    """`snapshot`: a model folder from a training checkpoint of a from-scratch run."""
+    """`snapshot`: a model folder from a training checkpoint (its tensors over INIT's)."""
 
-    init: str | None = option(None, "the folder `prepare` wrote (or a model folder)", required=True)
+    init: str | None = option(None, "the folder `prepare` wrote (or the run's start model)", required=True)
     checkpoint: str | None = option(None, "OUT/checkpoints/step-N", required=True)
     out: str | None = option(None, "model folder to write", required=True)
     max_dynamic_patch: int | None = option(None, "the tiling the weights were trained at")
@@ -66,13 +66,16 @@ class VitOptions:
 class ShipOptions:
     """`ship`: copy a trained model into the package as the built-in model."""
 
-    model: str | None = option(None, "a complete model folder (e.g. OUT/stage1/final)", positional="one")
+    model: str | None = option(None, "a complete model folder (e.g. OUT/stage1/final) or a training checkpoint "
+                               "(OUT/stage1/checkpoints/step-N)", positional="one")  # fmt: skip
     stage: str | None = option(None, "the recipe stage that made it (e.g. stage1)", required=True)
     summary: str | None = option(None, "internvl eval synthetic's summary.json of this model")
     hours: float | None = option(None, "training time on the machine, all stages")
     notes: str = option("", "a line on how it was trained and on which machine (default: none)")
     step: int | None = option(None, "the training step of MODEL (default: the newest checkpoint beside it)")
     dest: str | None = option(None, "target folder (default: the package's assets/nano)")
+    base: str | None = option(None, "a checkpoint's start model, for the tensors it lacks (default: the one its "
+                              "run recorded)")  # fmt: skip
 
 
 @dataclass
@@ -136,7 +139,7 @@ def _run(verb: str, args: argparse.Namespace) -> int:
     elif verb == "ship":
         from .ship import ship
 
-        print(ship(args.model, args.stage, args.summary, args.hours, args.dest, args.notes, args.step))
+        print(ship(args.model, args.stage, args.summary, args.hours, args.dest, args.notes, args.step, args.base))
     else:
         from .probe import probe
 

@@ -1,6 +1,6 @@
 """Model folders of the recipe: `snapshot` (a training checkpoint as a model folder), `check` (right answers
-on seeded check items) and `ship` (a trained model into the package as the built-in model, with training.json:
-stage, step, hours, notes, test-split accuracy and the check answers)."""
+on seeded check items) and `ship` (a trained model or checkpoint into the package as the built-in model, with
+training.json: stage, step, base, hours, notes, test-split accuracy and the check answers)."""
 
 from __future__ import annotations
 
@@ -13,26 +13,12 @@ from pathlib import Path
 def snapshot(
     init: str | Path, checkpoint: str | Path, out: str | Path, max_dynamic_patch: int | None = None
 ) -> Path:
-    """A model folder from `init` (config.json, tokenizer files) and `checkpoint`'s model.safetensors; when
-    `init` is a model folder (a later stage), the tensors the checkpoint lacks (frozen ones) come from it."""
-    init, checkpoint, out = Path(init), Path(checkpoint), Path(out)
-    weights = checkpoint / "model.safetensors"
-    if not weights.exists():
-        raise FileNotFoundError(
-            f"{weights}: no weights in this checkpoint (a from-scratch run saves them all)"
-        )
-    out.mkdir(parents=True, exist_ok=True)
-    for f in init.iterdir():
-        if f.is_file() and f.name != "model.safetensors":
-            shutil.copy2(f, out / f.name)
-    base = init / "model.safetensors"
-    if base.exists():  # a run from a model folder saves only what it trains: the rest comes from the base
-        from safetensors.torch import load_file, save_file
+    """A model folder from `checkpoint`'s tensors over `init` (the folder `prepare` wrote, whose config and
+    tokenizer complete a from-scratch checkpoint, or the start model of a later stage, whose tensors fill in
+    the frozen ones): checkpoint/export.py, with the tiling the weights were trained at."""
+    from ..checkpoint.export import export_checkpoint
 
-        tensors = {**load_file(str(base)), **load_file(str(weights))}
-        save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
-    else:
-        shutil.copy2(weights, out / "model.safetensors")
+    out = export_checkpoint(checkpoint, out, base=init)
     if max_dynamic_patch is not None:
         config = json.loads((out / "config.json").read_text())
         config["max_dynamic_patch"] = max_dynamic_patch
@@ -66,26 +52,53 @@ def check(
 
 
 def ship(model_dir: str | Path, stage: str, summary: str | Path | None = None, hours: float | None = None,
-         dest: str | Path | None = None, notes: str = "", step: int | None = None) -> Path:
-    """Copy `model_dir` (a complete model folder in the original layout) into `dest` (default: the package's
-    built-in model folder) and write `training.json` there, with the model's right answers on the fixed
-    check items (`check`); returns `dest`. `step` defaults to the newest checkpoint next to `model_dir`
-    (a run's OUT/final sits beside OUT/checkpoints)."""
+         dest: str | Path | None = None, notes: str = "", step: int | None = None,
+         base: str | Path | None = None) -> Path:  # fmt: skip
+    """Copy `model_dir` into `dest` (default: the package's built-in model folder) and write `training.json`
+    there, with the model's right answers on the fixed check items (`check`); returns `dest`. `model_dir` is a
+    complete model folder in the original layout, or a training checkpoint (OUT/checkpoints/step-N) made
+    complete over `base` (default: the start model its run recorded; checkpoint/export.py). `step` defaults to the
+    checkpoint's, or for a model folder to the newest checkpoint beside it (OUT/final sits beside
+    OUT/checkpoints)."""
+    import tempfile
+
+    from ..checkpoint.export import export_checkpoint, find_base, is_training_checkpoint
+
+    src = Path(model_dir)
+    if not is_training_checkpoint(src):
+        if base is not None:
+            raise ValueError(f"{src}: --base is for a training checkpoint (OUT/checkpoints/step-N); this folder "
+                             "has a config.json")  # fmt: skip
+        return _ship(src, src, stage, summary, hours, dest, notes, step)
+    start = find_base(src, base)
+    with tempfile.TemporaryDirectory() as work:
+        folder = export_checkpoint(src, Path(work) / "model", base=base)
+        return _ship(folder, src, stage, summary, hours, dest, notes, step, start.weights or start.config)
+
+
+def _ship(folder: Path, source: Path, stage: str, summary, hours, dest, notes: str, step: int | None,
+          start: Path | None = None) -> Path:  # fmt: skip
     import tempfile
 
     from ..api import BUILTIN
     from ..checkpoint.layouts import read_config
     from ..train.checkpoint import find_latest
 
-    src, dest = Path(model_dir), Path(dest) if dest else BUILTIN
+    dest = Path(dest) if dest else BUILTIN
     for name in ("config.json", "model.safetensors", "tokenizer.json"):
-        if not (src / name).is_file():
-            raise FileNotFoundError(f"{src / name}: missing; ship needs a complete model folder")
-    read_config(src / "config.json")  # refuses a config the loader would refuse
-    info: dict = {"stage": stage, "source": str(src)}
-    latest = find_latest(src.parent) if step is None else None
-    if latest is not None:
-        step = int(json.loads((latest / "state.json").read_text())["step"])
+        if not (folder / name).is_file():
+            raise FileNotFoundError(f"{folder / name}: missing; ship needs a complete model folder")
+    read_config(folder / "config.json")  # refuses a config the loader would refuse
+    info: dict = {"stage": stage, "source": str(source)}
+    if start is not None:  # a checkpoint: its own step, and the start model it was completed with
+        info["base"] = str(start)
+        state = source / "state.json"
+        if step is None and state.is_file():
+            step = int(json.loads(state.read_text())["step"])
+    else:
+        latest = find_latest(source.parent) if step is None else None
+        if latest is not None:
+            step = int(json.loads((latest / "state.json").read_text())["step"])
     if step is not None:
         info["step"] = step
     if hours is not None:
@@ -100,12 +113,12 @@ def ship(model_dir: str | Path, stage: str, summary: str | Path | None = None, h
         info["test_split"] = {"settings": s.get("settings", {}), "accuracy_percent": tasks,
                               "mean_percent": round(s["overall"] * 100, 1)}  # fmt: skip
     with tempfile.TemporaryDirectory() as work:
-        info["check"] = {"split": CHECK_SPLIT, "n": CHECK_N, "correct": check(src, work)}
+        info["check"] = {"split": CHECK_SPLIT, "n": CHECK_N, "correct": check(folder, work)}
     dest.mkdir(parents=True, exist_ok=True)
     for name in SHIPPED_FILES:
-        if (src / name).is_file():
+        if (folder / name).is_file():
             tmp = dest / (name + ".tmp")
-            shutil.copyfile(src / name, tmp)
+            shutil.copyfile(folder / name, tmp)
             os.replace(tmp, dest / name)
     (dest / "training.json").write_text(json.dumps(info, indent=2) + "\n")
     return dest
