@@ -250,12 +250,40 @@ def test_vqa_metric_from_the_dataset_name(tmp_path, name, answers, replies, metr
 
 
 def test_synthetic_split_is_generated_once_into_the_cache(tmp_path, monkeypatch):
+    from internvl.synth import fingerprint
+
     monkeypatch.setenv("INTERNVL_CACHE", str(tmp_path))
     folder = synthetic_split("test", 3, ["text", "color"])
-    assert folder == tmp_path / "synth" / "test-n3" and len(rows_of(folder / "color.jsonl")) == 3
+    assert folder == tmp_path / "synth" / f"test-n3-{fingerprint.fingerprint()}"
+    assert len(rows_of(folder / "color.jsonl")) == 3
+    assert json.loads((folder / "generator.json").read_text()) == fingerprint.generator_inputs()
     stamp = (folder / "color.jsonl").stat().st_mtime_ns
-    assert synthetic_split("test", 3, ["color", "count"]) == folder
+    assert synthetic_split("test", 3, ["color", "count"]) == folder  # the same generator: reused
     assert (folder / "color.jsonl").stat().st_mtime_ns == stamp and (folder / "count.jsonl").exists()
+    # another revision of the generator (or other fonts): a new split, the old one left as it was
+    monkeypatch.setattr(fingerprint, "fingerprint", lambda: "0123456789ab")
+    other = synthetic_split("test", 3, ["color"])
+    assert other == tmp_path / "synth" / "test-n3-0123456789ab" and len(rows_of(other / "color.jsonl")) == 3
+    assert (folder / "color.jsonl").stat().st_mtime_ns == stamp
+
+
+def test_the_fingerprint_follows_the_generator_source_and_fonts(tmp_path, monkeypatch):
+    import shutil
+    from pathlib import Path
+
+    from internvl.synth import fingerprint, render
+
+    inputs = fingerprint.generator_inputs()
+    assert inputs["fonts"][0] == {"file": fingerprint.BUNDLED} and len(inputs["source"]) == 16
+    package = Path(render.__file__).parent
+    for f in package.glob("*.py"):
+        shutil.copy(f, tmp_path / f.name)
+    assert fingerprint.generator_inputs(tmp_path) == inputs  # the same bytes, the same hash
+    with open(tmp_path / "render.py", "a") as f:
+        f.write("# one more line\n")
+    assert fingerprint.generator_inputs(tmp_path)["source"] != inputs["source"]
+    monkeypatch.setattr(render, "font_files", lambda: (None,))  # a machine without system fonts
+    assert fingerprint.generator_inputs()["fonts"] == [{"file": fingerprint.BUNDLED}]
 
 
 def test_synth_table_is_markdown(split, tmp_path):

@@ -180,13 +180,16 @@ def cache_root() -> Path:
 def synthetic_split(split: str = "test", n: int = 200, tasks: list[str] | None = None,
                     data_dir: str | Path | None = None) -> Path:  # fmt: skip
     """A folder holding `tasks` of a synthetic split with n items each: generated once (deterministically)
-    into the cache, `<cache>/synth/<split>-n<n>`, unless `data_dir` is given."""
+    into the cache, `<cache>/synth/<split>-n<n>-<fingerprint>`, unless `data_dir` is given. The fingerprint
+    hashes the generator's source and fonts (synth/fingerprint.py): a split made by another revision, or with
+    other fonts, is never reused (older folders stay until deleted)."""
     from internvl.synth import TASKS, generate_split
+    from internvl.synth.fingerprint import fingerprint, generator_inputs
 
     tasks = list(tasks or TASKS)
     if data_dir is not None:
         return Path(data_dir)
-    folder = cache_root() / "synth" / f"{split}-n{n}"
+    folder = cache_root() / "synth" / f"{split}-n{n}-{fingerprint()}"
 
     def complete(task: str) -> bool:
         path = folder / f"{task}.jsonl"
@@ -195,4 +198,5 @@ def synthetic_split(split: str = "test", n: int = 200, tasks: list[str] | None =
     missing = [t for t in tasks if not complete(t)]
     if missing:
         generate_split(str(folder), split, n=n, tasks=missing, progress=True)
+        _write_atomic(folder / "generator.json", json.dumps(generator_inputs(), indent=1) + "\n")
     return folder
