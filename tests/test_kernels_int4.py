@@ -1,6 +1,7 @@
-"""Group-wise int4 weights (llama.cpp's Q4_0): the format against a written-out reference, the Int4Linear module,
-and greedy decoding with int8 and int4 weights against a plain torch model holding the same quantized weights,
-on every kernel variant the CPU has and on the torch path (issue 16)."""
+"""Group-wise int4 weights (llama.cpp's Q4_0): the format against a written-out reference, the Int4Linear module
+and its choice of int8 or unrounded x, and greedy decoding with int8 and int4 weights against a plain torch model
+holding the same quantized weights (and rounding x as the int4 layers do), on every kernel variant the CPU has and
+on the torch path (issue 16)."""
 
 from __future__ import annotations
 
@@ -34,6 +35,24 @@ def _q4_0_reference(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return (u[:, :16] | (u[:, 16:] << 4)).reshape(w.shape[0], -1), d.astype(np.float16).reshape(w.shape[0], -1)
 
 
+def _q8_0_reference(x: torch.Tensor) -> torch.Tensor:
+    """x as the int4 kernels' int8-x path multiplies it (llama.cpp's Q8_0, its scale kept in fp32), in float64: per
+    group of 32 along the last dim, d = max|x| / 127 and q = round_half_even(x * (1 / d)) clipped to [-127, 127],
+    formed in fp32 (q = 0 for an all-zero group); then q * d."""
+    g = x.float().reshape(*x.shape[:-1], -1, 32)
+    d = g.abs().amax(-1, keepdim=True) / 127
+    inv = torch.where(d > 0, 1 / d, torch.zeros_like(d))
+    q = torch.round(g * inv).clamp(-127, 127)
+    return (q.double() * d.double()).reshape(x.shape)
+
+
+class _Q8Linear(nn.Linear):
+    """An nn.Linear whose input is first rounded as _q8_0_reference does."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(_q8_0_reference(x).to(x.dtype), self.weight, self.bias)
+
+
 def test_quantize_int4_is_q4_0():
     w = torch.randn(24, 96) * torch.rand(24, 1)
     w[3] = 0  # an all-zero row: d = 0, every u = 8
@@ -54,7 +73,7 @@ def test_quantize_int4_is_q4_0():
 def test_int4_linear_module_and_state_dict():
     torch.manual_seed(0)
     lin = nn.Linear(64, 48).to(torch.bfloat16)
-    m = Int4Linear.from_linear(lin)
+    m = Int4Linear.from_linear(lin, quantize_x=False)
     assert set(m.state_dict()) == {"qweight", "scale", "bias"} and m.in_features == 64
     x = torch.randn(3, 64).bfloat16()
     ref = F.linear(x.float(), kernels.dequantize_int4(m.qweight, m.scale), lin.bias.float())
@@ -63,6 +82,25 @@ def test_int4_linear_module_and_state_dict():
         big = torch.randn(40, 64)  # prefill: the dequantized weight, in x's dtype
         torch.testing.assert_close(m(big), F.linear(big, kernels.dequantize_int4(m.qweight, m.scale),
                                                     lin.bias.float()), rtol=1e-4, atol=1e-4)
+
+
+def test_int4_layers_quantize_x_unless_the_environment_says_fp32(monkeypatch):
+    """Int4Linear rounds x to int8 by default (the kernel's fast path; its output is linear_int4's with
+    quantize_x=True), INTERNVL_INT4_ACTIVATIONS=fp32 keeps x as it is, and another value is refused."""
+    lin = nn.Linear(96, 40).to(torch.bfloat16)
+    x = torch.randn(2, 96).bfloat16()
+    monkeypatch.delenv(kernels.ops.INT4_X_ENV, raising=False)
+    fast = Int4Linear.from_linear(lin)
+    monkeypatch.setenv(kernels.ops.INT4_X_ENV, "fp32")
+    exact = Int4Linear.from_linear(lin)
+    assert fast.quantize_x and not exact.quantize_x and "quantize_x=True" in repr(fast)
+    with torch.no_grad():
+        for mod in (fast, exact):
+            assert torch.equal(mod(x), kernels.linear_int4(x, mod.qweight, mod.scale, mod.bias,
+                                                           quantize_x=mod.quantize_x))
+    monkeypatch.setenv(kernels.ops.INT4_X_ENV, "int16")
+    with pytest.raises(ValueError, match="INTERNVL_INT4_ACTIVATIONS='int16': expected int8 or fp32"):
+        Int4Linear.from_linear(lin)
 
 
 @pytest.mark.parametrize("block_bytes", [1 << 24, 40 * 96 * 4, 7 * 96 * 4])
@@ -94,13 +132,14 @@ def path(request, monkeypatch):
 
 def _plain_reference(lm: nn.Module) -> nn.Module:
     """A plain fp32 torch model holding the quantized model's weights, dequantized: every kernel module back to
-    an nn.Linear."""
+    an nn.Linear (one that rounds its input as _q8_0_reference where an int4 layer quantizes x)."""
     ref = copy.deepcopy(lm).float()
     for name, mod in list(ref.named_modules()):
         if isinstance(mod, (Int8Linear, Int4Linear)):
             w = (kernels.dequantize_int4(mod.qweight, mod.scale) if isinstance(mod, Int4Linear)
                  else kernels.dequantize_int8(mod.qweight, mod.scale))
-            lin = nn.Linear(mod.in_features, mod.out_features, bias=mod.bias is not None)
+            cls = _Q8Linear if isinstance(mod, Int4Linear) and mod.quantize_x else nn.Linear
+            lin = cls(mod.in_features, mod.out_features, bias=mod.bias is not None)
             with torch.no_grad():
                 lin.weight.copy_(w)
                 if mod.bias is not None:
@@ -123,7 +162,8 @@ def _greedy(lm, step, prompt: list[int], n: int) -> list[int]:
 @pytest.mark.parametrize("mode", ["int8", "int4"])
 def test_greedy_tokens_match_a_torch_model_of_the_same_quantized_weights(path, mode):
     """The quantized model decodes greedily through the engine's step (the fused C step on every kernel
-    variant); an fp32 torch model of the same dequantized weights, fed the same tokens, picks every one of
+    variant); an fp32 torch model of the same dequantized weights (x rounded to int8 per group before each int4
+    layer, as the kernel does), fed the same tokens, picks every one of
     them wherever its own top two logits are further apart than bf16 activations can move them (a random
     tiny model has near-ties: there either token is right)."""
     lm = _tiny_lm(seed=5, hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,

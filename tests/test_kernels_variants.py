@@ -12,6 +12,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
+from test_kernels_int4 import _q8_0_reference
 
 from internvl import kernels
 from internvl.kernels import build
@@ -62,6 +63,52 @@ def test_linears_match_fp32_references(variant, m, x_dtype):
         _close(kernels.linear_int4(x, q4, s4, b), F.linear(x.float(), kernels.dequantize_int4(q4, s4), b), x_dtype)
 
 
+@pytest.mark.parametrize("m", [1, 3, 9, 16, 20])
+@pytest.mark.parametrize("x_dtype", [torch.bfloat16, torch.float32])
+def test_int4_with_int8_x_matches_the_same_rounding_in_torch(variant, m, x_dtype):
+    """linear_int4(quantize_x=True): x rounded to int8 per group of 32 (Q8_0), integer dot products with the
+    nibbles, fp32 sums. Against torch doing that same rounding (_q8_0_reference), in float64: fp32 sums in
+    another order (one bf16 rounding of a bf16 output). Against the unrounded x: within the rounding's bound,
+    sum over k of |w_k| * d_k / 2 (d_k the scale of x_k's group), and clearly not the unrounded path."""
+    for i, (n, k) in enumerate(SHAPES):
+        x, w, b = _data(m, n, k, x_dtype, seed=20 * m + i)
+        b = b if i % 2 else None
+        q4, s4 = kernels.quantize_int4(w)
+        deq = kernels.dequantize_int4(q4, s4).double()
+        y = kernels.linear_int4(x, q4, s4, b, quantize_x=True)
+        bias = None if b is None else b.double()
+        same, exact = F.linear(_q8_0_reference(x), deq, bias), F.linear(x.double(), deq, bias)
+        scale = exact.abs().max().item()
+        tol = 2**-8 if x_dtype == torch.bfloat16 else 1e-5
+        torch.testing.assert_close(y.double(), same, rtol=tol, atol=tol * scale)
+        d = x.float().abs().reshape(m, -1, 32).amax(-1) / 127
+        bound = deq.abs() @ d.repeat_interleave(32, -1).double().T / 2  # [n, m]
+        assert ((y.double() - exact).abs() <= bound.T * 1.001 + tol * (scale + exact.abs())).all()
+        if x_dtype == torch.float32:
+            assert (y.double() - exact).abs().max() > 20 * (y.double() - same).abs().max()
+
+
+def test_int4_with_int8_x_edge_groups(variant):
+    """One group (K = 32), an all-zero group (scale 0: contributes 0), a group of one outlier, and non-finite x:
+    NaN or inf in a row's x gives NaN in that row only."""
+    g = torch.Generator().manual_seed(3)
+    for k in (32, 64, 96, 160):
+        x = torch.randn(4, k, generator=g)
+        x[1, :32] = 0
+        x[2, 32 % k:32 % k + 32] = 0
+        x[2, (32 % k) + 5] = 1e4
+        w = torch.randn(24, k, generator=g) * 0.05
+        q4, s4 = kernels.quantize_int4(w)
+        y = kernels.linear_int4(x, q4, s4, quantize_x=True)
+        same = F.linear(_q8_0_reference(x), kernels.dequantize_int4(q4, s4).double())
+        torch.testing.assert_close(y.double(), same, rtol=1e-5, atol=1e-5 * same.abs().max().item())
+        for bad in (float("nan"), float("inf")):
+            xb = x.clone()
+            xb[3, k - 1] = bad
+            yb = kernels.linear_int4(xb, q4, s4, quantize_x=True)
+            assert yb[3].isnan().all() and torch.equal(yb[:3], y[:3])
+
+
 def test_odd_k_bf16_and_int8_tails(variant):
     """K not a multiple of the vector width: the scalar tails of the AVX2 loops, the masked ones of AVX-512."""
     for k in (1, 17, 33, 77, 513):
@@ -91,12 +138,12 @@ def test_describe_names_the_variant_and_its_decode_step(variant):
                                  "one-call decode step"
 
 
-@pytest.mark.parametrize("mode", ["bf16", "int8", "int4"])
-def test_fused_decode_step_matches_a_torch_model_of_the_same_weights(variant, mode):
-    """Each variant's one-call decode step (C answers every step: a spy counts) with bf16, int8 and int4 weights,
-    three cache rows of different lengths: its logits are as close to an fp32 torch model of the same
-    (dequantized) weights as the per-module path's, and its greedy choice is the reference's wherever the
-    reference's top two logits are clearly apart."""
+@pytest.mark.parametrize("mode", ["bf16", "int8", "int4", "int4 fp32 x"])
+def test_fused_decode_step_matches_a_torch_model_of_the_same_weights(variant, mode, monkeypatch):
+    """Each variant's one-call decode step (C answers every step: a spy counts) with bf16, int8 and int4 weights
+    (int4 against x rounded to int8, and unrounded), three cache rows of different lengths: its logits are as
+    close to an fp32 torch model of the same (dequantized) weights and x rounding as the per-module path's, and
+    its greedy choice is the reference's wherever the reference's top two logits are clearly apart."""
     from test_kernels import _decode_both, _Spy, _step, _tiny_lm
     from test_kernels_int4 import _plain_reference
 
@@ -105,10 +152,12 @@ def test_fused_decode_step_matches_a_torch_model_of_the_same_weights(variant, mo
     lm = _tiny_lm(seed=5, hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,
                   head_dim=16)
     fast = copy.deepcopy(lm)
+    monkeypatch.setenv(kernels.ops.INT4_X_ENV, "fp32" if mode == "int4 fp32 x" else "int8")
     if mode == "bf16":
         use_decode_kernels(SimpleNamespace(language_model=fast))
     else:
-        quantize_model(SimpleNamespace(language_model=fast), mode)
+        quantize_model(SimpleNamespace(language_model=fast), mode.split()[0])
+    assert mode != "int4 fp32 x" or not fast.lm_head.quantize_x
     modules, ref = copy.deepcopy(fast), _plain_reference(fast) if mode != "bf16" else copy.deepcopy(lm).float()
     step = _step(fast)
     assert isinstance(step, FusedStep)

@@ -1,6 +1,6 @@
 """Compile the C kernels with the system C compiler at first use, cache the shared library, load it with ctypes.
 
-Two variants, each with the GEMVs and the one-call decode step: "avx512" (gemv.c, decode.c; AVX-512 VNNI, AMX
+Two variants, each with the GEMVs and the one-call decode step: "avx512" (gemv.c, int4_q8.c, decode.c; AVX-512 VNNI, AMX
 where present) and "avx2" (gemv_avx2.c, decode_avx2.c; AVX2 + FMA + F16C); both compile the common team.c
 (threads), step.c (the decode step) and quant.c. The first the CPU supports is chosen once;
 INTERNVL_KERNELS=avx512|avx2|torch forces one (INTERNVL_NO_KERNELS=1 means torch). Every failure leaves `load()`
@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 HERE = Path(__file__).parent
-ABI_VERSION = 9
+ABI_VERSION = 10
 ENV = "INTERNVL_KERNELS"
 COMMON_CFLAGS = ("-O3", "-std=gnu11", "-fPIC", "-fopenmp", "-fno-math-errno", "-fno-trapping-math")
 # AMX is optional: compiled in when the compiler knows it, used when the CPU and the kernel allow it.
@@ -42,7 +42,7 @@ class Variant:
 
 COMMON_SOURCES = ("team.c", "step.c", "quant.c")
 VARIANTS = {
-    "avx512": Variant("avx512", ("gemv.c", "decode.c", *COMMON_SOURCES),
+    "avx512": Variant("avx512", ("gemv.c", "int4_q8.c", "decode.c", *COMMON_SOURCES),
                       ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni", "-mfma", "-mbmi2",
                        "-mf16c"),
                       ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni"), AMX_CFLAGS),

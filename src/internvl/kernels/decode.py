@@ -19,7 +19,7 @@ from torch.nn.modules import module as _module
 
 from . import build
 from .modules import FastBf16Linear, Int4Linear, Int8Linear
-from .ops import _OP_BF16, _OP_INT4, MAX_ROWS, QK4, bias_args
+from .ops import _OP_BF16, MAX_ROWS, QK4, bias_args
 
 _I64 = ctypes.c_int64
 
@@ -50,7 +50,7 @@ def _lin(module: nn.Module, keep: list) -> _Lin | None:
     if isinstance(module, FastBf16Linear):
         w, scale, op = bufs["weight"], None, _OP_BF16
     elif isinstance(module, Int4Linear):
-        w, scale, op = bufs["qweight"], bufs["scale"], _OP_INT4
+        w, scale, op = bufs["qweight"], bufs["scale"], module._op
         if not (scale.is_cpu and scale.is_contiguous() and scale.dtype == torch.float16
                 and module.in_features % QK4 == 0):
             return None

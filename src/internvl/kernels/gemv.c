@@ -10,7 +10,8 @@
    multiplies. Products are exact for bf16 and fp32 x alike. (vdpbf16ps retires one per two cycles
    here, a quarter of FMA's rate, and would need x rounded to bf16.)
    int8 W, exact: each weight is widened to fp32 in registers and multiplied with FMA by an fp32 x;
-   the row scale is applied once per output.
+   the row scale is applied once per output. int4 W likewise, or against x quantized to int8 per group
+   (OP_INT4_Q8, in int4_q8.c).
    int8 W, fast: x is quantized per row to 16 bits (two signed int8 digits) and vpdpbusd multiplies 64
    weights per instruction with no widening, an integer-exact dot product of the quantized values.
    Rows go in tiles of 16 whose lane sums are formed together, so scale, bias and the bf16 rounding of
@@ -111,18 +112,6 @@ static inline __m512i hsum16_epi32(const __m512i *v) {
     __m512i w0 = _mm512_add_epi32(_mm512_shuffle_i32x4(u[0], u[1], 0x88), _mm512_shuffle_i32x4(u[0], u[1], 0xdd));
     __m512i w1 = _mm512_add_epi32(_mm512_shuffle_i32x4(u[2], u[3], 0x88), _mm512_shuffle_i32x4(u[2], u[3], 0xdd));
     return _mm512_add_epi32(_mm512_shuffle_i32x4(w0, w1, 0x88), _mm512_shuffle_i32x4(w0, w1, 0xdd));
-}
-
-/* y[m, n0 : n0 + cnt] = v * scale + bias, for the 16-row tile starting at n0. */
-static inline void finish_tile(const job_t *j, int n0, int cnt, int m, __m512 v) {
-    __mmask16 mk = mask16(cnt);
-    if (j->scale) v = _mm512_mul_ps(v, _mm512_maskz_loadu_ps(mk, j->scale + n0));
-    if (j->bias) v = _mm512_add_ps(v, load_x16(j->bias, j->bdt, (size_t)n0, mk));
-    size_t idx = (size_t)m * j->N + n0;
-    if (j->ydt == DT_BF16)
-        _mm256_mask_storeu_epi16((uint16_t *)j->y + idx, mk, f32x16_to_bf16(v));
-    else
-        _mm512_mask_storeu_ps((float *)j->y + idx, mk, v);
 }
 
 /* ---- per-row inner loops; NM (rows of x) is a compile-time constant after inlining ---- */
@@ -375,6 +364,8 @@ static void rows_avx(const job_t *j, int n0, int n1) {
         DISPATCH(rows_int8)
     else if (j->op == OP_INT4)
         DISPATCH(rows_int4)
+    else if (j->op == OP_INT4_Q8)
+        q8_rows(j, n0, n1);
     else
         DISPATCH(rows_int8_fast)
 }
@@ -386,7 +377,8 @@ static void do_rows_avx(const job_t *j, int n0, int n1) {
         rows_avx(j, n0, n1);
         return;
     }
-    const size_t xrow = j->op == OP_BF16 ? (size_t)8 * j->KX
+    const size_t xrow = j->op == OP_BF16      ? (size_t)8 * j->KX
+                        : j->op == OP_INT4_Q8 ? (size_t)j->KX
                         : (j->op == OP_INT8 || j->op == OP_INT4 ? (size_t)4 * j->K : (size_t)2 * j->KX);
     const size_t yrow = (size_t)j->N * (j->ydt == DT_BF16 ? 2 : 4);
     for (int m0 = 0; m0 < j->M; m0 += VEC_M) {
@@ -612,19 +604,23 @@ int job_init(job_t *j, int op, int xdt, int M, int K, const void *w, const float
              int bdt, void *y, int ydt, int nthreads) {
     if (M < 1 || M > MAXM || K < 1 || N < 1 || (xdt != DT_F32 && xdt != DT_BF16)) return 1;
     if (op == OP_INT8_FAST && K > FAST_MAX_K) op = OP_INT8;
-    if ((op == OP_INT8 || op == OP_INT8_FAST || op == OP_INT4) && !scale) return 1;
-    if (op == OP_INT4 && (K % QK4 || K > INT4_MAX_K)) return 1;
-    if (op != OP_BF16 && op != OP_INT8 && op != OP_INT8_FAST && op != OP_INT4) return 1;
+    const int int4 = op == OP_INT4 || op == OP_INT4_Q8;
+    if (op != OP_BF16 && !scale) return 1;
+    if (int4 && (K % QK4 || K > INT4_MAX_K)) return 1;
+    if (op != OP_BF16 && op != OP_INT8 && op != OP_INT8_FAST && !int4) return 1;
     const int exact = op == OP_INT8 || op == OP_INT4; /* fp32 x rows */
     j->op = op, j->xdt = xdt, j->M = M, j->K = K, j->N = N, j->bdt = bdt, j->ydt = ydt;
-    j->w = w, j->scale = op == OP_BF16 || op == OP_INT4 ? NULL : scale, j->bias = bias, j->y = y;
-    j->gscale = op == OP_INT4 ? (const uint16_t *)scale : NULL;
+    j->w = w, j->scale = op == OP_BF16 || int4 ? NULL : scale, j->bias = bias, j->y = y;
+    j->gscale = int4 ? (const uint16_t *)scale : NULL;
     j->x = j->xamx = NULL;
     /* Scratch: x for the vector path (also serving rows that do not fill an AMX tile), then AMX's B. */
-    j->row_bytes = op == OP_INT4 ? (size_t)K / 2 : (size_t)K * (op == OP_BF16 ? 2 : 1);
-    j->KX = op == OP_BF16 ? round_up((K + 1) / 2, 16) : (exact ? K : round_up(K, 64));
+    j->row_bytes = int4 ? (size_t)K / 2 : (size_t)K * (op == OP_BF16 ? 2 : 1);
+    j->KX = op == OP_BF16 ? round_up((K + 1) / 2, 16)
+            : op == OP_INT4_Q8 ? (int)q8_row_bytes(K) : (exact ? K : round_up(K, 64));
     size_t vec_bytes;
-    if (op == OP_BF16)
+    if (op == OP_INT4_Q8)
+        vec_bytes = (size_t)M * j->KX;
+    else if (op == OP_BF16)
         vec_bytes = (size_t)8 * M * j->KX; /* even and odd fp32 halves */
     else if (exact)
         vec_bytes = xdt == DT_F32 ? 0 : (size_t)4 * M * K; /* fp32 rows */
@@ -637,7 +633,7 @@ int job_init(job_t *j, int op, int xdt, int M, int K, const void *w, const float
 #ifdef IVL_AMX
     /* Widening int8 for exact tiles costs about what 3 rows of vector FMAs do: AMX pays from 4 rows. */
     int min_m = op == OP_INT8 && amx_min_m > 0 && amx_min_m < 4 ? 4 : amx_min_m;
-    j->amx = min_m > 0 && M >= min_m && N >= TILE && op != OP_INT4 && (op == OP_INT8_FAST || xdt == DT_BF16) &&
+    j->amx = min_m > 0 && M >= min_m && N >= TILE && !int4 && (op == OP_INT8_FAST || xdt == DT_BF16) &&
              ivl_amx_available();
     if (j->amx) j->amx_bytes = (size_t)round_up(K, 64) * j->cu * 4;
 #endif
@@ -650,6 +646,8 @@ void job_set_x(job_t *j, const void *x, char *buf) {
         j->x = x_even_odd(x, j->xdt, j->M, j->K, j->KX, (float *)buf);
     else if (j->op == OP_INT8 || j->op == OP_INT4)
         j->x = x_f32(x, j->xdt, j->M, j->K, (float *)buf);
+    else if (j->op == OP_INT4_Q8)
+        q8_set_x(j, x, buf), j->x = buf;
     else
         j->x = x_digits(x, j->xdt, j->M, j->K, j->KX, j->xs, j->xsum, (int8_t *)buf);
 #ifdef IVL_AMX

@@ -1,12 +1,20 @@
-/* AVX-512 helpers shared by gemv.c and decode.c, over the job interface of job.h. The vector loops take up
+/* AVX-512 helpers shared by gemv.c, int4_q8.c and decode.c, over the job interface of job.h. The vector loops take up
    to VEC_M rows of x at once (more go in blocks over the same weights, then in L2); AMX tiles take all of
    them at once. */
 #ifndef IVL_GEMV_H
 #define IVL_GEMV_H
 
+#include <math.h>
+
 #include "job.h"
 
 #define VEC_M 8  /* rows of x per pass of the AVX-512 loops (their accumulators fill the registers) */
+
+/* int4 weights against int8 x (int4_q8.c): bytes of one prepared x row, x quantized into buf (M rows, KX bytes
+   apart), and rows [n0, n1) for up to VEC_M rows of x. */
+IVL_HIDDEN size_t q8_row_bytes(int K);
+IVL_HIDDEN void q8_set_x(job_t *j, const void *x, char *buf);
+IVL_HIDDEN void q8_rows(const job_t *j, int n0, int n1);
 
 /* ---- small vector helpers shared by the kernels ---- */
 
@@ -42,6 +50,18 @@ static inline __m256i f32x16_to_bf16(__m512 v) {
     __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
     r = _mm512_mask_mov_epi32(r, nan, _mm512_or_si512(u, _mm512_set1_epi32(0x00400000)));
     return _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16));
+}
+
+/* y[m, n0 : n0 + cnt] = v * scale + bias, for the 16-row tile starting at n0. */
+static inline void finish_tile(const job_t *j, int n0, int cnt, int m, __m512 v) {
+    __mmask16 mk = mask16(cnt);
+    if (j->scale) v = _mm512_mul_ps(v, _mm512_maskz_loadu_ps(mk, j->scale + n0));
+    if (j->bias) v = _mm512_add_ps(v, load_x16(j->bias, j->bdt, (size_t)n0, mk));
+    size_t idx = (size_t)m * j->N + n0;
+    if (j->ydt == DT_BF16)
+        _mm256_mask_storeu_epi16((uint16_t *)j->y + idx, mk, f32x16_to_bf16(v));
+    else
+        _mm512_mask_storeu_ps((float *)j->y + idx, mk, v);
 }
 
 #endif

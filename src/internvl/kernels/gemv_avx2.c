@@ -6,7 +6,8 @@
    shift (even elements) and one mask (odd elements) against x laid out as even and odd halves; int8 and int4
    weights are widened to fp32 in registers (int4 times its group's scale, exact too). The weights stream
    once: each thread takes a contiguous range of rows (team.c), and x rows go in blocks of 4 over each weight row
-   while it is in L1. OP_INT8_FAST (16-bit x, VNNI) has no AVX2 form here and runs the exact int8 loop. */
+   while it is in L1. OP_INT8_FAST (16-bit x, VNNI) has no AVX2 form here and runs the exact int8 loop.
+   OP_INT4_Q8 quantizes x to int8 per group of 32 instead and multiplies bytes (pmaddubsw), see int4_q8_row. */
 #include <math.h>
 #include <omp.h>
 
@@ -28,6 +29,12 @@ static inline float hsum8(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+static inline float hmax8(__m256 v) {
+    __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_max_ss(s, _mm_movehdup_ps(s)));
 }
 
 static inline float x_at(const void *x, int xdt, size_t i) {
@@ -142,6 +149,104 @@ static AI void int4_row(const int NM, const job_t *j, int n, int m0) {
     }
 }
 
+/* int4 against int8 x (OP_INT4_Q8, llama.cpp's Q4_0 x Q8_0): x quantized per group of 32 as int4_q8.c does
+   (dx = max|x| / 127, q = round_half_even(x / dx) in [-127, 127]), laid out per row (KX bytes apart) in blocks of 2
+   groups: the first 16 values of each then the last 16 of each, the order of the nibbles of 32 weight bytes; then
+   fp32 dx[GP] and xs[GP] = -8 * dx * (sum of the group's q), zero past G. pmaddubsw multiplies the unsigned nibbles
+   by q (|two products| <= 3810, no saturation), pmaddwd sums them into 4 int32 lanes per group, and one fp32
+   multiply-add per 2 groups applies the weight scale times dx; the -8 of the nibbles is the xs dot. */
+static inline int q8_groups(int K) { return round_up(K / QK4, 8); }
+static inline int q8_kp(int K) { return round_up(K, 2 * QK4); }
+
+static void q8_set_x(job_t *j, const void *x, char *buf) {
+    const int K = j->K, G = K / QK4, GP = q8_groups(K), KP = q8_kp(K);
+    const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7), nlim = _mm256_set1_epi32(-127);
+    for (int m = 0; m < j->M; m++) {
+        int8_t *xq = (int8_t *)(buf + (size_t)m * j->KX);
+        float *dx = (float *)(xq + KP), *xs = dx + GP;
+        memset(xq + (size_t)(G / 2) * 2 * QK4, 0, (size_t)(KP - G / 2 * 2 * QK4)); /* a half block's other group */
+        for (int g = G; g < GP; g++) dx[g] = xs[g] = 0.0f;
+        for (int g = 0; g < G; g++) {
+            size_t base = (size_t)m * K + (size_t)g * QK4;
+            __m256 v[4], mx = _mm256_setzero_ps(), nan = _mm256_setzero_ps();
+            for (int i = 0; i < 4; i++) {
+                if (j->xdt == DT_BF16)
+                    v[i] = _mm256_castsi256_ps(_mm256_slli_epi32(
+                        _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)((const uint16_t *)x + base + 8 * i))), 16));
+                else
+                    v[i] = _mm256_loadu_ps((const float *)x + base + 8 * i);
+                mx = _mm256_max_ps(mx, _mm256_and_ps(v[i], absmask));
+                nan = _mm256_or_ps(nan, _mm256_cmp_ps(v[i], v[i], _CMP_UNORD_Q));
+            }
+            float amax = hmax8(mx), d = _mm256_movemask_ps(nan) ? NAN : amax / 127.0f;
+            __m256 inv = _mm256_set1_ps(d > 0 ? 1.0f / d : 0.0f); /* NaN > 0 is false */
+            __m256i q[4], sum = _mm256_setzero_si256();
+            for (int i = 0; i < 4; i++) { /* |x * inv| <= 127 up to rounding: packs saturates to 127 above */
+                q[i] = _mm256_max_epi32(_mm256_cvtps_epi32(_mm256_mul_ps(v[i], inv)), nlim);
+                sum = _mm256_add_epi32(sum, q[i]);
+            }
+            __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
+            p = _mm256_permutevar8x32_epi32(p, order); /* packs interleaves 128-bit lanes: back to 0..31 */
+            int8_t *dst = xq + (size_t)(g / 2) * 2 * QK4 + (g % 2) * 16;
+            _mm_storeu_si128((__m128i *)dst, _mm256_castsi256_si128(p));
+            _mm_storeu_si128((__m128i *)(dst + 32), _mm256_extracti128_si256(p, 1));
+            __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256(sum, 1));
+            s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4e));
+            s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xb1));
+            dx[g] = d;
+            xs[g] = -8.0f * d * (float)_mm_cvtsi128_si32(s4);
+        }
+    }
+}
+
+static AI void int4_q8_row(const int NM, const job_t *j, int n, int m0) {
+    const int K = j->K, G = K / QK4, GP = q8_groups(K), KP = q8_kp(K), NA = NM <= 2 ? 2 : 1;
+    const uint8_t *q = (const uint8_t *)j->w + (size_t)n * (K / 2);
+    const uint16_t *sc = j->gscale + (size_t)n * G;
+    const __m256i m4 = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1);
+    const __m256i rep = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
+    float ds[NM][GP];
+    __m256 acc[2 * XB];
+    for (int i = 0; i < NA * NM; i++) acc[i] = _mm256_setzero_ps();
+    for (int g = 0; g < GP; g += 8) { /* ds = weight scale * dx; the xs dot into each row's first accumulator */
+        __m128i h;
+        if (g + 8 <= G) {
+            h = _mm_loadu_si128((const __m128i *)(sc + g));
+        } else {
+            _Alignas(16) uint16_t t[8] = {0};
+            memcpy(t, sc + g, (size_t)(G - g) * 2);
+            h = _mm_load_si128((const __m128i *)t);
+        }
+        __m256 dw = _mm256_cvtph_ps(h);
+        for (int m = 0; m < NM; m++) {
+            const float *dx = (const float *)((const char *)j->x + (size_t)(m0 + m) * j->KX + KP);
+            _mm256_storeu_ps(ds[m] + g, _mm256_mul_ps(dw, _mm256_loadu_ps(dx + g)));
+            acc[NA * m] = _mm256_fmadd_ps(dw, _mm256_loadu_ps(dx + GP + g), acc[NA * m]);
+        }
+    }
+    for (int b = 0; 2 * b < G; b++) {
+        __m256i wv;
+        if (2 * b + 2 <= G) {
+            if (!(b & 1)) _mm_prefetch((const char *)(q + 32 * b) + AVX2_PF_BYTES, _MM_HINT_T0);
+            wv = _mm256_loadu_si256((const __m256i *)(q + 32 * b));
+        } else { /* an odd last group: its 16 bytes, zeros against zero x */
+            wv = _mm256_zextsi128_si256(_mm_loadu_si128((const __m128i *)(q + 32 * b)));
+        }
+        __m256i lo = _mm256_and_si256(wv, m4), hi = _mm256_and_si256(_mm256_srli_epi16(wv, 4), m4);
+        for (int m = 0; m < NM; m++) {
+            const int8_t *xq = (const int8_t *)j->x + (size_t)(m0 + m) * j->KX + 64 * b;
+            __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_loadu_si256((const __m256i *)xq)),
+                                         _mm256_maddubs_epi16(hi, _mm256_loadu_si256((const __m256i *)(xq + 32))));
+            __m256 sv = _mm256_permutevar8x32_ps(_mm256_castpd_ps(_mm256_broadcast_sd((const double *)(ds[m] + 2 * b))), rep);
+            __m256 *a = acc + NA * m + (NA == 2 ? (b & 1) : 0);
+            *a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(p, ones)), sv, *a);
+        }
+    }
+    for (int m = 0; m < NM; m++)
+        store_y(j, m0 + m, n, hsum8(NA == 2 ? _mm256_add_ps(acc[2 * m], acc[2 * m + 1]) : acc[m]));
+}
+
 #define BY_NM(F, nm, j, n, m0)                                                                          \
     switch (nm) {                                                                                       \
         case 1: F(1, j, n, m0); break; case 2: F(2, j, n, m0); break;                                   \
@@ -156,31 +261,40 @@ void job_rows(const job_t *j, int n0, int n1) {
                 BY_NM(bf16_row, nm, j, n, m0)
             else if (j->op == OP_INT4)
                 BY_NM(int4_row, nm, j, n, m0)
+            else if (j->op == OP_INT4_Q8)
+                BY_NM(int4_q8_row, nm, j, n, m0)
             else
                 BY_NM(int8_row, nm, j, n, m0)
         }
 }
 
-/* OP_INT8_FAST runs the exact int8 loop. Scratch: x in fp32, as even then odd halves (KX each) for bf16 W. */
+/* OP_INT8_FAST runs the exact int8 loop. Scratch: x in fp32, as even then odd halves (KX each) for bf16 W; the
+   int8 rows of q8_set_x for OP_INT4_Q8. */
 int job_init(job_t *j, int op, int xdt, int M, int K, const void *w, const float *scale, int N, const void *bias,
              int bdt, void *y, int ydt, int nthreads) {
-    if (M < 1 || M > MAXM || K < 1 || N < 1 || (xdt != DT_F32 && xdt != DT_BF16) || op < OP_BF16 || op > OP_INT4)
+    if (M < 1 || M > MAXM || K < 1 || N < 1 || (xdt != DT_F32 && xdt != DT_BF16) || op < OP_BF16 || op > OP_INT4_Q8)
         return 1;
     if (op == OP_INT8_FAST) op = OP_INT8;
-    if ((op != OP_BF16 && !scale) || (op == OP_INT4 && (K % QK4 || K > INT4_MAX_K))) return 1;
+    const int int4 = op == OP_INT4 || op == OP_INT4_Q8;
+    if ((op != OP_BF16 && !scale) || (int4 && (K % QK4 || K > INT4_MAX_K))) return 1;
     memset(j, 0, sizeof *j);
     j->op = op, j->xdt = xdt, j->M = M, j->K = K, j->N = N, j->bdt = bdt, j->ydt = ydt;
     j->w = w, j->bias = bias, j->y = y;
     j->scale = op == OP_INT8 ? scale : NULL;
-    j->gscale = op == OP_INT4 ? (const uint16_t *)scale : NULL;
-    j->KX = op == OP_BF16 ? (K + 1) / 2 : K;
-    j->vec_bytes = ((size_t)4 * M * (op == OP_BF16 ? 2 * j->KX : K) + 63) / 64 * 64;
-    j->row_bytes = op == OP_INT4 ? (size_t)K / 2 : (size_t)K * (op == OP_BF16 ? 2 : 1);
+    j->gscale = int4 ? (const uint16_t *)scale : NULL;
+    j->KX = op == OP_BF16 ? (K + 1) / 2 : (op == OP_INT4_Q8 ? q8_kp(K) + 8 * q8_groups(K) : K);
+    j->vec_bytes = ((op == OP_INT4_Q8 ? (size_t)M * j->KX : (size_t)4 * M * (op == OP_BF16 ? 2 * j->KX : K)) + 63) / 64 * 64;
+    j->row_bytes = int4 ? (size_t)K / 2 : (size_t)K * (op == OP_BF16 ? 2 : 1);
     job_split(j, nthreads, 1);
     return 0;
 }
 
 void job_set_x(job_t *j, const void *x, char *buf) {
+    if (j->op == OP_INT4_Q8) {
+        q8_set_x(j, x, buf);
+        j->x = buf;
+        return;
+    }
     const int M = j->M, K = j->K, KH = j->KX;
     float *xb = (float *)buf;
     for (int m = 0; m < M; m++)

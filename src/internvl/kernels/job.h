@@ -25,7 +25,9 @@
 #endif
 
 enum { DT_F32 = 0, DT_BF16 = 1 };
-enum { OP_BF16 = 0, OP_INT8 = 1, OP_INT8_FAST = 2, OP_INT4 = 3 }; /* OP_INT4: quant.h's int4 */
+/* OP_INT4: quant.h's int4 against fp32 x; OP_INT4_Q8: the same weights against x quantized to int8 per group of
+   QK4 (Q8_0-style, see q8.h), multiplied with integer dot products. */
+enum { OP_BF16 = 0, OP_INT8 = 1, OP_INT8_FAST = 2, OP_INT4 = 3, OP_INT4_Q8 = 4 };
 
 typedef struct {
     int op, M, K, N, bdt, ydt, xdt, KX; /* KX: row stride of the prepared x, in its elements */

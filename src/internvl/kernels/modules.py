@@ -14,12 +14,14 @@ from . import build
 from .ops import (
     _OP_BF16,
     _OP_INT4,
+    _OP_INT4_Q8,
     _OP_INT8,
     _OP_INT8_FAST,
     MAX_ROWS,
     QK4,
     bias_args,
     gemv,
+    int4_quantize_x_default,
     linear_bf16,
     linear_int4,
     linear_int8,
@@ -118,10 +120,16 @@ class Int4Linear(nn.Module):
     """y = x @ dequantize_int4(qweight, scale)^T + bias: group-wise int4 (ops.quantize_int4, llama.cpp's Q4_0
     layout) with qweight uint8 [out, in / 2] and one fp16 scale per QK4 weights. Decode-sized inputs run the
     kernel, which reads about a quarter of a bf16 weight's bytes; prefill multiplies by the weight dequantized
-    a block at a time (memory stays at int4)."""
+    a block at a time (memory stays at int4).
 
-    def __init__(self, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None):
+    quantize_x (default: ops.int4_quantize_x_default(), INTERNVL_INT4_ACTIVATIONS) has the kernel round x to
+    int8 per group of QK4 and multiply bytes, as llama.cpp's Q4_0 x Q8_0; False keeps the exact fp32 x path."""
+
+    def __init__(self, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None,
+                 quantize_x: bool | None = None):
         super().__init__()
+        self.quantize_x = int4_quantize_x_default() if quantize_x is None else bool(quantize_x)
+        self._op = _OP_INT4_Q8 if self.quantize_x else _OP_INT4
         if qweight.dtype != torch.uint8 or qweight.dim() != 2:
             raise ValueError(f"qweight must be a 2-D uint8 tensor, got {qweight.dtype} {tuple(qweight.shape)}")
         self.out_features, self.in_features = qweight.shape[0], 2 * qweight.shape[1]
@@ -133,9 +141,9 @@ class Int4Linear(nn.Module):
         self.register_buffer("bias", _check_bias(bias, self.out_features))
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear) -> Int4Linear:
+    def from_linear(cls, linear: nn.Linear, quantize_x: bool | None = None) -> Int4Linear:
         q, s = quantize_int4(linear.weight)
-        return cls(q, s, linear.bias)
+        return cls(q, s, linear.bias, quantize_x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bufs = self._buffers
@@ -144,11 +152,11 @@ class Int4Linear(nn.Module):
         if lib is not None and x.shape[-1] == self.in_features and q.is_cpu and s.is_cpu and q.is_contiguous():
             ba = bias_args(b)
             if ba is not None:
-                y = gemv(lib, _OP_INT4, x, q.data_ptr(), s.data_ptr(), self.out_features, *ba)
+                y = gemv(lib, self._op, x, q.data_ptr(), s.data_ptr(), self.out_features, *ba)
                 if y is not None:
                     return y
-        return linear_int4(x, q, s, b)
+        return linear_int4(x, q, s, b, quantize_x=self.quantize_x)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"bias={self.bias is not None}, group={QK4}")
+                f"bias={self.bias is not None}, group={QK4}, quantize_x={self.quantize_x}")

@@ -8,6 +8,7 @@ VNNI) and 2 to 16 rows use AMX tiles when the CPU has them; the AVX2 variant tak
 from __future__ import annotations
 
 import ctypes
+import os
 import struct
 import threading
 
@@ -18,7 +19,7 @@ from . import build
 
 MAX_ROWS = 16  # one AMX tile of x columns; the decode step takes as many rows
 _DT = {torch.float32: 0, torch.bfloat16: 1}
-_OP_BF16, _OP_INT8, _OP_INT8_FAST, _OP_INT4 = 0, 1, 2, 3
+_OP_BF16, _OP_INT8, _OP_INT8_FAST, _OP_INT4, _OP_INT4_Q8 = 0, 1, 2, 3, 4
 QK4 = 32  # int4: weights per group sharing one fp16 scale (llama.cpp's Q4_0 block)
 SLICED_INT8_ROWS = 2 * MAX_ROWS  # int8 inputs up to this many rows still stream, in slices of MAX_ROWS
 DENSE_BLOCK_BYTES = 16 << 20  # bound on the dequantized weight a large int8 input materializes at once
@@ -27,6 +28,18 @@ DENSE_BLOCK_BYTES = 16 << 20  # bound on the dequantized weight a large int8 inp
 # thirteen converted ctypes arguments.
 _PARAMS = struct.Struct("13q")
 _tls = threading.local()
+
+
+INT4_X_ENV = "INTERNVL_INT4_ACTIVATIONS"  # int8 (default): int4 layers quantize x; fp32: they keep it
+
+
+def int4_quantize_x_default() -> bool:
+    """Whether int4 layers built without an explicit choice quantize x to int8 (INTERNVL_INT4_ACTIVATIONS=int8,
+    the default) or multiply it unrounded (=fp32, the slower exact path)."""
+    value = os.environ.get(INT4_X_ENV, "").strip().lower()
+    if value not in ("", "int8", "fp32"):
+        raise ValueError(f"{INT4_X_ENV}={value!r}: expected int8 or fp32")
+    return value != "fp32"
 
 
 def available() -> bool:
@@ -289,10 +302,14 @@ def dequantize_int4(qweight: torch.Tensor, scale: torch.Tensor, dtype=torch.floa
 
 
 def linear_int4(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
-                bias: torch.Tensor | None = None) -> torch.Tensor:
+                bias: torch.Tensor | None = None, *, quantize_x: bool = False) -> torch.Tensor:
     """x [..., K] @ dequantize_int4(qweight, scale)^T + bias, in x's dtype: the kernel widens the weights in
     registers (exact products, fp32 sums) for up to SLICED_INT8_ROWS rows; without it, or for more rows
-    (prefill), F.linear against the weight dequantized DENSE_BLOCK_BYTES at a time."""
+    (prefill), F.linear against the weight dequantized DENSE_BLOCK_BYTES at a time.
+
+    quantize_x=True makes the kernel round x to int8 per group of QK4 first, as llama.cpp's Q8_0 does
+    (d = max|x| / 127, q = round(x / d)), and multiply bytes with integer dot products: several times less
+    arithmetic per weight, an error of at most d / 2 per element of x. The torch paths keep x as it is."""
     lib = build.load()
     k = x.shape[-1]
     rows = x.numel() // k if k else 0
@@ -302,8 +319,8 @@ def linear_int4(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
             and scale.shape == (n, k // QK4) and k % QK4 == 0 and _weight_ok(qweight, k // 2)):
         b = bias_args(bias)
         if b is not None and (bias is None or bias.numel() == n):
-            ptrs = (qweight.data_ptr(), scale.data_ptr(), n, *b)
-            parts = [gemv(lib, _OP_INT4, xs, *ptrs) for xs in x.reshape(rows, k).split(MAX_ROWS)]
+            op, ptrs = _OP_INT4_Q8 if quantize_x else _OP_INT4, (qweight.data_ptr(), scale.data_ptr(), n, *b)
+            parts = [gemv(lib, op, xs, *ptrs) for xs in x.reshape(rows, k).split(MAX_ROWS)]
             if all(p is not None for p in parts):
                 return (parts[0] if len(parts) == 1 else torch.cat(parts)).view(*x.shape[:-1], n)
     return _dense(x, n, lambda r0, r1, dt, out: dequantize_int4(qweight[r0:r1], scale[r0:r1], dt, out), bias)

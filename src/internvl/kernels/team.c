@@ -17,7 +17,7 @@
 /* Layout of the int64 parameter block passed by ivl_run (one ctypes argument instead of thirteen). */
 enum { P_OP, P_X, P_XDT, P_M, P_K, P_W, P_SCALE, P_N, P_BIAS, P_BDT, P_Y, P_YDT, P_THREADS, P_COUNT };
 
-int ivl_abi_version(void) { return 9; }
+int ivl_abi_version(void) { return 10; }
 int ivl_param_count(void) { return P_COUNT; }
 
 /* One buffer per calling thread (concurrent callers never share it), freed when that thread exits. */
