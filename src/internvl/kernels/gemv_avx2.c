@@ -200,49 +200,61 @@ static void q8_set_x(job_t *j, const void *x, char *buf) {
     }
 }
 
+/* The fp16 scales sc[g .. G) (fewer than 8) in the low lanes, zeros above, read without passing sc[G - 1] and without
+   a store the prepass would then reload (a failed store-to-load forwarding costs as much as a block). */
+static inline __m128i tail_scales(const uint16_t *sc, int g, int G) {
+    if (G < 8) {
+        _Alignas(16) uint16_t t[8] = {0};
+        memcpy(t, sc + g, (size_t)(G - g) * 2);
+        return _mm_load_si128((const __m128i *)t);
+    }
+    __m128i idx = _mm_add_epi8(_mm_setr_epi8(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                               _mm_set1_epi8((char)(2 * (g - G + 8))));
+    idx = _mm_or_si128(idx, _mm_cmpgt_epi8(idx, _mm_set1_epi8(15))); /* past the end: high bit, a zero byte */
+    return _mm_shuffle_epi8(_mm_loadu_si128((const __m128i *)(sc + G - 8)), idx);
+}
+
+/* Block b (32 weight bytes, 2 groups) against NM rows of x from m0, into acc[NA * m]. */
+static AI void q8_block(const int NM, const int NA, const job_t *j, int m0, __m256i wv, int b, const float *ds, int GP,
+                        __m256 *acc) {
+    const __m256i m4 = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1), rep = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
+    __m256i lo = _mm256_and_si256(wv, m4), hi = _mm256_and_si256(_mm256_srli_epi16(wv, 4), m4);
+    for (int m = 0; m < NM; m++) {
+        const int8_t *xq = (const int8_t *)j->x + (size_t)(m0 + m) * j->KX + 64 * b;
+        __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_loadu_si256((const __m256i *)xq)),
+                                     _mm256_maddubs_epi16(hi, _mm256_loadu_si256((const __m256i *)(xq + 32))));
+        __m256 sv = _mm256_permutevar8x32_ps(_mm256_castpd_ps(_mm256_broadcast_sd((const double *)(ds + (size_t)m * GP + 2 * b))), rep);
+        acc[NA * m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(p, ones)), sv, acc[NA * m]);
+    }
+}
+
+/* One weight row: ds = weight scale * dx per group and x row, the xs dot into each x row's first accumulator, then
+   the blocks in pairs into two accumulators per x row (a block-dependent index would keep them in memory). */
 static AI void int4_q8_row(const int NM, const job_t *j, int n, int m0) {
-    const int K = j->K, G = K / QK4, GP = q8_groups(K), KP = q8_kp(K), NA = NM <= 2 ? 2 : 1;
+    const int K = j->K, G = K / QK4, GP = q8_groups(K), KP = q8_kp(K), NA = NM <= 2 ? 2 : 1, full = G / 2;
     const uint8_t *q = (const uint8_t *)j->w + (size_t)n * (K / 2);
     const uint16_t *sc = j->gscale + (size_t)n * G;
-    const __m256i m4 = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1);
-    const __m256i rep = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
     float ds[NM][GP];
     __m256 acc[2 * XB];
     for (int i = 0; i < NA * NM; i++) acc[i] = _mm256_setzero_ps();
-    for (int g = 0; g < GP; g += 8) { /* ds = weight scale * dx; the xs dot into each row's first accumulator */
-        __m128i h;
-        if (g + 8 <= G) {
-            h = _mm_loadu_si128((const __m128i *)(sc + g));
-        } else {
-            _Alignas(16) uint16_t t[8] = {0};
-            memcpy(t, sc + g, (size_t)(G - g) * 2);
-            h = _mm_load_si128((const __m128i *)t);
-        }
-        __m256 dw = _mm256_cvtph_ps(h);
+    for (int g = 0; g < G; g += 8) {
+        __m256 dw = _mm256_cvtph_ps(g + 8 <= G ? _mm_loadu_si128((const __m128i *)(sc + g)) : tail_scales(sc, g, G));
         for (int m = 0; m < NM; m++) {
             const float *dx = (const float *)((const char *)j->x + (size_t)(m0 + m) * j->KX + KP);
             _mm256_storeu_ps(ds[m] + g, _mm256_mul_ps(dw, _mm256_loadu_ps(dx + g)));
             acc[NA * m] = _mm256_fmadd_ps(dw, _mm256_loadu_ps(dx + GP + g), acc[NA * m]);
         }
     }
-    for (int b = 0; 2 * b < G; b++) {
-        __m256i wv;
-        if (2 * b + 2 <= G) {
-            if (!(b & 1)) _mm_prefetch((const char *)(q + 32 * b) + AVX2_PF_BYTES, _MM_HINT_T0);
-            wv = _mm256_loadu_si256((const __m256i *)(q + 32 * b));
-        } else { /* an odd last group: its 16 bytes, zeros against zero x */
-            wv = _mm256_zextsi128_si256(_mm_loadu_si128((const __m128i *)(q + 32 * b)));
-        }
-        __m256i lo = _mm256_and_si256(wv, m4), hi = _mm256_and_si256(_mm256_srli_epi16(wv, 4), m4);
-        for (int m = 0; m < NM; m++) {
-            const int8_t *xq = (const int8_t *)j->x + (size_t)(m0 + m) * j->KX + 64 * b;
-            __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_loadu_si256((const __m256i *)xq)),
-                                         _mm256_maddubs_epi16(hi, _mm256_loadu_si256((const __m256i *)(xq + 32))));
-            __m256 sv = _mm256_permutevar8x32_ps(_mm256_castpd_ps(_mm256_broadcast_sd((const double *)(ds[m] + 2 * b))), rep);
-            __m256 *a = acc + NA * m + (NA == 2 ? (b & 1) : 0);
-            *a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(p, ones)), sv, *a);
-        }
+    int b = 0;
+    for (; b + 2 <= full; b += 2) {
+        _mm_prefetch((const char *)(q + 32 * b) + AVX2_PF_BYTES, _MM_HINT_T0);
+        q8_block(NM, NA, j, m0, _mm256_loadu_si256((const __m256i *)(q + 32 * b)), b, &ds[0][0], GP, acc);
+        q8_block(NM, NA, j, m0, _mm256_loadu_si256((const __m256i *)(q + 32 * b + 32)), b + 1, &ds[0][0], GP, acc + NA - 1);
     }
+    if (b < full)
+        q8_block(NM, NA, j, m0, _mm256_loadu_si256((const __m256i *)(q + 32 * b)), b, &ds[0][0], GP, acc), b++;
+    if (G & 1) /* an odd last group: its 16 bytes, zeros against zero x and ds */
+        q8_block(NM, NA, j, m0, _mm256_zextsi128_si256(_mm_loadu_si128((const __m128i *)(q + 32 * b))), b, &ds[0][0], GP, acc);
     for (int m = 0; m < NM; m++)
         store_y(j, m0 + m, n, hsum8(NA == 2 ? _mm256_add_ps(acc[2 * m], acc[2 * m + 1]) : acc[m]));
 }

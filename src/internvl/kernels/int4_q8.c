@@ -45,14 +45,30 @@ void q8_set_x(job_t *j, const void *x, char *buf) {
     }
 }
 
+/* One block (64 weight bytes, BG groups) of a row against NM rows of x, into one accumulator per x row (acc[m * NA]):
+   the int32 lanes of two vpdpbusd hold 4 lanes per group; their group's ds, repeated 4 times, scales them. */
+static inline __attribute__((always_inline)) void block(const int NM, const int NA, const job_t *j, __m512i wv,
+                                                        int b, float (*ds)[], int GP, __m512 *acc) {
+    const __m512i m4 = _mm512_set1_epi8(15), rep = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+    __m512i lo = _mm512_and_si512(wv, m4), hi = _mm512_and_si512(_mm512_srli_epi16(wv, 4), m4);
+    for (int m = 0; m < NM; m++) {
+        const int8_t *xq = (const int8_t *)j->x + (size_t)m * j->KX + (size_t)b * BG * QK4;
+        __m512i s = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512((const void *)xq));
+        s = _mm512_dpbusd_epi32(s, hi, _mm512_loadu_si512((const void *)(xq + 64)));
+        /* a 16-byte load inside one of the prepass's 64-byte stores: forwarded, never stalled */
+        const float *d = (const float *)ds + (size_t)m * GP + BG * b;
+        __m512 sv = _mm512_permutexvar_ps(rep, _mm512_castps128_ps512(_mm_loadu_ps(d)));
+        acc[m * NA] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), sv, acc[m * NA]);
+    }
+}
+
 /* Rows [n0, n1) in tiles of 16 against NM rows of x. Per row, the group scales are widened once and multiplied by
-   each x row's dx (ds), and the -8 * sum q terms summed into that row's accumulator. Per block, the int32 lanes of
-   two vpdpbusd hold 4 lanes per group; their group's ds, repeated 4 times, scales them into fp32. */
+   each x row's dx (ds), and the -8 * sum q terms summed into that row's accumulator; blocks go in pairs into two
+   accumulators per x row (registers: an index that changes with the block would keep them in memory). */
 static inline __attribute__((always_inline)) void rows(const int NM, const job_t *j, int n0, int n1) {
-    const int K = j->K, G = K / QK4, GP = padded_g(K), KP = padded_k(K), RB = K / 2, NA = NM <= 2 ? 2 : 1;
+    const int K = j->K, G = K / QK4, GP = padded_g(K), KP = padded_k(K), RB = K / 2, NA = NM <= 4 ? 2 : 1;
+    const int NB = KP / (BG * QK4), full = RB / 64;
     const char *xb = (const char *)j->x;
-    const __m512i m4 = _mm512_set1_epi8(15), zero = _mm512_setzero_si512();
-    const __m512i rep = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
     float ds[NM][GP];
     __m512 stash[VEC_M][TILE];
     for (int t0 = n0; t0 < n1; t0 += TILE) {
@@ -74,25 +90,17 @@ static inline __attribute__((always_inline)) void rows(const int NM, const job_t
                     acc[m * NA] = _mm512_fmadd_ps(dw, _mm512_loadu_ps(dx + GP + g), acc[m * NA]);
                 }
             }
-            for (int b = 0; b < KP / (BG * QK4); b++) {
-                const int off = b * BG * 16;
-                __m512i wv;
-                if (off + 64 <= RB) {
-                    _mm_prefetch((const char *)(q + off) + PF_BYTES, PF_HINT);
-                    wv = _mm512_loadu_si512((const void *)(q + off));
-                } else { /* 1 to 3 groups left: zero bytes against zero x */
-                    wv = _mm512_maskz_loadu_epi8((__mmask64)((1ull << (RB - off)) - 1ull), (const void *)(q + off));
-                }
-                __m512i lo = _mm512_and_si512(wv, m4), hi = _mm512_and_si512(_mm512_srli_epi16(wv, 4), m4);
-                for (int m = 0; m < NM; m++) {
-                    const int8_t *xq = (const int8_t *)(xb + (size_t)m * j->KX) + 2 * off;
-                    __m512i s = _mm512_dpbusd_epi32(zero, lo, _mm512_loadu_si512((const void *)xq));
-                    s = _mm512_dpbusd_epi32(s, hi, _mm512_loadu_si512((const void *)(xq + 64)));
-                    /* a 16-byte load inside one of the prepass's 64-byte stores: forwarded, never stalled */
-                    __m512 sv = _mm512_permutexvar_ps(rep, _mm512_castps128_ps512(_mm_loadu_ps(ds[m] + BG * b)));
-                    __m512 *a = acc + m * NA + (NA == 2 ? (b & 1) : 0);
-                    *a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), sv, *a);
-                }
+            int b = 0;
+            for (; b + 2 <= full; b += 2) {
+                _mm_prefetch((const char *)(q + 64 * b) + PF_BYTES, PF_HINT);
+                _mm_prefetch((const char *)(q + 64 * b) + PF_BYTES + 64, PF_HINT);
+                block(NM, NA, j, _mm512_loadu_si512((const void *)(q + 64 * b)), b, ds, GP, acc);
+                block(NM, NA, j, _mm512_loadu_si512((const void *)(q + 64 * b + 64)), b + 1, ds, GP, acc + NA - 1);
+            }
+            for (; b < NB; b++) { /* the last block, 1 to 3 groups of it masked: zero bytes against zero x */
+                int left = RB - 64 * b;
+                __m512i wv = _mm512_maskz_loadu_epi8(left >= 64 ? ~0ull : (1ull << left) - 1ull, (const void *)(q + 64 * b));
+                block(NM, NA, j, wv, b, ds, GP, acc);
             }
             for (int m = 0; m < NM; m++) stash[m][r] = NA == 2 ? _mm512_add_ps(acc[2 * m], acc[2 * m + 1]) : acc[m];
         }
