@@ -4,12 +4,14 @@ Prints the measured read bandwidth, GB/s of weight bytes read per shape of a Qwe
 and its lm_head, and a whole simulated decode step (24 layers x 7 distinct matrices + lm_head) in
 ms/token, tokens/s and fraction of the bandwidth roofline, alone and alternating with small torch ops.
 `--model-step` also times the real decoder of that shape (random weights): the one-call decode step of
-`internvl.kernels.decode` against the same model's modules, in bf16 and int8.
+`internvl.kernels.decode` against the same model's modules, in bf16, int8, int4 (x rounded to int8 per group, the
+default) and int4-fp32x (the exact fp32-x int4 path); `--only-model-step bf16,int4,int4-fp32x` times just those.
 Each shape loops over enough distinct matrices (> 600 MB) that the host's last-level cache cannot
 serve them. Times are the best of several repeats (the machine may have other tenants), every path
 measured the same way in the same run, and the read bandwidth is sampled between them.
 
     python benchmarks/bench_gemv.py [--quick] [--rows 1] [--threads N] [--skip-shapes] [--model-step]
+    python benchmarks/bench_gemv.py --threads 2 --only-model-step bf16,int4,int4-fp32x
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ LAYER_SHAPES = {"q": (HIDDEN, HIDDEN), "k": (KV, HIDDEN), "v": (KV, HIDDEN), "o"
                 "gate": (INTER, HIDDEN), "up": (INTER, HIDDEN), "down": (HIDDEN, INTER)}
 SHAPES = {**LAYER_SHAPES, "lm_head": (VOCAB, HIDDEN)}
 REFERENCE = "torch F.linear bf16"
+INT4_BYTES = 18 / 32  # per weight: 16 bytes of nibbles and a 2-byte scale per group of 32
+STEP_MODES = ("bf16", "int8", "int4", "int4-fp32x")  # int4: x rounded to int8 per group (the default); fp32x: not
 
 
 def best_time(fn, repeats: int) -> float:
@@ -82,6 +86,9 @@ def make_paths():
         paths["ours int8"] = (kernels.quantize_int8, lambda x, h: kernels.linear_int8(x, *h), 1)
         paths["ours int8 quantize_x"] = (kernels.quantize_int8,
                                          lambda x, h: kernels.linear_int8(x, *h, quantize_x=True), 1)
+        paths["ours int4 fp32 x"] = (kernels.quantize_int4, lambda x, h: kernels.linear_int4(x, *h), INT4_BYTES)
+        paths["ours int4 int8 x"] = (kernels.quantize_int4,
+                                     lambda x, h: kernels.linear_int4(x, *h, quantize_x=True), INT4_BYTES)
     return paths
 
 
@@ -169,16 +176,23 @@ def random_decoder(rows: int, context: int):
     return lm, cache
 
 
-def model_step(rows: int, repeats: int, bw, context: int = 300) -> dict:
-    """ms per decoding step of the real decoder: the one-call C step against its modules, bf16 and int8."""
+def model_step(rows: int, repeats: int, bw, context: int = 300, modes=STEP_MODES) -> dict:
+    """ms per decoding step of the real decoder: the one-call C step against its modules, per weight format
+    (int4-fp32x: int4 layers built with INTERNVL_INT4_ACTIVATIONS=fp32, the exact path int4 had before)."""
+    import os
     from types import SimpleNamespace
 
     from internvl.engine.accelerate import FusedStep, decode_step, quantize_model, use_decode_kernels
 
     out = {}
-    for mode, prepare in (("bf16", use_decode_kernels), ("int8", quantize_model)):
+    for mode in modes:
         lm, cache = random_decoder(rows, context)
-        prepare(SimpleNamespace(language_model=lm))
+        if mode == "bf16":
+            use_decode_kernels(SimpleNamespace(language_model=lm))
+        else:  # the int4 layers read INTERNVL_INT4_ACTIVATIONS when they are built
+            os.environ[kernels.ops.INT4_X_ENV] = "fp32" if mode == "int4-fp32x" else "int8"
+            quantize_model(SimpleNamespace(language_model=lm), mode.split("-")[0])
+            del os.environ[kernels.ops.INT4_X_ENV]
         streamed = sum(t.numel() * t.element_size() for name, t in [*lm.named_parameters(), *lm.named_buffers()]
                        if "embed_tokens" not in name)
         fused = decode_step(SimpleNamespace(language_model=lm, decode=lm.decode))
@@ -207,6 +221,9 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="fewer repeats and ~300 MB per shape")
     ap.add_argument("--skip-shapes", action="store_true", help="only the whole decode step")
     ap.add_argument("--model-step", action="store_true", help="also the real decoder's step (2 GB of memory)")
+    ap.add_argument("--only-model-step", default=None, metavar="MODES",
+                    help=f"only the real decoder's step, for these comma-separated formats of {','.join(STEP_MODES)} "
+                         "(e.g. bf16,int4,int4-fp32x: int4 decode with int8 x against the exact fp32-x path)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -216,6 +233,12 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, rows={args.rows}, kernels {status}")
     bw = Bandwidth()
     bw.sample(repeats)
+    if args.only_model_step:
+        modes = tuple(args.only_model_step.split(","))
+        if not set(modes) <= set(STEP_MODES):
+            raise SystemExit(f"--only-model-step: expected formats among {','.join(STEP_MODES)}, got {args.only_model_step}")
+        print_steps(model_step(args.rows, repeats, bw, modes=modes), args.rows, bw.roofline)
+        return
     paths = make_paths()
     width = max(len(p) for p in paths)
     overhead = per_call_overhead(paths, repeats)
@@ -246,22 +269,27 @@ def main() -> None:
               f"with torch ops {t_mix * 1e3:6.2f} ms (matmuls + ops alone {(t_mm + t_ops) * 1e3:6.2f})")
     if "ours bf16" in res:
         b = res["ours bf16"][0]
-        print(f"  speedup over ours bf16: int8 {b / res['ours int8'][0]:.2f}x, "
-              f"int8 quantize_x {b / res['ours int8 quantize_x'][0]:.2f}x")
+        print("  speedup over ours bf16: " + ", ".join(f"{p.removeprefix('ours ')} {b / res[p][0]:.2f}x" for p in res
+                                                       if p.startswith("ours ") and p != "ours bf16"))
     if steps:
-        print(f"\nreal decoder step (random Qwen2.5-0.5B weights, 300 cached tokens), rows={args.rows}: "
-              f"norms, RoPE, attention and the rest included")
-        for mode, (best, nbytes) in steps.items():
-            for path, t in best.items():
-                if t == float("inf"):
-                    print(f"  {mode} {path:>10}: unavailable here")
-                    continue
-                gbs = nbytes / t / 1e9
-                print(f"  {mode} {path:>10}: {t * 1e3:6.2f} ms/token {args.rows / t:6.1f} tok/s {nbytes / 1e6:4.0f} MB "
-                      f"{gbs:5.1f} GB/s = {gbs / roof:4.0%} of roofline, {best['modules'] / t:4.2f}x the modules")
-        if all(b["one C call"] < float("inf") for b, _ in steps.values()):
-            print(f"  int8 speedup over bf16 (one C call): "
-                  f"{steps['bf16'][0]['one C call'] / steps['int8'][0]['one C call']:.2f}x")
+        print_steps(steps, args.rows, roof)
+
+
+def print_steps(steps: dict, rows: int, roof: float) -> None:
+    print(f"\nreal decoder step (random Qwen2.5-0.5B weights = InternVL3-1B's decoder, 300 cached tokens), rows={rows}: "
+          f"norms, RoPE, attention and the rest included")
+    for mode, (best, nbytes) in steps.items():
+        for path, t in best.items():
+            if t == float("inf"):
+                print(f"  {mode} {path:>10}: unavailable here")
+                continue
+            gbs = nbytes / t / 1e9
+            print(f"  {mode} {path:>10}: {t * 1e3:6.2f} ms/token {rows / t:6.1f} tok/s {nbytes / 1e6:4.0f} MB "
+                  f"{gbs:5.1f} GB/s = {gbs / roof:4.0%} of roofline, {best['modules'] / t:4.2f}x the modules")
+    c = {mode: best["one C call"] for mode, (best, _) in steps.items()}
+    if c.get("bf16", float("inf")) < float("inf"):
+        print("  speedup over bf16 (one C call): " + ", ".join(f"{m} {c['bf16'] / t:.2f}x" for m, t in c.items()
+                                                               if m != "bf16" and t < float("inf")))
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ multi-threaded pass over a large buffer), int8 and int4 decode over our bf16, an
 cosine similarity to our bf16 logits on the prompt's last 32 positions.
 
     python benchmarks/bench_inference.py [--shape internvl3.5-1b] [--kernels avx2] [--keep DIR] [--repeats 3]
+                                         [--int4-fp32x (also int4 with x unrounded, the exact path)]
 """
 
 from __future__ import annotations
@@ -46,8 +47,10 @@ from internvl.engine.accelerate import kernel_report, quantize_model, use_decode
 from internvl.engine.sampling import SamplingParams
 model, _ = load_model(sys.argv[1], image_token_id=IMAGE_TOKEN)
 mode = sys.argv[2]
-if mode in ("int8", "int4"):
-    quantize_model(model, mode)
+if mode == "int4-fp32x":  # int4 layers that multiply x unrounded (the exact path), not as int8
+    os.environ["INTERNVL_INT4_ACTIVATIONS"] = "fp32"
+if mode in ("int8", "int4", "int4-fp32x"):
+    quantize_model(model, mode[:4])
 else:
     use_decode_kernels(model)
 with torch.inference_mode():  # the prompt's last 32 logits, for the cosine similarity to bf16
@@ -152,6 +155,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--skip-reference", action="store_true")
+    ap.add_argument("--int4-fp32x", action="store_true",
+                    help="also int4 with x unrounded (the exact path; int4 rounds x to int8 per group by default)")
     args = ap.parse_args()
     header = f"bench_inference: {args.shape}, {args.threads} threads, {cpu_features()}; {kernels_env(args.kernels)}"
     print(header, flush=True)
@@ -163,8 +168,9 @@ def main() -> None:
     t, r = str(args.threads), str(args.repeats)
     bw = run_child(BANDWIDTH, t)
     bandwidth = max(bw.values())
+    modes = ("bf16", "int8", "int4", *(("int4-fp32x",) if args.int4_fp32x else ()))
     runs = {mode: run_child(OURS, str(orig), mode, t, r, str(root / f"{sub}logits_{mode}.pt"))
-            for mode in ("bf16", "int8", "int4")}  # fmt: skip
+            for mode in modes}  # fmt: skip
     ref = None if args.skip_reference or args.shape == "tiny" else run_child(REFERENCE, str(hf), t, r)
     per_token = llm_bytes_per_token(orig)
     roofline = bandwidth * 1e9 / per_token
@@ -178,9 +184,9 @@ def main() -> None:
         **{f"ours_{mode}": {**_row(run), "kernels": run["kernels"]} for mode, run in runs.items()},
         "roofline_fraction": round(ours["decode_tok_s"] / roofline, 3),
         "peak_memory_over_weights": round(ours["peak_rss"] / ours["weights"], 3),
-        **{f"{mode}_speedup": round(runs[mode]["decode_tok_s"] / ours["decode_tok_s"], 2) for mode in ("int8", "int4")},
+        **{f"{mode}_speedup": round(runs[mode]["decode_tok_s"] / ours["decode_tok_s"], 2) for mode in modes[1:]},
         **{f"{mode}_logits_cosine_to_bf16": logits_cosine(root / f"{sub}logits_{mode}.pt", root / f"{sub}logits_bf16.pt")
-           for mode in ("int8", "int4")},
+           for mode in modes[1:]},
     }  # fmt: skip
     if ref is not None:
         res["reference"] = _row(ref)
@@ -198,7 +204,10 @@ def main() -> None:
     print(f"decode: int8 {res['int8_speedup']}x our bf16 (target >= 1.7), int4 {res['int4_speedup']}x (target >= 2.8); "
           f"bf16 roofline {res['roofline_tok_s']} tok/s at {bandwidth:.1f} GB/s -> {100 * res['roofline_fraction']:.0f}% "
           f"(target >= 90%)")  # fmt: skip
-    for mode in ("int8", "int4"):
+    if args.int4_fp32x:
+        print(f"int4 with x unrounded (the exact path): {res['int4-fp32x_speedup']}x our bf16; int8 x is "
+              f"{runs['int4']['decode_tok_s'] / runs['int4-fp32x']['decode_tok_s']:.2f}x faster")
+    for mode in modes[1:]:
         c = res[f"{mode}_logits_cosine_to_bf16"]
         print(f"{mode} logits cosine similarity to bf16 (last 32 prompt positions): mean {c['mean']}, min {c['min']}")
     print(f"peak memory / weights (bf16): {res['peak_memory_over_weights']} (target <= 1.2)")
