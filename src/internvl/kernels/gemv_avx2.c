@@ -251,6 +251,7 @@ static AI void int4_q8_row(const int NM, const job_t *j, int n, int m0) {
         q8_block(NM, NA, j, m0, _mm256_loadu_si256((const __m256i *)(q + 32 * b)), b, &ds[0][0], GP, acc);
         q8_block(NM, NA, j, m0, _mm256_loadu_si256((const __m256i *)(q + 32 * b + 32)), b + 1, &ds[0][0], GP, acc + NA - 1);
     }
+    _mm_prefetch((const char *)(q + 32 * b) + AVX2_PF_BYTES, _MM_HINT_T0); /* the rest of the row: every line */
     if (b < full)
         q8_block(NM, NA, j, m0, _mm256_loadu_si256((const __m256i *)(q + 32 * b)), b, &ds[0][0], GP, acc), b++;
     if (G & 1) /* an odd last group: its 16 bytes, zeros against zero x and ds */

@@ -97,8 +97,9 @@ static inline __attribute__((always_inline)) void rows(const int NM, const job_t
                 block(NM, NA, j, _mm512_loadu_si512((const void *)(q + 64 * b)), b, ds, GP, acc);
                 block(NM, NA, j, _mm512_loadu_si512((const void *)(q + 64 * b + 64)), b + 1, ds, GP, acc + NA - 1);
             }
-            for (; b < NB; b++) { /* the last block, 1 to 3 groups of it masked: zero bytes against zero x */
+            for (; b < NB; b++) { /* an odd last block, or 1 to 3 groups masked: zero bytes against zero x */
                 int left = RB - 64 * b;
+                _mm_prefetch((const char *)(q + 64 * b) + PF_BYTES, PF_HINT); /* a row's every line, or a miss */
                 __m512i wv = _mm512_maskz_loadu_epi8(left >= 64 ? ~0ull : (1ull << left) - 1ull, (const void *)(q + 64 * b));
                 block(NM, NA, j, wv, b, ds, GP, acc);
             }
