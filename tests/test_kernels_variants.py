@@ -89,10 +89,11 @@ def test_int4_with_int8_x_matches_the_same_rounding_in_torch(variant, m, x_dtype
 
 
 def test_int4_with_int8_x_edge_groups(variant):
-    """One group (K = 32), an all-zero group (scale 0: contributes 0), a group of one outlier, and non-finite x:
-    NaN or inf in a row's x gives NaN in that row only."""
+    """One group (K = 32) and odd group counts (K = 288: a last block of one group past 8 scales), an all-zero group
+    (scale 0: contributes 0), a group of one outlier, and non-finite x: NaN or inf in a row's x gives NaN in that
+    row only."""
     g = torch.Generator().manual_seed(3)
-    for k in (32, 64, 96, 160):
+    for k in (32, 64, 96, 160, 288):
         x = torch.randn(4, k, generator=g)
         x[1, :32] = 0
         x[2, 32 % k:32 % k + 32] = 0
