@@ -148,7 +148,7 @@ def test_fused_decode_step_matches_a_torch_model_of_the_same_weights(variant, mo
     from test_kernels import _decode_both, _Spy, _step, _tiny_lm
     from test_kernels_int4 import _plain_reference
 
-    from internvl.engine.accelerate import FusedStep, quantize_model, use_decode_kernels
+    from internvl.engine.accelerate import FusedStep, kernel_report, quantize_model, use_decode_kernels
 
     lm = _tiny_lm(seed=5, hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,
                   head_dim=16)
@@ -159,6 +159,7 @@ def test_fused_decode_step_matches_a_torch_model_of_the_same_weights(variant, mo
     else:
         quantize_model(SimpleNamespace(language_model=fast), mode.split()[0])
     assert mode != "int4 fp32 x" or not fast.lm_head.quantize_x
+    assert ("int8 activations" in kernel_report(SimpleNamespace(language_model=fast))) == (mode == "int4")
     modules, ref = copy.deepcopy(fast), _plain_reference(fast) if mode != "bf16" else copy.deepcopy(lm).float()
     step = _step(fast)
     assert isinstance(step, FusedStep)

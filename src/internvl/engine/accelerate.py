@@ -128,7 +128,8 @@ def kernel_report(model) -> str:
     fmt = "int4" if Int4Linear in kinds else "int8" if Int8Linear in kinds else "bf16" if FastBf16Linear in kinds else None
     if fmt is None:
         return "decode: plain torch (kernels not in use for this model)"
-    line = f"decode ({fmt} weights): {describe()}"
+    int8_x = fmt == "int4" and any(m.quantize_x for m in lm.modules() if isinstance(m, Int4Linear))
+    line = f"decode ({fmt} weights{', int8 activations' if int8_x else ''}): {describe()}"
     if build.load() is None:
         slow = {"int4": "int4 dequantizes every weight per token (slow)", "int8": "torch's weight-only int8 matmul",
                 "bf16": "torch's bf16 matmul"}[fmt]
