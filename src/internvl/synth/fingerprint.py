@@ -1,5 +1,5 @@
 """The generator's fingerprint: a hash of what decides a split's bytes (this package's source, the font files
-render.py finds on the system, Pillow's and FreeType's versions), so that a cached split follows the generator."""
+render.py draws with, Pillow's and FreeType's versions), so that a cached split follows the generator."""
 
 from __future__ import annotations
 
@@ -21,8 +21,8 @@ def _sha256(path: Path) -> str:
 
 def generator_inputs(source_dir: Path | None = None) -> dict:
     """Everything a split's pixels and text depend on besides the seed: the source files of internvl.synth
-    (`source_dir`, default this package), the fonts render.py picks from (by content: the same face installed
-    elsewhere gives the same hash) and the rasterizer's versions."""
+    (`source_dir`, default this package), the fonts render.py picks from (the package's assets/fonts, by content)
+    and the rasterizer's versions."""
     import numpy
     import PIL
     from PIL import features

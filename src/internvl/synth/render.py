@@ -6,9 +6,7 @@ Rendering is a pure function of a `Scene`; every random choice was made when the
 from __future__ import annotations
 
 import functools
-import glob
-import os
-import re
+from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
@@ -18,25 +16,28 @@ from .scene import Obj, Scene, Text, fit_points
 SUPERSAMPLE = 4
 FONT_SHRINK = 0.85  # the most a string may shrink to fit its reserved width (text layouts plan for it)
 NOISE_TILE = 61  # a prime period: the noise never lines up with 14/16 px patches, and PNG still finds repeats
-_FONT_DIRS = ("/usr/share/fonts", "/usr/local/share/fonts", "/Library/Fonts", "C:/Windows/Fonts")
-# Plain Latin text faces only: symbol, math and hairline faces would make OCR unreadable.
-_FONT_OK = re.compile(
-    r"(?i)(dejavu|liberation|free(sans|serif|mono)|noto(sans|serif)-|ubuntu|arial|times|verdana)"
+FONT_DIR = Path(__file__).resolve().parents[1] / "assets" / "fonts"
+# The faces text is drawn with, shipped with the package (DejaVu 2.37 cut to ASCII, Liberation 1.07 as released;
+# runs/subset_fonts.py), in the order of the system list the built-in model was trained with: a font draw picks
+# the same face on every machine, whatever fonts it has installed.
+FONT_FACES = tuple(
+    [f"DejaVuSans{s}.ttf" for s in ("-Bold", "-BoldOblique", "-Oblique", "")]
+    + [f"DejaVuSansCondensed{s}.ttf" for s in ("-Bold", "-BoldOblique", "-Oblique", "")]
+    + ["DejaVuSansMono-Bold.ttf", "DejaVuSansMono.ttf"]
+    + [f"DejaVuSerif{s}.ttf" for s in ("-Bold", "-BoldItalic", "-Italic", "")]
+    + [f"DejaVuSerifCondensed{s}.ttf" for s in ("-Bold", "-BoldItalic", "-Italic", "")]
+    + [f"LiberationMono-{s}.ttf" for s in ("Bold", "BoldItalic", "Italic", "Regular")]
+    + ["LiberationSans-Bold.ttf", "LiberationSans-BoldItalic.ttf"]
 )
-_FONT_BAD = re.compile(r"(?i)(math|symbol|emoji|extralight|thin|light|cjk|mono.*oblique)")
 
 
 @functools.lru_cache(maxsize=1)
 def font_files() -> tuple[str | None, ...]:
-    """Pillow's bundled font (None) plus the system TrueType text fonts found, in a stable order."""
-    found = set()
-    for root in _FONT_DIRS:
-        if os.path.isdir(root):
-            found.update(glob.glob(os.path.join(root, "**", "*.ttf"), recursive=True))
-    names = sorted(
-        p for p in found if _FONT_OK.search(os.path.basename(p)) and not _FONT_BAD.search(os.path.basename(p))
-    )
-    return (None,) + tuple(names[:24])
+    """Pillow's bundled font (None) plus the packaged faces of FONT_FACES, in that order."""
+    missing = [name for name in FONT_FACES if not (FONT_DIR / name).is_file()]
+    if missing:
+        raise FileNotFoundError(f"the package's fonts are missing from {FONT_DIR}: {', '.join(missing)}")
+    return (None,) + tuple(str(FONT_DIR / name) for name in FONT_FACES)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -46,18 +47,18 @@ def _font(path: str | None, size: int) -> ImageFont.FreeTypeFont:
 
 @functools.lru_cache(maxsize=64)
 def _cap_ratio(path: str | None) -> float:
-    x0, y0, x1, y1 = _font(path, 100).getbbox("H")
+    _, y0, _, y1 = _font(path, 100).getbbox("H")
     return (y1 - y0) / 100
 
 
 def cap_px(font: ImageFont.FreeTypeFont) -> int:
     """Rendered cap height: the contract's font height for strings of A-Z and 0-9."""
-    x0, y0, x1, y1 = font.getbbox("H")
+    _, y0, _, y1 = font.getbbox("H")
     return y1 - y0
 
 
 def _ink_width(path: str | None, size: int, text: str) -> int:
-    x0, y0, x1, y1 = _font(path, size).getbbox(text)
+    x0, _, x1, _ = _font(path, size).getbbox(text)
     return x1 - x0 + 2  # +2: anti-aliased and italic edges reach one pixel past the box
 
 
@@ -125,10 +126,10 @@ def draw_object(img: Image.Image, obj: Obj, aa: bool) -> None:
 
 def draw_text(img: Image.Image, text: Text) -> None:
     """Draw the string centered in its reserved box, cap height `text.cap` unless it must shrink."""
-    x1, y1, x2, y2 = text.box
+    x1, y1, x2, _ = text.box
     font = pick_font(text.font_u, text.cap, x2 - x1 - 4, text.text)
     draw = ImageDraw.Draw(img)
-    left, top, right, bottom = font.getbbox(text.text, anchor="ls")
+    left, _, right, _ = font.getbbox(text.text, anchor="ls")
     cap_top = font.getbbox("H", anchor="ls")[1]
     # baseline so that the cap height sits in the upper part of the box, leaving room for Q/J tails
     base = y1 + 3 - cap_top
