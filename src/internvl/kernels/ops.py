@@ -320,9 +320,14 @@ def linear_int4(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
         b = bias_args(bias)
         if b is not None and (bias is None or bias.numel() == n):
             op, ptrs = _OP_INT4_Q8 if quantize_x else _OP_INT4, (qweight.data_ptr(), scale.data_ptr(), n, *b)
-            parts = [gemv(lib, op, xs, *ptrs) for xs in x.reshape(rows, k).split(MAX_ROWS)]
-            if all(p is not None for p in parts):
-                return (parts[0] if len(parts) == 1 else torch.cat(parts)).view(*x.shape[:-1], n)
+            if rows <= MAX_ROWS:  # one call (the split and view below cost more than the kernel on small weights)
+                y = gemv(lib, op, x, *ptrs)
+                if y is not None:
+                    return y
+            else:
+                parts = [gemv(lib, op, xs, *ptrs) for xs in x.reshape(rows, k).split(MAX_ROWS)]
+                if all(p is not None for p in parts):
+                    return torch.cat(parts).view(*x.shape[:-1], n)
     return _dense(x, n, lambda r0, r1, dt, out: dequantize_int4(qweight[r0:r1], scale[r0:r1], dt, out), bias)
 
 
