@@ -282,7 +282,7 @@ def test_the_fingerprint_follows_the_generator_source_and_fonts(tmp_path, monkey
     with open(tmp_path / "render.py", "a") as f:
         f.write("# one more line\n")
     assert fingerprint.generator_inputs(tmp_path)["source"] != inputs["source"]
-    monkeypatch.setattr(render, "font_files", lambda: (None,))  # a machine without system fonts
+    monkeypatch.setattr(render, "font_files", lambda: (None,))  # another font list
     assert fingerprint.generator_inputs()["fonts"] == [{"file": fingerprint.BUNDLED}]
 
 

@@ -1,5 +1,6 @@
 """What a non-editable install gets: the wheel built from this source tree ships every kernel source and header
-(pyproject's package-data), and every kernel variant compiles from the wheel's copy (issue 16)."""
+(pyproject's package-data), and every kernel variant compiles from the wheel's copy (issue 16), and the
+generator's fonts (issue 14)."""
 
 from __future__ import annotations
 
@@ -18,16 +19,15 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _copy_project(dst: Path) -> None:
-    """pyproject.toml, README.md and src/ without the model assets (tens of MB the wheel test does not need;
-    their package-data glob still matches the empty folder) or caches: the build then writes nothing here."""
+    """pyproject.toml, README.md and src/ without the built-in model (tens of MB the wheel test does not need;
+    the assets glob still matches the fonts) or caches: the build then writes nothing here."""
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(ROOT / name, dst / name)
     skip = shutil.ignore_patterns("__pycache__", "*.egg-info", "*.so", "*.o")
     shutil.copytree(ROOT / "src", dst / "src", ignore=skip)
-    assets = dst / "src" / "internvl" / "assets"
-    if assets.exists():
-        shutil.rmtree(assets)
-    assets.mkdir()
+    nano = dst / "src" / "internvl" / "assets" / "nano"
+    if nano.exists():
+        shutil.rmtree(nano)
 
 
 @pytest.fixture(scope="module")
@@ -56,6 +56,14 @@ def test_wheel_ships_every_kernel_file(wheel):
         for line in src.read_text().splitlines():
             if line.startswith('#include "'):
                 assert line.split('"')[1] in shipped, f"{src.name} includes {line} which the wheel lacks"
+
+
+def test_wheel_ships_the_generator_fonts(wheel):
+    from internvl.synth.render import FONT_DIR, FONT_FACES
+
+    names = set(zipfile.ZipFile(wheel).namelist())
+    wanted = {f"internvl/assets/fonts/{p.name}" for p in FONT_DIR.iterdir()}  # the faces, licences, NOTICE.md
+    assert {f"internvl/assets/fonts/{f}" for f in FONT_FACES} < wanted <= names, sorted(wanted - names)
 
 
 @pytest.mark.skipif(shutil.which("gcc") is None or build.cpu_flags()[0] is None,
