@@ -17,6 +17,7 @@ from torch import nn
 
 from internvl import kernels
 from internvl.engine.accelerate import decode_step, kernel_report, quantize_model
+from internvl.errors import InternVLError
 from internvl.kernels import Int4Linear, Int8Linear, build
 
 FLAGS = build.cpu_flags()[0] or set()
@@ -99,7 +100,7 @@ def test_int4_layers_quantize_x_unless_the_environment_says_fp32(monkeypatch):
             assert torch.equal(mod(x), kernels.linear_int4(x, mod.qweight, mod.scale, mod.bias,
                                                            quantize_x=mod.quantize_x))
     monkeypatch.setenv(kernels.ops.INT4_X_ENV, "int16")
-    with pytest.raises(ValueError, match="INTERNVL_INT4_ACTIVATIONS='int16': expected int8 or fp32"):
+    with pytest.raises(InternVLError, match="INTERNVL_INT4_ACTIVATIONS='int16': expected int8 or fp32"):
         Int4Linear.from_linear(lin)
 
 

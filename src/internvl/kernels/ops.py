@@ -15,6 +15,7 @@ import threading
 import torch
 import torch.nn.functional as F
 
+from ..errors import InternVLError
 from . import build
 
 MAX_ROWS = 16  # one AMX tile of x columns; the decode step takes as many rows
@@ -38,7 +39,7 @@ def int4_quantize_x_default() -> bool:
     the default) or multiply it unrounded (=fp32, the slower exact path)."""
     value = os.environ.get(INT4_X_ENV, "").strip().lower()
     if value not in ("", "int8", "fp32"):
-        raise ValueError(f"{INT4_X_ENV}={value!r}: expected int8 or fp32")
+        raise InternVLError(f"{INT4_X_ENV}={value!r}: expected int8 or fp32")
     return value != "fp32"
 
 
