@@ -75,3 +75,17 @@ def test_packaged_faces_draw_what_the_released_files_draw(monkeypatch):
     assert len(packaged) == len(released) == 25 * per_face
     for i, (a, b) in enumerate(zip(packaged, released)):
         assert np.array_equal(a, b), f"face {system[i // per_face]}, render {i % per_face}: pixels differ"
+
+
+def test_the_fingerprint_follows_the_text_layout_engine(monkeypatch):
+    # without raqm (no libfribidi) Pillow lays the faces out itself: another split, never a reused one
+    from PIL import features
+
+    from internvl.synth import fingerprint
+
+    inputs, version = fingerprint.generator_inputs(), features.version
+    monkeypatch.setattr(
+        features, "version", lambda name: None if name in ("raqm", "harfbuzz") else version(name)
+    )
+    other = fingerprint.generator_inputs()
+    assert other["raqm"] is None and (inputs["raqm"] is None or other != inputs)

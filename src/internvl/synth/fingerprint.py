@@ -22,7 +22,8 @@ def _sha256(path: Path) -> str:
 def generator_inputs(source_dir: Path | None = None) -> dict:
     """Everything a split's pixels and text depend on besides the seed: the source files of internvl.synth
     (`source_dir`, default this package), the fonts render.py picks from (the package's assets/fonts, by content)
-    and the rasterizer's versions."""
+    and the rasterizer's versions. Raqm's and HarfBuzz's too: without them (no libfribidi on the machine) Pillow
+    lays text out itself and places most strings' glyphs differently."""
     import numpy
     import PIL
     from PIL import features
@@ -34,8 +35,11 @@ def generator_inputs(source_dir: Path | None = None) -> dict:
         source.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
     fonts = [{"file": BUNDLED} if f is None else {"file": Path(f).name, "sha256": _sha256(Path(f))[:16]}
              for f in font_files()]  # fmt: skip
+    layout = {
+        name: features.version(name) if name in features.features else None for name in ("raqm", "harfbuzz")
+    }
     return {"source": source.hexdigest()[:16], "fonts": fonts, "pillow": PIL.__version__,
-            "freetype": features.version("freetype2"), "numpy": numpy.__version__}  # fmt: skip
+            "freetype": features.version("freetype2"), **layout, "numpy": numpy.__version__}  # fmt: skip
 
 
 @functools.lru_cache(maxsize=1)
