@@ -7,11 +7,11 @@
 #   bash runs/demos.sh [OUT]      (OUT defaults to runs/demos; writes OUT/times.tsv and OUT/tables.md)
 # Rerunning resumes: a step whose output exists is skipped (trainings continue from their last checkpoint, evals
 # from their answers). Changing a size after its step ran needs that step's output removed.
-# Expected on 2 cores with the defaults (estimates: no step has run at these sizes yet; OUT/times.tsv has what
-# each took): data 3 min; base evals 10 (test split 7, hexagon split 3); LoRA 16 (1600 steps at ~0.6 s); its
-# evals 10; build-prefs 6; MPO 18 (300 steps at 3-4 s); its eval 7; prm-data 1; PRM 8; ORM 8; bon 8;
-# prm-bench 2: about 1 h 40 min in all. EVAL_N=100 saves ~10 min; DEMOS=lora runs one demo. If the LoRA
-# progress bar's time left is over 20 min, stop it and rerun with fewer LORA_STEPS (its output removed).
+# Measured on 2 cores (AMD EPYC, AVX-512 BF16) with the defaults and ORM_STEPS=0 (OUT/times.tsv has what each
+# took): data 0.5 min; base evals 8 (test split 6.3, hexagon split 1.9); LoRA 28 (1600 steps at ~1 s); its
+# evals 8; build-prefs 9; MPO 16 (300 steps at ~3.1 s); its eval 5.5; prm-data 0.2; PRM 16 (1000 steps at ~1 s);
+# ORM (not run) ~16; bon 10; prm-bench 2: 1 h 43 min in all. EVAL_N=100 saves ~10 min; DEMOS=lora runs one
+# demo; LORA_STEPS=1100 fits the LoRA in 20 minutes (not measured at that size).
 # Options (environment):
 #   MODEL=src/internvl/assets/nano   the model every demo starts from (the built-in one)
 #   DEMOS="lora mpo prm"             which demos run (the base eval on the test split is shared)
