@@ -165,10 +165,13 @@ def main() -> None:
     for ours, fmt in PAIRS:
         runs[ours] = run_child(OURS, str(folder), ours, *common, str(root / f"logits_{ours}"))
         runs[fmt.upper()] = run_child(LLAMA, str(files[fmt]), *common, str(root / f"logits_{fmt}"))
-    ref = torch.load(root / "logits_bf16.pt")
+    ref = torch.load(root / "logits_bf16.pt", weights_only=True)
     for name, run in runs.items():
         f = root / f"logits_{name.lower()}"
-        other = torch.load(f.with_suffix(".pt")) if name.islower() else torch.from_numpy(np.load(f.with_suffix(".npy")))
+        if name.islower():
+            other = torch.load(f.with_suffix(".pt"), weights_only=True)
+        else:
+            other = torch.from_numpy(np.load(f.with_suffix(".npy")))
         run["logits_cosine_to_our_bf16"] = logits_cosine(other, ref)["mean"]
         top = [set(x[-1].topk(10).indices.tolist()) for x in (other, ref)]
         run["top10_overlap_with_our_bf16"] = len(top[0] & top[1])

@@ -86,6 +86,6 @@ def logits_cosine(a, b) -> dict:
     """Cosine similarity of two logits tensors [T, vocab] (or files torch.save'd), per position: mean and min."""
     import torch
 
-    a, b = (torch.load(x) if isinstance(x, (str, Path)) else x for x in (a, b))
+    a, b = (torch.load(x, weights_only=True) if isinstance(x, (str, Path)) else x for x in (a, b))
     cos = torch.nn.functional.cosine_similarity(a.double(), b.double(), dim=-1)
     return {"mean": round(cos.mean().item(), 5), "min": round(cos.min().item(), 5)}
