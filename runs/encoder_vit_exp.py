@@ -1,6 +1,6 @@
 """Issue 14 (README "Why the encoder reads so little"): quick nano-ViT experiments on native-scale tiles (no
 thumbnails): which recipe makes it learn shapes and characters per patch?
-  python runs/encoder_vit_exp.py NAME [--lr 1e-3] [--steps 700] [--patch 7 --size 112 --max-num 12] [--mlp]"""
+  python runs/encoder_vit_exp.py NAME [--lr 1e-3] [--steps 700] [--patch 7 --size 112 --max-num 12] [--mlp] [--only char]"""
 
 import argparse
 import math
@@ -65,6 +65,7 @@ def main():
     ap.add_argument("--n", type=int, default=3000)
     ap.add_argument("--wd", type=float, default=0.05)
     ap.add_argument("--warmup", type=int, default=50)
+    ap.add_argument("--only", default="", help="train on this target alone (kind, color, char, box)")
     ap.add_argument("--patch", type=int, default=14)
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--max-num", type=int, default=4)
@@ -129,7 +130,7 @@ def main():
         b = PatchBatch.of(data, gen.integers(0, n, args.batch))
         with torch.autocast("cpu", dtype=torch.bfloat16):
             parts, acc = patch_losses(ro, b)
-        loss = sum(parts.values())
+        loss = parts[args.only] if args.only else sum(parts.values())
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(ro.parameters(), 1.0)
