@@ -209,49 +209,42 @@ static inline __m512 i8x16_to_f32(const int8_t *p) {
     return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)));
 }
 
-static inline __attribute__((always_inline)) void rows_int8(const int NM, const job_t *j, int n0, int n1) {
+static inline __attribute__((always_inline)) void row_int8(const int NM, const job_t *j, int n, __m512 *out) {
     const int K = j->K, NA = NM == 1 ? 4 : 2; /* independent FMA chains per x row */
     const int K64 = K & ~63;
     const float *xf = (const float *)j->x;
-    __m512 stash[VEC_M][TILE];
-    for (int t0 = n0; t0 < n1; t0 += TILE) {
-        int cnt = n1 - t0 < TILE ? n1 - t0 : TILE;
-        for (int r = 0; r < TILE; r++) {
-            if (r >= cnt) {
-                for (int m = 0; m < NM; m++) stash[m][r] = _mm512_setzero_ps();
-                continue;
-            }
-            const int8_t *q = (const int8_t *)j->w + (size_t)(t0 + r) * K;
-            __m512 acc[VEC_M * 2 + 2];
-            for (int i = 0; i < NM * NA; i++) acc[i] = _mm512_setzero_ps();
-            int k = 0;
-            for (; k < K64; k += 64) {
-                _mm_prefetch((const char *)(q + k) + PF_BYTES, PF_HINT);
-                __m512 w0 = i8x16_to_f32(q + k), w1 = i8x16_to_f32(q + k + 16);
-                __m512 w2 = i8x16_to_f32(q + k + 32), w3 = i8x16_to_f32(q + k + 48);
-                for (int m = 0; m < NM; m++) {
-                    const float *xm = xf + (size_t)m * K + k;
-                    __m512 *a = acc + m * NA;
-                    a[0] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xm), a[0]);
-                    a[1] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xm + 16), a[1]);
-                    a[2 % NA] = _mm512_fmadd_ps(w2, _mm512_loadu_ps(xm + 32), a[2 % NA]);
-                    a[3 % NA] = _mm512_fmadd_ps(w3, _mm512_loadu_ps(xm + 48), a[3 % NA]);
-                }
-            }
-            for (; k < K; k += 16) { /* tail: masked loads of both weights and x */
-                __mmask16 mk = mask16(K - k);
-                __m512 wv = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mk, q + k)));
-                for (int m = 0; m < NM; m++)
-                    acc[m * NA] = _mm512_fmadd_ps(wv, _mm512_maskz_loadu_ps(mk, xf + (size_t)m * K + k), acc[m * NA]);
-            }
-            for (int m = 0; m < NM; m++) {
-                __m512 t = acc[m * NA];
-                for (int i = 1; i < NA; i++) t = _mm512_add_ps(t, acc[m * NA + i]);
-                stash[m][r] = t;
-            }
+    const int8_t *q = (const int8_t *)j->w + (size_t)n * K;
+    __m512 acc[VEC_M * 2 + 2];
+    for (int i = 0; i < NM * NA; i++) acc[i] = _mm512_setzero_ps();
+    int k = 0;
+    for (; k < K64; k += 64) {
+        _mm_prefetch((const char *)(q + k) + PF_BYTES, PF_HINT);
+        __m512 w0 = i8x16_to_f32(q + k), w1 = i8x16_to_f32(q + k + 16);
+        __m512 w2 = i8x16_to_f32(q + k + 32), w3 = i8x16_to_f32(q + k + 48);
+        for (int m = 0; m < NM; m++) {
+            const float *xm = xf + (size_t)m * K + k;
+            __m512 *a = acc + m * NA;
+            a[0] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xm), a[0]);
+            a[1] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xm + 16), a[1]);
+            a[2 % NA] = _mm512_fmadd_ps(w2, _mm512_loadu_ps(xm + 32), a[2 % NA]);
+            a[3 % NA] = _mm512_fmadd_ps(w3, _mm512_loadu_ps(xm + 48), a[3 % NA]);
         }
-        for (int m = 0; m < NM; m++) finish_tile(j, t0, cnt, m, hsum16_ps(stash[m]));
     }
+    for (; k < K; k += 16) { /* tail: masked loads of both weights and x */
+        __mmask16 mk = mask16(K - k);
+        __m512 wv = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mk, q + k)));
+        for (int m = 0; m < NM; m++)
+            acc[m * NA] = _mm512_fmadd_ps(wv, _mm512_maskz_loadu_ps(mk, xf + (size_t)m * K + k), acc[m * NA]);
+    }
+    for (int m = 0; m < NM; m++) {
+        __m512 t = acc[m * NA];
+        for (int i = 1; i < NA; i++) t = _mm512_add_ps(t, acc[m * NA + i]);
+        out[m * TILE] = t;
+    }
+}
+
+static inline __attribute__((always_inline)) void rows_int8(const int NM, const job_t *j, int n0, int n1) {
+    OVER_TILES(row_int8, NM, j, n0, n1);
 }
 
 /* vpdpbusd multiplies unsigned by signed bytes: the weights become q + 128 (one xor), and the
@@ -306,47 +299,40 @@ static inline __attribute__((always_inline)) void rows_int8_fast(const int NM, c
 /* int4 W (quant.h): per group of 32, 16 bytes widen to 16 lanes whose low nibbles are elements 0..15 and
    high nibbles 16..31; (u - 8) * d is exact in fp32 and multiplies an fp32 x with FMA, as for exact int8.
    The row's fp16 group scales are widened once into a stack buffer. */
-static inline __attribute__((always_inline)) void rows_int4(const int NM, const job_t *j, int n0, int n1) {
+static inline __attribute__((always_inline)) void row_int4(const int NM, const job_t *j, int n, __m512 *out) {
     const int K = j->K, G = K / QK4, NA = NM == 1 ? 4 : 2;
     const float *xf = (const float *)j->x;
     const __m512i m4 = _mm512_set1_epi32(15), c8 = _mm512_set1_epi32(8);
     _Alignas(64) float ds[INT4_MAX_K / QK4 + 16];
-    __m512 stash[VEC_M][TILE];
-    for (int t0 = n0; t0 < n1; t0 += TILE) {
-        int cnt = n1 - t0 < TILE ? n1 - t0 : TILE;
-        for (int r = 0; r < TILE; r++) {
-            if (r >= cnt) {
-                for (int m = 0; m < NM; m++) stash[m][r] = _mm512_setzero_ps();
-                continue;
-            }
-            const uint8_t *q = (const uint8_t *)j->w + (size_t)(t0 + r) * (K / 2);
-            const uint16_t *sc = j->gscale + (size_t)(t0 + r) * G;
-            for (int g = 0; g < G; g += 16)
-                _mm512_store_ps(ds + g, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask16(G - g), sc + g)));
-            __m512 acc[VEC_M * 2 + 2];
-            for (int i = 0; i < NM * NA; i++) acc[i] = _mm512_setzero_ps();
-            for (int g = 0; g < G; g++) {
-                if (!(g & 3)) _mm_prefetch((const char *)(q + 16 * g) + PF_BYTES, PF_HINT);
-                __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(q + 16 * g)));
-                __m512 d = _mm512_set1_ps(ds[g]);
-                __m512 lo = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_and_si512(b, m4), c8)), d);
-                __m512 hi = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_srli_epi32(b, 4), c8)), d);
-                const int o = NA == 4 ? 2 * (g & 1) : 0;
-                for (int m = 0; m < NM; m++) {
-                    const float *xm = xf + (size_t)m * K + (size_t)g * QK4;
-                    __m512 *a = acc + m * NA;
-                    a[o] = _mm512_fmadd_ps(lo, _mm512_loadu_ps(xm), a[o]);
-                    a[o + 1] = _mm512_fmadd_ps(hi, _mm512_loadu_ps(xm + 16), a[o + 1]);
-                }
-            }
-            for (int m = 0; m < NM; m++) {
-                __m512 t = acc[m * NA];
-                for (int i = 1; i < NA; i++) t = _mm512_add_ps(t, acc[m * NA + i]);
-                stash[m][r] = t;
-            }
+    const uint8_t *q = (const uint8_t *)j->w + (size_t)n * (K / 2);
+    const uint16_t *sc = j->gscale + (size_t)n * G;
+    for (int g = 0; g < G; g += 16)
+        _mm512_store_ps(ds + g, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask16(G - g), sc + g)));
+    __m512 acc[VEC_M * 2 + 2];
+    for (int i = 0; i < NM * NA; i++) acc[i] = _mm512_setzero_ps();
+    for (int g = 0; g < G; g++) {
+        if (!(g & 3)) _mm_prefetch((const char *)(q + 16 * g) + PF_BYTES, PF_HINT);
+        __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(q + 16 * g)));
+        __m512 d = _mm512_set1_ps(ds[g]);
+        __m512 lo = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_and_si512(b, m4), c8)), d);
+        __m512 hi = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_srli_epi32(b, 4), c8)), d);
+        const int o = NA == 4 ? 2 * (g & 1) : 0;
+        for (int m = 0; m < NM; m++) {
+            const float *xm = xf + (size_t)m * K + (size_t)g * QK4;
+            __m512 *a = acc + m * NA;
+            a[o] = _mm512_fmadd_ps(lo, _mm512_loadu_ps(xm), a[o]);
+            a[o + 1] = _mm512_fmadd_ps(hi, _mm512_loadu_ps(xm + 16), a[o + 1]);
         }
-        for (int m = 0; m < NM; m++) finish_tile(j, t0, cnt, m, hsum16_ps(stash[m]));
     }
+    for (int m = 0; m < NM; m++) {
+        __m512 t = acc[m * NA];
+        for (int i = 1; i < NA; i++) t = _mm512_add_ps(t, acc[m * NA + i]);
+        out[m * TILE] = t;
+    }
+}
+
+static inline __attribute__((always_inline)) void rows_int4(const int NM, const job_t *j, int n0, int n1) {
+    OVER_TILES(row_int4, NM, j, n0, n1);
 }
 
 #define DISPATCH(F)                                                                                  \

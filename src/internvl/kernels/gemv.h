@@ -64,4 +64,20 @@ static inline void finish_tile(const job_t *j, int n0, int cnt, int m, __m512 v)
         _mm512_mask_storeu_ps((float *)j->y + idx, mk, v);
 }
 
+/* The frame of the AVX-512 fp32-accumulating row loops: rows [n0, n1) in tiles of TILE; ROW(NM, j, n, out) leaves
+   row n's 16 partial sums against x row m in out[m * TILE]; rows past n1 are zero; each tile is summed and
+   finished at once. */
+#define OVER_TILES(ROW, NM, j, n0, n1)                                                               \
+    do {                                                                                             \
+        __m512 stash_[VEC_M][TILE];                                                                  \
+        for (int t0_ = (n0); t0_ < (n1); t0_ += TILE) {                                              \
+            int cnt_ = (n1) - t0_ < TILE ? (n1) - t0_ : TILE;                                        \
+            for (int r_ = 0; r_ < TILE; r_++) {                                                      \
+                if (r_ < cnt_) ROW(NM, j, t0_ + r_, &stash_[0][r_]);                                 \
+                else for (int m_ = 0; m_ < NM; m_++) stash_[m_][r_] = _mm512_setzero_ps();          \
+            }                                                                                        \
+            for (int m_ = 0; m_ < NM; m_++) finish_tile(j, t0_, cnt_, m_, hsum16_ps(stash_[m_]));    \
+        }                                                                                            \
+    } while (0)
+
 #endif

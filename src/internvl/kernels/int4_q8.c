@@ -62,51 +62,44 @@ static inline __attribute__((always_inline)) void block(const int NM, const int 
     }
 }
 
-/* Rows [n0, n1) in tiles of 16 against NM rows of x. Per row, the group scales are widened once and multiplied by
+/* One row of W against NM rows of x (OVER_TILES runs the rows in tiles). The group scales are widened once and multiplied by
    each x row's dx (ds), and the -8 * sum q terms summed into that row's accumulator; blocks go in pairs into two
    accumulators per x row (registers: an index that changes with the block would keep them in memory). */
-static inline __attribute__((always_inline)) void rows(const int NM, const job_t *j, int n0, int n1) {
+static inline __attribute__((always_inline)) void row(const int NM, const job_t *j, int n, __m512 *out) {
     const int K = j->K, G = K / QK4, GP = padded_g(K), KP = padded_k(K), RB = K / 2, NA = NM <= 4 ? 2 : 1;
     const int NB = KP / (BG * QK4), full = RB / 64;
     const char *xb = (const char *)j->x;
     float ds[NM][GP];
-    __m512 stash[VEC_M][TILE];
-    for (int t0 = n0; t0 < n1; t0 += TILE) {
-        int cnt = n1 - t0 < TILE ? n1 - t0 : TILE;
-        for (int r = 0; r < TILE; r++) {
-            if (r >= cnt) {
-                for (int m = 0; m < NM; m++) stash[m][r] = _mm512_setzero_ps();
-                continue;
-            }
-            const uint8_t *q = (const uint8_t *)j->w + (size_t)(t0 + r) * RB;
-            const uint16_t *sc = j->gscale + (size_t)(t0 + r) * G;
-            __m512 acc[2 * VEC_M];
-            for (int i = 0; i < NM * NA; i++) acc[i] = _mm512_setzero_ps();
-            for (int g = 0; g < GP; g += 16) {
-                __m512 dw = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask16(G - g), sc + g));
-                for (int m = 0; m < NM; m++) {
-                    const float *dx = (const float *)(xb + (size_t)m * j->KX + KP);
-                    _mm512_storeu_ps(ds[m] + g, _mm512_mul_ps(dw, _mm512_loadu_ps(dx + g)));
-                    acc[m * NA] = _mm512_fmadd_ps(dw, _mm512_loadu_ps(dx + GP + g), acc[m * NA]);
-                }
-            }
-            int b = 0;
-            for (; b + 2 <= full; b += 2) {
-                _mm_prefetch((const char *)(q + 64 * b) + PF_BYTES, PF_HINT);
-                _mm_prefetch((const char *)(q + 64 * b) + PF_BYTES + 64, PF_HINT);
-                block(NM, NA, j, _mm512_loadu_si512((const void *)(q + 64 * b)), b, ds, GP, acc);
-                block(NM, NA, j, _mm512_loadu_si512((const void *)(q + 64 * b + 64)), b + 1, ds, GP, acc + NA - 1);
-            }
-            for (; b < NB; b++) { /* an odd last block, or 1 to 3 groups masked: zero bytes against zero x */
-                int left = RB - 64 * b;
-                _mm_prefetch((const char *)(q + 64 * b) + PF_BYTES, PF_HINT); /* a row's every line, or a miss */
-                __m512i wv = _mm512_maskz_loadu_epi8(left >= 64 ? ~0ull : (1ull << left) - 1ull, (const void *)(q + 64 * b));
-                block(NM, NA, j, wv, b, ds, GP, acc);
-            }
-            for (int m = 0; m < NM; m++) stash[m][r] = NA == 2 ? _mm512_add_ps(acc[2 * m], acc[2 * m + 1]) : acc[m];
+    const uint8_t *q = (const uint8_t *)j->w + (size_t)n * RB;
+    const uint16_t *sc = j->gscale + (size_t)n * G;
+    __m512 acc[2 * VEC_M];
+    for (int i = 0; i < NM * NA; i++) acc[i] = _mm512_setzero_ps();
+    for (int g = 0; g < GP; g += 16) {
+        __m512 dw = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask16(G - g), sc + g));
+        for (int m = 0; m < NM; m++) {
+            const float *dx = (const float *)(xb + (size_t)m * j->KX + KP);
+            _mm512_storeu_ps(ds[m] + g, _mm512_mul_ps(dw, _mm512_loadu_ps(dx + g)));
+            acc[m * NA] = _mm512_fmadd_ps(dw, _mm512_loadu_ps(dx + GP + g), acc[m * NA]);
         }
-        for (int m = 0; m < NM; m++) finish_tile(j, t0, cnt, m, hsum16_ps(stash[m]));
     }
+    int b = 0;
+    for (; b + 2 <= full; b += 2) {
+        _mm_prefetch((const char *)(q + 64 * b) + PF_BYTES, PF_HINT);
+        _mm_prefetch((const char *)(q + 64 * b) + PF_BYTES + 64, PF_HINT);
+        block(NM, NA, j, _mm512_loadu_si512((const void *)(q + 64 * b)), b, ds, GP, acc);
+        block(NM, NA, j, _mm512_loadu_si512((const void *)(q + 64 * b + 64)), b + 1, ds, GP, acc + NA - 1);
+    }
+    for (; b < NB; b++) { /* an odd last block, or 1 to 3 groups masked: zero bytes against zero x */
+        int left = RB - 64 * b;
+        _mm_prefetch((const char *)(q + 64 * b) + PF_BYTES, PF_HINT); /* a row's every line, or a miss */
+        __m512i wv = _mm512_maskz_loadu_epi8(left >= 64 ? ~0ull : (1ull << left) - 1ull, (const void *)(q + 64 * b));
+        block(NM, NA, j, wv, b, ds, GP, acc);
+    }
+    for (int m = 0; m < NM; m++) out[m * TILE] = NA == 2 ? _mm512_add_ps(acc[2 * m], acc[2 * m + 1]) : acc[m];
+}
+
+static inline __attribute__((always_inline)) void rows(const int NM, const job_t *j, int n0, int n1) {
+    OVER_TILES(row, NM, j, n0, n1);
 }
 
 void q8_rows(const job_t *j, int n0, int n1) {
