@@ -114,6 +114,21 @@ def test_keep_one_is_the_plain_model():
     assert tokens == plain_tokens
 
 
+@torch.no_grad()
+def test_no_layer_dropped_is_the_plain_model():
+    """YOPO's layer dropping after the last layer drops nothing: the pruning path, run anyway, is the plain model."""
+    lm = tiny_lm()
+    emb, vis = prompt(lm, [2])
+    plain_tokens, plain = greedy(lm, emb, vis, 6)
+    switch(lm, force=True, yopo_drop_after=lm.config.num_hidden_layers)
+    tokens, logits = greedy(lm, emb, vis, 6)
+    assert isinstance(lm.new_cache(1), LayeredCache)
+    torch.testing.assert_close(logits, plain, atol=1e-5, rtol=0)
+    assert tokens == plain_tokens
+    switch(lm, force=True, yopo_drop_after=lm.config.num_hidden_layers - 1)  # the last layer dropped: it differs
+    assert (greedy(lm, emb, vis, 1)[1] - plain).abs().max() > 1e-4
+
+
 @pytest.mark.parametrize("layer,keep", [(2, 0.5), (1, 0.25), (3, 0.0)])
 @torch.no_grad()
 def test_pruned_cache_decodes_as_the_pruned_prompt_recomputed(layer, keep):
