@@ -236,11 +236,7 @@ static inline __attribute__((always_inline)) void row_int8(const int NM, const j
         for (int m = 0; m < NM; m++)
             acc[m * NA] = _mm512_fmadd_ps(wv, _mm512_maskz_loadu_ps(mk, xf + (size_t)m * K + k), acc[m * NA]);
     }
-    for (int m = 0; m < NM; m++) {
-        __m512 t = acc[m * NA];
-        for (int i = 1; i < NA; i++) t = _mm512_add_ps(t, acc[m * NA + i]);
-        out[m * TILE] = t;
-    }
+    sum_accumulators(NM, NA, acc, out);
 }
 
 static inline __attribute__((always_inline)) void rows_int8(const int NM, const job_t *j, int n0, int n1) {
@@ -324,11 +320,7 @@ static inline __attribute__((always_inline)) void row_int4(const int NM, const j
             a[o + 1] = _mm512_fmadd_ps(hi, _mm512_loadu_ps(xm + 16), a[o + 1]);
         }
     }
-    for (int m = 0; m < NM; m++) {
-        __m512 t = acc[m * NA];
-        for (int i = 1; i < NA; i++) t = _mm512_add_ps(t, acc[m * NA + i]);
-        out[m * TILE] = t;
-    }
+    sum_accumulators(NM, NA, acc, out);
 }
 
 static inline __attribute__((always_inline)) void rows_int4(const int NM, const job_t *j, int n0, int n1) {

@@ -64,6 +64,16 @@ static inline void finish_tile(const job_t *j, int n0, int cnt, int m, __m512 v)
         _mm512_mask_storeu_ps((float *)j->y + idx, mk, v);
 }
 
+/* out[m * TILE] = the sum of row m's NA accumulators acc[m * NA .. m * NA + NA): the end of a ROW of OVER_TILES. */
+static inline __attribute__((always_inline)) void sum_accumulators(const int NM, const int NA, const __m512 *acc,
+                                                                   __m512 *out) {
+    for (int m = 0; m < NM; m++) {
+        __m512 t = acc[m * NA];
+        for (int i = 1; i < NA; i++) t = _mm512_add_ps(t, acc[m * NA + i]);
+        out[m * TILE] = t;
+    }
+}
+
 /* The frame of the AVX-512 fp32-accumulating row loops: rows [n0, n1) in tiles of TILE; ROW(NM, j, n, out) leaves
    row n's 16 partial sums against x row m in out[m * TILE]; rows past n1 are zero; each tile is summed and
    finished at once. */
