@@ -6,17 +6,16 @@ regression targets, make the nano ViT learn shapes and characters faster than th
 Tile sets as in runs/encoder_vit_exp.py (ENC_EXP_CACHE); one thread by default."""
 
 import argparse
-import math
 import time
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from encoder_vit_exp import tiles
+from encoder_vit_exp import schedule, tiles, train_step
 from torch import nn
 
 from internvl.nano.patches import CHARS, KINDS
-from internvl.nano.vit import PatchBatch, PatchHead, patch_losses
+from internvl.nano.vit import PatchBatch, PatchHead
 from internvl.synth.scene import COLOR_NAMES
 
 FEAT = 128  # the teacher's per-patch feature width
@@ -55,15 +54,6 @@ class Student(nn.Module):
         return self.head(self.tokens)
 
 
-def schedule(lr: float, steps: int, warmup: int):
-    def at(s: int) -> float:
-        if s < warmup:
-            return lr * (s + 1) / warmup
-        return lr * 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, steps - warmup)))
-
-    return at
-
-
 def evaluate(model: nn.Module, held: dict) -> tuple[float, float, float]:
     """Held-out accuracy on shape patches, character patches and colour patches."""
     hb = PatchBatch.of(held, slice(None))
@@ -81,26 +71,20 @@ def evaluate(model: nn.Module, held: dict) -> tuple[float, float, float]:
                  ((pk, hb.kind, obj), (pc, hb.char, txt), (pcol, hb.color, col)))  # fmt: skip
 
 
-def train(model, params, data, held, args, extra=None, name="") -> None:
-    opt = torch.optim.AdamW(params, args.lr, betas=(0.9, 0.98), weight_decay=0.05)
-    lr_at, gen, n, t0 = schedule(args.lr, args.steps, 50), np.random.default_rng(0), len(data["images"]), time.time()
+def train(model, data, held, args, extra=None, name="") -> None:
+    """The four patch losses, plus `args.weight` times extra(model, batch) when given."""
+    opt = torch.optim.AdamW(model.parameters(), args.lr, betas=(0.9, 0.98), weight_decay=0.05)
+    lr_at, gen, t0, dist = schedule(args.lr, args.steps, 50), np.random.default_rng(0), time.time(), [None]
+
+    def loss_of(parts: dict, b: PatchBatch) -> torch.Tensor:
+        dist[0] = extra(model, b) if extra else None
+        return sum(parts.values()) + (args.weight * dist[0] if dist[0] is not None else 0)
+
     for s in range(args.steps):
-        for g in opt.param_groups:
-            g["lr"] = lr_at(s)
-        b = PatchBatch.of(data, gen.integers(0, n, args.batch))
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            parts, _ = patch_losses(model, b)
-            loss = sum(parts.values())
-            dist = extra(model, b) if extra else None
-            if dist is not None:
-                loss = loss + args.weight * dist
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
+        _, _, loss = train_step(model, opt, data, gen, args.batch, lr_at(s), loss_of)
         if (s + 1) % 100 == 0 or s + 1 == args.steps:
             sh, ch, co = evaluate(model, held)
-            d = f" distill {dist.item():.3f}" if dist is not None else ""
+            d = f" distill {dist[0].item():.3f}" if dist[0] is not None else ""
             print(f"[{name}] step {s + 1} loss {loss.item():.3f}{d} | held shape {sh:.3f} char {ch:.3f} "
                   f"color {co:.3f} ({time.time() - t0:.0f}s)", flush=True)
 
@@ -124,7 +108,7 @@ def main() -> None:
     torch.manual_seed(0)
     if args.what == "teacher":
         model = Teacher()
-        train(model, list(model.parameters()), data, held, args, name=args.name)
+        train(model, data, held, args, name=args.name)
         torch.save(model.state_dict(), args.name)
         return
     from internvl.checkpoint.io import build_model
@@ -150,7 +134,7 @@ def main() -> None:
                 target = F.layer_norm(teacher.features(b.pixel_values).float(), (FEAT,))
             return F.mse_loss(m.to_teacher(m.tokens), target)
 
-    train(student, list(student.parameters()), data, held, args, extra, args.name)
+    train(student, data, held, args, extra, args.name)
 
 
 if __name__ == "__main__":

@@ -38,6 +38,35 @@ def tiles(n, seed, size=224, patch=14, max_num=4):
     return out
 
 
+def schedule(lr: float, steps: int, warmup: int):
+    """Linear warmup, then cosine to zero at `steps`."""
+
+    def at(s: int) -> float:
+        if s < warmup:
+            return lr * (s + 1) / warmup
+        return lr * 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, steps - warmup)))
+
+    return at
+
+
+def train_step(model, opt, data, gen, batch, lr, loss_of):
+    """One AdamW step at rate `lr` on `batch` random views of `data`: the loss is loss_of(parts, batch) of the four
+    patch losses (gradients clipped to norm 1). Returns the parts, the read-out's accuracies and the loss."""
+    from internvl.nano.vit import PatchBatch, patch_losses
+
+    for g in opt.param_groups:
+        g["lr"] = lr
+    b = PatchBatch.of(data, gen.integers(0, len(data["images"]), batch))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        parts, acc = patch_losses(model, b)
+        loss = loss_of(parts, b)
+    opt.zero_grad()
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], 1.0)
+    opt.step()
+    return parts, acc, loss
+
+
 class PatchMLP(nn.Module):
     """No context: each 14x14 patch's pixels alone."""
 
@@ -74,7 +103,7 @@ def main():
     from internvl.checkpoint.io import build_model, load_weights
     from internvl.checkpoint.layouts import read_config
     from internvl.model.llm import init_weights
-    from internvl.nano.vit import PatchBatch, PatchReadout, patch_losses
+    from internvl.nano.vit import PatchBatch, PatchReadout
     from internvl.tokenizer import Tokenizer
 
     t0 = time.time()
@@ -101,14 +130,9 @@ def main():
         ro.forward = lambda x: ro.head(enc(x)[:, 1:].float())
     opt = torch.optim.AdamW(ro.parameters(), args.lr, betas=(0.9, 0.98), weight_decay=args.wd)
 
-    def lr_at(s):
-        if s < args.warmup:
-            return args.lr * (s + 1) / args.warmup
-        return args.lr * 0.5 * (1 + math.cos(math.pi * (s - args.warmup) / max(1, args.steps - args.warmup)))
-
+    lr_at = schedule(args.lr, args.steps, args.warmup)
     hb = PatchBatch.of(held, slice(None))
     gen = np.random.default_rng(0)
-    n = len(data["images"])
     acc_hist = []
 
     def evaluate():
@@ -125,16 +149,8 @@ def main():
         return float((pk[obj] == hb.kind[obj]).float().mean()), float((pc[txt] == hb.char[txt]).float().mean())
 
     for s in range(args.steps):
-        for g in opt.param_groups:
-            g["lr"] = lr_at(s)
-        b = PatchBatch.of(data, gen.integers(0, n, args.batch))
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            parts, acc = patch_losses(ro, b)
-        loss = parts[args.only] if args.only else sum(parts.values())
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(ro.parameters(), 1.0)
-        opt.step()
+        parts, acc, loss = train_step(ro, opt, data, gen, args.batch, lr_at(s),
+                                      lambda parts, b: parts[args.only] if args.only else sum(parts.values()))
         acc_hist.append({k: float(v[0]) / max(v[1], 1) for k, v in acc.items()})
         if (s + 1) % 100 == 0 or s + 1 == args.steps:
             last = acc_hist[-100:]
