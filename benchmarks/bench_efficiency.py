@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shutil
 import tempfile
 import time
 from dataclasses import fields
@@ -217,6 +218,8 @@ def timing_table(args, folder: Path) -> list[dict]:
     measure(model, EfficiencyConfig(), prompt(ids3, pv.shape[0], cfg.num_image_token, llm.vocab_size), pv, 1)
     for key, (method, label, spec) in enumerate(settings_for(llm.num_hidden_layers, llm.num_attention_heads,
                                             cfg.num_image_token, folder, args.schedule, args.head_mask)):  # fmt: skip
+        if args.only and label not in args.only:
+            continue
         reason = why_not(spec, model)
         if reason is not None:
             print(f"skipped {label} ({spec}): {reason}", flush=True)
@@ -240,14 +243,13 @@ def accuracy_table(args, folder: Path) -> dict[int, dict]:
     """Setting number -> the built-in model's accuracy on the synthetic test split (overall, per task) and its
     prefill GFLOPs, each setting made for its depth (FastV at layer 2, drop after half the layers)."""
     from internvl.api import load
-    from internvl.eval import SyntheticTask, evaluate, synthetic_split
+    from internvl.eval import synthetic_split
     from internvl.eval.runner import default_max_num
 
     model = load(None, device="cpu")
     cfg = model.config
     tasks = args.tasks.split(",") if args.tasks else None
     split = synthetic_split("test", args.split_n, tasks)
-    task = SyntheticTask(split, tasks, limit=args.n)
     own = folder / "builtin"
     own.mkdir(exist_ok=True)
     out = {}
@@ -260,18 +262,46 @@ def accuracy_table(args, folder: Path) -> dict[int, dict]:
         if reason is not None:
             print(f"accuracy: skipped {label}: {reason}", flush=True)
             continue
+        if args.only and label not in args.only:
+            continue
+        if method == "budget":  # the same share of the plain image's tiles as in the timing table
+            share = int(spec.partition("=")[2]) / cfg.num_image_token / (args.tiles + 1)
+            spec = f"max_visual_tokens={max(1, round(share * (max_num + 1))) * cfg.num_image_token}"
         model.use_efficiency(spec)
         t0 = time.perf_counter()
-        summary = evaluate(model, task, own / f"eval-{len(out)}", batch_size=args.batch_size, max_num=max_num,
-                           progress=False)  # fmt: skip
+        summary, left_out = evaluate_fitting(model, split, tasks, args, own / f"eval-{len(out)}", max_num)
         eff = EfficiencyConfig.from_spec(spec)
         tiles = image_tiles(cfg, eff, max_num).shape[0]
         out[key] = {"method": method, "label": label, "spec": spec, "overall": summary["overall"],
-                    "tasks": {t: r["accuracy"] for t, r in summary["tasks"].items()},
+                    "tasks": {t: r["accuracy"] for t, r in summary["tasks"].items()}, "left_out": left_out,
                     **gflops(cfg, tiles, eff)}  # fmt: skip
-        print(f"accuracy {label}: {summary['overall']:.1%} ({time.perf_counter() - t0:.0f} s)", flush=True)
+        print(f"accuracy {label}: {summary['overall']:.1%} ({time.perf_counter() - t0:.0f} s)"
+              + (f", without {', '.join(left_out)}" if left_out else ""), flush=True)  # fmt: skip
     model.use_efficiency(None)
     return out
+
+
+def evaluate_fitting(model, split, tasks, args, folder: Path, max_num: int) -> tuple[dict, list[str]]:
+    """(summary, tasks left out): the tasks whose prompts the setting refuses (a visual-token budget below one
+    tile per video frame) are left out, named, and the rest evaluated."""
+    from internvl.errors import PromptError
+    from internvl.eval import SyntheticTask, evaluate
+    from internvl.synth import TASKS
+
+    names, left_out = list(tasks or TASKS), []
+    while True:
+        try:
+            task = SyntheticTask(split, names, limit=args.n)
+            return evaluate(model, task, folder, batch_size=args.batch_size, max_num=max_num,
+                            progress=False), left_out  # fmt: skip
+        except PromptError as exc:
+            refused = str(exc).removeprefix("question ").partition("/")[0]
+            if refused not in names or len(names) == 1:
+                raise
+            print(f"accuracy: {refused} left out: {exc}", flush=True)
+            names.remove(refused)
+            left_out.append(refused)
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def markdown(rows: list[dict], acc: dict[int, dict]) -> str:
@@ -292,7 +322,8 @@ def markdown(rows: list[dict], acc: dict[int, dict]) -> str:
         if acc:
             a = acc.get(r["key"])
             cells += ["-"] * (2 + len(tasks)) if a is None else [
-                f"{a['overall']:.1%}", f"{(a['overall'] - plain) * 100:+.1f}" if plain is not None else "-",
+                f"{a['overall']:.1%}" + (f" (no {', '.join(a['left_out'])})" if a.get("left_out") else ""),
+                f"{(a['overall'] - plain) * 100:+.1f}" if plain is not None else "-",
                 *(f"{a['tasks'].get(t, float('nan')):.0%}" for t in tasks)]  # fmt: skip
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(lines)
@@ -363,6 +394,15 @@ def main() -> None:
     )
     ap.add_argument("--builtin-head-mask", default=None, help="a calibrated head mask for the built-in model")
     ap.add_argument("--plot", default="bench_efficiency.png")
+    ap.add_argument(
+        "--accuracy-only", action="store_true", help="only the accuracy table (implies --accuracy)"
+    )
+    ap.add_argument(
+        "--only",
+        type=lambda v: v.split(","),
+        default=None,
+        help="only these settings, by label (comma-separated): e.g. 'plain,7 tiles'",
+    )
     ap.add_argument("--json", default=None, help="write the rows as JSON here")
     ap.add_argument(
         "--quick", action="store_true", help="tiny shape, 2 x 2 tiles, 8 tokens: checks that it runs"
@@ -377,9 +417,12 @@ def main() -> None:
         flush=True,
     )
     with tempfile.TemporaryDirectory() as tmp:
-        rows = timing_table(args, Path(tmp))
-        acc = accuracy_table(args, Path(tmp)) if args.accuracy else {}
-    print(markdown(rows, acc))
+        rows = [] if args.accuracy_only else timing_table(args, Path(tmp))
+        acc = accuracy_table(args, Path(tmp)) if args.accuracy or args.accuracy_only else {}
+    if rows:
+        print(markdown(rows, acc))
+    for a in acc.values():
+        print(f"{a['label']}: {a['overall']:.1%}", *(f"{t} {v:.0%}" for t, v in a["tasks"].items()))
     if args.json:
         Path(args.json).write_text(json.dumps({"rows": rows, "accuracy": acc}, indent=1) + "\n")
     plot(rows, acc, args.plot)
