@@ -304,6 +304,15 @@ def evaluate_fitting(model, split, tasks, args, folder: Path, max_num: int) -> t
             shutil.rmtree(folder, ignore_errors=True)
 
 
+def same_tasks(plain_acc: dict | None, a: dict, plain: float) -> float:
+    """The plain model's accuracy over the tasks that setting `a` was scored on (all of them, unless it left some
+    out), so that 'vs plain' compares like with like."""
+    if not a.get("left_out") or not plain_acc or not plain_acc["tasks"]:
+        return plain
+    kept = [v for t, v in plain_acc["tasks"].items() if t not in a["left_out"]]
+    return sum(kept) / len(kept)
+
+
 def markdown(rows: list[dict], acc: dict[int, dict]) -> str:
     head = ["setting", "spec", "tiles", "GFLOPs", "FLOPs", "decoder FLOPs", "prefill s", "TTFT s", "TTFT speed-up",
             "decode tok/s", "KL", f"greedy {NEW}"]  # fmt: skip
@@ -323,7 +332,7 @@ def markdown(rows: list[dict], acc: dict[int, dict]) -> str:
             a = acc.get(r["key"])
             cells += ["-"] * (2 + len(tasks)) if a is None else [
                 f"{a['overall']:.1%}" + (f" (no {', '.join(a['left_out'])})" if a.get("left_out") else ""),
-                f"{(a['overall'] - plain) * 100:+.1f}" if plain is not None else "-",
+                f"{(a['overall'] - same_tasks(acc.get(base['key']), a, plain)) * 100:+.1f}" if plain is not None else "-",
                 *(f"{a['tasks'].get(t, float('nan')):.0%}" for t in tasks)]  # fmt: skip
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(lines)
