@@ -91,6 +91,23 @@ def settings_for(layers: int, heads: int, tile_tokens: int, folder: Path, schedu
     ]
 
 
+def chosen(settings: list, only: list[str] | None) -> list:
+    """(setting number, setting) of the settings whose labels `only` names (all when None); a label that names
+    none of them is an error that lists the labels there are."""
+    numbered = list(enumerate(settings))
+    if not only:
+        return numbered
+    labels = [label for _, label, _ in settings]
+    unknown = [label for label in only if label not in labels]
+    if len(unknown) == len(only):
+        raise SystemExit(
+            f"--only: no setting {', '.join(map(repr, unknown))}; the settings: {', '.join(labels)}"
+        )
+    for label in unknown:
+        print(f"--only: no setting {label!r} for this model (its settings: {', '.join(labels)})", flush=True)
+    return [(key, st) for key, st in numbered if st[1] in only]
+
+
 def why_not(spec: str, model) -> str | None:
     """None when this checkout can run the setting, else why not (a switch EfficiencyConfig lacks, or
     decoder code that refuses the model or is missing)."""
@@ -216,10 +233,8 @@ def timing_table(args, folder: Path) -> list[dict]:
     llm = cfg.llm
     pv = image_tiles(cfg, EfficiencyConfig(), args.tiles)  # a warm-up run: the first row is not the slowest
     measure(model, EfficiencyConfig(), prompt(ids3, pv.shape[0], cfg.num_image_token, llm.vocab_size), pv, 1)
-    for key, (method, label, spec) in enumerate(settings_for(llm.num_hidden_layers, llm.num_attention_heads,
-                                            cfg.num_image_token, folder, args.schedule, args.head_mask)):  # fmt: skip
-        if args.only and label not in args.only:
-            continue
+    for key, (method, label, spec) in chosen(settings_for(llm.num_hidden_layers, llm.num_attention_heads,
+                                        cfg.num_image_token, folder, args.schedule, args.head_mask), args.only):  # fmt: skip
         reason = why_not(spec, model)
         if reason is not None:
             print(f"skipped {label} ({spec}): {reason}", flush=True)
@@ -255,14 +270,12 @@ def accuracy_table(args, folder: Path) -> dict[int, dict]:
     out = {}
     llm = cfg.llm
     max_num = args.builtin_max_num or default_max_num(model)  # tiles per image (the built-in model: 1)
-    for key, (method, label, spec) in enumerate(settings_for(llm.num_hidden_layers, llm.num_attention_heads,
+    for key, (method, label, spec) in chosen(settings_for(llm.num_hidden_layers, llm.num_attention_heads,
                                             cfg.num_image_token, own, args.builtin_schedule,
-                                            args.builtin_head_mask)):  # fmt: skip
+                                            args.builtin_head_mask), args.only):  # fmt: skip
         reason = why_not(spec, model.model)
         if reason is not None:
             print(f"accuracy: skipped {label}: {reason}", flush=True)
-            continue
-        if args.only and label not in args.only:
             continue
         if method == "budget":  # the same share of the plain image's tiles as in the timing table
             share = int(spec.partition("=")[2]) / cfg.num_image_token / (args.tiles + 1)
