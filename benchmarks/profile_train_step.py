@@ -5,10 +5,13 @@ same packed micro-batches), then times a few optimizer steps split into: the vis
 the decoder's forward and backward, the optimizer. Achieved FLOP/s of the decoder's matmuls are set against
 a plain matmul of the same width measured in the same process (the machine's practical peak for that dtype).
 The packed batches run twice: attention per sample (`Spans`, what training uses) and one block-diagonal mask
-over the whole pack (the earlier code path), so the ratio of the two is measured on the same data.
+over the whole pack (the earlier code path), so the ratio of the two is measured on the same data. With
+`--compile` they run a third time with the vision layers and the decoder's norms and feed-forward blocks
+compiled (`--compile` of `internvl finetune`); the first compiled step, which builds the kernels, is timed
+apart.
 
     python benchmarks/profile_train_step.py MODEL --data META.json --config configs/train/nano.yaml \
-        [--steps 3]
+        [--steps 3] [--compile]
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ def main() -> None:
     ap.add_argument("--config", required=True)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--out", default="/tmp/profile_train_step")
+    ap.add_argument("--compile", action="store_true", help="also time the step with torch.compile'd regions")
     a = ap.parse_args()
 
     values = {**read_yaml(a.config), "data": a.data, "out": a.out, "num_workers": 0}
@@ -97,15 +101,40 @@ def main() -> None:
         parts["optimizer"] += time.perf_counter() - t
 
     report = {"cpu": cpu_features(), "threads": torch.get_num_threads(), "compute_dtype": str(compute)}
-    for mode in ("spans", "block-diagonal mask"):
-        if mode == "spans":
-            llm_module.PACKED_ATTENTION = "spans"
-        else:
-            llm_module.PACKED_ATTENTION = "mask"
-        timed_step(steps[0], {k: 0.0 for k in ("vision", "forward (all, incl. vision again)", "backward",
-                                                 "optimizer", "tokens", "samples")})  # warm-up
-        parts = {k: 0.0 for k in ("vision", "forward (all, incl. vision again)", "backward", "optimizer",
-                                  "tokens", "samples")}
+    modes = ["spans", "block-diagonal mask"] + (["spans, compiled regions"] if a.compile else [])
+    for mode in modes:
+        llm_module.PACKED_ATTENTION = "mask" if mode == "block-diagonal mask" else "spans"
+        if mode == "spans, compiled regions":
+            from internvl.train.compiled import compile_regions
+
+            report["compiled modules"] = compile_regions(model)
+        t = time.perf_counter()
+        timed_step(
+            steps[0],
+            {
+                k: 0.0
+                for k in (
+                    "vision",
+                    "forward (all, incl. vision again)",
+                    "backward",
+                    "optimizer",
+                    "tokens",
+                    "samples",
+                )
+            },
+        )  # warm-up
+        warm = time.perf_counter() - t
+        parts = {
+            k: 0.0
+            for k in (
+                "vision",
+                "forward (all, incl. vision again)",
+                "backward",
+                "optimizer",
+                "tokens",
+                "samples",
+            )
+        }
         t0 = time.perf_counter()
         for micro in steps[1:]:
             timed_step(micro, parts)
@@ -121,11 +150,17 @@ def main() -> None:
             "decoder+projector forward+backward s": round(fwd_bwd / n, 3),
             "optimizer s": round(parts["optimizer"] / n, 3),
             "decoder linear GFLOP/s (achieved)": round(decoder_flops / max(fwd_bwd, 1e-9) / 1e9, 1),
+            "first step s (compiles when compiled)": round(warm, 1),
         }
     peak_dtype = compute if compute != torch.float32 else torch.float32
     report["matmul peak GFLOP/s"] = round(matmul_peak(2048, hidden, peak_dtype) / 1e9, 1)
     report["samples/s ratio, spans / mask"] = round(
-        report["block-diagonal mask"]["seconds per step"] / report["spans"]["seconds per step"], 2)
+        report["block-diagonal mask"]["seconds per step"] / report["spans"]["seconds per step"], 2
+    )
+    if a.compile:
+        report["samples/s ratio, compiled / eager spans"] = round(
+            report["spans"]["seconds per step"] / report["spans, compiled regions"]["seconds per step"], 2
+        )
     report["layers"] = layers
     print(json.dumps(report, indent=2))
 

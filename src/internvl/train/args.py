@@ -166,6 +166,8 @@ class RunArgs:
         "--resume continues it",
     )
     log_every: int = _f(10, "log metrics every N steps")
+    compile: bool = _f(False, "torch.compile the vision layers and the decoder's norms and feed-forward blocks "
+                              "(dynamic shapes; builds its kernels in the first step, about a minute)")
     tensorboard: bool = _f(True, "also log to TensorBoard in OUT/tensorboard (when installed)")
 
     def __post_init__(self) -> None:

@@ -24,7 +24,8 @@ from .prepare import Prepared, prepare_model
 
 # arguments that may change between a run and its resumption
 RESUMABLE_CHANGES = {"resume", "save_every", "keep_last", "log_every", "tensorboard", "num_workers", "threads",
-                     "device", "save_layout", "save_dtype", "save_merged", "out", "stop_after"}  # fmt: skip
+                     "device", "save_layout", "save_dtype", "save_merged", "out", "stop_after",
+                     "compile"}  # fmt: skip
 FINAL, MERGED = "final", "merged"
 
 
@@ -152,6 +153,12 @@ def run_loop(args: TrainArgs, prepared: Prepared, data: DataSource, objective, c
     out, model, total, compute = Path(m.out), prepared.model, data.total_steps, prepared.compute_dtype
     if ctx.distributed:
         shard_model(model, compute if compute != torch.float32 else None)
+    if r.compile:
+        from .compiled import compile_available, compile_regions
+
+        if (why := compile_available()) is not None:
+            raise TrainingError(f"--compile: {why}")
+        log(f"torch.compile: {compile_regions(model)} modules (the first step builds their kernels)")
     optimizer = build_optimizer(model, o.lr, o.weight_decay, (o.adam_beta1, o.adam_beta2), o.adam_eps)
     objective = objective or SFTObjective(args.data.loss_reduction)
     objective.setup(model, ctx.device)
