@@ -38,10 +38,11 @@ def model(tmp_path_factory):
     return tiny_checkpoint(tmp_path_factory.mktemp("resume") / "model")
 
 
-def start(model, meta, out, *extra):
+def start(model, meta, out, *extra, group: bool = False):
     cmd = [sys.executable, "-m", "internvl", "finetune", str(model), "--data", str(meta), "--out", str(out),
            *flags(OPTIONS), *extra]  # fmt: skip
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=group)  # fmt: skip
 
 
 def wait_for_checkpoint(proc, out, after: int = 0, timeout: float = 120):
@@ -122,3 +123,17 @@ def test_stop_after_then_resume_equals_one_run(model, meta, tmp_path):
     a = load_file(str(whole.final / "model.safetensors"))
     b = load_file(str(rest.final / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_sigterm_to_the_whole_process_group_stops_cleanly(model, meta, tmp_path):
+    """`kill -- -PGID`, `pkill -f` or `docker stop` signal the data workers too: the run still stops after its
+    step with a checkpoint, instead of failing on a dead worker."""
+    out = tmp_path / "run"
+    proc = start(model, meta, out, "--max-steps", "400", group=True)
+    first = wait_for_checkpoint(proc, out)
+    os.killpg(proc.pid, signal.SIGTERM)
+    stdout, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert "DataLoader worker" not in err and "Traceback" not in err
+    stopped = int(find_latest(out).name.split("-")[1])
+    assert stopped >= first and f"stopped at step {stopped}" in stdout

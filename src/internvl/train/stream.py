@@ -34,9 +34,12 @@ def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
     return np.random.default_rng((seed, 7919, epoch)).permutation(n)
 
 
-def _ignore_sigint(_worker_id: int) -> None:
-    # Ctrl-C goes to the whole process group: the main process handles it and stops the workers itself.
+def _ignore_stop_signals(_worker_id: int) -> None:
+    # Ctrl-C, `kill -- -PGID`, `pkill -f` and `docker stop` reach the workers too: the main process handles the
+    # signal (a checkpoint after the current step) and stops the workers itself; a worker that died first would
+    # make the loader raise instead. Workers still exit with their parent (the loader's watchdog).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def _identity(x):
@@ -46,7 +49,7 @@ def _identity(x):
 def _loader(dataset, sampler_kwargs: dict, collate_fn, num_workers: int, pin: bool, seed: int) -> DataLoader:
     return DataLoader(
         dataset, collate_fn=collate_fn, num_workers=num_workers, pin_memory=pin,
-        worker_init_fn=_ignore_sigint if num_workers else None,
+        worker_init_fn=_ignore_stop_signals if num_workers else None,
         # a private generator: creating the iterator must not consume the global torch RNG (exact resume)
         generator=torch.Generator().manual_seed(seed), prefetch_factor=4 if num_workers else None,
         persistent_workers=False, **sampler_kwargs,
