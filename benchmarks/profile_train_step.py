@@ -24,6 +24,8 @@ from pathlib import Path
 import torch
 from common import cpu_features
 
+PARTS = ("vision", "forward (all, incl. vision again)", "backward", "optimizer", "tokens", "samples")
+
 
 def matmul_peak(n: int, k: int, dtype: torch.dtype, seconds: float = 1.0) -> float:
     """FLOP/s of an [n, k] x [k, k] matmul in `dtype`, the best of a few timed bursts."""
@@ -109,32 +111,9 @@ def main() -> None:
 
             report["compiled modules"] = compile_regions(model)
         t = time.perf_counter()
-        timed_step(
-            steps[0],
-            {
-                k: 0.0
-                for k in (
-                    "vision",
-                    "forward (all, incl. vision again)",
-                    "backward",
-                    "optimizer",
-                    "tokens",
-                    "samples",
-                )
-            },
-        )  # warm-up
+        timed_step(steps[0], dict.fromkeys(PARTS, 0.0))  # warm-up
         warm = time.perf_counter() - t
-        parts = {
-            k: 0.0
-            for k in (
-                "vision",
-                "forward (all, incl. vision again)",
-                "backward",
-                "optimizer",
-                "tokens",
-                "samples",
-            )
-        }
+        parts = dict.fromkeys(PARTS, 0.0)
         t0 = time.perf_counter()
         for micro in steps[1:]:
             timed_step(micro, parts)
