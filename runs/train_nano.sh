@@ -6,7 +6,9 @@
 #   START=DIR      start the language stages from this model folder instead of the vision stage, e.g.
 #                  START=src/internvl/assets/nano STAGES=stage1b continues training the shipped model
 #   STAGES="..."   the stages after the vision stage, in order (default: shapes stage0 stage1a stage1 stage1b vit4
-#                  stage2); vit4 pretrains the encoder again on native-scale tiles, keeping the language model
+#                  stage2 stage2b stage2c stage2d, the shipped model's lineage); vit4 pretrains the encoder again on
+#                  native-scale tiles, keeping the language model; stage2b and stage2c continue stage 2 on the same
+#                  data (another order, lower peaks; stage2c trains the encoder's top 3 layers too, stage2d all 6)
 #   STEPS_stage1=N the steps of a stage (its cosine schedule spans them; default: the stage's config)
 #   ARGS_stage1="--lr 5e-4"   more finetune flags for a stage (e.g. a lower peak when continuing a model)
 #   N=6000         items per task in the train split
@@ -16,7 +18,7 @@
 set -euo pipefail
 OUT=${1:-runs/nano}
 N=${N:-6000}                   # items per task in the train split
-STAGES=${STAGES:-"shapes stage0 stage1a stage1 stage1b vit4 stage2"}
+STAGES=${STAGES:-"shapes stage0 stage1a stage1 stage1b vit4 stage2 stage2b stage2c stage2d"}
 export OMP_WAIT_POLICY=PASSIVE # yield the cores when another process competes for them
 mkdir -p "$OUT"
 
@@ -50,7 +52,7 @@ for name in $STAGES; do
     continue
   fi
   case $name in shapes) config=nano-shapes ;; stage1) config=nano ;; *) config=nano-$name ;; esac
-  data=$name; [ "$name" = stage2 ] && data=stage1b  # stage 2 trains on stage 1b's mixture, tiled
+  data=$name; case $name in stage2*) data=stage1b ;; esac  # stage 2 trains on stage 1b's mixture, tiled
   steps_var="STEPS_$name"; steps=${!steps_var:-}
   args_var="ARGS_$name"; read -r -a extra <<< "${!args_var:-}"
   [ -f "$OUT/$name/final/config.json" ] || internvl finetune "$prev" --data "$OUT/curriculum/$data.json" \

@@ -17,7 +17,8 @@ from internvl.nano.ship import ship
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {"N": "3", "CUR_SCALE": "0.0005", "VIT_STEPS": "2", "VIT_IMAGES": "16", "EVAL_N": "2",
         "STEPS_shapes": "2", "STEPS_stage0": "2", "STEPS_stage1a": "2", "STEPS_stage1": "2",
-        "STEPS_stage1b": "2", "STEPS_vit4": "2", "VIT4_IMAGES": "3", "STEPS_stage2": "2"}  # fmt: skip
+        "STEPS_stage1b": "2", "STEPS_vit4": "2", "VIT4_IMAGES": "3", "STEPS_stage2": "2", "STEPS_stage2b": "2",
+        "STEPS_stage2c": "2", "STEPS_stage2d": "2"}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +32,7 @@ def recipe(tmp_path_factory):
 
 
 def test_every_stage_runs_and_the_benchmark_scores_every_task(recipe):
-    for stage in ("shapes", "stage0", "stage1a", "stage1", "stage1b", "stage2"):
+    for stage in ("shapes", "stage0", "stage1a", "stage1", "stage1b", "stage2", "stage2b", "stage2c", "stage2d"):
         assert (recipe / stage / "final" / "model.safetensors").is_file(), stage
         state = json.loads((recipe / stage / "checkpoints" / "step-00000002" / "state.json").read_text())
         assert state["step"] == 2
@@ -39,6 +40,13 @@ def test_every_stage_runs_and_the_benchmark_scores_every_task(recipe):
     tiled = json.loads((recipe / "vit4" / "vit_pretrain.json").read_text())
     assert tiled["steps"] == 2 and tiled["images"] >= 3  # every view of the 3 images
     assert json.loads((recipe / "stage2" / "final" / "config.json").read_text())["max_dynamic_patch"] == 4
+    # the lineage after stage 2: each continuation starts from the one before, on stage 1b's mixture; the
+    # last one trains the encoder's top 3 layers too
+    for stage, seed in (("stage2b", 5), ("stage2c", 7), ("stage2d", 8)):
+        args = json.loads((recipe / stage / "checkpoints" / "step-00000002" / "state.json").read_text())["args"]
+        assert args["seed"] == seed and args["data"].endswith("stage1b.json")
+    args = json.loads((recipe / "stage2c" / "checkpoints" / "step-00000002" / "state.json").read_text())["args"]
+    assert args["model"].endswith("stage2b/final") and args["unfreeze_vit_layers"] == -3
     summary = json.loads((recipe / "eval" / "summary.json").read_text())
     assert len(summary["tasks"]) == 15 and all(t["n"] == 2 for t in summary["tasks"].values())
 
