@@ -10,7 +10,8 @@
 #                  native-scale tiles, keeping the language model; stage2b and stage2c continue stage 2 on the same
 #                  data (another order, lower peaks; stage2c trains the encoder's top 3 layers too, stage2d all 6)
 #   STEPS_stage1=N the steps of a stage (its cosine schedule spans them; default: the stage's config)
-#   ARGS_stage1="--lr 5e-4"   more finetune flags for a stage (e.g. a lower peak when continuing a model)
+#   ARGS_stage1="--lr 5e-4"   more finetune flags for a stage (e.g. a lower peak when continuing a model);
+#                  ARGS_vit4="--balance-kind" for the vit4 stage's `internvl nano vit`
 #   N=6000         items per task in the train split
 #   VIT_STEPS=1200 VIT_IMAGES=20000 CUR_SCALE=1 EVAL_N=200   the other sizes (a tiny run: tests/test_nano_recipe.py)
 # Run nothing else that uses the cores meanwhile: two processes with two OpenMP threads each on two cores
@@ -47,7 +48,7 @@ for name in $STAGES; do
   if [ "$name" = vit4 ]; then  # the encoder again, on dynamic tiling's tiles (up to 4) and thumbnails
     [ -f "$OUT/vit4/vit_pretrain.json" ] || internvl nano vit --init "$prev" --keep-weights --max-num 4 \
         --out "$OUT/vit4" --data "$OUT/vit4_data.npz" --steps "${STEPS_vit4:-2000}" \
-        --images "${VIT4_IMAGES:-6000}" --lr 5e-4 --resume
+        --images "${VIT4_IMAGES:-6000}" --lr 5e-4 --resume ${ARGS_vit4:-}
     prev="$OUT/vit4"
     continue
   fi

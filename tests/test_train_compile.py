@@ -64,3 +64,39 @@ def test_compiled_training_ends_with_the_eager_weights(model, meta, tmp_path):
         start = load_file(model / "model.safetensors")[key]
         moved += not torch.equal(start, w)
     assert moved > len(eager) // 2  # the vision encoder, projector and decoder all trained
+
+
+def test_compiled_vision_pretraining_follows_the_eager_run(model, tmp_path, monkeypatch):
+    """`internvl nano vit --compile`: each vision layer compiled, the same losses step by step (bf16 autocast,
+    so to bf16's precision) and a model folder with the same tensors."""
+    import csv
+    import json
+
+    import internvl.train.compiled as compiled_module
+    from internvl.nano.vit import pretrain
+
+    compiled_counts = []
+    monkeypatch.setattr(
+        compiled_module, "compile_regions", lambda m: compiled_counts.append(compile_regions(m))
+    )
+
+    opts = {"steps": 3, "images": 4, "batch": 4, "lr": 1e-3, "log_every": 1, "save_every": 0, "threads": 1,
+            "data": tmp_path / "pool.npz"}  # fmt: skip
+    n = torch.get_num_threads()
+    try:
+        runs = {
+            k: pretrain(model, tmp_path / k, compile=k == "compiled", **opts) for k in ("eager", "compiled")
+        }
+    finally:
+        torch.set_num_threads(n)
+    vision_layers = json.loads((model / "config.json").read_text())["vision_config"]["num_hidden_layers"]
+    assert compiled_counts == [vision_layers]  # the compiled run alone, every vision layer and nothing else
+    losses = {}
+    for k in runs:
+        with open(tmp_path / k / "metrics.csv") as f:
+            losses[k] = [float(row["loss"]) for row in csv.DictReader(f)]
+    assert len(losses["eager"]) == 3 and losses["eager"] == pytest.approx(losses["compiled"], rel=2e-2)
+    eager, compiled = (load_file(str(tmp_path / k / "model.safetensors")) for k in ("eager", "compiled"))
+    assert eager.keys() == compiled.keys()
+    for key in eager:
+        torch.testing.assert_close(compiled[key], eager[key], rtol=5e-2, atol=5e-3)

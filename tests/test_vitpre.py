@@ -172,3 +172,35 @@ def test_pretraining_can_continue_a_trained_model_on_tiles(tmp_path):
     vit = [k for k in a if k.startswith("vision_model.") and "weight" in k]
     assert llm and all(torch.equal(a[k], b[k]) for k in llm)
     assert any(not torch.equal(a[k], b[k]) for k in vit)
+
+
+def test_balanced_kind_loss_is_the_cross_entropy_over_object_patches(tmp_path):
+    """--balance-kind adds the kind cross-entropy over object patches alone (background, the most patches,
+    no longer dominates kind), reports it held out, and a run cannot resume with it switched."""
+    from internvl.nano.patches import make_set
+    from internvl.nano.vit import PatchBatch, PatchHead, patch_losses
+
+    pool = make_set(4, 3, 56, 14)
+    batch = PatchBatch.of(pool, slice(None))
+    assert 0 < batch.objects < batch.num_tokens
+    torch.manual_seed(0)
+    head = PatchHead(3 * 14 * 14)
+
+    def readout(pixels):  # raw patches as tokens: enough to check which patches the losses cover
+        return head(pixels.unfold(2, 14, 14).unfold(3, 14, 14).permute(0, 2, 3, 1, 4, 5).flatten(1, 2).flatten(2))
+
+    plain, _ = patch_losses(readout, batch)
+    balanced, _ = patch_losses(readout, batch, balance_kind=True)
+    obj = batch.kind > 0
+    expected = torch.nn.functional.cross_entropy(readout(batch.pixel_values)["kind"][obj], batch.kind[obj])
+    assert "kind_objects" not in plain and torch.allclose(balanced["kind_objects"], expected)
+    assert torch.allclose(balanced["kind"], plain["kind"]) and not torch.allclose(expected, plain["kind"])
+
+    init = tiny_checkpoint(tmp_path / "init")
+    opts = {"steps": 4, "images": 4, "batch": 4, "lr": 3e-3, "save_every": 2, "log_every": 1000}
+    part = pretrain(init, tmp_path / "out", stop_after=2, balance_kind=True, **opts)
+    assert part["paused"]
+    with pytest.raises(TrainingError, match="balance_kind was True, now False"):
+        pretrain(init, tmp_path / "out", resume=True, **opts)
+    done = pretrain(init, tmp_path / "out", resume=True, balance_kind=True, **opts)
+    assert "kind_objects" in done["held_out"]

@@ -60,6 +60,8 @@ class VitOptions:
     probe_only: bool = option(False, "train the read-out alone on the random encoder (baseline)")
     max_num: int = option(1, "tiles per image: >1 trains on dynamic tiling's native-scale tiles and thumbnail")
     keep_weights: bool = option(False, "start from INIT's weights (a trained model) instead of a fresh encoder")
+    balance_kind: bool = option(False, "add the kind loss over object patches alone (background dominates kind)")
+    compile: bool = option(False, "torch.compile each vision layer (needs a C++ compiler; about a minute to build)")
 
 
 @dataclass
@@ -133,7 +135,8 @@ def _run(verb: str, args: argparse.Namespace) -> int:
         result = pretrain(args.init, args.out, args.steps, args.images, args.batch, args.lr,
                           save_every=args.save_every, data=args.data, train_encoder=not args.probe_only,
                           progress=True, resume=args.resume, stop_after=args.stop_after, max_num=args.max_num,
-                          keep_weights=args.keep_weights)  # fmt: skip
+                          keep_weights=args.keep_weights, balance_kind=args.balance_kind,
+                          compile=args.compile)  # fmt: skip
         print(json.dumps(result, indent=2))
         return 130 if result.get("interrupted") else 0
     elif verb == "ship":

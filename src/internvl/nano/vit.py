@@ -27,7 +27,8 @@ from .patches import CHARS, KINDS, make_set
 DONE = "vit_pretrain.json"  # written last: the summary of a finished run
 HELD_OUT = 256  # images of the held-out set (seed + 1) that the summary reports on
 TARGETS = ("kind", "color", "char", "box")
-RESUME_KEYS = ("steps", "images", "batch", "lr", "seed", "train_encoder", "max_num", "keep_weights")  # must match to resume
+RESUME_KEYS = ("steps", "images", "batch", "lr", "seed", "train_encoder", "max_num", "keep_weights",
+               "balance_kind")  # must match to resume
 
 
 class PatchHead(nn.Module):
@@ -92,9 +93,11 @@ class PatchBatch:
         return PatchBatch(**moved)
 
 
-def patch_losses(readout: nn.Module, b: PatchBatch) -> tuple[dict, dict[str, tuple[torch.Tensor, float]]]:
+def patch_losses(readout: nn.Module, b: PatchBatch,
+                 balance_kind: bool = False) -> tuple[dict, dict[str, tuple[torch.Tensor, float]]]:
     """The four losses (cross-entropy on kind, color, character; smooth L1 on the box sides of object patches)
-    and the read-out's accuracies as (sum, count) pairs."""
+    and the read-out's accuracies as (sum, count) pairs. `balance_kind` adds a fifth: the kind cross-entropy
+    over object patches alone, so that the background (most patches) no longer dominates what kind learns."""
     pred = readout(b.pixel_values)
     obj = b.kind > 0
 
@@ -106,6 +109,9 @@ def patch_losses(readout: nn.Module, b: PatchBatch) -> tuple[dict, dict[str, tup
     box = F.smooth_l1_loss(pred["box"][obj], b.box[obj]) if b.objects else pred["box"].sum() * 0
     parts = {"kind": ce("kind", b.num_tokens), "color": ce("color", b.colors), "char": ce("char", b.chars),
              "box": box}  # fmt: skip
+    if balance_kind:
+        parts["kind_objects"] = (F.cross_entropy(pred["kind"][obj], b.kind[obj]) if b.objects
+                                 else pred["kind"].sum() * 0)  # fmt: skip
     with torch.no_grad():
 
         def hits(name: str, mask: torch.Tensor) -> torch.Tensor:
@@ -119,16 +125,20 @@ def patch_losses(readout: nn.Module, b: PatchBatch) -> tuple[dict, dict[str, tup
 
 
 class PatchObjective(Objective):
-    """The sum of the four losses, each a mean over its micro-batch (normalizer 1 per micro-batch)."""
+    """The sum of the four losses (five with `balance_kind`), each a mean over its micro-batch (normalizer 1 per
+    micro-batch)."""
 
     name = "vit_patches"
     bar_metrics = ("kind_acc_objects",)
+
+    def __init__(self, balance_kind: bool = False):
+        self.balance_kind = balance_kind
 
     def normalizer(self, batch: PatchBatch) -> float:
         return 1.0
 
     def __call__(self, model: nn.Module, batch: PatchBatch) -> ObjectiveOutput:
-        parts, acc = patch_losses(model, batch)
+        parts, acc = patch_losses(model, batch, self.balance_kind)
         metrics = {k: (v.detach(), 1.0) for k, v in parts.items()}
         return ObjectiveOutput(sum(parts.values()), {**metrics, **acc})
 
@@ -153,10 +163,11 @@ def batch_source(pool: dict, batch: int, seed: int):
     return source
 
 
-def held_out_stats(readout: nn.Module, held: PatchBatch, device: torch.device) -> dict[str, float]:
+def held_out_stats(readout: nn.Module, held: PatchBatch, device: torch.device,
+                   balance_kind: bool = False) -> dict[str, float]:
     readout.eval()
     with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16):
-        parts, acc = patch_losses(readout, held.to(device))
+        parts, acc = patch_losses(readout, held.to(device), balance_kind)
     stats = {k: float(v) for k, v in parts.items()}
     return {**stats, **{k: float(s) / n if n else float("nan") for k, (s, n) in acc.items()}}
 
@@ -172,7 +183,8 @@ def pretrain(init: str | Path, out: str | Path, steps: int = 1200, images: int =
              lr: float = 1e-3, seed: int = 0, log_every: int = 50, save_every: int = 250,
              threads: int | None = None, data: str | Path | None = None, train_encoder: bool = True,
              progress: bool = False, resume: bool = False, stop_after: int = 0,
-             device: str = "cpu", max_num: int = 1, keep_weights: bool = False) -> dict:  # fmt: skip
+             device: str = "cpu", max_num: int = 1, keep_weights: bool = False,
+             balance_kind: bool = False, compile: bool = False) -> dict:  # fmt: skip
     """Pretrain the encoder of `init`'s config on dense patch targets and write a model folder to `out`
     (config and tokenizer from `init`, the pretrained encoder, the rest initialized as `internvl finetune
     --init-from-config` would); also every `save_every` steps, with a checkpoint in OUT/checkpoints that
@@ -182,7 +194,9 @@ def pretrain(init: str | Path, out: str | Path, steps: int = 1200, images: int =
     already tell); it writes no model and no checkpoint. `progress` shows a bar for the image generation.
     `max_num` > 1 trains on the views of dynamic tiling (every tile at native scale, and the thumbnail) instead
     of the whole image squeezed into one tile. `keep_weights` starts from `init`'s weights (a trained model:
-    its encoder continues, its projector and language model are written back unchanged)."""
+    its encoder continues, its projector and language model are written back unchanged). `balance_kind` adds
+    the kind loss over object patches alone (see `patch_losses`). `compile` runs each vision layer through
+    `torch.compile` (as `internvl finetune --compile`; it may change when a run resumes)."""
     from ..checkpoint.io import build_model, load_weights, save_model
     from ..checkpoint.layouts import read_config
     from ..model.llm import init_weights
@@ -202,7 +216,7 @@ def pretrain(init: str | Path, out: str | Path, steps: int = 1200, images: int =
     ctx = DistContext(device=pick_device(device))
     run_args = {"steps": steps, "images": images, "batch": batch, "lr": lr, "seed": seed,
                 "train_encoder": train_encoder, "init": str(init), "max_num": max_num,
-                "keep_weights": keep_weights}  # fmt: skip
+                "keep_weights": keep_weights, "balance_kind": balance_kind}  # fmt: skip
     latest = find_latest(out) if train_encoder else None
     if latest is not None and not resume:
         raise TrainingError(f"{out} already has checkpoints (newest: {latest.name}); pass --resume to "
@@ -231,6 +245,12 @@ def pretrain(init: str | Path, out: str | Path, steps: int = 1200, images: int =
         np.savez(cache, **pool)
     readout = PatchReadout(model.vision_model, config.vision.hidden_size).to(ctx.device)
     readout.vision_model.requires_grad_(train_encoder)
+    if compile:
+        from ..train.compiled import compile_available, compile_regions
+
+        if (why := compile_available()) is not None:
+            raise TrainingError(f"--compile: {why}")
+        compile_regions(readout.vision_model)
     optimizer = build_optimizer(readout, lr, weight_decay=0.05, betas=(0.9, 0.98))
 
     start, position = 0, None
@@ -249,7 +269,7 @@ def pretrain(init: str | Path, out: str | Path, steps: int = 1200, images: int =
                       torch.bfloat16)  # fmt: skip
     metrics = MetricsLog(out, enabled=train_encoder, tensorboard=False, resume_step=start)
     source = batch_source(pool, batch, seed)
-    trainer = Trainer(readout, optimizer, PatchObjective(), source, ctx, loop, metrics,
+    trainer = Trainer(readout, optimizer, PatchObjective(balance_kind), source, ctx, loop, metrics,
                       save if train_encoder else None)  # fmt: skip
     ended = trainer.fit(start, position)
     metrics.close()
@@ -259,7 +279,7 @@ def pretrain(init: str | Path, out: str | Path, steps: int = 1200, images: int =
         return {**result, stop: True, "checkpoint": str(out / "checkpoints")}
     held = make_set(HELD_OUT, seed + 1, config.image_size, config.vision.patch_size, max_num=max_num)
     held = PatchBatch.of(held, slice(None))
-    result["held_out"] = held_out_stats(readout, held, ctx.device)
+    result["held_out"] = held_out_stats(readout, held, ctx.device, balance_kind)
     if train_encoder:
         save_model(model, out, dtype="float32", tokenizer_dir=init)
         (out / DONE).write_text(json.dumps(result, indent=2) + "\n")  # the run finished (saves come earlier)
