@@ -27,8 +27,17 @@ from .patches import CHARS, KINDS, make_set
 DONE = "vit_pretrain.json"  # written last: the summary of a finished run
 HELD_OUT = 256  # images of the held-out set (seed + 1) that the summary reports on
 TARGETS = ("kind", "color", "char", "box")
-RESUME_KEYS = ("steps", "images", "batch", "lr", "seed", "train_encoder", "max_num", "keep_weights",
-               "balance_kind")  # must match to resume
+RESUME_KEYS = (
+    "steps",
+    "images",
+    "batch",
+    "lr",
+    "seed",
+    "train_encoder",
+    "max_num",
+    "keep_weights",
+    "balance_kind",
+)  # must match to resume
 
 
 class PatchHead(nn.Module):
@@ -93,8 +102,9 @@ class PatchBatch:
         return PatchBatch(**moved)
 
 
-def patch_losses(readout: nn.Module, b: PatchBatch,
-                 balance_kind: bool = False) -> tuple[dict, dict[str, tuple[torch.Tensor, float]]]:
+def patch_losses(
+    readout: nn.Module, b: PatchBatch, balance_kind: bool = False
+) -> tuple[dict, dict[str, tuple[torch.Tensor, float]]]:
     """The four losses (cross-entropy on kind, color, character; smooth L1 on the box sides of object patches)
     and the read-out's accuracies as (sum, count) pairs. `balance_kind` adds a fifth: the kind cross-entropy
     over object patches alone, so that the background (most patches) no longer dominates what kind learns."""
@@ -163,8 +173,9 @@ def batch_source(pool: dict, batch: int, seed: int):
     return source
 
 
-def held_out_stats(readout: nn.Module, held: PatchBatch, device: torch.device,
-                   balance_kind: bool = False) -> dict[str, float]:
+def held_out_stats(
+    readout: nn.Module, held: PatchBatch, device: torch.device, balance_kind: bool = False
+) -> dict[str, float]:
     readout.eval()
     with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16):
         parts, acc = patch_losses(readout, held.to(device), balance_kind)
@@ -246,11 +257,9 @@ def pretrain(init: str | Path, out: str | Path, steps: int = 1200, images: int =
     readout = PatchReadout(model.vision_model, config.vision.hidden_size).to(ctx.device)
     readout.vision_model.requires_grad_(train_encoder)
     if compile:
-        from ..train.compiled import compile_available, compile_regions
+        from ..train.compiled import compile_for_training
 
-        if (why := compile_available()) is not None:
-            raise TrainingError(f"--compile: {why}")
-        compile_regions(readout.vision_model)
+        compile_for_training(readout.vision_model)
     optimizer = build_optimizer(readout, lr, weight_decay=0.05, betas=(0.9, 0.98))
 
     start, position = 0, None

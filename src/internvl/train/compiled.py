@@ -30,6 +30,16 @@ def compile_regions(model: nn.Module) -> int:
     return len(regions)
 
 
+def compile_for_training(model: nn.Module) -> int:
+    """`--compile` of a training command: compile `model`'s regions, or a one-line TrainingError saying why this
+    machine cannot; returns how many modules were compiled."""
+    from ..errors import TrainingError
+
+    if (why := compile_available()) is not None:
+        raise TrainingError(f"--compile: {why}")
+    return compile_regions(model)
+
+
 def compile_available() -> str | None:
     """None when inductor can build kernels here, else why not (it needs a C++ compiler on a CPU)."""
     import shutil

@@ -154,11 +154,9 @@ def run_loop(args: TrainArgs, prepared: Prepared, data: DataSource, objective, c
     if ctx.distributed:
         shard_model(model, compute if compute != torch.float32 else None)
     if r.compile:
-        from .compiled import compile_available, compile_regions
+        from .compiled import compile_for_training
 
-        if (why := compile_available()) is not None:
-            raise TrainingError(f"--compile: {why}")
-        log(f"torch.compile: {compile_regions(model)} modules (the first step builds their kernels)")
+        log(f"torch.compile: {compile_for_training(model)} modules (the first step builds their kernels)")
     optimizer = build_optimizer(model, o.lr, o.weight_decay, (o.adam_beta1, o.adam_beta2), o.adam_eps)
     objective = objective or SFTObjective(args.data.loss_reduction)
     objective.setup(model, ctx.device)
