@@ -6,12 +6,15 @@
 #   START=DIR      start the language stages from this model folder instead of the vision stage, e.g.
 #                  START=src/internvl/assets/nano STAGES=stage1b continues training the shipped model
 #   STAGES="..."   the stages after the vision stage, in order (default: shapes stage0 stage1a stage1 stage1b vit4
-#                  stage2 stage2b stage2c stage2d, the shipped model's lineage); vit4 pretrains the encoder again on
-#                  native-scale tiles, keeping the language model; stage2b and stage2c continue stage 2 on the same
-#                  data (another order, lower peaks; stage2c trains the encoder's top 3 layers too, stage2d all 6)
+#                  stage2 stage2b stage2c stage2d vit4b stage2e, the shipped model's lineage); vit4 pretrains the
+#                  encoder again on native-scale tiles, keeping the language model (vit4b: again, with the balanced
+#                  kind loss, 4,000 steps of 10,000 images); stage2b-2e continue stage 2 on the same data (another
+#                  order, lower peaks; stage2c trains the encoder's top 3 layers too, stage2d and stage2e all 6)
 #   STEPS_stage1=N the steps of a stage (its cosine schedule spans them; default: the stage's config)
+#   IMAGES_vit4b=N the images of a vision stage (VIT4_IMAGES for vit4)
 #   ARGS_stage1="--lr 5e-4"   more finetune flags for a stage (e.g. a lower peak when continuing a model);
-#                  ARGS_vit4="--balance-kind" for the vit4 stage's `internvl nano vit`
+#                  ARGS_vit4="--balance-kind" for a vision stage's `internvl nano vit`
+#   COMPILE=1      torch.compile the training step of the stages after stage 1b (1.4x on 2 cores); 0: eager
 #   N=6000         items per task in the train split
 #   VIT_STEPS=1200 VIT_IMAGES=20000 CUR_SCALE=1 EVAL_N=200   the other sizes (a tiny run: tests/test_nano_recipe.py)
 # Run nothing else that uses the cores meanwhile: two processes with two OpenMP threads each on two cores
@@ -19,7 +22,8 @@
 set -euo pipefail
 OUT=${1:-runs/nano}
 N=${N:-6000}                   # items per task in the train split
-STAGES=${STAGES:-"shapes stage0 stage1a stage1 stage1b vit4 stage2 stage2b stage2c stage2d"}
+STAGES=${STAGES:-"shapes stage0 stage1a stage1 stage1b vit4 stage2 stage2b stage2c stage2d vit4b stage2e"}
+COMPILE=${COMPILE:-1}
 export OMP_WAIT_POLICY=PASSIVE # yield the cores when another process competes for them
 mkdir -p "$OUT"
 
@@ -45,20 +49,26 @@ fi
 #    shapes only (the skill the model otherwise learns last), single large shapes, one or two, the mixture
 prev=${START:-"$OUT/vit"}
 for name in $STAGES; do
-  if [ "$name" = vit4 ]; then  # the encoder again, on dynamic tiling's tiles (up to 4) and thumbnails
-    [ -f "$OUT/vit4/vit_pretrain.json" ] || internvl nano vit --init "$prev" --keep-weights --max-num 4 \
-        --out "$OUT/vit4" --data "$OUT/vit4_data.npz" --steps "${STEPS_vit4:-2000}" \
-        --images "${VIT4_IMAGES:-6000}" --lr 5e-4 --resume ${ARGS_vit4:-}
-    prev="$OUT/vit4"
-    continue
-  fi
-  case $name in shapes) config=nano-shapes ;; stage1) config=nano ;; *) config=nano-$name ;; esac
-  data=$name; case $name in stage2*) data=stage1b ;; esac  # stage 2 trains on stage 1b's mixture, tiled
   steps_var="STEPS_$name"; steps=${!steps_var:-}
   args_var="ARGS_$name"; read -r -a extra <<< "${!args_var:-}"
+  fast=(); if [ "$COMPILE" = 1 ]; then case $name in stage2*|vit4b) fast=(--compile) ;; esac; fi
+  case $name in vit4*)  # the encoder again, on dynamic tiling's tiles (up to 4) and thumbnails
+    images_var="IMAGES_$name"; images=${!images_var:-}
+    case $name in
+      vit4) images=${images:-${VIT4_IMAGES:-6000}}; steps=${steps:-2000} ;;
+      *) images=${images:-10000}; steps=${steps:-4000}; extra=(--balance-kind ${extra[@]+"${extra[@]}"}) ;;
+    esac
+    [ -f "$OUT/$name/vit_pretrain.json" ] || internvl nano vit --init "$prev" --keep-weights --max-num 4 \
+        --out "$OUT/$name" --data "$OUT/${name}_data.npz" --steps "$steps" --images "$images" --lr 5e-4 \
+        --resume ${fast[@]+"${fast[@]}"} ${extra[@]+"${extra[@]}"}
+    prev="$OUT/$name"
+    continue ;;
+  esac
+  case $name in shapes) config=nano-shapes ;; stage1) config=nano ;; *) config=nano-$name ;; esac
+  data=$name; case $name in stage2*) data=stage1b ;; esac  # stage 2 trains on stage 1b's mixture, tiled
   [ -f "$OUT/$name/final/config.json" ] || internvl finetune "$prev" --data "$OUT/curriculum/$data.json" \
       --config "configs/train/$config.yaml" --out "$OUT/$name" --resume ${steps:+--max-steps "$steps"} \
-      ${extra[@]+"${extra[@]}"}
+      ${fast[@]+"${fast[@]}"} ${extra[@]+"${extra[@]}"}
   prev="$OUT/$name/final"
 done
 FINAL="$prev"

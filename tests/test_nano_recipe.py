@@ -18,7 +18,8 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = {"N": "3", "CUR_SCALE": "0.0005", "VIT_STEPS": "2", "VIT_IMAGES": "16", "EVAL_N": "2",
         "STEPS_shapes": "2", "STEPS_stage0": "2", "STEPS_stage1a": "2", "STEPS_stage1": "2",
         "STEPS_stage1b": "2", "STEPS_vit4": "2", "VIT4_IMAGES": "3", "STEPS_stage2": "2", "STEPS_stage2b": "2",
-        "STEPS_stage2c": "2", "STEPS_stage2d": "2"}  # fmt: skip
+        "STEPS_stage2c": "2", "STEPS_stage2d": "2", "STEPS_vit4b": "2", "IMAGES_vit4b": "3",
+        "STEPS_stage2e": "2", "COMPILE": "0"}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -31,22 +32,36 @@ def recipe(tmp_path_factory):
     return out
 
 
+def first_args(recipe: Path, stage: str) -> dict:
+    """The arguments a stage's run recorded in its first checkpoint (step 2)."""
+    return json.loads((recipe / stage / "checkpoints" / "step-00000002" / "state.json").read_text())["args"]
+
+
 def test_every_stage_runs_and_the_benchmark_scores_every_task(recipe):
-    for stage in ("shapes", "stage0", "stage1a", "stage1", "stage1b", "stage2", "stage2b", "stage2c", "stage2d"):
+    for stage in "shapes stage0 stage1a stage1 stage1b stage2 stage2b stage2c stage2d stage2e".split():
         assert (recipe / stage / "final" / "model.safetensors").is_file(), stage
         state = json.loads((recipe / stage / "checkpoints" / "step-00000002" / "state.json").read_text())
         assert state["step"] == 2
     assert json.loads((recipe / "vit" / "vit_pretrain.json").read_text())["steps"] == 2
     tiled = json.loads((recipe / "vit4" / "vit_pretrain.json").read_text())
     assert tiled["steps"] == 2 and tiled["images"] >= 3  # every view of the 3 images
+    assert "kind_objects" not in tiled["held_out"]
+    # vit4b: the encoder again from stage 2d's model, with the balanced kind loss (a held-out figure of its own)
+    again = json.loads((recipe / "vit4b" / "vit_pretrain.json").read_text())
+    assert again["steps"] == 2 and "kind_objects" in again["held_out"]
+    args = first_args(recipe, "vit4b")
+    assert args["balance_kind"] and args["init"].endswith("stage2d/final")
     assert json.loads((recipe / "stage2" / "final" / "config.json").read_text())["max_dynamic_patch"] == 4
-    # the lineage after stage 2: each continuation starts from the one before, on stage 1b's mixture; the
-    # last one trains the encoder's top 3 layers too
-    for stage, seed in (("stage2b", 5), ("stage2c", 7), ("stage2d", 8)):
-        args = json.loads((recipe / stage / "checkpoints" / "step-00000002" / "state.json").read_text())["args"]
+    # the lineage after stage 2: each continuation starts from the one before, on stage 1b's mixture;
+    # stage 2c trains the encoder's top 3 layers too, stage 2e (after vit4b) all 6
+    for stage, seed in (("stage2b", 5), ("stage2c", 7), ("stage2d", 8), ("stage2e", 9)):
+        args = first_args(recipe, stage)
         assert args["seed"] == seed and args["data"].endswith("stage1b.json")
-    args = json.loads((recipe / "stage2c" / "checkpoints" / "step-00000002" / "state.json").read_text())["args"]
+    args = first_args(recipe, "stage2c")
     assert args["model"].endswith("stage2b/final") and args["unfreeze_vit_layers"] == -3
+    args = first_args(recipe, "stage2e")
+    assert args["model"].endswith("vit4b") and args["unfreeze_vit_layers"] == -6 and args["lr"] == 3e-4
+    assert not args["compile"]  # COMPILE=0 (the recipe compiles stages 2-2e by default)
     summary = json.loads((recipe / "eval" / "summary.json").read_text())
     assert len(summary["tasks"]) == 15 and all(t["n"] == 2 for t in summary["tasks"].values())
 

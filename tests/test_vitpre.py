@@ -187,7 +187,9 @@ def test_balanced_kind_loss_is_the_cross_entropy_over_object_patches(tmp_path):
     head = PatchHead(3 * 14 * 14)
 
     def readout(pixels):  # raw patches as tokens: enough to check which patches the losses cover
-        return head(pixels.unfold(2, 14, 14).unfold(3, 14, 14).permute(0, 2, 3, 1, 4, 5).flatten(1, 2).flatten(2))
+        return head(
+            pixels.unfold(2, 14, 14).unfold(3, 14, 14).permute(0, 2, 3, 1, 4, 5).flatten(1, 2).flatten(2)
+        )
 
     plain, _ = patch_losses(readout, batch)
     balanced, _ = patch_losses(readout, batch, balance_kind=True)
@@ -204,3 +206,77 @@ def test_balanced_kind_loss_is_the_cross_entropy_over_object_patches(tmp_path):
         pretrain(init, tmp_path / "out", resume=True, **opts)
     done = pretrain(init, tmp_path / "out", resume=True, balance_kind=True, **opts)
     assert "kind_objects" in done["held_out"]
+
+
+def test_embedding_targets_follow_the_pixel_shuffle():
+    """Each image embedding is asked for the targets of the 2x2 patches the projector merged into it: token (i, j)
+    of an 8x8 grid holds patches (2i, 2j), (2i, 2j+1), (2i+1, 2j), (2i+1, 2j+1) of the 16x16 grid, in that order
+    (the reference's view/permute order), and its place is i * 8 + j."""
+    from internvl.model.projector import pixel_shuffle
+    from internvl.nano.vit import EmbedHead, PatchBatch, embed_losses
+
+    order = pixel_shuffle(torch.arange(256.0).reshape(1, 16, 16, 1)).reshape(64, 4).long()
+    i, j = 2, 5
+    assert order[i * 8 + j].tolist() == [(2 * i) * 16 + 2 * j, (2 * i) * 16 + 2 * j + 1,
+                                         (2 * i + 1) * 16 + 2 * j, (2 * i + 1) * 16 + 2 * j + 1]  # fmt: skip
+    # targets that a head can only meet where the gather is right: perfect logits for them give zero loss
+    rng = torch.Generator().manual_seed(0)
+    kind = torch.randint(0, len(KINDS), (2, 256), generator=rng)
+    color = torch.where(kind > 0, torch.randint(0, len(COLOR_NAMES), (2, 256), generator=rng), -1)
+    char = torch.where(kind == 1, torch.randint(0, len(CHARS), (2, 256), generator=rng), -1)
+    b = PatchBatch(torch.zeros(2, 3, 4, 4), kind, color, char, torch.zeros(2, 256, 4), int((kind > 0).sum()),
+                   int((color >= 0).sum()), int((char >= 0).sum()))  # fmt: skip
+
+    def perfect(target: torch.Tensor, n: int) -> torch.Tensor:  # [2, 256] -> logits [2, 64, 4, n]
+        grid = target.reshape(2, 8, 2, 8, 2).permute(0, 1, 3, 2, 4).reshape(2, 64, 4)  # the stated order
+        return torch.nn.functional.one_hot(grid.clamp_min(0), n).float() * 50
+
+    pred = {"kind": perfect(kind, len(KINDS)), "color": perfect(color, len(COLOR_NAMES)),
+            "char": perfect(char, len(CHARS)), "place": torch.eye(64).expand(2, -1, -1) * 50}  # fmt: skip
+    parts, acc = embed_losses(pred, b, order, balance_kind=True)
+    assert all(float(v) < 1e-6 for v in parts.values()), parts
+    assert all(float(s) == n for s, n in acc.values())
+    pred["place"] = pred["place"].roll(1, dims=-1)  # every token told its neighbour's place
+    assert float(embed_losses(pred, b, order, balance_kind=False)[1]["embed_place_acc"][0]) == 0
+    head = EmbedHead(32, 64, 4)
+    shapes = {k: tuple(v.shape) for k, v in head(torch.zeros(2, 64, 32)).items()}
+    assert shapes == {"kind": (2, 64, 4, len(KINDS)), "color": (2, 64, 4, len(COLOR_NAMES)),
+                      "char": (2, 64, 4, len(CHARS)), "place": (2, 64, 64)}  # fmt: skip
+
+
+def test_pretraining_through_the_projector_trains_it_and_holds_the_embeddings(tmp_path):
+    """--through-projector trains the encoder and the projector (the language model comes back unchanged), reads
+    the targets back from the image embeddings (held-out figures of their own), starts with a zero hold term,
+    needs --keep-weights, and a run cannot resume with it switched."""
+    from internvl.checkpoint.io import build_model, load_weights
+    from internvl.checkpoint.layouts import read_config
+    from internvl.nano.patches import make_set
+    from internvl.nano.vit import PatchBatch, PatchReadout, patch_losses
+    from internvl.tokenizer import Tokenizer
+
+    init = tiny_checkpoint(tmp_path / "init")
+    config = read_config(init / "config.json")
+    model = build_model(config, Tokenizer.from_dir(init).image_context_id, meta=False)
+    load_weights(model, init, dtype=torch.float32)
+    grid = config.image_size // config.vision.patch_size
+    readout = PatchReadout(
+        model.vision_model, config.vision.hidden_size, model.mlp1, config.projector, grid, 2.0
+    )
+    pool = make_set(2, 5, config.image_size, config.vision.patch_size, max_num=4)
+    parts, acc = patch_losses(readout, PatchBatch.of(pool, slice(None)))
+    assert float(parts["hold"].detach()) == 0 and {"embed_place", "embed_kind", "embed_color"} <= set(parts)
+    assert "embed_place_acc" in acc
+
+    opts = {"steps": 4, "images": 3, "batch": 4, "lr": 3e-3, "save_every": 2, "log_every": 1000, "max_num": 4}
+    with pytest.raises(TrainingError, match="--through-projector needs --keep-weights"):
+        pretrain(init, tmp_path / "bad", through_projector=True, **opts)
+    part = pretrain(init, tmp_path / "out", stop_after=2, keep_weights=True, through_projector=True, **opts)
+    assert part["paused"]
+    with pytest.raises(TrainingError, match="through_projector was True, now False"):
+        pretrain(init, tmp_path / "out", resume=True, keep_weights=True, **opts)
+    done = pretrain(init, tmp_path / "out", resume=True, keep_weights=True, through_projector=True, **opts)
+    assert 0 <= done["held_out"]["embed_place_acc"] <= 1 and done["held_out"]["hold"] > 0
+    a, b = load_file(str(tmp_path / "out" / "model.safetensors")), load_file(str(init / "model.safetensors"))
+    llm = [k for k in a if k.startswith("language_model.")]
+    assert llm and all(torch.equal(a[k], b[k]) for k in llm)
+    assert any(not torch.equal(a[k], b[k]) for k in a if k.startswith("mlp1."))

@@ -62,6 +62,9 @@ class VitOptions:
     keep_weights: bool = option(False, "start from INIT's weights (a trained model) instead of a fresh encoder")
     balance_kind: bool = option(False, "add the kind loss over object patches alone (background dominates kind)")
     compile: bool = option(False, "torch.compile each vision layer (needs a C++ compiler; about a minute to build)")
+    through_projector: bool = option(False, "train the projector too, reading the patch targets and each token's "
+                                     "place from the image embeddings (needs --keep-weights)")  # fmt: skip
+    hold: float = option(1.0, "with --through-projector: weight of the embeddings' change from the start")
 
 
 @dataclass
@@ -136,7 +139,8 @@ def _run(verb: str, args: argparse.Namespace) -> int:
                           save_every=args.save_every, data=args.data, train_encoder=not args.probe_only,
                           progress=True, resume=args.resume, stop_after=args.stop_after, max_num=args.max_num,
                           keep_weights=args.keep_weights, balance_kind=args.balance_kind,
-                          compile=args.compile)  # fmt: skip
+                          compile=args.compile, through_projector=args.through_projector,
+                          hold=args.hold)  # fmt: skip
         print(json.dumps(result, indent=2))
         return 130 if result.get("interrupted") else 0
     elif verb == "ship":

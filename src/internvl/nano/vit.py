@@ -4,6 +4,7 @@ continues with `resume=True`. The read-out is dropped at the end; the encoder ke
 
 from __future__ import annotations
 
+import copy
 import json
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -14,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import TrainingError
+from ..model.projector import merge_and_project, pixel_shuffle
 from ..processing.image import normalize
 from ..synth.scene import COLOR_NAMES
 from ..train.objective import Objective, ObjectiveOutput
@@ -37,6 +39,8 @@ RESUME_KEYS = (
     "max_num",
     "keep_weights",
     "balance_kind",
+    "through_projector",
+    "hold",
 )  # must match to resume
 
 
@@ -54,16 +58,62 @@ class PatchHead(nn.Module):
         return {"kind": y[..., :a], "color": y[..., a:b], "char": y[..., b:c], "box": y[..., c:]}
 
 
-class PatchReadout(nn.Module):
-    """What the loop trains: the encoder and the read-out of its patch tokens (the CLS token is dropped)."""
+class EmbedHead(nn.Module):
+    """Linear read-outs of the image embeddings (the projector's output, what the language model receives): for
+    each token, the kind, color and character of each of the 2x2 patches it merges, and its place on the tile."""
 
-    def __init__(self, vision_model: nn.Module, dim: int):
+    def __init__(self, dim: int, tokens: int, merged: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.merged, self.sizes = merged, (len(KINDS), len(COLOR_NAMES), len(CHARS))
+        self.out = nn.Linear(dim, merged * sum(self.sizes) + tokens)
+
+    def forward(self, embeds: torch.Tensor) -> dict[str, torch.Tensor]:
+        y = self.out(self.norm(embeds))  # [B, T, merged * (K + C + X) + T]
+        per = y[..., : self.merged * sum(self.sizes)].unflatten(-1, (self.merged, sum(self.sizes)))
+        kind, color, char = per.split(self.sizes, dim=-1)  # each [B, T, merged, n]
+        return {"kind": kind, "color": color, "char": char, "place": y[..., self.merged * sum(self.sizes) :]}
+
+
+class PatchReadout(nn.Module):
+    """What the loop trains: the encoder and the read-out of its patch tokens (the CLS token is dropped).
+
+    With `projector` (the model's mlp1 and its config) the projector trains too, and a second read-out asks the
+    image embeddings for every patch's targets and each token's place (`EmbedHead`): the projector trained by the
+    language loss alone drops what the language model has not learnt to use yet (see runs/probe_llm_inputs.py).
+    `hold` > 0 adds hold * the mean squared change of the embeddings from the starting encoder's and projector's
+    (over their variance), so that the language model above them keeps working."""
+
+    def __init__(self, vision_model: nn.Module, dim: int, projector: nn.Module | None = None,
+                 projector_cfg=None, grid: int = 0, hold: float = 0.0):  # fmt: skip
         super().__init__()
         self.vision_model = vision_model
         self.head = PatchHead(dim)
+        self.projector, self.projector_cfg, self.hold = projector, projector_cfg, hold
+        if projector is not None:
+            # which patch each token's merged slots hold: pixel shuffle applied to the patch indices
+            order = pixel_shuffle(torch.arange(grid * grid, dtype=torch.float32).reshape(1, grid, grid, 1),
+                                  projector_cfg.downsample_ratio, projector_cfg.ps_version)  # fmt: skip
+            order = order.reshape(-1, order.shape[-1]).long()  # [T, merged]
+            self.register_buffer("order", order, persistent=False)
+            self.embed_head = EmbedHead(projector[-1].out_features, order.shape[0], order.shape[1])
+            # the starting encoder and projector, frozen and unregistered (not trained, not checkpointed)
+            self.__dict__["reference"] = copy.deepcopy(
+                nn.ModuleList([vision_model, projector])
+            ).requires_grad_(False)
 
     def forward(self, pixel_values: torch.Tensor) -> dict[str, torch.Tensor]:
-        return self.head(self.vision_model(pixel_values)[:, 1:].float())
+        vit = self.vision_model(pixel_values)
+        out = self.head(vit[:, 1:].float())
+        if self.projector is not None:
+            embeds = merge_and_project(vit, self.projector, self.projector_cfg)
+            out["embed"] = self.embed_head(embeds.float())
+            if self.hold > 0:
+                with torch.no_grad():
+                    encoder, projector = self.reference
+                    start = merge_and_project(encoder(pixel_values), projector, self.projector_cfg).float()
+                out["hold"] = F.mse_loss(embeds.float(), start) / start.var().clamp_min(1e-6)
+        return out
 
 
 @dataclass
@@ -122,6 +172,12 @@ def patch_losses(
     if balance_kind:
         parts["kind_objects"] = (F.cross_entropy(pred["kind"][obj], b.kind[obj]) if b.objects
                                  else pred["kind"].sum() * 0)  # fmt: skip
+    embed_acc = {}
+    if "embed" in pred:
+        embed_parts, embed_acc = embed_losses(pred["embed"], b, readout.order, balance_kind)
+        parts.update(embed_parts)
+    if "hold" in pred:
+        parts["hold"] = readout.hold * pred["hold"]
     with torch.no_grad():
 
         def hits(name: str, mask: torch.Tensor) -> torch.Tensor:
@@ -131,6 +187,36 @@ def patch_losses(
                "color_acc": (hits("color", b.color >= 0), float(b.colors)),
                "char_acc": (hits("char", b.char >= 0), float(b.chars)),
                "box_l1": ((pred["box"][obj] - b.box[obj]).abs().sum().double(), 4.0 * b.objects)}  # fmt: skip
+    return parts, {**acc, **embed_acc}
+
+
+def embed_losses(pred: dict[str, torch.Tensor], b: PatchBatch, order: torch.Tensor, balance_kind: bool):
+    """`patch_losses` for the image embeddings: each token's merged patches' kind, color and character
+    (cross-entropy, the patch's targets gathered through the pixel-shuffle `order` [T, merged]), and the token's
+    place on the tile (cross-entropy over its T slots)."""
+    kind, color, char = (getattr(b, n)[:, order] for n in ("kind", "color", "char"))  # [B, T, merged]
+    obj = kind > 0
+
+    def ce(logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, count: int) -> torch.Tensor:
+        return F.cross_entropy(logits[mask], target[mask]) if count else logits.sum() * 0
+
+    place = torch.arange(order.shape[0], device=kind.device).expand(kind.shape[0], -1)
+    parts = {"embed_kind": F.cross_entropy(pred["kind"].flatten(0, 2), kind.flatten()),
+             "embed_color": ce(pred["color"], color, color >= 0, b.colors),
+             "embed_char": ce(pred["char"], char, char >= 0, b.chars),
+             "embed_place": F.cross_entropy(pred["place"].flatten(0, 1), place.flatten())}  # fmt: skip
+    if balance_kind:
+        parts["embed_kind_objects"] = ce(pred["kind"], kind, obj, b.objects)
+    with torch.no_grad():
+
+        def hits(logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+            return (logits.argmax(-1)[mask] == target[mask]).sum().double()
+
+        acc = {"embed_kind_acc_objects": (hits(pred["kind"], kind, obj), float(b.objects)),
+               "embed_color_acc": (hits(pred["color"], color, color >= 0), float(b.colors)),
+               "embed_char_acc": (hits(pred["char"], char, char >= 0), float(b.chars)),
+               "embed_place_acc": (hits(pred["place"], place, torch.ones_like(place, dtype=torch.bool)),
+                                   float(place.numel()))}  # fmt: skip
     return parts, acc
 
 
@@ -195,7 +281,8 @@ def pretrain(init: str | Path, out: str | Path, steps: int = 1200, images: int =
              threads: int | None = None, data: str | Path | None = None, train_encoder: bool = True,
              progress: bool = False, resume: bool = False, stop_after: int = 0,
              device: str = "cpu", max_num: int = 1, keep_weights: bool = False,
-             balance_kind: bool = False, compile: bool = False) -> dict:  # fmt: skip
+             balance_kind: bool = False, compile: bool = False, through_projector: bool = False,
+             hold: float = 1.0) -> dict:  # fmt: skip
     """Pretrain the encoder of `init`'s config on dense patch targets and write a model folder to `out`
     (config and tokenizer from `init`, the pretrained encoder, the rest initialized as `internvl finetune
     --init-from-config` would); also every `save_every` steps, with a checkpoint in OUT/checkpoints that
@@ -207,7 +294,9 @@ def pretrain(init: str | Path, out: str | Path, steps: int = 1200, images: int =
     of the whole image squeezed into one tile. `keep_weights` starts from `init`'s weights (a trained model:
     its encoder continues, its projector and language model are written back unchanged). `balance_kind` adds
     the kind loss over object patches alone (see `patch_losses`). `compile` runs each vision layer through
-    `torch.compile` (as `internvl finetune --compile`; it may change when a run resumes)."""
+    `torch.compile` (as `internvl finetune --compile`; it may change when a run resumes). `through_projector`
+    trains the projector too, with read-outs of the image embeddings and `hold` (see `PatchReadout`); it needs
+    `keep_weights` (the projector a language model was trained on)."""
     from ..checkpoint.io import build_model, load_weights, save_model
     from ..checkpoint.layouts import read_config
     from ..model.llm import init_weights
@@ -219,6 +308,11 @@ def pretrain(init: str | Path, out: str | Path, steps: int = 1200, images: int =
     from ..train.optim import build_optimizer
 
     check_sizes(steps, images, batch, save_every)
+    if through_projector and not keep_weights:
+        raise TrainingError("vision pretraining: --through-projector needs --keep-weights (a trained model's "
+                            "projector to hold the embeddings near)")  # fmt: skip
+    if hold < 0:
+        raise TrainingError(f"vision pretraining: hold must be at least 0, got {hold}")
     if threads:
         torch.set_num_threads(threads)
     init, out = Path(init), Path(out)
@@ -227,7 +321,8 @@ def pretrain(init: str | Path, out: str | Path, steps: int = 1200, images: int =
     ctx = DistContext(device=pick_device(device))
     run_args = {"steps": steps, "images": images, "batch": batch, "lr": lr, "seed": seed,
                 "train_encoder": train_encoder, "init": str(init), "max_num": max_num,
-                "keep_weights": keep_weights, "balance_kind": balance_kind}  # fmt: skip
+                "keep_weights": keep_weights, "balance_kind": balance_kind,
+                "through_projector": through_projector, "hold": hold if through_projector else 0.0}  # fmt: skip
     latest = find_latest(out) if train_encoder else None
     if latest is not None and not resume:
         raise TrainingError(f"{out} already has checkpoints (newest: {latest.name}); pass --resume to "
@@ -254,7 +349,13 @@ def pretrain(init: str | Path, out: str | Path, steps: int = 1200, images: int =
         cache.parent.mkdir(parents=True, exist_ok=True)
         pool = make_set(images, seed, config.image_size, config.vision.patch_size, progress, max_num)
         np.savez(cache, **pool)
-    readout = PatchReadout(model.vision_model, config.vision.hidden_size).to(ctx.device)
+    if through_projector:
+        readout = PatchReadout(model.vision_model, config.vision.hidden_size, model.mlp1, config.projector,
+                               config.image_size // config.vision.patch_size, run_args["hold"])  # fmt: skip
+        readout.reference.to(ctx.device)
+    else:
+        readout = PatchReadout(model.vision_model, config.vision.hidden_size)
+    readout.to(ctx.device)
     readout.vision_model.requires_grad_(train_encoder)
     if compile:
         from ..train.compiled import compile_for_training
