@@ -8,10 +8,11 @@
 #   STAGES="..."   the stages after the vision stage, in order (default: shapes stage0 stage1a stage1 stage1b vit4
 #                  stage2 stage2b stage2c stage2d vit4b stage2e, the shipped model's lineage); vit4 pretrains the
 #                  encoder again on native-scale tiles, keeping the language model (vit4b: again, with the balanced
-#                  kind loss, 4,000 steps of 10,000 images); stage2b-2e continue stage 2 on the same data (another
-#                  order, lower peaks; stage2c trains the encoder's top 3 layers too, stage2d and stage2e all 6)
+#                  kind loss, 4,000 steps of 10,000 images; vit4c: 1,500 more through the projector, run 10's
+#                  candidate, not shipped); stage2b-2f continue stage 2 on the same data (another order, lower
+#                  peaks; stage2c trains the encoder's top 3 layers too, stage2d and stage2e all 6)
 #   STEPS_stage1=N the steps of a stage (its cosine schedule spans them; default: the stage's config)
-#   IMAGES_vit4b=N the images of a vision stage (VIT4_IMAGES for vit4)
+#   IMAGES_vit4b=N the images of a vision stage (VIT4_IMAGES for vit4; vit4b and vit4c share 10,000)
 #   ARGS_stage1="--lr 5e-4"   more finetune flags for a stage (e.g. a lower peak when continuing a model);
 #                  ARGS_vit4="--balance-kind" for a vision stage's `internvl nano vit`
 #   COMPILE=1      torch.compile the training step of the stages after stage 1b (1.4x on 2 cores); 0: eager
@@ -51,15 +52,20 @@ prev=${START:-"$OUT/vit"}
 for name in $STAGES; do
   steps_var="STEPS_$name"; steps=${!steps_var:-}
   args_var="ARGS_$name"; read -r -a extra <<< "${!args_var:-}"
-  fast=(); if [ "$COMPILE" = 1 ]; then case $name in stage2*|vit4b) fast=(--compile) ;; esac; fi
+  fast=(); if [ "$COMPILE" = 1 ]; then case $name in stage2*|vit4b|vit4c) fast=(--compile) ;; esac; fi
   case $name in vit4*)  # the encoder again, on dynamic tiling's tiles (up to 4) and thumbnails
     images_var="IMAGES_$name"; images=${!images_var:-}
+    lr=5e-4
     case $name in
       vit4) images=${images:-${VIT4_IMAGES:-6000}}; steps=${steps:-2000} ;;
-      *) images=${images:-10000}; steps=${steps:-4000}; extra=(--balance-kind ${extra[@]+"${extra[@]}"}) ;;
+      vit4b) images=${images:-10000}; steps=${steps:-4000}; extra=(--balance-kind ${extra[@]+"${extra[@]}"}) ;;
+      *) images=${images:-10000}; steps=${steps:-1500}; lr=3e-4
+         extra=(--balance-kind --through-projector ${extra[@]+"${extra[@]}"}) ;;
     esac
+    cache="$OUT/views_$images.npz"  # the same images' views for vit4b and vit4c
+    if [ "$name" = vit4 ]; then cache="$OUT/vit4_data.npz"; fi
     [ -f "$OUT/$name/vit_pretrain.json" ] || internvl nano vit --init "$prev" --keep-weights --max-num 4 \
-        --out "$OUT/$name" --data "$OUT/${name}_data.npz" --steps "$steps" --images "$images" --lr 5e-4 \
+        --out "$OUT/$name" --data "$cache" --steps "$steps" --images "$images" --lr "$lr" \
         --resume ${fast[@]+"${fast[@]}"} ${extra[@]+"${extra[@]}"}
     prev="$OUT/$name"
     continue ;;

@@ -19,13 +19,23 @@ TINY = {"N": "3", "CUR_SCALE": "0.0005", "VIT_STEPS": "2", "VIT_IMAGES": "16", "
         "STEPS_shapes": "2", "STEPS_stage0": "2", "STEPS_stage1a": "2", "STEPS_stage1": "2",
         "STEPS_stage1b": "2", "STEPS_vit4": "2", "VIT4_IMAGES": "3", "STEPS_stage2": "2", "STEPS_stage2b": "2",
         "STEPS_stage2c": "2", "STEPS_stage2d": "2", "STEPS_vit4b": "2", "IMAGES_vit4b": "3",
-        "STEPS_stage2e": "2", "COMPILE": "0"}  # fmt: skip
+        "STEPS_stage2e": "2", "STEPS_vit4c": "2", "IMAGES_vit4c": "3", "STEPS_stage2f": "2",
+        "COMPILE": "0"}  # fmt: skip
+# the shipped lineage (the script's default) and run 10's candidate after it
+STAGES = (
+    "shapes stage0 stage1a stage1 stage1b vit4 stage2 stage2b stage2c stage2d vit4b stage2e vit4c stage2f"
+)
 
 
 @pytest.fixture(scope="module")
 def recipe(tmp_path_factory):
     out = tmp_path_factory.mktemp("nano")
-    env = {**os.environ, **TINY, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    env = {
+        **os.environ,
+        **TINY,
+        "STAGES": STAGES,
+        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+    }
     done = subprocess.run(["bash", str(ROOT / "runs" / "train_nano.sh"), str(out)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=600, check=False)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
@@ -38,7 +48,8 @@ def first_args(recipe: Path, stage: str) -> dict:
 
 
 def test_every_stage_runs_and_the_benchmark_scores_every_task(recipe):
-    for stage in "shapes stage0 stage1a stage1 stage1b stage2 stage2b stage2c stage2d stage2e".split():
+    language = ("shapes", "stage0", "stage1a", "stage1", "stage1b", "stage2", "stage2b", "stage2c", "stage2d")
+    for stage in (*language, "stage2e", "stage2f"):
         assert (recipe / stage / "final" / "model.safetensors").is_file(), stage
         state = json.loads((recipe / stage / "checkpoints" / "step-00000002" / "state.json").read_text())
         assert state["step"] == 2
@@ -51,17 +62,25 @@ def test_every_stage_runs_and_the_benchmark_scores_every_task(recipe):
     assert again["steps"] == 2 and "kind_objects" in again["held_out"]
     args = first_args(recipe, "vit4b")
     assert args["balance_kind"] and args["init"].endswith("stage2d/final")
+    # vit4c: from stage 2e's model, through the projector, on vit4b's views (one cache)
+    last = json.loads((recipe / "vit4c" / "vit_pretrain.json").read_text())
+    assert last["steps"] == 2 and "embed_place_acc" in last["held_out"]
+    args = first_args(recipe, "vit4c")
+    assert args["through_projector"] and args["hold"] == 1.0 and args["init"].endswith("stage2e/final")
+    assert sorted(f.name for f in recipe.glob("*.npz")) == ["views_3.npz", "vit4_data.npz", "vit_data.npz"]
     assert json.loads((recipe / "stage2" / "final" / "config.json").read_text())["max_dynamic_patch"] == 4
     # the lineage after stage 2: each continuation starts from the one before, on stage 1b's mixture;
-    # stage 2c trains the encoder's top 3 layers too, stage 2e (after vit4b) all 6
-    for stage, seed in (("stage2b", 5), ("stage2c", 7), ("stage2d", 8), ("stage2e", 9)):
+    # stage 2c trains the encoder's top 3 layers too, stage 2e (after vit4b) all 6, stage 2f (after vit4c) none
+    for stage, seed in (("stage2b", 5), ("stage2c", 7), ("stage2d", 8), ("stage2e", 9), ("stage2f", 11)):
         args = first_args(recipe, stage)
         assert args["seed"] == seed and args["data"].endswith("stage1b.json")
     args = first_args(recipe, "stage2c")
     assert args["model"].endswith("stage2b/final") and args["unfreeze_vit_layers"] == -3
     args = first_args(recipe, "stage2e")
     assert args["model"].endswith("vit4b") and args["unfreeze_vit_layers"] == -6 and args["lr"] == 3e-4
-    assert not args["compile"]  # COMPILE=0 (the recipe compiles stages 2-2e by default)
+    assert not args["compile"]  # COMPILE=0 (the recipe compiles stages 2-2f by default)
+    args = first_args(recipe, "stage2f")
+    assert args["model"].endswith("vit4c") and not args["unfreeze_vit_layers"] and args["freeze_vision"]
     summary = json.loads((recipe / "eval" / "summary.json").read_text())
     assert len(summary["tasks"]) == 15 and all(t["n"] == 2 for t in summary["tasks"].values())
 
@@ -89,3 +108,11 @@ def test_ship_refuses_an_incomplete_folder(tmp_path, capsys):
     assert main(["ship", str(tmp_path / "m"), "--stage", "stage1", "--dest", str(tmp_path / "d")]) == 1
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "config.json: missing" in err
+
+
+def test_the_script_defaults_to_the_shipped_lineage():
+    """Without STAGES the script runs the shipped model's lineage: the stages the recipe test runs, less run 10's
+    candidate (vit4c, stage2f), which did not ship."""
+    script = (ROOT / "runs" / "train_nano.sh").read_text()
+    default = script.split('STAGES=${STAGES:-"', 1)[1].split('"', 1)[0]
+    assert default.split() == STAGES.split()[:-2] and STAGES.split()[-2:] == ["vit4c", "stage2f"]
