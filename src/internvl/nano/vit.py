@@ -190,7 +190,8 @@ def patch_losses(
     return parts, {**acc, **embed_acc}
 
 
-def embed_losses(pred: dict[str, torch.Tensor], b: PatchBatch, order: torch.Tensor, balance_kind: bool):
+def embed_losses(pred: dict[str, torch.Tensor], b: PatchBatch, order: torch.Tensor,
+                 balance_kind: bool) -> tuple[dict, dict[str, tuple[torch.Tensor, float]]]:  # fmt: skip
     """`patch_losses` for the image embeddings: each token's merged patches' kind, color and character
     (cross-entropy, the patch's targets gathered through the pixel-shuffle `order` [T, merged]), and the token's
     place on the tile (cross-entropy over its T slots)."""
