@@ -1,6 +1,7 @@
 """The training curriculum next to a train split: scenes of one large shape, then of one or two, then of up
 to five at the contract's sizes, six questions each (`synth.writer.generate_dense`), and the meta files of
-its stages in order: shapes.json, stage0.json, stage1a.json, stage1.json, stage1b.json (see runs/train_nano.sh)."""
+its stages in order: shapes.json, stage0.json, stage1a.json, stage1.json, stage1b.json, and stage2h.json, a
+mixture that leans on scenes of several objects (see runs/train_nano.sh)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,10 @@ CURRICULUM = (
 SPLIT_SHARE = 0.25  # stage 1 takes this share of every task of the train split
 STAGE1A_REPLAY = 0.3  # stage 1a keeps this share of the single large shapes next to the scenes of one or two
 STAGE1B_SCENES = 0.5  # stage 1b: all of every task of the split, and this share of stage 1's scenes
+# stage 2h (binding): all of the scenes of up to five objects and of these tasks, this share of the others
+BINDING_TASKS = ("color", "shape", "count", "position", "relation")
+STAGE2H_OTHERS = 0.5
+STAGE2H_DENSE1 = 0.25
 
 
 def curriculum(split: str | Path, out: str | Path, scale: float = 1.0, progress: bool = False) -> dict:
@@ -41,13 +46,16 @@ def curriculum(split: str | Path, out: str | Path, scale: float = 1.0, progress:
                "dense1": entries["dense1"]}  # fmt: skip
     stage1 = {k: v for k, v in entries.items() if k != "dense0"}
     stage1b = {k: share(v, STAGE1B_SCENES) for k, v in stage1.items()}
+    stage2h = {"dense1": share(entries["dense1"], STAGE2H_DENSE1), "denseS": entries["denseS"]}
     rel = Path(os.path.relpath(split, out))
     for name, entry in json.loads(meta_file.read_text()).items():
         paths = {"root": str(rel / entry["root"]), "annotation": str(rel / entry["annotation"])}
         stage1[name] = share({**entry, **paths}, SPLIT_SHARE)
         stage1b[name] = share({**entry, **paths}, 1.0)
+        binding = name.removeprefix("synth_") in BINDING_TASKS
+        stage2h[name] = share({**entry, **paths}, 1.0 if binding else STAGE2H_OTHERS)
     metas = {"shapes": shapes, "stage0": {"dense0": entries["dense0"]}, "stage1a": stage1a, "stage1": stage1,
-             "stage1b": stage1b}  # fmt: skip
+             "stage1b": stage1b, "stage2h": stage2h}  # fmt: skip
     for name, meta in metas.items():
         (out / f"{name}.json").write_text(json.dumps(meta, indent=2) + "\n")
     return {name: sum(e["length"] for e in meta.values()) for name, meta in metas.items()}
