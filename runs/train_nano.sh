@@ -9,8 +9,10 @@
 #                  stage2 stage2b stage2c stage2d vit4b stage2e, the shipped model's lineage); vit4 pretrains the
 #                  encoder again on native-scale tiles, keeping the language model (vit4b: again, with the balanced
 #                  kind loss, 4,000 steps of 10,000 images; vit4c: 1,500 more through the projector, run 10's
-#                  candidate, not shipped); stage2b-2f continue stage 2 on the same data (another order, lower
-#                  peaks; stage2c trains the encoder's top 3 layers too, stage2d and stage2e all 6)
+#                  candidate, not shipped); stage2b-2g continue stage 2 on the same data (another order, lower
+#                  peaks; stage2c trains the encoder's top 3 layers too, stage2d and stage2e all 6); stage2h
+#                  continues on a mixture that leans on scenes of several objects (curriculum/stage2h.json);
+#                  run 10/11's candidates: START=src/internvl/assets/nano STAGES="vit4c stage2f stage2g stage2h"
 #   STEPS_stage1=N the steps of a stage (its cosine schedule spans them; default: the stage's config)
 #   IMAGES_vit4b=N the images of a vision stage (VIT4_IMAGES for vit4; vit4b and vit4c share 10,000)
 #   ARGS_stage1="--lr 5e-4"   more finetune flags for a stage (e.g. a lower peak when continuing a model);
@@ -36,7 +38,7 @@ mkdir -p "$OUT"
 
 # 3. the curriculum: one large shape (stage 0), one or two mid-sized (stage 1a), up to five at the contract's
 #    sizes mixed with the split (stage 1); shapes.json holds only the shape questions of stage 0's scenes
-[ -f "$OUT/curriculum/stage1b.json" ] || internvl nano curriculum --split "$OUT/data" --out "$OUT/curriculum" \
+[ -f "$OUT/curriculum/stage2h.json" ] || internvl nano curriculum --split "$OUT/data" --out "$OUT/curriculum" \
     --scale "${CUR_SCALE:-1}"
 
 # 4. the vision encoder, pretrained on per-patch targets drawn from the generator (~20 min; resumes from its
@@ -71,7 +73,7 @@ for name in $STAGES; do
     continue ;;
   esac
   case $name in shapes) config=nano-shapes ;; stage1) config=nano ;; *) config=nano-$name ;; esac
-  data=$name; case $name in stage2*) data=stage1b ;; esac  # stage 2 trains on stage 1b's mixture, tiled
+  data=$name; case $name in stage2h) ;; stage2*) data=stage1b ;; esac  # stage 2 trains on stage 1b's mixture, tiled
   [ -f "$OUT/$name/final/config.json" ] || internvl finetune "$prev" --data "$OUT/curriculum/$data.json" \
       --config "configs/train/$config.yaml" --out "$OUT/$name" --resume ${steps:+--max-steps "$steps"} \
       ${fast[@]+"${fast[@]}"} ${extra[@]+"${extra[@]}"}

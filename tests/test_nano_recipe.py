@@ -20,11 +20,11 @@ TINY = {"N": "3", "CUR_SCALE": "0.0005", "VIT_STEPS": "2", "VIT_IMAGES": "16", "
         "STEPS_stage1b": "2", "STEPS_vit4": "2", "VIT4_IMAGES": "3", "STEPS_stage2": "2", "STEPS_stage2b": "2",
         "STEPS_stage2c": "2", "STEPS_stage2d": "2", "STEPS_vit4b": "2", "IMAGES_vit4b": "3",
         "STEPS_stage2e": "2", "STEPS_vit4c": "2", "IMAGES_vit4c": "3", "STEPS_stage2f": "2",
-        "COMPILE": "0"}  # fmt: skip
-# the shipped lineage (the script's default) and run 10's candidate after it
-STAGES = (
-    "shapes stage0 stage1a stage1 stage1b vit4 stage2 stage2b stage2c stage2d vit4b stage2e vit4c stage2f"
-)
+        "STEPS_stage2g": "2", "STEPS_stage2h": "2", "COMPILE": "0"}  # fmt: skip
+# the shipped lineage (the script's default) and the candidates of runs 10 and 11 after it
+CANDIDATES = ("vit4c", "stage2f", "stage2g", "stage2h")
+SHIPPED = "shapes stage0 stage1a stage1 stage1b vit4 stage2 stage2b stage2c stage2d vit4b stage2e"
+STAGES = " ".join((SHIPPED, *CANDIDATES))
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +49,7 @@ def first_args(recipe: Path, stage: str) -> dict:
 
 def test_every_stage_runs_and_the_benchmark_scores_every_task(recipe):
     language = ("shapes", "stage0", "stage1a", "stage1", "stage1b", "stage2", "stage2b", "stage2c", "stage2d")
-    for stage in (*language, "stage2e", "stage2f"):
+    for stage in (*language, "stage2e", "stage2f", "stage2g", "stage2h"):
         assert (recipe / stage / "final" / "model.safetensors").is_file(), stage
         state = json.loads((recipe / stage / "checkpoints" / "step-00000002" / "state.json").read_text())
         assert state["step"] == 2
@@ -71,9 +71,14 @@ def test_every_stage_runs_and_the_benchmark_scores_every_task(recipe):
     assert json.loads((recipe / "stage2" / "final" / "config.json").read_text())["max_dynamic_patch"] == 4
     # the lineage after stage 2: each continuation starts from the one before, on stage 1b's mixture;
     # stage 2c trains the encoder's top 3 layers too, stage 2e (after vit4b) all 6, stage 2f (after vit4c) none
-    for stage, seed in (("stage2b", 5), ("stage2c", 7), ("stage2d", 8), ("stage2e", 9), ("stage2f", 11)):
+    for stage, seed in (("stage2b", 5), ("stage2c", 7), ("stage2d", 8), ("stage2e", 9), ("stage2f", 11),
+                        ("stage2g", 12)):  # fmt: skip
         args = first_args(recipe, stage)
         assert args["seed"] == seed and args["data"].endswith("stage1b.json")
+    # stage 2h: from stage 2g's model on the binding mixture (scenes of several objects), encoder frozen
+    args = first_args(recipe, "stage2h")
+    assert args["model"].endswith("stage2g/final") and args["data"].endswith("curriculum/stage2h.json")
+    assert args["seed"] == 13 and args["lr"] == 2e-4 and args["freeze_vision"]
     args = first_args(recipe, "stage2c")
     assert args["model"].endswith("stage2b/final") and args["unfreeze_vit_layers"] == -3
     args = first_args(recipe, "stage2e")
@@ -111,8 +116,8 @@ def test_ship_refuses_an_incomplete_folder(tmp_path, capsys):
 
 
 def test_the_script_defaults_to_the_shipped_lineage():
-    """Without STAGES the script runs the shipped model's lineage: the stages the recipe test runs, less run 10's
-    candidate (vit4c, stage2f), which did not ship."""
+    """Without STAGES the script runs the shipped model's lineage: the stages the recipe test runs, less the
+    candidates of runs 10 and 11 (vit4c, stage2f, stage2g, stage2h), which did not ship."""
     script = (ROOT / "runs" / "train_nano.sh").read_text()
     default = script.split('STAGES=${STAGES:-"', 1)[1].split('"', 1)[0]
-    assert default.split() == STAGES.split()[:-2] and STAGES.split()[-2:] == ["vit4c", "stage2f"]
+    assert default == SHIPPED
