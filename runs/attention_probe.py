@@ -1,12 +1,12 @@
 """Where the language model looks when it answers a question about one object of a scene.
 
 For color items of the train split (a question naming one shape in a scene of several), this runs the prompt
-through the model and records, at the last prompt position (the one that predicts the answer) and at the question mark, every layer's and
+through the model and records, at the last prompt position (the one that predicts the answer), the shape word and the question mark, every layer's and
 head's attention over the prompt. Image tokens are sorted into the target's (their 28-px cell overlaps the object
 the question names), the other objects', and background, on the tiles and on the thumbnail. It prints, per layer,
 the attention mass on image tokens and the mass per token on the target against per token on other objects
-(>1: the layer finds the named object), split by whether the answer was right; also from the question mark
-(where the shape word has been read) as well as from the answer position.
+(>1: the layer finds the named object), split by whether the answer was right; from the shape word's last token
+and the question mark as well as from the answer position.
 
     python runs/attention_probe.py MODEL --data /work/data/nano/data --n 60
 """
@@ -93,7 +93,8 @@ def main() -> None:
         width, height = row["meta"]["size"]
         ids, pv, _ = model.prepare(question, str(Path(args.data) / row["image"]))
         marks = [i for i, t in enumerate(ids) if model.tokenizer.decode([t]).endswith("?")]
-        at[:] = [marks[-1], len(ids) - 1]  # the question mark (the shape word seen) and the answer position
+        # the shape word's last token, the question mark and the answer position
+        at[:] = [marks[-1] - 1, marks[-1], len(ids) - 1]
         record.clear()
         with torch.no_grad():
             logits = vlm(torch.tensor([ids]), pixel_values=pv).logits[0, -1]
@@ -106,7 +107,7 @@ def main() -> None:
         bg = set(range(len(image_pos))) - target - others
         groups = [[image_pos[i] for i in sorted(g)] for g in (target, others, bg)]
         for layer, weights in enumerate(record):
-            for name, rows in zip(("?", "answer"), weights.unbind(1)):
+            for name, rows in zip(("shape", "?", "answer"), weights.unbind(1)):
                 w = rows.mean(0)  # heads averaged
                 mass = float(w[image_pos].sum())
                 per = [float(w[g].sum()) / max(1, len(g)) for g in groups]

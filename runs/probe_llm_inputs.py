@@ -1,5 +1,6 @@
 """What the language model is given: fresh linear probes on a model's image embeddings (the projector's output, one
-token per 2x2 patches) for the object kind, its colour and the token's place in the tile, next to the same probes on
+token per 2x2 patches) for the object kind (and, among tokens of shapes, which shape), its colour and the token's
+place in the tile, next to the same probes on
 the encoder's patch tokens. If a probe reads a property well from the embeddings, the language model has it within
 one attention hop and a wrong answer about it is the language model's doing.
 
@@ -19,7 +20,7 @@ import torch.nn.functional as F
 
 import internvl
 from internvl.model.projector import pixel_shuffle
-from internvl.nano.patches import KINDS, make_set
+from internvl.nano.patches import KINDS, SHAPES, make_set
 from internvl.processing.image import normalize
 from internvl.synth.scene import COLOR_NAMES
 
@@ -105,9 +106,12 @@ def main() -> None:
         train = (torch.arange(views) < n_train_views).repeat_interleave(per)
         flat = x.reshape(-1, x.shape[-1])
         row = []
-        for name, classes in (("kind", len(KINDS)), ("color", len(COLOR_NAMES)), ("place", per)):
-            y = torch.from_numpy(targets[name].reshape(-1)).long()
-            if name != "place":
+        for name, classes in (("kind", len(KINDS)), ("shape", len(KINDS)), ("color", len(COLOR_NAMES)),
+                              ("place", per)):  # fmt: skip
+            y = torch.from_numpy(targets["kind" if name == "shape" else name].reshape(-1)).long()
+            if name == "shape":  # the five shapes alone: tokens of a shape, which of them
+                y = torch.where(y >= KINDS.index(SHAPES[0]), y, -1)
+            elif name != "place":
                 y = torch.where(y > 0 if name == "kind" else y >= 0, y, -1)
             row.append(f"{name} {100 * probe(flat, y, train, classes, a.steps):.1f}%")
         print(f"{label:<28} " + ", ".join(row))
