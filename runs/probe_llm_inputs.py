@@ -1,8 +1,8 @@
 """What the language model is given: fresh linear probes on a model's image embeddings (the projector's output, one
 token per 2x2 patches) for the object kind (and, among tokens of shapes, which shape), its colour and the token's
-place in the tile, next to the same probes on
-the encoder's patch tokens. If a probe reads a property well from the embeddings, the language model has it within
-one attention hop and a wrong answer about it is the language model's doing.
+place in the tile, next to the same probes on the encoder's patch tokens. If a probe reads a property well from the
+embeddings, the language model has it within one attention hop and a wrong answer about it is the language model's
+doing.
 
     OMP_NUM_THREADS=1 python runs/probe_llm_inputs.py [MODEL] [--images 300] [--steps 400]
 

@@ -83,7 +83,7 @@ def test_every_stage_runs_and_the_benchmark_scores_every_task(recipe):
     assert args["model"].endswith("stage2b/final") and args["unfreeze_vit_layers"] == -3
     args = first_args(recipe, "stage2e")
     assert args["model"].endswith("vit4b") and args["unfreeze_vit_layers"] == -6 and args["lr"] == 3e-4
-    assert not args["compile"]  # COMPILE=0 (the recipe compiles stages 2-2f by default)
+    assert not args["compile"]  # COMPILE=0 (the recipe compiles stages 2-2h by default)
     args = first_args(recipe, "stage2f")
     assert args["model"].endswith("vit4c") and not args["unfreeze_vit_layers"] and args["freeze_vision"]
     summary = json.loads((recipe / "eval" / "summary.json").read_text())

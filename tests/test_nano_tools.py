@@ -122,10 +122,10 @@ def test_curriculum_writes_every_stage_meta(tmp_path):
                  for line in (tmp_path / "cur/dense0/dense.jsonl").read_text().splitlines()
                  for t in json.loads(line)["conversations"])  # fmt: skip
     assert shapes > 0
+    # stage 1b: half the scenes, all of the split; stage 2h: a quarter of dense1, all of denseS and of color (a
+    # binding task), half of text
     assert counts == {"shapes": shapes, "stage0": 10, "stage1a": 3 + 10, "stage1": 10 + 15 + 1 + 1,
-                      "stage1b": 5 + 7 + 4 + 4,  # half the scenes, all of the split
-                      "stage2h": 2 + 15 + 4 + 2}  # fmt: skip
-    # stage 2h: a quarter of dense1, all of denseS and of color (a binding task), half of text
+                      "stage1b": 5 + 7 + 4 + 4, "stage2h": 2 + 15 + 4 + 2}  # fmt: skip
     for stage in counts:
         specs = read_meta(tmp_path / "cur" / f"{stage}.json")
         assert len(build_index(specs)) == counts[stage]
