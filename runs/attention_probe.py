@@ -24,32 +24,7 @@ import torch.nn.functional as F
 import internvl
 from internvl.model import llm
 from internvl.processing.image import choose_grid
-
-CELL = 28  # one image token covers 2x2 patches of 14 px on a 224-px tile
-
-
-def cells(box, scale_x: float, scale_y: float, off_x: int, off_y: int, size: int = 224) -> set[int]:
-    """Token indices (row-major 8x8) on one tile whose cell overlaps `box` once scaled and shifted."""
-    x0, x1 = box[0] * scale_x - off_x, box[2] * scale_x - off_x
-    y0, y1 = box[1] * scale_y - off_y, box[3] * scale_y - off_y
-    if x1 <= 0 or y1 <= 0 or x0 >= size or y0 >= size:
-        return set()
-    n = size // CELL
-    c0, c1 = max(0, int(x0 // CELL)), min(n - 1, int((x1 - 1e-6) // CELL))
-    r0, r1 = max(0, int(y0 // CELL)), min(n - 1, int((y1 - 1e-6) // CELL))
-    return {r * n + c for r in range(r0, r1 + 1) for c in range(c0, c1 + 1)}
-
-
-def object_tokens(box, width: int, height: int, max_num: int) -> set[int]:
-    """Offsets among the image's tokens (tiles row-major, then the thumbnail) that overlap `box`."""
-    cols, rows = choose_grid(width, height, 1, max_num, 224)
-    sx, sy = cols * 224 / width, rows * 224 / height
-    out = set()
-    for k in range(cols * rows):
-        out |= {k * 64 + t for t in cells(box, sx, sy, (k % cols) * 224, (k // cols) * 224)}
-    if cols * rows > 1:
-        out |= {cols * rows * 64 + t for t in cells(box, 224 / width, 224 / height, 0, 0)}
-    return out
+from internvl.train.binding import object_tokens
 
 
 def main() -> None:
@@ -101,8 +76,9 @@ def main() -> None:
         answer = model.tokenizer.decode([int(logits.argmax())]).strip()
         right = row["meta"]["answer"].startswith(answer) and answer != ""
         image_pos = [i for i, t in enumerate(ids) if t == vlm.image_token_id]
-        target = object_tokens(targets[0][2], width, height, max_num)
-        others = [object_tokens(o[2], width, height, max_num) for o in objects if o is not targets[0]]
+        grid = choose_grid(width, height, 1, max_num, 224)
+        target = object_tokens(targets[0][2], width, height, grid, 224, 64)
+        others = [object_tokens(o[2], width, height, grid, 224, 64) for o in objects if o is not targets[0]]
         others = set().union(*others) - target
         bg = set(range(len(image_pos))) - target - others
         groups = [[image_pos[i] for i in sorted(g)] for g in (target, others, bg)]

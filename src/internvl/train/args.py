@@ -71,6 +71,9 @@ class DataArgs:
     max_packed_images: int = _f(48, "tile budget of a packed sequence")
     loss_reduction: str = _f("square", "per-sample weight of the loss: 1 (token), 1/n (sample), 1/sqrt(n) (square)",
                              choices=("token", "sample", "square"))  # fmt: skip
+    binding_loss: float = _f(0.0, "weight of the binding loss: attention from words naming objects of synthetic "
+                             "scenes (meta.objects) to their image tokens (0: off)")  # fmt: skip
+    binding_heads: str = _f("1:0,2:0", "layer:head pairs the binding loss supervises", metavar="L:H,...")
     skip_bad_rows: bool = _f(False, "skip invalid rows (reported at the end and in OUT/skipped_rows.txt)")
     num_workers: int = _f(2, "data-loading processes (0: load in the training process)")
 
@@ -88,6 +91,11 @@ class DataArgs:
             f"--max-packed-tokens {self.max_packed_tokens} must be at least --max-seq-length {self.max_seq_length}",
         )
         _check(self.max_packed_images >= 1, "--max-packed-images must be at least 1")
+        _check(self.binding_loss >= 0, f"--binding-loss must be >= 0, got {self.binding_loss}")
+        if self.binding_loss > 0:
+            from .binding import parse_heads
+
+            parse_heads(self.binding_heads)
         _check(self.num_workers >= 0, f"--num-workers must be >= 0, got {self.num_workers}")
 
 

@@ -30,6 +30,8 @@ class Sample:
     pixel_values: torch.Tensor  # [N, 3, S, S] float32
     image_flags: torch.Tensor  # [N] int64, 1 = real tile
     source: str = ""  # "file:line"
+    # the binding loss's mentions: (query position, the image's token positions, which show the named objects)
+    binding: list[tuple[int, list[int], list[bool]]] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
@@ -58,6 +60,12 @@ class Batch:
     num_tokens: int = 0  # real (non-pad) tokens
     sources: list[str] = field(default_factory=list)
     bad: list[BadRow] = field(default_factory=list)
+    # the binding loss (train/binding.py), None when no sample has a mention: query rows [Q] and their keys
+    # [Q, K] as flat [B*T] indices, which keys are real (not padding) and which show the named objects
+    bind_query: torch.Tensor | None = None
+    bind_keys: torch.Tensor | None = None
+    bind_valid: torch.Tensor | None = None
+    bind_target: torch.Tensor | None = None
 
     @property
     def num_samples(self) -> int:
@@ -101,6 +109,7 @@ class Collator:
         positions = torch.zeros((n_rows, width), dtype=torch.long)
         seq_ids = torch.zeros((n_rows, width), dtype=torch.long) if self.packed else None
         sup_index, sup_sample, sample_tokens, sources, tiles, flags = [], [], [], [], [], []
+        mentions: list[tuple[int, list[int], list[bool]]] = []
         num_tokens = 0
         for b, row in enumerate(rows):
             at = 0
@@ -119,6 +128,8 @@ class Collator:
                 sources.append(s.source)
                 tiles.append(s.pixel_values)
                 flags.append(s.image_flags)
+                base = b * width + at
+                mentions += [(base + q, [base + k for k in keys], hits) for q, keys, hits in s.binding]
                 at += n
             num_tokens += at
             if seq_ids is not None:
@@ -128,11 +139,12 @@ class Collator:
             positions = torch.arange(width).expand(n_rows, width).clone()
         pixel_values, image_flags = self._tiles(tiles, flags)
         empty = torch.zeros(0, dtype=torch.long)
+        binding = _binding_tensors(mentions) if mentions else {}
         return Batch(
             input_ids=input_ids, targets=targets, positions=positions, pixel_values=pixel_values,
             image_flags=image_flags, sup_index=torch.cat(sup_index) if sup_index else empty,
             sup_sample=torch.cat(sup_sample) if sup_sample else empty, seq_ids=seq_ids,
-            sample_tokens=sample_tokens, num_tokens=num_tokens, sources=sources, bad=list(bad),
+            sample_tokens=sample_tokens, num_tokens=num_tokens, sources=sources, bad=list(bad), **binding,
         )  # fmt: skip
 
     def _tiles(
@@ -144,6 +156,20 @@ class Collator:
         if any(f.numel() for _, f in real):
             return torch.cat([t for t, _ in real]), torch.cat([f for _, f in real])
         return self.dummy, torch.zeros(1, dtype=torch.long)
+
+
+def _binding_tensors(mentions: list[tuple[int, list[int], list[bool]]]) -> dict[str, torch.Tensor]:
+    """The Batch fields of the binding loss: keys padded to the longest list (padding: index 0, not valid)."""
+    width = max(len(keys) for _, keys, _ in mentions)
+    keys = torch.zeros(len(mentions), width, dtype=torch.long)
+    valid = torch.zeros(len(mentions), width, dtype=torch.bool)
+    target = torch.zeros(len(mentions), width, dtype=torch.bool)
+    for i, (_, k, hits) in enumerate(mentions):
+        keys[i, : len(k)] = torch.tensor(k)
+        valid[i, : len(k)] = True
+        target[i, : len(k)] = torch.tensor(hits)
+    query = torch.tensor([q for q, _, _ in mentions])
+    return {"bind_query": query, "bind_keys": keys, "bind_valid": valid, "bind_target": target}
 
 
 class Packer:

@@ -20,6 +20,7 @@ from ..processing.image import ImageProcessor
 from ..processing.inputs import tiles_per_image
 from ..processing.prompt import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, image_tokens
 from ..tokenizer import IMG_CONTEXT, Tokenizer
+from .binding import scene_queries
 from .collate import Sample
 from .data import BadRow, RowIndex, media_path
 from .media import dummy_tile, image_pixels, to_pixels, training_frames
@@ -35,6 +36,7 @@ class SampleOptions:
     min_num_frame: int = 8
     max_num_frame: int = 32
     seed: int = 0
+    binding: bool = False  # find the scene mentions of the binding loss (train/binding.py)
 
     @classmethod
     def for_model(cls, cfg: ModelConfig, data=None, seed: int = 0) -> SampleOptions:
@@ -47,7 +49,7 @@ class SampleOptions:
         )
         return cls(
             cfg.processor.template, cfg.processor.system_message, limits[0], cfg.processor.max_dynamic_patch,
-            limits[1], limits[2], seed,
+            limits[1], limits[2], seed, getattr(data, "binding_loss", 0) > 0,
         )
 
 
@@ -119,7 +121,12 @@ class SFTDataset:
             if counts
             else torch.zeros(1, dtype=torch.long)
         )
-        return Sample(torch.tensor(ids), torch.tensor(labels), pixel_values, flags, source)
+        binding = []
+        if o.binding and image and len(counts) == 1:
+            p = self.processor
+            binding = scene_queries(item, turns, ids, self.tokenizer, o.template, self.context_id, p.min_num,
+                                    per_image, p.image_size, self.num_image_token, p.use_thumbnail)  # fmt: skip
+        return Sample(torch.tensor(ids), torch.tensor(labels), pixel_values, flags, source, binding)
 
 
 def _ensure_placeholder(turns: list[tuple[str, str]], placeholder: str) -> list[tuple[str, str]]:

@@ -158,6 +158,11 @@ def run_loop(args: TrainArgs, prepared: Prepared, data: DataSource, objective, c
 
         log(f"torch.compile: {compile_for_training(model)} modules (the first step builds their kernels)")
     optimizer = build_optimizer(model, o.lr, o.weight_decay, (o.adam_beta1, o.adam_beta2), o.adam_eps)
+    if objective is None and args.data.binding_loss > 0:
+        from .binding import BindingObjective, parse_heads
+
+        objective = BindingObjective(args.data.loss_reduction, args.data.binding_loss,
+                                     parse_heads(args.data.binding_heads))  # fmt: skip
     objective = objective or SFTObjective(args.data.loss_reduction)
     objective.setup(model, ctx.device)
 

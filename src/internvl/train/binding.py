@@ -1,0 +1,216 @@
+"""The binding loss: supervised attention from a word that names an object of a synthetic scene to the image
+tokens that show it.
+
+A question such as "What color is the triangle?" can only be answered by looking up the triangle among the
+image tokens. Trained on the language loss alone, the nano model never learns that lookup: its attention puts
+as much weight on the other objects as on the named one, in every layer (runs/attention_probe.py). This loss
+teaches it directly. For each mention of an object in a scene question (a shape word or "object", after a color
+or not), the chosen heads' attention from the mention's last token is pushed onto the image tokens
+whose cell overlaps the objects it names (the scene's `meta.objects` boxes, mapped through dynamic tiling):
+
+    loss = w * sum over mentions and heads of  -log( sum_target p / sum_image p )
+
+with p the head's attention probabilities, so only the distribution over the image's tokens is supervised, not
+how much the head looks at the image at all. It needs rows of the Synthetic Visual World's scene tasks (color,
+shape, count, position, relation; the contract's `meta.objects`); other rows train on the language loss only.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from ..errors import TrainingError
+from ..model.rope import apply_rope
+from ..processing.image import choose_grid
+from ..processing.template import get_template
+from ..synth.scene import COLOR_NAMES, SHAPES
+from ..tokenizer import Tokenizer
+from .objective import ObjectiveOutput, SFTObjective
+
+SCENE_TASKS = ("color", "shape", "count", "position", "relation")
+_COLOR = "|".join(COLOR_NAMES)
+_SHAPE = "|".join(SHAPES)
+# "[color] shape[s]" or "[color] object[s]": the objects a question names
+MENTION = re.compile(rf"\b(?:({_COLOR}) )?(?:({_SHAPE})s?|objects?)\b")
+
+
+def parse_heads(spec: str) -> list[tuple[int, int]]:
+    """Layer:head pairs: "1:0,2:0" -> [(1, 0), (2, 0)]."""
+    pairs = []
+    for part in spec.split(","):
+        layer, sep, head = part.strip().partition(":")
+        if not sep or not layer.strip().isdigit() or not head.strip().isdigit():
+            raise TrainingError(f"--binding-heads must be layer:head pairs like 1:0,2:0, got {spec!r}")
+        pairs.append((int(layer), int(head)))
+    return pairs
+
+
+def mentions(question: str) -> list[tuple[str | None, str | None, int]]:
+    """(color or None, shape or None, end offset of the mention's last word) for each object a question names."""
+    out = []
+    for m in MENTION.finditer(question):
+        out.append((m.group(1), m.group(2), m.end()))
+    return out
+
+
+def cell_tokens(box: Sequence[float], sx: float, sy: float, ox: float, oy: float, image_size: int,
+                side: int) -> set[int]:  # fmt: skip
+    """Token indices (row-major side x side) of one tile whose cell overlaps `box` scaled by (sx, sy) and shifted
+    by (ox, oy) into the tile's pixels."""
+    x0, x1 = box[0] * sx - ox, box[2] * sx - ox
+    y0, y1 = box[1] * sy - oy, box[3] * sy - oy
+    if x1 <= 0 or y1 <= 0 or x0 >= image_size or y0 >= image_size:
+        return set()
+    cell = image_size / side
+    c0, c1 = max(0, int(x0 // cell)), min(side - 1, int((x1 - 1e-6) // cell))
+    r0, r1 = max(0, int(y0 // cell)), min(side - 1, int((y1 - 1e-6) // cell))
+    return {r * side + c for r in range(r0, r1 + 1) for c in range(c0, c1 + 1)}
+
+
+def object_tokens(box: Sequence[float], width: int, height: int, grid: tuple[int, int], image_size: int,
+                  num_image_token: int, thumbnail: bool = True) -> set[int]:  # fmt: skip
+    """Offsets among an image's tokens (its tiles row-major, then the thumbnail) whose cell overlaps `box`
+    (canvas pixels) when the width x height image is cut into `grid` = (cols, rows) tiles."""
+    side = math.isqrt(num_image_token)
+    cols, rows = grid
+    sx, sy = cols * image_size / width, rows * image_size / height
+    out: set[int] = set()
+    for k in range(cols * rows):
+        cells = cell_tokens(box, sx, sy, (k % cols) * image_size, (k // cols) * image_size, image_size, side)
+        out |= {k * num_image_token + t for t in cells}
+    if thumbnail and cols * rows > 1:
+        cells = cell_tokens(box, image_size / width, image_size / height, 0, 0, image_size, side)
+        out |= {cols * rows * num_image_token + t for t in cells}
+    return out
+
+
+def scene_queries(item: dict, turns: Sequence[tuple[str, str]], ids: Sequence[int], tokenizer: Tokenizer,
+                  template: str, context_id: int, min_num: int, max_num: int, image_size: int,
+                  num_image_token: int, thumbnail: bool = True) -> list[tuple[int, list[int], list[bool]]]:  # fmt: skip
+    """(query position, the image's token positions, which of them show the named objects) for every object
+    mention of the scene questions of a one-image row with `meta.objects`; [] for any other row.
+
+    `turns` are the row's turns with the image placeholder expanded, `ids` their tokens. A mention's query is the
+    last token of its last word; one whose tokens cannot be found where expected is left out, as is one that
+    names no object of the scene (a count of 0)."""
+    meta = item.get("meta") or {}
+    objects, size = meta.get("objects"), meta.get("size")
+    if not objects or not size or not isinstance(item.get("image"), str):
+        return []
+    listed = meta.get("turns")  # the task of each question (the contract's multi-turn rows)
+    tasks = [t.get("task") for t in listed] if isinstance(listed, list) else [item.get("task")]
+    image = [i for i, t in enumerate(ids) if t == context_id]
+    width, height = size
+    grid = choose_grid(width, height, min_num, max_num, image_size)
+    tiles = grid[0] * grid[1] + (1 if thumbnail and grid[0] * grid[1] > 1 else 0)
+    if len(image) != tiles * num_image_token:
+        return []
+    role = get_template(template).roles[0]
+    head = tokenizer.encode(role, add_special_tokens=False)
+    starts = [i for i in range(len(ids) - len(head) + 1) if list(ids[i : i + len(head)]) == head]
+    humans = [text for who, text in turns if who == "human"]
+    out = []
+    for start, text, task in zip(starts, humans, tasks):
+        if task not in SCENE_TASKS:
+            continue
+        for color, shape, end in mentions(text):
+            named = [o for o in objects if color in (None, o[0]) and shape in (None, o[1])]
+            if not named:
+                continue
+            prefix = tokenizer.encode(role + text[:end], add_special_tokens=False)
+            if list(ids[start : start + len(prefix)]) != prefix:
+                continue
+            cells = set().union(*(object_tokens(o[2], width, height, grid, image_size, num_image_token, thumbnail)
+                                  for o in named))  # fmt: skip
+            if not cells:
+                continue
+            out.append((start + len(prefix) - 1, image, [k in cells for k in range(len(image))]))
+    return out
+
+
+class BindingObjective(SFTObjective):
+    """SFT plus the binding loss on the (layer, head) pairs of `heads`, weighted by `weight` (see the module).
+
+    The scores are computed in a forward pre-hook of each supervised layer's attention, from the same normed
+    hidden states and rotary tables the layer uses, for the batch's query rows and image keys only."""
+
+    name = "sft+binding"
+    bar_metrics = ("bind_ce", "bind_top1")
+
+    def __init__(self, reduction: str, weight: float, heads: Sequence[tuple[int, int]]):
+        super().__init__(reduction)
+        self.weight = weight
+        self.heads = list(heads)
+        self._batch = None
+        self._scores: list[torch.Tensor] = []
+
+    def setup(self, model: nn.Module, device: torch.device) -> None:
+        lm = getattr(model, "language_model", model)
+        layers = lm.model.layers
+        by_layer: dict[int, list[int]] = {}
+        for layer, head in self.heads:
+            if layer >= len(layers):
+                raise TrainingError(f"--binding-heads: layer {layer} does not exist "
+                                    f"(the model has {len(layers)})")  # fmt: skip
+            if head >= layers[layer].self_attn.num_heads:
+                raise TrainingError(f"--binding-heads: head {head} does not exist "
+                                    f"(layer {layer} has {layers[layer].self_attn.num_heads})")  # fmt: skip
+            by_layer.setdefault(layer, []).append(head)
+        for layer, heads in by_layer.items():
+            layers[layer].self_attn.register_forward_pre_hook(self._hook(heads))
+
+    def _hook(self, heads: list[int]):
+        def capture(attn, args):
+            batch = self._batch
+            if batch is None or batch.bind_query is None or batch.bind_query.numel() == 0:
+                return
+            x, cos, sin = args[0], args[1], args[2]
+            self._scores.append(binding_scores(attn, x, cos, sin, batch.bind_query, batch.bind_keys, heads))
+
+        return capture
+
+    def __call__(self, model: nn.Module, batch) -> ObjectiveOutput:
+        self._batch, self._scores = batch, []
+        try:
+            out = super().__call__(model, batch)
+        finally:
+            self._batch = None
+        scores, self._scores = self._scores, []
+        if not scores:
+            return out
+        s = torch.cat(scores, dim=1).float()  # [Q, heads, K]
+        valid, target = batch.bind_valid[:, None], batch.bind_target[:, None]
+        neg = torch.finfo(s.dtype).min
+        image_lse = torch.logsumexp(s.masked_fill(~valid, neg), -1)
+        ce = image_lse - torch.logsumexp(s.masked_fill(~target, neg), -1)
+        top1 = target.expand_as(s).gather(-1, s.masked_fill(~valid, neg).argmax(-1, keepdim=True)).float()
+        metrics = dict(out.metrics)
+        metrics["bind_ce"] = (ce.detach().sum(), float(ce.numel()))
+        metrics["bind_top1"] = (top1.sum(), float(top1.numel()))
+        return ObjectiveOutput(out.loss_sum + self.weight * ce.sum(), metrics)
+
+
+def binding_scores(attn: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, query: torch.Tensor,
+                   keys: torch.Tensor, heads: Sequence[int]) -> torch.Tensor:  # fmt: skip
+    """Attention logits [Q, len(heads), K] of the rows `query` (flat [B*T] indices of x [B, T, H]) over the keys
+    `keys` [Q, K] (flat indices), as `attn` computes them: q/k projections, the optional q/k norm, RoPE."""
+    if getattr(attn, "q_proj", None) is None:
+        raise TrainingError("the binding loss needs unfused q/k projections (training models are not fused)")
+    hq, hk, d = attn.num_heads, attn.num_kv_heads, attn.head_dim
+    flat = x.flatten(0, 1)
+    cos, sin = cos.flatten(0, 2), sin.flatten(0, 2)  # [B, 1, T, D] -> [B*T, D]
+    n_q, n_k = keys.shape
+    q = attn.q_proj(flat[query]).view(n_q, hq, 1, d)
+    k = attn.k_proj(flat[keys.flatten()]).view(n_q, n_k, hk, d).transpose(1, 2)
+    if hasattr(attn, "q_norm"):
+        q, k = attn.q_norm(q), attn.k_norm(k)
+    q = apply_rope(q, cos[query][:, None, None], sin[query][:, None, None])  # [Q, hq, 1, d]
+    k = apply_rope(k, cos[keys][:, None], sin[keys][:, None])  # [Q, hk, K, d]
+    h = torch.tensor(list(heads), device=x.device)
+    qh, kh = q[:, h], k[:, h // (hq // hk)]
+    return (qh @ kh.transpose(-1, -2)).squeeze(2) / math.sqrt(d)

@@ -1,0 +1,154 @@
+"""The binding loss (train/binding.py): which tokens a scene question's mentions name, its attention scores
+against the model's own attention, and that training on it moves attention onto the named objects."""
+
+import math
+
+import pytest
+import torch
+
+import internvl
+from internvl.api import BUILTIN
+from internvl.errors import TrainingError
+from internvl.model import llm
+from internvl.synth.scene import COLORS, SHAPES
+from internvl.train.binding import BindingObjective, mentions, parse_heads
+from internvl.train.collate import Collator
+from internvl.train.data import build_index, read_meta
+from internvl.train.dataset import SampleOptions, SFTDataset, pad_token_id
+
+MEAN, STD = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
+
+
+@pytest.fixture(scope="module")
+def nano():
+    return internvl.load(str(BUILTIN), dtype="fp32", optimize=False)
+
+
+@pytest.fixture(scope="module")
+def scenes(tmp_path_factory, nano):
+    """Samples of a small split's scene tasks (and text rows, which have no mentions) with their rows."""
+    from internvl.synth.writer import generate_split
+
+    root = tmp_path_factory.mktemp("bind")
+    generate_split(str(root), "train", n=6, tasks=["color", "count", "relation", "text"], seed=5)
+    index = build_index(read_meta(root / "meta.json"))
+    options = SampleOptions(**{**SampleOptions.for_model(nano.config).__dict__, "binding": True})
+    ds = SFTDataset(index, nano.tokenizer, nano.config, options)
+    rows = [index.read(i)[0] for i in range(len(index))]
+    return ds, [ds[i] for i in range(len(index))], rows, root
+
+
+def test_mentions_name_what_the_question_names():
+    assert mentions("What color is the triangle?") == [(None, "triangle", 26)]
+    assert mentions("What shape is the green object?") == [("green", None, 30)]
+    assert [m[:2] for m in mentions("How many yellow triangles are there?")] == [("yellow", "triangle")]
+    assert [m[:2] for m in mentions("Is the red circle to the left of the blue square?")] == [
+        ("red", "circle"), ("blue", "square")]  # fmt: skip
+    assert [m[:2] for m in mentions("How many objects are there?")] == [(None, None)]
+    assert mentions("What is 3 + 4?") == []
+    assert parse_heads("1:0, 3:2") == [(1, 0), (3, 2)]
+    with pytest.raises(TrainingError, match="layer:head"):
+        parse_heads("1")
+
+
+def test_queries_sit_on_the_named_word_and_targets_show_the_named_color(scenes, nano):
+    ds, samples, rows, _ = scenes
+    checked = 0
+    assert all(s.binding == [] for s, r in zip(samples, rows) if r["task"] == "text")
+    scene = [(s, r) for s, r in zip(samples, rows) if r["task"] != "text"]
+    assert sum(bool(s.binding) for s, _ in scene) >= 0.8 * len(scene)  # a count of 0 names nothing
+    for sample, row in scene:
+        side = math.isqrt(ds.num_image_token)
+        cell = ds.image_size // side
+        tiles = sample.pixel_values * STD[:, None, None] + MEAN[:, None, None]  # [N, 3, S, S] in 0..1
+        for q, keys, hits in sample.binding:
+            before, word = nano.tokenizer.decode(sample.input_ids[: q + 1].tolist()).split()[-2:]
+            assert word.removesuffix("s") in (*SHAPES, "object"), word
+            assert [sample.input_ids[k] for k in keys] == [ds.context_id] * len(keys)
+            assert 0 < sum(hits) < len(hits)
+            color = before if before in COLORS else None
+            shape = word.removesuffix("s")
+            objects = row["meta"]["objects"]
+            named = [o for o in objects if o[0] == color and shape in ("object", o[1])]
+            if color is None or len(named) < sum(o[0] == color for o in objects):
+                continue  # "the triangle", or an object not named has the color: no pixel test
+            rgb = torch.tensor(COLORS[color], dtype=torch.float32) / 255
+            near = (tiles - rgb[None, :, None, None]).abs().amax(1) < 0.12  # [N, S, S]: pixels of the color
+            per_cell = near.unflatten(1, (side, cell)).unflatten(3, (side, cell)).sum((2, 4)).flatten()
+            colored = {k for k, n in enumerate(per_cell.tolist()) if n >= 3}
+            targets = {k for k, hit in enumerate(hits) if hit}
+            assert colored <= targets, (row["id"], sorted(colored - targets))
+            assert len(colored) >= 0.5 * len(targets), (row["id"], len(colored), len(targets))
+            checked += 1
+    assert checked >= 4
+
+
+def test_scores_match_the_model_attention(scenes, nano):
+    """exp(-bind_ce) is the named objects' share of the image attention; recompute it from the q and k the
+    model's attention itself receives (padded rows: plain causal SDPA over the whole row)."""
+    ds, samples, _, _ = scenes
+    batch_samples = [s for s in samples if s.binding][:3]
+    batch = Collator(pad_token_id(nano.tokenizer), ds.dummy)(batch_samples)
+    model = nano.model.float().eval()
+    objective = BindingObjective("square", 1.0, [(1, 0), (2, 3)])
+    objective.setup(model, torch.device("cpu"))
+    seen = []
+    plain = llm.attention
+    llm.attention = lambda q, k, v, mask, causal: (seen.append((q, k)), plain(q, k, v, mask, causal))[1]
+    try:
+        with torch.no_grad():
+            out = objective(model, batch)
+    finally:
+        llm.attention = plain
+    shares = []
+    width = batch.input_ids.shape[1]
+    for layer, head in [(1, 0), (2, 3)]:
+        q, k = seen[layer]
+        kh = k[:, head // (q.shape[1] // k.shape[1])]
+        for i, flat in enumerate(batch.bind_query.tolist()):
+            b, t = divmod(flat, width)
+            p = torch.softmax(q[b, head, t] @ kh[b, : t + 1].T / math.sqrt(q.shape[-1]), -1)
+            keys = batch.bind_keys[i][batch.bind_valid[i]] - b * width
+            target = batch.bind_keys[i][batch.bind_target[i]] - b * width
+            shares.append(float(p[target].sum() / p[keys].sum()))
+    ce_sum, n = out.metrics["bind_ce"]
+    assert n == len(shares) == 2 * batch.bind_query.numel()
+    assert float(ce_sum) == pytest.approx(-sum(math.log(s) for s in shares), rel=1e-4)
+
+
+def test_training_on_it_moves_attention_onto_the_named_objects(scenes, nano):
+    ds, samples, _, _ = scenes
+    batch = Collator(pad_token_id(nano.tokenizer), ds.dummy, packed=True).rows(
+        [[s for s in samples if s.binding]]
+    )
+    model = internvl.load(str(BUILTIN), dtype="fp32", optimize=False).model.train()
+    objective = BindingObjective("square", 1.0, [(1, 0)])
+    objective.setup(model, torch.device("cpu"))
+    params = [p for n, p in model.named_parameters() if n.startswith("language_model")]
+    opt = torch.optim.Adam(params, lr=1e-3)
+    ces = []
+    for _ in range(6):
+        out = objective(model, batch)
+        ce, n = out.metrics["bind_ce"]
+        ces.append(float(ce) / n)
+        opt.zero_grad()
+        out.loss_sum.backward()
+        opt.step()
+    assert ces[-1] < 0.7 * ces[0], ces
+
+
+def test_finetune_trains_on_it_and_logs_it(scenes, tmp_path, capsys):
+    from internvl.cli.main import main as cli
+    from internvl.train.metrics import read_metrics
+
+    meta = scenes[3] / "meta.json"
+    common = ["finetune", str(BUILTIN), "--data", str(meta), "--num-workers", "0", "--threads", "1",
+              "--no-grad-checkpoint", "--no-tensorboard", "--log-every", "1", "--packing", "--max-packed-tokens",
+              "8192", "--max-steps", "2", "--binding-loss", "0.5"]  # fmt: skip
+    assert cli([*common, "--out", str(tmp_path / "run")]) == 0
+    rows = read_metrics(tmp_path / "run" / "metrics.csv")
+    assert rows and all(0 < r["bind_ce"] < 20 and 0 <= r["bind_top1"] <= 1 for r in rows)
+    capsys.readouterr()
+    assert cli([*common, "--out", str(tmp_path / "bad"), "--binding-heads", "9:0"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["internvl finetune: error: --binding-heads: layer 9 does not exist (the model has 6)"]
