@@ -102,6 +102,12 @@ def test_dense_curriculum_scenes_are_seeded_sized_and_valid(tmp_path):
         assert 2 <= len(turns) <= 12 and turns[0]["value"].startswith("<image>\n")
         assert sum("<image>" in t["value"] for t in turns) == 1
         assert len({t["value"] for t in turns[::2]}) == len(turns) // 2  # no question asked twice
+        # the scene's facts, as a split's rows have them: the one object's box inside the canvas, each question
+        meta = row["meta"]
+        assert meta["size"] == [row["width"], row["height"]] and len(meta["objects"]) == 1
+        x0, y0, x1, y1 = meta["objects"][0][2]
+        assert 0 <= x0 < x1 <= row["width"] and 0 <= y0 < y1 <= row["height"]
+        assert [t["question"] for t in meta["turns"]] == [t["value"].removeprefix("<image>\n") for t in turns[::2]]
     # one shape filling 40-90% of the side: the caption names exactly one object
     captions = [t["value"] for r in rows for t in r["conversations"][1::2] if t["value"].startswith("There")]
     assert captions and all(c.startswith("There is 1 ") for c in captions)

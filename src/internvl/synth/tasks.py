@@ -46,7 +46,7 @@ def _render(visual) -> list[Image.Image]:
     return [render_scene(visual)]
 
 
-def _describe(visual) -> dict:
+def describe_visual(visual) -> dict:
     """Ground truth of the picture itself, kept next to the question's facts."""
     if isinstance(visual, Scene):
         facts = {"size": [visual.width, visual.height], "objects": [o.to_json() for o in visual.objects]}
@@ -84,7 +84,7 @@ def make_item(task: str, rng: random.Random, hexagon: bool = False, turns: int =
         "question": first.question,
         "answer": first.answer,
         **first.facts,
-        **_describe(visual),
+        **describe_visual(visual),
         "hexagon": HEXAGON in first.question + " " + first.answer,
     }
     if more:

@@ -26,7 +26,7 @@ import numpy as np
 from PIL import Image
 
 from ..errors import DataError
-from .tasks import MULTI_TURN_TASKS, TASKS, SynthItem, conversation, make_item
+from .tasks import MULTI_TURN_TASKS, TASKS, SynthItem, conversation, describe_visual, make_item
 
 SPLITS = ("train", "val", "test")
 MULTI_TURN_EVERY = 4  # every 4th training item of a multi-turn task gets 2 or 3 questions
@@ -259,7 +259,9 @@ def generate_dense(
             if fill(scene, rng, k, SHAPES):
                 break
         qa = follow_ups(scene, rng, turns, set())
-        meta = {"turns": len(qa)}
+        # the scene's facts (size, objects) and each question's task, as a split's multi-turn rows have them
+        asked = [{"task": t.task, "question": t.question, "answer": t.answer} for t in qa]
+        meta = {**describe_visual(scene), "turns": asked}
         item = SynthItem("dense", [render_scene(scene)], conversation(qa, True), qa[0].answer, meta)
         item_id = f"dense_{i:06d}"
         names, _ = _write_images(out_dir, item_id, item.images)

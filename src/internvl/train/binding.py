@@ -12,7 +12,8 @@ whose cell overlaps the objects it names (the scene's `meta.objects` boxes, mapp
 
 with p the head's attention probabilities, so only the distribution over the image's tokens is supervised, not
 how much the head looks at the image at all. It needs rows of the Synthetic Visual World's scene tasks (color,
-shape, count, position, relation; the contract's `meta.objects`); other rows train on the language loss only.
+shape, count, position, relation, grounding) with the contract's `meta.objects` and, for several questions,
+`meta.turns` (each question's task); other rows and questions train on the language loss only.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from ..synth.scene import COLOR_NAMES, SHAPES
 from ..tokenizer import Tokenizer
 from .objective import ObjectiveOutput, SFTObjective
 
-SCENE_TASKS = ("color", "shape", "count", "position", "relation")
+SCENE_TASKS = ("color", "shape", "count", "position", "relation", "grounding")
 _COLOR = "|".join(COLOR_NAMES)
 _SHAPE = "|".join(SHAPES)
 # "[color] shape[s]" or "[color] object[s]": the objects a question names
