@@ -12,6 +12,7 @@
 #                  candidate, not shipped); stage2b-2g continue stage 2 on the same data (another order, lower
 #                  peaks; stage2c trains the encoder's top 3 layers too, stage2d and stage2e all 6); stage2h
 #                  continues on a mixture that leans on scenes of several objects (curriculum/stage2h.json);
+#                  stage2i: the same with the binding loss (attention from words naming objects to them; run 12);
 #                  run 10/11's candidates: START=src/internvl/assets/nano STAGES="vit4c stage2f stage2g stage2h"
 #   STEPS_stage1=N the steps of a stage (its cosine schedule spans them; default: the stage's config)
 #   IMAGES_vit4b=N the images of a vision stage (VIT4_IMAGES for vit4; vit4b and vit4c share 10,000)
@@ -73,7 +74,8 @@ for name in $STAGES; do
     continue ;;
   esac
   case $name in shapes) config=nano-shapes ;; stage1) config=nano ;; *) config=nano-$name ;; esac
-  data=$name; case $name in stage2h) ;; stage2*) data=stage1b ;; esac  # stage 2 trains on stage 1b's mixture, tiled
+  # stage 2 trains on stage 1b's mixture, tiled; stages 2h and 2i on the binding mixture
+  data=$name; case $name in stage2h|stage2i) data=stage2h ;; stage2*) data=stage1b ;; esac
   [ -f "$OUT/$name/final/config.json" ] || internvl finetune "$prev" --data "$OUT/curriculum/$data.json" \
       --config "configs/train/$config.yaml" --out "$OUT/$name" --resume ${steps:+--max-steps "$steps"} \
       ${fast[@]+"${fast[@]}"} ${extra[@]+"${extra[@]}"}

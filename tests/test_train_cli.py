@@ -17,6 +17,7 @@ from refmodels import tiny_checkpoint
 
 import internvl
 from internvl.cli.main import main as cli
+from internvl.errors import TrainingError
 from internvl.train.args import GROUPS, TrainArgs, add_arguments, from_namespace, read_yaml
 
 FAST = ["--num-workers", "0", "--threads", "1", "--no-grad-checkpoint", "--max-seq-length", "256",
@@ -121,12 +122,30 @@ def test_every_field_is_a_flag_and_a_yaml_key(tmp_path):
     assert TrainArgs.from_dict(args.to_dict()) == args
 
 
-@pytest.mark.parametrize("name", sorted(p.name for p in CONFIGS.glob("*.yaml")))
-def test_shipped_configs_parse(name):
-    values = read_yaml(CONFIGS / name)
+SHIPPED_CONFIGS = sorted([*CONFIGS.glob("*.yaml"), *(CONFIGS.parent / "train").glob("*.yaml")])
+
+
+@pytest.mark.parametrize("path", SHIPPED_CONFIGS, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_shipped_configs_parse(path):
+    values = read_yaml(path)
+    name = path.name
     values.setdefault("model", "m")
     values.setdefault("data", "d.json")
     TrainArgs.from_dict(values, source=name)
+
+
+def test_a_config_extends_another(tmp_path, capsys):
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base" / "b.yaml").write_text("lr: 0.5\nseed: 3\nlora_r: 8\n")
+    (tmp_path / "c.yaml").write_text("extends: base/b.yaml\nseed: 4\n")
+    assert read_yaml(tmp_path / "c.yaml") == {"lr": 0.5, "seed": 4, "lora_r": 8}
+    assert read_yaml(CONFIGS.parent / "train" / "nano-stage2i.yaml")["packing"] is True  # from stage 2b
+    (tmp_path / "base" / "b.yaml").write_text("extends: ../c.yaml\n")
+    with pytest.raises(TrainingError, match="a cycle"):
+        read_yaml(tmp_path / "c.yaml")
+    (tmp_path / "d.yaml").write_text("extends: gone.yaml\n")
+    assert cli(["finetune", "--config", str(tmp_path / "d.yaml")]) == 1
+    assert "gone.yaml: no such config file" in capsys.readouterr().err
 
 
 # ---- end to end -----------------------------------------------------------------------------------

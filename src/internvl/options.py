@@ -180,8 +180,11 @@ def coerce(cls: type, values: dict[str, Any], source: str, error: type[Exception
     return out
 
 
-def read_yaml(path: str | Path, error: type[Exception] = InternVLError) -> dict[str, Any]:
-    """A YAML mapping of option names to values; a missing or malformed file is one `error`."""
+def read_yaml(
+    path: str | Path, error: type[Exception] = InternVLError, _seen: tuple[Path, ...] = ()
+) -> dict[str, Any]:
+    """A YAML mapping of option names to values; a missing or malformed file is one `error`. A key `extends:
+    FILE` (relative to this file) takes FILE's values first, then this file's over them."""
     import yaml
 
     path = Path(path)
@@ -193,4 +196,12 @@ def read_yaml(path: str | Path, error: type[Exception] = InternVLError) -> dict[
         raise error(f"{path}: invalid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(data, dict):
         raise error(f"{path}: expected a mapping of option names to values")
+    if "extends" in data:
+        base = data.pop("extends")
+        if not isinstance(base, str):
+            raise error(f"{path}: extends must name one config file, got {base!r}")
+        base_path = (path.parent / base).resolve()
+        if base_path in _seen or base_path == path.resolve():
+            raise error(f"{path}: extends {base} again (a cycle)")
+        data = {**read_yaml(base_path, error, (*_seen, path.resolve())), **data}
     return data
