@@ -89,7 +89,7 @@ def test_scores_match_the_model_attention(scenes, nano):
     ds, samples, _, _ = scenes
     batch_samples = [s for s in samples if s.binding][:3]
     batch = Collator(pad_token_id(nano.tokenizer), ds.dummy)(batch_samples)
-    model = nano.model.float().eval()
+    model = nano.model.float().train()  # the loss scores training forwards only (no dropout here)
     objective = BindingObjective("square", 1.0, [(1, 0), (2, 3)])
     objective.setup(model, torch.device("cpu"))
     seen = []
@@ -143,11 +143,17 @@ def test_finetune_trains_on_it_and_logs_it(scenes, tmp_path, capsys):
 
     meta = scenes[3] / "meta.json"
     common = ["finetune", str(BUILTIN), "--data", str(meta), "--num-workers", "0", "--threads", "1",
-              "--no-grad-checkpoint", "--no-tensorboard", "--log-every", "1", "--packing", "--max-packed-tokens",
-              "8192", "--max-steps", "2", "--binding-loss", "0.5"]  # fmt: skip
-    assert cli([*common, "--out", str(tmp_path / "run")]) == 0
+              "--no-tensorboard", "--log-every", "1", "--packing", "--max-packed-tokens", "8192", "--max-steps", "2",
+              "--binding-loss", "0.5", "--lr", "1e-3"]  # fmt: skip
+    assert cli([*common, "--out", str(tmp_path / "run"), "--no-grad-checkpoint"]) == 0
     rows = read_metrics(tmp_path / "run" / "metrics.csv")
     assert rows and all(0 < r["bind_ce"] < 20 and 0 <= r["bind_top1"] <= 1 for r in rows)
+    # with activations recomputed in the backward pass the same gradients reach step 2
+    assert cli([*common, "--out", str(tmp_path / "ckpt"), "--grad-checkpoint"]) == 0
+    again = read_metrics(tmp_path / "ckpt" / "metrics.csv")
+    for a, b in zip(rows, again, strict=True):
+        assert (a["loss"], a["bind_ce"]) == pytest.approx((b["loss"], b["bind_ce"]), rel=1e-4)
+    assert rows[1]["bind_ce"] != rows[0]["bind_ce"]
     capsys.readouterr()
     assert cli([*common, "--out", str(tmp_path / "bad"), "--binding-heads", "9:0"]) == 1
     err = capsys.readouterr().err.strip().splitlines()

@@ -167,20 +167,21 @@ class BindingObjective(SFTObjective):
 
     def _hook(self, heads: list[int]):
         def capture(attn, args):
-            batch = self._batch
-            if batch is None or batch.bind_query is None or batch.bind_query.numel() == 0:
+            batch, x = self._batch, args[0]
+            if batch is None or batch.bind_query is None or not attn.training:
                 return
-            x, cos, sin = args[0], args[1], args[2]
+            if x.shape[:2] != batch.input_ids.shape:  # not this batch's forward
+                return
+            cos, sin = args[1], args[2]
             self._scores.append(binding_scores(attn, x, cos, sin, batch.bind_query, batch.bind_keys, heads))
 
         return capture
 
     def __call__(self, model: nn.Module, batch) -> ObjectiveOutput:
+        # The batch stays set after the forward: with gradient checkpointing the backward pass runs each layer
+        # again, and the hook must compute what it computed the first time (the recomputed scores are dropped).
         self._batch, self._scores = batch, []
-        try:
-            out = super().__call__(model, batch)
-        finally:
-            self._batch = None
+        out = super().__call__(model, batch)
         scores, self._scores = self._scores, []
         if not scores:
             return out
