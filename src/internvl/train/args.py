@@ -73,7 +73,10 @@ class DataArgs:
                              choices=("token", "sample", "square"))  # fmt: skip
     binding_loss: float = _f(0.0, "weight of the binding loss: attention from words naming objects of synthetic "
                              "scenes (meta.objects) to their image tokens (0: off)")  # fmt: skip
-    binding_heads: str = _f("1:0,2:0", "layer:head pairs the binding loss supervises", metavar="L:H,...")
+    binding_heads: str = _f("1:0,2:0", "layer:head pairs the binding loss supervises from the words naming objects",
+                            metavar="L:H,...")  # fmt: skip
+    binding_answer_heads: str = _f("", "layer:head pairs it supervises from the position that predicts the answer "
+                                   "(onto every object the question names; empty: none)", metavar="L:H,...")  # fmt: skip
     skip_bad_rows: bool = _f(False, "skip invalid rows (reported at the end and in OUT/skipped_rows.txt)")
     num_workers: int = _f(2, "data-loading processes (0: load in the training process)")
 
@@ -96,6 +99,8 @@ class DataArgs:
             from .binding import parse_heads
 
             parse_heads(self.binding_heads)
+            if self.binding_answer_heads:
+                parse_heads(self.binding_answer_heads)
         _check(self.num_workers >= 0, f"--num-workers must be >= 0, got {self.num_workers}")
 
 

@@ -6,9 +6,10 @@ image tokens. Trained on the language loss alone, the nano model never learns th
 as much weight on the other objects as on the named one, in every layer (runs/attention_probe.py). This loss
 teaches it directly. For each mention of an object in a scene question (a shape word or "object", after a color
 or not), the chosen heads' attention from the mention's last token is pushed onto the image tokens
-whose cell overlaps the objects it names (the scene's `meta.objects` boxes, mapped through dynamic tiling):
+whose cell overlaps the objects it names (the scene's `meta.objects` boxes, mapped through dynamic tiling); other
+heads may be pushed, from the position that predicts the answer, onto every object the question names:
 
-    loss = w * sum over mentions and heads of  -log( sum_target p / sum_image p )
+    loss = w * sum over queries and their heads of  -log( sum_target p / sum_image p )
 
 with p the head's attention probabilities, so only the distribution over the image's tokens is supervised, not
 how much the head looks at the image at all. It needs rows of the Synthetic Visual World's scene tasks (color,
@@ -32,6 +33,7 @@ from ..processing.template import get_template
 from ..synth.scene import COLOR_NAMES, SHAPES
 from ..tokenizer import Tokenizer
 from .objective import ObjectiveOutput, SFTObjective
+from .tokenize import render_turn
 
 SCENE_TASKS = ("color", "shape", "count", "position", "relation", "grounding")
 _COLOR = "|".join(COLOR_NAMES)
@@ -90,11 +92,16 @@ def object_tokens(box: Sequence[float], width: int, height: int, grid: tuple[int
     return out
 
 
+WORD, ANSWER = 0, 1  # the two kinds of query: a mention's last token, the position that predicts the answer
+
+
 def scene_queries(item: dict, turns: Sequence[tuple[str, str]], ids: Sequence[int], tokenizer: Tokenizer,
                   template: str, context_id: int, min_num: int, max_num: int, image_size: int,
-                  num_image_token: int, thumbnail: bool = True) -> list[tuple[int, list[int], list[bool]]]:  # fmt: skip
-    """(query position, the image's token positions, which of them show the named objects) for every object
-    mention of the scene questions of a one-image row with `meta.objects`; [] for any other row.
+                  num_image_token: int, thumbnail: bool = True) -> list[tuple[int, list[int], list[bool], int]]:  # fmt: skip
+    """(query position, the image's token positions, which of them show the named objects, kind) for every object
+    mention of the scene questions of a one-image row with `meta.objects` (kind WORD), and for the position that
+    predicts each such question's answer, whose targets are all the objects the question names (kind ANSWER);
+    [] for any other row.
 
     `turns` are the row's turns with the image placeholder expanded, `ids` their tokens. A mention's query is the
     last token of its last word; one whose tokens cannot be found where expected is left out, as is one that
@@ -111,31 +118,37 @@ def scene_queries(item: dict, turns: Sequence[tuple[str, str]], ids: Sequence[in
     tiles = grid[0] * grid[1] + (1 if thumbnail and grid[0] * grid[1] > 1 else 0)
     if len(image) != tiles * num_image_token:
         return []
-    role = get_template(template).roles[0]
-    head = tokenizer.encode(role, add_special_tokens=False)
+    t = get_template(template)
+    head = tokenizer.encode(t.roles[0], add_special_tokens=False)
+    answer_head = tokenizer.encode(t.roles[1], add_special_tokens=False)
     starts = [i for i in range(len(ids) - len(head) + 1) if list(ids[i : i + len(head)]) == head]
     humans = [text for who, text in turns if who == "human"]
     out = []
     for start, text, task in zip(starts, humans, tasks):
         if task not in SCENE_TASKS:
             continue
+        asked: set[int] = set()
         for color, shape, end in mentions(text):
             named = [o for o in objects if color in (None, o[0]) and shape in (None, o[1])]
-            if not named:
-                continue
-            prefix = tokenizer.encode(role + text[:end], add_special_tokens=False)
-            if list(ids[start : start + len(prefix)]) != prefix:
+            prefix = tokenizer.encode(t.roles[0] + text[:end], add_special_tokens=False)
+            if not named or list(ids[start : start + len(prefix)]) != prefix:
                 continue
             cells = set().union(*(object_tokens(o[2], width, height, grid, image_size, num_image_token, thumbnail)
                                   for o in named))  # fmt: skip
-            if not cells:
-                continue
-            out.append((start + len(prefix) - 1, image, [k in cells for k in range(len(image))]))
+            if cells:
+                out.append((start + len(prefix) - 1, image, [k in cells for k in range(len(image))], WORD))
+                asked |= cells
+        # the answer follows the question's segment: <|im_start|>assistant\n, then its first token
+        answer = start + len(tokenizer.encode(render_turn(t.name, "human", text), add_special_tokens=False))
+        if asked and list(ids[answer : answer + len(answer_head)]) == answer_head:
+            hits = [k in asked for k in range(len(image))]
+            out.append((answer + len(answer_head) - 1, image, hits, ANSWER))
     return out
 
 
 class BindingObjective(SFTObjective):
-    """SFT plus the binding loss on the (layer, head) pairs of `heads`, weighted by `weight` (see the module).
+    """SFT plus the binding loss, weighted by `weight` (see the module): the (layer, head) pairs of `heads` attend
+    from the mentions (WORD queries), those of `answer_heads` from the answer positions (ANSWER queries).
 
     The scores are computed in a forward pre-hook of each supervised layer's attention, from the same normed
     hidden states and rotary tables the layer uses, for the batch's query rows and image keys only."""
@@ -143,29 +156,33 @@ class BindingObjective(SFTObjective):
     name = "sft+binding"
     bar_metrics = ("bind_ce", "bind_top1")
 
-    def __init__(self, reduction: str, weight: float, heads: Sequence[tuple[int, int]]):
+    def __init__(self, reduction: str, weight: float, heads: Sequence[tuple[int, int]],
+                 answer_heads: Sequence[tuple[int, int]] = ()):  # fmt: skip
         super().__init__(reduction)
         self.weight = weight
-        self.heads = list(heads)
+        self.heads = [(la, h, WORD) for la, h in heads] + [(la, h, ANSWER) for la, h in answer_heads]
         self._batch = None
-        self._scores: list[torch.Tensor] = []
+        self._scores: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def setup(self, model: nn.Module, device: torch.device) -> None:
         lm = getattr(model, "language_model", model)
         layers = lm.model.layers
-        by_layer: dict[int, list[int]] = {}
-        for layer, head in self.heads:
+        by_layer: dict[int, list[tuple[int, int]]] = {}
+        for layer, head, kind in self.heads:
             if layer >= len(layers):
                 raise TrainingError(f"--binding-heads: layer {layer} does not exist "
                                     f"(the model has {len(layers)})")  # fmt: skip
             if head >= layers[layer].self_attn.num_heads:
                 raise TrainingError(f"--binding-heads: head {head} does not exist "
                                     f"(layer {layer} has {layers[layer].self_attn.num_heads})")  # fmt: skip
-            by_layer.setdefault(layer, []).append(head)
-        for layer, heads in by_layer.items():
-            layers[layer].self_attn.register_forward_pre_hook(self._hook(heads))
+            by_layer.setdefault(layer, []).append((head, kind))
+        for layer, pairs in by_layer.items():
+            layers[layer].self_attn.register_forward_pre_hook(self._hook(pairs))
 
-    def _hook(self, heads: list[int]):
+    def _hook(self, pairs: list[tuple[int, int]]):
+        heads = [h for h, _ in pairs]
+        kinds = torch.tensor([k for _, k in pairs])
+
         def capture(attn, args):
             batch, x = self._batch, args[0]
             if batch is None or batch.bind_query is None or not attn.training:
@@ -173,7 +190,9 @@ class BindingObjective(SFTObjective):
             if x.shape[:2] != batch.input_ids.shape:  # not this batch's forward
                 return
             cos, sin = args[1], args[2]
-            self._scores.append(binding_scores(attn, x, cos, sin, batch.bind_query, batch.bind_keys, heads))
+            scores = binding_scores(attn, x, cos, sin, batch.bind_query, batch.bind_keys, heads)
+            # which (query, head) pairs count: a head learns from its kind of query only
+            self._scores.append((scores, batch.bind_kind[:, None] == kinds.to(scores.device)[None]))
 
         return capture
 
@@ -185,12 +204,14 @@ class BindingObjective(SFTObjective):
         scores, self._scores = self._scores, []
         if not scores:
             return out
-        s = torch.cat(scores, dim=1).float()  # [Q, heads, K]
+        s = torch.cat([sc for sc, _ in scores], dim=1).float()  # [Q, heads, K]
+        counted = torch.cat([m for _, m in scores], dim=1)  # [Q, heads]
         valid, target = batch.bind_valid[:, None], batch.bind_target[:, None]
         neg = torch.finfo(s.dtype).min
         image_lse = torch.logsumexp(s.masked_fill(~valid, neg), -1)
-        ce = image_lse - torch.logsumexp(s.masked_fill(~target, neg), -1)
-        top1 = target.expand_as(s).gather(-1, s.masked_fill(~valid, neg).argmax(-1, keepdim=True)).float()
+        ce = (image_lse - torch.logsumexp(s.masked_fill(~target, neg), -1))[counted]
+        best = s.masked_fill(~valid, neg).argmax(-1, keepdim=True)
+        top1 = target.expand_as(s).gather(-1, best).squeeze(-1)[counted].float()
         metrics = dict(out.metrics)
         metrics["bind_ce"] = (ce.detach().sum(), float(ce.numel()))
         metrics["bind_top1"] = (top1.sum(), float(top1.numel()))

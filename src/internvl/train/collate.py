@@ -30,8 +30,8 @@ class Sample:
     pixel_values: torch.Tensor  # [N, 3, S, S] float32
     image_flags: torch.Tensor  # [N] int64, 1 = real tile
     source: str = ""  # "file:line"
-    # the binding loss's mentions: (query position, the image's token positions, which show the named objects)
-    binding: list[tuple[int, list[int], list[bool]]] = field(default_factory=list)
+    # the binding loss's queries: (position, the image's token positions, which show the named objects, kind)
+    binding: list[tuple[int, list[int], list[bool], int]] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
@@ -60,9 +60,11 @@ class Batch:
     num_tokens: int = 0  # real (non-pad) tokens
     sources: list[str] = field(default_factory=list)
     bad: list[BadRow] = field(default_factory=list)
-    # the binding loss (train/binding.py), None when no sample has a mention: query rows [Q] and their keys
-    # [Q, K] as flat [B*T] indices, which keys are real (not padding) and which show the named objects
+    # the binding loss (train/binding.py), None when no sample has a query: query rows [Q] and their keys
+    # [Q, K] as flat [B*T] indices, which keys are real (not padding) and which show the named objects, and
+    # each query's kind [Q] (a mention or an answer position)
     bind_query: torch.Tensor | None = None
+    bind_kind: torch.Tensor | None = None
     bind_keys: torch.Tensor | None = None
     bind_valid: torch.Tensor | None = None
     bind_target: torch.Tensor | None = None
@@ -109,7 +111,7 @@ class Collator:
         positions = torch.zeros((n_rows, width), dtype=torch.long)
         seq_ids = torch.zeros((n_rows, width), dtype=torch.long) if self.packed else None
         sup_index, sup_sample, sample_tokens, sources, tiles, flags = [], [], [], [], [], []
-        mentions: list[tuple[int, list[int], list[bool]]] = []
+        queries: list[tuple[int, list[int], list[bool], int]] = []
         num_tokens = 0
         for b, row in enumerate(rows):
             at = 0
@@ -129,7 +131,7 @@ class Collator:
                 tiles.append(s.pixel_values)
                 flags.append(s.image_flags)
                 base = b * width + at
-                mentions += [(base + q, [base + k for k in keys], hits) for q, keys, hits in s.binding]
+                queries += [(base + q, [base + k for k in keys], hits, kind) for q, keys, hits, kind in s.binding]
                 at += n
             num_tokens += at
             if seq_ids is not None:
@@ -139,7 +141,7 @@ class Collator:
             positions = torch.arange(width).expand(n_rows, width).clone()
         pixel_values, image_flags = self._tiles(tiles, flags)
         empty = torch.zeros(0, dtype=torch.long)
-        binding = _binding_tensors(mentions) if mentions else {}
+        binding = _binding_tensors(queries) if queries else {}
         return Batch(
             input_ids=input_ids, targets=targets, positions=positions, pixel_values=pixel_values,
             image_flags=image_flags, sup_index=torch.cat(sup_index) if sup_index else empty,
@@ -158,18 +160,19 @@ class Collator:
         return self.dummy, torch.zeros(1, dtype=torch.long)
 
 
-def _binding_tensors(mentions: list[tuple[int, list[int], list[bool]]]) -> dict[str, torch.Tensor]:
+def _binding_tensors(queries: list[tuple[int, list[int], list[bool], int]]) -> dict[str, torch.Tensor]:
     """The Batch fields of the binding loss: keys padded to the longest list (padding: index 0, not valid)."""
-    width = max(len(keys) for _, keys, _ in mentions)
-    keys = torch.zeros(len(mentions), width, dtype=torch.long)
-    valid = torch.zeros(len(mentions), width, dtype=torch.bool)
-    target = torch.zeros(len(mentions), width, dtype=torch.bool)
-    for i, (_, k, hits) in enumerate(mentions):
+    width = max(len(keys) for _, keys, _, _ in queries)
+    keys = torch.zeros(len(queries), width, dtype=torch.long)
+    valid = torch.zeros(len(queries), width, dtype=torch.bool)
+    target = torch.zeros(len(queries), width, dtype=torch.bool)
+    for i, (_, k, hits, _) in enumerate(queries):
         keys[i, : len(k)] = torch.tensor(k)
         valid[i, : len(k)] = True
         target[i, : len(k)] = torch.tensor(hits)
-    query = torch.tensor([q for q, _, _ in mentions])
-    return {"bind_query": query, "bind_keys": keys, "bind_valid": valid, "bind_target": target}
+    query = torch.tensor([q for q, _, _, _ in queries])
+    kind = torch.tensor([kind for _, _, _, kind in queries])
+    return {"bind_query": query, "bind_kind": kind, "bind_keys": keys, "bind_valid": valid, "bind_target": target}
 
 
 class Packer:

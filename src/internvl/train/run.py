@@ -161,8 +161,9 @@ def run_loop(args: TrainArgs, prepared: Prepared, data: DataSource, objective, c
     if objective is None and args.data.binding_loss > 0:
         from .binding import BindingObjective, parse_heads
 
-        objective = BindingObjective(args.data.loss_reduction, args.data.binding_loss,
-                                     parse_heads(args.data.binding_heads))  # fmt: skip
+        d = args.data
+        answer_heads = parse_heads(d.binding_answer_heads) if d.binding_answer_heads else []
+        objective = BindingObjective(d.loss_reduction, d.binding_loss, parse_heads(d.binding_heads), answer_heads)
     objective = objective or SFTObjective(args.data.loss_reduction)
     objective.setup(model, ctx.device)
 
