@@ -42,7 +42,9 @@ def main() -> None:
     ap.add_argument("--layer", type=int, default=2)
     ap.add_argument("--head", type=int, default=0)
     ap.add_argument("--n", type=int, default=600)
-    ap.add_argument("--at", choices=("word", "answer"), default="word", help="the shape word or the answer position")
+    ap.add_argument(
+        "--at", choices=("word", "answer"), default="word", help="the shape word or the answer position"
+    )
     args = ap.parse_args()
     torch.set_num_threads(2)
     model = internvl.load(args.model, dtype="fp32", optimize=False)
@@ -66,11 +68,14 @@ def main() -> None:
             continue
         ids, pv, _ = model.prepare(meta["question"], str(Path(args.data) / row["image"]))
         marks = [i for i, t in enumerate(ids) if model.tokenizer.decode([t]).endswith("?")]
-        at = marks[-1] - 1 if args.at == "word" else len(ids) - 1  # the shape word's last token, or the answer's
+        at = (
+            marks[-1] - 1 if args.at == "word" else len(ids) - 1
+        )  # the shape word's last token, or the answer's
         outs.clear()
         hidden = {}
         hook = vlm.language_model.model.layers[args.layer].register_forward_hook(
-            lambda m, i, o: hidden.__setitem__("x", o[0, at]))
+            lambda m, i, o, hidden=hidden, at=at: hidden.__setitem__("x", o[0, at])
+        )
         with torch.no_grad():
             vlm(torch.tensor([ids]), pixel_values=pv)
         hook.remove()
