@@ -11,7 +11,7 @@ from internvl.api import BUILTIN
 from internvl.errors import TrainingError
 from internvl.model import llm
 from internvl.synth.scene import COLORS, SHAPES
-from internvl.train.binding import ANSWER, WORD, BindingObjective, mentions, parse_heads
+from internvl.train.binding import ANSWER, HOP, WORD, BindingObjective, mentions, parse_heads
 from internvl.train.collate import Collator
 from internvl.train.data import build_index, read_meta
 from internvl.train.dataset import SampleOptions, SFTDataset, pad_token_id
@@ -61,9 +61,13 @@ def test_queries_sit_on_the_named_word_and_targets_show_the_named_color(scenes, 
         side = math.isqrt(ds.num_image_token)
         cell = ds.image_size // side
         tiles = sample.pixel_values * STD[:, None, None] + MEAN[:, None, None]  # [N, 3, S, S] in 0..1
-        asked = set()  # the cells the question's mentions name, so far
+        asked, said = set(), []  # the cells the question's mentions name and where they are, so far
         for q, keys, hits, kind in sample.binding:
             targets = {k for k, hit in enumerate(hits) if hit}
+            if kind == HOP:  # the answer position again, over the question's tokens: onto its mentions
+                assert [k for k, hit in zip(keys, hits) if hit] == said and keys[-1] == q
+                said = []
+                continue
             if kind == ANSWER:  # the position whose next token is the answer's first: every named object
                 assert sample.labels[q] == -100 and sample.labels[q + 1] != -100
                 assert nano.tokenizer.decode(sample.input_ids[: q + 1].tolist()).endswith("assistant\n")
@@ -71,6 +75,7 @@ def test_queries_sit_on_the_named_word_and_targets_show_the_named_color(scenes, 
                 asked = set()
                 continue
             asked |= targets
+            said.append(q)
             before, word = nano.tokenizer.decode(sample.input_ids[: q + 1].tolist()).split()[-2:]
             assert word.removesuffix("s") in (*SHAPES, "object"), word
             assert [sample.input_ids[k] for k in keys] == [ds.context_id] * len(keys)
@@ -98,8 +103,8 @@ def test_scores_match_the_model_attention(scenes, nano):
     batch_samples = [s for s in samples if s.binding][:3]
     batch = Collator(pad_token_id(nano.tokenizer), ds.dummy)(batch_samples)
     model = nano.model.float().train()  # the loss scores training forwards only (no dropout here)
-    supervised = [(1, 0, WORD), (2, 3, WORD), (2, 1, ANSWER)]
-    objective = BindingObjective("square", 1.0, [(1, 0), (2, 3)], [(2, 1)])
+    supervised = [(1, 0, WORD), (2, 3, WORD), (2, 1, ANSWER), (3, 2, HOP)]
+    objective = BindingObjective("square", 1.0, [(1, 0), (2, 3)], [(2, 1)], [(3, 2)])
     objective.setup(model, torch.device("cpu"))
     seen = []
     plain = llm.attention
@@ -124,7 +129,7 @@ def test_scores_match_the_model_attention(scenes, nano):
             shares.append(float(p[target].sum() / p[keys].sum()))
     ce_sum, n = out.metrics["bind_ce"]
     words, answers = int((batch.bind_kind == WORD).sum()), int((batch.bind_kind == ANSWER).sum())
-    assert n == len(shares) == 2 * words + answers and answers > 0
+    assert n == len(shares) == 2 * words + 2 * answers and answers == int((batch.bind_kind == HOP).sum()) > 0
     assert float(ce_sum) == pytest.approx(-sum(math.log(s) for s in shares), rel=1e-4)
 
 
@@ -156,7 +161,7 @@ def test_finetune_trains_on_it_and_logs_it(scenes, tmp_path, capsys):
     meta = scenes[3] / "meta.json"
     common = ["finetune", str(BUILTIN), "--data", str(meta), "--num-workers", "0", "--threads", "1",
               "--no-tensorboard", "--log-every", "1", "--packing", "--max-packed-tokens", "8192", "--max-steps", "2",
-              "--binding-loss", "0.5", "--binding-answer-heads", "3:0", "--lr", "1e-3"]  # fmt: skip
+              "--binding-loss", "0.5", "--binding-answer-heads", "3:0", "--binding-hop-heads", "4:1", "--lr", "1e-3"]  # fmt: skip
     assert cli([*common, "--out", str(tmp_path / "run"), "--no-grad-checkpoint"]) == 0
     rows = read_metrics(tmp_path / "run" / "metrics.csv")
     assert rows and all(0 < r["bind_ce"] < 20 and 0 <= r["bind_top1"] <= 1 for r in rows)

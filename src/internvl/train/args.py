@@ -77,6 +77,8 @@ class DataArgs:
                             metavar="L:H,...")  # fmt: skip
     binding_answer_heads: str = _f("", "layer:head pairs it supervises from the position that predicts the answer "
                                    "(onto every object the question names; empty: none)", metavar="L:H,...")  # fmt: skip
+    binding_hop_heads: str = _f("", "layer:head pairs it supervises from the position that predicts the answer "
+                                "onto the question's words naming objects (empty: none)", metavar="L:H,...")  # fmt: skip
     skip_bad_rows: bool = _f(False, "skip invalid rows (reported at the end and in OUT/skipped_rows.txt)")
     num_workers: int = _f(2, "data-loading processes (0: load in the training process)")
 
@@ -99,8 +101,9 @@ class DataArgs:
             from .binding import parse_heads
 
             parse_heads(self.binding_heads)
-            if self.binding_answer_heads:
-                parse_heads(self.binding_answer_heads)
+            for spec in (self.binding_answer_heads, self.binding_hop_heads):
+                if spec:
+                    parse_heads(spec)
         _check(self.num_workers >= 0, f"--num-workers must be >= 0, got {self.num_workers}")
 
 

@@ -92,7 +92,9 @@ def object_tokens(box: Sequence[float], width: int, height: int, grid: tuple[int
     return out
 
 
-WORD, ANSWER = 0, 1  # the two kinds of query: a mention's last token, the position that predicts the answer
+# the kinds of query: a mention's last token (onto the named objects' image tokens), the position that predicts
+# the answer (onto them too), and that position again onto the question's mentions (HOP: over the question's tokens)
+WORD, ANSWER, HOP = 0, 1, 2
 
 
 def scene_queries(item: dict, turns: Sequence[tuple[str, str]], ids: Sequence[int], tokenizer: Tokenizer,
@@ -100,8 +102,8 @@ def scene_queries(item: dict, turns: Sequence[tuple[str, str]], ids: Sequence[in
                   num_image_token: int, thumbnail: bool = True) -> list[tuple[int, list[int], list[bool], int]]:  # fmt: skip
     """(query position, the image's token positions, which of them show the named objects, kind) for every object
     mention of the scene questions of a one-image row with `meta.objects` (kind WORD), and for the position that
-    predicts each such question's answer, whose targets are all the objects the question names (kind ANSWER);
-    [] for any other row.
+    predicts each such question's answer, whose targets are all the objects the question names (kind ANSWER) and,
+    among the question's own tokens, its mentions (kind HOP); [] for any other row.
 
     `turns` are the row's turns with the image placeholder expanded, `ids` their tokens. A mention's query is the
     last token of its last word; one whose tokens cannot be found where expected is left out, as is one that
@@ -128,6 +130,7 @@ def scene_queries(item: dict, turns: Sequence[tuple[str, str]], ids: Sequence[in
         if task not in SCENE_TASKS:
             continue
         asked: set[int] = set()
+        words: list[int] = []
         for color, shape, end in mentions(text):
             named = [o for o in objects if color in (None, o[0]) and shape in (None, o[1])]
             prefix = tokenizer.encode(t.roles[0] + text[:end], add_special_tokens=False)
@@ -138,17 +141,21 @@ def scene_queries(item: dict, turns: Sequence[tuple[str, str]], ids: Sequence[in
             if cells:
                 out.append((start + len(prefix) - 1, image, [k in cells for k in range(len(image))], WORD))
                 asked |= cells
+                words.append(start + len(prefix) - 1)
         # the answer follows the question's segment: <|im_start|>assistant\n, then its first token
         answer = start + len(tokenizer.encode(render_turn(t.name, "human", text), add_special_tokens=False))
         if asked and list(ids[answer : answer + len(answer_head)]) == answer_head:
             hits = [k in asked for k in range(len(image))]
             out.append((answer + len(answer_head) - 1, image, hits, ANSWER))
+            question = list(range(start, answer + len(answer_head)))
+            out.append((answer + len(answer_head) - 1, question, [k in words for k in question], HOP))
     return out
 
 
 class BindingObjective(SFTObjective):
     """SFT plus the binding loss, weighted by `weight` (see the module): the (layer, head) pairs of `heads` attend
-    from the mentions (WORD queries), those of `answer_heads` from the answer positions (ANSWER queries).
+    from the mentions (WORD queries), those of `answer_heads` from the answer positions (ANSWER queries), those of
+    `hop_heads` from the answer positions onto the question's mentions (HOP queries).
 
     The scores are computed in a forward pre-hook of each supervised layer's attention, from the same normed
     hidden states and rotary tables the layer uses, for the batch's query rows and image keys only."""
@@ -157,10 +164,11 @@ class BindingObjective(SFTObjective):
     bar_metrics = ("bind_ce", "bind_top1")
 
     def __init__(self, reduction: str, weight: float, heads: Sequence[tuple[int, int]],
-                 answer_heads: Sequence[tuple[int, int]] = ()):  # fmt: skip
+                 answer_heads: Sequence[tuple[int, int]] = (), hop_heads: Sequence[tuple[int, int]] = ()):  # fmt: skip
         super().__init__(reduction)
         self.weight = weight
-        self.heads = [(la, h, WORD) for la, h in heads] + [(la, h, ANSWER) for la, h in answer_heads]
+        kinds = ((heads, WORD), (answer_heads, ANSWER), (hop_heads, HOP))
+        self.heads = [(la, h, kind) for pairs, kind in kinds for la, h in pairs]
         self._batch = None
         self._scores: list[tuple[torch.Tensor, torch.Tensor]] = []
 

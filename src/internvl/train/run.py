@@ -163,7 +163,9 @@ def run_loop(args: TrainArgs, prepared: Prepared, data: DataSource, objective, c
 
         d = args.data
         answer_heads = parse_heads(d.binding_answer_heads) if d.binding_answer_heads else []
-        objective = BindingObjective(d.loss_reduction, d.binding_loss, parse_heads(d.binding_heads), answer_heads)
+        hop_heads = parse_heads(d.binding_hop_heads) if d.binding_hop_heads else []
+        objective = BindingObjective(d.loss_reduction, d.binding_loss, parse_heads(d.binding_heads), answer_heads,
+                                     hop_heads)  # fmt: skip
     objective = objective or SFTObjective(args.data.loss_reduction)
     objective.setup(model, ctx.device)
 
