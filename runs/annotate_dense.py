@@ -10,14 +10,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 from pathlib import Path
 
 from internvl.nano.curriculum import CURRICULUM
-from internvl.synth.questions import follow_ups
-from internvl.synth.scene import SHAPES, fill, new_scene, random_size
-from internvl.synth.tasks import conversation, describe_visual
-from internvl.synth.writer import item_seed
+from internvl.synth.tasks import conversation
+from internvl.synth.writer import dense_scene
 
 
 def main() -> None:
@@ -31,19 +28,9 @@ def main() -> None:
             continue
         rows = [json.loads(line) for line in (cur / name / "dense.jsonl").read_text().splitlines()]
         for i, row in enumerate(rows):
-            rng = random.Random(item_seed("train", seed, "dense", i, False))
-            k = rng.randint(1, max_objects)
-            while True:
-                side = rng.randint(224, 640)
-                scene = new_scene(rng, k, (side, side) if square else random_size(rng))
-                scene.sides = sides
-                if fill(scene, rng, k, SHAPES):
-                    break
-            qa = follow_ups(scene, rng, 6, set())
+            _, qa, row["meta"] = dense_scene(i, max_objects, 6, square, seed, sides)
             if conversation(qa, True) != row["conversations"]:
                 raise SystemExit(f"{name}/dense.jsonl:{i + 1}: the scene drawn again asks other questions")
-            row["meta"] = {**describe_visual(scene),
-                           "turns": [{"task": t.task, "question": t.question, "answer": t.answer} for t in qa]}  # fmt: skip
         with open(cur / name / "dense_facts.jsonl", "w", encoding="utf-8") as f:
             f.writelines(json.dumps(r, separators=(",", ":")) + "\n" for r in rows)
         stage[name]["annotation"] = f"{name}/dense_facts.jsonl"

@@ -221,6 +221,26 @@ def _write_tsv(path: str, rows: list[list]) -> None:
         w.writerows(rows)
 
 
+def dense_scene(i: int, max_objects: int, turns: int, square: bool, seed: int,
+                sides: tuple[float, float] | None) -> tuple:  # fmt: skip
+    """Scene `i` of a dense set drawn from its seed, without rendering: (scene, its questions, the row's meta:
+    the scene's facts and each question's task, as a split's multi-turn rows have them)."""
+    from .questions import follow_ups
+    from .scene import SHAPES, fill, new_scene, random_size
+
+    rng = random.Random(item_seed("train", seed, "dense", i, False))
+    k = rng.randint(1, max_objects)
+    while True:  # a fresh canvas when the objects do not fit
+        side = rng.randint(224, 640)
+        scene = new_scene(rng, k, (side, side) if square else random_size(rng))
+        scene.sides = sides
+        if fill(scene, rng, k, SHAPES):
+            break
+    qa = follow_ups(scene, rng, turns, set())
+    asked = [{"task": t.task, "question": t.question, "answer": t.answer} for t in qa]
+    return scene, qa, {**describe_visual(scene), "turns": asked}
+
+
 def generate_dense(
     out_dir: str,
     n: int,
@@ -238,9 +258,7 @@ def generate_dense(
     before it starts reading its images at all (see configs/train/nano-stage0.yaml). `sides` overrides the
     contract's shape sizes, as (min, max) fractions of the canvas's shorter side. Same meta format as a
     split."""
-    from .questions import follow_ups
     from .render import render_scene
-    from .scene import SHAPES, fill, new_scene, random_size
 
     if n < 1 or max_objects < 1 or turns < 1:
         raise DataError(f"dense split: n, max_objects, turns must be >= 1, got {n}, {max_objects}, {turns}")
@@ -250,18 +268,7 @@ def generate_dense(
     rows = []
     name = os.path.basename(os.path.normpath(out_dir))
     for i in tqdm(range(n), desc=f"curriculum {name}", unit="scene", disable=not progress):
-        rng = random.Random(item_seed("train", seed, "dense", i, False))
-        k = rng.randint(1, max_objects)
-        while True:  # a fresh canvas when the objects do not fit
-            side = rng.randint(224, 640)
-            scene = new_scene(rng, k, (side, side) if square else random_size(rng))
-            scene.sides = sides
-            if fill(scene, rng, k, SHAPES):
-                break
-        qa = follow_ups(scene, rng, turns, set())
-        # the scene's facts (size, objects) and each question's task, as a split's multi-turn rows have them
-        asked = [{"task": t.task, "question": t.question, "answer": t.answer} for t in qa]
-        meta = {**describe_visual(scene), "turns": asked}
+        scene, qa, meta = dense_scene(i, max_objects, turns, square, seed, sides)
         item = SynthItem("dense", [render_scene(scene)], conversation(qa, True), qa[0].answer, meta)
         item_id = f"dense_{i:06d}"
         names, _ = _write_images(out_dir, item_id, item.images)
