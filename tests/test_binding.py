@@ -11,6 +11,7 @@ from internvl.api import BUILTIN
 from internvl.errors import TrainingError
 from internvl.model import llm
 from internvl.synth.scene import COLORS, SHAPES
+from internvl.train.args import DataArgs
 from internvl.train.binding import ANSWER, HOP, WORD, BindingObjective, mentions, parse_heads
 from internvl.train.collate import Collator
 from internvl.train.data import build_index, read_meta
@@ -49,6 +50,10 @@ def test_mentions_name_what_the_question_names():
     assert parse_heads("1:0, 3:2") == [(1, 0), (3, 2)]
     with pytest.raises(TrainingError, match="layer:head"):
         parse_heads("1")
+    with pytest.raises(
+        TrainingError, match="^--binding-hop-heads must be layer:head pairs like 1:0,2:0, got '3'"
+    ):
+        DataArgs(data="d.json", binding_loss=0.1, binding_hop_heads="3")
 
 
 def test_queries_sit_on_the_named_word_and_targets_show_the_named_color(scenes, nano):

@@ -101,9 +101,10 @@ class DataArgs:
             from .binding import parse_heads
 
             parse_heads(self.binding_heads)
-            for spec in (self.binding_answer_heads, self.binding_hop_heads):
+            for spec, flag in ((self.binding_answer_heads, "--binding-answer-heads"),
+                               (self.binding_hop_heads, "--binding-hop-heads")):  # fmt: skip
                 if spec:
-                    parse_heads(spec)
+                    parse_heads(spec, flag)
         _check(self.num_workers >= 0, f"--num-workers must be >= 0, got {self.num_workers}")
 
 

@@ -42,13 +42,13 @@ _SHAPE = "|".join(SHAPES)
 MENTION = re.compile(rf"\b(?:({_COLOR}) )?(?:({_SHAPE})s?|objects?)\b")
 
 
-def parse_heads(spec: str) -> list[tuple[int, int]]:
+def parse_heads(spec: str, flag: str = "--binding-heads") -> list[tuple[int, int]]:
     """Layer:head pairs: "1:0,2:0" -> [(1, 0), (2, 0)]."""
     pairs = []
     for part in spec.split(","):
         layer, sep, head = part.strip().partition(":")
         if not sep or not layer.strip().isdigit() or not head.strip().isdigit():
-            raise TrainingError(f"--binding-heads must be layer:head pairs like 1:0,2:0, got {spec!r}")
+            raise TrainingError(f"{flag} must be layer:head pairs like 1:0,2:0, got {spec!r}")
         pairs.append((int(layer), int(head)))
     return pairs
 
