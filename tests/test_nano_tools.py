@@ -173,3 +173,39 @@ def test_snapshot_of_a_later_stage_fills_frozen_tensors_from_the_base(model, tmp
     assert out.keys() == base.keys()
     for k, v in out.items():
         assert torch.equal(v, trained[k] if k in trained else base[k]), k
+
+
+def test_grow_inserts_layers_that_change_nothing_until_trained(model, tmp_path, capsys):
+    import internvl
+    from internvl.cli.main import main
+    from internvl.nano.grow import grow
+
+    out = tmp_path / "deeper"
+    assert grow(model, out, "1,0") == {"layers": [2, 4], "new": [1, 3]}
+    old = internvl.load(str(model), dtype="fp32", optimize=False)
+    new = internvl.load(str(out), dtype="fp32", optimize=False)
+    assert len(new.model.language_model.model.layers) == 4
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 96, 3), np.uint8)).save(tmp_path / "a.png")
+    ids, pv, _ = old.prepare("What color is the square?", str(tmp_path / "a.png"))
+    with torch.no_grad():
+        a = old.model(torch.tensor([ids]), pixel_values=pv).logits
+        b = new.model(torch.tensor([ids]), pixel_values=pv).logits
+    assert torch.allclose(a, b, atol=1e-5, rtol=1e-5)
+    # the copies keep their source layer's inputs and start with zero outputs
+    w, g = load_file(str(model / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    p = "language_model.model.layers"
+    assert torch.equal(g[f"{p}.1.self_attn.q_proj.weight"], w[f"{p}.0.self_attn.q_proj.weight"])
+    assert torch.equal(g[f"{p}.3.mlp.up_proj.weight"], w[f"{p}.1.mlp.up_proj.weight"])
+    assert torch.equal(g[f"{p}.2.mlp.down_proj.weight"], w[f"{p}.1.mlp.down_proj.weight"])
+    for i in (1, 3):
+        assert not g[f"{p}.{i}.self_attn.o_proj.weight"].any()
+        assert not g[f"{p}.{i}.mlp.down_proj.weight"].any()
+    per_layer = {k.removeprefix(f"{p}.0.") for k in w if k.startswith(f"{p}.0.")}
+    assert set(g) == set(w) | {f"{p}.{i}.{name}" for i in (2, 3) for name in per_layer}
+    assert main(["nano", "grow", str(model), "--out", str(tmp_path / "bad"), "--after", "2"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "the decoder has layers 0..1, got [2]" in err
+    assert main(["nano", "grow", str(tmp_path), "--out", str(tmp_path / "bad"), "--after", "x"]) == 1
+    assert "no model.safetensors" in capsys.readouterr().err
+    assert main(["nano", "grow", str(model), "--out", str(model)]) == 1
+    assert "another folder" in capsys.readouterr().err

@@ -1,5 +1,5 @@
 """The recipe's verbs, `internvl nano VERB` (or `python -m internvl.nano VERB`): prepare, curriculum, vit,
-snapshot, ship, probe; runs/train_nano.sh calls them in order. Errors are one line and exit code 1."""
+snapshot, ship, grow, probe; runs/train_nano.sh calls them in order. Errors are one line and exit code 1."""
 
 from __future__ import annotations
 
@@ -84,6 +84,15 @@ class ShipOptions:
 
 
 @dataclass
+class GrowOptions:
+    """`grow`: a deeper decoder computing the same function (copies of layers, output projections zero)."""
+
+    model: str | None = option(None, "a model folder in the original InternVL layout", positional="one")
+    out: str | None = option(None, "model folder to write", required=True)
+    after: str = option("2,4", "the decoder layers each followed by a copy of itself, e.g. '2,4'")
+
+
+@dataclass
 class ProbeOptions:
     """`probe`: does the model read its images? (loss with own vs swapped images)."""
 
@@ -93,7 +102,7 @@ class ProbeOptions:
 
 
 VERBS = {"prepare": PrepareOptions, "snapshot": SnapshotOptions, "curriculum": CurriculumOptions,
-         "vit": VitOptions, "ship": ShipOptions, "probe": ProbeOptions}  # fmt: skip
+         "vit": VitOptions, "ship": ShipOptions, "grow": GrowOptions, "probe": ProbeOptions}  # fmt: skip
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -147,6 +156,10 @@ def _run(verb: str, args: argparse.Namespace) -> int:
         from .ship import ship
 
         print(ship(args.model, args.stage, args.summary, args.hours, args.dest, args.notes, args.step, args.base))
+    elif verb == "grow":
+        from .grow import grow
+
+        print(json.dumps(grow(args.model, args.out, args.after)))
     else:
         from .probe import probe
 
