@@ -21,12 +21,12 @@ TINY = {"N": "3", "CUR_SCALE": "0.0005", "VIT_STEPS": "2", "VIT_IMAGES": "16", "
         "STEPS_stage1b": "2", "STEPS_vit4": "2", "VIT4_IMAGES": "3", "STEPS_stage2": "2", "STEPS_stage2b": "2",
         "STEPS_stage2c": "2", "STEPS_stage2d": "2", "STEPS_vit4b": "2", "IMAGES_vit4b": "3",
         "STEPS_stage2e": "2", "STEPS_vit4c": "2", "IMAGES_vit4c": "3", "STEPS_stage2f": "2",
-        "STEPS_stage2g": "2", "STEPS_stage2h": "2", "STEPS_stage2i": "2", "STEPS_stage2bind": "2",
+        "STEPS_stage2g": "2", "STEPS_stage2h": "2", "STEPS_stage2hop": "2", "STEPS_stage2hop2": "2",
         "COMPILE": "0"}  # fmt: skip
-# the shipped lineage (the script's default) and run 12's other stage after it
-CANDIDATES = ("stage2bind",)
+# the shipped lineage (the script's default) and run 13's stage after it
+CANDIDATES = ("stage2hop2",)
 SHIPPED = ("shapes stage0 stage1a stage1 stage1b vit4 stage2 stage2b stage2c stage2d vit4b stage2e vit4c stage2f "
-           "stage2g stage2h stage2i")  # fmt: skip
+           "stage2g stage2h stage2hop")  # fmt: skip
 STAGES = " ".join((SHIPPED, *CANDIDATES))
 
 
@@ -52,7 +52,7 @@ def first_args(recipe: Path, stage: str) -> dict:
 
 def test_every_stage_runs_and_the_benchmark_scores_every_task(recipe):
     language = ("shapes", "stage0", "stage1a", "stage1", "stage1b", "stage2", "stage2b", "stage2c", "stage2d")
-    for stage in (*language, "stage2e", "stage2f", "stage2g", "stage2h", "stage2i", "stage2bind"):
+    for stage in (*language, "stage2e", "stage2f", "stage2g", "stage2h", "stage2hop", "stage2hop2"):
         assert (recipe / stage / "final" / "model.safetensors").is_file(), stage
         state = json.loads((recipe / stage / "checkpoints" / "step-00000002" / "state.json").read_text())
         assert state["step"] == 2
@@ -82,15 +82,17 @@ def test_every_stage_runs_and_the_benchmark_scores_every_task(recipe):
     args = first_args(recipe, "stage2h")
     assert args["model"].endswith("stage2g/final") and args["data"].endswith("curriculum/stage2h.json")
     assert args["seed"] == 13 and args["lr"] == 2e-4 and args["freeze_vision"]
-    # stage 2i (the shipped model's last): the same mixture again from stage 2h's model, another data order
-    args = first_args(recipe, "stage2i")
+    # stage 2hop (the shipped model's last): the same mixture again from stage 2h's model with the binding loss
+    # (word and HOP heads), which found mentions to train on in the fresh curriculum; stage 2hop2: more of it
+    args = first_args(recipe, "stage2hop")
     assert args["model"].endswith("stage2h/final") and args["data"].endswith("curriculum/stage2h.json")
-    assert args["seed"] == 14 and args["lr"] == 2e-4 and args["binding_loss"] == 0
-    # stage 2bind: stage 2i with the binding loss, which found mentions to train on in the fresh curriculum
-    args = first_args(recipe, "stage2bind")
-    assert args["model"].endswith("stage2i/final") and args["data"].endswith("curriculum/stage2h.json")
-    assert args["binding_loss"] == 0.1 and args["binding_heads"] == "1:0,2:0" and args["seed"] == 14
-    assert all(r["bind_ce"] > 0 for r in read_metrics(recipe / "stage2bind" / "metrics.csv"))
+    assert args["seed"] == 14 and args["lr"] == 2e-4 and args["binding_loss"] == 0.1
+    assert args["binding_heads"] == "1:0,2:0" and args["binding_hop_heads"] == "3:1,4:1"
+    args = first_args(recipe, "stage2hop2")
+    assert args["model"].endswith("stage2hop/final") and args["data"].endswith("curriculum/stage2h.json")
+    assert args["seed"] == 15 and args["binding_hop_heads"] == "3:1,4:1"
+    for stage in ("stage2hop", "stage2hop2"):
+        assert all(r["bind_ce"] > 0 for r in read_metrics(recipe / stage / "metrics.csv"))
     args = first_args(recipe, "stage2c")
     assert args["model"].endswith("stage2b/final") and args["unfreeze_vit_layers"] == -3
     args = first_args(recipe, "stage2e")
@@ -128,8 +130,8 @@ def test_ship_refuses_an_incomplete_folder(tmp_path, capsys):
 
 
 def test_the_script_defaults_to_the_shipped_lineage():
-    """Without STAGES the script runs the shipped model's lineage: the stages the recipe test runs, less run 12's
-    stage2bind, which did not ship."""
+    """Without STAGES the script runs the shipped model's lineage: the stages the recipe test runs, less run 13's
+    stage2hop2, which did not ship."""
     script = (ROOT / "runs" / "train_nano.sh").read_text()
     default = script.split('STAGES=${STAGES:-"', 1)[1].split('"', 1)[0]
     assert " ".join(default.split()) == SHIPPED
