@@ -1,9 +1,5 @@
-"""A deeper decoder that computes the same function: `internvl nano grow MODEL --out DIR --after 2,4` inserts, after
-each named decoder layer, a copy of it whose two output projections (attention `o_proj`, MLP `down_proj`) are
-zero, so the new layer adds nothing to the residual stream until training moves them. The copy's queries, keys,
-values and MLP input start from a trained layer's, not from noise. Works on the original InternVL layout
-(`language_model.model.layers.N.*`) of a model folder; the vision encoder, projector and tokenizer are copied as
-they are."""
+"""A deeper decoder computing the same function (`internvl nano grow`): after each named layer, a copy of it whose
+output projections (`o_proj`, `down_proj`) are zero, so it adds nothing to the residual stream until trained."""
 
 from __future__ import annotations
 
@@ -36,7 +32,9 @@ def parse_after(text: str, layers: int) -> list[int]:
 
 
 def grow(model_dir: str | Path, out: str | Path, after: str) -> dict:
-    """Write the deeper model to `out`; returns {"layers": [old, new], "new": new layers' indices}."""
+    """Write the deeper model to `out` (original InternVL layout, `language_model.model.layers.N.*`; the copies'
+    queries, keys, values and MLP inputs start from their source layer's); returns {"layers": [old, new], "new":
+    the new layers' indices}."""
     import torch
     from safetensors import safe_open
     from safetensors.torch import save_file
