@@ -30,7 +30,8 @@ class Sample:
     pixel_values: torch.Tensor  # [N, 3, S, S] float32
     image_flags: torch.Tensor  # [N] int64, 1 = real tile
     source: str = ""  # "file:line"
-    # the binding loss's queries: (position, the image's token positions, which show the named objects, kind)
+    # the binding loss's queries: (position, its keys (the image's tokens; a HOP query's: the question's), which
+    # keys are targets (the named objects, or the words naming them), kind: WORD, ANSWER or HOP in train/binding.py)
     binding: list[tuple[int, list[int], list[bool], int]] = field(default_factory=list)
 
     @property
@@ -61,8 +62,8 @@ class Batch:
     sources: list[str] = field(default_factory=list)
     bad: list[BadRow] = field(default_factory=list)
     # the binding loss (train/binding.py), None when no sample has a query: query rows [Q] and their keys
-    # [Q, K] as flat [B*T] indices, which keys are real (not padding) and which show the named objects, and
-    # each query's kind [Q] (a mention or an answer position)
+    # [Q, K] as flat [B*T] indices, which keys are real (not padding) and which are targets, and each query's
+    # kind [Q] (WORD, ANSWER or HOP)
     bind_query: torch.Tensor | None = None
     bind_kind: torch.Tensor | None = None
     bind_keys: torch.Tensor | None = None
