@@ -12,7 +12,7 @@ from internvl.errors import TrainingError
 from internvl.model import llm
 from internvl.synth.scene import COLORS, SHAPES
 from internvl.train.args import DataArgs
-from internvl.train.binding import ANSWER, HOP, WORD, BindingObjective, mentions, parse_heads
+from internvl.train.binding import ANSWER, FIRST, HOP, LAST, WORD, BindingObjective, mentions, parse_heads
 from internvl.train.collate import Collator
 from internvl.train.data import build_index, read_meta
 from internvl.train.dataset import SampleOptions, SFTDataset, pad_token_id
@@ -54,11 +54,15 @@ def test_mentions_name_what_the_question_names():
         TrainingError, match="^--binding-hop-heads must be layer:head pairs like 1:0,2:0, got '3'"
     ):
         DataArgs(data="d.json", binding_loss=0.1, binding_hop_heads="3")
+    with pytest.raises(
+        TrainingError, match="^--binding-last-heads must be layer:head pairs like 1:0,2:0, got '3:'"
+    ):
+        DataArgs(data="d.json", binding_loss=0.1, binding_last_heads="3:")
 
 
 def test_queries_sit_on_the_named_word_and_targets_show_the_named_color(scenes, nano):
     ds, samples, rows, _ = scenes
-    checked = 0
+    checked = two = 0
     assert all(s.binding == [] for s, r in zip(samples, rows) if r["task"] == "text")
     scene = [(s, r) for s, r in zip(samples, rows) if r["task"] != "text"]
     assert sum(bool(s.binding) for s, _ in scene) >= 0.8 * len(scene)  # a count of 0 names nothing
@@ -69,9 +73,13 @@ def test_queries_sit_on_the_named_word_and_targets_show_the_named_color(scenes, 
         asked, said = set(), []  # the cells the question's mentions name and where they are, so far
         for q, keys, hits, kind in sample.binding:
             targets = {k for k, hit in enumerate(hits) if hit}
-            if kind == HOP:  # the answer position again, over the question's tokens: onto its mentions
-                assert [k for k, hit in zip(keys, hits) if hit] == said and keys[-1] == q
-                said = []
+            if kind in (FIRST, LAST, HOP):  # the answer position again, over the question's tokens: mentions
+                wanted = {FIRST: said[:1], LAST: said[-1:], HOP: said}[kind]
+                two += kind == FIRST and len(said) == 2 and row["task"] == "relation"  # two objects named
+                assert [k for k, hit in zip(keys, hits) if hit] == wanted and keys[-1] == q
+                assert sample.labels[q] == -100 and sample.labels[q + 1] != -100
+                if kind == HOP:
+                    said = []
                 continue
             if kind == ANSWER:  # the position whose next token is the answer's first: every named object
                 assert sample.labels[q] == -100 and sample.labels[q + 1] != -100
@@ -98,7 +106,7 @@ def test_queries_sit_on_the_named_word_and_targets_show_the_named_color(scenes, 
             assert colored <= targets, (row["id"], sorted(colored - targets))
             assert len(colored) >= 0.5 * len(targets), (row["id"], len(colored), len(targets))
             checked += 1
-    assert checked >= 4
+    assert checked >= 4 and two >= 3
 
 
 def test_scores_match_the_model_attention(scenes, nano):
@@ -108,8 +116,8 @@ def test_scores_match_the_model_attention(scenes, nano):
     batch_samples = [s for s in samples if s.binding][:3]
     batch = Collator(pad_token_id(nano.tokenizer), ds.dummy)(batch_samples)
     model = nano.model.float().train()  # the loss scores training forwards only (no dropout here)
-    supervised = [(1, 0, WORD), (2, 3, WORD), (2, 1, ANSWER), (3, 2, HOP)]
-    objective = BindingObjective("square", 1.0, [(1, 0), (2, 3)], [(2, 1)], [(3, 2)])
+    supervised = [(1, 0, WORD), (2, 3, WORD), (2, 1, ANSWER), (3, 2, HOP), (3, 0, FIRST), (4, 1, LAST)]
+    objective = BindingObjective("square", 1.0, [(1, 0), (2, 3)], [(2, 1)], [(3, 2)], [(3, 0)], [(4, 1)])
     objective.setup(model, torch.device("cpu"))
     seen = []
     plain = llm.attention
@@ -134,7 +142,8 @@ def test_scores_match_the_model_attention(scenes, nano):
             shares.append(float(p[target].sum() / p[keys].sum()))
     ce_sum, n = out.metrics["bind_ce"]
     words, answers = int((batch.bind_kind == WORD).sum()), int((batch.bind_kind == ANSWER).sum())
-    assert n == len(shares) == 2 * words + 2 * answers and answers == int((batch.bind_kind == HOP).sum()) > 0
+    assert n == len(shares) == 2 * words + 4 * answers
+    assert answers == int((batch.bind_kind == HOP).sum()) == int((batch.bind_kind == FIRST).sum()) > 0
     assert float(ce_sum) == pytest.approx(-sum(math.log(s) for s in shares), rel=1e-4)
 
 
@@ -166,7 +175,8 @@ def test_finetune_trains_on_it_and_logs_it(scenes, tmp_path, capsys):
     meta = scenes[3] / "meta.json"
     common = ["finetune", str(BUILTIN), "--data", str(meta), "--num-workers", "0", "--threads", "1",
               "--no-tensorboard", "--log-every", "1", "--packing", "--max-packed-tokens", "8192", "--max-steps", "2",
-              "--binding-loss", "0.5", "--binding-answer-heads", "3:0", "--binding-hop-heads", "4:1", "--lr", "1e-3"]  # fmt: skip
+              "--binding-loss", "0.5", "--binding-answer-heads", "3:0", "--binding-hop-heads", "4:1",
+              "--binding-first-heads", "3:2", "--binding-last-heads", "3:3", "--lr", "1e-3"]  # fmt: skip
     assert cli([*common, "--out", str(tmp_path / "run"), "--no-grad-checkpoint"]) == 0
     rows = read_metrics(tmp_path / "run" / "metrics.csv")
     assert rows and all(0 < r["bind_ce"] < 20 and 0 <= r["bind_top1"] <= 1 for r in rows)

@@ -79,6 +79,10 @@ class DataArgs:
                                    "(onto every object the question names; empty: none)", metavar="L:H,...")  # fmt: skip
     binding_hop_heads: str = _f("", "layer:head pairs it supervises from the position that predicts the answer "
                                 "onto the question's words naming objects (empty: none)", metavar="L:H,...")  # fmt: skip
+    binding_first_heads: str = _f("", "layer:head pairs it supervises from the position that predicts the answer "
+                                  "onto the question's first mention only (empty: none)", metavar="L:H,...")  # fmt: skip
+    binding_last_heads: str = _f("", "layer:head pairs it supervises from the position that predicts the answer "
+                                 "onto the question's last mention only (empty: none)", metavar="L:H,...")  # fmt: skip
     skip_bad_rows: bool = _f(False, "skip invalid rows (reported at the end and in OUT/skipped_rows.txt)")
     num_workers: int = _f(2, "data-loading processes (0: load in the training process)")
 
@@ -102,7 +106,9 @@ class DataArgs:
 
             parse_heads(self.binding_heads)
             for spec, flag in ((self.binding_answer_heads, "--binding-answer-heads"),
-                               (self.binding_hop_heads, "--binding-hop-heads")):  # fmt: skip
+                               (self.binding_hop_heads, "--binding-hop-heads"),
+                               (self.binding_first_heads, "--binding-first-heads"),
+                               (self.binding_last_heads, "--binding-last-heads")):  # fmt: skip
                 if spec:
                     parse_heads(spec, flag)
         _check(self.num_workers >= 0, f"--num-workers must be >= 0, got {self.num_workers}")

@@ -93,8 +93,10 @@ def object_tokens(box: Sequence[float], width: int, height: int, grid: tuple[int
 
 
 # the kinds of query: a mention's last token (onto the named objects' image tokens), the position that predicts
-# the answer (onto them too), and that position again onto the question's mentions (HOP: over the question's tokens)
-WORD, ANSWER, HOP = 0, 1, 2
+# the answer (onto them too), and that position again over the question's tokens: onto all its mentions (HOP), onto
+# the first one only (FIRST) or the last one only (LAST; a relation question names two objects, and its answer
+# compares their places, so each needs a head of its own)
+WORD, ANSWER, HOP, FIRST, LAST = 0, 1, 2, 3, 4
 
 
 def scene_queries(item: dict, turns: Sequence[tuple[str, str]], ids: Sequence[int], tokenizer: Tokenizer,
@@ -103,7 +105,8 @@ def scene_queries(item: dict, turns: Sequence[tuple[str, str]], ids: Sequence[in
     """(query position, the image's token positions, which of them show the named objects, kind) for every object
     mention of the scene questions of a one-image row with `meta.objects` (kind WORD), and for the position that
     predicts each such question's answer, whose targets are all the objects the question names (kind ANSWER) and,
-    among the question's own tokens, its mentions (kind HOP); [] for any other row.
+    among the question's own tokens, its first mention (FIRST), its last (LAST) and all of them (HOP); [] for any
+    other row.
 
     `turns` are the row's turns with the image placeholder expanded, `ids` their tokens. A mention's query is the
     last token of its last word; one whose tokens cannot be found where expected is left out, as is one that
@@ -148,14 +151,16 @@ def scene_queries(item: dict, turns: Sequence[tuple[str, str]], ids: Sequence[in
             hits = [k in asked for k in range(len(image))]
             out.append((answer + len(answer_head) - 1, image, hits, ANSWER))
             question = list(range(start, answer + len(answer_head)))
-            out.append((answer + len(answer_head) - 1, question, [k in words for k in question], HOP))
+            for targets, kind in (([words[0]], FIRST), ([words[-1]], LAST), (words, HOP)):
+                out.append((answer + len(answer_head) - 1, question, [k in targets for k in question], kind))
     return out
 
 
 class BindingObjective(SFTObjective):
     """SFT plus the binding loss, weighted by `weight` (see the module): the (layer, head) pairs of `heads` attend
     from the mentions (WORD queries), those of `answer_heads` from the answer positions (ANSWER queries), those of
-    `hop_heads` from the answer positions onto the question's mentions (HOP queries).
+    `hop_heads` from the answer positions onto the question's mentions (HOP queries), those of `first_heads` and
+    `last_heads` from there onto its first or its last mention only (FIRST and LAST queries).
 
     The scores are computed in a forward pre-hook of each supervised layer's attention, from the same normed
     hidden states and rotary tables the layer uses, for the batch's query rows and image keys only."""
@@ -164,10 +169,12 @@ class BindingObjective(SFTObjective):
     bar_metrics = ("bind_ce", "bind_top1")
 
     def __init__(self, reduction: str, weight: float, heads: Sequence[tuple[int, int]],
-                 answer_heads: Sequence[tuple[int, int]] = (), hop_heads: Sequence[tuple[int, int]] = ()):  # fmt: skip
+                 answer_heads: Sequence[tuple[int, int]] = (), hop_heads: Sequence[tuple[int, int]] = (),
+                 first_heads: Sequence[tuple[int, int]] = (), last_heads: Sequence[tuple[int, int]] = ()):  # fmt: skip
         super().__init__(reduction)
         self.weight = weight
-        kinds = ((heads, WORD), (answer_heads, ANSWER), (hop_heads, HOP))
+        kinds = [(heads, WORD), (answer_heads, ANSWER), (hop_heads, HOP)]
+        kinds += [(first_heads, FIRST), (last_heads, LAST)]
         self.heads = [(la, h, kind) for pairs, kind in kinds for la, h in pairs]
         self._batch = None
         self._scores: list[tuple[torch.Tensor, torch.Tensor]] = []

@@ -162,10 +162,9 @@ def run_loop(args: TrainArgs, prepared: Prepared, data: DataSource, objective, c
         from .binding import BindingObjective, parse_heads
 
         d = args.data
-        answer_heads = parse_heads(d.binding_answer_heads) if d.binding_answer_heads else []
-        hop_heads = parse_heads(d.binding_hop_heads) if d.binding_hop_heads else []
-        objective = BindingObjective(d.loss_reduction, d.binding_loss, parse_heads(d.binding_heads), answer_heads,
-                                     hop_heads)  # fmt: skip
+        more = [parse_heads(spec) if spec else [] for spec in (d.binding_answer_heads, d.binding_hop_heads,
+                                                               d.binding_first_heads, d.binding_last_heads)]  # fmt: skip
+        objective = BindingObjective(d.loss_reduction, d.binding_loss, parse_heads(d.binding_heads), *more)
     objective = objective or SFTObjective(args.data.loss_reduction)
     objective.setup(model, ctx.device)
 
