@@ -11,8 +11,9 @@ from internvl.api import BUILTIN
 from internvl.errors import TrainingError
 from internvl.model import llm
 from internvl.synth.scene import COLORS, SHAPES
+from internvl.train import binding
 from internvl.train.args import DataArgs
-from internvl.train.binding import ANSWER, FIRST, HOP, LAST, WORD, BindingObjective, mentions, parse_heads
+from internvl.train.binding import ANSWER, COUNT, FIRST, HOP, LAST, WORD, BindingObjective, mentions
 from internvl.train.collate import Collator
 from internvl.train.data import build_index, read_meta
 from internvl.train.dataset import SampleOptions, SFTDataset, pad_token_id
@@ -47,9 +48,9 @@ def test_mentions_name_what_the_question_names():
         ("red", "circle"), ("blue", "square")]  # fmt: skip
     assert [m[:2] for m in mentions("How many objects are there?")] == [(None, None)]
     assert mentions("What is 3 + 4?") == []
-    assert parse_heads("1:0, 3:2") == [(1, 0), (3, 2)]
+    assert binding.parse_heads("1:0, 3:2") == [(1, 0), (3, 2)]
     with pytest.raises(TrainingError, match="layer:head"):
-        parse_heads("1")
+        binding.parse_heads("1")
     with pytest.raises(
         TrainingError, match="^--binding-hop-heads must be layer:head pairs like 1:0,2:0, got '3'"
     ):
@@ -63,6 +64,8 @@ def test_mentions_name_what_the_question_names():
 def test_queries_sit_on_the_named_word_and_targets_show_the_named_color(scenes, nano):
     ds, samples, rows, _ = scenes
     checked = two = 0
+    counts = []  # (the answer, a count question's objects on its COUNT query)
+    img_start = nano.tokenizer.token_to_id("<img>")
     assert all(s.binding == [] for s, r in zip(samples, rows) if r["task"] == "text")
     scene = [(s, r) for s, r in zip(samples, rows) if r["task"] != "text"]
     assert sum(bool(s.binding) for s, _ in scene) >= 0.8 * len(scene)  # a count of 0 names nothing
@@ -71,8 +74,17 @@ def test_queries_sit_on_the_named_word_and_targets_show_the_named_color(scenes, 
         cell = ds.image_size // side
         tiles = sample.pixel_values * STD[:, None, None] + MEAN[:, None, None]  # [N, 3, S, S] in 0..1
         asked, said = set(), []  # the cells the question's mentions name and where they are, so far
+        last = set()  # the cells of the last question's objects
         for q, keys, hits, kind in sample.binding:
             targets = {k for k, hit in enumerate(hits) if hit}
+            if kind == COUNT:  # over <img> and the image: <img> and one cell per object, inside its cells
+                assert sample.input_ids[keys[0]] == img_start and hits[0] and sample.labels[q] == -100
+                assert [sample.input_ids[k] for k in keys[1:]] == [ds.context_id] * (len(keys) - 1)
+                cells = {k - 1 for k in targets - {0}}
+                assert cells <= last
+                counts.append((int(nano.tokenizer.decode([int(sample.labels[q + 1])])), len(cells)))
+                last = set()
+                continue
             if kind in (FIRST, LAST, HOP):  # the answer position again, over the question's tokens: mentions
                 wanted = {FIRST: said[:1], LAST: said[-1:], HOP: said}[kind]
                 two += kind == FIRST and len(said) == 2 and row["task"] == "relation"  # two objects named
@@ -85,7 +97,7 @@ def test_queries_sit_on_the_named_word_and_targets_show_the_named_color(scenes, 
                 assert sample.labels[q] == -100 and sample.labels[q + 1] != -100
                 assert nano.tokenizer.decode(sample.input_ids[: q + 1].tolist()).endswith("assistant\n")
                 assert targets == asked and asked
-                asked = set()
+                last, asked = asked, set()
                 continue
             asked |= targets
             said.append(q)
@@ -107,17 +119,32 @@ def test_queries_sit_on_the_named_word_and_targets_show_the_named_color(scenes, 
             assert len(colored) >= 0.5 * len(targets), (row["id"], len(colored), len(targets))
             checked += 1
     assert checked >= 4 and two >= 3
+    assert len(counts) >= 4 and all(answer == n for answer, n in counts), counts
+    assert any(n >= 2 for _, n in counts), counts
+
+
+def test_centre_token_is_the_cell_of_the_box_centre():
+    # 640 x 224 cut into 3 x 1 tiles of 224 px, 8 x 8 cells of 28 px (the tiles scale x by 672 / 640)
+    assert binding.centre_token([0, 0, 20, 20], 640, 224, (3, 1), 224, 64) == 0
+    assert binding.centre_token([620, 200, 640, 224], 640, 224, (3, 1), 224, 64) == 2 * 64 + 63
+    box = [300, 100, 330, 130]  # centre (315, 115) -> (330.75, 115) in the tiles: tile 1, column 3, row 4
+    assert binding.centre_token(box, 640, 224, (3, 1), 224, 64) == 64 + 4 * 8 + 3
 
 
 def test_scores_match_the_model_attention(scenes, nano):
     """exp(-bind_ce) is the named objects' share of the image attention; recompute it from the q and k the
     model's attention itself receives (padded rows: plain causal SDPA over the whole row)."""
     ds, samples, _, _ = scenes
-    batch_samples = [s for s in samples if s.binding][:3]
+    has_count = [any(kind == COUNT for *_, kind in s.binding) for s in samples]
+    batch_samples = [s for s, c in zip(samples, has_count) if s.binding and not c][:2]
+    batch_samples += [s for s, c in zip(samples, has_count) if c][:1]
     batch = Collator(pad_token_id(nano.tokenizer), ds.dummy)(batch_samples)
     model = nano.model.float().train()  # the loss scores training forwards only (no dropout here)
     supervised = [(1, 0, WORD), (2, 3, WORD), (2, 1, ANSWER), (3, 2, HOP), (3, 0, FIRST), (4, 1, LAST)]
-    objective = BindingObjective("square", 1.0, [(1, 0), (2, 3)], [(2, 1)], [(3, 2)], [(3, 0)], [(4, 1)])
+    supervised += [(4, 2, COUNT)]
+    objective = BindingObjective(
+        "square", 1.0, [(1, 0), (2, 3)], [(2, 1)], [(3, 2)], [(3, 0)], [(4, 1)], [(4, 2)]
+    )
     objective.setup(model, torch.device("cpu"))
     seen = []
     plain = llm.attention
@@ -127,7 +154,7 @@ def test_scores_match_the_model_attention(scenes, nano):
             out = objective(model, batch)
     finally:
         llm.attention = plain
-    shares = []
+    losses = []  # -log of the targets' share; COUNT: KL from the even spread over its targets
     width = batch.input_ids.shape[1]
     for layer, head, kind in supervised:
         q, k = seen[layer]
@@ -139,12 +166,17 @@ def test_scores_match_the_model_attention(scenes, nano):
             p = torch.softmax(q[b, head, t] @ kh[b, : t + 1].T / math.sqrt(q.shape[-1]), -1)
             keys = batch.bind_keys[i][batch.bind_valid[i]] - b * width
             target = batch.bind_keys[i][batch.bind_target[i]] - b * width
-            shares.append(float(p[target].sum() / p[keys].sum()))
+            if kind == COUNT:
+                shares = p[target] / p[keys].sum()
+                losses.append(-math.log(len(target)) - float(shares.log().mean()))
+            else:
+                losses.append(-math.log(float(p[target].sum() / p[keys].sum())))
     ce_sum, n = out.metrics["bind_ce"]
     words, answers = int((batch.bind_kind == WORD).sum()), int((batch.bind_kind == ANSWER).sum())
-    assert n == len(shares) == 2 * words + 4 * answers
+    counts = int((batch.bind_kind == COUNT).sum())
+    assert n == len(losses) == 2 * words + 4 * answers + counts and counts > 0
     assert answers == int((batch.bind_kind == HOP).sum()) == int((batch.bind_kind == FIRST).sum()) > 0
-    assert float(ce_sum) == pytest.approx(-sum(math.log(s) for s in shares), rel=1e-4)
+    assert float(ce_sum) == pytest.approx(sum(losses), rel=1e-4)
 
 
 def test_training_on_it_moves_attention_onto_the_named_objects(scenes, nano):
@@ -152,20 +184,23 @@ def test_training_on_it_moves_attention_onto_the_named_objects(scenes, nano):
     batch = Collator(pad_token_id(nano.tokenizer), ds.dummy, packed=True).rows(
         [[s for s in samples if s.binding]]
     )
-    model = internvl.load(str(BUILTIN), dtype="fp32", optimize=False).model.train()
-    objective = BindingObjective("square", 1.0, [(1, 0)])
-    objective.setup(model, torch.device("cpu"))
-    params = [p for n, p in model.named_parameters() if n.startswith("language_model")]
-    opt = torch.optim.Adam(params, lr=1e-3)
-    ces = []
-    for _ in range(6):
-        out = objective(model, batch)
-        ce, n = out.metrics["bind_ce"]
-        ces.append(float(ce) / n)
-        opt.zero_grad()
-        out.loss_sum.backward()
-        opt.step()
-    assert ces[-1] < 0.7 * ces[0], ces
+    assert int((batch.bind_kind == COUNT).sum()) > 0
+    # the words' heads onto the named objects; a count head's spread over the objects' centres and <img>
+    for heads, count_heads in (([(1, 0)], []), ([], [(4, 2)])):
+        model = internvl.load(str(BUILTIN), dtype="fp32", optimize=False).model.train()
+        objective = BindingObjective("square", 1.0, heads, count_heads=count_heads)
+        objective.setup(model, torch.device("cpu"))
+        params = [p for n, p in model.named_parameters() if n.startswith("language_model")]
+        opt = torch.optim.Adam(params, lr=1e-3)
+        ces = []
+        for _ in range(6):
+            out = objective(model, batch)
+            ce, n = out.metrics["bind_ce"]
+            ces.append(float(ce) / n)
+            opt.zero_grad()
+            out.loss_sum.backward()
+            opt.step()
+        assert ces[-1] < 0.7 * ces[0], (count_heads, ces)
 
 
 def test_finetune_trains_on_it_and_logs_it(scenes, tmp_path, capsys):
@@ -176,7 +211,8 @@ def test_finetune_trains_on_it_and_logs_it(scenes, tmp_path, capsys):
     common = ["finetune", str(BUILTIN), "--data", str(meta), "--num-workers", "0", "--threads", "1",
               "--no-tensorboard", "--log-every", "1", "--packing", "--max-packed-tokens", "8192", "--max-steps", "2",
               "--binding-loss", "0.5", "--binding-answer-heads", "3:0", "--binding-hop-heads", "4:1",
-              "--binding-first-heads", "3:2", "--binding-last-heads", "3:3", "--lr", "1e-3"]  # fmt: skip
+              "--binding-first-heads", "3:2", "--binding-last-heads", "3:3", "--binding-count-heads", "4:2",
+              "--lr", "1e-3"]  # fmt: skip
     assert cli([*common, "--out", str(tmp_path / "run"), "--no-grad-checkpoint"]) == 0
     rows = read_metrics(tmp_path / "run" / "metrics.csv")
     assert rows and all(0 < r["bind_ce"] < 20 and 0 <= r["bind_top1"] <= 1 for r in rows)

@@ -83,6 +83,9 @@ class DataArgs:
                                   "onto the question's first mention only (empty: none)", metavar="L:H,...")  # fmt: skip
     binding_last_heads: str = _f("", "layer:head pairs it supervises from the position that predicts the answer "
                                  "onto the question's last mention only (empty: none)", metavar="L:H,...")  # fmt: skip
+    binding_count_heads: str = _f("", "layer:head pairs it supervises from the answer position of count questions, "
+                                  "spread evenly over one token per named object and <img> (empty: none)",
+                                  metavar="L:H,...")  # fmt: skip
     skip_bad_rows: bool = _f(False, "skip invalid rows (reported at the end and in OUT/skipped_rows.txt)")
     num_workers: int = _f(2, "data-loading processes (0: load in the training process)")
 
@@ -108,7 +111,8 @@ class DataArgs:
             for spec, flag in ((self.binding_answer_heads, "--binding-answer-heads"),
                                (self.binding_hop_heads, "--binding-hop-heads"),
                                (self.binding_first_heads, "--binding-first-heads"),
-                               (self.binding_last_heads, "--binding-last-heads")):  # fmt: skip
+                               (self.binding_last_heads, "--binding-last-heads"),
+                               (self.binding_count_heads, "--binding-count-heads")):  # fmt: skip
                 if spec:
                     parse_heads(spec, flag)
         _check(self.num_workers >= 0, f"--num-workers must be >= 0, got {self.num_workers}")

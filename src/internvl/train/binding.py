@@ -12,7 +12,9 @@ heads may be pushed, from the position that predicts the answer, onto every obje
     loss = w * sum over queries and their heads of  -log( sum_target p / sum_image p )
 
 with p the head's attention probabilities, so only the distribution over the image's tokens is supervised, not
-how much the head looks at the image at all. It needs rows of the Synthetic Visual World's scene tasks (color,
+how much the head looks at the image at all. A count question's COUNT query instead spreads the head evenly over
+one token per named object (its centre's) and the `<img>` token before the image, so that the sink's share,
+1 / (n + 1), says how many there are: loss = w * (-log(n + 1) - mean over those n + 1 keys of log p / sum p). It needs rows of the Synthetic Visual World's scene tasks (color,
 shape, count, position, relation, grounding) with the contract's `meta.objects` and, for several questions,
 `meta.turns` (each question's task); other rows and questions train on the language loss only.
 """
@@ -95,8 +97,24 @@ def object_tokens(box: Sequence[float], width: int, height: int, grid: tuple[int
 # the kinds of query: a mention's last token (onto the named objects' image tokens), the position that predicts
 # the answer (onto them too), and that position again over the question's tokens: onto all its mentions (HOP), onto
 # the first one only (FIRST) or the last one only (LAST; a relation question names two objects, and its answer
-# compares their places, so each needs a head of its own)
-WORD, ANSWER, HOP, FIRST, LAST = 0, 1, 2, 3, 4
+# compares their places, so each needs a head of its own), and for a count question that position again onto one
+# token per named object and the `<img>` token (COUNT: spread evenly over them)
+WORD, ANSWER, HOP, FIRST, LAST, COUNT = 0, 1, 2, 3, 4, 5
+
+
+def centre_token(box: Sequence[float], width: int, height: int, grid: tuple[int, int], image_size: int,
+                 num_image_token: int) -> int:  # fmt: skip
+    """Offset among an image's tokens of the tile cell that holds `box`'s centre (canvas pixels) when the
+    width x height image is cut into `grid` = (cols, rows) tiles."""
+    side = math.isqrt(num_image_token)
+    cols, rows = grid
+    x = (box[0] + box[2]) / 2 * cols * image_size / width
+    y = (box[1] + box[3]) / 2 * rows * image_size / height
+    col, row = min(cols - 1, int(x // image_size)), min(rows - 1, int(y // image_size))
+    cell = image_size / side
+    c = min(side - 1, int((x - col * image_size) // cell))
+    r = min(side - 1, int((y - row * image_size) // cell))
+    return (row * cols + col) * num_image_token + r * side + c
 
 
 def scene_queries(item: dict, turns: Sequence[tuple[str, str]], ids: Sequence[int], tokenizer: Tokenizer,
@@ -105,8 +123,9 @@ def scene_queries(item: dict, turns: Sequence[tuple[str, str]], ids: Sequence[in
     """(query position, the image's token positions, which of them show the named objects, kind) for every object
     mention of the scene questions of a one-image row with `meta.objects` (kind WORD), and for the position that
     predicts each such question's answer, whose targets are all the objects the question names (kind ANSWER) and,
-    among the question's own tokens, its first mention (FIRST), its last (LAST) and all of them (HOP); [] for any
-    other row.
+    among the question's own tokens, its first mention (FIRST), its last (LAST) and all of them (HOP), and for a
+    count question, over the `<img>` token and the image's, that token and one per named object (COUNT; left out
+    when two named objects' centres fall in one cell); [] for any other row.
 
     `turns` are the row's turns with the image placeholder expanded, `ids` their tokens. A mention's query is the
     last token of its last word; one whose tokens cannot be found where expected is left out, as is one that
@@ -134,8 +153,10 @@ def scene_queries(item: dict, turns: Sequence[tuple[str, str]], ids: Sequence[in
             continue
         asked: set[int] = set()
         words: list[int] = []
+        counted: list = []
         for color, shape, end in mentions(text):
             named = [o for o in objects if color in (None, o[0]) and shape in (None, o[1])]
+            counted += named
             prefix = tokenizer.encode(t.roles[0] + text[:end], add_special_tokens=False)
             if not named or list(ids[start : start + len(prefix)]) != prefix:
                 continue
@@ -147,12 +168,17 @@ def scene_queries(item: dict, turns: Sequence[tuple[str, str]], ids: Sequence[in
                 words.append(start + len(prefix) - 1)
         # the answer follows the question's segment: <|im_start|>assistant\n, then its first token
         answer = start + len(tokenizer.encode(render_turn(t.name, "human", text), add_special_tokens=False))
-        if asked and list(ids[answer : answer + len(answer_head)]) == answer_head:
-            hits = [k in asked for k in range(len(image))]
-            out.append((answer + len(answer_head) - 1, image, hits, ANSWER))
-            question = list(range(start, answer + len(answer_head)))
+        if list(ids[answer : answer + len(answer_head)]) != answer_head:
+            continue
+        query = answer + len(answer_head) - 1
+        if asked:
+            out.append((query, image, [k in asked for k in range(len(image))], ANSWER))
+            question = list(range(start, query + 1))
             for targets, kind in (([words[0]], FIRST), ([words[-1]], LAST), (words, HOP)):
-                out.append((answer + len(answer_head) - 1, question, [k in targets for k in question], kind))
+                out.append((query, question, [k in targets for k in question], kind))
+        centres = {centre_token(o[2], width, height, grid, image_size, num_image_token) for o in counted}
+        if task == "count" and len(centres) == len(counted):  # a count of 0 too: all on `<img>`, before the image
+            out.append((query, [image[0] - 1, *image], [True] + [k in centres for k in range(len(image))], COUNT))
     return out
 
 
@@ -160,7 +186,8 @@ class BindingObjective(SFTObjective):
     """SFT plus the binding loss, weighted by `weight` (see the module): the (layer, head) pairs of `heads` attend
     from the mentions (WORD queries), those of `answer_heads` from the answer positions (ANSWER queries), those of
     `hop_heads` from the answer positions onto the question's mentions (HOP queries), those of `first_heads` and
-    `last_heads` from there onto its first or its last mention only (FIRST and LAST queries).
+    `last_heads` from there onto its first or its last mention only (FIRST and LAST queries), those of
+    `count_heads` from a count question's answer position evenly over its objects and `<img>` (COUNT queries).
 
     The scores are computed in a forward pre-hook of each supervised layer's attention, from the same normed
     hidden states and rotary tables the layer uses, for the batch's query rows and image keys only."""
@@ -170,11 +197,12 @@ class BindingObjective(SFTObjective):
 
     def __init__(self, reduction: str, weight: float, heads: Sequence[tuple[int, int]],
                  answer_heads: Sequence[tuple[int, int]] = (), hop_heads: Sequence[tuple[int, int]] = (),
-                 first_heads: Sequence[tuple[int, int]] = (), last_heads: Sequence[tuple[int, int]] = ()):  # fmt: skip
+                 first_heads: Sequence[tuple[int, int]] = (), last_heads: Sequence[tuple[int, int]] = (),
+                 count_heads: Sequence[tuple[int, int]] = ()):  # fmt: skip
         super().__init__(reduction)
         self.weight = weight
         kinds = [(heads, WORD), (answer_heads, ANSWER), (hop_heads, HOP)]
-        kinds += [(first_heads, FIRST), (last_heads, LAST)]
+        kinds += [(first_heads, FIRST), (last_heads, LAST), (count_heads, COUNT)]
         self.heads = [(la, h, kind) for pairs, kind in kinds for la, h in pairs]
         self._batch = None
         self._scores: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -224,7 +252,12 @@ class BindingObjective(SFTObjective):
         valid, target = batch.bind_valid[:, None], batch.bind_target[:, None]
         neg = torch.finfo(s.dtype).min
         image_lse = torch.logsumexp(s.masked_fill(~valid, neg), -1)
-        ce = (image_lse - torch.logsumexp(s.masked_fill(~target, neg), -1))[counted]
+        ce = image_lse - torch.logsumexp(s.masked_fill(~target, neg), -1)
+        if bool((batch.bind_kind == COUNT).any()):  # KL from the even spread over the targets
+            n = target.sum(-1).float()
+            even = image_lse - s.masked_fill(~target, 0).sum(-1) / n - n.log()
+            ce = torch.where((batch.bind_kind == COUNT)[:, None], even, ce)
+        ce = ce[counted]
         best = s.masked_fill(~valid, neg).argmax(-1, keepdim=True)
         top1 = target.expand_as(s).gather(-1, best).squeeze(-1)[counted].float()
         metrics = dict(out.metrics)

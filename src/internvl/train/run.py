@@ -163,7 +163,8 @@ def run_loop(args: TrainArgs, prepared: Prepared, data: DataSource, objective, c
 
         d = args.data
         more = [parse_heads(spec) if spec else [] for spec in (d.binding_answer_heads, d.binding_hop_heads,
-                                                               d.binding_first_heads, d.binding_last_heads)]  # fmt: skip
+                                                               d.binding_first_heads, d.binding_last_heads,
+                                                               d.binding_count_heads)]  # fmt: skip
         objective = BindingObjective(d.loss_reduction, d.binding_loss, parse_heads(d.binding_heads), *more)
     objective = objective or SFTObjective(args.data.loss_reduction)
     objective.setup(model, ctx.device)
