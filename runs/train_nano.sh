@@ -15,8 +15,11 @@
 #                  stage2hop: the same with the binding loss (attention from words naming objects to them, and from
 #                  the answer to those words; run 13; the shipped model is its step 1,700 of 1,800); stage2hop2: more
 #                  of it (run 13, not shipped: better on the benchmark, but it says 4 to the quick start), e.g.
-#                  START=src/internvl/assets/nano STAGES=stage2hop2. Run 12's stage2i (the same mixture without
-#                  the loss; shipped before) and stage2bind (the loss from the words only) are siblings of stage2hop.
+#                  START=src/internvl/assets/nano STAGES=stage2hop2; stage2hop3: more again (run 14); stage2rc:
+#                  that plus heads for the first and last mention and a count head (run 15, 45.2%, not shipped:
+#                  says 4), e.g. START=runs/candidates/run15-stage2rc STAGES=stage2rc ARGS_stage2rc="--seed 18".
+#                  Run 12's stage2i (the same mixture without the loss; shipped before) and stage2bind (the loss
+#                  from the words only) are siblings of stage2hop.
 #   STEPS_stage1=N the steps of a stage (its cosine schedule spans them; default: the stage's config)
 #   IMAGES_vit4b=N the images of a vision stage (VIT4_IMAGES for vit4; vit4b and vit4c share 10,000)
 #   ARGS_stage1="--lr 5e-4"   more finetune flags for a stage (e.g. a lower peak when continuing a model);
@@ -78,8 +81,8 @@ for name in $STAGES; do
     continue ;;
   esac
   case $name in shapes) config=nano-shapes ;; stage1) config=nano ;; *) config=nano-$name ;; esac
-  # stage 2 trains on stage 1b's mixture, tiled; stages 2h, 2i, 2bind, 2hop and 2hop2 on the binding mixture
-  data=$name; case $name in stage2h|stage2i|stage2bind|stage2hop*) data=stage2h ;; stage2*) data=stage1b ;; esac
+  # stage 2 trains on stage 1b's mixture, tiled; stages 2h, 2i, 2bind, 2hop* and 2rc on the binding mixture
+  data=$name; case $name in stage2h|stage2i|stage2bind|stage2hop*|stage2rc) data=stage2h ;; stage2*) data=stage1b ;; esac
   [ -f "$OUT/$name/final/config.json" ] || internvl finetune "$prev" --data "$OUT/curriculum/$data.json" \
       --config "configs/train/$config.yaml" --out "$OUT/$name" --resume ${steps:+--max-steps "$steps"} \
       ${fast[@]+"${fast[@]}"} ${extra[@]+"${extra[@]}"}
