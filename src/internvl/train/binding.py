@@ -14,9 +14,10 @@ heads may be pushed, from the position that predicts the answer, onto every obje
 with p the head's attention probabilities, so only the distribution over the image's tokens is supervised, not
 how much the head looks at the image at all. A count question's COUNT query instead spreads the head evenly over
 one token per named object (its centre's) and the `<img>` token before the image, so that the sink's share,
-1 / (n + 1), says how many there are: loss = w * (-log(n + 1) - mean over those n + 1 keys of log p / sum p). It needs rows of the Synthetic Visual World's scene tasks (color,
-shape, count, position, relation, grounding) with the contract's `meta.objects` and, for several questions,
-`meta.turns` (each question's task); other rows and questions train on the language loss only.
+1 / (n + 1), says how many there are: loss = w * (-log(n + 1) - mean over those n + 1 keys of log p / sum p).
+It needs rows of the Synthetic Visual World's scene tasks (color, shape, count, position, relation, grounding)
+with the contract's `meta.objects` and, for several questions, `meta.turns` (each question's task); other rows and
+questions train on the language loss only.
 """
 
 from __future__ import annotations
@@ -153,10 +154,10 @@ def scene_queries(item: dict, turns: Sequence[tuple[str, str]], ids: Sequence[in
             continue
         asked: set[int] = set()
         words: list[int] = []
-        counted: list = []
+        named_all: list = []  # every object the question names, once a mention
         for color, shape, end in mentions(text):
             named = [o for o in objects if color in (None, o[0]) and shape in (None, o[1])]
-            counted += named
+            named_all += named
             prefix = tokenizer.encode(t.roles[0] + text[:end], add_special_tokens=False)
             if not named or list(ids[start : start + len(prefix)]) != prefix:
                 continue
@@ -176,9 +177,11 @@ def scene_queries(item: dict, turns: Sequence[tuple[str, str]], ids: Sequence[in
             question = list(range(start, query + 1))
             for targets, kind in (([words[0]], FIRST), ([words[-1]], LAST), (words, HOP)):
                 out.append((query, question, [k in targets for k in question], kind))
-        centres = {centre_token(o[2], width, height, grid, image_size, num_image_token) for o in counted}
-        if task == "count" and len(centres) == len(counted):  # a count of 0 too: all on `<img>`, before the image
-            out.append((query, [image[0] - 1, *image], [True] + [k in centres for k in range(len(image))], COUNT))
+        centres = {centre_token(o[2], width, height, grid, image_size, num_image_token) for o in named_all}
+        # a count of 0 too: all on `<img>`, the token before the image's
+        if task == "count" and len(centres) == len(named_all):
+            hits = [True] + [k in centres for k in range(len(image))]
+            out.append((query, [image[0] - 1, *image], hits, COUNT))
     return out
 
 
