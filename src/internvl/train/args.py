@@ -108,14 +108,16 @@ class DataArgs:
             from .binding import parse_heads
 
             parse_heads(self.binding_heads)
-            for spec, flag in ((self.binding_answer_heads, "--binding-answer-heads"),
-                               (self.binding_hop_heads, "--binding-hop-heads"),
-                               (self.binding_first_heads, "--binding-first-heads"),
-                               (self.binding_last_heads, "--binding-last-heads"),
-                               (self.binding_count_heads, "--binding-count-heads")):  # fmt: skip
+            for spec, flag in self.more_binding_heads():
                 if spec:
                     parse_heads(spec, flag)
         _check(self.num_workers >= 0, f"--num-workers must be >= 0, got {self.num_workers}")
+
+    def more_binding_heads(self) -> list[tuple[str, str]]:
+        """(spec, flag) of the binding loss's optional head sets, in `BindingObjective`'s argument order."""
+        return [(self.binding_answer_heads, "--binding-answer-heads"), (self.binding_hop_heads, "--binding-hop-heads"),
+                (self.binding_first_heads, "--binding-first-heads"), (self.binding_last_heads, "--binding-last-heads"),
+                (self.binding_count_heads, "--binding-count-heads")]  # fmt: skip
 
 
 @dataclass

@@ -162,9 +162,7 @@ def run_loop(args: TrainArgs, prepared: Prepared, data: DataSource, objective, c
         from .binding import BindingObjective, parse_heads
 
         d = args.data
-        more = [parse_heads(spec) if spec else [] for spec in (d.binding_answer_heads, d.binding_hop_heads,
-                                                               d.binding_first_heads, d.binding_last_heads,
-                                                               d.binding_count_heads)]  # fmt: skip
+        more = [parse_heads(spec, flag) if spec else [] for spec, flag in d.more_binding_heads()]
         objective = BindingObjective(d.loss_reduction, d.binding_loss, parse_heads(d.binding_heads), *more)
     objective = objective or SFTObjective(args.data.loss_reduction)
     objective.setup(model, ctx.device)
