@@ -81,8 +81,10 @@ for name in $STAGES; do
     continue ;;
   esac
   case $name in shapes) config=nano-shapes ;; stage1) config=nano ;; *) config=nano-$name ;; esac
-  # stage 2 trains on stage 1b's mixture, tiled; stages 2h, 2i, 2bind, 2hop* and 2rc on the binding mixture
-  data=$name; case $name in stage2h|stage2i|stage2bind|stage2hop*|stage2rc) data=stage2h ;; stage2*) data=stage1b ;; esac
+  # stage 2 trains on stage 1b's mixture, tiled; stages 2h, 2i, 2bind, 2hop* and 2rc on the binding mixture, 2rck on
+  # the binding mixture leaning on count questions too
+  data=$name; case $name in stage2h|stage2i|stage2bind|stage2hop*|stage2rc) data=stage2h ;; stage2rck) data=stage2k ;;
+    stage2*) data=stage1b ;; esac
   [ -f "$OUT/$name/final/config.json" ] || internvl finetune "$prev" --data "$OUT/curriculum/$data.json" \
       --config "configs/train/$config.yaml" --out "$OUT/$name" --resume ${steps:+--max-steps "$steps"} \
       ${fast[@]+"${fast[@]}"} ${extra[@]+"${extra[@]}"}

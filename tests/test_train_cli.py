@@ -18,7 +18,9 @@ from refmodels import tiny_checkpoint
 import internvl
 from internvl.cli.main import main as cli
 from internvl.errors import TrainingError
+from internvl.kernels import build
 from internvl.train.args import GROUPS, TrainArgs, add_arguments, from_namespace, read_yaml
+from internvl.train.prepare import compute_dtype
 
 FAST = ["--num-workers", "0", "--threads", "1", "--no-grad-checkpoint", "--max-seq-length", "256",
         "--no-tensorboard", "--log-every", "1", "--lr", "1e-3"]  # fmt: skip
@@ -191,6 +193,21 @@ def test_packed_bf16_run(model, meta, tmp_path):
         rows = list(csv.DictReader(f))
     assert len(rows) == 3 and all(float(r["samples"]) > 1 for r in rows)  # several samples per packed row
     assert json.loads((out / "final" / "config.json").read_text())["torch_dtype"] == "float32"
+
+
+def test_auto_dtype_follows_the_device(model, meta, tmp_path, capsys):
+    cpu = torch.device("cpu")
+    assert compute_dtype("auto", cpu, ({"avx2", "fma"}, ""))[0] == torch.float32  # bf16 would be emulated
+    for native in ("avx512_bf16", "amx_bf16"):
+        assert compute_dtype("auto", cpu, ({"avx2", native}, "")) == (
+            torch.bfloat16, f"bf16 (native on this CPU: {native.upper()})")
+    assert compute_dtype("bf16", cpu, ({"avx2"}, ""))[0] == torch.bfloat16  # asked for: kept
+    assert compute_dtype("fp32", cpu, ({"amx_bf16"}, ""))[0] == torch.float32
+    out = tmp_path / "auto"
+    assert finetune(model, "--data", meta, "--out", out, "--max-steps", 1, "--dtype", "auto") == 0
+    flags = build.cpu_flags()[0]
+    native = flags is None or bool(flags & {"avx512_bf16", "amx_bf16"})  # unknown flags: bf16 as asked
+    assert f"compute dtype: {'bf16' if native else 'fp32'} (" in capsys.readouterr().out
 
 
 def test_training_from_a_config_with_random_weights(model, meta, tmp_path):

@@ -178,7 +178,9 @@ class RunArgs:
 
     seed: int = _f(42, "random seed (data order, initialization, dropout)")
     device: str = _f("auto", "cpu, cuda or auto (the local GPU when there is one)", metavar="DEVICE")
-    dtype: str = _f("fp32", "compute dtype; bf16 keeps fp32 master weights", choices=("fp32", "bf16"))
+    dtype: str = _f("fp32", "compute dtype; bf16 keeps fp32 master weights; auto: bf16 where the device multiplies it "
+                    "natively (a GPU with bf16, a CPU with AMX or AVX512_BF16), else fp32",
+                    choices=("fp32", "bf16", "auto"))  # fmt: skip
     threads: int = _f(
         0,
         "CPU threads of the training process (0: auto: on a CPU, the cores left after the "

@@ -43,7 +43,9 @@ def prepare_model(args: TrainArgs, ctx, log: Callable[[str], None] = print) -> P
     )
     model.config.vision.drop_path_rate = t.drop_path_rate
     model.vision_model.set_drop_path_rate(t.drop_path_rate)
-    compute = torch.bfloat16 if args.run.dtype == "bf16" else torch.float32
+    compute, why = compute_dtype(args.run.dtype, ctx.device)
+    if args.run.dtype == "auto":
+        log(f"compute dtype: {why}")
     spec = TuneSpec(t.freeze_vision, t.freeze_mlp, t.freeze_llm, t.unfreeze_vit_layers, t.unfreeze_lm_head,
                     t.lora_r, t.vision_lora_r, t.lora_alpha, t.lora_dropout)  # fmt: skip
     if spec.uses_lora and m.model is None:
@@ -62,6 +64,23 @@ def prepare_model(args: TrainArgs, ctx, log: Callable[[str], None] = print) -> P
     log(f"model: {total_params / 1e6:.2f}M parameters, {trainable / 1e6:.3f}M trainable"
         + (f" (LoRA r={t.lora_r}/{t.vision_lora_r})" if spec.uses_lora else ""))  # fmt: skip
     return Prepared(model, tokenizer, tok_dir, base_dtype, spec, modules_to_save, compute)
+
+
+def compute_dtype(want: str, device: torch.device, flags: tuple[set[str] | None, str] | None = None
+                  ) -> tuple[torch.dtype, str]:  # fmt: skip
+    """The dtype a run computes in for `--dtype` fp32, bf16 or auto, and the words saying why; `flags`:
+    kernels.build.cpu_flags()'s answer (read when None)."""
+    if want != "auto":
+        return (torch.bfloat16 if want == "bf16" else torch.float32), want
+    if device.type == "cuda":
+        ok = torch.cuda.is_bf16_supported()
+        return (torch.bfloat16, "bf16 (the GPU has it)") if ok else (torch.float32, "fp32 (the GPU has no bf16)")
+    if device.type != "cpu":
+        return torch.float32, f"fp32 (on {device.type})"
+    from ..engine.prefill import choose
+
+    widened, why = choose(torch.bfloat16, device, "auto", flags)
+    return (torch.float32 if widened is not None else torch.bfloat16), why
 
 
 def build_run_model(args: TrainArgs):
