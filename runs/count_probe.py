@@ -1,7 +1,7 @@
-"""Does the count head carry the count? For count items of a split: the share of one head's attention (from the
-position that predicts the answer) on `<img>` among `<img>` and the image tokens, which the COUNT query of the
-binding loss trains towards 1 / (n + 1), the count that share implies (1 / share - 1), and the model's greedy
-answer, by the true count.
+"""Does the count head carry the count? For count items of a split: the share of one head's attention (from
+the position that predicts the answer) on `<img>` among `<img>` and the image tokens, which the COUNT query of
+the binding loss trains towards 1 / (n + 1), the count that share implies (1 / share - 1), and the model's
+greedy answer, by the true count.
 
     python runs/count_probe.py MODEL --data SPLIT_DIR --layer 4 --head 2 [--n 200]
 """

@@ -1,8 +1,8 @@
 """The training curriculum next to a train split: scenes of one large shape, then of one or two, then of up
 to five at the contract's sizes, six questions each (`synth.writer.generate_dense`), and the meta files of
 its stages in order: shapes.json, stage0.json, stage1a.json, stage1.json, stage1b.json, stage2h.json, a
-mixture that leans on scenes of several objects, and stage2k.json, the same leaning on count questions too (see
-runs/train_nano.sh)."""
+mixture that leans on scenes of several objects, and stage2k.json, the same leaning on count questions too
+(see runs/train_nano.sh)."""
 
 from __future__ import annotations
 

@@ -73,8 +73,9 @@ def compute_dtype(want: str, device: torch.device, flags: tuple[set[str] | None,
     if want != "auto":
         return (torch.bfloat16 if want == "bf16" else torch.float32), want
     if device.type == "cuda":
-        ok = torch.cuda.is_bf16_supported()
-        return (torch.bfloat16, "bf16 (the GPU has it)") if ok else (torch.float32, "fp32 (the GPU has no bf16)")
+        if torch.cuda.is_bf16_supported():
+            return torch.bfloat16, "bf16 (the GPU has it)"
+        return torch.float32, "fp32 (the GPU has no bf16)"
     if device.type != "cpu":
         return torch.float32, f"fp32 (on {device.type})"
     from ..engine.prefill import choose
