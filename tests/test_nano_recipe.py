@@ -21,11 +21,11 @@ TINY = {"N": "3", "CUR_SCALE": "0.0005", "VIT_STEPS": "2", "VIT_IMAGES": "16", "
         "STEPS_stage1b": "2", "STEPS_vit4": "2", "VIT4_IMAGES": "3", "STEPS_stage2": "2", "STEPS_stage2b": "2",
         "STEPS_stage2c": "2", "STEPS_stage2d": "2", "STEPS_vit4b": "2", "IMAGES_vit4b": "3",
         "STEPS_stage2e": "2", "STEPS_vit4c": "2", "IMAGES_vit4c": "3", "STEPS_stage2f": "2",
-        "STEPS_stage2g": "2", "STEPS_stage2h": "2", "STEPS_stage2hop": "2", "STEPS_stage2hop2": "2",
-        "STEPS_stage2hop3": "2", "STEPS_stage2rc": "2", "STEPS_stage2rck": "2",
-        "COMPILE": "0"}  # fmt: skip
-# the shipped lineage (the script's default) and the stages after it that did not ship (runs 13-16)
-CANDIDATES = ("stage2hop2", "stage2hop3", "stage2rc", "stage2rck")
+        "STEPS_stage2g": "2", "STEPS_stage2h": "2", "STEPS_stage2hop": "2", "STEPS_stage2rc": "2",
+        "STEPS_stage2rck": "2", "COMPILE": "0"}  # fmt: skip
+# the shipped lineage (the script's default) and stages after it that did not ship (runs 15, 16; stage2hop2 and
+# stage2hop3 of runs 13 and 14 are stage2hop again with other seeds, and not run here to save time)
+CANDIDATES = ("stage2rc", "stage2rck")
 SHIPPED = ("shapes stage0 stage1a stage1 stage1b vit4 stage2 stage2b stage2c stage2d vit4b stage2e vit4c stage2f "
            "stage2g stage2h stage2hop")  # fmt: skip
 STAGES = " ".join((SHIPPED, *CANDIDATES))
@@ -53,8 +53,7 @@ def first_args(recipe: Path, stage: str) -> dict:
 
 def test_every_stage_runs_and_the_benchmark_scores_every_task(recipe):
     language = ("shapes", "stage0", "stage1a", "stage1", "stage1b", "stage2", "stage2b", "stage2c", "stage2d")
-    for stage in (*language, "stage2e", "stage2f", "stage2g", "stage2h", "stage2hop", "stage2hop2", "stage2hop3",
-                  "stage2rc", "stage2rck"):  # fmt: skip
+    for stage in (*language, "stage2e", "stage2f", "stage2g", "stage2h", "stage2hop", "stage2rc", "stage2rck"):
         assert (recipe / stage / "final" / "model.safetensors").is_file(), stage
         state = json.loads((recipe / stage / "checkpoints" / "step-00000002" / "state.json").read_text())
         assert state["step"] == 2
@@ -85,26 +84,23 @@ def test_every_stage_runs_and_the_benchmark_scores_every_task(recipe):
     assert args["model"].endswith("stage2g/final") and args["data"].endswith("curriculum/stage2h.json")
     assert args["seed"] == 13 and args["lr"] == 2e-4 and args["freeze_vision"]
     # stage 2hop (the shipped model's last): the same mixture again from stage 2h's model with the binding loss
-    # (word and HOP heads), which found mentions to train on in the fresh curriculum; stage 2hop2: more of it
+    # (word and HOP heads), which found mentions to train on in the fresh curriculum
     args = first_args(recipe, "stage2hop")
     assert args["model"].endswith("stage2h/final") and args["data"].endswith("curriculum/stage2h.json")
     assert args["seed"] == 14 and args["lr"] == 2e-4 and args["binding_loss"] == 0.1
     assert args["binding_heads"] == "1:0,2:0" and args["binding_hop_heads"] == "3:1,4:1"
-    args = first_args(recipe, "stage2hop2")
-    assert args["model"].endswith("stage2hop/final") and args["data"].endswith("curriculum/stage2h.json")
-    assert args["seed"] == 15 and args["binding_hop_heads"] == "3:1,4:1"
-    args = first_args(recipe, "stage2hop3")
-    assert args["model"].endswith("stage2hop2/final") and args["seed"] == 16
-    # stage 2rc: the relation (first and last mention) and count heads on top
+    # stage 2rc (after stage2hop3 in run 15, here after stage2hop): the relation (first and last mention) and
+    # count heads on top, on the same mixture
     args = first_args(recipe, "stage2rc")
-    assert args["model"].endswith("stage2hop3/final") and args["seed"] == 17
+    assert args["model"].endswith("stage2hop/final") and args["data"].endswith("curriculum/stage2h.json")
+    assert args["seed"] == 17 and args["binding_hop_heads"] == "3:1,4:1"
     heads = (args["binding_first_heads"], args["binding_last_heads"], args["binding_count_heads"])
     assert heads == ("3:2", "3:3", "4:2")
     # stage 2rck: the same heads on the mixture leaning on count questions
     args = first_args(recipe, "stage2rck")
     assert args["model"].endswith("stage2rc/final") and args["data"].endswith("curriculum/stage2k.json")
     assert args["seed"] == 18 and args["binding_count_heads"] == "4:2"
-    for stage in ("stage2hop", "stage2hop2", "stage2hop3", "stage2rc", "stage2rck"):
+    for stage in ("stage2hop", "stage2rc", "stage2rck"):
         assert all(r["bind_ce"] > 0 for r in read_metrics(recipe / stage / "metrics.csv"))
     args = first_args(recipe, "stage2c")
     assert args["model"].endswith("stage2b/final") and args["unfreeze_vit_layers"] == -3
@@ -144,7 +140,7 @@ def test_ship_refuses_an_incomplete_folder(tmp_path, capsys):
 
 def test_the_script_defaults_to_the_shipped_lineage():
     """Without STAGES the script runs the shipped model's lineage: the stages the recipe test runs, less those
-    that did not ship (stage2hop2, stage2hop3, stage2rc, stage2rck)."""
+    that did not ship (stage2rc, stage2rck)."""
     script = (ROOT / "runs" / "train_nano.sh").read_text()
     default = script.split('STAGES=${STAGES:-"', 1)[1].split('"', 1)[0]
     assert " ".join(default.split()) == SHIPPED
