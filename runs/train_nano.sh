@@ -17,16 +17,21 @@
 #                  of it (run 13, not shipped: better on the benchmark, but it says 4 to the quick start), e.g.
 #                  START=src/internvl/assets/nano STAGES=stage2hop2; stage2hop3: more again (run 14); stage2rc:
 #                  that plus heads for the first and last mention and a count head (run 15, 45.2%, not shipped:
-#                  says 4), e.g. START=runs/candidates/run15-stage2rc STAGES=stage2rc ARGS_stage2rc="--seed 18".
+#                  says 4); stage2rck: that on curriculum/stage2k.json, which leans on count questions (run 16,
+#                  45.8%, not shipped: says 4), e.g. START=runs/candidates/run16-stage2rck STAGES=stage2rck
+#                  ARGS_stage2rck="--seed 19".
 #                  Run 12's stage2i (the same mixture without the loss; shipped before) and stage2bind (the loss
 #                  from the words only) are siblings of stage2hop.
 #   STEPS_stage1=N the steps of a stage (its cosine schedule spans them; default: the stage's config)
 #   IMAGES_vit4b=N the images of a vision stage (VIT4_IMAGES for vit4; vit4b and vit4c share 10,000)
+#   LANG_ARGS="..." more finetune flags for every language stage, before the stage's own ARGS_ (a tiny run's
+#                  smaller packs: tests/test_nano_recipe.py)
 #   ARGS_stage1="--lr 5e-4"   more finetune flags for a stage (e.g. a lower peak when continuing a model);
 #                  ARGS_vit4="--balance-kind" for a vision stage's `internvl nano vit`
 #   COMPILE=1      torch.compile the training step of the stages after stage 1b (1.4x on 2 cores); 0: eager
 #   N=6000         items per task in the train split
 #   VIT_STEPS=1200 VIT_IMAGES=20000 CUR_SCALE=1 EVAL_N=200   the other sizes (a tiny run: tests/test_nano_recipe.py)
+#   VIT_HELD_OUT=256  the held-out images each vision stage reports on
 # Run nothing else that uses the cores meanwhile: two processes with two OpenMP threads each on two cores
 # run ~10x slower, not 2x.
 set -euo pipefail
@@ -53,7 +58,8 @@ mkdir -p "$OUT"
 #    last checkpoint), then frozen
 if [ -z "${START:-}" ]; then
   [ -f "$OUT/vit/vit_pretrain.json" ] || internvl nano vit --init "$OUT/init" --out "$OUT/vit" \
-      --data "$OUT/vit_data.npz" --steps "${VIT_STEPS:-1200}" --images "${VIT_IMAGES:-20000}" --resume
+      --data "$OUT/vit_data.npz" --steps "${VIT_STEPS:-1200}" --images "${VIT_IMAGES:-20000}" --resume \
+      --held-out "${VIT_HELD_OUT:-256}"
 fi
 
 # 5. the language stages, each from the last one's final weights (~1.5 s a step of ~22 packed samples):
@@ -76,7 +82,7 @@ for name in $STAGES; do
     if [ "$name" = vit4 ]; then cache="$OUT/vit4_data.npz"; fi
     [ -f "$OUT/$name/vit_pretrain.json" ] || internvl nano vit --init "$prev" --keep-weights --max-num 4 \
         --out "$OUT/$name" --data "$cache" --steps "$steps" --images "$images" --lr "$lr" \
-        --resume ${fast[@]+"${fast[@]}"} ${extra[@]+"${extra[@]}"}
+        --held-out "${VIT_HELD_OUT:-256}" --resume ${fast[@]+"${fast[@]}"} ${extra[@]+"${extra[@]}"}
     prev="$OUT/$name"
     continue ;;
   esac
@@ -85,9 +91,10 @@ for name in $STAGES; do
   # the binding mixture leaning on count questions too
   data=$name; case $name in stage2h|stage2i|stage2bind|stage2hop*|stage2rc) data=stage2h ;; stage2rck) data=stage2k ;;
     stage2*) data=stage1b ;; esac
+  read -r -a common <<< "${LANG_ARGS:-}"
   [ -f "$OUT/$name/final/config.json" ] || internvl finetune "$prev" --data "$OUT/curriculum/$data.json" \
       --config "configs/train/$config.yaml" --out "$OUT/$name" --resume ${steps:+--max-steps "$steps"} \
-      ${fast[@]+"${fast[@]}"} ${extra[@]+"${extra[@]}"}
+      ${fast[@]+"${fast[@]}"} ${common[@]+"${common[@]}"} ${extra[@]+"${extra[@]}"}
   prev="$OUT/$name/final"
 done
 FINAL="$prev"

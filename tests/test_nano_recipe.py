@@ -22,7 +22,8 @@ TINY = {"N": "3", "CUR_SCALE": "0.0005", "VIT_STEPS": "2", "VIT_IMAGES": "16", "
         "STEPS_stage2c": "2", "STEPS_stage2d": "2", "STEPS_vit4b": "2", "IMAGES_vit4b": "3",
         "STEPS_stage2e": "2", "STEPS_vit4c": "2", "IMAGES_vit4c": "3", "STEPS_stage2f": "2",
         "STEPS_stage2g": "2", "STEPS_stage2h": "2", "STEPS_stage2hop": "2", "STEPS_stage2rc": "2",
-        "STEPS_stage2rck": "2", "COMPILE": "0"}  # fmt: skip
+        "STEPS_stage2rck": "2", "COMPILE": "0", "VIT_HELD_OUT": "4",
+        "LANG_ARGS": "--grad-accum 1 --max-packed-tokens 1536 --max-packed-images 8"}  # fmt: skip
 # the shipped lineage (the script's default) and stages after it that did not ship (runs 15, 16; stage2hop2 and
 # stage2hop3 of runs 13 and 14 are stage2hop again with other seeds, and not run here to save time)
 CANDIDATES = ("stage2rc", "stage2rck")
@@ -96,6 +97,7 @@ def test_every_stage_runs_and_the_benchmark_scores_every_task(recipe):
     assert args["seed"] == 17 and args["binding_hop_heads"] == "3:1,4:1"
     heads = (args["binding_first_heads"], args["binding_last_heads"], args["binding_count_heads"])
     assert heads == ("3:2", "3:3", "4:2")
+    assert (args["grad_accum"], args["max_packed_tokens"], args["max_packed_images"]) == (1, 1536, 8)  # LANG_ARGS
     # stage 2rck: the same heads on the mixture leaning on count questions
     args = first_args(recipe, "stage2rck")
     assert args["model"].endswith("stage2rc/final") and args["data"].endswith("curriculum/stage2k.json")

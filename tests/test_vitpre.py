@@ -132,6 +132,8 @@ def test_command_line_runs_the_pretraining(tmp_path, capsys):
     assert "steps must be at least 1, got 0" in capsys.readouterr().err
     assert main(["vit", "--init", str(init), "--out", str(tmp_path / "y"), "--batch", "0"]) == 1
     assert "batch must be at least 1, got 0" in capsys.readouterr().err
+    assert main(["vit", "--init", str(init), "--out", str(tmp_path / "y"), "--held-out", "0"]) == 1
+    assert "held_out must be at least 1, got 0" in capsys.readouterr().err
     assert not (tmp_path / "y").exists()
 
 

@@ -65,6 +65,7 @@ class VitOptions:
     through_projector: bool = option(False, "train the projector too, reading the patch targets and each token's "
                                      "place from the image embeddings (needs --keep-weights)")  # fmt: skip
     hold: float = option(1.0, "with --through-projector: weight of the embeddings' change from the start")
+    held_out: int = option(256, "images of the held-out set the summary reports on (a tiny run: fewer)")
 
 
 @dataclass
@@ -149,7 +150,7 @@ def _run(verb: str, args: argparse.Namespace) -> int:
                           progress=True, resume=args.resume, stop_after=args.stop_after, max_num=args.max_num,
                           keep_weights=args.keep_weights, balance_kind=args.balance_kind,
                           compile=args.compile, through_projector=args.through_projector,
-                          hold=args.hold)  # fmt: skip
+                          hold=args.hold, held_out=args.held_out)  # fmt: skip
         print(json.dumps(result, indent=2))
         return 130 if result.get("interrupted") else 0
     elif verb == "ship":

@@ -270,9 +270,9 @@ def held_out_stats(
     return {**stats, **{k: float(s) / n if n else float("nan") for k, (s, n) in acc.items()}}
 
 
-def check_sizes(steps: int, images: int, batch: int, save_every: int) -> None:
+def check_sizes(steps: int, images: int, batch: int, save_every: int, held_out: int = HELD_OUT) -> None:
     for name, value, least in (("steps", steps, 1), ("images", images, 1), ("batch", batch, 1),
-                               ("save_every", save_every, 0)):  # fmt: skip
+                               ("save_every", save_every, 0), ("held_out", held_out, 1)):  # fmt: skip
         if value < least:
             raise TrainingError(f"vision pretraining: {name} must be at least {least}, got {value}")
 
@@ -283,7 +283,7 @@ def pretrain(init: str | Path, out: str | Path, steps: int = 1200, images: int =
              progress: bool = False, resume: bool = False, stop_after: int = 0,
              device: str = "cpu", max_num: int = 1, keep_weights: bool = False,
              balance_kind: bool = False, compile: bool = False, through_projector: bool = False,
-             hold: float = 1.0) -> dict:  # fmt: skip
+             hold: float = 1.0, held_out: int = HELD_OUT) -> dict:  # fmt: skip
     """Pretrain the encoder of `init`'s config on dense patch targets and write a model folder to `out`
     (config and tokenizer from `init`, the pretrained encoder, the rest initialized as `internvl finetune
     --init-from-config` would); also every `save_every` steps, with a checkpoint in OUT/checkpoints that
@@ -297,7 +297,8 @@ def pretrain(init: str | Path, out: str | Path, steps: int = 1200, images: int =
     the kind loss over object patches alone (see `patch_losses`). `compile` runs each vision layer through
     `torch.compile` (as `internvl finetune --compile`; it may change when a run resumes). `through_projector`
     trains the projector too, with read-outs of the image embeddings and `hold` (see `PatchReadout`); it needs
-    `keep_weights` (the projector a language model was trained on)."""
+    `keep_weights` (the projector a language model was trained on). `held_out`: images of the held-out set the
+    summary reports on."""
     from ..checkpoint.io import build_model, load_weights, save_model
     from ..checkpoint.layouts import read_config
     from ..model.llm import init_weights
@@ -308,7 +309,7 @@ def pretrain(init: str | Path, out: str | Path, steps: int = 1200, images: int =
     from ..train.metrics import MetricsLog
     from ..train.optim import build_optimizer
 
-    check_sizes(steps, images, batch, save_every)
+    check_sizes(steps, images, batch, save_every, held_out)
     if through_projector and not keep_weights:
         raise TrainingError("vision pretraining: --through-projector needs --keep-weights (a trained model's "
                             "projector to hold the embeddings near)")  # fmt: skip
@@ -388,7 +389,7 @@ def pretrain(init: str | Path, out: str | Path, steps: int = 1200, images: int =
     if ended.interrupted or ended.paused:
         stop = "interrupted" if ended.interrupted else "paused"  # a signal, or stop_after
         return {**result, stop: True, "checkpoint": str(out / "checkpoints")}
-    held = make_set(HELD_OUT, seed + 1, config.image_size, config.vision.patch_size, max_num=max_num)
+    held = make_set(held_out, seed + 1, config.image_size, config.vision.patch_size, max_num=max_num)
     held = PatchBatch.of(held, slice(None))
     result["held_out"] = held_out_stats(readout, held, ctx.device, balance_kind)
     if train_encoder:
