@@ -6,7 +6,7 @@ import re
 from collections.abc import Sequence
 
 _BOX = re.compile(r"\[\s*(-?\d+(?:\.\d+)?)\s*,\s*(-?\d+(?:\.\d+)?)\s*,\s*(-?\d+(?:\.\d+)?)\s*,\s*(-?\d+(?:\.\d+)?)\s*\]")
-_BOX_TAG = re.compile(r"<box>(.*?)</box>", re.S)
+_BOX_TAG = re.compile(r"<box>(.*?)</box>", re.DOTALL)
 
 
 def parse_boxes(text: str) -> list[tuple[float, float, float, float]]:

@@ -8,8 +8,8 @@ from __future__ import annotations
 import math
 import random
 import string
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from .chart import sample_chart
 from .questions import (

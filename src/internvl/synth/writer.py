@@ -209,8 +209,7 @@ def generate_split(
 
 def _write_jsonl(path: str, rows: list[dict]) -> None:
     with open(path, "w") as f:
-        for row in rows:
-            f.write(json.dumps(row, separators=(",", ":")) + "\n")
+        f.writelines(json.dumps(row, separators=(",", ":")) + "\n" for row in rows)
 
 
 def _write_tsv(path: str, rows: list[list]) -> None:
