@@ -19,7 +19,8 @@
 #                  that plus heads for the first and last mention and a count head (run 15, 45.2%, not shipped:
 #                  says 4); stage2rck: that on curriculum/stage2k.json, which leans on count questions (run 16,
 #                  45.8%, not shipped: says 4), e.g. START=runs/candidates/run16-stage2rck STAGES=stage2rck
-#                  ARGS_stage2rck="--seed 19".
+#                  ARGS_stage2rck="--seed 19"; stage2rc2: that plus a second count head that weighs <img> 4 times
+#                  an object (run 18), e.g. START=runs/candidates/run16-stage2rck STAGES=stage2rc2.
 #                  Run 12's stage2i (the same mixture without the loss; shipped before) and stage2bind (the loss
 #                  from the words only) are siblings of stage2hop.
 #   STEPS_stage1=N the steps of a stage (its cosine schedule spans them; default: the stage's config)
@@ -87,9 +88,10 @@ for name in $STAGES; do
     continue ;;
   esac
   case $name in shapes) config=nano-shapes ;; stage1) config=nano ;; *) config=nano-$name ;; esac
-  # stage 2 trains on stage 1b's mixture, tiled; stages 2h, 2i, 2bind, 2hop* and 2rc on the binding mixture, 2rck on
-  # the binding mixture leaning on count questions too
-  data=$name; case $name in stage2h|stage2i|stage2bind|stage2hop*|stage2rc) data=stage2h ;; stage2rck) data=stage2k ;;
+  # stage 2 trains on stage 1b's mixture, tiled; stages 2h, 2i, 2bind, 2hop* and 2rc on the binding mixture, 2rck and
+  # 2rc2 on the binding mixture leaning on count questions too
+  data=$name; case $name in stage2h|stage2i|stage2bind|stage2hop*|stage2rc) data=stage2h ;;
+    stage2rck|stage2rc2) data=stage2k ;;
     stage2*) data=stage1b ;; esac
   read -r -a common <<< "${LANG_ARGS:-}"
   [ -f "$OUT/$name/final/config.json" ] || internvl finetune "$prev" --data "$OUT/curriculum/$data.json" \

@@ -13,7 +13,17 @@ from internvl.model import llm
 from internvl.synth.scene import COLORS, SHAPES
 from internvl.train import binding
 from internvl.train.args import DataArgs
-from internvl.train.binding import ANSWER, COUNT, FIRST, HOP, LAST, WORD, BindingObjective, mentions
+from internvl.train.binding import (
+    ANSWER,
+    COUNT,
+    FIRST,
+    HOP,
+    LAST,
+    WORD,
+    BindingObjective,
+    mentions,
+    query_losses,
+)
 from internvl.train.collate import Collator
 from internvl.train.data import build_index, read_meta
 from internvl.train.dataset import SampleOptions, SFTDataset, pad_token_id
@@ -179,6 +189,32 @@ def test_scores_match_the_model_attention(scenes, nano):
     assert float(ce_sum) == pytest.approx(sum(losses), rel=1e-4)
 
 
+def test_a_count_heads_loss_is_zero_only_at_its_spread():
+    # 3 objects and <img> (key 0) among 6 keys, the last one padding; heads weigh <img> 1 and 4 times an object
+    valid = torch.tensor([[True] * 5 + [False]])
+    target = torch.tensor([[True, True, False, True, True, False]])
+    sinks = torch.tensor([1.0, 4.0])
+
+    def losses(share_img):  # both heads: <img> gets share_img, the objects the rest evenly, key 2 ~0
+        rest = (1 - share_img) / 3
+        p = torch.tensor([share_img, rest, 1e-9, rest, rest, 0.5])
+        s = p.log()[None, None].expand(1, 2, 6)
+        return query_losses(s, valid, target, torch.tensor([True]), sinks)[0]
+
+    even, heavy = losses(1 / 4), losses(4 / 7)
+    assert float(even[0]) == pytest.approx(0, abs=1e-6) and float(even[1]) > 0.05
+    assert float(heavy[1]) == pytest.approx(0, abs=1e-6) and float(heavy[0]) > 0.05
+    # sink 1 is the even spread's KL: -log(n + 1) - the mean log share over the n + 1 targets
+    s = torch.randn(1, 2, 6)
+    logp = s[0, 0, :5].log_softmax(-1)
+    want = -math.log(4) - logp[[0, 1, 3, 4]].mean()
+    got = query_losses(s, valid, target, torch.tensor([True]), sinks)[0, 0]
+    assert float(got) == pytest.approx(float(want))
+    # other queries: -log of the targets' share
+    other = query_losses(s, valid, target, torch.tensor([False]), sinks)[0, 1]
+    assert float(other) == pytest.approx(-float(s[0, 1, :5].softmax(-1)[[0, 1, 3, 4]].sum().log()), rel=1e-5)
+
+
 def test_training_on_it_moves_attention_onto_the_named_objects(scenes, nano):
     ds, samples, _, _ = scenes
     collate = Collator(pad_token_id(nano.tokenizer), ds.dummy, packed=True)
@@ -186,9 +222,10 @@ def test_training_on_it_moves_attention_onto_the_named_objects(scenes, nano):
     counting = collate.rows([[s for s in samples if any(kind == COUNT for *_, kind in s.binding)][:3]])
     assert int((counting.bind_kind == COUNT).sum()) >= 3
     # the words' heads onto the named objects; a count head's spread over the objects' centres and <img>
-    for heads, count_heads, batch in (([(1, 0)], [], every), ([], [(4, 2)], counting)):
+    for heads, count_heads, batch in (([(1, 0)], [], every), ([], [(4, 2), (4, 3)], counting)):
         model = internvl.load(str(BUILTIN), dtype="fp32", optimize=False).model.train()
-        objective = BindingObjective("square", 1.0, heads, count_heads=count_heads)
+        sinks = [1.0, 4.0][: len(count_heads)]
+        objective = BindingObjective("square", 1.0, heads, count_heads=count_heads, count_sinks=sinks)
         objective.setup(model, torch.device("cpu"))
         params = [p for n, p in model.named_parameters() if n.startswith("language_model")]
         opt = torch.optim.Adam(params, lr=1e-3)
@@ -226,3 +263,7 @@ def test_finetune_trains_on_it_and_logs_it(scenes, tmp_path, capsys):
     assert cli([*common, "--out", str(tmp_path / "bad"), "--binding-heads", "9:0"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["internvl finetune: error: --binding-heads: layer 9 does not exist (the model has 6)"]
+    assert cli([*common, "--out", str(tmp_path / "bad"), "--binding-count-sinks", "1,4"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    want = "--binding-count-sinks must be one positive number per --binding-count-heads pair (1), got '1,4'"
+    assert err == [f"internvl finetune: error: {want}"]

@@ -86,6 +86,9 @@ class DataArgs:
     binding_count_heads: str = _f("", "layer:head pairs it supervises from the answer position of count questions, "
                                   "spread evenly over one token per named object and <img> (empty: none)",
                                   metavar="L:H,...")  # fmt: skip
+    binding_count_sinks: str = _f("", "weight of <img> against one object in each count head's spread, one per "
+                                  "--binding-count-heads pair (its share is m/(n+m); empty: 1 each)",
+                                  metavar="M,...")  # fmt: skip
     skip_bad_rows: bool = _f(False, "skip invalid rows (reported at the end and in OUT/skipped_rows.txt)")
     num_workers: int = _f(2, "data-loading processes (0: load in the training process)")
 
@@ -111,7 +114,22 @@ class DataArgs:
             for spec, flag in self.more_binding_heads():
                 if spec:
                     parse_heads(spec, flag)
+            self.count_sinks()
         _check(self.num_workers >= 0, f"--num-workers must be >= 0, got {self.num_workers}")
+
+    def count_sinks(self) -> list[float]:
+        """--binding-count-sinks as numbers, one per count head ([] when not given: 1 each)."""
+        if not self.binding_count_sinks:
+            return []
+        try:
+            sinks = [float(m) for m in self.binding_count_sinks.split(",")]
+        except ValueError:
+            sinks = []
+        heads = len(self.binding_count_heads.split(",")) if self.binding_count_heads else 0
+        _check(len(sinks) == heads and all(m > 0 for m in sinks),
+               f"--binding-count-sinks must be one positive number per --binding-count-heads pair ({heads}), "
+               f"got {self.binding_count_sinks!r}")  # fmt: skip
+        return sinks
 
     def more_binding_heads(self) -> list[tuple[str, str]]:
         """(spec, flag) of the binding loss's optional head sets, in `BindingObjective`'s argument order."""

@@ -14,7 +14,9 @@ heads may be pushed, from the position that predicts the answer, onto every obje
 with p the head's attention probabilities, so only the distribution over the image's tokens is supervised, not
 how much the head looks at the image at all. A count question's COUNT query instead spreads the head evenly over
 one token per named object (its centre's) and the `<img>` token before the image, so that the sink's share,
-1 / (n + 1), says how many there are: loss = w * (-log(n + 1) - mean over those n + 1 keys of log p / sum p).
+1 / (n + 1), says how many there are: loss = w * KL(t || p / sum p) with t even over those n + 1 keys. A count
+head may weigh `<img>` m times an object instead (t = m / (n + m) there): its share m / (n + m) changes most with
+n near m, so a second head with m = 4 separates 5 objects from 6 better than the first's 1 / (n + 1) does.
 It needs rows of the Synthetic Visual World's scene tasks (color, shape, count, position, relation, grounding)
 with the contract's `meta.objects` and, for several questions, `meta.turns` (each question's task); other rows and
 questions train on the language loss only.
@@ -201,33 +203,39 @@ class BindingObjective(SFTObjective):
     def __init__(self, reduction: str, weight: float, heads: Sequence[tuple[int, int]],
                  answer_heads: Sequence[tuple[int, int]] = (), hop_heads: Sequence[tuple[int, int]] = (),
                  first_heads: Sequence[tuple[int, int]] = (), last_heads: Sequence[tuple[int, int]] = (),
-                 count_heads: Sequence[tuple[int, int]] = ()):  # fmt: skip
+                 count_heads: Sequence[tuple[int, int]] = (), count_sinks: Sequence[float] = ()):  # fmt: skip
         super().__init__(reduction)
         self.weight = weight
         kinds = [(heads, WORD), (answer_heads, ANSWER), (hop_heads, HOP)]
-        kinds += [(first_heads, FIRST), (last_heads, LAST), (count_heads, COUNT)]
-        self.heads = [(la, h, kind) for pairs, kind in kinds for la, h in pairs]
+        kinds += [(first_heads, FIRST), (last_heads, LAST)]
+        self.heads = [(la, h, kind, 1.0) for pairs, kind in kinds for la, h in pairs]
+        sinks = list(count_sinks) or [1.0] * len(count_heads)
+        if len(sinks) != len(count_heads) or any(m <= 0 for m in sinks):
+            raise TrainingError(f"--binding-count-sinks: need one positive weight per count head "
+                                f"({len(count_heads)}), got {list(count_sinks)}")  # fmt: skip
+        self.heads += [(la, h, COUNT, m) for (la, h), m in zip(count_heads, sinks)]
         self._batch = None
         self._scores: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def setup(self, model: nn.Module, device: torch.device) -> None:
         lm = getattr(model, "language_model", model)
         layers = lm.model.layers
-        by_layer: dict[int, list[tuple[int, int]]] = {}
-        for layer, head, kind in self.heads:
+        by_layer: dict[int, list[tuple[int, int, float]]] = {}
+        for layer, head, kind, sink in self.heads:
             if layer >= len(layers):
                 raise TrainingError(f"--binding-heads: layer {layer} does not exist "
                                     f"(the model has {len(layers)})")  # fmt: skip
             if head >= layers[layer].self_attn.num_heads:
                 raise TrainingError(f"--binding-heads: head {head} does not exist "
                                     f"(layer {layer} has {layers[layer].self_attn.num_heads})")  # fmt: skip
-            by_layer.setdefault(layer, []).append((head, kind))
+            by_layer.setdefault(layer, []).append((head, kind, sink))
         for layer, pairs in by_layer.items():
             layers[layer].self_attn.register_forward_pre_hook(self._hook(pairs))
 
-    def _hook(self, pairs: list[tuple[int, int]]):
-        heads = [h for h, _ in pairs]
-        kinds = torch.tensor([k for _, k in pairs])
+    def _hook(self, pairs: list[tuple[int, int, float]]):
+        heads = [h for h, _, _ in pairs]
+        kinds = torch.tensor([k for _, k, _ in pairs])
+        sinks = torch.tensor([m for _, _, m in pairs])
 
         def capture(attn, args):
             batch, x = self._batch, args[0]
@@ -238,7 +246,8 @@ class BindingObjective(SFTObjective):
             cos, sin = args[1], args[2]
             scores = binding_scores(attn, x, cos, sin, batch.bind_query, batch.bind_keys, heads)
             # which (query, head) pairs count: a head learns from its kind of query only
-            self._scores.append((scores, batch.bind_kind[:, None] == kinds.to(scores.device)[None]))
+            counted = batch.bind_kind[:, None] == kinds.to(scores.device)[None]
+            self._scores.append((scores, counted, sinks.to(scores.device)))
 
         return capture
 
@@ -250,23 +259,36 @@ class BindingObjective(SFTObjective):
         scores, self._scores = self._scores, []
         if not scores:
             return out
-        s = torch.cat([sc for sc, _ in scores], dim=1).float()  # [Q, heads, K]
-        counted = torch.cat([m for _, m in scores], dim=1)  # [Q, heads]
+        s = torch.cat([sc for sc, _, _ in scores], dim=1).float()  # [Q, heads, K]
+        counted = torch.cat([m for _, m, _ in scores], dim=1)  # [Q, heads]
+        sinks = torch.cat([m for _, _, m in scores])  # [heads]
+        ce = query_losses(s, batch.bind_valid, batch.bind_target, batch.bind_kind == COUNT, sinks)[counted]
         valid, target = batch.bind_valid[:, None], batch.bind_target[:, None]
         neg = torch.finfo(s.dtype).min
-        image_lse = torch.logsumexp(s.masked_fill(~valid, neg), -1)
-        ce = image_lse - torch.logsumexp(s.masked_fill(~target, neg), -1)
-        if bool((batch.bind_kind == COUNT).any()):  # KL from the even spread over the targets
-            n = target.sum(-1).float()
-            even = image_lse - s.masked_fill(~target, 0).sum(-1) / n - n.log()
-            ce = torch.where((batch.bind_kind == COUNT)[:, None], even, ce)
-        ce = ce[counted]
         best = s.masked_fill(~valid, neg).argmax(-1, keepdim=True)
         top1 = target.expand_as(s).gather(-1, best).squeeze(-1)[counted].float()
         metrics = dict(out.metrics)
         metrics["bind_ce"] = (ce.detach().sum(), float(ce.numel()))
         metrics["bind_top1"] = (top1.sum(), float(top1.numel()))
         return ObjectiveOutput(out.loss_sum + self.weight * ce.sum(), metrics)
+
+
+def query_losses(s: torch.Tensor, valid: torch.Tensor, target: torch.Tensor, count: torch.Tensor,
+                 sinks: torch.Tensor) -> torch.Tensor:  # fmt: skip
+    """The binding loss [Q, heads] of attention logits `s` [Q, heads, K] over keys `valid` [Q, K]: -log of the
+    targets' share (`target` [Q, K]), or, for the rows `count` [Q], the KL divergence from the spread over the
+    targets with key 0 (`<img>`) weighted `sinks` [heads] times an object."""
+    valid, target = valid[:, None], target[:, None]
+    neg = torch.finfo(s.dtype).min
+    image_lse = torch.logsumexp(s.masked_fill(~valid, neg), -1)
+    ce = image_lse - torch.logsumexp(s.masked_fill(~target, neg), -1)
+    if bool(count.any()):
+        t = target.to(s.dtype).expand_as(s).clone()
+        t[..., 0] *= sinks
+        t = t / t.sum(-1, keepdim=True)
+        kl = image_lse - (t * s.masked_fill(~target, 0)).sum(-1) + torch.xlogy(t, t).sum(-1)
+        ce = torch.where(count[:, None], kl, ce)
+    return ce
 
 
 def binding_scores(attn: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, query: torch.Tensor,
