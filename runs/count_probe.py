@@ -1,9 +1,9 @@
 """Does the count head carry the count? For count items of a split: the share of one head's attention (from
 the position that predicts the answer) on `<img>` among `<img>` and the image tokens, which the COUNT query of
-the binding loss trains towards 1 / (n + 1), the count that share implies (1 / share - 1), and the model's
-greedy answer, by the true count.
+the binding loss trains towards 1 / (n + 1) (m / (n + m) for a head whose spread weighs `<img>` m times an
+object, --sink M), the count that share implies (m / share - m), and the model's greedy answer, by the true count.
 
-    python runs/count_probe.py MODEL --data SPLIT_DIR --layer 4 --head 2 [--n 200]
+    python runs/count_probe.py MODEL --data SPLIT_DIR --layer 4 --head 2 [--sink 1] [--n 200]
 """
 
 from __future__ import annotations
@@ -27,6 +27,9 @@ def main() -> None:
     ap.add_argument("--data", required=True, help="a split folder with count.jsonl")
     ap.add_argument("--layer", type=int, default=4)
     ap.add_argument("--head", type=int, default=2)
+    ap.add_argument(
+        "--sink", type=float, default=1.0, help="the head's weight of <img> (--binding-count-sinks)"
+    )
     ap.add_argument("--n", type=int, default=200)
     args = ap.parse_args()
     model = internvl.load(args.model, dtype="fp32", optimize=False)
@@ -60,18 +63,19 @@ def main() -> None:
         answer = tok.decode([int(logits.argmax())]).strip()
         by_n[int(truth)].append((share, answer, truth))
     llm.attention = plain
+    m = args.sink
     print(
-        f"layer {args.layer} head {args.head}: n, items, mean share (target 1/(n+1)), implied n, "
+        f"layer {args.layer} head {args.head}: n, items, mean share (target {m:g}/(n+{m:g})), implied n, "
         f"rounded implied n right, answer right"
     )
     for n in sorted(by_n):
         rows_n = by_n[n]
         share = sum(s for s, _, _ in rows_n) / len(rows_n)
-        implied = [1 / max(s, 1e-6) - 1 for s, _, _ in rows_n]
+        implied = [m / max(s, 1e-6) - m for s, _, _ in rows_n]
         right = sum(round(x) == n for x in implied)
         ans = sum(a == t for _, a, t in rows_n)
         print(
-            f"{n:2d} {len(rows_n):4d}  {share:.3f} ({1 / (n + 1):.3f})  {sum(implied) / len(implied):5.2f}  "
+            f"{n:2d} {len(rows_n):4d}  {share:.3f} ({m / (n + m):.3f})  {sum(implied) / len(implied):5.2f}  "
             f"{right:3d}  {ans:3d}"
         )
 
