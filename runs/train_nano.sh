@@ -7,20 +7,18 @@
 #                  START=src/internvl/assets/nano STAGES=stage1b continues training the shipped model
 #   STAGES="..."   the stages after the vision stage, in order (default: the shipped model's lineage, shapes stage0
 #                  stage1a stage1 stage1b vit4 stage2 stage2b stage2c stage2d vit4b stage2e vit4c stage2f stage2g
-#                  stage2h stage2hop); vit4 pretrains the encoder again on native-scale tiles, keeping the language
-#                  model (vit4b: again, with the balanced kind loss, 4,000 steps of 10,000 images; vit4c: 1,500
-#                  more through the projector); stage2b-2g continue stage 2 on the same data (another order, lower
-#                  peaks; stage2c trains the encoder's top 3 layers too, stage2d and stage2e all 6); stage2h
-#                  continues on a mixture that leans on scenes of several objects (curriculum/stage2h.json);
-#                  stage2hop: the same with the binding loss (attention from words naming objects to them, and from
-#                  the answer to those words; run 13; the shipped model is its step 1,700 of 1,800); stage2hop2: more
-#                  of it (run 13, not shipped: better on the benchmark, but it says 4 to the quick start), e.g.
-#                  START=src/internvl/assets/nano STAGES=stage2hop2; stage2hop3: more again (run 14); stage2rc:
-#                  that plus heads for the first and last mention and a count head (run 15, 45.2%, not shipped:
-#                  says 4); stage2rck: that on curriculum/stage2k.json, which leans on count questions (run 16,
-#                  45.8%, not shipped: says 4), e.g. START=runs/candidates/run16-stage2rck STAGES=stage2rck
-#                  ARGS_stage2rck="--seed 19"; stage2rc2: that plus a second count head that weighs <img> 4 times
-#                  an object (run 18), e.g. START=runs/candidates/run16-stage2rck STAGES=stage2rc2.
+#                  stage2h stage2hop stage2hop2 stage2hop3 stage2rc stage2rck stage2rc2); vit4 pretrains the encoder
+#                  again on native-scale tiles, keeping the language model (vit4b: again, with the balanced kind
+#                  loss, 4,000 steps of 10,000 images; vit4c: 1,500 more through the projector); stage2b-2g continue
+#                  stage 2 on the same data (another order, lower peaks; stage2c trains the encoder's top 3 layers
+#                  too, stage2d and stage2e all 6); stage2h continues on a mixture that leans on scenes of several
+#                  objects (curriculum/stage2h.json); stage2hop: the same with the binding loss (attention from words
+#                  naming objects to them, and from the answer to those words; run 13); stage2hop2 and stage2hop3:
+#                  more of it (runs 13, 14); stage2rc: that plus heads for the first and last mention and a count
+#                  head (run 15); stage2rck: that on curriculum/stage2k.json, which leans on count questions (run
+#                  16); stage2rc2: that plus a second count head that weighs <img> 4 times an object (run 18; the
+#                  shipped model is its step 900 of 1,100), e.g. START=src/internvl/assets/nano STAGES=stage2rc2
+#                  ARGS_stage2rc2="--seed 20" continues the shipped model.
 #                  Run 12's stage2i (the same mixture without the loss; shipped before) and stage2bind (the loss
 #                  from the words only) are siblings of stage2hop.
 #   STEPS_stage1=N the steps of a stage (its cosine schedule spans them; default: the stage's config)
@@ -39,7 +37,7 @@ set -euo pipefail
 OUT=${1:-runs/nano}
 N=${N:-6000}                   # items per task in the train split
 STAGES=${STAGES:-"shapes stage0 stage1a stage1 stage1b vit4 stage2 stage2b stage2c stage2d vit4b stage2e vit4c stage2f
-  stage2g stage2h stage2hop"}
+  stage2g stage2h stage2hop stage2hop2 stage2hop3 stage2rc stage2rck stage2rc2"}
 COMPILE=${COMPILE:-1}
 export OMP_WAIT_POLICY=PASSIVE # yield the cores when another process competes for them
 mkdir -p "$OUT"
