@@ -215,7 +215,7 @@ class BindingObjective(SFTObjective):
                                 f"({len(count_heads)}), got {list(count_sinks)}")  # fmt: skip
         self.heads += [(la, h, COUNT, m) for (la, h), m in zip(count_heads, sinks)]
         self._batch = None
-        self._scores: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._scores: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # scores, counted, sinks
 
     def setup(self, model: nn.Module, device: torch.device) -> None:
         lm = getattr(model, "language_model", model)
