@@ -267,3 +267,5 @@ def test_finetune_trains_on_it_and_logs_it(scenes, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     want = "--binding-count-sinks must be one positive number per --binding-count-heads pair (1), got '1,4'"
     assert err == [f"internvl finetune: error: {want}"]
+    with pytest.raises(TrainingError, match=r"pair \(2\), got '1,0'"):  # the same rule for API callers
+        BindingObjective("square", 1.0, [(1, 0)], count_heads=[(4, 2), (4, 3)], count_sinks=[1.0, 0.0])

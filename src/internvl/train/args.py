@@ -119,6 +119,8 @@ class DataArgs:
 
     def count_sinks(self) -> list[float]:
         """--binding-count-sinks as numbers, one per count head ([] when not given: 1 each)."""
+        from .binding import check_count_sinks
+
         if not self.binding_count_sinks:
             return []
         try:
@@ -126,9 +128,7 @@ class DataArgs:
         except ValueError:
             sinks = []
         heads = len(self.binding_count_heads.split(",")) if self.binding_count_heads else 0
-        _check(len(sinks) == heads and all(m > 0 for m in sinks),
-               f"--binding-count-sinks must be one positive number per --binding-count-heads pair ({heads}), "
-               f"got {self.binding_count_sinks!r}")  # fmt: skip
+        check_count_sinks(sinks, heads, self.binding_count_sinks)
         return sinks
 
     def more_binding_heads(self) -> list[tuple[str, str]]:

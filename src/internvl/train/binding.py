@@ -58,6 +58,13 @@ def parse_heads(spec: str, flag: str = "--binding-heads") -> list[tuple[int, int
     return pairs
 
 
+def check_count_sinks(sinks: Sequence[float], heads: int, given: str) -> None:
+    """--binding-count-sinks (`given`, parsed: `sinks`) must be one positive weight per count head."""
+    if len(sinks) != heads or any(m <= 0 for m in sinks):
+        raise TrainingError(f"--binding-count-sinks must be one positive number per --binding-count-heads pair "
+                            f"({heads}), got {given!r}")  # fmt: skip
+
+
 def mentions(question: str) -> list[tuple[str | None, str | None, int]]:
     """(color or None, shape or None, end offset of the mention's last word) for each object a question names."""
     out = []
@@ -210,9 +217,7 @@ class BindingObjective(SFTObjective):
         kinds += [(first_heads, FIRST), (last_heads, LAST)]
         self.heads = [(la, h, kind, 1.0) for pairs, kind in kinds for la, h in pairs]
         sinks = list(count_sinks) or [1.0] * len(count_heads)
-        if len(sinks) != len(count_heads) or any(m <= 0 for m in sinks):
-            raise TrainingError(f"--binding-count-sinks: need one positive weight per count head "
-                                f"({len(count_heads)}), got {list(count_sinks)}")  # fmt: skip
+        check_count_sinks(sinks, len(count_heads), ",".join(f"{m:g}" for m in sinks))
         self.heads += [(la, h, COUNT, m) for (la, h), m in zip(count_heads, sinks)]
         self._batch = None
         self._scores: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # scores, counted, sinks
