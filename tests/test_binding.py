@@ -19,6 +19,8 @@ from internvl.train.binding import (
     FIRST,
     HOP,
     LAST,
+    PLACE_FIRST,
+    PLACE_LAST,
     WORD,
     BindingObjective,
     mentions,
@@ -73,7 +75,7 @@ def test_mentions_name_what_the_question_names():
 
 def test_queries_sit_on_the_named_word_and_targets_show_the_named_color(scenes, nano):
     ds, samples, rows, _ = scenes
-    checked = two = 0
+    checked = two = placed = 0
     counts = []  # (the answer, a count question's objects on its COUNT query)
     img_start = nano.tokenizer.token_to_id("<img>")
     assert all(s.binding == [] for s, r in zip(samples, rows) if r["task"] == "text")
@@ -85,8 +87,29 @@ def test_queries_sit_on_the_named_word_and_targets_show_the_named_color(scenes, 
         tiles = sample.pixel_values * STD[:, None, None] + MEAN[:, None, None]  # [N, 3, S, S] in 0..1
         asked, said = set(), []  # the cells the question's mentions name and where they are, so far
         last = set()  # the cells of the last question's objects
+        named_cells = []  # each mention's cells, this question
+        whole = (len(tiles) - 1) * ds.num_image_token  # the thumbnail's first token (or the one tile's)
         for q, keys, hits, kind in sample.binding:
             targets = {k for k, hit in enumerate(hits) if hit}
+            if kind in (PLACE_FIRST, PLACE_LAST):  # the answer position onto the thumbnail's cells of a mention
+                assert sample.labels[q] == -100 and sample.labels[q + 1] != -100
+                assert [sample.input_ids[k] for k in keys] == [ds.context_id] * len(keys)
+                cells = named_cells[0] if kind == PLACE_FIRST else named_cells[-1]
+                assert targets and targets == {k for k in cells if k >= whole} and min(targets) >= whole
+                if kind == PLACE_LAST:
+                    # the named objects' centres on the whole image lie in the targets (computed from the boxes)
+                    prompt = nano.tokenizer.decode(sample.input_ids[: q + 1].tolist())
+                    said_q = mentions(prompt.rsplit("user\n", 1)[1])
+                    w, h = row["meta"]["size"]
+                    for (color, shape, _), kind_ in ((said_q[0], PLACE_FIRST), (said_q[-1], PLACE_LAST)):
+                        objs = [o for o in row["meta"]["objects"] if color in (None, o[0]) and shape in (None, o[1])]
+                        centres = {whole + binding.centre_token(o[2], w, h, (1, 1), ds.image_size, ds.num_image_token)
+                                   for o in objs}  # fmt: skip
+                        want = {k for k in (named_cells[0] if kind_ == PLACE_FIRST else targets)}
+                        assert centres <= want, (row["id"], sorted(centres), sorted(want))
+                    placed += row["task"] == "relation" and named_cells[0] != named_cells[-1]
+                    named_cells = []
+                continue
             if kind == COUNT:  # over <img> and the image: <img> and one cell per object, inside its cells
                 assert sample.input_ids[keys[0]] == img_start and hits[0] and sample.labels[q] == -100
                 assert [sample.input_ids[k] for k in keys[1:]] == [ds.context_id] * (len(keys) - 1)
@@ -111,6 +134,7 @@ def test_queries_sit_on_the_named_word_and_targets_show_the_named_color(scenes, 
                 continue
             asked |= targets
             said.append(q)
+            named_cells.append(targets)
             before, word = nano.tokenizer.decode(sample.input_ids[: q + 1].tolist()).split()[-2:]
             assert word.removesuffix("s") in (*SHAPES, "object"), word
             assert [sample.input_ids[k] for k in keys] == [ds.context_id] * len(keys)
@@ -128,7 +152,7 @@ def test_queries_sit_on_the_named_word_and_targets_show_the_named_color(scenes, 
             assert colored <= targets, (row["id"], sorted(colored - targets))
             assert len(colored) >= 0.5 * len(targets), (row["id"], len(colored), len(targets))
             checked += 1
-    assert checked >= 4 and two >= 3
+    assert checked >= 4 and two >= 3 and placed >= 3
     assert len(counts) >= 4 and all(answer == n for answer, n in counts), counts
     assert any(n >= 2 for _, n in counts), counts
 
@@ -151,9 +175,9 @@ def test_scores_match_the_model_attention(scenes, nano):
     batch = Collator(pad_token_id(nano.tokenizer), ds.dummy)(batch_samples)
     model = nano.model.float().train()  # the loss scores training forwards only (no dropout here)
     supervised = [(1, 0, WORD), (2, 3, WORD), (2, 1, ANSWER), (3, 2, HOP), (3, 0, FIRST), (4, 1, LAST)]
-    supervised += [(4, 2, COUNT)]
+    supervised += [(4, 2, COUNT), (5, 0, PLACE_FIRST), (5, 1, PLACE_LAST)]
     objective = BindingObjective(
-        "square", 1.0, [(1, 0), (2, 3)], [(2, 1)], [(3, 2)], [(3, 0)], [(4, 1)], [(4, 2)]
+        "square", 1.0, [(1, 0), (2, 3)], [(2, 1)], [(3, 2)], [(3, 0)], [(4, 1)], [(4, 2)], [(5, 0)], [(5, 1)]
     )
     objective.setup(model, torch.device("cpu"))
     seen = []
@@ -184,8 +208,9 @@ def test_scores_match_the_model_attention(scenes, nano):
     ce_sum, n = out.metrics["bind_ce"]
     words, answers = int((batch.bind_kind == WORD).sum()), int((batch.bind_kind == ANSWER).sum())
     counts = int((batch.bind_kind == COUNT).sum())
-    assert n == len(losses) == 2 * words + 4 * answers + counts and counts > 0
+    assert n == len(losses) == 2 * words + 6 * answers + counts and counts > 0
     assert answers == int((batch.bind_kind == HOP).sum()) == int((batch.bind_kind == FIRST).sum()) > 0
+    assert answers == int((batch.bind_kind == PLACE_FIRST).sum()) == int((batch.bind_kind == PLACE_LAST).sum())
     assert float(ce_sum) == pytest.approx(sum(losses), rel=1e-4)
 
 

@@ -89,6 +89,12 @@ class DataArgs:
     binding_count_sinks: str = _f("", "weight of <img> against one object in each count head's spread, one per "
                                   "--binding-count-heads pair (its share is m/(n+m); empty: 1 each)",
                                   metavar="M,...")  # fmt: skip
+    binding_place_first_heads: str = _f("", "layer:head pairs it supervises from the position that predicts the "
+                                        "answer onto the thumbnail's tokens showing the question's first-named "
+                                        "objects (where on the image they are; empty: none)",
+                                        metavar="L:H,...")  # fmt: skip
+    binding_place_last_heads: str = _f("", "the same onto its last-named objects (empty: none)",
+                                       metavar="L:H,...")  # fmt: skip
     skip_bad_rows: bool = _f(False, "skip invalid rows (reported at the end and in OUT/skipped_rows.txt)")
     num_workers: int = _f(2, "data-loading processes (0: load in the training process)")
 
@@ -135,7 +141,9 @@ class DataArgs:
         """(spec, flag) of the binding loss's optional head sets, in `BindingObjective`'s argument order."""
         return [(self.binding_answer_heads, "--binding-answer-heads"), (self.binding_hop_heads, "--binding-hop-heads"),
                 (self.binding_first_heads, "--binding-first-heads"), (self.binding_last_heads, "--binding-last-heads"),
-                (self.binding_count_heads, "--binding-count-heads")]  # fmt: skip
+                (self.binding_count_heads, "--binding-count-heads"),
+                (self.binding_place_first_heads, "--binding-place-first-heads"),
+                (self.binding_place_last_heads, "--binding-place-last-heads")]  # fmt: skip
 
 
 @dataclass

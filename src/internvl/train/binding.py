@@ -109,7 +109,10 @@ def object_tokens(box: Sequence[float], width: int, height: int, grid: tuple[int
 # the first one only (FIRST) or the last one only (LAST; a relation question names two objects, and its answer
 # compares their places, so each needs a head of its own), and for a count question that position again onto one
 # token per named object and the `<img>` token (COUNT: spread evenly over them)
-WORD, ANSWER, HOP, FIRST, LAST, COUNT = 0, 1, 2, 3, 4, 5
+# the kinds of query, continued: the position that predicts the answer onto the image tokens that show the
+# question's first-named objects (PLACE_FIRST) or its last-named ones (PLACE_LAST) at whole-image scale (the
+# thumbnail's tokens, whose cells say where on the canvas an object is; a tile's say only where in the tile)
+WORD, ANSWER, HOP, FIRST, LAST, COUNT, PLACE_FIRST, PLACE_LAST = 0, 1, 2, 3, 4, 5, 6, 7
 
 
 def centre_token(box: Sequence[float], width: int, height: int, grid: tuple[int, int], image_size: int,
@@ -152,6 +155,8 @@ def scene_queries(item: dict, turns: Sequence[tuple[str, str]], ids: Sequence[in
     tiles = grid[0] * grid[1] + (1 if thumbnail and grid[0] * grid[1] > 1 else 0)
     if len(image) != tiles * num_image_token:
         return []
+    # the first token of the whole-image view: the thumbnail (the last tile) or the one tile; none without either
+    whole = (tiles - 1) * num_image_token if tiles == 1 or thumbnail else len(image)
     t = get_template(template)
     head = tokenizer.encode(t.roles[0], add_special_tokens=False)
     answer_head = tokenizer.encode(t.roles[1], add_special_tokens=False)
@@ -163,6 +168,7 @@ def scene_queries(item: dict, turns: Sequence[tuple[str, str]], ids: Sequence[in
             continue
         asked: set[int] = set()
         words: list[int] = []
+        places: list[set[int]] = []  # whole-image cells of each supervised mention's objects
         named_all: list = []  # every object the question names, once a mention
         for color, shape, end in mentions(text):
             named = [o for o in objects if color in (None, o[0]) and shape in (None, o[1])]
@@ -176,6 +182,7 @@ def scene_queries(item: dict, turns: Sequence[tuple[str, str]], ids: Sequence[in
                 out.append((start + len(prefix) - 1, image, [k in cells for k in range(len(image))], WORD))
                 asked |= cells
                 words.append(start + len(prefix) - 1)
+                places.append({k for k in cells if k >= whole})
         # the answer follows the question's segment: <|im_start|>assistant\n, then its first token
         answer = start + len(tokenizer.encode(render_turn(t.name, "human", text), add_special_tokens=False))
         if list(ids[answer : answer + len(answer_head)]) != answer_head:
@@ -186,6 +193,9 @@ def scene_queries(item: dict, turns: Sequence[tuple[str, str]], ids: Sequence[in
             question = list(range(start, query + 1))
             for targets, kind in (([words[0]], FIRST), ([words[-1]], LAST), (words, HOP)):
                 out.append((query, question, [k in targets for k in question], kind))
+            for cells, kind in ((places[0], PLACE_FIRST), (places[-1], PLACE_LAST)):
+                if cells:
+                    out.append((query, image, [k in cells for k in range(len(image))], kind))
         centres = {centre_token(o[2], width, height, grid, image_size, num_image_token) for o in named_all}
         # a count of 0 too: all on `<img>`, the token before the image's
         if task == "count" and len(centres) == len(named_all):
@@ -199,7 +209,9 @@ class BindingObjective(SFTObjective):
     from the mentions (WORD queries), those of `answer_heads` from the answer positions (ANSWER queries), those of
     `hop_heads` from the answer positions onto the question's mentions (HOP queries), those of `first_heads` and
     `last_heads` from there onto its first or its last mention only (FIRST and LAST queries), those of
-    `count_heads` from a count question's answer position evenly over its objects and `<img>` (COUNT queries).
+    `count_heads` from a count question's answer position evenly over its objects and `<img>` (COUNT queries), those
+    of `place_first_heads` and `place_last_heads` from the answer position onto the thumbnail's tokens of the first
+    or the last mention's objects (PLACE_FIRST and PLACE_LAST queries).
 
     The scores are computed in a forward pre-hook of each supervised layer's attention, from the same normed
     hidden states and rotary tables the layer uses, for the batch's query rows and image keys only."""
@@ -210,11 +222,13 @@ class BindingObjective(SFTObjective):
     def __init__(self, reduction: str, weight: float, heads: Sequence[tuple[int, int]],
                  answer_heads: Sequence[tuple[int, int]] = (), hop_heads: Sequence[tuple[int, int]] = (),
                  first_heads: Sequence[tuple[int, int]] = (), last_heads: Sequence[tuple[int, int]] = (),
-                 count_heads: Sequence[tuple[int, int]] = (), count_sinks: Sequence[float] = ()):  # fmt: skip
+                 count_heads: Sequence[tuple[int, int]] = (), place_first_heads: Sequence[tuple[int, int]] = (),
+                 place_last_heads: Sequence[tuple[int, int]] = (), count_sinks: Sequence[float] = ()):  # fmt: skip
         super().__init__(reduction)
         self.weight = weight
         kinds = [(heads, WORD), (answer_heads, ANSWER), (hop_heads, HOP)]
-        kinds += [(first_heads, FIRST), (last_heads, LAST)]
+        kinds += [(first_heads, FIRST), (last_heads, LAST), (place_first_heads, PLACE_FIRST)]
+        kinds += [(place_last_heads, PLACE_LAST)]
         self.heads = [(la, h, kind, 1.0) for pairs, kind in kinds for la, h in pairs]
         sinks = list(count_sinks) or [1.0] * len(count_heads)
         check_count_sinks(sinks, len(count_heads), ",".join(f"{m:g}" for m in sinks))
