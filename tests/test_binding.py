@@ -71,6 +71,10 @@ def test_mentions_name_what_the_question_names():
         TrainingError, match="^--binding-last-heads must be layer:head pairs like 1:0,2:0, got '3:'"
     ):
         DataArgs(data="d.json", binding_loss=0.1, binding_last_heads="3:")
+    with pytest.raises(
+        TrainingError, match="^--binding-place-last-heads must be layer:head pairs like 1:0,2:0, got '5'"
+    ):
+        DataArgs(data="d.json", binding_loss=0.1, binding_place_last_heads="5")
 
 
 def test_queries_sit_on_the_named_word_and_targets_show_the_named_color(scenes, nano):
