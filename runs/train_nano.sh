@@ -7,7 +7,7 @@
 #                  START=src/internvl/assets/nano STAGES=stage1b continues training the shipped model
 #   STAGES="..."   the stages after the vision stage, in order (default: the shipped model's lineage, shapes stage0
 #                  stage1a stage1 stage1b vit4 stage2 stage2b stage2c stage2d vit4b stage2e vit4c stage2f stage2g
-#                  stage2h stage2hop stage2hop2 stage2hop3 stage2rc stage2rck stage2rc2); vit4 pretrains the encoder
+#                  stage2h stage2hop stage2hop2 stage2hop3 stage2rc stage2rck stage2rc2 stage2rp); vit4 pretrains the encoder
 #                  again on native-scale tiles, keeping the language model (vit4b: again, with the balanced kind
 #                  loss, 4,000 steps of 10,000 images; vit4c: 1,500 more through the projector); stage2b-2g continue
 #                  stage 2 on the same data (another order, lower peaks; stage2c trains the encoder's top 3 layers
@@ -16,9 +16,10 @@
 #                  naming objects to them, and from the answer to those words; run 13); stage2hop2 and stage2hop3:
 #                  more of it (runs 13, 14); stage2rc: that plus heads for the first and last mention and a count
 #                  head (run 15); stage2rck: that on curriculum/stage2k.json, which leans on count questions (run
-#                  16); stage2rc2: that plus a second count head that weighs <img> 4 times an object (run 18; the
-#                  shipped model is its step 900 of 1,100), e.g. START=src/internvl/assets/nano STAGES=stage2rc2
-#                  ARGS_stage2rc2="--seed 20" continues the shipped model.
+#                  16); stage2rc2: that plus a second count head that weighs <img> 4 times an object (run 18, its
+#                  step 900 of 1,100 went on); stage2rp: that plus place heads onto the thumbnail tokens of the
+#                  first- and last-named objects (run 20; the shipped model is its step 900 of 1,300), e.g.
+#                  START=src/internvl/assets/nano STAGES=stage2rp ARGS_stage2rp="--seed 22" continues the shipped model.
 #                  Run 12's stage2i (the same mixture without the loss; shipped before) and stage2bind (the loss
 #                  from the words only) are siblings of stage2hop.
 #   STEPS_stage1=N the steps of a stage (its cosine schedule spans them; default: the stage's config)
@@ -37,7 +38,7 @@ set -euo pipefail
 OUT=${1:-runs/nano}
 N=${N:-6000}                   # items per task in the train split
 STAGES=${STAGES:-"shapes stage0 stage1a stage1 stage1b vit4 stage2 stage2b stage2c stage2d vit4b stage2e vit4c stage2f
-  stage2g stage2h stage2hop stage2hop2 stage2hop3 stage2rc stage2rck stage2rc2"}
+  stage2g stage2h stage2hop stage2hop2 stage2hop3 stage2rc stage2rck stage2rc2 stage2rp"}
 COMPILE=${COMPILE:-1}
 export OMP_WAIT_POLICY=PASSIVE # yield the cores when another process competes for them
 mkdir -p "$OUT"
