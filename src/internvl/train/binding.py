@@ -108,10 +108,9 @@ def object_tokens(box: Sequence[float], width: int, height: int, grid: tuple[int
 # the answer (onto them too), and that position again over the question's tokens: onto all its mentions (HOP), onto
 # the first one only (FIRST) or the last one only (LAST; a relation question names two objects, and its answer
 # compares their places, so each needs a head of its own), and for a count question that position again onto one
-# token per named object and the `<img>` token (COUNT: spread evenly over them)
-# the kinds of query, continued: the position that predicts the answer onto the image tokens that show the
-# question's first-named objects (PLACE_FIRST) or its last-named ones (PLACE_LAST) at whole-image scale (the
-# thumbnail's tokens, whose cells say where on the canvas an object is; a tile's say only where in the tile)
+# token per named object and the `<img>` token (COUNT: spread evenly over them), and that position onto the image
+# tokens that show the question's first-named objects (PLACE_FIRST) or its last-named ones (PLACE_LAST) at
+# whole-image scale (the thumbnail's, whose cells say where on the image an object is; a tile's, where in the tile)
 WORD, ANSWER, HOP, FIRST, LAST, COUNT, PLACE_FIRST, PLACE_LAST = 0, 1, 2, 3, 4, 5, 6, 7
 
 
@@ -227,8 +226,8 @@ class BindingObjective(SFTObjective):
         super().__init__(reduction)
         self.weight = weight
         kinds = [(heads, WORD), (answer_heads, ANSWER), (hop_heads, HOP)]
-        kinds += [(first_heads, FIRST), (last_heads, LAST), (place_first_heads, PLACE_FIRST)]
-        kinds += [(place_last_heads, PLACE_LAST)]
+        kinds += [(first_heads, FIRST), (last_heads, LAST)]
+        kinds += [(place_first_heads, PLACE_FIRST), (place_last_heads, PLACE_LAST)]
         self.heads = [(la, h, kind, 1.0) for pairs, kind in kinds for la, h in pairs]
         sinks = list(count_sinks) or [1.0] * len(count_heads)
         check_count_sinks(sinks, len(count_heads), ",".join(f"{m:g}" for m in sinks))
