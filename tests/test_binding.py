@@ -29,6 +29,7 @@ from internvl.train.binding import (
 from internvl.train.collate import Collator
 from internvl.train.data import build_index, read_meta
 from internvl.train.dataset import SampleOptions, SFTDataset, pad_token_id
+from internvl.train.objective import SFTObjective
 
 MEAN, STD = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
 
@@ -161,6 +162,74 @@ def test_queries_sit_on_the_named_word_and_targets_show_the_named_color(scenes, 
     assert any(n >= 2 for _, n in counts), counts
 
 
+def test_place_targets_are_the_named_objects_centres(scenes, nano):
+    """One place row per scene question, at its ANSWER query, holding the centres of the objects its first and
+    last mentions name (found here from the question text and the boxes), in [-1, 1] of the canvas."""
+    ds, samples, rows, _ = scenes
+    two = 0
+    for sample, row in zip(samples, rows):
+        answers = [q for q, _, _, kind in sample.binding if kind == ANSWER]
+        assert [q for q, _ in sample.places] == answers
+        if not answers:  # a text row
+            continue
+        w, h = row["meta"]["size"]
+        for q, xy in sample.places:
+            prompt = nano.tokenizer.decode(sample.input_ids[: q + 1].tolist())
+            said = mentions(prompt.rsplit("user\n", 1)[1])
+            want = []
+            for color, shape, _ in (said[0], said[-1]):
+                objs = [o[2] for o in row["meta"]["objects"] if color in (None, o[0]) and shape in (None, o[1])]
+                want += [sum((b[0] + b[2]) / 2 for b in objs) / len(objs) / w * 2 - 1,
+                         sum((b[1] + b[3]) / 2 for b in objs) / len(objs) / h * 2 - 1]  # fmt: skip
+            assert xy == pytest.approx(want) and all(-1 <= v <= 1 for v in xy)
+            two += row["task"] == "relation" and xy[:2] != xy[2:]
+    assert two >= 3
+    batch = Collator(pad_token_id(nano.tokenizer), ds.dummy)([s for s in samples if s.places][:3])
+    assert batch.place_query.tolist() == [q for q in batch.bind_query[batch.bind_kind == ANSWER].tolist()]
+    assert batch.place_xy.shape == (len(batch.place_query), 4)
+
+
+def test_place_loss_reads_the_mlp_input_and_trains(scenes, nano):
+    """xy_mse is the squared error of the RMS-normed residual that layer 3's MLP norm receives (captured here by a
+    hook of that norm), on the fixed directions, against the centres; a few steps of it lower it."""
+    ds, samples, _, _ = scenes
+    batch = Collator(pad_token_id(nano.tokenizer), ds.dummy)([s for s in samples if s.places][:4])
+    model = internvl.load(str(BUILTIN), dtype="fp32", optimize=False).model.train()
+    objective = BindingObjective("square", 1.0, [(1, 0)], place_xy_layer=3, place_xy_weight=0.5)
+    objective.setup(model, torch.device("cpu"))
+    seen = []
+    hook = model.language_model.model.layers[3].post_attention_layernorm.register_forward_pre_hook(
+        lambda _, args: seen.append(args[0].detach()))
+    with torch.no_grad():
+        out = objective(model, batch)
+        plain = SFTObjective("square")(model, batch)  # the language loss alone
+    hook.remove()
+    h = seen[0].flatten(0, 1)[batch.place_query]
+    h = h / h.square().mean(-1, keepdim=True).add(1e-6).sqrt()
+    err = (h @ binding.readout_directions(h.shape[-1]) - batch.place_xy).square()
+    got, n = out.metrics["xy_mse"]
+    assert n == err.numel() == 4 * len(batch.place_query) and float(got) == pytest.approx(float(err.sum()), rel=1e-4)
+    bind = float(out.metrics["bind_ce"][0])  # the binding loss, weight 1
+    assert float(out.loss_sum - plain.loss_sum) == pytest.approx(bind + 0.5 * float(err.sum()), rel=1e-3)
+    directions = binding.readout_directions(256)
+    assert torch.allclose(directions.T @ directions, torch.eye(4), atol=1e-5)
+    params = [p for name, p in model.named_parameters() if name.startswith("language_model")]
+    opt = torch.optim.Adam(params, lr=1e-3)
+    mses = []
+    for _ in range(6):
+        out = objective(model, batch)
+        mses.append(float(out.metrics["xy_mse"][0]) / out.metrics["xy_mse"][1])
+        opt.zero_grad()
+        out.loss_sum.backward()
+        opt.step()
+    assert mses[-1] < 0.5 * mses[0], mses
+    with pytest.raises(TrainingError, match="^--binding-place-xy-layer: layer 6 does not exist"):
+        BindingObjective("square", 1.0, [(1, 0)], place_xy_layer=6, place_xy_weight=0.5).setup(model, "cpu")
+    with pytest.raises(TrainingError, match="^--binding-place-xy-loss needs --binding-loss > 0 and "
+                       "--binding-place-xy-layer >= 0, got 0.1 and -1"):  # fmt: skip
+        DataArgs(data="d.json", binding_loss=0.1, binding_place_xy_loss=0.3)
+
+
 def test_centre_token_is_the_cell_of_the_box_centre():
     # 640 x 224 cut into 3 x 1 tiles of 224 px, 8 x 8 cells of 28 px (the tiles scale x by 672 / 640)
     assert binding.centre_token([0, 0, 20, 20], 640, 224, (3, 1), 224, 64) == 0
@@ -278,15 +347,15 @@ def test_finetune_trains_on_it_and_logs_it(scenes, tmp_path, capsys):
               "--no-tensorboard", "--log-every", "1", "--packing", "--max-packed-tokens", "8192", "--max-steps", "2",
               "--binding-loss", "0.5", "--binding-answer-heads", "3:0", "--binding-hop-heads", "4:1",
               "--binding-first-heads", "3:2", "--binding-last-heads", "3:3", "--binding-count-heads", "4:2",
-              "--lr", "1e-3"]  # fmt: skip
+              "--binding-place-xy-loss", "0.2", "--binding-place-xy-layer", "5", "--lr", "1e-3"]  # fmt: skip
     assert cli([*common, "--out", str(tmp_path / "run"), "--no-grad-checkpoint"]) == 0
     rows = read_metrics(tmp_path / "run" / "metrics.csv")
-    assert rows and all(0 < r["bind_ce"] < 20 and 0 <= r["bind_top1"] <= 1 for r in rows)
+    assert rows and all(0 < r["bind_ce"] < 20 and 0 <= r["bind_top1"] <= 1 and 0 < r["xy_mse"] for r in rows)
     # with activations recomputed in the backward pass the same gradients reach step 2
     assert cli([*common, "--out", str(tmp_path / "ckpt"), "--grad-checkpoint"]) == 0
     again = read_metrics(tmp_path / "ckpt" / "metrics.csv")
     for a, b in zip(rows, again, strict=True):
-        assert (a["loss"], a["bind_ce"]) == pytest.approx((b["loss"], b["bind_ce"]), rel=1e-4)
+        assert (a["loss"], a["bind_ce"], a["xy_mse"]) == pytest.approx((b["loss"], b["bind_ce"], b["xy_mse"]), rel=1e-4)
     assert rows[1]["bind_ce"] != rows[0]["bind_ce"]
     capsys.readouterr()
     assert cli([*common, "--out", str(tmp_path / "bad"), "--binding-heads", "9:0"]) == 1

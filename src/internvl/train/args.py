@@ -95,6 +95,10 @@ class DataArgs:
                                         metavar="L:H,...")  # fmt: skip
     binding_place_last_heads: str = _f("", "the same onto its last-named objects (empty: none)",
                                        metavar="L:H,...")  # fmt: skip
+    binding_place_xy_loss: float = _f(0.0, "weight of the place loss: the answer position's MLP input at layer "
+                                      "--binding-place-xy-layer, read on fixed directions, gives the centres of the "
+                                      "question's first- and last-named objects (0: off)")  # fmt: skip
+    binding_place_xy_layer: int = _f(-1, "the layer whose MLP input the place loss reads (with --binding-place-xy-loss)")
     skip_bad_rows: bool = _f(False, "skip invalid rows (reported at the end and in OUT/skipped_rows.txt)")
     num_workers: int = _f(2, "data-loading processes (0: load in the training process)")
 
@@ -121,6 +125,10 @@ class DataArgs:
                 if spec:
                     parse_heads(spec, flag)
             self.count_sinks()
+        _check(self.binding_place_xy_loss >= 0, f"--binding-place-xy-loss must be >= 0, got {self.binding_place_xy_loss}")
+        _check(self.binding_place_xy_loss == 0 or (self.binding_loss > 0 and self.binding_place_xy_layer >= 0),
+               "--binding-place-xy-loss needs --binding-loss > 0 and --binding-place-xy-layer >= 0, got "
+               f"{self.binding_loss} and {self.binding_place_xy_layer}")  # fmt: skip
         _check(self.num_workers >= 0, f"--num-workers must be >= 0, got {self.num_workers}")
 
     def count_sinks(self) -> list[float]:

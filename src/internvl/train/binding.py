@@ -17,6 +17,15 @@ one token per named object (its centre's) and the `<img>` token before the image
 1 / (n + 1), says how many there are: loss = w * KL(t || p / sum p) with t even over those n + 1 keys. A count
 head may weigh `<img>` m times an object instead (t = m / (n + m) there): its share m / (n + m) changes most with
 n near m, so a second head with m = 4 separates 5 objects from 6 better than the first's 1 / (n + 1) does.
+The place loss (`place_xy_layer`, `place_xy_weight`) is a training-only readout: at the position that predicts a
+scene question's answer, the residual stream where one layer's MLP reads it (after the attention), RMS-normalized
+and projected on four fixed orthonormal directions U, is pushed towards the centres (x, y in [-1, 1] of the
+canvas) of the question's first- and last-named objects (a relation question's two, a position question's one
+twice). A relation answer compares two places and a
+position answer reads one; the readout makes both places linear in the state that the MLP turns into the answer:
+
+    loss = w_xy * sum over questions of  || U^T norm(h) - (x1, y1, x2, y2) ||^2
+
 It needs rows of the Synthetic Visual World's scene tasks (color, shape, count, position, relation, grounding)
 with the contract's `meta.objects` and, for several questions, `meta.turns` (each question's task); other rows and
 questions train on the language loss only.
@@ -131,7 +140,8 @@ def centre_token(box: Sequence[float], width: int, height: int, grid: tuple[int,
 
 def scene_queries(item: dict, turns: Sequence[tuple[str, str]], ids: Sequence[int], tokenizer: Tokenizer,
                   template: str, context_id: int, min_num: int, max_num: int, image_size: int,
-                  num_image_token: int, thumbnail: bool = True) -> list[tuple[int, list[int], list[bool], int]]:  # fmt: skip
+                  num_image_token: int, thumbnail: bool = True,
+                  xy: list[tuple[int, list[float]]] | None = None) -> list[tuple[int, list[int], list[bool], int]]:  # fmt: skip
     """(query position, the image's token positions, which of them show the named objects, kind) for every object
     mention of the scene questions of a one-image row with `meta.objects` (kind WORD), and for the position that
     predicts each such question's answer, whose targets are all the objects the question names (kind ANSWER) and,
@@ -141,7 +151,9 @@ def scene_queries(item: dict, turns: Sequence[tuple[str, str]], ids: Sequence[in
 
     `turns` are the row's turns with the image placeholder expanded, `ids` their tokens. A mention's query is the
     last token of its last word; one whose tokens cannot be found where expected is left out, as is one that
-    names no object of the scene (a count of 0)."""
+    names no object of the scene (a count of 0). When `xy` is a list, each such question's answer position and the
+    centres of its first and last mention's objects, (x1, y1, x2, y2) in [-1, 1] of the canvas, are appended to it
+    (the place loss's targets)."""
     meta = item.get("meta") or {}
     objects, size = meta.get("objects"), meta.get("size")
     if not objects or not size or not isinstance(item.get("image"), str):
@@ -168,6 +180,7 @@ def scene_queries(item: dict, turns: Sequence[tuple[str, str]], ids: Sequence[in
         asked: set[int] = set()
         words: list[int] = []
         places: list[set[int]] = []  # whole-image cells of each supervised mention's objects
+        centres: list[list[float]] = []  # the mean centre of each supervised mention's objects, in [-1, 1]
         named_all: list = []  # every object the question names, once a mention
         for color, shape, end in mentions(text):
             named = [o for o in objects if color in (None, o[0]) and shape in (None, o[1])]
@@ -182,6 +195,8 @@ def scene_queries(item: dict, turns: Sequence[tuple[str, str]], ids: Sequence[in
                 asked |= cells
                 words.append(start + len(prefix) - 1)
                 places.append({k for k in cells if k >= whole})
+                centres.append([sum(o[2][0] + o[2][2] for o in named) / len(named) / width - 1,
+                                sum(o[2][1] + o[2][3] for o in named) / len(named) / height - 1])  # fmt: skip
         # the answer follows the question's segment: <|im_start|>assistant\n, then its first token
         answer = start + len(tokenizer.encode(render_turn(t.name, "human", text), add_special_tokens=False))
         if list(ids[answer : answer + len(answer_head)]) != answer_head:
@@ -195,10 +210,12 @@ def scene_queries(item: dict, turns: Sequence[tuple[str, str]], ids: Sequence[in
             for cells, kind in ((places[0], PLACE_FIRST), (places[-1], PLACE_LAST)):
                 if cells:
                     out.append((query, image, [k in cells for k in range(len(image))], kind))
-        centres = {centre_token(o[2], width, height, grid, image_size, num_image_token) for o in named_all}
+            if xy is not None:
+                xy.append((query, centres[0] + centres[-1]))
+        tokens = {centre_token(o[2], width, height, grid, image_size, num_image_token) for o in named_all}
         # a count of 0 too: all on `<img>`, the token before the image's
-        if task == "count" and len(centres) == len(named_all):
-            hits = [True] + [k in centres for k in range(len(image))]
+        if task == "count" and len(tokens) == len(named_all):
+            hits = [True] + [k in tokens for k in range(len(image))]
             out.append((query, [image[0] - 1, *image], hits, COUNT))
     return out
 
@@ -210,21 +227,25 @@ class BindingObjective(SFTObjective):
     `last_heads` from there onto its first or its last mention only (FIRST and LAST queries), those of
     `count_heads` from a count question's answer position evenly over its objects and `<img>` (COUNT queries), those
     of `place_first_heads` and `place_last_heads` from the answer position onto the thumbnail's tokens of the first
-    or the last mention's objects (PLACE_FIRST and PLACE_LAST queries).
+    or the last mention's objects (PLACE_FIRST and PLACE_LAST queries), and, when `place_xy_weight` > 0, the place
+    loss at the MLP input of layer `place_xy_layer` (see the module).
 
     The scores are computed in a forward pre-hook of each supervised layer's attention, from the same normed
     hidden states and rotary tables the layer uses, for the batch's query rows and image keys only."""
 
     name = "sft+binding"
-    bar_metrics = ("bind_ce", "bind_top1")
+    bar_metrics = ("bind_ce", "bind_top1", "xy_mse")
 
     def __init__(self, reduction: str, weight: float, heads: Sequence[tuple[int, int]],
                  answer_heads: Sequence[tuple[int, int]] = (), hop_heads: Sequence[tuple[int, int]] = (),
                  first_heads: Sequence[tuple[int, int]] = (), last_heads: Sequence[tuple[int, int]] = (),
                  count_heads: Sequence[tuple[int, int]] = (), place_first_heads: Sequence[tuple[int, int]] = (),
-                 place_last_heads: Sequence[tuple[int, int]] = (), count_sinks: Sequence[float] = ()):  # fmt: skip
+                 place_last_heads: Sequence[tuple[int, int]] = (), count_sinks: Sequence[float] = (),
+                 place_xy_layer: int = -1, place_xy_weight: float = 0.0):  # fmt: skip
         super().__init__(reduction)
         self.weight = weight
+        self.xy_layer, self.xy_weight = place_xy_layer, place_xy_weight
+        self._xy: list[torch.Tensor] = []  # the readout's inputs at the batch's place rows
         kinds = [(heads, WORD), (answer_heads, ANSWER), (hop_heads, HOP)]
         kinds += [(first_heads, FIRST), (last_heads, LAST)]
         kinds += [(place_first_heads, PLACE_FIRST), (place_last_heads, PLACE_LAST)]
@@ -249,6 +270,24 @@ class BindingObjective(SFTObjective):
             by_layer.setdefault(layer, []).append((head, kind, sink))
         for layer, pairs in by_layer.items():
             layers[layer].self_attn.register_forward_pre_hook(self._hook(pairs))
+        if self.xy_weight > 0:
+            if not 0 <= self.xy_layer < len(layers):
+                raise TrainingError(f"--binding-place-xy-layer: layer {self.xy_layer} does not exist "
+                                    f"(the model has {len(layers)})")  # fmt: skip
+            layer = layers[self.xy_layer]
+            self.directions = readout_directions(layer.post_attention_layernorm.weight.shape[0]).to(device)
+            # the MLP's input is the norm of the layer's input plus its attention's output: both taken at the place
+            # rows from hooks on modules that run eagerly (torch.compile compiles the norms and the MLP)
+            layer.register_forward_pre_hook(lambda module, args: self._xy_capture(module, args[0]))
+            layer.self_attn.register_forward_hook(lambda module, args, out: self._xy_capture(module, out))
+
+    def _xy_capture(self, module: nn.Module, x: torch.Tensor) -> None:
+        batch = self._batch
+        if batch is None or batch.place_query is None or not module.training:
+            return
+        if x.shape[:2] != batch.input_ids.shape:  # not this batch's forward
+            return
+        self._xy.append(x.flatten(0, 1)[batch.place_query])
 
     def _hook(self, pairs: list[tuple[int, int, float]]):
         heads = [h for h, _, _ in pairs]
@@ -272,9 +311,10 @@ class BindingObjective(SFTObjective):
     def __call__(self, model: nn.Module, batch) -> ObjectiveOutput:
         # The batch stays set after the forward: with gradient checkpointing the backward pass runs each layer
         # again, and the hook must compute what it computed the first time (the recomputed scores are dropped).
-        self._batch, self._scores = batch, []
+        self._batch, self._scores, self._xy = batch, [], []
         out = super().__call__(model, batch)
         scores, self._scores = self._scores, []
+        out = self._place_loss(out, batch)
         if not scores:
             return out
         s = torch.cat([sc for sc, _, _ in scores], dim=1).float()  # [Q, heads, K]
@@ -289,6 +329,26 @@ class BindingObjective(SFTObjective):
         metrics["bind_ce"] = (ce.detach().sum(), float(ce.numel()))
         metrics["bind_top1"] = (top1.sum(), float(top1.numel()))
         return ObjectiveOutput(out.loss_sum + self.weight * ce.sum(), metrics)
+
+    def _place_loss(self, out: ObjectiveOutput, batch) -> ObjectiveOutput:
+        """`out` plus the place loss (metric `xy_mse`: its mean squared error per coordinate)."""
+        xy, self._xy = self._xy, []
+        if self.xy_weight <= 0:
+            return out
+        if not xy:
+            zero = out.loss_sum.new_zeros(())
+            return ObjectiveOutput(out.loss_sum, {**out.metrics, "xy_mse": (zero, 0.0)})
+        h = (xy[0] + xy[1]).float()  # the residual after the attention (the first forward's; not a recompute's)
+        h = h * torch.rsqrt(h.square().mean(-1, keepdim=True) + 1e-6)
+        err = (h @ self.directions - batch.place_xy.to(h.device)).square()
+        return ObjectiveOutput(out.loss_sum + self.xy_weight * err.sum(),
+                               {**out.metrics, "xy_mse": (err.detach().sum(), float(err.numel()))})  # fmt: skip
+
+
+def readout_directions(hidden: int) -> torch.Tensor:
+    """The place loss's four fixed orthonormal directions [hidden, 4] (the same in every run and process)."""
+    g = torch.Generator().manual_seed(0)
+    return torch.linalg.qr(torch.randn(hidden, 4, generator=g))[0]
 
 
 def query_losses(s: torch.Tensor, valid: torch.Tensor, target: torch.Tensor, count: torch.Tensor,

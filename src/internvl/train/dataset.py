@@ -121,12 +121,12 @@ class SFTDataset:
             if counts
             else torch.zeros(1, dtype=torch.long)
         )
-        binding = []
+        binding, places = [], []
         if o.binding and image and len(counts) == 1:
             p = self.processor
             binding = scene_queries(item, turns, ids, self.tokenizer, o.template, self.context_id, p.min_num,
-                                    per_image, p.image_size, self.num_image_token, p.use_thumbnail)  # fmt: skip
-        return Sample(torch.tensor(ids), torch.tensor(labels), pixel_values, flags, source, binding)
+                                    per_image, p.image_size, self.num_image_token, p.use_thumbnail, places)  # fmt: skip
+        return Sample(torch.tensor(ids), torch.tensor(labels), pixel_values, flags, source, binding, places)
 
 
 def _ensure_placeholder(turns: list[tuple[str, str]], placeholder: str) -> list[tuple[str, str]]:
