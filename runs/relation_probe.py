@@ -1,0 +1,85 @@
+"""Is a relation question's comparison computed anywhere? For the relation items of a split: the hidden state at
+the position that predicts the answer, at the input of every decoder layer, at every layer's MLP input (after its
+attention) and after the last layer, and fresh linear probes there for the two named objects' centres along the
+asked axis (ridge regression, held-out R^2), their difference, and the answer itself (yes/no, held-out accuracy).
+If the centres read well but the answer does not, the model has both places and fails to compare them.
+
+    OMP_NUM_THREADS=1 python runs/relation_probe.py MODEL --data SPLIT_DIR [--items 600]
+
+Held out: the last fifth of the items. Also printed: the model's own answers (yes against no at that position).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+from place_probe import fit  # runs/ is on the path when this file is run as a script
+
+import internvl
+
+
+def r2(x: torch.Tensor, y: torch.Tensor, train: torch.Tensor, ridge: float = 10.0) -> float:
+    """Held-out R^2 of a ridge regression of y on x (standardised features) fitted on the rows `train`."""
+    mu, sd = x[train].mean(0), x[train].std(0) + 1e-5
+    z = torch.cat([(x - mu) / sd, torch.ones(len(x), 1)], 1).double()
+    a = z[train]
+    w = torch.linalg.solve(a.T @ a + ridge * torch.eye(a.shape[1], dtype=a.dtype), a.T @ y[train].double())
+    pred, test = z @ w, ~train
+    return float(1 - (pred[test] - y[test]).square().sum() / (y[test] - y[test].mean()).square().sum())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("model")
+    ap.add_argument("--data", required=True, help="a split folder with relation.jsonl")
+    ap.add_argument("--items", type=int, default=600)
+    args = ap.parse_args()
+    model = internvl.load(args.model, dtype="fp32", optimize=False)
+    vlm = model.model.eval()
+    layers = vlm.language_model.model.layers
+    captured: list[torch.Tensor] = []
+    for layer in layers:
+        layer.register_forward_pre_hook(lambda mod, a: captured.append(a[0][0, -1].detach()))
+        layer.post_attention_layernorm.register_forward_pre_hook(lambda mod, a: captured.append(a[0][0, -1].detach()))
+    layers[-1].register_forward_hook(lambda mod, a, out: captured.append(out[0, -1].detach()))
+    names = [f"{where} {i}" for i in range(len(layers)) for where in ("in", "mlp")] + ["out"]
+    yes, no = (model.tokenizer.encode(w, add_special_tokens=False)[0] for w in ("yes", "no"))
+    lines = (Path(args.data) / "relation.jsonl").read_text(encoding="utf-8").splitlines()[: args.items]
+    states, first, last, answers, said = [], [], [], [], []
+    for line in lines:
+        row = json.loads(line)
+        meta = row["meta"]
+        axis = 0 if meta["axis"] == "x" else 1
+        size = meta["size"][axis]
+
+        def centre(named):
+            box = next(o[2] for o in meta["objects"] if [o[0], o[1]] == list(named))
+            return (box[axis] + box[axis + 2]) / size - 1  # in [-1, 1]
+
+        ids, pv, _ = model.prepare(meta["question"], str(Path(args.data) / row["image"]))
+        captured.clear()
+        with torch.no_grad():
+            logits = vlm(torch.tensor(ids)[None], pixel_values=pv).logits[0, -1]
+        states.append(torch.stack(captured))
+        first.append(centre(meta["subject"]))
+        last.append(centre(meta["object"]))
+        answers.append(int(meta["answer"] == "yes"))
+        said.append(int(logits[yes] > logits[no]))
+    x = torch.stack(states)  # [N, places, H]
+    y1, y2, ans = torch.tensor(first), torch.tensor(last), torch.tensor(answers)
+    train = torch.arange(len(x)) < int(0.8 * len(x))
+    own = float((torch.tensor(said) == ans).float().mean())
+    print(f"{len(x)} relation items, held out {int((~train).sum())}; yes {float(ans.float().mean()):.2f}; "
+          f"the model's own answers right {own:.3f} (says yes {sum(said) / len(said):.2f})")
+    print("state    R2(first)  R2(last)  R2(first-last)  answer acc")
+    for k, name in enumerate(names):
+        f = x[:, k]
+        row = (r2(f, y1, train), r2(f, y2, train), r2(f, y1 - y2, train), fit(f, ans, train, 2))
+        print(f"{name:>7}  {row[0]:9.3f}  {row[1]:8.3f}  {row[2]:14.3f}  {row[3]:10.3f}")
+
+
+if __name__ == "__main__":
+    main()
