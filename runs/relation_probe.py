@@ -2,7 +2,9 @@
 the position that predicts the answer, at the input of every decoder layer, at every layer's MLP input (after its
 attention) and after the last layer, and fresh linear probes there for the two named objects' centres along the
 asked axis (ridge regression, held-out R^2), their difference, and the answer itself (yes/no, held-out accuracy).
-If the centres read well but the answer does not, the model has both places and fails to compare them.
+If the centres read well but the answer does not, the model has both places and fails to compare them. With no fit
+at all: the place loss's own readout (train/binding.py: the RMS-normed state on its fixed directions), whose R^2 at
+the MLP input of the layer that a stage trained it at says how well that training holds on this split.
 
     OMP_NUM_THREADS=1 python runs/relation_probe.py MODEL --data SPLIT_DIR [--items 600]
 
@@ -19,9 +21,10 @@ import torch
 from place_probe import fit  # runs/ is on the path when this file is run as a script
 
 import internvl
+from internvl.train.binding import readout_directions
 
 
-def r2(x: torch.Tensor, y: torch.Tensor, train: torch.Tensor, ridge: float = 10.0) -> float:
+def r2(x: torch.Tensor, y: torch.Tensor, train: torch.Tensor, ridge: float = 300.0) -> float:
     """Held-out R^2 of a ridge regression of y on x (standardised features) fitted on the rows `train`."""
     mu, sd = x[train].mean(0), x[train].std(0) + 1e-5
     z = torch.cat([(x - mu) / sd, torch.ones(len(x), 1)], 1).double()
@@ -48,7 +51,7 @@ def main() -> None:
     names = [f"{where} {i}" for i in range(len(layers)) for where in ("in", "mlp")] + ["out"]
     yes, no = (model.tokenizer.encode(w, add_special_tokens=False)[0] for w in ("yes", "no"))
     lines = (Path(args.data) / "relation.jsonl").read_text(encoding="utf-8").splitlines()[: args.items]
-    states, first, last, answers, said = [], [], [], [], []
+    states, first, last, answers, said, axes = [], [], [], [], [], []
     for line in lines:
         row = json.loads(line)
         meta = row["meta"]
@@ -67,6 +70,7 @@ def main() -> None:
         first.append(centre(meta["subject"]))
         last.append(centre(meta["object"]))
         answers.append(int(meta["answer"] == "yes"))
+        axes.append(axis)
         said.append(int(logits[yes] > logits[no]))
     x = torch.stack(states)  # [N, places, H]
     y1, y2, ans = torch.tensor(first), torch.tensor(last), torch.tensor(answers)
@@ -74,11 +78,16 @@ def main() -> None:
     own = float((torch.tensor(said) == ans).float().mean())
     print(f"{len(x)} relation items, held out {int((~train).sum())}; yes {float(ans.float().mean()):.2f}; "
           f"the model's own answers right {own:.3f} (says yes {sum(said) / len(said):.2f})")
-    print("state    R2(first)  R2(last)  R2(first-last)  answer acc")
+    u = readout_directions(x.shape[-1])
+    pick = torch.tensor(axes)[:, None]
+    print("state    R2(first)  R2(last)  R2(first-last)  answer acc  readout R2(first, last)")
     for k, name in enumerate(names):
         f = x[:, k]
         row = (r2(f, y1, train), r2(f, y2, train), r2(f, y1 - y2, train), fit(f, ans, train, 2))
-        print(f"{name:>7}  {row[0]:9.3f}  {row[1]:8.3f}  {row[2]:14.3f}  {row[3]:10.3f}")
+        read = (f * torch.rsqrt(f.square().mean(-1, keepdim=True) + 1e-6)) @ u  # [N, 4]: x1, y1, x2, y2
+        got = [read[:, [0, 1]].gather(1, pick)[:, 0], read[:, [2, 3]].gather(1, pick)[:, 0]]
+        fixed = [float(1 - (g - y).square().sum() / (y - y.mean()).square().sum()) for g, y in zip(got, (y1, y2))]
+        print(f"{name:>7}  {row[0]:9.3f}  {row[1]:8.3f}  {row[2]:14.3f}  {row[3]:10.3f}  {fixed[0]:7.3f} {fixed[1]:7.3f}")
 
 
 if __name__ == "__main__":

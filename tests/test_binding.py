@@ -164,20 +164,23 @@ def test_queries_sit_on_the_named_word_and_targets_show_the_named_color(scenes, 
 
 def test_place_targets_are_the_named_objects_centres(scenes, nano):
     """One place row per scene question, at its ANSWER query, holding the centres of the objects its first and
-    last mentions name (found here from the question text and the boxes), in [-1, 1] of the canvas."""
+    last mentions name (found here from the question text and the boxes), in [-1, 1] of the canvas, and one per
+    mention at its WORD query, holding the centre of the objects it names."""
     ds, samples, rows, _ = scenes
     two = 0
     for sample, row in zip(samples, rows):
         answers = [q for q, _, _, kind in sample.binding if kind == ANSWER]
-        assert [q for q, _ in sample.places] == answers
+        assert [q for q, _, kind in sample.places if kind == ANSWER] == answers
+        words = [q for q, _, _, kind in sample.binding if kind == WORD]
+        assert [q for q, _, kind in sample.places if kind == WORD] == words
         if not answers:  # a text row
             continue
         w, h = row["meta"]["size"]
-        for q, xy in sample.places:
+        for q, xy, kind in sample.places:
             prompt = nano.tokenizer.decode(sample.input_ids[: q + 1].tolist())
             said = mentions(prompt.rsplit("user\n", 1)[1])
             want = []
-            for color, shape, _ in (said[0], said[-1]):
+            for color, shape, _ in (said[0], said[-1]) if kind == ANSWER else (said[-1], said[-1]):
                 objs = [o[2] for o in row["meta"]["objects"] if color in (None, o[0]) and shape in (None, o[1])]
                 want += [sum((b[0] + b[2]) / 2 for b in objs) / len(objs) / w * 2 - 1,
                          sum((b[1] + b[3]) / 2 for b in objs) / len(objs) / h * 2 - 1]  # fmt: skip
@@ -185,32 +188,41 @@ def test_place_targets_are_the_named_objects_centres(scenes, nano):
             two += row["task"] == "relation" and xy[:2] != xy[2:]
     assert two >= 3
     batch = Collator(pad_token_id(nano.tokenizer), ds.dummy)([s for s in samples if s.places][:3])
-    assert batch.place_query.tolist() == [q for q in batch.bind_query[batch.bind_kind == ANSWER].tolist()]
+    for kind in (ANSWER, WORD):
+        rows = batch.place_kind == kind
+        assert batch.place_query[rows].tolist() == batch.bind_query[batch.bind_kind == kind].tolist()
     assert batch.place_xy.shape == (len(batch.place_query), 4)
 
 
 def test_place_loss_reads_the_mlp_input_and_trains(scenes, nano):
     """xy_mse is the squared error of the RMS-normed residual that layer 3's MLP norm receives (captured here by a
-    hook of that norm), on the fixed directions, against the centres; a few steps of it lower it."""
+    hook of that norm) at the answer rows, on the fixed directions, against the centres; xy_word_mse the same at
+    layer 2 for the mention rows on the first two; a few steps of it lower both."""
     ds, samples, _, _ = scenes
     batch = Collator(pad_token_id(nano.tokenizer), ds.dummy)([s for s in samples if s.places][:4])
     model = internvl.load(str(BUILTIN), dtype="fp32", optimize=False).model.train()
-    objective = BindingObjective("square", 1.0, [(1, 0)], place_xy_layer=3, place_xy_weight=0.5)
+    objective = BindingObjective("square", 1.0, [(1, 0)], place_xy_layer=3, place_xy_weight=0.5, place_xy_word_layer=2)
     objective.setup(model, torch.device("cpu"))
-    seen = []
-    hook = model.language_model.model.layers[3].post_attention_layernorm.register_forward_pre_hook(
-        lambda _, args: seen.append(args[0].detach()))
+    seen = {}
+    hooks = [model.language_model.model.layers[i].post_attention_layernorm.register_forward_pre_hook(
+        lambda _, args, i=i: seen.setdefault(i, args[0].detach())) for i in (2, 3)]  # fmt: skip
     with torch.no_grad():
         out = objective(model, batch)
         plain = SFTObjective("square")(model, batch)  # the language loss alone
-    hook.remove()
-    h = seen[0].flatten(0, 1)[batch.place_query]
-    h = h / h.square().mean(-1, keepdim=True).add(1e-6).sqrt()
-    err = (h @ binding.readout_directions(h.shape[-1]) - batch.place_xy).square()
-    got, n = out.metrics["xy_mse"]
-    assert n == err.numel() == 4 * len(batch.place_query) and float(got) == pytest.approx(float(err.sum()), rel=1e-4)
+    for hook in hooks:
+        hook.remove()
+    total = 0.0
+    for layer, kind, name, dims in ((3, ANSWER, "xy_mse", 4), (2, WORD, "xy_word_mse", 2)):
+        rows = batch.place_kind == kind
+        h = seen[layer].flatten(0, 1)[batch.place_query[rows]]
+        h = h / h.square().mean(-1, keepdim=True).add(1e-6).sqrt()
+        err = (h @ binding.readout_directions(h.shape[-1])[:, :dims] - batch.place_xy[rows, :dims]).square()
+        got, n = out.metrics[name]
+        assert n == err.numel() == dims * int(rows.sum()) > 0
+        assert float(got) == pytest.approx(float(err.sum()), rel=1e-4)
+        total += float(err.sum())
     bind = float(out.metrics["bind_ce"][0])  # the binding loss, weight 1
-    assert float(out.loss_sum - plain.loss_sum) == pytest.approx(bind + 0.5 * float(err.sum()), rel=1e-3)
+    assert float(out.loss_sum - plain.loss_sum) == pytest.approx(bind + 0.5 * total, rel=1e-3)
     directions = binding.readout_directions(256)
     assert torch.allclose(directions.T @ directions, torch.eye(4), atol=1e-5)
     params = [p for name, p in model.named_parameters() if name.startswith("language_model")]
@@ -218,11 +230,11 @@ def test_place_loss_reads_the_mlp_input_and_trains(scenes, nano):
     mses = []
     for _ in range(6):
         out = objective(model, batch)
-        mses.append(float(out.metrics["xy_mse"][0]) / out.metrics["xy_mse"][1])
+        mses.append([float(out.metrics[k][0]) / out.metrics[k][1] for k in ("xy_mse", "xy_word_mse")])
         opt.zero_grad()
         out.loss_sum.backward()
         opt.step()
-    assert mses[-1] < 0.5 * mses[0], mses
+    assert all(last < 0.5 * first for first, last in zip(mses[0], mses[-1])), mses
     with pytest.raises(TrainingError, match="^--binding-place-xy-layer: layer 6 does not exist"):
         BindingObjective("square", 1.0, [(1, 0)], place_xy_layer=6, place_xy_weight=0.5).setup(model, "cpu")
     with pytest.raises(TrainingError, match="^--binding-place-xy-loss needs --binding-loss > 0 and "
@@ -347,15 +359,18 @@ def test_finetune_trains_on_it_and_logs_it(scenes, tmp_path, capsys):
               "--no-tensorboard", "--log-every", "1", "--packing", "--max-packed-tokens", "8192", "--max-steps", "2",
               "--binding-loss", "0.5", "--binding-answer-heads", "3:0", "--binding-hop-heads", "4:1",
               "--binding-first-heads", "3:2", "--binding-last-heads", "3:3", "--binding-count-heads", "4:2",
-              "--binding-place-xy-loss", "0.2", "--binding-place-xy-layer", "5", "--lr", "1e-3"]  # fmt: skip
+              "--binding-place-xy-loss", "0.2", "--binding-place-xy-layer", "5", "--binding-place-xy-word-layer", "2",
+              "--lr", "1e-3"]  # fmt: skip
     assert cli([*common, "--out", str(tmp_path / "run"), "--no-grad-checkpoint"]) == 0
     rows = read_metrics(tmp_path / "run" / "metrics.csv")
-    assert rows and all(0 < r["bind_ce"] < 20 and 0 <= r["bind_top1"] <= 1 and 0 < r["xy_mse"] for r in rows)
+    assert rows and all(0 < r["bind_ce"] < 20 and 0 <= r["bind_top1"] <= 1 for r in rows)
+    assert all(0 < r["xy_mse"] and 0 < r["xy_word_mse"] for r in rows)
     # with activations recomputed in the backward pass the same gradients reach step 2
     assert cli([*common, "--out", str(tmp_path / "ckpt"), "--grad-checkpoint"]) == 0
     again = read_metrics(tmp_path / "ckpt" / "metrics.csv")
     for a, b in zip(rows, again, strict=True):
-        assert (a["loss"], a["bind_ce"], a["xy_mse"]) == pytest.approx((b["loss"], b["bind_ce"], b["xy_mse"]), rel=1e-4)
+        keys = ("loss", "bind_ce", "xy_mse", "xy_word_mse")
+        assert [a[k] for k in keys] == pytest.approx([b[k] for k in keys], rel=1e-4)
     assert rows[1]["bind_ce"] != rows[0]["bind_ce"]
     capsys.readouterr()
     assert cli([*common, "--out", str(tmp_path / "bad"), "--binding-heads", "9:0"]) == 1

@@ -99,6 +99,8 @@ class DataArgs:
                                       "--binding-place-xy-layer, read on fixed directions, gives the centres of the "
                                       "question's first- and last-named objects (0: off)")  # fmt: skip
     binding_place_xy_layer: int = _f(-1, "the layer whose MLP input the place loss reads (with --binding-place-xy-loss)")
+    binding_place_xy_word_layer: int = _f(-1, "the layer whose MLP input it reads at each mention too, for the centre "
+                                           "of the objects the mention names (-1: not at the mentions)")  # fmt: skip
     skip_bad_rows: bool = _f(False, "skip invalid rows (reported at the end and in OUT/skipped_rows.txt)")
     num_workers: int = _f(2, "data-loading processes (0: load in the training process)")
 

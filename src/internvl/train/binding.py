@@ -26,6 +26,10 @@ position answer reads one; the readout makes both places linear in the state tha
 
     loss = w_xy * sum over questions of  || U^T norm(h) - (x1, y1, x2, y2) ||^2
 
+With `place_xy_word_layer` the same readout runs at each mention's last token too, at that layer's MLP input, on
+the first two directions only: the centre (x, y) of the objects it names (which the WORD heads look at). The
+place then travels along the heads already trained to look: object -> mention -> answer.
+
 It needs rows of the Synthetic Visual World's scene tasks (color, shape, count, position, relation, grounding)
 with the contract's `meta.objects` and, for several questions, `meta.turns` (each question's task); other rows and
 questions train on the language loss only.
@@ -141,7 +145,7 @@ def centre_token(box: Sequence[float], width: int, height: int, grid: tuple[int,
 def scene_queries(item: dict, turns: Sequence[tuple[str, str]], ids: Sequence[int], tokenizer: Tokenizer,
                   template: str, context_id: int, min_num: int, max_num: int, image_size: int,
                   num_image_token: int, thumbnail: bool = True,
-                  xy: list[tuple[int, list[float]]] | None = None) -> list[tuple[int, list[int], list[bool], int]]:  # fmt: skip
+                  xy: list[tuple[int, list[float], int]] | None = None) -> list[tuple[int, list[int], list[bool], int]]:  # fmt: skip
     """(query position, the image's token positions, which of them show the named objects, kind) for every object
     mention of the scene questions of a one-image row with `meta.objects` (kind WORD), and for the position that
     predicts each such question's answer, whose targets are all the objects the question names (kind ANSWER) and,
@@ -151,9 +155,9 @@ def scene_queries(item: dict, turns: Sequence[tuple[str, str]], ids: Sequence[in
 
     `turns` are the row's turns with the image placeholder expanded, `ids` their tokens. A mention's query is the
     last token of its last word; one whose tokens cannot be found where expected is left out, as is one that
-    names no object of the scene (a count of 0). When `xy` is a list, each such question's answer position and the
-    centres of its first and last mention's objects, (x1, y1, x2, y2) in [-1, 1] of the canvas, are appended to it
-    (the place loss's targets)."""
+    names no object of the scene (a count of 0). When `xy` is a list, the place loss's rows are appended to it: each
+    such question's answer position with the centres of its first and last mention's objects, (x1, y1, x2, y2) in
+    [-1, 1] of the canvas (kind ANSWER), and each mention's query with its objects' centre twice (kind WORD)."""
     meta = item.get("meta") or {}
     objects, size = meta.get("objects"), meta.get("size")
     if not objects or not size or not isinstance(item.get("image"), str):
@@ -197,6 +201,8 @@ def scene_queries(item: dict, turns: Sequence[tuple[str, str]], ids: Sequence[in
                 places.append({k for k in cells if k >= whole})
                 centres.append([sum(o[2][0] + o[2][2] for o in named) / len(named) / width - 1,
                                 sum(o[2][1] + o[2][3] for o in named) / len(named) / height - 1])  # fmt: skip
+                if xy is not None:
+                    xy.append((words[-1], centres[-1] * 2, WORD))
         # the answer follows the question's segment: <|im_start|>assistant\n, then its first token
         answer = start + len(tokenizer.encode(render_turn(t.name, "human", text), add_special_tokens=False))
         if list(ids[answer : answer + len(answer_head)]) != answer_head:
@@ -211,7 +217,7 @@ def scene_queries(item: dict, turns: Sequence[tuple[str, str]], ids: Sequence[in
                 if cells:
                     out.append((query, image, [k in cells for k in range(len(image))], kind))
             if xy is not None:
-                xy.append((query, centres[0] + centres[-1]))
+                xy.append((query, centres[0] + centres[-1], ANSWER))
         tokens = {centre_token(o[2], width, height, grid, image_size, num_image_token) for o in named_all}
         # a count of 0 too: all on `<img>`, the token before the image's
         if task == "count" and len(tokens) == len(named_all):
@@ -228,24 +234,27 @@ class BindingObjective(SFTObjective):
     `count_heads` from a count question's answer position evenly over its objects and `<img>` (COUNT queries), those
     of `place_first_heads` and `place_last_heads` from the answer position onto the thumbnail's tokens of the first
     or the last mention's objects (PLACE_FIRST and PLACE_LAST queries), and, when `place_xy_weight` > 0, the place
-    loss at the MLP input of layer `place_xy_layer` (see the module).
+    loss at the MLP input of layer `place_xy_layer` (and of `place_xy_word_layer` at the mentions; see the module).
 
     The scores are computed in a forward pre-hook of each supervised layer's attention, from the same normed
     hidden states and rotary tables the layer uses, for the batch's query rows and image keys only."""
 
     name = "sft+binding"
-    bar_metrics = ("bind_ce", "bind_top1", "xy_mse")
+    bar_metrics = ("bind_ce", "bind_top1", "xy_mse", "xy_word_mse")
 
     def __init__(self, reduction: str, weight: float, heads: Sequence[tuple[int, int]],
                  answer_heads: Sequence[tuple[int, int]] = (), hop_heads: Sequence[tuple[int, int]] = (),
                  first_heads: Sequence[tuple[int, int]] = (), last_heads: Sequence[tuple[int, int]] = (),
                  count_heads: Sequence[tuple[int, int]] = (), place_first_heads: Sequence[tuple[int, int]] = (),
                  place_last_heads: Sequence[tuple[int, int]] = (), count_sinks: Sequence[float] = (),
-                 place_xy_layer: int = -1, place_xy_weight: float = 0.0):  # fmt: skip
+                 place_xy_layer: int = -1, place_xy_weight: float = 0.0, place_xy_word_layer: int = -1):  # fmt: skip
         super().__init__(reduction)
         self.weight = weight
-        self.xy_layer, self.xy_weight = place_xy_layer, place_xy_weight
-        self._xy: list[torch.Tensor] = []  # the readout's inputs at the batch's place rows
+        self.xy_weight = place_xy_weight
+        # the place loss's rows and metric by the layer whose MLP input it reads: answer rows, mention rows
+        self.xy_layers = [(place_xy_layer, ANSWER, "xy_mse"), (place_xy_word_layer, WORD, "xy_word_mse")]
+        self.xy_layers = [(la, kind, name) for la, kind, name in self.xy_layers if la >= 0]
+        self._xy: dict[int, list[torch.Tensor]] = {}  # by layer: its input and its attention's output, place rows
         kinds = [(heads, WORD), (answer_heads, ANSWER), (hop_heads, HOP)]
         kinds += [(first_heads, FIRST), (last_heads, LAST)]
         kinds += [(place_first_heads, PLACE_FIRST), (place_last_heads, PLACE_LAST)]
@@ -270,24 +279,28 @@ class BindingObjective(SFTObjective):
             by_layer.setdefault(layer, []).append((head, kind, sink))
         for layer, pairs in by_layer.items():
             layers[layer].self_attn.register_forward_pre_hook(self._hook(pairs))
-        if self.xy_weight > 0:
-            if not 0 <= self.xy_layer < len(layers):
-                raise TrainingError(f"--binding-place-xy-layer: layer {self.xy_layer} does not exist "
-                                    f"(the model has {len(layers)})")  # fmt: skip
-            layer = layers[self.xy_layer]
-            self.directions = readout_directions(layer.post_attention_layernorm.weight.shape[0]).to(device)
+        if self.xy_weight <= 0:
+            self.xy_layers = []
+        self.directions = readout_directions(layers[0].post_attention_layernorm.weight.shape[0]).to(device)
+        for index, kind, _ in self.xy_layers:
+            flag = "--binding-place-xy-layer" if kind == ANSWER else "--binding-place-xy-word-layer"
+            if index >= len(layers):
+                raise TrainingError(f"{flag}: layer {index} does not exist (the model has {len(layers)})")
+            layer = layers[index]
             # the MLP's input is the norm of the layer's input plus its attention's output: both taken at the place
             # rows from hooks on modules that run eagerly (torch.compile compiles the norms and the MLP)
-            layer.register_forward_pre_hook(lambda module, args: self._xy_capture(module, args[0]))
-            layer.self_attn.register_forward_hook(lambda module, args, out: self._xy_capture(module, out))
+            if index not in self._xy:
+                self._xy[index] = []
+                layer.register_forward_pre_hook(lambda module, args, i=index: self._xy_capture(i, module, args[0]))
+                layer.self_attn.register_forward_hook(lambda module, args, out, i=index: self._xy_capture(i, module, out))
 
-    def _xy_capture(self, module: nn.Module, x: torch.Tensor) -> None:
+    def _xy_capture(self, index: int, module: nn.Module, x: torch.Tensor) -> None:
         batch = self._batch
         if batch is None or batch.place_query is None or not module.training:
             return
         if x.shape[:2] != batch.input_ids.shape:  # not this batch's forward
             return
-        self._xy.append(x.flatten(0, 1)[batch.place_query])
+        self._xy[index].append(x.flatten(0, 1)[batch.place_query])
 
     def _hook(self, pairs: list[tuple[int, int, float]]):
         heads = [h for h, _, _ in pairs]
@@ -311,7 +324,8 @@ class BindingObjective(SFTObjective):
     def __call__(self, model: nn.Module, batch) -> ObjectiveOutput:
         # The batch stays set after the forward: with gradient checkpointing the backward pass runs each layer
         # again, and the hook must compute what it computed the first time (the recomputed scores are dropped).
-        self._batch, self._scores, self._xy = batch, [], []
+        self._batch, self._scores = batch, []
+        self._xy = {index: [] for index in self._xy}
         out = super().__call__(model, batch)
         scores, self._scores = self._scores, []
         out = self._place_loss(out, batch)
@@ -331,18 +345,24 @@ class BindingObjective(SFTObjective):
         return ObjectiveOutput(out.loss_sum + self.weight * ce.sum(), metrics)
 
     def _place_loss(self, out: ObjectiveOutput, batch) -> ObjectiveOutput:
-        """`out` plus the place loss (metric `xy_mse`: its mean squared error per coordinate)."""
-        xy, self._xy = self._xy, []
-        if self.xy_weight <= 0:
-            return out
-        if not xy:
-            zero = out.loss_sum.new_zeros(())
-            return ObjectiveOutput(out.loss_sum, {**out.metrics, "xy_mse": (zero, 0.0)})
-        h = (xy[0] + xy[1]).float()  # the residual after the attention (the first forward's; not a recompute's)
-        h = h * torch.rsqrt(h.square().mean(-1, keepdim=True) + 1e-6)
-        err = (h @ self.directions - batch.place_xy.to(h.device)).square()
-        return ObjectiveOutput(out.loss_sum + self.xy_weight * err.sum(),
-                               {**out.metrics, "xy_mse": (err.detach().sum(), float(err.numel()))})  # fmt: skip
+        """`out` plus the place loss (metrics `xy_mse` and `xy_word_mse`: the mean squared error per coordinate at
+        the answer rows and at the mention rows)."""
+        captured = {index: rows for index, rows in self._xy.items()}
+        self._xy = {index: [] for index in self._xy}
+        loss, metrics = out.loss_sum, dict(out.metrics)
+        for index, kind, name in self.xy_layers:
+            rows = batch.place_kind == kind if batch.place_query is not None else None
+            if rows is None or not bool(rows.any()):
+                metrics[name] = (loss.new_zeros(()), 0.0)
+                continue
+            xy = captured[index]
+            h = (xy[0] + xy[1])[rows].float()  # the residual after the attention (the first forward's)
+            h = h * torch.rsqrt(h.square().mean(-1, keepdim=True) + 1e-6)
+            dims = 4 if kind == ANSWER else 2  # a mention's (x, y) on the first two directions
+            err = (h @ self.directions[:, :dims] - batch.place_xy[rows, :dims].to(h.device)).square()
+            loss = loss + self.xy_weight * err.sum()
+            metrics[name] = (err.detach().sum(), float(err.numel()))
+        return ObjectiveOutput(loss, metrics)
 
 
 def readout_directions(hidden: int) -> torch.Tensor:

@@ -34,8 +34,8 @@ class Sample:
     # keys are targets (the named objects, or the words naming them), kind: WORD, ANSWER or HOP in train/binding.py)
     binding: list[tuple[int, list[int], list[bool], int]] = field(default_factory=list)
     # the place loss's rows: (a scene question's answer position, centres (x1, y1, x2, y2) of its first and last
-    # mention's objects in [-1, 1])
-    places: list[tuple[int, list[float]]] = field(default_factory=list)
+    # mention's objects in [-1, 1], ANSWER) and (a mention's query, its objects' centre twice, WORD)
+    places: list[tuple[int, list[float], int]] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
@@ -72,9 +72,11 @@ class Batch:
     bind_keys: torch.Tensor | None = None
     bind_valid: torch.Tensor | None = None
     bind_target: torch.Tensor | None = None
-    # the place loss: answer rows [P] (flat [B*T] indices) and their objects' centres [P, 4]; None without any
+    # the place loss: its rows [P] (flat [B*T] indices), their objects' centres [P, 4] and kinds [P] (ANSWER or
+    # WORD); None without any
     place_query: torch.Tensor | None = None
     place_xy: torch.Tensor | None = None
+    place_kind: torch.Tensor | None = None
 
     @property
     def num_samples(self) -> int:
@@ -119,7 +121,7 @@ class Collator:
         seq_ids = torch.zeros((n_rows, width), dtype=torch.long) if self.packed else None
         sup_index, sup_sample, sample_tokens, sources, tiles, flags = [], [], [], [], [], []
         queries: list[tuple[int, list[int], list[bool], int]] = []
-        places: list[tuple[int, list[float]]] = []
+        places: list[tuple[int, list[float], int]] = []
         num_tokens = 0
         for b, row in enumerate(rows):
             at = 0
@@ -140,7 +142,7 @@ class Collator:
                 flags.append(s.image_flags)
                 base = b * width + at
                 queries += [(base + q, [base + k for k in keys], hits, kind) for q, keys, hits, kind in s.binding]
-                places += [(base + q, xy) for q, xy in s.places]
+                places += [(base + q, xy, kind) for q, xy, kind in s.places]
                 at += n
             num_tokens += at
             if seq_ids is not None:
@@ -152,8 +154,9 @@ class Collator:
         empty = torch.zeros(0, dtype=torch.long)
         binding = _binding_tensors(queries) if queries else {}
         if places:
-            binding["place_query"] = torch.tensor([q for q, _ in places])
-            binding["place_xy"] = torch.tensor([xy for _, xy in places], dtype=torch.float32)
+            binding["place_query"] = torch.tensor([q for q, _, _ in places])
+            binding["place_xy"] = torch.tensor([xy for _, xy, _ in places], dtype=torch.float32)
+            binding["place_kind"] = torch.tensor([kind for _, _, kind in places])
         return Batch(
             input_ids=input_ids, targets=targets, positions=positions, pixel_values=pixel_values,
             image_flags=image_flags, sup_index=torch.cat(sup_index) if sup_index else empty,
