@@ -21,8 +21,8 @@ The place loss (`place_xy_layer`, `place_xy_weight`) is a training-only readout:
 scene question's answer, the residual stream where one layer's MLP reads it (after the attention), RMS-normalized
 and projected on four fixed orthonormal directions U, is pushed towards the centres (x, y in [-1, 1] of the
 canvas) of the question's first- and last-named objects (a relation question's two, a position question's one
-twice). A relation answer compares two places and a
-position answer reads one; the readout makes both places linear in the state that the MLP turns into the answer:
+twice). A relation answer compares two places and a position answer reads one; the readout makes both places
+linear in the state that the MLP turns into the answer:
 
     loss = w_xy * sum over questions of  || U^T norm(h) - (x1, y1, x2, y2) ||^2
 
@@ -347,8 +347,7 @@ class BindingObjective(SFTObjective):
     def _place_loss(self, out: ObjectiveOutput, batch) -> ObjectiveOutput:
         """`out` plus the place loss (metrics `xy_mse` and `xy_word_mse`: the mean squared error per coordinate at
         the answer rows and at the mention rows)."""
-        captured = {index: rows for index, rows in self._xy.items()}
-        self._xy = {index: [] for index in self._xy}
+        captured, self._xy = self._xy, {index: [] for index in self._xy}
         loss, metrics = out.loss_sum, dict(out.metrics)
         for index, kind, name in self.xy_layers:
             rows = batch.place_kind == kind if batch.place_query is not None else None
