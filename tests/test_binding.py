@@ -240,6 +240,8 @@ def test_place_loss_reads_the_mlp_input_and_trains(scenes, nano):
     with pytest.raises(TrainingError, match="^--binding-place-xy-loss needs --binding-loss > 0 and "
                        "--binding-place-xy-layer >= 0, got 0.1 and -1"):  # fmt: skip
         DataArgs(data="d.json", binding_loss=0.1, binding_place_xy_loss=0.3)
+    with pytest.raises(TrainingError, match="^--binding-place-xy-word-layer 2 needs --binding-place-xy-loss > 0$"):
+        DataArgs(data="d.json", binding_loss=0.1, binding_place_xy_word_layer=2)
 
 
 def test_centre_token_is_the_cell_of_the_box_centre():

@@ -252,8 +252,8 @@ class BindingObjective(SFTObjective):
         self.weight = weight
         self.xy_weight = place_xy_weight
         # the place loss's rows and metric by the layer whose MLP input it reads: answer rows, mention rows
-        self.xy_layers = [(place_xy_layer, ANSWER, "xy_mse"), (place_xy_word_layer, WORD, "xy_word_mse")]
-        self.xy_layers = [(la, kind, name) for la, kind, name in self.xy_layers if la >= 0]
+        xy_layers = [(place_xy_layer, ANSWER, "xy_mse"), (place_xy_word_layer, WORD, "xy_word_mse")]
+        self.xy_layers = [(la, kind, name) for la, kind, name in xy_layers if la >= 0 and place_xy_weight > 0]
         self._xy: dict[int, list[torch.Tensor]] = {}  # by layer: its input and its attention's output, place rows
         kinds = [(heads, WORD), (answer_heads, ANSWER), (hop_heads, HOP)]
         kinds += [(first_heads, FIRST), (last_heads, LAST)]
@@ -279,8 +279,6 @@ class BindingObjective(SFTObjective):
             by_layer.setdefault(layer, []).append((head, kind, sink))
         for layer, pairs in by_layer.items():
             layers[layer].self_attn.register_forward_pre_hook(self._hook(pairs))
-        if self.xy_weight <= 0:
-            self.xy_layers = []
         self.directions = readout_directions(layers[0].post_attention_layernorm.weight.shape[0]).to(device)
         for index, kind, _ in self.xy_layers:
             flag = "--binding-place-xy-layer" if kind == ANSWER else "--binding-place-xy-word-layer"
