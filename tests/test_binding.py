@@ -164,10 +164,22 @@ def test_queries_sit_on_the_named_word_and_targets_show_the_named_color(scenes, 
 
 def test_place_targets_are_the_named_objects_centres(scenes, nano):
     """One place row per scene question, at its ANSWER query, holding the centres of the objects its first and
-    last mentions name (found here from the question text and the boxes), in [-1, 1] of the canvas, and one per
-    mention at its WORD query, holding the centre of the objects it names."""
+    last mentions name (found here from the question text and the boxes), in [-1, 1] of the canvas, one per
+    mention at its WORD query, holding the centre of the objects it names, and one per count question at the
+    position that predicts its answer, holding the answer n as 2n/9 - 1."""
     ds, samples, rows, _ = scenes
     two = 0
+    counted = []
+    for sample, row in zip(samples, rows):
+        turns = row["conversations"]
+        asked = [b["value"] for a, b in zip(turns[::2], turns[1::2]) if "How many" in a["value"]]
+        said = [nano.tokenizer.decode(sample.input_ids[q + 1 : q + 2].tolist())  # the answer's first token
+                for q, _, kind in sample.places if kind == COUNT]  # fmt: skip
+        assert said == asked
+        counted += [(xy, int(n)) for (_, xy, kind), n in zip((p for p in sample.places if p[2] == COUNT), asked)]
+    assert len(counted) >= 4 and len({n for _, n in counted}) >= 2
+    for xy, n in counted:
+        assert xy == pytest.approx([2 * n / 9 - 1, 0, 0, 0])
     for sample, row in zip(samples, rows):
         answers = [q for q, _, _, kind in sample.binding if kind == ANSWER]
         assert [q for q, _, kind in sample.places if kind == ANSWER] == answers
@@ -176,7 +188,7 @@ def test_place_targets_are_the_named_objects_centres(scenes, nano):
         if not answers:  # a text row
             continue
         w, h = row["meta"]["size"]
-        for q, xy, kind in sample.places:
+        for q, xy, kind in (p for p in sample.places if p[2] != COUNT):
             prompt = nano.tokenizer.decode(sample.input_ids[: q + 1].tolist())
             said = mentions(prompt.rsplit("user\n", 1)[1])
             want = []
@@ -197,26 +209,30 @@ def test_place_targets_are_the_named_objects_centres(scenes, nano):
 def test_place_loss_reads_the_mlp_input_and_trains(scenes, nano):
     """xy_mse is the squared error of the RMS-normed residual that layer 3's MLP norm receives (captured here by a
     hook of that norm) at the answer rows, on the fixed directions, against the centres; xy_word_mse the same at
-    layer 2 for the mention rows on the first two; a few steps of it lower both."""
+    layer 2 for the mention rows on the first two; count_mse at layer 4 for the count rows on the fifth; a few
+    steps of it lower all three."""
     ds, samples, _, _ = scenes
-    batch = Collator(pad_token_id(nano.tokenizer), ds.dummy)([s for s in samples if s.places][:4])
+    batch = Collator(pad_token_id(nano.tokenizer), ds.dummy)([s for s in samples if s.places][:8])
+    assert int((batch.place_kind == COUNT).sum()) >= 2
     model = internvl.load(str(BUILTIN), dtype="fp32", optimize=False).model.train()
-    objective = BindingObjective("square", 1.0, [(1, 0)], place_xy_layer=3, place_xy_weight=0.5, place_xy_word_layer=2)
+    objective = BindingObjective("square", 1.0, [(1, 0)], place_xy_layer=3, place_xy_weight=0.5, place_xy_word_layer=2,
+                                 count_xy_layer=4)  # fmt: skip
     objective.setup(model, torch.device("cpu"))
     seen = {}
     hooks = [model.language_model.model.layers[i].post_attention_layernorm.register_forward_pre_hook(
-        lambda _, args, i=i: seen.setdefault(i, args[0].detach())) for i in (2, 3)]  # fmt: skip
+        lambda _, args, i=i: seen.setdefault(i, args[0].detach())) for i in (2, 3, 4)]  # fmt: skip
     with torch.no_grad():
         out = objective(model, batch)
         plain = SFTObjective("square")(model, batch)  # the language loss alone
     for hook in hooks:
         hook.remove()
     total = 0.0
-    for layer, kind, name, dims in ((3, ANSWER, "xy_mse", 4), (2, WORD, "xy_word_mse", 2)):
-        rows = batch.place_kind == kind
+    for layer, kind, name, cols in ((3, ANSWER, "xy_mse", [0, 1, 2, 3]), (2, WORD, "xy_word_mse", [0, 1]),
+                                    (4, COUNT, "count_mse", [4])):  # fmt: skip
+        rows, dims = batch.place_kind == kind, len(cols)
         h = seen[layer].flatten(0, 1)[batch.place_query[rows]]
         h = h / h.square().mean(-1, keepdim=True).add(1e-6).sqrt()
-        err = (h @ binding.readout_directions(h.shape[-1])[:, :dims] - batch.place_xy[rows, :dims]).square()
+        err = (h @ binding.readout_directions(h.shape[-1])[:, cols] - batch.place_xy[rows, :dims]).square()
         got, n = out.metrics[name]
         assert n == err.numel() == dims * int(rows.sum()) > 0
         assert float(got) == pytest.approx(float(err.sum()), rel=1e-4)
@@ -224,13 +240,16 @@ def test_place_loss_reads_the_mlp_input_and_trains(scenes, nano):
     bind = float(out.metrics["bind_ce"][0])  # the binding loss, weight 1
     assert float(out.loss_sum - plain.loss_sum) == pytest.approx(bind + 0.5 * total, rel=1e-3)
     directions = binding.readout_directions(256)
-    assert torch.allclose(directions.T @ directions, torch.eye(4), atol=1e-5)
+    assert torch.allclose(directions.T @ directions, torch.eye(5), atol=1e-5)
+    # the first four are those the place loss had before the count readout came
+    first = torch.linalg.qr(torch.randn(256, 4, generator=torch.Generator().manual_seed(0)))[0]
+    assert torch.allclose(directions[:, :4], first, atol=1e-6)
     params = [p for name, p in model.named_parameters() if name.startswith("language_model")]
     opt = torch.optim.Adam(params, lr=1e-3)
     mses = []
     for _ in range(6):
         out = objective(model, batch)
-        mses.append([float(out.metrics[k][0]) / out.metrics[k][1] for k in ("xy_mse", "xy_word_mse")])
+        mses.append([float(out.metrics[k][0]) / out.metrics[k][1] for k in ("xy_mse", "xy_word_mse", "count_mse")])
         opt.zero_grad()
         out.loss_sum.backward()
         opt.step()
@@ -242,6 +261,10 @@ def test_place_loss_reads_the_mlp_input_and_trains(scenes, nano):
         DataArgs(data="d.json", binding_loss=0.1, binding_place_xy_loss=0.3)
     with pytest.raises(TrainingError, match="^--binding-place-xy-word-layer 2 needs --binding-place-xy-loss > 0$"):
         DataArgs(data="d.json", binding_loss=0.1, binding_place_xy_word_layer=2)
+    with pytest.raises(TrainingError, match="^--binding-count-xy-layer 4 needs --binding-place-xy-loss > 0$"):
+        DataArgs(data="d.json", binding_loss=0.1, binding_count_xy_layer=4)
+    with pytest.raises(TrainingError, match="^--binding-count-xy-layer: layer 7 does not exist"):
+        BindingObjective("square", 1.0, [(1, 0)], place_xy_weight=0.5, count_xy_layer=7).setup(model, "cpu")
 
 
 def test_centre_token_is_the_cell_of_the_box_centre():
@@ -362,16 +385,16 @@ def test_finetune_trains_on_it_and_logs_it(scenes, tmp_path, capsys):
               "--binding-loss", "0.5", "--binding-answer-heads", "3:0", "--binding-hop-heads", "4:1",
               "--binding-first-heads", "3:2", "--binding-last-heads", "3:3", "--binding-count-heads", "4:2",
               "--binding-place-xy-loss", "0.2", "--binding-place-xy-layer", "5", "--binding-place-xy-word-layer", "2",
-              "--lr", "1e-3"]  # fmt: skip
+              "--binding-count-xy-layer", "4", "--lr", "1e-3"]  # fmt: skip
     assert cli([*common, "--out", str(tmp_path / "run"), "--no-grad-checkpoint"]) == 0
     rows = read_metrics(tmp_path / "run" / "metrics.csv")
     assert rows and all(0 < r["bind_ce"] < 20 and 0 <= r["bind_top1"] <= 1 for r in rows)
-    assert all(0 < r["xy_mse"] and 0 < r["xy_word_mse"] for r in rows)
+    assert all(0 < r["xy_mse"] and 0 < r["xy_word_mse"] and 0 < r["count_mse"] for r in rows)
     # with activations recomputed in the backward pass the same gradients reach step 2
     assert cli([*common, "--out", str(tmp_path / "ckpt"), "--grad-checkpoint"]) == 0
     again = read_metrics(tmp_path / "ckpt" / "metrics.csv")
     for a, b in zip(rows, again, strict=True):
-        keys = ("loss", "bind_ce", "xy_mse", "xy_word_mse")
+        keys = ("loss", "bind_ce", "xy_mse", "xy_word_mse", "count_mse")
         assert [a[k] for k in keys] == pytest.approx([b[k] for k in keys], rel=1e-4)
     assert rows[1]["bind_ce"] != rows[0]["bind_ce"]
     capsys.readouterr()

@@ -101,6 +101,8 @@ class DataArgs:
     binding_place_xy_layer: int = _f(-1, "the layer whose MLP input the place loss reads (with --binding-place-xy-loss)")
     binding_place_xy_word_layer: int = _f(-1, "the layer whose MLP input it reads at each mention too, for the centre "
                                            "of the objects the mention names (-1: not at the mentions)")  # fmt: skip
+    binding_count_xy_layer: int = _f(-1, "the layer whose MLP input it reads at each count question's answer "
+                                     "position too, for the count on a fifth direction (-1: not at count answers)")
     skip_bad_rows: bool = _f(False, "skip invalid rows (reported at the end and in OUT/skipped_rows.txt)")
     num_workers: int = _f(2, "data-loading processes (0: load in the training process)")
 
@@ -133,6 +135,8 @@ class DataArgs:
                f"{self.binding_loss} and {self.binding_place_xy_layer}")  # fmt: skip
         _check(self.binding_place_xy_word_layer < 0 or self.binding_place_xy_loss > 0,
                f"--binding-place-xy-word-layer {self.binding_place_xy_word_layer} needs --binding-place-xy-loss > 0")
+        _check(self.binding_count_xy_layer < 0 or self.binding_place_xy_loss > 0,
+               f"--binding-count-xy-layer {self.binding_count_xy_layer} needs --binding-place-xy-loss > 0")
         _check(self.num_workers >= 0, f"--num-workers must be >= 0, got {self.num_workers}")
 
     def count_sinks(self) -> list[float]:

@@ -28,7 +28,11 @@ linear in the state that the MLP turns into the answer:
 
 With `place_xy_word_layer` the same readout runs at each mention's last token too, at that layer's MLP input, on
 the first two directions only: the centre (x, y) of the objects it names (which the WORD heads look at). The
-place then travels along the heads already trained to look: object -> mention -> answer.
+place then travels along the heads already trained to look: object -> mention -> answer. With
+`count_xy_layer` it runs at each count question's answer position too, at that layer's MLP input, on a fifth
+fixed direction orthogonal to the four: the count n as 2n/9 - 1 (0-9 onto [-1, 1]). The count heads leave n in
+their `<img>` share, m / (n + m), which no linear map reads off (runs/count_probe.py); this readout asks the layers
+after them for n itself, on one line.
 
 It needs rows of the Synthetic Visual World's scene tasks (color, shape, count, position, relation, grounding)
 with the contract's `meta.objects` and, for several questions, `meta.turns` (each question's task); other rows and
@@ -157,7 +161,8 @@ def scene_queries(item: dict, turns: Sequence[tuple[str, str]], ids: Sequence[in
     last token of its last word; one whose tokens cannot be found where expected is left out, as is one that
     names no object of the scene (a count of 0). When `xy` is a list, the place loss's rows are appended to it: each
     such question's answer position with the centres of its first and last mention's objects, (x1, y1, x2, y2) in
-    [-1, 1] of the canvas (kind ANSWER), and each mention's query with its objects' centre twice (kind WORD)."""
+    [-1, 1] of the canvas (kind ANSWER), each mention's query with its objects' centre twice (kind WORD), and each
+    count question's answer position with (2n/9 - 1, 0, 0, 0), n its count (kind COUNT)."""
     meta = item.get("meta") or {}
     objects, size = meta.get("objects"), meta.get("size")
     if not objects or not size or not isinstance(item.get("image"), str):
@@ -223,6 +228,8 @@ def scene_queries(item: dict, turns: Sequence[tuple[str, str]], ids: Sequence[in
         if task == "count" and len(tokens) == len(named_all):
             hits = [True] + [k in tokens for k in range(len(image))]
             out.append((query, [image[0] - 1, *image], hits, COUNT))
+        if task == "count" and xy is not None:
+            xy.append((query, [2 * len(named_all) / 9 - 1, 0.0, 0.0, 0.0], COUNT))
     return out
 
 
@@ -240,19 +247,21 @@ class BindingObjective(SFTObjective):
     hidden states and rotary tables the layer uses, for the batch's query rows and image keys only."""
 
     name = "sft+binding"
-    bar_metrics = ("bind_ce", "bind_top1", "xy_mse", "xy_word_mse")
+    bar_metrics = ("bind_ce", "bind_top1", "xy_mse", "xy_word_mse", "count_mse")
 
     def __init__(self, reduction: str, weight: float, heads: Sequence[tuple[int, int]],
                  answer_heads: Sequence[tuple[int, int]] = (), hop_heads: Sequence[tuple[int, int]] = (),
                  first_heads: Sequence[tuple[int, int]] = (), last_heads: Sequence[tuple[int, int]] = (),
                  count_heads: Sequence[tuple[int, int]] = (), place_first_heads: Sequence[tuple[int, int]] = (),
                  place_last_heads: Sequence[tuple[int, int]] = (), count_sinks: Sequence[float] = (),
-                 place_xy_layer: int = -1, place_xy_weight: float = 0.0, place_xy_word_layer: int = -1):  # fmt: skip
+                 place_xy_layer: int = -1, place_xy_weight: float = 0.0, place_xy_word_layer: int = -1,
+                 count_xy_layer: int = -1):  # fmt: skip
         super().__init__(reduction)
         self.weight = weight
         self.xy_weight = place_xy_weight
-        # the place loss's rows and metric by the layer whose MLP input it reads: answer rows, mention rows
-        xy_layers = [(place_xy_layer, ANSWER, "xy_mse"), (place_xy_word_layer, WORD, "xy_word_mse")]
+        # the place loss's rows and metric by the layer whose MLP input it reads: answer rows, mention rows, count rows
+        xy_layers = [(place_xy_layer, ANSWER, "xy_mse"), (place_xy_word_layer, WORD, "xy_word_mse"),
+                     (count_xy_layer, COUNT, "count_mse")]  # fmt: skip
         self.xy_layers = [(la, kind, name) for la, kind, name in xy_layers if la >= 0 and place_xy_weight > 0]
         self._xy: dict[int, list[torch.Tensor]] = {}  # by layer: its input and its attention's output, place rows
         kinds = [(heads, WORD), (answer_heads, ANSWER), (hop_heads, HOP)]
@@ -280,8 +289,10 @@ class BindingObjective(SFTObjective):
         for layer, pairs in by_layer.items():
             layers[layer].self_attn.register_forward_pre_hook(self._hook(pairs))
         self.directions = readout_directions(layers[0].post_attention_layernorm.weight.shape[0]).to(device)
+        flags = {ANSWER: "--binding-place-xy-layer", WORD: "--binding-place-xy-word-layer",
+                 COUNT: "--binding-count-xy-layer"}  # fmt: skip
         for index, kind, _ in self.xy_layers:
-            flag = "--binding-place-xy-layer" if kind == ANSWER else "--binding-place-xy-word-layer"
+            flag = flags[kind]
             if index >= len(layers):
                 raise TrainingError(f"{flag}: layer {index} does not exist (the model has {len(layers)})")
             layer = layers[index]
@@ -343,8 +354,8 @@ class BindingObjective(SFTObjective):
         return ObjectiveOutput(out.loss_sum + self.weight * ce.sum(), metrics)
 
     def _place_loss(self, out: ObjectiveOutput, batch) -> ObjectiveOutput:
-        """`out` plus the place loss (metrics `xy_mse` and `xy_word_mse`: the mean squared error per coordinate at
-        the answer rows and at the mention rows)."""
+        """`out` plus the place loss (metrics `xy_mse`, `xy_word_mse` and `count_mse`: the mean squared error per
+        coordinate at the answer rows, at the mention rows and at the count rows)."""
         captured, self._xy = self._xy, {index: [] for index in self._xy}
         loss, metrics = out.loss_sum, dict(out.metrics)
         for index, kind, name in self.xy_layers:
@@ -355,17 +366,22 @@ class BindingObjective(SFTObjective):
             xy = captured[index]
             h = (xy[0] + xy[1])[rows].float()  # the residual after the attention (the first forward's)
             h = h * torch.rsqrt(h.square().mean(-1, keepdim=True) + 1e-6)
-            dims = 4 if kind == ANSWER else 2  # a mention's (x, y) on the first two directions
-            err = (h @ self.directions[:, :dims] - batch.place_xy[rows, :dims].to(h.device)).square()
+            # an answer's (x1, y1, x2, y2) on the first four directions, a mention's (x, y) on the first two, a
+            # count on the fifth
+            u, dims = {ANSWER: (self.directions[:, :4], 4), WORD: (self.directions[:, :2], 2),
+                       COUNT: (self.directions[:, 4:], 1)}[kind]  # fmt: skip
+            err = (h @ u - batch.place_xy[rows, :dims].to(h.device)).square()
             loss = loss + self.xy_weight * err.sum()
             metrics[name] = (err.detach().sum(), float(err.numel()))
         return ObjectiveOutput(loss, metrics)
 
 
 def readout_directions(hidden: int) -> torch.Tensor:
-    """The place loss's four fixed orthonormal directions [hidden, 4] (the same in every run and process)."""
-    g = torch.Generator().manual_seed(0)
-    return torch.linalg.qr(torch.randn(hidden, 4, generator=g))[0]
+    """The place loss's five fixed orthonormal directions [hidden, 5] (the same in every run and process): four for
+    places, then one for counts (its own draw, so the first four are those of runs made before it was added)."""
+    places = torch.randn(hidden, 4, generator=torch.Generator().manual_seed(0))
+    count = torch.randn(hidden, 1, generator=torch.Generator().manual_seed(1))
+    return torch.linalg.qr(torch.cat([places, count], 1))[0]
 
 
 def query_losses(s: torch.Tensor, valid: torch.Tensor, target: torch.Tensor, count: torch.Tensor,
