@@ -91,7 +91,7 @@ for name in $STAGES; do
   esac
   case $name in shapes) config=nano-shapes ;; stage1) config=nano ;; *) config=nano-$name ;; esac
   # stage 2 trains on stage 1b's mixture, tiled; stages 2h, 2i, 2bind, 2hop* and 2rc on the binding mixture, 2rck and
-  # 2rc2, 2rp, 2x and 2xw on the binding mixture leaning on count questions too
+  # 2rc2, 2rp, 2x, 2xw and 2xc on the binding mixture leaning on count questions too
   data=$name; case $name in stage2h|stage2i|stage2bind|stage2hop*|stage2rc) data=stage2h ;;
     stage2rck|stage2rc2|stage2rp|stage2x|stage2xw|stage2xc) data=stage2k ;;
     stage2*) data=stage1b ;; esac
