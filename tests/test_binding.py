@@ -19,6 +19,8 @@ from internvl.train.binding import (
     FIRST,
     HOP,
     LAST,
+    LETTER,
+    OPTION,
     PLACE_FIRST,
     PLACE_LAST,
     WORD,
@@ -350,6 +352,53 @@ def test_a_count_heads_loss_is_zero_only_at_its_spread():
     assert float(other) == pytest.approx(-float(s[0, 1, :5].softmax(-1)[[0, 1, 3, 4]].sum().log()), rel=1e-5)
 
 
+def test_multiple_choice_options_point_at_their_letters_and_the_answer_at_the_right_option(tmp_path, nano):
+    """A multiple-choice row (task mc) is its scene question with options: its mentions are the question's, not the
+    options' words; each option's last token queries its letter over the question's tokens (LETTER), and the
+    answer position the last token of the option that the reply names (OPTION); a head trained on them learns both
+    lookups."""
+    from internvl.synth.writer import generate_split
+
+    generate_split(str(tmp_path), "train", n=12, tasks=["mc"], seed=3)
+    index = build_index(read_meta(tmp_path / "meta.json"))
+    options = SampleOptions(**{**SampleOptions.for_model(nano.config).__dict__, "binding": True})
+    ds = SFTDataset(index, nano.tokenizer, nano.config, options)
+    samples = [ds[i] for i in range(len(index))]
+    decode = nano.tokenizer.decode
+    for sample, row in zip(samples, (index.read(i)[0] for i in range(len(index)))):
+        meta, ids = row["meta"], sample.input_ids
+        kinds = [kind for *_, kind in sample.binding]
+        assert kinds.count(WORD) == len(mentions(meta["base_question"]))
+        letters = [(q, keys, hits) for q, keys, hits, kind in sample.binding if kind == LETTER]
+        assert len(letters) == len(meta["options"]) == 4
+        for (q, keys, hits), letter, text in zip(letters, "ABCD", meta["options"]):
+            (target,) = [k for k, hit in zip(keys, hits) if hit]
+            assert decode(ids[target : target + 1].tolist()).strip() == letter
+            assert decode(ids[target : q + 1].tolist()).strip() == f"{letter}. {text}"
+        ((q, keys, hits),) = [(q, keys, hits) for q, keys, hits, kind in sample.binding if kind == OPTION]
+        assert decode(ids[q + 1 : q + 2].tolist()) == meta["answer"]  # the reply follows the answer position
+        (target,) = [k for k, hit in zip(keys, hits) if hit]
+        right = meta["options"]["ABCD".index(meta["answer"])]
+        assert decode(ids[target - 1 : target + 1].tolist()).strip().endswith(right.split()[-1])
+        assert [q for q, _, _ in letters if q == target] == [target] and keys[-1] == q
+    collate = Collator(pad_token_id(nano.tokenizer), ds.dummy, packed=True)
+    batch = collate.rows([samples[:6]])
+    model = internvl.load(str(BUILTIN), dtype="fp32", optimize=False).model.train()
+    objective = BindingObjective("square", 1.0, [], letter_heads=[(1, 1)], option_heads=[(5, 2)])
+    objective.setup(model, torch.device("cpu"))
+    opt = torch.optim.Adam([p for n, p in model.named_parameters() if n.startswith("language_model")], lr=1e-3)
+    ces = []
+    for _ in range(6):
+        out = objective(model, batch)
+        ce, n = out.metrics["bind_ce"]
+        assert n == int(((batch.bind_kind == LETTER) | (batch.bind_kind == OPTION)).sum()) == 6 * 5
+        ces.append(float(ce) / n)
+        opt.zero_grad()
+        out.loss_sum.backward()
+        opt.step()
+    assert ces[-1] < 0.7 * ces[0], ces
+
+
 def test_training_on_it_moves_attention_onto_the_named_objects(scenes, nano):
     ds, samples, _, _ = scenes
     collate = Collator(pad_token_id(nano.tokenizer), ds.dummy, packed=True)
@@ -385,7 +434,8 @@ def test_finetune_trains_on_it_and_logs_it(scenes, tmp_path, capsys):
               "--binding-loss", "0.5", "--binding-answer-heads", "3:0", "--binding-hop-heads", "4:1",
               "--binding-first-heads", "3:2", "--binding-last-heads", "3:3", "--binding-count-heads", "4:2",
               "--binding-place-xy-loss", "0.2", "--binding-place-xy-layer", "5", "--binding-place-xy-word-layer", "2",
-              "--binding-count-xy-layer", "4", "--lr", "1e-3"]  # fmt: skip
+              "--binding-count-xy-layer", "4", "--binding-letter-heads", "1:1", "--binding-option-heads", "5:2",
+              "--lr", "1e-3"]  # fmt: skip
     assert cli([*common, "--out", str(tmp_path / "run"), "--no-grad-checkpoint"]) == 0
     rows = read_metrics(tmp_path / "run" / "metrics.csv")
     assert rows and all(0 < r["bind_ce"] < 20 and 0 <= r["bind_top1"] <= 1 for r in rows)

@@ -1,8 +1,8 @@
 """The training curriculum next to a train split: scenes of one large shape, then of one or two, then of up
 to five at the contract's sizes, six questions each (`synth.writer.generate_dense`), and the meta files of
 its stages in order: shapes.json, stage0.json, stage1a.json, stage1.json, stage1b.json, stage2h.json, a
-mixture that leans on scenes of several objects, and stage2k.json, the same leaning on count questions too
-(see runs/train_nano.sh)."""
+mixture that leans on scenes of several objects, stage2k.json, the same leaning on count questions too, and
+stage2m.json, that leaning on multiple-choice questions as well (see runs/train_nano.sh)."""
 
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ BINDING_TASKS = ("color", "shape", "count", "position", "relation")
 STAGE2H_OTHERS = 0.5
 STAGE2H_DENSE1 = 0.25
 STAGE2K_COUNT = 3.0  # stage 2k: stage 2h with the split's count questions this many times over
+STAGE2M_MC = 4.0  # stage 2m: stage 2k with the split's multiple-choice questions this many times over
 
 
 def curriculum(split: str | Path, out: str | Path, scale: float = 1.0, progress: bool = False) -> dict:
@@ -58,8 +59,10 @@ def curriculum(split: str | Path, out: str | Path, scale: float = 1.0, progress:
         stage2h[name] = share({**entry, **paths}, 1.0 if binding else STAGE2H_OTHERS)
     stage2k = {name: share(stage1b[name], STAGE2K_COUNT) if name == "synth_count" else entry
                for name, entry in stage2h.items()}  # fmt: skip
+    stage2m = {name: share(stage1b[name], STAGE2M_MC) if name == "synth_mc" else entry
+               for name, entry in stage2k.items()}  # fmt: skip
     metas = {"shapes": shapes, "stage0": {"dense0": entries["dense0"]}, "stage1a": stage1a, "stage1": stage1,
-             "stage1b": stage1b, "stage2h": stage2h, "stage2k": stage2k}  # fmt: skip
+             "stage1b": stage1b, "stage2h": stage2h, "stage2k": stage2k, "stage2m": stage2m}  # fmt: skip
     for name, meta in metas.items():
         (out / f"{name}.json").write_text(json.dumps(meta, indent=2) + "\n")
     return {name: sum(e["length"] for e in meta.values()) for name, meta in metas.items()}

@@ -95,6 +95,12 @@ class DataArgs:
                                         metavar="L:H,...")  # fmt: skip
     binding_place_last_heads: str = _f("", "the same onto its last-named objects (empty: none)",
                                        metavar="L:H,...")  # fmt: skip
+    binding_letter_heads: str = _f("", "layer:head pairs it supervises from each option's last token of a "
+                                   "multiple-choice question onto the option's letter (empty: none)",
+                                   metavar="L:H,...")  # fmt: skip
+    binding_option_heads: str = _f("", "layer:head pairs it supervises from the answer position of a "
+                                   "multiple-choice question onto the right option's last token (empty: none)",
+                                   metavar="L:H,...")  # fmt: skip
     binding_place_xy_loss: float = _f(0.0, "weight of the place loss: the answer position's MLP input at layer "
                                       "--binding-place-xy-layer, read on fixed directions, gives the centres of the "
                                       "question's first- and last-named objects (0: off)")  # fmt: skip
@@ -159,7 +165,9 @@ class DataArgs:
                 (self.binding_first_heads, "--binding-first-heads"), (self.binding_last_heads, "--binding-last-heads"),
                 (self.binding_count_heads, "--binding-count-heads"),
                 (self.binding_place_first_heads, "--binding-place-first-heads"),
-                (self.binding_place_last_heads, "--binding-place-last-heads")]  # fmt: skip
+                (self.binding_place_last_heads, "--binding-place-last-heads"),
+                (self.binding_letter_heads, "--binding-letter-heads"),
+                (self.binding_option_heads, "--binding-option-heads")]  # fmt: skip
 
 
 @dataclass

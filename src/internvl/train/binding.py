@@ -34,9 +34,15 @@ fixed direction orthogonal to the four: the count n as 2n/9 - 1 (0-9 onto [-1, 1
 their `<img>` share, m / (n + m), which no linear map reads off (runs/count_probe.py); this readout asks the layers
 after them for n itself, on one line.
 
-It needs rows of the Synthetic Visual World's scene tasks (color, shape, count, position, relation, grounding)
-with the contract's `meta.objects` and, for several questions, `meta.turns` (each question's task); other rows and
-questions train on the language loss only.
+A multiple-choice question ("What color is the star?\nA. red\nB. blue...", answered with a letter) is its scene
+question followed by options; the answer must fetch the letter of the option that says what the model found. Two
+lookups over the question's tokens teach it: from each option's last token onto its letter (LETTER heads, early,
+so that the option's last token carries its letter) and from the answer position onto the right option's last
+token (OPTION heads, late, once the answer is known there), whose letter the head then copies.
+
+It needs rows of the Synthetic Visual World's scene tasks (color, shape, count, position, relation, grounding,
+and mc over the first four) with the contract's `meta.objects` and, for several questions, `meta.turns` (each
+question's task); other rows and questions train on the language loss only.
 """
 
 from __future__ import annotations
@@ -127,8 +133,12 @@ def object_tokens(box: Sequence[float], width: int, height: int, grid: tuple[int
 # compares their places, so each needs a head of its own), and for a count question that position again onto one
 # token per named object and the `<img>` token (COUNT: spread evenly over them), and that position onto the image
 # tokens that show the question's first-named objects (PLACE_FIRST) or its last-named ones (PLACE_LAST) at
-# whole-image scale (the thumbnail's, whose cells say where on the image an object is; a tile's, where in the tile)
-WORD, ANSWER, HOP, FIRST, LAST, COUNT, PLACE_FIRST, PLACE_LAST = 0, 1, 2, 3, 4, 5, 6, 7
+# whole-image scale (the thumbnail's, whose cells say where on the image an object is; a tile's, where in the tile);
+# for a multiple-choice question, each option's last token onto its letter (LETTER) and the answer position onto
+# the right option's last token (OPTION)
+WORD, ANSWER, HOP, FIRST, LAST, COUNT, PLACE_FIRST, PLACE_LAST, LETTER, OPTION = range(10)
+# an option line of a multiple-choice question: "\nA. text" (the contract's mc rows)
+OPTION_LINE = re.compile(r"\n([A-Z])\. ([^\n]+)")
 
 
 def centre_token(box: Sequence[float], width: int, height: int, grid: tuple[int, int], image_size: int,
@@ -155,7 +165,10 @@ def scene_queries(item: dict, turns: Sequence[tuple[str, str]], ids: Sequence[in
     predicts each such question's answer, whose targets are all the objects the question names (kind ANSWER) and,
     among the question's own tokens, its first mention (FIRST), its last (LAST) and all of them (HOP), and for a
     count question, over the `<img>` token and the image's, that token and one per named object (COUNT; left out
-    when two named objects' centres fall in one cell); [] for any other row.
+    when two named objects' centres fall in one cell); [] for any other row. A multiple-choice question (task "mc",
+    its scene task in `meta.category`) is that question with options: its mentions are those before the options,
+    and over the question's tokens each option's last token queries its letter (LETTER) and the answer position
+    the right option's last token (OPTION, the option the reply's letter names).
 
     `turns` are the row's turns with the image placeholder expanded, `ids` their tokens. A mention's query is the
     last token of its last word; one whose tokens cannot be found where expected is left out, as is one that
@@ -169,6 +182,8 @@ def scene_queries(item: dict, turns: Sequence[tuple[str, str]], ids: Sequence[in
         return []
     listed = meta.get("turns")  # the task of each question (the contract's multi-turn rows)
     tasks = [t.get("task") for t in listed] if isinstance(listed, list) else [item.get("task")]
+    # a multiple-choice question asks its scene task's question
+    tasks = [meta.get("category") if task == "mc" else task for task in tasks]
     image = [i for i, t in enumerate(ids) if t == context_id]
     width, height = size
     grid = choose_grid(width, height, min_num, max_num, image_size)
@@ -182,8 +197,9 @@ def scene_queries(item: dict, turns: Sequence[tuple[str, str]], ids: Sequence[in
     answer_head = tokenizer.encode(t.roles[1], add_special_tokens=False)
     starts = [i for i in range(len(ids) - len(head) + 1) if list(ids[i : i + len(head)]) == head]
     humans = [text for who, text in turns if who == "human"]
+    replies = [text for who, text in turns if who == "gpt"]
     out = []
-    for start, text, task in zip(starts, humans, tasks):
+    for turn, (start, text, task) in enumerate(zip(starts, humans, tasks)):
         if task not in SCENE_TASKS:
             continue
         asked: set[int] = set()
@@ -191,7 +207,9 @@ def scene_queries(item: dict, turns: Sequence[tuple[str, str]], ids: Sequence[in
         places: list[set[int]] = []  # whole-image cells of each supervised mention's objects
         centres: list[list[float]] = []  # the mean centre of each supervised mention's objects, in [-1, 1]
         named_all: list = []  # every object the question names, once a mention
-        for color, shape, end in mentions(text):
+        options = list(OPTION_LINE.finditer(text))
+        question = text[: options[0].start()] if options else text
+        for color, shape, end in mentions(question):
             named = [o for o in objects if color in (None, o[0]) and shape in (None, o[1])]
             named_all += named
             prefix = tokenizer.encode(t.roles[0] + text[:end], add_special_tokens=False)
@@ -223,6 +241,8 @@ def scene_queries(item: dict, turns: Sequence[tuple[str, str]], ids: Sequence[in
                     out.append((query, image, [k in cells for k in range(len(image))], kind))
             if xy is not None:
                 xy.append((query, centres[0] + centres[-1], ANSWER))
+        if options and turn < len(replies):
+            out += option_queries(options, replies[turn], start, query, ids, tokenizer, t.roles[0], text)
         tokens = {centre_token(o[2], width, height, grid, image_size, num_image_token) for o in named_all}
         # a count of 0 too: all on `<img>`, the token before the image's
         if task == "count" and len(tokens) == len(named_all):
@@ -230,6 +250,30 @@ def scene_queries(item: dict, turns: Sequence[tuple[str, str]], ids: Sequence[in
             out.append((query, [image[0] - 1, *image], hits, COUNT))
         if task == "count" and xy is not None:
             xy.append((query, [2 * len(named_all) / 9 - 1, 0.0, 0.0, 0.0], COUNT))
+    return out
+
+
+def option_queries(options: Sequence[re.Match], reply: str, start: int, query: int, ids: Sequence[int],
+                   tokenizer: Tokenizer, role: str, text: str) -> list[tuple[int, list[int], list[bool], int]]:  # fmt: skip
+    """The LETTER and OPTION queries of a multiple-choice question `text` whose turn starts at token `start` and
+    whose answer is predicted at `query`: `options` are its option lines (OPTION_LINE matches), `reply` the answer
+    (its first character the right letter), `role` the turn's opening. An option whose letter or last token is not
+    where its text puts it is left out."""
+    def last_token(end: int) -> int | None:  # the token that ends text[:end], if the tokens agree
+        prefix = tokenizer.encode(role + text[:end], add_special_tokens=False)
+        return start + len(prefix) - 1 if list(ids[start : start + len(prefix)]) == prefix else None
+
+    keys = list(range(start, query + 1))
+    out, right = [], None
+    for m in options:
+        letter, end = last_token(m.end(1)), last_token(m.end(2))
+        if letter is None or end is None or letter >= end:
+            continue
+        out.append((end, keys, [k == letter for k in keys], LETTER))
+        if reply.strip()[:1] == m.group(1):
+            right = end
+    if right is not None:
+        out.append((query, keys, [k == right for k in keys], OPTION))
     return out
 
 
@@ -253,7 +297,8 @@ class BindingObjective(SFTObjective):
                  answer_heads: Sequence[tuple[int, int]] = (), hop_heads: Sequence[tuple[int, int]] = (),
                  first_heads: Sequence[tuple[int, int]] = (), last_heads: Sequence[tuple[int, int]] = (),
                  count_heads: Sequence[tuple[int, int]] = (), place_first_heads: Sequence[tuple[int, int]] = (),
-                 place_last_heads: Sequence[tuple[int, int]] = (), count_sinks: Sequence[float] = (),
+                 place_last_heads: Sequence[tuple[int, int]] = (), letter_heads: Sequence[tuple[int, int]] = (),
+                 option_heads: Sequence[tuple[int, int]] = (), count_sinks: Sequence[float] = (),
                  place_xy_layer: int = -1, place_xy_weight: float = 0.0, place_xy_word_layer: int = -1,
                  count_xy_layer: int = -1):  # fmt: skip
         super().__init__(reduction)
@@ -267,6 +312,7 @@ class BindingObjective(SFTObjective):
         kinds = [(heads, WORD), (answer_heads, ANSWER), (hop_heads, HOP)]
         kinds += [(first_heads, FIRST), (last_heads, LAST)]
         kinds += [(place_first_heads, PLACE_FIRST), (place_last_heads, PLACE_LAST)]
+        kinds += [(letter_heads, LETTER), (option_heads, OPTION)]
         self.heads = [(la, h, kind, 1.0) for pairs, kind in kinds for la, h in pairs]
         sinks = list(count_sinks) or [1.0] * len(count_heads)
         check_count_sinks(sinks, len(count_heads), ",".join(f"{m:g}" for m in sinks))
