@@ -31,22 +31,13 @@ from internvl.tokenizer import IMG_START
 from internvl.train.binding import readout_directions
 
 
-def ridge(x: torch.Tensor, y: torch.Tensor, train: torch.Tensor, strength: float = 300.0) -> torch.Tensor:
-    """The predictions for every row of a ridge regression of y on x (standardised features) fitted on `train`."""
-    mu, sd = x[train].mean(0), x[train].std(0) + 1e-5
-    z = torch.cat([(x - mu) / sd, torch.ones(len(x), 1)], 1).double()
-    a = z[train]
-    w = torch.linalg.solve(a.T @ a + strength * torch.eye(a.shape[1], dtype=a.dtype), a.T @ y[train].double())
-    return (z @ w).float()
-
-
 def r2(pred: torch.Tensor, y: torch.Tensor) -> float:
     return float(1 - (pred - y).square().sum() / (y - y.mean()).square().sum())
 
 
 def states(model, rows: list[dict], data: Path) -> None:
     """--states: the probes of the count along the residual stream at the answer position (see the module)."""
-    from place_probe import fit  # runs/ is on the path when this file is run as a script
+    from place_probe import fit, ridge  # runs/ is on the path when this file is run as a script
 
     vlm = model.model.eval()
     layers = vlm.language_model.model.layers

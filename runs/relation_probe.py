@@ -19,19 +19,15 @@ import json
 from pathlib import Path
 
 import torch
-from place_probe import fit  # runs/ is on the path when this file is run as a script
+from place_probe import fit, ridge  # runs/ is on the path when this file is run as a script
 
 import internvl
 from internvl.train.binding import readout_directions
 
 
-def r2(x: torch.Tensor, y: torch.Tensor, train: torch.Tensor, ridge: float = 300.0) -> float:
+def r2(x: torch.Tensor, y: torch.Tensor, train: torch.Tensor) -> float:
     """Held-out R^2 of a ridge regression of y on x (standardised features) fitted on the rows `train`."""
-    mu, sd = x[train].mean(0), x[train].std(0) + 1e-5
-    z = torch.cat([(x - mu) / sd, torch.ones(len(x), 1)], 1).double()
-    a = z[train]
-    w = torch.linalg.solve(a.T @ a + ridge * torch.eye(a.shape[1], dtype=a.dtype), a.T @ y[train].double())
-    pred, test = z @ w, ~train
+    pred, test = ridge(x, y, train), ~train
     return float(1 - (pred[test] - y[test]).square().sum() / (y[test] - y[test].mean()).square().sum())
 
 
