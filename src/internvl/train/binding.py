@@ -38,7 +38,9 @@ A multiple-choice question ("What color is the star?\nA. red\nB. blue...", answe
 question followed by options; the answer must fetch the letter of the option that says what the model found. Two
 lookups over the question's tokens teach it: from each option's last token onto its letter (LETTER heads, early,
 so that the option's last token carries its letter) and from the answer position onto the right option's last
-token (OPTION heads, late, once the answer is known there), whose letter the head then copies.
+token (OPTION heads, late, once the answer is known there), whose letter the head then copies. On the 6-layer
+nano model the LETTER head learns its lookup but an OPTION head in the last layer stays at chance: the answer is
+not yet formed at that layer's input (README, run 24).
 
 It needs rows of the Synthetic Visual World's scene tasks (color, shape, count, position, relation, grounding,
 and mc over the first four) with the contract's `meta.objects` and, for several questions, `meta.turns` (each
