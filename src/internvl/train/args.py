@@ -139,10 +139,10 @@ class DataArgs:
         _check(self.binding_place_xy_loss == 0 or (self.binding_loss > 0 and self.binding_place_xy_layer >= 0),
                "--binding-place-xy-loss needs --binding-loss > 0 and --binding-place-xy-layer >= 0, got "
                f"{self.binding_loss} and {self.binding_place_xy_layer}")  # fmt: skip
-        _check(self.binding_place_xy_word_layer < 0 or self.binding_place_xy_loss > 0,
-               f"--binding-place-xy-word-layer {self.binding_place_xy_word_layer} needs --binding-place-xy-loss > 0")
-        _check(self.binding_count_xy_layer < 0 or self.binding_place_xy_loss > 0,
-               f"--binding-count-xy-layer {self.binding_count_xy_layer} needs --binding-place-xy-loss > 0")
+        # the place loss's readouts at other positions use its weight
+        for layer, flag in ((self.binding_place_xy_word_layer, "--binding-place-xy-word-layer"),
+                            (self.binding_count_xy_layer, "--binding-count-xy-layer")):  # fmt: skip
+            _check(layer < 0 or self.binding_place_xy_loss > 0, f"{flag} {layer} needs --binding-place-xy-loss > 0")
         _check(self.num_workers >= 0, f"--num-workers must be >= 0, got {self.num_workers}")
 
     def count_sinks(self) -> list[float]:
