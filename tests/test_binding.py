@@ -15,11 +15,13 @@ from internvl.train import binding
 from internvl.train.args import DataArgs
 from internvl.train.binding import (
     ANSWER,
+    CHOICE,
     COUNT,
     FIRST,
     HOP,
     LAST,
     LETTER,
+    MATCH,
     OPTION,
     PLACE_FIRST,
     PLACE_LAST,
@@ -242,10 +244,13 @@ def test_place_loss_reads_the_mlp_input_and_trains(scenes, nano):
     bind = float(out.metrics["bind_ce"][0])  # the binding loss, weight 1
     assert float(out.loss_sum - plain.loss_sum) == pytest.approx(bind + 0.5 * total, rel=1e-3)
     directions = binding.readout_directions(256)
-    assert torch.allclose(directions.T @ directions, torch.eye(5), atol=1e-5)
-    # the first four are those the place loss had before the count readout came
-    first = torch.linalg.qr(torch.randn(256, 4, generator=torch.Generator().manual_seed(0)))[0]
-    assert torch.allclose(directions[:, :4], first, atol=1e-6)
+    assert torch.allclose(directions.T @ directions, torch.eye(6), atol=1e-5)
+    # the first four are those the place loss had before the count readout came, the first five those it had
+    # before the match readout came
+    places = torch.randn(256, 4, generator=torch.Generator().manual_seed(0))
+    count = torch.randn(256, 1, generator=torch.Generator().manual_seed(1))
+    assert torch.allclose(directions[:, :4], torch.linalg.qr(places)[0], atol=1e-6)
+    assert torch.allclose(directions[:, :5], torch.linalg.qr(torch.cat([places, count], 1))[0], atol=1e-6)
     params = [p for name, p in model.named_parameters() if name.startswith("language_model")]
     opt = torch.optim.Adam(params, lr=1e-3)
     mses = []
@@ -265,6 +270,10 @@ def test_place_loss_reads_the_mlp_input_and_trains(scenes, nano):
         DataArgs(data="d.json", binding_loss=0.1, binding_place_xy_word_layer=2)
     with pytest.raises(TrainingError, match="^--binding-count-xy-layer 4 needs --binding-place-xy-loss > 0$"):
         DataArgs(data="d.json", binding_loss=0.1, binding_count_xy_layer=4)
+    with pytest.raises(TrainingError, match="^--binding-match-xy-layer 4 needs --binding-place-xy-loss > 0$"):
+        DataArgs(data="d.json", binding_loss=0.1, binding_match_xy_layer=4)
+    with pytest.raises(TrainingError, match="^--binding-match-xy-layer: layer 6 does not exist"):
+        BindingObjective("square", 1.0, [(1, 0)], place_xy_weight=0.5, match_xy_layer=6).setup(model, "cpu")
     with pytest.raises(TrainingError, match="^--binding-count-xy-layer: layer 7 does not exist"):
         BindingObjective("square", 1.0, [(1, 0)], place_xy_weight=0.5, count_xy_layer=7).setup(model, "cpu")
 
@@ -354,9 +363,10 @@ def test_a_count_heads_loss_is_zero_only_at_its_spread():
 
 def test_multiple_choice_options_point_at_their_letters_and_the_answer_at_the_right_option(tmp_path, nano):
     """A multiple-choice row (task mc) is its scene question with options: its mentions are the question's, not the
-    options' words; each option's last token queries its letter over the question's tokens (LETTER), and the
-    answer position the last token of the option that the reply names (OPTION); a head trained on them learns both
-    lookups."""
+    options' words; each option's last token queries, over the question's tokens up to it, its letter (LETTER) and
+    the question's mentions (CHOICE), and is a place row saying +1 when the reply names it and -1 otherwise (MATCH);
+    the answer position queries the last token of the option that the reply names (OPTION). Heads trained on them
+    learn the lookups and the readout the match."""
     from internvl.synth.writer import generate_split
 
     generate_split(str(tmp_path), "train", n=12, tasks=["mc"], seed=3)
@@ -371,10 +381,20 @@ def test_multiple_choice_options_point_at_their_letters_and_the_answer_at_the_ri
         assert kinds.count(WORD) == len(mentions(meta["base_question"]))
         letters = [(q, keys, hits) for q, keys, hits, kind in sample.binding if kind == LETTER]
         assert len(letters) == len(meta["options"]) == 4
+        words = [q for q, _, _, kind in sample.binding if kind == WORD]
+        choices = [(q, keys, hits) for q, keys, hits, kind in sample.binding if kind == CHOICE]
+        matches = [(q, xy) for q, xy, kind in sample.places if kind == MATCH]
+        assert len(choices) == (4 if words else 0) and len(matches) == 4
         for (q, keys, hits), letter, text in zip(letters, "ABCD", meta["options"]):
             (target,) = [k for k, hit in zip(keys, hits) if hit]
             assert decode(ids[target : target + 1].tolist()).strip() == letter
             assert decode(ids[target : q + 1].tolist()).strip() == f"{letter}. {text}"
+            assert keys[-1] == q  # the option's last token sees the question up to itself
+            if words:
+                ((cq, ckeys, chits),) = [c for c in choices if c[0] == q]
+                assert ckeys == keys and [k for k, hit in zip(ckeys, chits) if hit] == words
+            ((mq, xy),) = [m for m in matches if m[0] == q]
+            assert xy == [1.0 if letter == meta["answer"] else -1.0, 0.0, 0.0, 0.0]
         ((q, keys, hits),) = [(q, keys, hits) for q, keys, hits, kind in sample.binding if kind == OPTION]
         assert decode(ids[q + 1 : q + 2].tolist()) == meta["answer"]  # the reply follows the answer position
         (target,) = [k for k, hit in zip(keys, hits) if hit]
@@ -384,19 +404,24 @@ def test_multiple_choice_options_point_at_their_letters_and_the_answer_at_the_ri
     collate = Collator(pad_token_id(nano.tokenizer), ds.dummy, packed=True)
     batch = collate.rows([samples[:6]])
     model = internvl.load(str(BUILTIN), dtype="fp32", optimize=False).model.train()
-    objective = BindingObjective("square", 1.0, [], letter_heads=[(1, 1)], option_heads=[(5, 2)])
+    objective = BindingObjective("square", 1.0, [], letter_heads=[(1, 1)], option_heads=[(5, 2)],
+                                 choice_heads=[(3, 0)], place_xy_layer=5, place_xy_weight=1.0, match_xy_layer=4)  # fmt: skip
     objective.setup(model, torch.device("cpu"))
     opt = torch.optim.Adam([p for n, p in model.named_parameters() if n.startswith("language_model")], lr=1e-3)
-    ces = []
+    ces, mses = [], []
+    lookups = (batch.bind_kind == LETTER) | (batch.bind_kind == OPTION) | (batch.bind_kind == CHOICE)
     for _ in range(6):
         out = objective(model, batch)
         ce, n = out.metrics["bind_ce"]
-        assert n == int(((batch.bind_kind == LETTER) | (batch.bind_kind == OPTION)).sum()) == 6 * 5
+        assert n == int(lookups.sum()) >= 6 * 5
+        mse, rows = out.metrics["match_mse"]
+        assert rows == int((batch.place_kind == MATCH).sum()) == 6 * 4
         ces.append(float(ce) / n)
+        mses.append(float(mse) / rows)
         opt.zero_grad()
         out.loss_sum.backward()
         opt.step()
-    assert ces[-1] < 0.7 * ces[0], ces
+    assert ces[-1] < 0.7 * ces[0] and mses[-1] < 0.5 * mses[0], (ces, mses)
 
 
 def test_training_on_it_moves_attention_onto_the_named_objects(scenes, nano):
@@ -426,25 +451,28 @@ def test_training_on_it_moves_attention_onto_the_named_objects(scenes, nano):
 
 def test_finetune_trains_on_it_and_logs_it(scenes, tmp_path, capsys):
     from internvl.cli.main import main as cli
+    from internvl.synth.writer import generate_split
     from internvl.train.metrics import read_metrics
 
-    meta = scenes[3] / "meta.json"
+    # a small split of scenes and multiple-choice rows (for the options' lookups and readout)
+    generate_split(str(tmp_path / "data"), "train", n=6, tasks=["color", "count", "relation", "mc"], seed=5)
+    meta = tmp_path / "data" / "meta.json"
     common = ["finetune", str(BUILTIN), "--data", str(meta), "--num-workers", "0", "--threads", "1",
               "--no-tensorboard", "--log-every", "1", "--packing", "--max-packed-tokens", "8192", "--max-steps", "2",
               "--binding-loss", "0.5", "--binding-answer-heads", "3:0", "--binding-hop-heads", "4:1",
               "--binding-first-heads", "3:2", "--binding-last-heads", "3:3", "--binding-count-heads", "4:2",
               "--binding-place-xy-loss", "0.2", "--binding-place-xy-layer", "5", "--binding-place-xy-word-layer", "2",
               "--binding-count-xy-layer", "4", "--binding-letter-heads", "1:1", "--binding-option-heads", "5:2",
-              "--lr", "1e-3"]  # fmt: skip
+              "--binding-choice-heads", "3:0", "--binding-match-xy-layer", "4", "--lr", "1e-3"]  # fmt: skip
     assert cli([*common, "--out", str(tmp_path / "run"), "--no-grad-checkpoint"]) == 0
     rows = read_metrics(tmp_path / "run" / "metrics.csv")
     assert rows and all(0 < r["bind_ce"] < 20 and 0 <= r["bind_top1"] <= 1 for r in rows)
-    assert all(0 < r["xy_mse"] and 0 < r["xy_word_mse"] and 0 < r["count_mse"] for r in rows)
+    assert all(0 < r["xy_mse"] and 0 < r["xy_word_mse"] and 0 < r["count_mse"] and 0 < r["match_mse"] for r in rows)
     # with activations recomputed in the backward pass the same gradients reach step 2
     assert cli([*common, "--out", str(tmp_path / "ckpt"), "--grad-checkpoint"]) == 0
     again = read_metrics(tmp_path / "ckpt" / "metrics.csv")
     for a, b in zip(rows, again, strict=True):
-        keys = ("loss", "bind_ce", "xy_mse", "xy_word_mse", "count_mse")
+        keys = ("loss", "bind_ce", "xy_mse", "xy_word_mse", "count_mse", "match_mse")
         assert [a[k] for k in keys] == pytest.approx([b[k] for k in keys], rel=1e-4)
     assert rows[1]["bind_ce"] != rows[0]["bind_ce"]
     capsys.readouterr()

@@ -1,8 +1,9 @@
 """The training curriculum next to a train split: scenes of one large shape, then of one or two, then of up
 to five at the contract's sizes, six questions each (`synth.writer.generate_dense`), and the meta files of
 its stages in order: shapes.json, stage0.json, stage1a.json, stage1.json, stage1b.json, stage2h.json, a
-mixture that leans on scenes of several objects, stage2k.json, the same leaning on count questions too, and
-stage2m.json, that leaning on multiple-choice questions as well (see runs/train_nano.sh)."""
+mixture that leans on scenes of several objects, stage2k.json, the same leaning on count questions too,
+stage2m.json, that leaning on multiple-choice questions as well, and stage2o.json, stage2m.json with its count
+questions drawn fresh from another seed (see runs/train_nano.sh)."""
 
 from __future__ import annotations
 
@@ -25,11 +26,14 @@ STAGE2H_OTHERS = 0.5
 STAGE2H_DENSE1 = 0.25
 STAGE2K_COUNT = 3.0  # stage 2k: stage 2h with the split's count questions this many times over
 STAGE2M_MC = 4.0  # stage 2m: stage 2k with the split's multiple-choice questions this many times over
+# stage 2o: stage 2m with these count questions of the train split's kind (folder, items, base seed) instead of the
+# split's own, each once
+STAGE2O_COUNT = ("count2", 18000, 31)
 
 
 def curriculum(split: str | Path, out: str | Path, scale: float = 1.0, progress: bool = False) -> dict:
     """The curriculum sets and the stages' meta files (paths relative to `out`); `scale` shrinks them."""
-    from ..synth.writer import generate_dense
+    from ..synth.writer import generate_dense, generate_split
 
     split, out = Path(split), Path(out)
     meta_file = split / "meta.json"
@@ -61,8 +65,14 @@ def curriculum(split: str | Path, out: str | Path, scale: float = 1.0, progress:
                for name, entry in stage2h.items()}  # fmt: skip
     stage2m = {name: share(stage1b[name], STAGE2M_MC) if name == "synth_mc" else entry
                for name, entry in stage2k.items()}  # fmt: skip
+    folder, n, seed = STAGE2O_COUNT
+    n = max(1, int(n * scale))
+    generate_split(str(out / folder), "train", n, tasks=["count"], seed=seed, progress=progress)
+    fresh = {"root": folder, "annotation": f"{folder}/count.jsonl", "data_augment": False, "repeat_time": 1, "length": n}
+    stage2o = {name: fresh if name == "synth_count" else entry for name, entry in stage2m.items()}
     metas = {"shapes": shapes, "stage0": {"dense0": entries["dense0"]}, "stage1a": stage1a, "stage1": stage1,
-             "stage1b": stage1b, "stage2h": stage2h, "stage2k": stage2k, "stage2m": stage2m}  # fmt: skip
+             "stage1b": stage1b, "stage2h": stage2h, "stage2k": stage2k, "stage2m": stage2m,
+             "stage2o": stage2o}  # fmt: skip
     for name, meta in metas.items():
         (out / f"{name}.json").write_text(json.dumps(meta, indent=2) + "\n")
     return {name: sum(e["length"] for e in meta.values()) for name, meta in metas.items()}

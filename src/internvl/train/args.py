@@ -101,6 +101,9 @@ class DataArgs:
     binding_option_heads: str = _f("", "layer:head pairs it supervises from the answer position of a "
                                    "multiple-choice question onto the right option's last token (empty: none)",
                                    metavar="L:H,...")  # fmt: skip
+    binding_choice_heads: str = _f("", "layer:head pairs it supervises from each option's last token of a "
+                                   "multiple-choice question onto the question's words naming objects (empty: none)",
+                                   metavar="L:H,...")  # fmt: skip
     binding_place_xy_loss: float = _f(0.0, "weight of the place loss: the answer position's MLP input at layer "
                                       "--binding-place-xy-layer, read on fixed directions, gives the centres of the "
                                       "question's first- and last-named objects (0: off)")  # fmt: skip
@@ -109,6 +112,9 @@ class DataArgs:
                                            "of the objects the mention names (-1: not at the mentions)")  # fmt: skip
     binding_count_xy_layer: int = _f(-1, "the layer whose MLP input it reads at each count question's answer "
                                      "position too, for the count on a fifth direction (-1: not at count answers)")
+    binding_match_xy_layer: int = _f(-1, "the layer whose MLP input it reads at each option's last token of a "
+                                     "multiple-choice question too, for +1 (the right option) or -1 on a sixth "
+                                     "direction (-1: not at options)")  # fmt: skip
     skip_bad_rows: bool = _f(False, "skip invalid rows (reported at the end and in OUT/skipped_rows.txt)")
     num_workers: int = _f(2, "data-loading processes (0: load in the training process)")
 
@@ -141,7 +147,8 @@ class DataArgs:
                f"{self.binding_loss} and {self.binding_place_xy_layer}")  # fmt: skip
         # the place loss's readouts at other positions use its weight
         for layer, flag in ((self.binding_place_xy_word_layer, "--binding-place-xy-word-layer"),
-                            (self.binding_count_xy_layer, "--binding-count-xy-layer")):  # fmt: skip
+                            (self.binding_count_xy_layer, "--binding-count-xy-layer"),
+                            (self.binding_match_xy_layer, "--binding-match-xy-layer")):  # fmt: skip
             _check(layer < 0 or self.binding_place_xy_loss > 0, f"{flag} {layer} needs --binding-place-xy-loss > 0")
         _check(self.num_workers >= 0, f"--num-workers must be >= 0, got {self.num_workers}")
 
@@ -167,7 +174,8 @@ class DataArgs:
                 (self.binding_place_first_heads, "--binding-place-first-heads"),
                 (self.binding_place_last_heads, "--binding-place-last-heads"),
                 (self.binding_letter_heads, "--binding-letter-heads"),
-                (self.binding_option_heads, "--binding-option-heads")]  # fmt: skip
+                (self.binding_option_heads, "--binding-option-heads"),
+                (self.binding_choice_heads, "--binding-choice-heads")]  # fmt: skip
 
 
 @dataclass

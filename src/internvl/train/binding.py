@@ -40,7 +40,11 @@ lookups over the question's tokens teach it: from each option's last token onto 
 so that the option's last token carries its letter) and from the answer position onto the right option's last
 token (OPTION heads, late, once the answer is known there), whose letter the head then copies. On the 6-layer
 nano model the LETTER head learns its lookup but an OPTION head in the last layer stays at chance: the answer is
-not yet formed at that layer's input (README, run 24).
+not yet formed at that layer's input (README, run 24). So the comparison can move to the options: from each
+option's last token CHOICE heads look up the question's mentions (which the WORD heads have filled with the named
+object's color and shape), and with `match_xy_layer` the place loss's readout at that layer's MLP input asks each
+option's last token for +1 when it is the right option and -1 otherwise (a sixth direction); the OPTION head then
+only has to find the option that says it matches.
 
 It needs rows of the Synthetic Visual World's scene tasks (color, shape, count, position, relation, grounding,
 and mc over the first four) with the contract's `meta.objects` and, for several questions, `meta.turns` (each
@@ -137,8 +141,9 @@ def object_tokens(box: Sequence[float], width: int, height: int, grid: tuple[int
 # tokens that show the question's first-named objects (PLACE_FIRST) or its last-named ones (PLACE_LAST) at
 # whole-image scale (the thumbnail's, whose cells say where on the image an object is; a tile's, where in the tile);
 # for a multiple-choice question, each option's last token onto its letter (LETTER) and the answer position onto
-# the right option's last token (OPTION)
-WORD, ANSWER, HOP, FIRST, LAST, COUNT, PLACE_FIRST, PLACE_LAST, LETTER, OPTION = range(10)
+# the right option's last token (OPTION), an option's last token onto the question's mentions (CHOICE), and the
+# place loss's row at an option's last token that says whether the option is the right one (MATCH)
+WORD, ANSWER, HOP, FIRST, LAST, COUNT, PLACE_FIRST, PLACE_LAST, LETTER, OPTION, CHOICE, MATCH = range(12)
 # an option line of a multiple-choice question: "\nA. text" (the contract's mc rows)
 OPTION_LINE = re.compile(r"\n([A-Z])\. ([^\n]+)")
 
@@ -177,7 +182,8 @@ def scene_queries(item: dict, turns: Sequence[tuple[str, str]], ids: Sequence[in
     names no object of the scene (a count of 0). When `xy` is a list, the place loss's rows are appended to it: each
     such question's answer position with the centres of its first and last mention's objects, (x1, y1, x2, y2) in
     [-1, 1] of the canvas (kind ANSWER), each mention's query with its objects' centre twice (kind WORD), and each
-    count question's answer position with (2n/9 - 1, 0, 0, 0), n its count (kind COUNT)."""
+    count question's answer position with (2n/9 - 1, 0, 0, 0), n its count (kind COUNT), and each option's last
+    token with (+1 or -1, 0, 0, 0), whether it is the right option (kind MATCH)."""
     meta = item.get("meta") or {}
     objects, size = meta.get("objects"), meta.get("size")
     if not objects or not size or not isinstance(item.get("image"), str):
@@ -244,7 +250,7 @@ def scene_queries(item: dict, turns: Sequence[tuple[str, str]], ids: Sequence[in
             if xy is not None:
                 xy.append((query, centres[0] + centres[-1], ANSWER))
         if options and turn < len(replies):
-            out += option_queries(options, replies[turn], start, query, ids, tokenizer, t.roles[0], text)
+            out += option_queries(options, replies[turn], start, query, ids, tokenizer, t.roles[0], text, words, xy)
         tokens = {centre_token(o[2], width, height, grid, image_size, num_image_token) for o in named_all}
         # a count of 0 too: all on `<img>`, the token before the image's
         if task == "count" and len(tokens) == len(named_all):
@@ -256,25 +262,35 @@ def scene_queries(item: dict, turns: Sequence[tuple[str, str]], ids: Sequence[in
 
 
 def option_queries(options: Sequence[re.Match], reply: str, start: int, query: int, ids: Sequence[int],
-                   tokenizer: Tokenizer, role: str, text: str) -> list[tuple[int, list[int], list[bool], int]]:  # fmt: skip
-    """The LETTER and OPTION queries of a multiple-choice question `text` whose turn starts at token `start` and
-    whose answer is predicted at `query`: `options` are its option lines (OPTION_LINE matches), `reply` the answer
-    (its first character the right letter), `role` the turn's opening. An option whose letter or last token is not
-    where its text puts it is left out."""
+                   tokenizer: Tokenizer, role: str, text: str, words: Sequence[int] = (),
+                   xy: list[tuple[int, list[float], int]] | None = None) -> list[tuple[int, list[int], list[bool], int]]:  # fmt: skip
+    """The LETTER, CHOICE and OPTION queries of a multiple-choice question `text` whose turn starts at token `start`
+    and whose answer is predicted at `query`: `options` are its option lines (OPTION_LINE matches), `reply` the
+    answer (its first character the right letter), `role` the turn's opening, `words` the query positions of the
+    question's mentions. Each option's last token queries its letter (LETTER) and the mentions (CHOICE) among the
+    question's tokens up to it. When `xy` is a list, each option's last token is appended to it as a MATCH row with
+    +1 for the right option and -1 for the others. An option whose letter or last token is not where its text puts
+    it is left out."""
     def last_token(end: int) -> int | None:  # the token that ends text[:end], if the tokens agree
         prefix = tokenizer.encode(role + text[:end], add_special_tokens=False)
         return start + len(prefix) - 1 if list(ids[start : start + len(prefix)]) == prefix else None
 
-    keys = list(range(start, query + 1))
     out, right = [], None
     for m in options:
         letter, end = last_token(m.end(1)), last_token(m.end(2))
         if letter is None or end is None or letter >= end:
             continue
+        keys = list(range(start, end + 1))  # what the option's last token can see
         out.append((end, keys, [k == letter for k in keys], LETTER))
-        if reply.strip()[:1] == m.group(1):
+        if words:
+            out.append((end, keys, [k in words for k in keys], CHOICE))
+        chosen = reply.strip()[:1] == m.group(1)
+        if chosen:
             right = end
+        if xy is not None:
+            xy.append((end, [1.0 if chosen else -1.0, 0.0, 0.0, 0.0], MATCH))
     if right is not None:
+        keys = list(range(start, query + 1))
         out.append((query, keys, [k == right for k in keys], OPTION))
     return out
 
@@ -286,35 +302,38 @@ class BindingObjective(SFTObjective):
     `last_heads` from there onto its first or its last mention only (FIRST and LAST queries), those of
     `count_heads` from a count question's answer position evenly over its objects and `<img>` (COUNT queries), those
     of `place_first_heads` and `place_last_heads` from the answer position onto the thumbnail's tokens of the first
-    or the last mention's objects (PLACE_FIRST and PLACE_LAST queries), and, when `place_xy_weight` > 0, the place
-    loss at the MLP input of layer `place_xy_layer` (and of `place_xy_word_layer` at the mentions; see the module).
+    or the last mention's objects (PLACE_FIRST and PLACE_LAST queries), those of `letter_heads`, `option_heads` and
+    `choice_heads` over a multiple-choice question's tokens (LETTER, OPTION and CHOICE queries), and, when
+    `place_xy_weight` > 0, the place loss at the MLP input of layer `place_xy_layer` (and of `place_xy_word_layer`
+    at the mentions, `count_xy_layer` at count answers and `match_xy_layer` at the options; see the module).
 
     The scores are computed in a forward pre-hook of each supervised layer's attention, from the same normed
     hidden states and rotary tables the layer uses, for the batch's query rows and image keys only."""
 
     name = "sft+binding"
-    bar_metrics = ("bind_ce", "bind_top1", "xy_mse", "xy_word_mse", "count_mse")
+    bar_metrics = ("bind_ce", "bind_top1", "xy_mse", "xy_word_mse", "count_mse", "match_mse")
 
     def __init__(self, reduction: str, weight: float, heads: Sequence[tuple[int, int]],
                  answer_heads: Sequence[tuple[int, int]] = (), hop_heads: Sequence[tuple[int, int]] = (),
                  first_heads: Sequence[tuple[int, int]] = (), last_heads: Sequence[tuple[int, int]] = (),
                  count_heads: Sequence[tuple[int, int]] = (), place_first_heads: Sequence[tuple[int, int]] = (),
                  place_last_heads: Sequence[tuple[int, int]] = (), letter_heads: Sequence[tuple[int, int]] = (),
-                 option_heads: Sequence[tuple[int, int]] = (), count_sinks: Sequence[float] = (),
-                 place_xy_layer: int = -1, place_xy_weight: float = 0.0, place_xy_word_layer: int = -1,
-                 count_xy_layer: int = -1):  # fmt: skip
+                 option_heads: Sequence[tuple[int, int]] = (), choice_heads: Sequence[tuple[int, int]] = (),
+                 count_sinks: Sequence[float] = (), place_xy_layer: int = -1, place_xy_weight: float = 0.0,
+                 place_xy_word_layer: int = -1, count_xy_layer: int = -1, match_xy_layer: int = -1):  # fmt: skip
         super().__init__(reduction)
         self.weight = weight
         self.xy_weight = place_xy_weight
-        # the place loss's rows and metric by the layer whose MLP input it reads: answer rows, mention rows, count rows
+        # the place loss's rows and metric by the layer whose MLP input it reads: answer rows, mention rows, count
+        # rows, option rows
         xy_layers = [(place_xy_layer, ANSWER, "xy_mse"), (place_xy_word_layer, WORD, "xy_word_mse"),
-                     (count_xy_layer, COUNT, "count_mse")]  # fmt: skip
+                     (count_xy_layer, COUNT, "count_mse"), (match_xy_layer, MATCH, "match_mse")]  # fmt: skip
         self.xy_layers = [(la, kind, name) for la, kind, name in xy_layers if la >= 0 and place_xy_weight > 0]
         self._xy: dict[int, list[torch.Tensor]] = {}  # by layer: its input and its attention's output, place rows
         kinds = [(heads, WORD), (answer_heads, ANSWER), (hop_heads, HOP)]
         kinds += [(first_heads, FIRST), (last_heads, LAST)]
         kinds += [(place_first_heads, PLACE_FIRST), (place_last_heads, PLACE_LAST)]
-        kinds += [(letter_heads, LETTER), (option_heads, OPTION)]
+        kinds += [(letter_heads, LETTER), (option_heads, OPTION), (choice_heads, CHOICE)]
         self.heads = [(la, h, kind, 1.0) for pairs, kind in kinds for la, h in pairs]
         sinks = list(count_sinks) or [1.0] * len(count_heads)
         check_count_sinks(sinks, len(count_heads), ",".join(f"{m:g}" for m in sinks))
@@ -338,7 +357,7 @@ class BindingObjective(SFTObjective):
             layers[layer].self_attn.register_forward_pre_hook(self._hook(pairs))
         self.directions = readout_directions(layers[0].post_attention_layernorm.weight.shape[0]).to(device)
         flags = {ANSWER: "--binding-place-xy-layer", WORD: "--binding-place-xy-word-layer",
-                 COUNT: "--binding-count-xy-layer"}  # fmt: skip
+                 COUNT: "--binding-count-xy-layer", MATCH: "--binding-match-xy-layer"}  # fmt: skip
         for index, kind, _ in self.xy_layers:
             flag = flags[kind]
             if index >= len(layers):
@@ -415,9 +434,9 @@ class BindingObjective(SFTObjective):
             h = (xy[0] + xy[1])[rows].float()  # the residual after the attention (the first forward's)
             h = h * torch.rsqrt(h.square().mean(-1, keepdim=True) + 1e-6)
             # an answer's (x1, y1, x2, y2) on the first four directions, a mention's (x, y) on the first two, a
-            # count on the fifth
+            # count on the fifth, an option's match on the sixth
             u, dims = {ANSWER: (self.directions[:, :4], 4), WORD: (self.directions[:, :2], 2),
-                       COUNT: (self.directions[:, 4:], 1)}[kind]  # fmt: skip
+                       COUNT: (self.directions[:, 4:5], 1), MATCH: (self.directions[:, 5:6], 1)}[kind]  # fmt: skip
             err = (h @ u - batch.place_xy[rows, :dims].to(h.device)).square()
             loss = loss + self.xy_weight * err.sum()
             metrics[name] = (err.detach().sum(), float(err.numel()))
@@ -425,11 +444,11 @@ class BindingObjective(SFTObjective):
 
 
 def readout_directions(hidden: int) -> torch.Tensor:
-    """The place loss's five fixed orthonormal directions [hidden, 5] (the same in every run and process): four for
-    places, then one for counts (its own draw, so the first four are those of runs made before it was added)."""
-    places = torch.randn(hidden, 4, generator=torch.Generator().manual_seed(0))
-    count = torch.randn(hidden, 1, generator=torch.Generator().manual_seed(1))
-    return torch.linalg.qr(torch.cat([places, count], 1))[0]
+    """The place loss's six fixed orthonormal directions [hidden, 6] (the same in every run and process): four for
+    places, one for counts, one for an option's match (each later one its own draw, so the earlier ones are those of
+    runs made before it was added)."""
+    draws = [torch.randn(hidden, k, generator=torch.Generator().manual_seed(seed)) for seed, k in ((0, 4), (1, 1), (2, 1))]
+    return torch.linalg.qr(torch.cat(draws, 1))[0]
 
 
 def query_losses(s: torch.Tensor, valid: torch.Tensor, target: torch.Tensor, count: torch.Tensor,

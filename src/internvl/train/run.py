@@ -167,7 +167,8 @@ def run_loop(args: TrainArgs, prepared: Prepared, data: DataSource, objective, c
                                      count_sinks=d.count_sinks(), place_xy_layer=d.binding_place_xy_layer,
                                      place_xy_weight=d.binding_place_xy_loss,
                                      place_xy_word_layer=d.binding_place_xy_word_layer,
-                                     count_xy_layer=d.binding_count_xy_layer)  # fmt: skip
+                                     count_xy_layer=d.binding_count_xy_layer,
+                                     match_xy_layer=d.binding_match_xy_layer)  # fmt: skip
     objective = objective or SFTObjective(args.data.loss_reduction)
     objective.setup(model, ctx.device)
 
