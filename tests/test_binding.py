@@ -17,6 +17,7 @@ from internvl.train.binding import (
     ANSWER,
     CHOICE,
     COUNT,
+    COUNT_WORD,
     FIRST,
     HOP,
     LAST,
@@ -86,6 +87,7 @@ def test_queries_sit_on_the_named_word_and_targets_show_the_named_color(scenes, 
     ds, samples, rows, _ = scenes
     checked = two = placed = 0
     counts = []  # (the answer, a count question's objects on its COUNT query)
+    spread = 0  # COUNT_WORD queries
     img_start = nano.tokenizer.token_to_id("<img>")
     assert all(s.binding == [] for s, r in zip(samples, rows) if r["task"] == "text")
     scene = [(s, r) for s, r in zip(samples, rows) if r["task"] != "text"]
@@ -125,7 +127,13 @@ def test_queries_sit_on_the_named_word_and_targets_show_the_named_color(scenes, 
                 cells = {k - 1 for k in targets - {0}}
                 assert cells <= last
                 counts.append((int(nano.tokenizer.decode([int(sample.labels[q + 1])])), len(cells)))
-                last = set()
+                last, counted = set(), (q, keys, hits)
+                continue
+            if kind == COUNT_WORD:  # the count question's mention (what to count), spread as its COUNT query is
+                assert (keys, hits) == counted[1:] and q < counted[0] and sample.labels[q] == -100
+                word = nano.tokenizer.decode(sample.input_ids[: q + 1].tolist()).split()[-1]
+                assert word.removesuffix("s") in (*SHAPES, "object"), word
+                spread += 1
                 continue
             if kind in (FIRST, LAST, HOP):  # the answer position again, over the question's tokens: mentions
                 wanted = {FIRST: said[:1], LAST: said[-1:], HOP: said}[kind]
@@ -163,6 +171,7 @@ def test_queries_sit_on_the_named_word_and_targets_show_the_named_color(scenes, 
             checked += 1
     assert checked >= 4 and two >= 3 and placed >= 3
     assert len(counts) >= 4 and all(answer == n for answer, n in counts), counts
+    assert spread == len(counts)
     assert any(n >= 2 for _, n in counts), counts
 
 
@@ -170,7 +179,7 @@ def test_place_targets_are_the_named_objects_centres(scenes, nano):
     """One place row per scene question, at its ANSWER query, holding the centres of the objects its first and
     last mentions name (found here from the question text and the boxes), in [-1, 1] of the canvas, one per
     mention at its WORD query, holding the centre of the objects it names, and one per count question at the
-    position that predicts its answer, holding the answer n as 2n/9 - 1."""
+    position that predicts its answer and one at its mention (COUNT_WORD), each holding the answer n as 2n/9 - 1."""
     ds, samples, rows, _ = scenes
     two = 0
     counted = []
@@ -181,6 +190,11 @@ def test_place_targets_are_the_named_objects_centres(scenes, nano):
                 for q, _, kind in sample.places if kind == COUNT]  # fmt: skip
         assert said == asked
         counted += [(xy, int(n)) for (_, xy, kind), n in zip((p for p in sample.places if p[2] == COUNT), asked)]
+        at_word = [(q, xy) for q, xy, kind in sample.places if kind == COUNT_WORD]
+        assert len(at_word) == len(asked)
+        for (q, xy), (_, answer_xy, _) in zip(at_word, (p for p in sample.places if p[2] == COUNT)):
+            word = nano.tokenizer.decode(sample.input_ids[: q + 1].tolist()).split()[-1]
+            assert word.removesuffix("s") in (*SHAPES, "object") and xy == answer_xy
     assert len(counted) >= 4 and len({n for _, n in counted}) >= 2
     for xy, n in counted:
         assert xy == pytest.approx([2 * n / 9 - 1, 0, 0, 0])
@@ -192,7 +206,7 @@ def test_place_targets_are_the_named_objects_centres(scenes, nano):
         if not answers:  # a text row
             continue
         w, h = row["meta"]["size"]
-        for q, xy, kind in (p for p in sample.places if p[2] != COUNT):
+        for q, xy, kind in (p for p in sample.places if p[2] not in (COUNT, COUNT_WORD)):
             prompt = nano.tokenizer.decode(sample.input_ids[: q + 1].tolist())
             said = mentions(prompt.rsplit("user\n", 1)[1])
             want = []
@@ -213,14 +227,14 @@ def test_place_targets_are_the_named_objects_centres(scenes, nano):
 def test_place_loss_reads_the_mlp_input_and_trains(scenes, nano):
     """xy_mse is the squared error of the RMS-normed residual that layer 3's MLP norm receives (captured here by a
     hook of that norm) at the answer rows, on the fixed directions, against the centres; xy_word_mse the same at
-    layer 2 for the mention rows on the first two; count_mse at layer 4 for the count rows on the fifth; a few
-    steps of it lower all three."""
+    layer 2 for the mention rows on the first two; count_mse at layer 4 for the count rows on the fifth,
+    count_word_mse at layer 3 for the count mentions' rows on the fifth; a few steps of it lower all four."""
     ds, samples, _, _ = scenes
     batch = Collator(pad_token_id(nano.tokenizer), ds.dummy)([s for s in samples if s.places][:8])
     assert int((batch.place_kind == COUNT).sum()) >= 2
     model = internvl.load(str(BUILTIN), dtype="fp32", optimize=False).model.train()
     objective = BindingObjective("square", 1.0, [(1, 0)], place_xy_layer=3, place_xy_weight=0.5, place_xy_word_layer=2,
-                                 count_xy_layer=4)  # fmt: skip
+                                 count_xy_layer=4, count_xy_word_layer=3)  # fmt: skip
     objective.setup(model, torch.device("cpu"))
     seen = {}
     hooks = [model.language_model.model.layers[i].post_attention_layernorm.register_forward_pre_hook(
@@ -232,7 +246,7 @@ def test_place_loss_reads_the_mlp_input_and_trains(scenes, nano):
         hook.remove()
     total = 0.0
     for layer, kind, name, cols in ((3, ANSWER, "xy_mse", [0, 1, 2, 3]), (2, WORD, "xy_word_mse", [0, 1]),
-                                    (4, COUNT, "count_mse", [4])):  # fmt: skip
+                                    (4, COUNT, "count_mse", [4]), (3, COUNT_WORD, "count_word_mse", [4])):  # fmt: skip
         rows, dims = batch.place_kind == kind, len(cols)
         h = seen[layer].flatten(0, 1)[batch.place_query[rows]]
         h = h / h.square().mean(-1, keepdim=True).add(1e-6).sqrt()
@@ -256,7 +270,8 @@ def test_place_loss_reads_the_mlp_input_and_trains(scenes, nano):
     mses = []
     for _ in range(6):
         out = objective(model, batch)
-        mses.append([float(out.metrics[k][0]) / out.metrics[k][1] for k in ("xy_mse", "xy_word_mse", "count_mse")])
+        mses.append([float(out.metrics[k][0]) / out.metrics[k][1]
+                     for k in ("xy_mse", "xy_word_mse", "count_mse", "count_word_mse")])  # fmt: skip
         opt.zero_grad()
         out.loss_sum.backward()
         opt.step()
@@ -430,11 +445,15 @@ def test_training_on_it_moves_attention_onto_the_named_objects(scenes, nano):
     every = collate.rows([[s for s in samples if s.binding][:8]])
     counting = collate.rows([[s for s in samples if any(kind == COUNT for *_, kind in s.binding)][:3]])
     assert int((counting.bind_kind == COUNT).sum()) >= 3
-    # the words' heads onto the named objects; a count head's spread over the objects' centres and <img>
-    for heads, count_heads, batch in (([(1, 0)], [], every), ([], [(4, 2), (4, 3)], counting)):
+    assert int((counting.bind_kind == COUNT_WORD).sum()) == int((counting.bind_kind == COUNT).sum())
+    # the words' heads onto the named objects; a count head's spread over the objects' centres and <img>, from the
+    # answer position and from the mention
+    spread = {"count_sinks": [1.0, 4.0], "count_word_sinks": [1.0, 4.0]}
+    for heads, kwargs, batch in (([(1, 0)], {}, every), ([], {"count_heads": [(4, 2), (4, 3)]}, counting),
+                                 ([], {"count_word_heads": [(2, 1), (2, 2)]}, counting)):  # fmt: skip
         model = internvl.load(str(BUILTIN), dtype="fp32", optimize=False).model.train()
-        sinks = [1.0, 4.0][: len(count_heads)]
-        objective = BindingObjective("square", 1.0, heads, count_heads=count_heads, count_sinks=sinks)
+        sinks = {k: v for k, v in spread.items() if k.replace("sinks", "heads") in kwargs}
+        objective = BindingObjective("square", 1.0, heads, **kwargs, **sinks)
         objective.setup(model, torch.device("cpu"))
         params = [p for n, p in model.named_parameters() if n.startswith("language_model")]
         opt = torch.optim.Adam(params, lr=1e-3)
@@ -446,7 +465,7 @@ def test_training_on_it_moves_attention_onto_the_named_objects(scenes, nano):
             opt.zero_grad()
             out.loss_sum.backward()
             opt.step()
-        assert ces[-1] < 0.7 * ces[0], (count_heads, ces)
+        assert ces[-1] < 0.7 * ces[0], (kwargs, ces)
 
 
 def test_finetune_trains_on_it_and_logs_it(scenes, tmp_path, capsys):
@@ -463,16 +482,18 @@ def test_finetune_trains_on_it_and_logs_it(scenes, tmp_path, capsys):
               "--binding-first-heads", "3:2", "--binding-last-heads", "3:3", "--binding-count-heads", "4:2",
               "--binding-place-xy-loss", "0.2", "--binding-place-xy-layer", "5", "--binding-place-xy-word-layer", "2",
               "--binding-count-xy-layer", "4", "--binding-letter-heads", "1:1", "--binding-option-heads", "5:2",
-              "--binding-choice-heads", "3:0", "--binding-match-xy-layer", "4", "--lr", "1e-3"]  # fmt: skip
+              "--binding-choice-heads", "3:0", "--binding-match-xy-layer", "4", "--binding-count-word-heads", "2:1,2:2",
+              "--binding-count-word-sinks", "1,4", "--binding-count-xy-word-layer", "3", "--lr", "1e-3"]  # fmt: skip
     assert cli([*common, "--out", str(tmp_path / "run"), "--no-grad-checkpoint"]) == 0
     rows = read_metrics(tmp_path / "run" / "metrics.csv")
     assert rows and all(0 < r["bind_ce"] < 20 and 0 <= r["bind_top1"] <= 1 for r in rows)
-    assert all(0 < r["xy_mse"] and 0 < r["xy_word_mse"] and 0 < r["count_mse"] and 0 < r["match_mse"] for r in rows)
+    mses = ("xy_mse", "xy_word_mse", "count_mse", "match_mse", "count_word_mse")
+    assert all(0 < r[k] for r in rows for k in mses)
     # with activations recomputed in the backward pass the same gradients reach step 2
     assert cli([*common, "--out", str(tmp_path / "ckpt"), "--grad-checkpoint"]) == 0
     again = read_metrics(tmp_path / "ckpt" / "metrics.csv")
     for a, b in zip(rows, again, strict=True):
-        keys = ("loss", "bind_ce", "xy_mse", "xy_word_mse", "count_mse", "match_mse")
+        keys = ("loss", "bind_ce", *mses)
         assert [a[k] for k in keys] == pytest.approx([b[k] for k in keys], rel=1e-4)
     assert rows[1]["bind_ce"] != rows[0]["bind_ce"]
     capsys.readouterr()
@@ -485,3 +506,9 @@ def test_finetune_trains_on_it_and_logs_it(scenes, tmp_path, capsys):
     assert err == [f"internvl finetune: error: {want}"]
     with pytest.raises(TrainingError, match=r"pair \(2\), got '1,0'"):  # the same rule for API callers
         BindingObjective("square", 1.0, [(1, 0)], count_heads=[(4, 2), (4, 3)], count_sinks=[1.0, 0.0])
+    assert cli([*common, "--out", str(tmp_path / "bad"), "--binding-count-word-sinks", "4"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    want = "--binding-count-word-sinks must be one positive number per --binding-count-word-heads pair (2), got '4'"
+    assert err == [f"internvl finetune: error: {want}"]
+    with pytest.raises(TrainingError, match="^--binding-count-xy-word-layer 3 needs --binding-place-xy-loss > 0$"):
+        DataArgs(data="d.json", binding_loss=0.1, binding_count_xy_word_layer=3)

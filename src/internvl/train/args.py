@@ -112,6 +112,13 @@ class DataArgs:
                                            "of the objects the mention names (-1: not at the mentions)")  # fmt: skip
     binding_count_xy_layer: int = _f(-1, "the layer whose MLP input it reads at each count question's answer "
                                      "position too, for the count on a fifth direction (-1: not at count answers)")
+    binding_count_word_heads: str = _f("", "layer:head pairs it supervises from a count question's mention (the word "
+                                       "naming what to count), spread as --binding-count-heads are (empty: none)",
+                                       metavar="L:H,...")  # fmt: skip
+    binding_count_word_sinks: str = _f("", "weight of <img> against one object in each --binding-count-word-heads "
+                                       "pair's spread (empty: 1 each)", metavar="M,...")  # fmt: skip
+    binding_count_xy_word_layer: int = _f(-1, "the layer whose MLP input it reads at each count question's mention "
+                                          "too, for the count on the fifth direction (-1: not at count mentions)")
     binding_match_xy_layer: int = _f(-1, "the layer whose MLP input it reads at each option's last token of a "
                                      "multiple-choice question too, for +1 (the right option) or -1 on a sixth "
                                      "direction (-1: not at options)")  # fmt: skip
@@ -140,7 +147,10 @@ class DataArgs:
             for spec, flag in self.more_binding_heads():
                 if spec:
                     parse_heads(spec, flag)
+            if self.binding_count_word_heads:
+                parse_heads(self.binding_count_word_heads, "--binding-count-word-heads")
             self.count_sinks()
+            self.count_sinks(word=True)
         _check(self.binding_place_xy_loss >= 0, f"--binding-place-xy-loss must be >= 0, got {self.binding_place_xy_loss}")
         _check(self.binding_place_xy_loss == 0 or (self.binding_loss > 0 and self.binding_place_xy_layer >= 0),
                "--binding-place-xy-loss needs --binding-loss > 0 and --binding-place-xy-layer >= 0, got "
@@ -148,22 +158,26 @@ class DataArgs:
         # the place loss's readouts at other positions use its weight
         for layer, flag in ((self.binding_place_xy_word_layer, "--binding-place-xy-word-layer"),
                             (self.binding_count_xy_layer, "--binding-count-xy-layer"),
-                            (self.binding_match_xy_layer, "--binding-match-xy-layer")):  # fmt: skip
+                            (self.binding_match_xy_layer, "--binding-match-xy-layer"),
+                            (self.binding_count_xy_word_layer, "--binding-count-xy-word-layer")):  # fmt: skip
             _check(layer < 0 or self.binding_place_xy_loss > 0, f"{flag} {layer} needs --binding-place-xy-loss > 0")
         _check(self.num_workers >= 0, f"--num-workers must be >= 0, got {self.num_workers}")
 
-    def count_sinks(self) -> list[float]:
-        """--binding-count-sinks as numbers, one per count head ([] when not given: 1 each)."""
+    def count_sinks(self, word: bool = False) -> list[float]:
+        """--binding-count-sinks (`word`: --binding-count-word-sinks) as numbers, one per head of its heads flag
+        ([] when not given: 1 each)."""
         from .binding import check_count_sinks
 
-        if not self.binding_count_sinks:
+        given, pairs = ((self.binding_count_word_sinks, self.binding_count_word_heads) if word
+                        else (self.binding_count_sinks, self.binding_count_heads))  # fmt: skip
+        if not given:
             return []
         try:
-            sinks = [float(m) for m in self.binding_count_sinks.split(",")]
+            sinks = [float(m) for m in given.split(",")]
         except ValueError:
             sinks = []
-        heads = len(self.binding_count_heads.split(",")) if self.binding_count_heads else 0
-        check_count_sinks(sinks, heads, self.binding_count_sinks)
+        heads = len(pairs.split(",")) if pairs else 0
+        check_count_sinks(sinks, heads, given, "--binding-count-word" if word else "--binding-count")
         return sinks
 
     def more_binding_heads(self) -> list[tuple[str, str]]:

@@ -34,6 +34,12 @@ fixed direction orthogonal to the four: the count n as 2n/9 - 1 (0-9 onto [-1, 1
 their `<img>` share, m / (n + m), which no linear map reads off (runs/count_probe.py); this readout asks the layers
 after them for n itself, on one line.
 
+A count head at the answer position has only what the earlier heads brought there to tell it what to count; on the
+nano model after stage 2m its attention over examples/circles.png is the same whatever the question names. So the
+same spread can be asked from the count question's mention itself (COUNT_WORD queries, `count_word_heads`: the word
+naming what to count, from which the WORD heads find those objects), with the count readout there too
+(`count_xy_word_layer`, the fifth direction); the HOP heads then carry it to the answer.
+
 A multiple-choice question ("What color is the star?\nA. red\nB. blue...", answered with a letter) is its scene
 question followed by options; the answer must fetch the letter of the option that says what the model found. Two
 lookups over the question's tokens teach it: from each option's last token onto its letter (LETTER heads, early,
@@ -87,10 +93,10 @@ def parse_heads(spec: str, flag: str = "--binding-heads") -> list[tuple[int, int
     return pairs
 
 
-def check_count_sinks(sinks: Sequence[float], heads: int, given: str) -> None:
-    """--binding-count-sinks (`given`, parsed: `sinks`) must be one positive weight per count head."""
+def check_count_sinks(sinks: Sequence[float], heads: int, given: str, flag: str = "--binding-count") -> None:
+    """FLAG-sinks (`given`, parsed: `sinks`) must be one positive weight per FLAG-heads pair."""
     if len(sinks) != heads or any(m <= 0 for m in sinks):
-        raise TrainingError(f"--binding-count-sinks must be one positive number per --binding-count-heads pair "
+        raise TrainingError(f"{flag}-sinks must be one positive number per {flag}-heads pair "
                             f"({heads}), got {given!r}")  # fmt: skip
 
 
@@ -142,8 +148,9 @@ def object_tokens(box: Sequence[float], width: int, height: int, grid: tuple[int
 # whole-image scale (the thumbnail's, whose cells say where on the image an object is; a tile's, where in the tile);
 # for a multiple-choice question, each option's last token onto its letter (LETTER) and the answer position onto
 # the right option's last token (OPTION), an option's last token onto the question's mentions (CHOICE), and the
-# place loss's row at an option's last token that says whether the option is the right one (MATCH)
-WORD, ANSWER, HOP, FIRST, LAST, COUNT, PLACE_FIRST, PLACE_LAST, LETTER, OPTION, CHOICE, MATCH = range(12)
+# place loss's row at an option's last token that says whether the option is the right one (MATCH), and a count
+# question's mention spread like its answer position's COUNT query (COUNT_WORD)
+WORD, ANSWER, HOP, FIRST, LAST, COUNT, PLACE_FIRST, PLACE_LAST, LETTER, OPTION, CHOICE, MATCH, COUNT_WORD = range(13)
 # an option line of a multiple-choice question: "\nA. text" (the contract's mc rows)
 OPTION_LINE = re.compile(r"\n([A-Z])\. ([^\n]+)")
 
@@ -215,13 +222,16 @@ def scene_queries(item: dict, turns: Sequence[tuple[str, str]], ids: Sequence[in
         places: list[set[int]] = []  # whole-image cells of each supervised mention's objects
         centres: list[list[float]] = []  # the mean centre of each supervised mention's objects, in [-1, 1]
         named_all: list = []  # every object the question names, once a mention
+        said = None  # the last mention's query position, when its tokens are where expected (it may name nothing)
         options = list(OPTION_LINE.finditer(text))
         question = text[: options[0].start()] if options else text
         for color, shape, end in mentions(question):
             named = [o for o in objects if color in (None, o[0]) and shape in (None, o[1])]
             named_all += named
             prefix = tokenizer.encode(t.roles[0] + text[:end], add_special_tokens=False)
-            if not named or list(ids[start : start + len(prefix)]) != prefix:
+            found = list(ids[start : start + len(prefix)]) == prefix
+            said = start + len(prefix) - 1 if found else said
+            if not named or not found:
                 continue
             cells = set().union(*(object_tokens(o[2], width, height, grid, image_size, num_image_token, thumbnail)
                                   for o in named))  # fmt: skip
@@ -251,13 +261,19 @@ def scene_queries(item: dict, turns: Sequence[tuple[str, str]], ids: Sequence[in
                 xy.append((query, centres[0] + centres[-1], ANSWER))
         if options and turn < len(replies):
             out += option_queries(options, replies[turn], start, query, ids, tokenizer, t.roles[0], text, words, xy)
+        if task != "count":
+            continue
         tokens = {centre_token(o[2], width, height, grid, image_size, num_image_token) for o in named_all}
-        # a count of 0 too: all on `<img>`, the token before the image's
-        if task == "count" and len(tokens) == len(named_all):
-            hits = [True] + [k in tokens for k in range(len(image))]
-            out.append((query, [image[0] - 1, *image], hits, COUNT))
-        if task == "count" and xy is not None:
-            xy.append((query, [2 * len(named_all) / 9 - 1, 0.0, 0.0, 0.0], COUNT))
+        n = [2 * len(named_all) / 9 - 1, 0.0, 0.0, 0.0]
+        # at the answer position and at the mention (which names what to count); a count of 0 too: all on `<img>`,
+        # the token before the image's
+        for at, kind in ((query, COUNT), (said, COUNT_WORD)):
+            if at is None:
+                continue
+            if len(tokens) == len(named_all):
+                out.append((at, [image[0] - 1, *image], [True] + [k in tokens for k in range(len(image))], kind))
+            if xy is not None:
+                xy.append((at, n, kind))
     return out
 
 
@@ -311,7 +327,7 @@ class BindingObjective(SFTObjective):
     hidden states and rotary tables the layer uses, for the batch's query rows and image keys only."""
 
     name = "sft+binding"
-    bar_metrics = ("bind_ce", "bind_top1", "xy_mse", "xy_word_mse", "count_mse", "match_mse")
+    bar_metrics = ("bind_ce", "bind_top1", "xy_mse", "xy_word_mse", "count_mse", "match_mse", "count_word_mse")
 
     def __init__(self, reduction: str, weight: float, heads: Sequence[tuple[int, int]],
                  answer_heads: Sequence[tuple[int, int]] = (), hop_heads: Sequence[tuple[int, int]] = (),
@@ -320,14 +336,17 @@ class BindingObjective(SFTObjective):
                  place_last_heads: Sequence[tuple[int, int]] = (), letter_heads: Sequence[tuple[int, int]] = (),
                  option_heads: Sequence[tuple[int, int]] = (), choice_heads: Sequence[tuple[int, int]] = (),
                  count_sinks: Sequence[float] = (), place_xy_layer: int = -1, place_xy_weight: float = 0.0,
-                 place_xy_word_layer: int = -1, count_xy_layer: int = -1, match_xy_layer: int = -1):  # fmt: skip
+                 place_xy_word_layer: int = -1, count_xy_layer: int = -1, match_xy_layer: int = -1,
+                 count_word_heads: Sequence[tuple[int, int]] = (), count_word_sinks: Sequence[float] = (),
+                 count_xy_word_layer: int = -1):  # fmt: skip
         super().__init__(reduction)
         self.weight = weight
         self.xy_weight = place_xy_weight
         # the place loss's rows and metric by the layer whose MLP input it reads: answer rows, mention rows, count
         # rows, option rows
         xy_layers = [(place_xy_layer, ANSWER, "xy_mse"), (place_xy_word_layer, WORD, "xy_word_mse"),
-                     (count_xy_layer, COUNT, "count_mse"), (match_xy_layer, MATCH, "match_mse")]  # fmt: skip
+                     (count_xy_layer, COUNT, "count_mse"), (match_xy_layer, MATCH, "match_mse"),
+                     (count_xy_word_layer, COUNT_WORD, "count_word_mse")]  # fmt: skip
         self.xy_layers = [(la, kind, name) for la, kind, name in xy_layers if la >= 0 and place_xy_weight > 0]
         self._xy: dict[int, list[torch.Tensor]] = {}  # by layer: its input and its attention's output, place rows
         kinds = [(heads, WORD), (answer_heads, ANSWER), (hop_heads, HOP)]
@@ -338,6 +357,9 @@ class BindingObjective(SFTObjective):
         sinks = list(count_sinks) or [1.0] * len(count_heads)
         check_count_sinks(sinks, len(count_heads), ",".join(f"{m:g}" for m in sinks))
         self.heads += [(la, h, COUNT, m) for (la, h), m in zip(count_heads, sinks)]
+        sinks = list(count_word_sinks) or [1.0] * len(count_word_heads)
+        check_count_sinks(sinks, len(count_word_heads), ",".join(f"{m:g}" for m in sinks), "--binding-count-word")
+        self.heads += [(la, h, COUNT_WORD, m) for (la, h), m in zip(count_word_heads, sinks)]
         self._batch = None
         self._scores: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # scores, counted, sinks
 
@@ -357,7 +379,8 @@ class BindingObjective(SFTObjective):
             layers[layer].self_attn.register_forward_pre_hook(self._hook(pairs))
         self.directions = readout_directions(layers[0].post_attention_layernorm.weight.shape[0]).to(device)
         flags = {ANSWER: "--binding-place-xy-layer", WORD: "--binding-place-xy-word-layer",
-                 COUNT: "--binding-count-xy-layer", MATCH: "--binding-match-xy-layer"}  # fmt: skip
+                 COUNT: "--binding-count-xy-layer", MATCH: "--binding-match-xy-layer",
+                 COUNT_WORD: "--binding-count-xy-word-layer"}  # fmt: skip
         for index, kind, _ in self.xy_layers:
             flag = flags[kind]
             if index >= len(layers):
@@ -410,7 +433,8 @@ class BindingObjective(SFTObjective):
         s = torch.cat([sc for sc, _, _ in scores], dim=1).float()  # [Q, heads, K]
         counted = torch.cat([m for _, m, _ in scores], dim=1)  # [Q, heads]
         sinks = torch.cat([m for _, _, m in scores])  # [heads]
-        ce = query_losses(s, batch.bind_valid, batch.bind_target, batch.bind_kind == COUNT, sinks)[counted]
+        spread = (batch.bind_kind == COUNT) | (batch.bind_kind == COUNT_WORD)
+        ce = query_losses(s, batch.bind_valid, batch.bind_target, spread, sinks)[counted]
         valid, target = batch.bind_valid[:, None], batch.bind_target[:, None]
         neg = torch.finfo(s.dtype).min
         best = s.masked_fill(~valid, neg).argmax(-1, keepdim=True)
@@ -436,7 +460,8 @@ class BindingObjective(SFTObjective):
             # an answer's (x1, y1, x2, y2) on the first four directions, a mention's (x, y) on the first two, a
             # count on the fifth, an option's match on the sixth
             u, dims = {ANSWER: (self.directions[:, :4], 4), WORD: (self.directions[:, :2], 2),
-                       COUNT: (self.directions[:, 4:5], 1), MATCH: (self.directions[:, 5:6], 1)}[kind]  # fmt: skip
+                       COUNT: (self.directions[:, 4:5], 1), MATCH: (self.directions[:, 5:6], 1),
+                       COUNT_WORD: (self.directions[:, 4:5], 1)}[kind]  # fmt: skip
             err = (h @ u - batch.place_xy[rows, :dims].to(h.device)).square()
             loss = loss + self.xy_weight * err.sum()
             metrics[name] = (err.detach().sum(), float(err.numel()))
