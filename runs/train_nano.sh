@@ -27,7 +27,8 @@
 #                  stage2o: stage2m plus the options' comparison (option -> the question's mentions, and a readout
 #                  of whether the option is right at layer 4) on curriculum/stage2o.json (fresh count questions; run 26);
 #                  stage2p: stage2o plus count heads from the count question's mention (2:1, 2:2) and the count read
-#                  there at layer 3 (run 27).
+#                  there at layer 3 (run 27); stage2q: stage2p plus a head from each mention onto its color word
+#                  (0:0; run 28).
 #                  Run 12's stage2i (the same mixture without the loss; shipped before) and stage2bind (the loss
 #                  from the words only) are siblings of stage2hop.
 #   STEPS_stage1=N the steps of a stage (its cosine schedule spans them; default: the stage's config)
@@ -97,11 +98,11 @@ for name in $STAGES; do
   case $name in shapes) config=nano-shapes ;; stage1) config=nano ;; *) config=nano-$name ;; esac
   # stage 2 trains on stage 1b's mixture, tiled; stages 2h, 2i, 2bind, 2hop* and 2rc on the binding mixture, 2rck and
   # 2rc2, 2rp, 2x, 2xw and 2xc on the binding mixture leaning on count questions too, 2m on that leaning on
-  # multiple-choice questions as well, 2o and 2p on that with fresh count questions
+  # multiple-choice questions as well, 2o, 2p and 2q on that with fresh count questions
   data=$name; case $name in stage2h|stage2i|stage2bind|stage2hop*|stage2rc) data=stage2h ;;
     stage2rck|stage2rc2|stage2rp|stage2x|stage2xw|stage2xc) data=stage2k ;;
     stage2m) data=stage2m ;;
-    stage2o|stage2p) data=stage2o ;;
+    stage2o|stage2p|stage2q) data=stage2o ;;
     stage2*) data=stage1b ;; esac
   read -r -a common <<< "${LANG_ARGS:-}"
   [ -f "$OUT/$name/final/config.json" ] || internvl finetune "$prev" --data "$OUT/curriculum/$data.json" \

@@ -16,6 +16,7 @@ from internvl.train.args import DataArgs
 from internvl.train.binding import (
     ANSWER,
     CHOICE,
+    COLOR,
     COUNT,
     COUNT_WORD,
     FIRST,
@@ -87,7 +88,7 @@ def test_queries_sit_on_the_named_word_and_targets_show_the_named_color(scenes, 
     ds, samples, rows, _ = scenes
     checked = two = placed = 0
     counts = []  # (the answer, a count question's objects on its COUNT query)
-    spread = 0  # COUNT_WORD queries
+    spread = adjectives = 0  # COUNT_WORD and COLOR queries
     img_start = nano.tokenizer.token_to_id("<img>")
     assert all(s.binding == [] for s, r in zip(samples, rows) if r["task"] == "text")
     scene = [(s, r) for s, r in zip(samples, rows) if r["task"] != "text"]
@@ -128,6 +129,12 @@ def test_queries_sit_on_the_named_word_and_targets_show_the_named_color(scenes, 
                 assert cells <= last
                 counts.append((int(nano.tokenizer.decode([int(sample.labels[q + 1])])), len(cells)))
                 last, counted = set(), (q, keys, hits)
+                continue
+            if kind == COLOR:  # a mention's last token onto its color word, the token before its shape word
+                (target,) = [k for k, hit in zip(keys, hits) if hit]
+                color, word = nano.tokenizer.decode(sample.input_ids[target : q + 1].tolist()).split()
+                assert color in COLORS and word.removesuffix("s") in (*SHAPES, "object") and keys[-1] == q
+                adjectives += 1
                 continue
             if kind == COUNT_WORD:  # the count question's mention (what to count), spread as its COUNT query is
                 assert (keys, hits) == counted[1:] and q < counted[0] and sample.labels[q] == -100
@@ -171,7 +178,7 @@ def test_queries_sit_on_the_named_word_and_targets_show_the_named_color(scenes, 
             checked += 1
     assert checked >= 4 and two >= 3 and placed >= 3
     assert len(counts) >= 4 and all(answer == n for answer, n in counts), counts
-    assert spread == len(counts)
+    assert spread == len(counts) and adjectives >= 6
     assert any(n >= 2 for _, n in counts), counts
 
 
@@ -446,11 +453,13 @@ def test_training_on_it_moves_attention_onto_the_named_objects(scenes, nano):
     counting = collate.rows([[s for s in samples if any(kind == COUNT for *_, kind in s.binding)][:3]])
     assert int((counting.bind_kind == COUNT).sum()) >= 3
     assert int((counting.bind_kind == COUNT_WORD).sum()) == int((counting.bind_kind == COUNT).sum())
+    assert int((every.bind_kind == COLOR).sum()) >= 2
     # the words' heads onto the named objects; a count head's spread over the objects' centres and <img>, from the
     # answer position and from the mention
     spread = {"count_sinks": [1.0, 4.0], "count_word_sinks": [1.0, 4.0]}
     for heads, kwargs, batch in (([(1, 0)], {}, every), ([], {"count_heads": [(4, 2), (4, 3)]}, counting),
-                                 ([], {"count_word_heads": [(2, 1), (2, 2)]}, counting)):  # fmt: skip
+                                 ([], {"count_word_heads": [(2, 1), (2, 2)]}, counting),
+                                 ([], {"color_heads": [(0, 0)]}, every)):  # fmt: skip
         model = internvl.load(str(BUILTIN), dtype="fp32", optimize=False).model.train()
         sinks = {k: v for k, v in spread.items() if k.replace("sinks", "heads") in kwargs}
         objective = BindingObjective("square", 1.0, heads, **kwargs, **sinks)
@@ -483,7 +492,8 @@ def test_finetune_trains_on_it_and_logs_it(scenes, tmp_path, capsys):
               "--binding-place-xy-loss", "0.2", "--binding-place-xy-layer", "5", "--binding-place-xy-word-layer", "2",
               "--binding-count-xy-layer", "4", "--binding-letter-heads", "1:1", "--binding-option-heads", "5:2",
               "--binding-choice-heads", "3:0", "--binding-match-xy-layer", "4", "--binding-count-word-heads", "2:1,2:2",
-              "--binding-count-word-sinks", "1,4", "--binding-count-xy-word-layer", "3", "--lr", "1e-3"]  # fmt: skip
+              "--binding-count-word-sinks", "1,4", "--binding-count-xy-word-layer", "3", "--binding-color-heads", "0:0",
+              "--lr", "1e-3"]  # fmt: skip
     assert cli([*common, "--out", str(tmp_path / "run"), "--no-grad-checkpoint"]) == 0
     rows = read_metrics(tmp_path / "run" / "metrics.csv")
     assert rows and all(0 < r["bind_ce"] < 20 and 0 <= r["bind_top1"] <= 1 for r in rows)

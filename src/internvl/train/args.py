@@ -115,6 +115,8 @@ class DataArgs:
     binding_count_word_heads: str = _f("", "layer:head pairs it supervises from a count question's mention (the word "
                                        "naming what to count), spread as --binding-count-heads are (empty: none)",
                                        metavar="L:H,...")  # fmt: skip
+    binding_color_heads: str = _f("", "layer:head pairs it supervises from each mention's last token onto its color "
+                                  "word, when it has one (\"yellow circles\"; empty: none)", metavar="L:H,...")  # fmt: skip
     binding_count_word_sinks: str = _f("", "weight of <img> against one object in each --binding-count-word-heads "
                                        "pair's spread (empty: 1 each)", metavar="M,...")  # fmt: skip
     binding_count_xy_word_layer: int = _f(-1, "the layer whose MLP input it reads at each count question's mention "
@@ -147,8 +149,10 @@ class DataArgs:
             for spec, flag in self.more_binding_heads():
                 if spec:
                     parse_heads(spec, flag)
-            if self.binding_count_word_heads:
-                parse_heads(self.binding_count_word_heads, "--binding-count-word-heads")
+            for spec, flag in ((self.binding_count_word_heads, "--binding-count-word-heads"),
+                               (self.binding_color_heads, "--binding-color-heads")):  # fmt: skip
+                if spec:
+                    parse_heads(spec, flag)
             self.count_sinks()
             self.count_sinks(word=True)
         _check(self.binding_place_xy_loss >= 0, f"--binding-place-xy-loss must be >= 0, got {self.binding_place_xy_loss}")

@@ -40,6 +40,10 @@ same spread can be asked from the count question's mention itself (COUNT_WORD qu
 naming what to count, from which the WORD heads find those objects), with the count readout there too
 (`count_xy_word_layer`, the fifth direction); the HOP heads then carry it to the answer.
 
+A mention's last token is the shape word ("circles" in "How many yellow circles are there?"); on the nano model
+after stage 2p the heads that look from it attend the same way whatever color word comes before it. COLOR queries
+(`color_heads`) push a head from it onto the color word among the question's tokens, so that it takes the color in.
+
 A multiple-choice question ("What color is the star?\nA. red\nB. blue...", answered with a letter) is its scene
 question followed by options; the answer must fetch the letter of the option that says what the model found. Two
 lookups over the question's tokens teach it: from each option's last token onto its letter (LETTER heads, early,
@@ -149,8 +153,9 @@ def object_tokens(box: Sequence[float], width: int, height: int, grid: tuple[int
 # for a multiple-choice question, each option's last token onto its letter (LETTER) and the answer position onto
 # the right option's last token (OPTION), an option's last token onto the question's mentions (CHOICE), and the
 # place loss's row at an option's last token that says whether the option is the right one (MATCH), and a count
-# question's mention spread like its answer position's COUNT query (COUNT_WORD)
-WORD, ANSWER, HOP, FIRST, LAST, COUNT, PLACE_FIRST, PLACE_LAST, LETTER, OPTION, CHOICE, MATCH, COUNT_WORD = range(13)
+# question's mention spread like its answer position's COUNT query (COUNT_WORD), and a mention's last token onto
+# its color word (COLOR)
+WORD, ANSWER, HOP, FIRST, LAST, COUNT, PLACE_FIRST, PLACE_LAST, LETTER, OPTION, CHOICE, MATCH, COUNT_WORD, COLOR = range(14)
 # an option line of a multiple-choice question: "\nA. text" (the contract's mc rows)
 OPTION_LINE = re.compile(r"\n([A-Z])\. ([^\n]+)")
 
@@ -231,6 +236,12 @@ def scene_queries(item: dict, turns: Sequence[tuple[str, str]], ids: Sequence[in
             prefix = tokenizer.encode(t.roles[0] + text[:end], add_special_tokens=False)
             found = list(ids[start : start + len(prefix)]) == prefix
             said = start + len(prefix) - 1 if found else said
+            if found and color is not None:  # the color word's last token, which the mention's must take in
+                before = tokenizer.encode(t.roles[0] + text[: text.rfind(color + " ", 0, end) + len(color)],
+                                          add_special_tokens=False)  # fmt: skip
+                if list(ids[start : start + len(before)]) == before:
+                    keys = list(range(start, said + 1))
+                    out.append((said, keys, [k == start + len(before) - 1 for k in keys], COLOR))
             if not named or not found:
                 continue
             cells = set().union(*(object_tokens(o[2], width, height, grid, image_size, num_image_token, thumbnail)
@@ -338,7 +349,7 @@ class BindingObjective(SFTObjective):
                  count_sinks: Sequence[float] = (), place_xy_layer: int = -1, place_xy_weight: float = 0.0,
                  place_xy_word_layer: int = -1, count_xy_layer: int = -1, match_xy_layer: int = -1,
                  count_word_heads: Sequence[tuple[int, int]] = (), count_word_sinks: Sequence[float] = (),
-                 count_xy_word_layer: int = -1):  # fmt: skip
+                 count_xy_word_layer: int = -1, color_heads: Sequence[tuple[int, int]] = ()):  # fmt: skip
         super().__init__(reduction)
         self.weight = weight
         self.xy_weight = place_xy_weight
@@ -352,7 +363,7 @@ class BindingObjective(SFTObjective):
         kinds = [(heads, WORD), (answer_heads, ANSWER), (hop_heads, HOP)]
         kinds += [(first_heads, FIRST), (last_heads, LAST)]
         kinds += [(place_first_heads, PLACE_FIRST), (place_last_heads, PLACE_LAST)]
-        kinds += [(letter_heads, LETTER), (option_heads, OPTION), (choice_heads, CHOICE)]
+        kinds += [(letter_heads, LETTER), (option_heads, OPTION), (choice_heads, CHOICE), (color_heads, COLOR)]
         self.heads = [(la, h, kind, 1.0) for pairs, kind in kinds for la, h in pairs]
         sinks = list(count_sinks) or [1.0] * len(count_heads)
         check_count_sinks(sinks, len(count_heads), ",".join(f"{m:g}" for m in sinks))
