@@ -7,7 +7,8 @@
 #                  START=src/internvl/assets/nano STAGES=stage1b continues training the shipped model
 #   STAGES="..."   the stages after the vision stage, in order (default: the shipped model's lineage, shapes stage0
 #                  stage1a stage1 stage1b vit4 stage2 stage2b stage2c stage2d vit4b stage2e vit4c stage2f stage2g
-#                  stage2h stage2hop stage2hop2 stage2hop3 stage2rc stage2rck stage2rc2 stage2rp); vit4 pretrains the encoder
+#                  stage2h stage2hop stage2hop2 stage2hop3 stage2rc stage2rck stage2rc2 stage2rp stage2x stage2xc
+#                  stage2m stage2o stage2p stage2q); vit4 pretrains the encoder
 #                  again on native-scale tiles, keeping the language model (vit4b: again, with the balanced kind
 #                  loss, 4,000 steps of 10,000 images; vit4c: 1,500 more through the projector); stage2b-2g continue
 #                  stage 2 on the same data (another order, lower peaks; stage2c trains the encoder's top 3 layers
@@ -18,8 +19,7 @@
 #                  head (run 15); stage2rck: that on curriculum/stage2k.json, which leans on count questions (run
 #                  16); stage2rc2: that plus a second count head that weighs <img> 4 times an object (run 18, its
 #                  step 900 of 1,100 went on); stage2rp: that plus place heads onto the thumbnail tokens of the
-#                  first- and last-named objects (run 20; the shipped model is its step 900 of 1,300), e.g.
-#                  START=src/internvl/assets/nano STAGES=stage2rp ARGS_stage2rp="--seed 22" continues the shipped model;
+#                  first- and last-named objects (run 20; its step 900 of 1,300 shipped before and went on);
 #                  stage2x: stage2rp plus the place loss (a readout of the named objects' centres at layer 5; run 21);
 #                  stage2xw: the place loss at the mentions (layer 2) and the answer (layer 4) instead (run 22);
 #                  stage2xc: stage2x plus the count readout (the count on a fifth direction at layer 5; run 23);
@@ -28,7 +28,8 @@
 #                  of whether the option is right at layer 4) on curriculum/stage2o.json (fresh count questions; run 26);
 #                  stage2p: stage2o plus count heads from the count question's mention (2:1, 2:2) and the count read
 #                  there at layer 3 (run 27); stage2q: stage2p plus a head from each mention onto its color word
-#                  (0:0; run 28).
+#                  (0:0; run 28; the shipped model is its step 603 of 800), e.g.
+#                  START=src/internvl/assets/nano STAGES=stage2q ARGS_stage2q="--seed 31" continues the shipped model.
 #                  Run 12's stage2i (the same mixture without the loss; shipped before) and stage2bind (the loss
 #                  from the words only) are siblings of stage2hop.
 #   STEPS_stage1=N the steps of a stage (its cosine schedule spans them; default: the stage's config)
@@ -47,7 +48,8 @@ set -euo pipefail
 OUT=${1:-runs/nano}
 N=${N:-6000}                   # items per task in the train split
 STAGES=${STAGES:-"shapes stage0 stage1a stage1 stage1b vit4 stage2 stage2b stage2c stage2d vit4b stage2e vit4c stage2f
-  stage2g stage2h stage2hop stage2hop2 stage2hop3 stage2rc stage2rck stage2rc2 stage2rp"}
+  stage2g stage2h stage2hop stage2hop2 stage2hop3 stage2rc stage2rck stage2rc2 stage2rp stage2x stage2xc stage2m
+  stage2o stage2p stage2q"}
 COMPILE=${COMPILE:-1}
 export OMP_WAIT_POLICY=PASSIVE # yield the cores when another process competes for them
 mkdir -p "$OUT"
@@ -60,7 +62,7 @@ mkdir -p "$OUT"
 
 # 3. the curriculum: one large shape (stage 0), one or two mid-sized (stage 1a), up to five at the contract's
 #    sizes mixed with the split (stage 1); shapes.json holds only the shape questions of stage 0's scenes
-[ -f "$OUT/curriculum/stage2h.json" ] || internvl nano curriculum --split "$OUT/data" --out "$OUT/curriculum" \
+[ -f "$OUT/curriculum/stage2o.json" ] || internvl nano curriculum --split "$OUT/data" --out "$OUT/curriculum" \
     --scale "${CUR_SCALE:-1}"
 
 # 4. the vision encoder, pretrained on per-patch targets drawn from the generator (~20 min; resumes from its

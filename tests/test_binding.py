@@ -235,13 +235,14 @@ def test_place_loss_reads_the_mlp_input_and_trains(scenes, nano):
     """xy_mse is the squared error of the RMS-normed residual that layer 3's MLP norm receives (captured here by a
     hook of that norm) at the answer rows, on the fixed directions, against the centres; xy_word_mse the same at
     layer 2 for the mention rows on the first two; count_mse at layer 4 for the count rows on the fifth,
-    count_word_mse at layer 3 for the count mentions' rows on the fifth; a few steps of it lower all four."""
+    count_word_mse at layer 2 for the count mentions' rows on the fifth; a few steps of it lower all four (layers
+    and heads the shipped model was not trained at, so that they have something to learn)."""
     ds, samples, _, _ = scenes
     batch = Collator(pad_token_id(nano.tokenizer), ds.dummy)([s for s in samples if s.places][:8])
     assert int((batch.place_kind == COUNT).sum()) >= 2
     model = internvl.load(str(BUILTIN), dtype="fp32", optimize=False).model.train()
     objective = BindingObjective("square", 1.0, [(1, 0)], place_xy_layer=3, place_xy_weight=0.5, place_xy_word_layer=2,
-                                 count_xy_layer=4, count_xy_word_layer=3)  # fmt: skip
+                                 count_xy_layer=4, count_xy_word_layer=2)  # fmt: skip
     objective.setup(model, torch.device("cpu"))
     seen = {}
     hooks = [model.language_model.model.layers[i].post_attention_layernorm.register_forward_pre_hook(
@@ -253,7 +254,7 @@ def test_place_loss_reads_the_mlp_input_and_trains(scenes, nano):
         hook.remove()
     total = 0.0
     for layer, kind, name, cols in ((3, ANSWER, "xy_mse", [0, 1, 2, 3]), (2, WORD, "xy_word_mse", [0, 1]),
-                                    (4, COUNT, "count_mse", [4]), (3, COUNT_WORD, "count_word_mse", [4])):  # fmt: skip
+                                    (4, COUNT, "count_mse", [4]), (2, COUNT_WORD, "count_word_mse", [4])):  # fmt: skip
         rows, dims = batch.place_kind == kind, len(cols)
         h = seen[layer].flatten(0, 1)[batch.place_query[rows]]
         h = h / h.square().mean(-1, keepdim=True).add(1e-6).sqrt()
@@ -275,7 +276,7 @@ def test_place_loss_reads_the_mlp_input_and_trains(scenes, nano):
     params = [p for name, p in model.named_parameters() if name.startswith("language_model")]
     opt = torch.optim.Adam(params, lr=1e-3)
     mses = []
-    for _ in range(6):
+    for _ in range(10):
         out = objective(model, batch)
         mses.append([float(out.metrics[k][0]) / out.metrics[k][1]
                      for k in ("xy_mse", "xy_word_mse", "count_mse", "count_word_mse")])  # fmt: skip
@@ -459,7 +460,7 @@ def test_training_on_it_moves_attention_onto_the_named_objects(scenes, nano):
     spread = {"count_sinks": [1.0, 4.0], "count_word_sinks": [1.0, 4.0]}
     for heads, kwargs, batch in (([(1, 0)], {}, every), ([], {"count_heads": [(4, 2), (4, 3)]}, counting),
                                  ([], {"count_word_heads": [(2, 1), (2, 2)]}, counting),
-                                 ([], {"color_heads": [(0, 0)]}, every)):  # fmt: skip
+                                 ([], {"color_heads": [(0, 1)]}, every)):  # fmt: skip
         model = internvl.load(str(BUILTIN), dtype="fp32", optimize=False).model.train()
         sinks = {k: v for k, v in spread.items() if k.replace("sinks", "heads") in kwargs}
         objective = BindingObjective("square", 1.0, heads, **kwargs, **sinks)

@@ -184,18 +184,20 @@ def scene_queries(item: dict, turns: Sequence[tuple[str, str]], ids: Sequence[in
     predicts each such question's answer, whose targets are all the objects the question names (kind ANSWER) and,
     among the question's own tokens, its first mention (FIRST), its last (LAST) and all of them (HOP), and for a
     count question, over the `<img>` token and the image's, that token and one per named object (COUNT; left out
-    when two named objects' centres fall in one cell); [] for any other row. A multiple-choice question (task "mc",
-    its scene task in `meta.category`) is that question with options: its mentions are those before the options,
-    and over the question's tokens each option's last token queries its letter (LETTER) and the answer position
-    the right option's last token (OPTION, the option the reply's letter names).
+    when two named objects' centres fall in one cell), the same from its mention (COUNT_WORD), and for a mention
+    with a color word, its last token onto that word among the question's tokens (COLOR); [] for any other row.
+    A multiple-choice question (task "mc", its scene task in `meta.category`) is that question with options: its
+    mentions are those before the options, and over the question's tokens each option's last token queries its
+    letter (LETTER) and the mentions (CHOICE), and the answer position the right option's last token (OPTION, the
+    option the reply's letter names).
 
     `turns` are the row's turns with the image placeholder expanded, `ids` their tokens. A mention's query is the
     last token of its last word; one whose tokens cannot be found where expected is left out, as is one that
     names no object of the scene (a count of 0). When `xy` is a list, the place loss's rows are appended to it: each
     such question's answer position with the centres of its first and last mention's objects, (x1, y1, x2, y2) in
     [-1, 1] of the canvas (kind ANSWER), each mention's query with its objects' centre twice (kind WORD), and each
-    count question's answer position with (2n/9 - 1, 0, 0, 0), n its count (kind COUNT), and each option's last
-    token with (+1 or -1, 0, 0, 0), whether it is the right option (kind MATCH)."""
+    count question's answer position and its mention with (2n/9 - 1, 0, 0, 0), n its count (kinds COUNT and
+    COUNT_WORD), and each option's last token with (+1 or -1, 0, 0, 0), whether it is the right option (kind MATCH)."""
     meta = item.get("meta") or {}
     objects, size = meta.get("objects"), meta.get("size")
     if not objects or not size or not isinstance(item.get("image"), str):
