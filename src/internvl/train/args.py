@@ -104,6 +104,8 @@ class DataArgs:
     binding_choice_heads: str = _f("", "layer:head pairs it supervises from each option's last token of a "
                                    "multiple-choice question onto the question's words naming objects (empty: none)",
                                    metavar="L:H,...")  # fmt: skip
+    binding_color_heads: str = _f("", "layer:head pairs it supervises from each mention's last token onto its color "
+                                  "word, when it has one (\"yellow circles\"; empty: none)", metavar="L:H,...")  # fmt: skip
     binding_place_xy_loss: float = _f(0.0, "weight of the place loss: the answer position's MLP input at layer "
                                       "--binding-place-xy-layer, read on fixed directions, gives the centres of the "
                                       "question's first- and last-named objects (0: off)")  # fmt: skip
@@ -115,8 +117,6 @@ class DataArgs:
     binding_count_word_heads: str = _f("", "layer:head pairs it supervises from a count question's mention (the word "
                                        "naming what to count), spread as --binding-count-heads are (empty: none)",
                                        metavar="L:H,...")  # fmt: skip
-    binding_color_heads: str = _f("", "layer:head pairs it supervises from each mention's last token onto its color "
-                                  "word, when it has one (\"yellow circles\"; empty: none)", metavar="L:H,...")  # fmt: skip
     binding_count_word_sinks: str = _f("", "weight of <img> against one object in each --binding-count-word-heads "
                                        "pair's spread (empty: 1 each)", metavar="M,...")  # fmt: skip
     binding_count_xy_word_layer: int = _f(-1, "the layer whose MLP input it reads at each count question's mention "
@@ -146,11 +146,7 @@ class DataArgs:
             from .binding import parse_heads
 
             parse_heads(self.binding_heads)
-            for spec, flag in self.more_binding_heads():
-                if spec:
-                    parse_heads(spec, flag)
-            for spec, flag in ((self.binding_count_word_heads, "--binding-count-word-heads"),
-                               (self.binding_color_heads, "--binding-color-heads")):  # fmt: skip
+            for _, spec, flag in self.more_binding_heads():
                 if spec:
                     parse_heads(spec, flag)
             self.count_sinks()
@@ -184,16 +180,12 @@ class DataArgs:
         check_count_sinks(sinks, heads, given, "--binding-count-word" if word else "--binding-count")
         return sinks
 
-    def more_binding_heads(self) -> list[tuple[str, str]]:
-        """(spec, flag) of the binding loss's optional head sets, in `BindingObjective`'s argument order."""
-        return [(self.binding_answer_heads, "--binding-answer-heads"), (self.binding_hop_heads, "--binding-hop-heads"),
-                (self.binding_first_heads, "--binding-first-heads"), (self.binding_last_heads, "--binding-last-heads"),
-                (self.binding_count_heads, "--binding-count-heads"),
-                (self.binding_place_first_heads, "--binding-place-first-heads"),
-                (self.binding_place_last_heads, "--binding-place-last-heads"),
-                (self.binding_letter_heads, "--binding-letter-heads"),
-                (self.binding_option_heads, "--binding-option-heads"),
-                (self.binding_choice_heads, "--binding-choice-heads")]  # fmt: skip
+    def more_binding_heads(self) -> list[tuple[str, str, str]]:
+        """(`BindingObjective` argument, spec, flag) of the binding loss's optional head sets."""
+        names = ("answer", "hop", "first", "last", "count", "place_first", "place_last", "letter", "option", "choice",
+                 "count_word", "color")  # fmt: skip
+        return [(f"{name}_heads", getattr(self, f"binding_{name}_heads"), f"--binding-{name.replace('_', '-')}-heads")
+                for name in names]
 
 
 @dataclass

@@ -162,19 +162,15 @@ def run_loop(args: TrainArgs, prepared: Prepared, data: DataSource, objective, c
         from .binding import BindingObjective, parse_heads
 
         d = args.data
-        more = [parse_heads(spec, flag) if spec else [] for spec, flag in d.more_binding_heads()]
-        word_heads, color_heads = (parse_heads(spec, flag) if spec else [] for spec, flag in
-                                   ((d.binding_count_word_heads, "--binding-count-word-heads"),
-                                    (d.binding_color_heads, "--binding-color-heads")))  # fmt: skip
-        objective = BindingObjective(d.loss_reduction, d.binding_loss, parse_heads(d.binding_heads), *more,
+        more = {name: parse_heads(spec, flag) if spec else [] for name, spec, flag in d.more_binding_heads()}
+        objective = BindingObjective(d.loss_reduction, d.binding_loss, parse_heads(d.binding_heads), **more,
                                      count_sinks=d.count_sinks(), place_xy_layer=d.binding_place_xy_layer,
                                      place_xy_weight=d.binding_place_xy_loss,
                                      place_xy_word_layer=d.binding_place_xy_word_layer,
                                      count_xy_layer=d.binding_count_xy_layer,
                                      match_xy_layer=d.binding_match_xy_layer,
-                                     count_word_heads=word_heads, count_word_sinks=d.count_sinks(word=True),
-                                     count_xy_word_layer=d.binding_count_xy_word_layer,
-                                     color_heads=color_heads)  # fmt: skip
+                                     count_word_sinks=d.count_sinks(word=True),
+                                     count_xy_word_layer=d.binding_count_xy_word_layer)  # fmt: skip
     objective = objective or SFTObjective(args.data.loss_reduction)
     objective.setup(model, ctx.device)
 
