@@ -40,6 +40,14 @@ from internvl.train.objective import SFTObjective
 MEAN, STD = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
 
 
+def language_params(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The language model's parameters, the ones these tests train; the rest frozen, so that the backward pass stops
+    at the image features."""
+    for name, p in model.named_parameters():
+        p.requires_grad_(name.startswith("language_model"))
+    return [p for p in model.parameters() if p.requires_grad]
+
+
 @pytest.fixture(scope="module")
 def nano():
     return internvl.load(str(BUILTIN), dtype="fp32", optimize=False)
@@ -273,8 +281,7 @@ def test_place_loss_reads_the_mlp_input_and_trains(scenes, nano):
     count = torch.randn(256, 1, generator=torch.Generator().manual_seed(1))
     assert torch.allclose(directions[:, :4], torch.linalg.qr(places)[0], atol=1e-6)
     assert torch.allclose(directions[:, :5], torch.linalg.qr(torch.cat([places, count], 1))[0], atol=1e-6)
-    params = [p for name, p in model.named_parameters() if name.startswith("language_model")]
-    opt = torch.optim.Adam(params, lr=1e-3)
+    opt = torch.optim.Adam(language_params(model), lr=1e-3)
     mses = []
     for _ in range(10):
         out = objective(model, batch)
@@ -430,7 +437,7 @@ def test_multiple_choice_options_point_at_their_letters_and_the_answer_at_the_ri
     objective = BindingObjective("square", 1.0, [], letter_heads=[(1, 1)], option_heads=[(5, 2)],
                                  choice_heads=[(3, 0)], place_xy_layer=5, place_xy_weight=1.0, match_xy_layer=4)  # fmt: skip
     objective.setup(model, torch.device("cpu"))
-    opt = torch.optim.Adam([p for n, p in model.named_parameters() if n.startswith("language_model")], lr=1e-3)
+    opt = torch.optim.Adam(language_params(model), lr=1e-3)
     ces, mses = [], []
     lookups = (batch.bind_kind == LETTER) | (batch.bind_kind == OPTION) | (batch.bind_kind == CHOICE)
     for _ in range(6):
@@ -465,8 +472,7 @@ def test_training_on_it_moves_attention_onto_the_named_objects(scenes, nano):
         sinks = {k: v for k, v in spread.items() if k.replace("sinks", "heads") in kwargs}
         objective = BindingObjective("square", 1.0, heads, **kwargs, **sinks)
         objective.setup(model, torch.device("cpu"))
-        params = [p for n, p in model.named_parameters() if n.startswith("language_model")]
-        opt = torch.optim.Adam(params, lr=1e-3)
+        opt = torch.optim.Adam(language_params(model), lr=1e-3)
         ces = []
         for _ in range(6):
             out = objective(model, batch)
@@ -486,7 +492,7 @@ def test_finetune_trains_on_it_and_logs_it(scenes, tmp_path, capsys):
     # a small split of scenes and multiple-choice rows (for the options' lookups and readout)
     generate_split(str(tmp_path / "data"), "train", n=6, tasks=["color", "count", "relation", "mc"], seed=5)
     meta = tmp_path / "data" / "meta.json"
-    common = ["finetune", str(BUILTIN), "--data", str(meta), "--num-workers", "0", "--threads", "1",
+    common = ["finetune", str(BUILTIN), "--data", str(meta), "--num-workers", "0", "--threads", "1", "--freeze-vision",
               "--no-tensorboard", "--log-every", "1", "--packing", "--max-packed-tokens", "8192", "--max-steps", "2",
               "--binding-loss", "0.5", "--binding-answer-heads", "3:0", "--binding-hop-heads", "4:1",
               "--binding-first-heads", "3:2", "--binding-last-heads", "3:3", "--binding-count-heads", "4:2",

@@ -16,16 +16,16 @@ from internvl.nano.ship import ship
 from internvl.train.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = {"N": "3", "CUR_SCALE": "0.0005", "VIT_STEPS": "2", "VIT_IMAGES": "16", "EVAL_N": "2",
-        "STEPS_shapes": "2", "STEPS_stage0": "2", "STEPS_stage1a": "2", "STEPS_stage1": "2",
-        "STEPS_stage1b": "2", "STEPS_vit4": "2", "VIT4_IMAGES": "3", "STEPS_stage2": "2", "STEPS_stage2b": "2",
-        "STEPS_stage2c": "2", "STEPS_stage2d": "2", "STEPS_vit4b": "2", "IMAGES_vit4b": "3",
-        "STEPS_stage2e": "2", "STEPS_vit4c": "2", "IMAGES_vit4c": "3", "STEPS_stage2f": "2",
-        "STEPS_stage2g": "2", "STEPS_stage2h": "2", "STEPS_stage2hop": "2", "STEPS_stage2rc": "2",
-        "STEPS_stage2rck": "2", "STEPS_stage2rc2": "2", "STEPS_stage2rp": "2", "STEPS_stage2x": "2",
-        "STEPS_stage2xc": "2", "STEPS_stage2m": "2", "STEPS_stage2o": "2", "STEPS_stage2p": "2", "STEPS_stage2q": "2",
+TINY = {"N": "3", "CUR_SCALE": "0.0005", "VIT_STEPS": "1", "VIT_IMAGES": "16", "EVAL_N": "1",
+        "STEPS_shapes": "1", "STEPS_stage0": "1", "STEPS_stage1a": "1", "STEPS_stage1": "1",
+        "STEPS_stage1b": "1", "STEPS_vit4": "1", "VIT4_IMAGES": "3", "STEPS_stage2": "1", "STEPS_stage2b": "1",
+        "STEPS_stage2c": "1", "STEPS_stage2d": "1", "STEPS_vit4b": "1", "IMAGES_vit4b": "3",
+        "STEPS_stage2e": "1", "STEPS_vit4c": "1", "IMAGES_vit4c": "3", "STEPS_stage2f": "1",
+        "STEPS_stage2g": "1", "STEPS_stage2h": "1", "STEPS_stage2hop": "1", "STEPS_stage2rc": "1",
+        "STEPS_stage2rck": "1", "STEPS_stage2rc2": "1", "STEPS_stage2rp": "1", "STEPS_stage2x": "1",
+        "STEPS_stage2xc": "1", "STEPS_stage2m": "1", "STEPS_stage2o": "1", "STEPS_stage2p": "1", "STEPS_stage2q": "1",
         "COMPILE": "0", "VIT_HELD_OUT": "4",
-        "LANG_ARGS": "--grad-accum 1 --max-packed-tokens 1536 --max-packed-images 8"}  # fmt: skip
+        "LANG_ARGS": "--grad-accum 1 --max-packed-tokens 1536 --max-packed-images 8 --no-tensorboard"}  # fmt: skip
 # the shipped lineage (the script's default); the test runs it less stage2hop2 and stage2hop3 (stage2hop again with
 # other seeds, runs 13 and 14), to save time: stage2rc then starts from stage2hop
 SHIPPED = ("shapes stage0 stage1a stage1 stage1b vit4 stage2 stage2b stage2c stage2d vit4b stage2e vit4c stage2f "
@@ -50,8 +50,8 @@ def recipe(tmp_path_factory):
 
 
 def first_args(recipe: Path, stage: str) -> dict:
-    """The arguments a stage's run recorded in its first checkpoint (step 2)."""
-    return json.loads((recipe / stage / "checkpoints" / "step-00000002" / "state.json").read_text())["args"]
+    """The arguments a stage's run recorded in its first checkpoint (step 1)."""
+    return json.loads((recipe / stage / "checkpoints" / "step-00000001" / "state.json").read_text())["args"]
 
 
 def test_every_stage_runs_and_the_benchmark_scores_every_task(recipe):
@@ -59,20 +59,20 @@ def test_every_stage_runs_and_the_benchmark_scores_every_task(recipe):
     for stage in (*language, "stage2e", "stage2f", "stage2g", "stage2h", "stage2hop", "stage2rc", "stage2rck",
                   "stage2rc2", "stage2rp", "stage2x", "stage2xc", "stage2m", "stage2o", "stage2p", "stage2q"):  # fmt: skip
         assert (recipe / stage / "final" / "model.safetensors").is_file(), stage
-        state = json.loads((recipe / stage / "checkpoints" / "step-00000002" / "state.json").read_text())
-        assert state["step"] == 2
-    assert json.loads((recipe / "vit" / "vit_pretrain.json").read_text())["steps"] == 2
+        state = json.loads((recipe / stage / "checkpoints" / "step-00000001" / "state.json").read_text())
+        assert state["step"] == 1
+    assert json.loads((recipe / "vit" / "vit_pretrain.json").read_text())["steps"] == 1
     tiled = json.loads((recipe / "vit4" / "vit_pretrain.json").read_text())
-    assert tiled["steps"] == 2 and tiled["images"] >= 3  # every view of the 3 images
+    assert tiled["steps"] == 1 and tiled["images"] >= 3  # every view of the 3 images
     assert "kind_objects" not in tiled["held_out"]
     # vit4b: the encoder again from stage 2d's model, with the balanced kind loss (a held-out figure of its own)
     again = json.loads((recipe / "vit4b" / "vit_pretrain.json").read_text())
-    assert again["steps"] == 2 and "kind_objects" in again["held_out"]
+    assert again["steps"] == 1 and "kind_objects" in again["held_out"]
     args = first_args(recipe, "vit4b")
     assert args["balance_kind"] and args["init"].endswith("stage2d/final")
     # vit4c: from stage 2e's model, through the projector, on vit4b's views (one cache)
     last = json.loads((recipe / "vit4c" / "vit_pretrain.json").read_text())
-    assert last["steps"] == 2 and "embed_place_acc" in last["held_out"]
+    assert last["steps"] == 1 and "embed_place_acc" in last["held_out"]
     args = first_args(recipe, "vit4c")
     assert args["through_projector"] and args["hold"] == 1.0 and args["init"].endswith("stage2e/final")
     assert sorted(f.name for f in recipe.glob("*.npz")) == ["views_3.npz", "vit4_data.npz", "vit_data.npz"]
@@ -137,14 +137,14 @@ def test_every_stage_runs_and_the_benchmark_scores_every_task(recipe):
     args = first_args(recipe, "stage2f")
     assert args["model"].endswith("vit4c") and not args["unfreeze_vit_layers"] and args["freeze_vision"]
     summary = json.loads((recipe / "eval" / "summary.json").read_text())
-    assert len(summary["tasks"]) == 15 and all(t["n"] == 2 for t in summary["tasks"].values())
+    assert len(summary["tasks"]) == 15 and all(t["n"] == 1 for t in summary["tasks"].values())
 
 
 def test_ship_writes_a_loadable_model_with_its_training_record(recipe, tmp_path):
     dest = ship(recipe / "stage1" / "final", "stage1", recipe / "eval" / "summary.json", hours=0.01,
                      dest=tmp_path / "nano")  # fmt: skip
     info = json.loads((dest / "training.json").read_text())
-    assert info["stage"] == "stage1" and info["step"] == 2 and info["training_hours"] == 0.01
+    assert info["stage"] == "stage1" and info["step"] == 1 and info["training_hours"] == 0.01
     assert set(info["test_split"]["accuracy_percent"]) == set(json.loads(
         (recipe / "eval" / "summary.json").read_text())["tasks"])  # fmt: skip
     for name in ("model.safetensors", "tokenizer.json"):  # the weights ship unchanged

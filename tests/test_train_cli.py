@@ -20,6 +20,7 @@ from internvl.cli.main import main as cli
 from internvl.errors import TrainingError
 from internvl.kernels import build
 from internvl.train.args import GROUPS, TrainArgs, add_arguments, from_namespace, read_yaml
+from internvl.train.metrics import plot_loss
 from internvl.train.prepare import compute_dtype
 
 FAST = ["--num-workers", "0", "--threads", "1", "--no-grad-checkpoint", "--max-seq-length", "256",
@@ -161,6 +162,9 @@ def test_full_finetune_writes_a_loadable_model_and_metrics(model, meta, tmp_path
     assert [int(r["step"]) for r in rows] == [1, 2, 3, 4]
     assert all(float(r["tokens_per_s"]) > 0 and float(r["loss"]) > 0 for r in rows)
     assert (out / "loss.png").stat().st_size > 1000
+    # one logged step draws no curve: no plot (and no matplotlib import) for it
+    (tmp_path / "one.csv").write_text("step,loss\n1,2.5\n")
+    assert plot_loss(tmp_path / "one.csv", tmp_path / "one.png") is None and not (tmp_path / "one.png").exists()
     config = json.loads((out / "final" / "config.json").read_text())
     assert config["model_type"] == "internvl_chat" and config["torch_dtype"] == "float32"
     vlm = internvl.load(out / "final")

@@ -2,8 +2,9 @@
 to five at the contract's sizes, six questions each (`synth.writer.generate_dense`), and the meta files of
 its stages in order: shapes.json, stage0.json, stage1a.json, stage1.json, stage1b.json, stage2h.json, a
 mixture that leans on scenes of several objects, stage2k.json, the same leaning on count questions too,
-stage2m.json, that leaning on multiple-choice questions as well, and stage2o.json, stage2m.json with its count
-questions drawn fresh from another seed (see runs/train_nano.sh)."""
+stage2m.json, that leaning on multiple-choice questions as well, stage2o.json, stage2m.json with its count
+questions drawn fresh from another seed, and stage2r.json, stage2o.json with fresh relation and position questions,
+twice as many relation questions as before (see runs/train_nano.sh)."""
 
 from __future__ import annotations
 
@@ -29,6 +30,10 @@ STAGE2M_MC = 4.0  # stage 2m: stage 2k with the split's multiple-choice question
 # stage 2o: stage 2m with these count questions of the train split's kind (folder, items, base seed) instead of the
 # split's own, each once
 STAGE2O_COUNT = ("count2", 18000, 31)
+# stage 2r: stage 2o with fresh relation and position questions (folder, items per task, base seed), the relation
+# ones each once, the position ones at this share
+STAGE2R_PLACE = ("place2", 12000, 33)
+STAGE2R_POSITION = 0.5
 
 
 def curriculum(split: str | Path, out: str | Path, scale: float = 1.0, progress: bool = False) -> dict:
@@ -70,9 +75,15 @@ def curriculum(split: str | Path, out: str | Path, scale: float = 1.0, progress:
     generate_split(str(out / folder), "train", n, tasks=["count"], seed=seed, progress=progress)
     fresh = {"root": folder, "annotation": f"{folder}/count.jsonl", "data_augment": False, "repeat_time": 1, "length": n}
     stage2o = {name: fresh if name == "synth_count" else entry for name, entry in stage2m.items()}
+    folder, n, seed = STAGE2R_PLACE
+    n = max(1, int(n * scale))
+    generate_split(str(out / folder), "train", n, tasks=["relation", "position"], seed=seed, progress=progress)
+    fresh = {task: {"root": folder, "annotation": f"{folder}/{task}.jsonl", "data_augment": False, "repeat_time": 1,
+                    "length": n} for task in ("relation", "position")}  # fmt: skip
+    stage2r = {**stage2o, "synth_relation": fresh["relation"], "synth_position": share(fresh["position"], STAGE2R_POSITION)}
     metas = {"shapes": shapes, "stage0": {"dense0": entries["dense0"]}, "stage1a": stage1a, "stage1": stage1,
              "stage1b": stage1b, "stage2h": stage2h, "stage2k": stage2k, "stage2m": stage2m,
-             "stage2o": stage2o}  # fmt: skip
+             "stage2o": stage2o, "stage2r": stage2r}  # fmt: skip
     for name, meta in metas.items():
         (out / f"{name}.json").write_text(json.dumps(meta, indent=2) + "\n")
     return {name: sum(e["length"] for e in meta.values()) for name, meta in metas.items()}

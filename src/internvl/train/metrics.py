@@ -117,9 +117,10 @@ def read_metrics(path: str | Path) -> list[dict[str, float]]:
 
 
 def plot_loss(csv_path: str | Path, png_path: str | Path) -> Path | None:
-    """Loss (and learning rate) against steps; None when matplotlib is missing or nothing was logged."""
+    """Loss (and learning rate) against steps; None when matplotlib is missing or fewer than two steps were logged
+    (one point draws no curve)."""
     rows = [r for r in read_metrics(csv_path) if "loss" in r]
-    if not rows:
+    if len(rows) < 2:
         return None
     try:
         import matplotlib
