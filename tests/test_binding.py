@@ -23,6 +23,7 @@ from internvl.train.binding import (
     HOP,
     LAST,
     LETTER,
+    LETTER_CODES,
     MATCH,
     OPTION,
     PLACE_FIRST,
@@ -274,13 +275,15 @@ def test_place_loss_reads_the_mlp_input_and_trains(scenes, nano):
     bind = float(out.metrics["bind_ce"][0])  # the binding loss, weight 1
     assert float(out.loss_sum - plain.loss_sum) == pytest.approx(bind + 0.5 * total, rel=1e-3)
     directions = binding.readout_directions(256)
-    assert torch.allclose(directions.T @ directions, torch.eye(6), atol=1e-5)
+    assert torch.allclose(directions.T @ directions, torch.eye(8), atol=1e-5)
     # the first four are those the place loss had before the count readout came, the first five those it had
     # before the match readout came
     places = torch.randn(256, 4, generator=torch.Generator().manual_seed(0))
     count = torch.randn(256, 1, generator=torch.Generator().manual_seed(1))
     assert torch.allclose(directions[:, :4], torch.linalg.qr(places)[0], atol=1e-6)
     assert torch.allclose(directions[:, :5], torch.linalg.qr(torch.cat([places, count], 1))[0], atol=1e-6)
+    match = torch.randn(256, 1, generator=torch.Generator().manual_seed(2))  # and the first six before the letter's
+    assert torch.allclose(directions[:, :6], torch.linalg.qr(torch.cat([places, count, match], 1))[0], atol=1e-6)
     opt = torch.optim.Adam(language_params(model), lr=1e-3)
     mses = []
     for _ in range(10):
@@ -302,6 +305,10 @@ def test_place_loss_reads_the_mlp_input_and_trains(scenes, nano):
         DataArgs(data="d.json", binding_loss=0.1, binding_count_xy_layer=4)
     with pytest.raises(TrainingError, match="^--binding-match-xy-layer 4 needs --binding-place-xy-loss > 0$"):
         DataArgs(data="d.json", binding_loss=0.1, binding_match_xy_layer=4)
+    with pytest.raises(TrainingError, match="^--binding-letter-xy-layer 5 needs --binding-place-xy-loss > 0$"):
+        DataArgs(data="d.json", binding_loss=0.1, binding_letter_xy_layer=5)
+    with pytest.raises(TrainingError, match="^--binding-letter-xy-layer: layer 6 does not exist"):
+        BindingObjective("square", 1.0, [(1, 0)], place_xy_weight=0.5, letter_xy_layer=6).setup(model, "cpu")
     with pytest.raises(TrainingError, match="^--binding-match-xy-layer: layer 6 does not exist"):
         BindingObjective("square", 1.0, [(1, 0)], place_xy_weight=0.5, match_xy_layer=6).setup(model, "cpu")
     with pytest.raises(TrainingError, match="^--binding-count-xy-layer: layer 7 does not exist"):
@@ -395,8 +402,9 @@ def test_multiple_choice_options_point_at_their_letters_and_the_answer_at_the_ri
     """A multiple-choice row (task mc) is its scene question with options: its mentions are the question's, not the
     options' words; each option's last token queries, over the question's tokens up to it, its letter (LETTER) and
     the question's mentions (CHOICE), and is a place row saying +1 when the reply names it and -1 otherwise (MATCH);
-    the answer position queries the last token of the option that the reply names (OPTION). Heads trained on them
-    learn the lookups and the readout the match."""
+    the answer position queries the last token of the option that the reply names (OPTION) and is a place row with
+    the code of the reply's letter. Heads trained on them learn the lookups and the readouts the match and the
+    letter."""
     from internvl.synth.writer import generate_split
 
     generate_split(str(tmp_path), "train", n=12, tasks=["mc"], seed=3)
@@ -414,6 +422,7 @@ def test_multiple_choice_options_point_at_their_letters_and_the_answer_at_the_ri
         words = [q for q, _, _, kind in sample.binding if kind == WORD]
         choices = [(q, keys, hits) for q, keys, hits, kind in sample.binding if kind == CHOICE]
         matches = [(q, xy) for q, xy, kind in sample.places if kind == MATCH]
+        codes = [(q, xy) for q, xy, kind in sample.places if kind == OPTION]
         assert len(choices) == (4 if words else 0) and len(matches) == 4
         for (q, keys, hits), letter, text in zip(letters, "ABCD", meta["options"]):
             (target,) = [k for k, hit in zip(keys, hits) if hit]
@@ -431,14 +440,17 @@ def test_multiple_choice_options_point_at_their_letters_and_the_answer_at_the_ri
         right = meta["options"]["ABCD".index(meta["answer"])]
         assert decode(ids[target - 1 : target + 1].tolist()).strip().endswith(right.split()[-1])
         assert [q for q, _, _ in letters if q == target] == [target] and keys[-1] == q
+        # the answer position's place row: the right letter's code
+        assert codes == [(q, [*LETTER_CODES[meta["answer"]], 0.0, 0.0])]
     collate = Collator(pad_token_id(nano.tokenizer), ds.dummy, packed=True)
     batch = collate.rows([samples[:6]])
     model = internvl.load(str(BUILTIN), dtype="fp32", optimize=False).model.train()
     objective = BindingObjective("square", 1.0, [], letter_heads=[(1, 1)], option_heads=[(5, 2)],
-                                 choice_heads=[(3, 0)], place_xy_layer=5, place_xy_weight=1.0, match_xy_layer=4)  # fmt: skip
+                                 choice_heads=[(3, 0)], place_xy_layer=5, place_xy_weight=1.0, match_xy_layer=4,
+                                 letter_xy_layer=4)  # fmt: skip
     objective.setup(model, torch.device("cpu"))
     opt = torch.optim.Adam(language_params(model), lr=1e-3)
-    ces, mses = [], []
+    ces, mses, codes = [], [], []
     lookups = (batch.bind_kind == LETTER) | (batch.bind_kind == OPTION) | (batch.bind_kind == CHOICE)
     for _ in range(6):
         out = objective(model, batch)
@@ -446,12 +458,15 @@ def test_multiple_choice_options_point_at_their_letters_and_the_answer_at_the_ri
         assert n == int(lookups.sum()) >= 6 * 5
         mse, rows = out.metrics["match_mse"]
         assert rows == int((batch.place_kind == MATCH).sum()) == 6 * 4
+        code, dims = out.metrics["letter_mse"]
+        assert dims == 2 * int((batch.place_kind == OPTION).sum()) == 2 * 6
         ces.append(float(ce) / n)
         mses.append(float(mse) / rows)
+        codes.append(float(code) / dims)
         opt.zero_grad()
         out.loss_sum.backward()
         opt.step()
-    assert ces[-1] < 0.7 * ces[0] and mses[-1] < 0.5 * mses[0], (ces, mses)
+    assert ces[-1] < 0.7 * ces[0] and mses[-1] < 0.5 * mses[0] and codes[-1] < 0.5 * codes[0], (ces, mses, codes)
 
 
 def test_training_on_it_moves_attention_onto_the_named_objects(scenes, nano):
@@ -500,11 +515,11 @@ def test_finetune_trains_on_it_and_logs_it(scenes, tmp_path, capsys):
               "--binding-count-xy-layer", "4", "--binding-letter-heads", "1:1", "--binding-option-heads", "5:2",
               "--binding-choice-heads", "3:0", "--binding-match-xy-layer", "4", "--binding-count-word-heads", "2:1,2:2",
               "--binding-count-word-sinks", "1,4", "--binding-count-xy-word-layer", "3", "--binding-color-heads", "0:0",
-              "--lr", "1e-3"]  # fmt: skip
+              "--binding-letter-xy-layer", "5", "--lr", "1e-3"]  # fmt: skip
     assert cli([*common, "--out", str(tmp_path / "run"), "--no-grad-checkpoint"]) == 0
     rows = read_metrics(tmp_path / "run" / "metrics.csv")
     assert rows and all(0 < r["bind_ce"] < 20 and 0 <= r["bind_top1"] <= 1 for r in rows)
-    mses = ("xy_mse", "xy_word_mse", "count_mse", "match_mse", "count_word_mse")
+    mses = ("xy_mse", "xy_word_mse", "count_mse", "match_mse", "count_word_mse", "letter_mse")
     assert all(0 < r[k] for r in rows for k in mses)
     # with activations recomputed in the backward pass the same gradients reach step 2
     assert cli([*common, "--out", str(tmp_path / "ckpt"), "--grad-checkpoint"]) == 0

@@ -54,7 +54,10 @@ not yet formed at that layer's input (README, run 24). So the comparison can mov
 option's last token CHOICE heads look up the question's mentions (which the WORD heads have filled with the named
 object's color and shape), and with `match_xy_layer` the place loss's readout at that layer's MLP input asks each
 option's last token for +1 when it is the right option and -1 otherwise (a sixth direction); the OPTION head then
-only has to find the option that says it matches.
+only has to find the option that says it matches. After stage 2q it does, for color questions 81% of the time, but
+the answers do not follow (a third right): the letter does not travel from the option to the answer. With
+`letter_xy_layer` the readout asks the answer position for the right letter's code (A (1, 1), B (1, -1), C (-1, 1),
+D (-1, -1), on a seventh and an eighth direction), which any one linear map turns into the letter's logit.
 
 It needs rows of the Synthetic Visual World's scene tasks (color, shape, count, position, relation, grounding,
 and mc over the first four) with the contract's `meta.objects` and, for several questions, `meta.turns` (each
@@ -156,6 +159,8 @@ def object_tokens(box: Sequence[float], width: int, height: int, grid: tuple[int
 # question's mention spread like its answer position's COUNT query (COUNT_WORD), and a mention's last token onto
 # its color word (COLOR)
 WORD, ANSWER, HOP, FIRST, LAST, COUNT, PLACE_FIRST, PLACE_LAST, LETTER, OPTION, CHOICE, MATCH, COUNT_WORD, COLOR = range(14)
+# the code of a multiple-choice answer's letter that the place loss reads at the answer position (OPTION rows)
+LETTER_CODES = {"A": (1.0, 1.0), "B": (1.0, -1.0), "C": (-1.0, 1.0), "D": (-1.0, -1.0)}
 # an option line of a multiple-choice question: "\nA. text" (the contract's mc rows)
 OPTION_LINE = re.compile(r"\n([A-Z])\. ([^\n]+)")
 
@@ -197,7 +202,8 @@ def scene_queries(item: dict, turns: Sequence[tuple[str, str]], ids: Sequence[in
     such question's answer position with the centres of its first and last mention's objects, (x1, y1, x2, y2) in
     [-1, 1] of the canvas (kind ANSWER), each mention's query with its objects' centre twice (kind WORD), and each
     count question's answer position and its mention with (2n/9 - 1, 0, 0, 0), n its count (kinds COUNT and
-    COUNT_WORD), and each option's last token with (+1 or -1, 0, 0, 0), whether it is the right option (kind MATCH)."""
+    COUNT_WORD), and each option's last token with (+1 or -1, 0, 0, 0), whether it is the right option (kind MATCH),
+    and a multiple-choice question's answer position with its letter's code (kind OPTION; `option_queries`)."""
     meta = item.get("meta") or {}
     objects, size = meta.get("objects"), meta.get("size")
     if not objects or not size or not isinstance(item.get("image"), str):
@@ -298,7 +304,8 @@ def option_queries(options: Sequence[re.Match], reply: str, start: int, query: i
     answer (its first character the right letter), `role` the turn's opening, `words` the query positions of the
     question's mentions. Each option's last token queries its letter (LETTER) and the mentions (CHOICE) among the
     question's tokens up to it. When `xy` is a list, each option's last token is appended to it as a MATCH row with
-    +1 for the right option and -1 for the others. An option whose letter or last token is not where its text puts
+    +1 for the right option and -1 for the others, and the answer position as an OPTION row with the right letter's
+    code (LETTER_CODES; none for a letter after D). An option whose letter or last token is not where its text puts
     it is left out."""
     def last_token(end: int) -> int | None:  # the token that ends text[:end], if the tokens agree
         prefix = tokenizer.encode(role + text[:end], add_special_tokens=False)
@@ -321,6 +328,9 @@ def option_queries(options: Sequence[re.Match], reply: str, start: int, query: i
     if right is not None:
         keys = list(range(start, query + 1))
         out.append((query, keys, [k == right for k in keys], OPTION))
+        code = LETTER_CODES.get(reply.strip()[:1])
+        if xy is not None and code is not None:
+            xy.append((query, [*code, 0.0, 0.0], OPTION))
     return out
 
 
@@ -334,13 +344,15 @@ class BindingObjective(SFTObjective):
     or the last mention's objects (PLACE_FIRST and PLACE_LAST queries), those of `letter_heads`, `option_heads` and
     `choice_heads` over a multiple-choice question's tokens (LETTER, OPTION and CHOICE queries), and, when
     `place_xy_weight` > 0, the place loss at the MLP input of layer `place_xy_layer` (and of `place_xy_word_layer`
-    at the mentions, `count_xy_layer` at count answers and `match_xy_layer` at the options; see the module).
+    at the mentions, `count_xy_layer` at count answers, `match_xy_layer` at the options and `letter_xy_layer` at
+    multiple-choice answers; see the module).
 
     The scores are computed in a forward pre-hook of each supervised layer's attention, from the same normed
     hidden states and rotary tables the layer uses, for the batch's query rows and image keys only."""
 
     name = "sft+binding"
-    bar_metrics = ("bind_ce", "bind_top1", "xy_mse", "xy_word_mse", "count_mse", "match_mse", "count_word_mse")
+    bar_metrics = ("bind_ce", "bind_top1", "xy_mse", "xy_word_mse", "count_mse", "match_mse", "count_word_mse",
+                   "letter_mse")
 
     def __init__(self, reduction: str, weight: float, heads: Sequence[tuple[int, int]],
                  answer_heads: Sequence[tuple[int, int]] = (), hop_heads: Sequence[tuple[int, int]] = (),
@@ -351,7 +363,8 @@ class BindingObjective(SFTObjective):
                  count_sinks: Sequence[float] = (), place_xy_layer: int = -1, place_xy_weight: float = 0.0,
                  place_xy_word_layer: int = -1, count_xy_layer: int = -1, match_xy_layer: int = -1,
                  count_word_heads: Sequence[tuple[int, int]] = (), count_word_sinks: Sequence[float] = (),
-                 count_xy_word_layer: int = -1, color_heads: Sequence[tuple[int, int]] = ()):  # fmt: skip
+                 count_xy_word_layer: int = -1, color_heads: Sequence[tuple[int, int]] = (),
+                 letter_xy_layer: int = -1):  # fmt: skip
         super().__init__(reduction)
         self.weight = weight
         self.xy_weight = place_xy_weight
@@ -359,7 +372,7 @@ class BindingObjective(SFTObjective):
         # rows, option rows
         xy_layers = [(place_xy_layer, ANSWER, "xy_mse"), (place_xy_word_layer, WORD, "xy_word_mse"),
                      (count_xy_layer, COUNT, "count_mse"), (match_xy_layer, MATCH, "match_mse"),
-                     (count_xy_word_layer, COUNT_WORD, "count_word_mse")]  # fmt: skip
+                     (count_xy_word_layer, COUNT_WORD, "count_word_mse"), (letter_xy_layer, OPTION, "letter_mse")]  # fmt: skip
         self.xy_layers = [(la, kind, name) for la, kind, name in xy_layers if la >= 0 and place_xy_weight > 0]
         self._xy: dict[int, list[torch.Tensor]] = {}  # by layer: its input and its attention's output, place rows
         kinds = [(heads, WORD), (answer_heads, ANSWER), (hop_heads, HOP)]
@@ -393,7 +406,7 @@ class BindingObjective(SFTObjective):
         self.directions = readout_directions(layers[0].post_attention_layernorm.weight.shape[0]).to(device)
         flags = {ANSWER: "--binding-place-xy-layer", WORD: "--binding-place-xy-word-layer",
                  COUNT: "--binding-count-xy-layer", MATCH: "--binding-match-xy-layer",
-                 COUNT_WORD: "--binding-count-xy-word-layer"}  # fmt: skip
+                 COUNT_WORD: "--binding-count-xy-word-layer", OPTION: "--binding-letter-xy-layer"}  # fmt: skip
         for index, kind, _ in self.xy_layers:
             flag = flags[kind]
             if index >= len(layers):
@@ -471,10 +484,10 @@ class BindingObjective(SFTObjective):
             h = (xy[0] + xy[1])[rows].float()  # the residual after the attention (the first forward's)
             h = h * torch.rsqrt(h.square().mean(-1, keepdim=True) + 1e-6)
             # an answer's (x1, y1, x2, y2) on the first four directions, a mention's (x, y) on the first two, a
-            # count on the fifth, an option's match on the sixth
+            # count on the fifth, an option's match on the sixth, a multiple-choice answer's letter on the last two
             u, dims = {ANSWER: (self.directions[:, :4], 4), WORD: (self.directions[:, :2], 2),
                        COUNT: (self.directions[:, 4:5], 1), MATCH: (self.directions[:, 5:6], 1),
-                       COUNT_WORD: (self.directions[:, 4:5], 1)}[kind]  # fmt: skip
+                       COUNT_WORD: (self.directions[:, 4:5], 1), OPTION: (self.directions[:, 6:8], 2)}[kind]  # fmt: skip
             err = (h @ u - batch.place_xy[rows, :dims].to(h.device)).square()
             loss = loss + self.xy_weight * err.sum()
             metrics[name] = (err.detach().sum(), float(err.numel()))
@@ -482,10 +495,11 @@ class BindingObjective(SFTObjective):
 
 
 def readout_directions(hidden: int) -> torch.Tensor:
-    """The place loss's six fixed orthonormal directions [hidden, 6] (the same in every run and process): four for
-    places, one for counts, one for an option's match (each later one its own draw, so the earlier ones are those of
-    runs made before it was added)."""
-    draws = [torch.randn(hidden, k, generator=torch.Generator().manual_seed(seed)) for seed, k in ((0, 4), (1, 1), (2, 1))]
+    """The place loss's eight fixed orthonormal directions [hidden, 8] (the same in every run and process): four for
+    places, one for counts, one for an option's match, two for a multiple-choice answer's letter (each later set its
+    own draw, so the earlier ones are those of runs made before it was added)."""
+    draws = [torch.randn(hidden, k, generator=torch.Generator().manual_seed(seed))
+             for seed, k in ((0, 4), (1, 1), (2, 1), (3, 2))]  # fmt: skip
     return torch.linalg.qr(torch.cat(draws, 1))[0]
 
 
