@@ -28,7 +28,7 @@
 #                  of whether the option is right at layer 4) on curriculum/stage2o.json (fresh count questions; run 26);
 #                  stage2p: stage2o plus count heads from the count question's mention (2:1, 2:2) and the count read
 #                  there at layer 3 (run 27); stage2q: stage2p plus a head from each mention onto its color word
-#                  (0:0; run 28; the shipped model is its step 603 of 800); stage2r: stage2q plus a second place
+#                  (0:0; run 28; the shipped model is its step 800, the end); stage2r: stage2q plus a second place
 #                  head for the first-named object (4:0) on curriculum/stage2r.json (fresh relation and position
 #                  questions, twice the relation ones; run 29), e.g.
 #                  START=src/internvl/assets/nano STAGES=stage2q ARGS_stage2q="--seed 31" continues the shipped model.
