@@ -24,14 +24,16 @@ TINY = {"N": "3", "CUR_SCALE": "0.0005", "VIT_STEPS": "1", "VIT_IMAGES": "16", "
         "STEPS_stage2g": "1", "STEPS_stage2h": "1", "STEPS_stage2hop": "1", "STEPS_stage2rc": "1",
         "STEPS_stage2rck": "1", "STEPS_stage2rc2": "1", "STEPS_stage2rp": "1", "STEPS_stage2x": "1",
         "STEPS_stage2xc": "1", "STEPS_stage2m": "1", "STEPS_stage2o": "1", "STEPS_stage2p": "1", "STEPS_stage2q": "1",
+        "STEPS_stage2r": "1",
         "COMPILE": "0", "VIT_HELD_OUT": "4",
         "LANG_ARGS": "--grad-accum 1 --max-packed-tokens 1536 --max-packed-images 8 --no-tensorboard"}  # fmt: skip
 # the shipped lineage (the script's default); the test runs it less stage2hop2 and stage2hop3 (stage2hop again with
-# other seeds, runs 13 and 14), to save time: stage2rc then starts from stage2hop
+# other seeds, runs 13 and 14), to save time: stage2rc then starts from stage2hop; and then stage2r, the stage after
+# the shipped model's
 SHIPPED = ("shapes stage0 stage1a stage1 stage1b vit4 stage2 stage2b stage2c stage2d vit4b stage2e vit4c stage2f "
            "stage2g stage2h stage2hop stage2hop2 stage2hop3 stage2rc stage2rck stage2rc2 stage2rp stage2x stage2xc "
            "stage2m stage2o stage2p stage2q")  # fmt: skip
-STAGES = SHIPPED.replace(" stage2hop2 stage2hop3", "")
+STAGES = SHIPPED.replace(" stage2hop2 stage2hop3", "") + " stage2r"
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +59,8 @@ def first_args(recipe: Path, stage: str) -> dict:
 def test_every_stage_runs_and_the_benchmark_scores_every_task(recipe):
     language = ("shapes", "stage0", "stage1a", "stage1", "stage1b", "stage2", "stage2b", "stage2c", "stage2d")
     for stage in (*language, "stage2e", "stage2f", "stage2g", "stage2h", "stage2hop", "stage2rc", "stage2rck",
-                  "stage2rc2", "stage2rp", "stage2x", "stage2xc", "stage2m", "stage2o", "stage2p", "stage2q"):  # fmt: skip
+                  "stage2rc2", "stage2rp", "stage2x", "stage2xc", "stage2m", "stage2o", "stage2p", "stage2q",
+                  "stage2r"):  # fmt: skip
         assert (recipe / stage / "final" / "model.safetensors").is_file(), stage
         state = json.loads((recipe / stage / "checkpoints" / "step-00000001" / "state.json").read_text())
         assert state["step"] == 1
@@ -127,7 +130,12 @@ def test_every_stage_runs_and_the_benchmark_scores_every_task(recipe):
     assert args["model"].endswith("stage2p/final") and args["data"].endswith("curriculum/stage2o.json")
     assert (args["seed"], args["binding_color_heads"], args["binding_count_word_heads"]) == (30, "0:0", "2:1,2:2")
     assert (args["binding_match_xy_layer"], args["binding_count_xy_word_layer"]) == (4, 3)
-    for stage in ("stage2hop", "stage2rc", "stage2rck", "stage2rc2", "stage2rp", "stage2x", "stage2q"):
+    # stage 2r (after the shipped model): a second place head for the first-named object and the letter readout, on
+    # the mixture with fresh relation and position questions
+    args = first_args(recipe, "stage2r")
+    assert args["model"].endswith("stage2q/final") and args["data"].endswith("curriculum/stage2r.json")
+    assert (args["binding_place_first_heads"], args["binding_letter_xy_layer"], args["seed"]) == ("5:0,4:0", 5, 31)
+    for stage in ("stage2hop", "stage2rc", "stage2rck", "stage2rc2", "stage2rp", "stage2x", "stage2q", "stage2r"):
         assert all(r["bind_ce"] > 0 for r in read_metrics(recipe / stage / "metrics.csv"))
     args = first_args(recipe, "stage2c")
     assert args["model"].endswith("stage2b/final") and args["unfreeze_vit_layers"] == -3
