@@ -38,7 +38,7 @@ STAGE2R_POSITION = 0.5
 
 def curriculum(split: str | Path, out: str | Path, scale: float = 1.0, progress: bool = False) -> dict:
     """The curriculum sets and the stages' meta files (paths relative to `out`); `scale` shrinks them."""
-    from ..synth.writer import generate_dense, generate_split
+    from ..synth.writer import generate_dense
 
     split, out = Path(split), Path(out)
     meta_file = split / "meta.json"
@@ -70,23 +70,29 @@ def curriculum(split: str | Path, out: str | Path, scale: float = 1.0, progress:
                for name, entry in stage2h.items()}  # fmt: skip
     stage2m = {name: share(stage1b[name], STAGE2M_MC) if name == "synth_mc" else entry
                for name, entry in stage2k.items()}  # fmt: skip
-    folder, n, seed = STAGE2O_COUNT
-    n = max(1, int(n * scale))
-    generate_split(str(out / folder), "train", n, tasks=["count"], seed=seed, progress=progress)
-    fresh = {"root": folder, "annotation": f"{folder}/count.jsonl", "data_augment": False, "repeat_time": 1, "length": n}
-    stage2o = {name: fresh if name == "synth_count" else entry for name, entry in stage2m.items()}
-    folder, n, seed = STAGE2R_PLACE
-    n = max(1, int(n * scale))
-    generate_split(str(out / folder), "train", n, tasks=["relation", "position"], seed=seed, progress=progress)
-    fresh = {task: {"root": folder, "annotation": f"{folder}/{task}.jsonl", "data_augment": False, "repeat_time": 1,
-                    "length": n} for task in ("relation", "position")}  # fmt: skip
-    stage2r = {**stage2o, "synth_relation": fresh["relation"], "synth_position": share(fresh["position"], STAGE2R_POSITION)}
+    count = fresh_questions(out, STAGE2O_COUNT, ["count"], scale, progress)
+    stage2o = {name: count["count"] if name == "synth_count" else entry for name, entry in stage2m.items()}
+    place = fresh_questions(out, STAGE2R_PLACE, ["relation", "position"], scale, progress)
+    stage2r = {**stage2o, "synth_relation": place["relation"],
+               "synth_position": share(place["position"], STAGE2R_POSITION)}  # fmt: skip
     metas = {"shapes": shapes, "stage0": {"dense0": entries["dense0"]}, "stage1a": stage1a, "stage1": stage1,
              "stage1b": stage1b, "stage2h": stage2h, "stage2k": stage2k, "stage2m": stage2m,
              "stage2o": stage2o, "stage2r": stage2r}  # fmt: skip
     for name, meta in metas.items():
         (out / f"{name}.json").write_text(json.dumps(meta, indent=2) + "\n")
     return {name: sum(e["length"] for e in meta.values()) for name, meta in metas.items()}
+
+
+def fresh_questions(out: Path, spec: tuple[str, int, int], tasks: list[str], scale: float, progress: bool) -> dict:
+    """Train-split questions of `tasks` drawn from another seed into `out`/folder (`spec`: folder, items per task
+    before `scale`, base seed); their meta entries by task, each row once an epoch."""
+    from ..synth.writer import generate_split
+
+    folder, n, seed = spec
+    n = max(1, int(n * scale))
+    generate_split(str(out / folder), "train", n, tasks=tasks, seed=seed, progress=progress)
+    return {task: {"root": folder, "annotation": f"{folder}/{task}.jsonl", "data_augment": False, "repeat_time": 1,
+                   "length": n} for task in tasks}  # fmt: skip
 
 
 def share(entry: dict, rate: float) -> dict:

@@ -471,8 +471,8 @@ class BindingObjective(SFTObjective):
         return ObjectiveOutput(out.loss_sum + self.weight * ce.sum(), metrics)
 
     def _place_loss(self, out: ObjectiveOutput, batch) -> ObjectiveOutput:
-        """`out` plus the place loss (metrics `xy_mse`, `xy_word_mse` and `count_mse`: the mean squared error per
-        coordinate at the answer rows, at the mention rows and at the count rows)."""
+        """`out` plus the place loss (metrics `xy_mse`, `xy_word_mse`, `count_mse`, `match_mse`, `count_word_mse` and
+        `letter_mse`: the mean squared error per coordinate at the rows of each readout in `self.xy_layers`)."""
         captured, self._xy = self._xy, {index: [] for index in self._xy}
         loss, metrics = out.loss_sum, dict(out.metrics)
         for index, kind, name in self.xy_layers:
