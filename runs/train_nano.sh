@@ -31,7 +31,9 @@
 #                  (0:0; run 28; the shipped model is its step 800, the end); stage2r: stage2q plus a second place
 #                  head for the first-named object (4:0) on curriculum/stage2r.json (fresh relation and position
 #                  questions, twice the relation ones; run 29: relation 74.0 but says 4, not shipped); stage2s:
-#                  stage2r without its letter readout, from stage2r (run 30), e.g.
+#                  stage2r without its letter readout, from stage2r (run 30); stage2t: stage2s with the count
+#                  questions' rows of the binding and count losses weighing 4 times as much and a third count head
+#                  (5:3), from stage2s (run 31), e.g.
 #                  START=src/internvl/assets/nano STAGES=stage2q ARGS_stage2q="--seed 31" continues the shipped model.
 #                  Run 12's stage2i (the same mixture without the loss; shipped before) and stage2bind (the loss
 #                  from the words only) are siblings of stage2hop.
@@ -103,13 +105,13 @@ for name in $STAGES; do
   case $name in shapes) config=nano-shapes ;; stage1) config=nano ;; *) config=nano-$name ;; esac
   # stage 2 trains on stage 1b's mixture, tiled; stages 2h, 2i, 2bind, 2hop* and 2rc on the binding mixture, 2rck and
   # 2rc2, 2rp, 2x, 2xw and 2xc on the binding mixture leaning on count questions too, 2m on that leaning on
-  # multiple-choice questions as well, 2o, 2p and 2q on that with fresh count questions, 2r and 2s on that with fresh
+  # multiple-choice questions as well, 2o, 2p and 2q on that with fresh count questions, 2r, 2s, 2t on that with fresh
   # relation and position questions too
   data=$name; case $name in stage2h|stage2i|stage2bind|stage2hop*|stage2rc) data=stage2h ;;
     stage2rck|stage2rc2|stage2rp|stage2x|stage2xw|stage2xc) data=stage2k ;;
     stage2m) data=stage2m ;;
     stage2o|stage2p|stage2q) data=stage2o ;;
-    stage2r|stage2s) data=stage2r ;;
+    stage2r|stage2s|stage2t) data=stage2r ;;
     stage2*) data=stage1b ;; esac
   read -r -a common <<< "${LANG_ARGS:-}"
   [ -f "$OUT/$name/final/config.json" ] || internvl finetune "$prev" --data "$OUT/curriculum/$data.json" \

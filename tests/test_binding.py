@@ -315,6 +315,35 @@ def test_place_loss_reads_the_mlp_input_and_trains(scenes, nano):
         BindingObjective("square", 1.0, [(1, 0)], place_xy_weight=0.5, count_xy_layer=7).setup(model, "cpu")
 
 
+def test_count_weight_scales_the_count_rows_of_both_losses(scenes, nano):
+    """--binding-count-weight multiplies the binding loss of the count heads' rows and the count readouts' squared
+    error, and nothing else; count_ce is the binding loss on the count rows alone."""
+    ds, samples, _, _ = scenes
+    batch = Collator(pad_token_id(nano.tokenizer), ds.dummy)([s for s in samples if s.places][:8])
+    assert int((batch.bind_kind == COUNT).sum()) >= 2
+    outs = []
+    for weight in (1.0, 3.0):
+        model = internvl.load(str(BUILTIN), dtype="fp32", optimize=False).model.train()  # hooks of its own
+        objective = BindingObjective("square", 0.2, [(1, 0)], count_heads=[(4, 2), (4, 3)], count_sinks=[1, 4],
+                                     count_word_heads=[(2, 1)], place_xy_layer=3, place_xy_weight=0.5,
+                                     count_xy_layer=4, count_xy_word_layer=2, count_weight=weight)  # fmt: skip
+        objective.setup(model, torch.device("cpu"))
+        with torch.no_grad():
+            outs.append(objective(model, batch))
+    one, three = outs
+    count_ce, rows = one.metrics["count_ce"]
+    # a row per count query and head of its kind: the answer's two heads, the mention's one
+    queries = int((batch.bind_kind == COUNT).sum()) * 2 + int((batch.bind_kind == binding.COUNT_WORD).sum())
+    assert rows == queries and 0 < float(count_ce) < float(one.metrics["bind_ce"][0])
+    assert float(three.metrics["count_ce"][0]) == pytest.approx(float(count_ce), rel=1e-5)
+    readouts = sum(float(one.metrics[k][0]) for k in ("count_mse", "count_word_mse"))
+    assert readouts > 0
+    extra = 2 * (0.2 * float(count_ce) + 0.5 * readouts)
+    assert float(three.loss_sum - one.loss_sum) == pytest.approx(extra, rel=1e-3)
+    with pytest.raises(TrainingError, match="^--binding-count-weight must be >= 0, got -1.0$"):
+        DataArgs(data="d.json", binding_loss=0.1, binding_count_weight=-1.0)
+
+
 def test_centre_token_is_the_cell_of_the_box_centre():
     # 640 x 224 cut into 3 x 1 tiles of 224 px, 8 x 8 cells of 28 px (the tiles scale x by 672 / 640)
     assert binding.centre_token([0, 0, 20, 20], 640, 224, (3, 1), 224, 64) == 0

@@ -24,7 +24,7 @@ TINY = {"N": "3", "CUR_SCALE": "0.0005", "VIT_STEPS": "1", "VIT_IMAGES": "16", "
         "STEPS_stage2g": "1", "STEPS_stage2h": "1", "STEPS_stage2hop": "1", "STEPS_stage2rc": "1",
         "STEPS_stage2rck": "1", "STEPS_stage2rc2": "1", "STEPS_stage2rp": "1", "STEPS_stage2x": "1",
         "STEPS_stage2xc": "1", "STEPS_stage2m": "1", "STEPS_stage2o": "1", "STEPS_stage2p": "1", "STEPS_stage2q": "1",
-        "STEPS_stage2r": "1", "STEPS_stage2s": "1",
+        "STEPS_stage2r": "1", "STEPS_stage2s": "1", "STEPS_stage2t": "1",
         "COMPILE": "0", "VIT_HELD_OUT": "4",
         "LANG_ARGS": "--grad-accum 1 --max-packed-tokens 1536 --max-packed-images 8 --no-tensorboard"}  # fmt: skip
 # the shipped lineage (the script's default); the test runs it less stage2hop2 and stage2hop3 (stage2hop again with
@@ -33,7 +33,7 @@ TINY = {"N": "3", "CUR_SCALE": "0.0005", "VIT_STEPS": "1", "VIT_IMAGES": "16", "
 SHIPPED = ("shapes stage0 stage1a stage1 stage1b vit4 stage2 stage2b stage2c stage2d vit4b stage2e vit4c stage2f "
            "stage2g stage2h stage2hop stage2hop2 stage2hop3 stage2rc stage2rck stage2rc2 stage2rp stage2x stage2xc "
            "stage2m stage2o stage2p stage2q")  # fmt: skip
-STAGES = SHIPPED.replace(" stage2hop2 stage2hop3", "") + " stage2r stage2s"
+STAGES = SHIPPED.replace(" stage2hop2 stage2hop3", "") + " stage2r stage2s stage2t"
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +60,7 @@ def test_every_stage_runs_and_the_benchmark_scores_every_task(recipe):
     language = ("shapes", "stage0", "stage1a", "stage1", "stage1b", "stage2", "stage2b", "stage2c", "stage2d")
     for stage in (*language, "stage2e", "stage2f", "stage2g", "stage2h", "stage2hop", "stage2rc", "stage2rck",
                   "stage2rc2", "stage2rp", "stage2x", "stage2xc", "stage2m", "stage2o", "stage2p", "stage2q",
-                  "stage2r", "stage2s"):  # fmt: skip
+                  "stage2r", "stage2s", "stage2t"):  # fmt: skip
         assert (recipe / stage / "final" / "model.safetensors").is_file(), stage
         state = json.loads((recipe / stage / "checkpoints" / "step-00000001" / "state.json").read_text())
         assert state["step"] == 1
@@ -138,6 +138,11 @@ def test_every_stage_runs_and_the_benchmark_scores_every_task(recipe):
     args = first_args(recipe, "stage2s")  # stage 2r without the letter readout, from stage 2r
     assert args["model"].endswith("stage2r/final") and args["data"].endswith("curriculum/stage2r.json")
     assert (args["binding_place_first_heads"], args["binding_letter_xy_layer"], args["seed"]) == ("5:0,4:0", -1, 32)
+    args = first_args(recipe, "stage2t")  # the count rows weigh 4 times as much, a third count head, from stage 2s
+    assert args["model"].endswith("stage2s/final") and args["data"].endswith("curriculum/stage2r.json")
+    assert (args["binding_count_heads"], args["binding_count_sinks"], args["binding_count_weight"]) == (
+        "4:2,4:3,5:3", "1,4,2", 4.0)  # fmt: skip
+    assert "count_ce" in (recipe / "stage2t" / "metrics.csv").read_text().splitlines()[0].split(",")
     for stage in ("stage2hop", "stage2rc", "stage2rck", "stage2rc2", "stage2rp", "stage2x", "stage2q", "stage2r"):
         assert all(r["bind_ce"] > 0 for r in read_metrics(recipe / stage / "metrics.csv"))
     args = first_args(recipe, "stage2c")

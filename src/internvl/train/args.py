@@ -89,6 +89,8 @@ class DataArgs:
     binding_count_sinks: str = _f("", "weight of <img> against one object in each count head's spread, one per "
                                   "--binding-count-heads pair (its share is m/(n+m); empty: 1 each)",
                                   metavar="M,...")  # fmt: skip
+    binding_count_weight: float = _f(1.0, "multiplier of the binding loss and the place loss on count questions' "
+                                     "rows (the count heads' spread and the count readouts; 1: as any other row)")
     binding_place_first_heads: str = _f("", "layer:head pairs it supervises from the position that predicts the "
                                         "answer onto the thumbnail's tokens showing the question's first-named "
                                         "objects (where on the image they are; empty: none)",
@@ -145,6 +147,7 @@ class DataArgs:
         )
         _check(self.max_packed_images >= 1, "--max-packed-images must be at least 1")
         _check(self.binding_loss >= 0, f"--binding-loss must be >= 0, got {self.binding_loss}")
+        _check(self.binding_count_weight >= 0, f"--binding-count-weight must be >= 0, got {self.binding_count_weight}")
         if self.binding_loss > 0:
             from .binding import parse_heads
 

@@ -40,6 +40,12 @@ same spread can be asked from the count question's mention itself (COUNT_WORD qu
 naming what to count, from which the WORD heads find those objects), with the count readout there too
 (`count_xy_word_layer`, the fifth direction); the HOP heads then carry it to the answer.
 
+A count is read off a ratio: with the shipped nano model (stage 2q) one count head's `<img>` share rounds to the
+right n for 39% of held-out count items, the answers are right for 61%, and the count readout at layer 5 has R^2
+0.94 (0.72 objects RMS). `count_weight` multiplies both losses on count questions' rows (COUNT and COUNT_WORD:
+the heads' spread and the count readouts) so that a stage can ask for a sharper spread and a finer readout without
+pushing every other head harder; the metric `count_ce` is the binding loss on those rows alone.
+
 A mention's last token is the shape word ("circles" in "How many yellow circles are there?"); on the nano model
 after stage 2p the heads that look from it attend the same way whatever color word comes before it. COLOR queries
 (`color_heads`) push a head from it onto the color word among the question's tokens, so that it takes the color in.
@@ -351,8 +357,8 @@ class BindingObjective(SFTObjective):
     hidden states and rotary tables the layer uses, for the batch's query rows and image keys only."""
 
     name = "sft+binding"
-    bar_metrics = ("bind_ce", "bind_top1", "xy_mse", "xy_word_mse", "count_mse", "match_mse", "count_word_mse",
-                   "letter_mse")
+    bar_metrics = ("bind_ce", "bind_top1", "count_ce", "xy_mse", "xy_word_mse", "count_mse", "match_mse",
+                   "count_word_mse", "letter_mse")
 
     def __init__(self, reduction: str, weight: float, heads: Sequence[tuple[int, int]],
                  answer_heads: Sequence[tuple[int, int]] = (), hop_heads: Sequence[tuple[int, int]] = (),
@@ -364,9 +370,10 @@ class BindingObjective(SFTObjective):
                  place_xy_word_layer: int = -1, count_xy_layer: int = -1, match_xy_layer: int = -1,
                  count_word_heads: Sequence[tuple[int, int]] = (), count_word_sinks: Sequence[float] = (),
                  count_xy_word_layer: int = -1, color_heads: Sequence[tuple[int, int]] = (),
-                 letter_xy_layer: int = -1):  # fmt: skip
+                 letter_xy_layer: int = -1, count_weight: float = 1.0):  # fmt: skip
         super().__init__(reduction)
         self.weight = weight
+        self.count_weight = count_weight  # on count questions' rows, both losses
         self.xy_weight = place_xy_weight
         # the place loss's rows and metric by the layer whose MLP input it reads: answer rows, mention rows, count
         # rows, option rows
@@ -460,7 +467,10 @@ class BindingObjective(SFTObjective):
         counted = torch.cat([m for _, m, _ in scores], dim=1)  # [Q, heads]
         sinks = torch.cat([m for _, _, m in scores])  # [heads]
         spread = (batch.bind_kind == COUNT) | (batch.bind_kind == COUNT_WORD)
-        ce = query_losses(s, batch.bind_valid, batch.bind_target, spread, sinks)[counted]
+        losses = query_losses(s, batch.bind_valid, batch.bind_target, spread, sinks)  # [Q, heads]
+        ce = losses[counted]
+        count_rows = counted & spread[:, None]
+        scale = torch.where(spread, self.count_weight, 1.0)[:, None].expand_as(losses)[counted]
         valid, target = batch.bind_valid[:, None], batch.bind_target[:, None]
         neg = torch.finfo(s.dtype).min
         best = s.masked_fill(~valid, neg).argmax(-1, keepdim=True)
@@ -468,7 +478,8 @@ class BindingObjective(SFTObjective):
         metrics = dict(out.metrics)
         metrics["bind_ce"] = (ce.detach().sum(), float(ce.numel()))
         metrics["bind_top1"] = (top1.sum(), float(top1.numel()))
-        return ObjectiveOutput(out.loss_sum + self.weight * ce.sum(), metrics)
+        metrics["count_ce"] = (losses[count_rows].detach().sum(), float(count_rows.sum()))
+        return ObjectiveOutput(out.loss_sum + self.weight * (scale * ce).sum(), metrics)
 
     def _place_loss(self, out: ObjectiveOutput, batch) -> ObjectiveOutput:
         """`out` plus the place loss (metrics `xy_mse`, `xy_word_mse`, `count_mse`, `match_mse`, `count_word_mse` and
@@ -489,7 +500,8 @@ class BindingObjective(SFTObjective):
                        COUNT: (self.directions[:, 4:5], 1), MATCH: (self.directions[:, 5:6], 1),
                        COUNT_WORD: (self.directions[:, 4:5], 1), OPTION: (self.directions[:, 6:8], 2)}[kind]  # fmt: skip
             err = (h @ u - batch.place_xy[rows, :dims].to(h.device)).square()
-            loss = loss + self.xy_weight * err.sum()
+            scale = self.count_weight if kind in (COUNT, COUNT_WORD) else 1.0
+            loss = loss + self.xy_weight * scale * err.sum()
             metrics[name] = (err.detach().sum(), float(err.numel()))
         return ObjectiveOutput(loss, metrics)
 

@@ -171,7 +171,8 @@ def run_loop(args: TrainArgs, prepared: Prepared, data: DataSource, objective, c
                                      match_xy_layer=d.binding_match_xy_layer,
                                      count_word_sinks=d.count_sinks(word=True),
                                      count_xy_word_layer=d.binding_count_xy_word_layer,
-                                     letter_xy_layer=d.binding_letter_xy_layer)  # fmt: skip
+                                     letter_xy_layer=d.binding_letter_xy_layer,
+                                     count_weight=d.binding_count_weight)  # fmt: skip
     objective = objective or SFTObjective(args.data.loss_reduction)
     objective.setup(model, ctx.device)
 
