@@ -8,7 +8,7 @@
 #   STAGES="..."   the stages after the vision stage, in order (default: the shipped model's lineage, shapes stage0
 #                  stage1a stage1 stage1b vit4 stage2 stage2b stage2c stage2d vit4b stage2e vit4c stage2f stage2g
 #                  stage2h stage2hop stage2hop2 stage2hop3 stage2rc stage2rck stage2rc2 stage2rp stage2x stage2xc
-#                  stage2m stage2o stage2p stage2q); vit4 pretrains the encoder
+#                  stage2m stage2o stage2p stage2q stage2r stage2s stage2t); vit4 pretrains the encoder
 #                  again on native-scale tiles, keeping the language model (vit4b: again, with the balanced kind
 #                  loss, 4,000 steps of 10,000 images; vit4c: 1,500 more through the projector); stage2b-2g continue
 #                  stage 2 on the same data (another order, lower peaks; stage2c trains the encoder's top 3 layers
@@ -28,13 +28,13 @@
 #                  of whether the option is right at layer 4) on curriculum/stage2o.json (fresh count questions; run 26);
 #                  stage2p: stage2o plus count heads from the count question's mention (2:1, 2:2) and the count read
 #                  there at layer 3 (run 27); stage2q: stage2p plus a head from each mention onto its color word
-#                  (0:0; run 28; the shipped model is its step 800, the end); stage2r: stage2q plus a second place
+#                  (0:0; run 28; its step 800 shipped before); stage2r: stage2q plus a second place
 #                  head for the first-named object (4:0) on curriculum/stage2r.json (fresh relation and position
 #                  questions, twice the relation ones; run 29: relation 74.0 but says 4, not shipped); stage2s:
-#                  stage2r without its letter readout, from stage2r (run 30); stage2t: stage2s with the count
-#                  questions' rows of the binding and count losses weighing 4 times as much and a third count head
-#                  (5:3), from stage2s (run 31), e.g.
-#                  START=src/internvl/assets/nano STAGES=stage2q ARGS_stage2q="--seed 31" continues the shipped model.
+#                  stage2r without its letter readout, from stage2r (run 30: relation 75.0, says 4); stage2t:
+#                  stage2s with the count questions' rows of the binding and count losses weighing 4 times as much
+#                  and a third count head (5:3), from stage2s (run 31; the shipped model is its end), e.g.
+#                  START=src/internvl/assets/nano STAGES=stage2t ARGS_stage2t="--seed 34" continues the shipped model.
 #                  Run 12's stage2i (the same mixture without the loss; shipped before) and stage2bind (the loss
 #                  from the words only) are siblings of stage2hop.
 #   STEPS_stage1=N the steps of a stage (its cosine schedule spans them; default: the stage's config)
@@ -54,7 +54,7 @@ OUT=${1:-runs/nano}
 N=${N:-6000}                   # items per task in the train split
 STAGES=${STAGES:-"shapes stage0 stage1a stage1 stage1b vit4 stage2 stage2b stage2c stage2d vit4b stage2e vit4c stage2f
   stage2g stage2h stage2hop stage2hop2 stage2hop3 stage2rc stage2rck stage2rc2 stage2rp stage2x stage2xc stage2m
-  stage2o stage2p stage2q"}
+  stage2o stage2p stage2q stage2r stage2s stage2t"}
 COMPILE=${COMPILE:-1}
 export OMP_WAIT_POLICY=PASSIVE # yield the cores when another process competes for them
 mkdir -p "$OUT"

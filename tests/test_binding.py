@@ -478,7 +478,8 @@ def test_multiple_choice_options_point_at_their_letters_and_the_answer_at_the_ri
                                  choice_heads=[(3, 0)], place_xy_layer=5, place_xy_weight=1.0, match_xy_layer=4,
                                  letter_xy_layer=4)  # fmt: skip
     objective.setup(model, torch.device("cpu"))
-    opt = torch.optim.Adam(language_params(model), lr=1e-3)
+    # a gentler step than the other tests take: the shipped model has learnt these lookups, and 1e-3 overshoots them
+    opt = torch.optim.Adam(language_params(model), lr=3e-4)
     ces, mses, codes = [], [], []
     lookups = (batch.bind_kind == LETTER) | (batch.bind_kind == OPTION) | (batch.bind_kind == CHOICE)
     for _ in range(6):
