@@ -67,7 +67,7 @@ mkdir -p "$OUT"
 
 # 3. the curriculum: one large shape (stage 0), one or two mid-sized (stage 1a), up to five at the contract's
 #    sizes mixed with the split (stage 1); shapes.json holds only the shape questions of stage 0's scenes
-[ -f "$OUT/curriculum/stage2r.json" ] || internvl nano curriculum --split "$OUT/data" --out "$OUT/curriculum" \
+[ -f "$OUT/curriculum/stage2u.json" ] || internvl nano curriculum --split "$OUT/data" --out "$OUT/curriculum" \
     --scale "${CUR_SCALE:-1}"
 
 # 4. the vision encoder, pretrained on per-patch targets drawn from the generator (~20 min; resumes from its
@@ -102,16 +102,22 @@ for name in $STAGES; do
     prev="$OUT/$name"
     continue ;;
   esac
+  case $name in grow8)  # a deeper decoder: two copies of layer 5 after it whose output projections start at zero
+    [ -f "$OUT/$name/config.json" ] || internvl nano grow "$prev" --out "$OUT/$name" --after 5,5
+    prev="$OUT/$name"
+    continue ;;
+  esac
   case $name in shapes) config=nano-shapes ;; stage1) config=nano ;; *) config=nano-$name ;; esac
   # stage 2 trains on stage 1b's mixture, tiled; stages 2h, 2i, 2bind, 2hop* and 2rc on the binding mixture, 2rck and
   # 2rc2, 2rp, 2x, 2xw and 2xc on the binding mixture leaning on count questions too, 2m on that leaning on
   # multiple-choice questions as well, 2o, 2p and 2q on that with fresh count questions, 2r, 2s, 2t on that with fresh
-  # relation and position questions too
+  # relation and position questions too, 2u and 2v (after grow8) on that with the text-only questions 4 times over
   data=$name; case $name in stage2h|stage2i|stage2bind|stage2hop*|stage2rc) data=stage2h ;;
     stage2rck|stage2rc2|stage2rp|stage2x|stage2xw|stage2xc) data=stage2k ;;
     stage2m) data=stage2m ;;
     stage2o|stage2p|stage2q) data=stage2o ;;
     stage2r|stage2s|stage2t) data=stage2r ;;
+    stage2u|stage2v) data=stage2u ;;
     stage2*) data=stage1b ;; esac
   read -r -a common <<< "${LANG_ARGS:-}"
   [ -f "$OUT/$name/final/config.json" ] || internvl finetune "$prev" --data "$OUT/curriculum/$data.json" \

@@ -131,11 +131,13 @@ def test_curriculum_writes_every_stage_meta(tmp_path):
     # stage 1b: half the scenes, all of the split; stage 2h: a quarter of dense1, all of denseS, of color and of
     # count (binding tasks), half of text and of mc; stage 2k: stage 2h with count three times over; stage 2m: stage
     # 2k with mc four times over; stage 2o: stage 2m with 9 fresh count questions (18,000 scaled) instead; stage 2r:
-    # stage 2o with 6 fresh relation questions and half of 6 fresh position ones (12,000 scaled; the split has none)
+    # stage 2o with 6 fresh relation questions and half of 6 fresh position ones (12,000 scaled; the split has none);
+    # stage 2u: stage 2r with text four times over
     assert counts == {"shapes": shapes, "stage0": 10, "stage1a": 3 + 10, "stage1": 10 + 15 + 1 + 1 + 1 + 1,
                       "stage1b": 5 + 7 + 4 + 4 + 4 + 4, "stage2h": 2 + 15 + 4 + 4 + 2 + 2,
                       "stage2k": 2 + 15 + 4 + 3 * 4 + 2 + 2, "stage2m": 2 + 15 + 4 + 3 * 4 + 2 + 4 * 4,
-                      "stage2o": 2 + 15 + 4 + 9 + 2 + 4 * 4, "stage2r": 2 + 15 + 4 + 9 + 2 + 4 * 4 + 6 + 3}  # fmt: skip
+                      "stage2o": 2 + 15 + 4 + 9 + 2 + 4 * 4, "stage2r": 2 + 15 + 4 + 9 + 2 + 4 * 4 + 6 + 3,
+                      "stage2u": 2 + 15 + 4 + 9 + 4 * 4 + 4 * 4 + 6 + 3}  # fmt: skip
     fresh = [json.loads(line) for line in (tmp_path / "cur/count2/count.jsonl").read_text().splitlines()]
     split = {json.loads(line)["meta"]["question"] + str(json.loads(line)["meta"]["objects"])
              for line in (tmp_path / "split/count.jsonl").read_text().splitlines()}  # fmt: skip

@@ -4,7 +4,8 @@ its stages in order: shapes.json, stage0.json, stage1a.json, stage1.json, stage1
 mixture that leans on scenes of several objects, stage2k.json, the same leaning on count questions too,
 stage2m.json, that leaning on multiple-choice questions as well, stage2o.json, stage2m.json with its count
 questions drawn fresh from another seed, and stage2r.json, stage2o.json with fresh relation and position questions,
-twice as many relation questions as before (see runs/train_nano.sh)."""
+twice as many relation questions as before, and stage2u.json, stage2r.json with the split's text-only arithmetic
+questions 4 times over (see runs/train_nano.sh)."""
 
 from __future__ import annotations
 
@@ -34,6 +35,9 @@ STAGE2O_COUNT = ("count2", 18000, 31)
 # ones each once, the position ones at this share
 STAGE2R_PLACE = ("place2", 12000, 33)
 STAGE2R_POSITION = 0.5
+# stage 2u: stage 2r with the split's text-only questions this many times over (672 distinct sums and differences;
+# at stage 2r's half share a 500-step stage sees ~80 of them, and the answers drift one off)
+STAGE2U_TEXT = 4.0
 
 
 def curriculum(split: str | Path, out: str | Path, scale: float = 1.0, progress: bool = False) -> dict:
@@ -75,9 +79,11 @@ def curriculum(split: str | Path, out: str | Path, scale: float = 1.0, progress:
     place = fresh_questions(out, STAGE2R_PLACE, ["relation", "position"], scale, progress)
     stage2r = {**stage2o, "synth_relation": place["relation"],
                "synth_position": share(place["position"], STAGE2R_POSITION)}  # fmt: skip
+    stage2u = {name: share(stage1b[name], STAGE2U_TEXT) if name == "synth_text" else entry
+               for name, entry in stage2r.items()}  # fmt: skip
     metas = {"shapes": shapes, "stage0": {"dense0": entries["dense0"]}, "stage1a": stage1a, "stage1": stage1,
              "stage1b": stage1b, "stage2h": stage2h, "stage2k": stage2k, "stage2m": stage2m,
-             "stage2o": stage2o, "stage2r": stage2r}  # fmt: skip
+             "stage2o": stage2o, "stage2r": stage2r, "stage2u": stage2u}  # fmt: skip
     for name, meta in metas.items():
         (out / f"{name}.json").write_text(json.dumps(meta, indent=2) + "\n")
     return {name: sum(e["length"] for e in meta.values()) for name, meta in metas.items()}
