@@ -5,7 +5,8 @@ attention that falls on the query's targets among the keys the loss compares the
 - LETTER: from each option's last token onto its letter (--letter HEAD, the head stage 2m trained: 1:1);
 - CHOICE: from each option's last token onto the question's mentions (--choice, 3:0 in stage 2o);
 - OPTION: from the answer position onto the right option's last token, among the four options' last tokens
-  (--option, 5:2), and how often that head weighs the right option most;
+  (--option, 5:2), how often that head weighs the right option most, and its share among every key before the
+  answer (`option all`: what the head's output is made of);
 - MATCH: the place loss's readout at each option's last token (the RMS-normed state at the MLP input of --match-layer
   on its sixth fixed direction, +1 for the right option): how often the right option reads highest;
 
@@ -109,6 +110,8 @@ def main() -> None:
             p = scores[args.option[0]][args.option[1], answer, ends].softmax(-1)
             out["option"].append(float(p[ends.index(right)]))
             out["option top"].append(float(int(p.argmax()) == ends.index(right)))
+            # the same head's attention over every key before the answer, not just the four options' last tokens
+            out["option all"].append(float(scores[args.option[0]][args.option[1], answer, : answer + 1].softmax(-1)[right]))
             h = states[args.match_layer][[q for q, _, kind in sample.places if kind == MATCH]]
             read = (h * torch.rsqrt(h.square().mean(-1, keepdim=True) + 1e-6)) @ u
             out["match top"].append(float(int(read.argmax()) == ends.index(right)))
@@ -121,7 +124,7 @@ def main() -> None:
                 truth.append(ends.index(right))
     finally:
         llm.attention = plain
-    names = ["letter", "choice", "option", "option top", "match top", "match sign", "answer"]
+    names = ["letter", "choice", "option", "option top", "option all", "match top", "match sign", "answer"]
     print(f"{'category':>9} {'items':>5} " + " ".join(f"{n:>10}" for n in names))
     total: dict[str, list[float]] = defaultdict(list)
     for cat in sorted(stats):

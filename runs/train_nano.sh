@@ -121,7 +121,7 @@ for name in $STAGES; do
     stage2m) data=stage2m ;;
     stage2o|stage2p|stage2q) data=stage2o ;;
     stage2r|stage2s|stage2t) data=stage2r ;;
-    stage2u|stage2v) data=stage2u ;;
+    stage2u|stage2v|stage2w) data=stage2u ;;
     stage2*) data=stage1b ;; esac
   read -r -a common <<< "${LANG_ARGS:-}"
   [ -f "$OUT/$name/final/config.json" ] || internvl finetune "$prev" --data "$OUT/curriculum/$data.json" \

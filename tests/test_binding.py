@@ -307,6 +307,10 @@ def test_place_loss_reads_the_mlp_input_and_trains(scenes, nano):
         DataArgs(data="d.json", binding_loss=0.1, binding_match_xy_layer=4)
     with pytest.raises(TrainingError, match="^--binding-letter-xy-layer 5 needs --binding-place-xy-loss > 0$"):
         DataArgs(data="d.json", binding_loss=0.1, binding_letter_xy_layer=5)
+    with pytest.raises(TrainingError, match="^--binding-option-letter-xy-layer 4 needs --binding-place-xy-loss > 0$"):
+        DataArgs(data="d.json", binding_loss=0.1, binding_option_letter_xy_layer=4)
+    with pytest.raises(TrainingError, match="^--binding-option-letter-xy-layer: layer 6 does not exist"):
+        BindingObjective("square", 1.0, [(1, 0)], place_xy_weight=0.5, option_letter_xy_layer=6).setup(model, "cpu")
     with pytest.raises(TrainingError, match="^--binding-letter-xy-layer: layer 6 does not exist"):
         BindingObjective("square", 1.0, [(1, 0)], place_xy_weight=0.5, letter_xy_layer=6).setup(model, "cpu")
     with pytest.raises(TrainingError, match="^--binding-match-xy-layer: layer 6 does not exist"):
@@ -451,6 +455,7 @@ def test_multiple_choice_options_point_at_their_letters_and_the_answer_at_the_ri
         words = [q for q, _, _, kind in sample.binding if kind == WORD]
         choices = [(q, keys, hits) for q, keys, hits, kind in sample.binding if kind == CHOICE]
         matches = [(q, xy) for q, xy, kind in sample.places if kind == MATCH]
+        own = [(q, xy) for q, xy, kind in sample.places if kind == LETTER]  # each option's own letter's code
         codes = [(q, xy) for q, xy, kind in sample.places if kind == OPTION]
         assert len(choices) == (4 if words else 0) and len(matches) == 4
         for (q, keys, hits), letter, text in zip(letters, "ABCD", meta["options"]):
@@ -463,6 +468,7 @@ def test_multiple_choice_options_point_at_their_letters_and_the_answer_at_the_ri
                 assert ckeys == keys and [k for k, hit in zip(ckeys, chits) if hit] == words
             ((mq, xy),) = [m for m in matches if m[0] == q]
             assert xy == [1.0 if letter == meta["answer"] else -1.0, 0.0, 0.0, 0.0]
+            assert [xy for oq, xy in own if oq == q] == [[*LETTER_CODES[letter], 0.0, 0.0]]
         ((q, keys, hits),) = [(q, keys, hits) for q, keys, hits, kind in sample.binding if kind == OPTION]
         assert decode(ids[q + 1 : q + 2].tolist()) == meta["answer"]  # the reply follows the answer position
         (target,) = [k for k, hit in zip(keys, hits) if hit]
@@ -476,11 +482,11 @@ def test_multiple_choice_options_point_at_their_letters_and_the_answer_at_the_ri
     model = internvl.load(str(BUILTIN), dtype="fp32", optimize=False).model.train()
     objective = BindingObjective("square", 1.0, [], letter_heads=[(1, 1)], option_heads=[(5, 2)],
                                  choice_heads=[(3, 0)], place_xy_layer=5, place_xy_weight=1.0, match_xy_layer=4,
-                                 letter_xy_layer=4)  # fmt: skip
+                                 letter_xy_layer=4, option_letter_xy_layer=3)  # fmt: skip
     objective.setup(model, torch.device("cpu"))
     # a gentler step than the other tests take: the shipped model has learnt these lookups, and 1e-3 overshoots them
     opt = torch.optim.Adam(language_params(model), lr=3e-4)
-    ces, mses, codes = [], [], []
+    ces, mses, codes, owns = [], [], [], []
     lookups = (batch.bind_kind == LETTER) | (batch.bind_kind == OPTION) | (batch.bind_kind == CHOICE)
     for _ in range(6):
         out = objective(model, batch)
@@ -493,10 +499,14 @@ def test_multiple_choice_options_point_at_their_letters_and_the_answer_at_the_ri
         ces.append(float(ce) / n)
         mses.append(float(mse) / rows)
         codes.append(float(code) / dims)
+        own, dims = out.metrics["option_letter_mse"]
+        assert dims == 2 * int((batch.place_kind == LETTER).sum()) == 2 * 6 * 4
+        owns.append(float(own) / dims)
         opt.zero_grad()
         out.loss_sum.backward()
         opt.step()
     assert ces[-1] < 0.7 * ces[0] and mses[-1] < 0.5 * mses[0] and codes[-1] < 0.5 * codes[0], (ces, mses, codes)
+    assert owns[-1] < 0.5 * owns[0], owns
 
 
 def test_training_on_it_moves_attention_onto_the_named_objects(scenes, nano):

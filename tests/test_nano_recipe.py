@@ -25,6 +25,7 @@ TINY = {"N": "3", "CUR_SCALE": "0.0005", "VIT_STEPS": "1", "VIT_IMAGES": "16", "
         "STEPS_stage2rck": "1", "STEPS_stage2rc2": "1", "STEPS_stage2rp": "1", "STEPS_stage2x": "1",
         "STEPS_stage2xc": "1", "STEPS_stage2m": "1", "STEPS_stage2o": "1", "STEPS_stage2p": "1", "STEPS_stage2q": "1",
         "STEPS_stage2r": "1", "STEPS_stage2s": "1", "STEPS_stage2t": "1", "STEPS_stage2u": "1", "STEPS_stage2v": "1",
+        "STEPS_stage2w": "1",
         "COMPILE": "0", "VIT_HELD_OUT": "4",
         "LANG_ARGS": "--grad-accum 1 --max-packed-tokens 1536 --max-packed-images 8 --no-tensorboard"}  # fmt: skip
 # the shipped lineage (the script's default); the test runs it less stage2hop2 and stage2hop3 (stage2hop again with
@@ -32,8 +33,8 @@ TINY = {"N": "3", "CUR_SCALE": "0.0005", "VIT_STEPS": "1", "VIT_IMAGES": "16", "
 SHIPPED = ("shapes stage0 stage1a stage1 stage1b vit4 stage2 stage2b stage2c stage2d vit4b stage2e vit4c stage2f "
            "stage2g stage2h stage2hop stage2hop2 stage2hop3 stage2rc stage2rck stage2rc2 stage2rp stage2x stage2xc "
            "stage2m stage2o stage2p stage2q stage2r stage2s stage2t stage2u")  # fmt: skip
-# the recipe test also runs the deeper decoder's stages after it (run 34)
-STAGES = SHIPPED.replace(" stage2hop2 stage2hop3", "") + " grow8 stage2v"
+# the recipe test also runs the stages tried after it: the letter readouts (run 35), then the deeper decoder (run 34)
+STAGES = SHIPPED.replace(" stage2hop2 stage2hop3", "") + " stage2w grow8 stage2v"
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +61,7 @@ def test_every_stage_runs_and_the_benchmark_scores_every_task(recipe):
     language = ("shapes", "stage0", "stage1a", "stage1", "stage1b", "stage2", "stage2b", "stage2c", "stage2d")
     for stage in (*language, "stage2e", "stage2f", "stage2g", "stage2h", "stage2hop", "stage2rc", "stage2rck",
                   "stage2rc2", "stage2rp", "stage2x", "stage2xc", "stage2m", "stage2o", "stage2p", "stage2q",
-                  "stage2r", "stage2s", "stage2t", "stage2u", "stage2v"):  # fmt: skip
+                  "stage2r", "stage2s", "stage2t", "stage2u", "stage2w", "stage2v"):  # fmt: skip
         assert (recipe / stage / "final" / "model.safetensors").is_file(), stage
         state = json.loads((recipe / stage / "checkpoints" / "step-00000001" / "state.json").read_text())
         assert state["step"] == 1
@@ -146,9 +147,14 @@ def test_every_stage_runs_and_the_benchmark_scores_every_task(recipe):
     args = first_args(recipe, "stage2u")  # stage 2t's settings on the mixture with the text questions 4 times over
     assert args["model"].endswith("stage2t/final") and args["data"].endswith("curriculum/stage2u.json")
     assert (args["binding_count_weight"], args["seed"]) == (4.0, 35)
-    # grow8: stage 2u's model with two copies of layer 5 after it; stage 2v trains it with the option lookup in layer 6
+    args = first_args(recipe, "stage2w")  # stage 2u's settings plus the letter readouts, from stage 2u
+    assert args["model"].endswith("stage2u/final") and args["data"].endswith("curriculum/stage2u.json")
+    assert (args["binding_option_letter_xy_layer"], args["binding_letter_xy_layer"], args["seed"]) == (4, 5, 37)
+    assert "option_letter_mse" in (recipe / "stage2w" / "metrics.csv").read_text().splitlines()[0].split(",")
+    # grow8: the model before it with two copies of layer 5 after it; stage 2v trains it with the option lookup in
+    # layer 6
     grown = json.loads((recipe / "grow8" / "config.json").read_text())["llm_config"]["num_hidden_layers"]
-    assert grown == json.loads((recipe / "stage2u" / "final" / "config.json").read_text())["llm_config"][
+    assert grown == json.loads((recipe / "stage2w" / "final" / "config.json").read_text())["llm_config"][
         "num_hidden_layers"] + 2  # fmt: skip
     args = first_args(recipe, "stage2v")
     assert args["model"].endswith("grow8") and args["data"].endswith("curriculum/stage2u.json")

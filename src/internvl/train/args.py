@@ -129,6 +129,9 @@ class DataArgs:
     binding_letter_xy_layer: int = _f(-1, "the layer whose MLP input it reads at each multiple-choice answer position "
                                       "too, for the right letter's code (A 1,1; B 1,-1; C -1,1; D -1,-1) on a seventh "
                                       "and an eighth direction (-1: not at those answers)")  # fmt: skip
+    binding_option_letter_xy_layer: int = _f(-1, "the layer whose MLP input it reads at each option's last token of a "
+                                             "multiple-choice question too, for the option's own letter's code on "
+                                             "the directions of --binding-letter-xy-layer (-1: not at options)")  # fmt: skip
     skip_bad_rows: bool = _f(False, "skip invalid rows (reported at the end and in OUT/skipped_rows.txt)")
     num_workers: int = _f(2, "data-loading processes (0: load in the training process)")
 
@@ -166,7 +169,8 @@ class DataArgs:
                             (self.binding_count_xy_layer, "--binding-count-xy-layer"),
                             (self.binding_match_xy_layer, "--binding-match-xy-layer"),
                             (self.binding_count_xy_word_layer, "--binding-count-xy-word-layer"),
-                            (self.binding_letter_xy_layer, "--binding-letter-xy-layer")):  # fmt: skip
+                            (self.binding_letter_xy_layer, "--binding-letter-xy-layer"),
+                            (self.binding_option_letter_xy_layer, "--binding-option-letter-xy-layer")):  # fmt: skip
             _check(layer < 0 or self.binding_place_xy_loss > 0, f"{flag} {layer} needs --binding-place-xy-loss > 0")
         _check(self.num_workers >= 0, f"--num-workers must be >= 0, got {self.num_workers}")
 

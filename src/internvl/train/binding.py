@@ -64,6 +64,14 @@ only has to find the option that says it matches. After stage 2q it does, for co
 the answers do not follow (a third right): the letter does not travel from the option to the answer. With
 `letter_xy_layer` the readout asks the answer position for the right letter's code (A (1, 1), B (1, -1), C (-1, 1),
 D (-1, -1), on a seventh and an eighth direction), which any one linear map turns into the letter's logit.
+That readout did not learn (run 29), and a probe of the shipped model (run 33) says why: the option head puts 0.86
+of its attention on the right option's last token for color questions (among every key before the answer, not
+just the options), yet its direct effect on the four letters' logits picks the right one for a third of the items
+and answers are right for 29%. The option's letter is there (a fresh probe reads it from the head's value vectors
+80% of the time) but faintly, in directions the head's output projection never learnt to use. With
+`option_letter_xy_layer` the same readout runs at each option's last token, at that layer's MLP input, for the
+option's own letter's code on the same two directions: the letter becomes a large signal there, in the directions
+the answer's readout asks for, so the option head only has to copy those two directions.
 
 It needs rows of the Synthetic Visual World's scene tasks (color, shape, count, position, relation, grounding,
 and mc over the first four) with the contract's `meta.objects` and, for several questions, `meta.turns` (each
@@ -209,7 +217,8 @@ def scene_queries(item: dict, turns: Sequence[tuple[str, str]], ids: Sequence[in
     [-1, 1] of the canvas (kind ANSWER), each mention's query with its objects' centre twice (kind WORD), and each
     count question's answer position and its mention with (2n/9 - 1, 0, 0, 0), n its count (kinds COUNT and
     COUNT_WORD), and each option's last token with (+1 or -1, 0, 0, 0), whether it is the right option (kind MATCH),
-    and a multiple-choice question's answer position with its letter's code (kind OPTION; `option_queries`)."""
+    and with its own letter's code (kind LETTER), and a multiple-choice question's answer position with the right
+    letter's code (kind OPTION; `option_queries`)."""
     meta = item.get("meta") or {}
     objects, size = meta.get("objects"), meta.get("size")
     if not objects or not size or not isinstance(item.get("image"), str):
@@ -310,8 +319,8 @@ def option_queries(options: Sequence[re.Match], reply: str, start: int, query: i
     answer (its first character the right letter), `role` the turn's opening, `words` the query positions of the
     question's mentions. Each option's last token queries its letter (LETTER) and the mentions (CHOICE) among the
     question's tokens up to it. When `xy` is a list, each option's last token is appended to it as a MATCH row with
-    +1 for the right option and -1 for the others, and the answer position as an OPTION row with the right letter's
-    code (LETTER_CODES; none for a letter after D). An option whose letter or last token is not where its text puts
+    +1 for the right option and -1 for the others and as a LETTER row with its own letter's code, and the answer
+    position as an OPTION row with the right letter's code (LETTER_CODES; none for a letter after D). An option whose letter or last token is not where its text puts
     it is left out."""
     def last_token(end: int) -> int | None:  # the token that ends text[:end], if the tokens agree
         prefix = tokenizer.encode(role + text[:end], add_special_tokens=False)
@@ -331,6 +340,9 @@ def option_queries(options: Sequence[re.Match], reply: str, start: int, query: i
             right = end
         if xy is not None:
             xy.append((end, [1.0 if chosen else -1.0, 0.0, 0.0, 0.0], MATCH))
+            own = LETTER_CODES.get(m.group(1))
+            if own is not None:
+                xy.append((end, [*own, 0.0, 0.0], LETTER))
     if right is not None:
         keys = list(range(start, query + 1))
         out.append((query, keys, [k == right for k in keys], OPTION))
@@ -358,7 +370,7 @@ class BindingObjective(SFTObjective):
 
     name = "sft+binding"
     bar_metrics = ("bind_ce", "bind_top1", "count_ce", "xy_mse", "xy_word_mse", "count_mse", "match_mse",
-                   "count_word_mse", "letter_mse")
+                   "count_word_mse", "letter_mse", "option_letter_mse")
 
     def __init__(self, reduction: str, weight: float, heads: Sequence[tuple[int, int]],
                  answer_heads: Sequence[tuple[int, int]] = (), hop_heads: Sequence[tuple[int, int]] = (),
@@ -370,7 +382,8 @@ class BindingObjective(SFTObjective):
                  place_xy_word_layer: int = -1, count_xy_layer: int = -1, match_xy_layer: int = -1,
                  count_word_heads: Sequence[tuple[int, int]] = (), count_word_sinks: Sequence[float] = (),
                  count_xy_word_layer: int = -1, color_heads: Sequence[tuple[int, int]] = (),
-                 letter_xy_layer: int = -1, count_weight: float = 1.0):  # fmt: skip
+                 letter_xy_layer: int = -1, count_weight: float = 1.0,
+                 option_letter_xy_layer: int = -1):  # fmt: skip
         super().__init__(reduction)
         self.weight = weight
         self.count_weight = count_weight  # on count questions' rows, both losses
@@ -379,7 +392,8 @@ class BindingObjective(SFTObjective):
         # rows, option rows
         xy_layers = [(place_xy_layer, ANSWER, "xy_mse"), (place_xy_word_layer, WORD, "xy_word_mse"),
                      (count_xy_layer, COUNT, "count_mse"), (match_xy_layer, MATCH, "match_mse"),
-                     (count_xy_word_layer, COUNT_WORD, "count_word_mse"), (letter_xy_layer, OPTION, "letter_mse")]  # fmt: skip
+                     (count_xy_word_layer, COUNT_WORD, "count_word_mse"), (letter_xy_layer, OPTION, "letter_mse"),
+                     (option_letter_xy_layer, LETTER, "option_letter_mse")]  # fmt: skip
         self.xy_layers = [(la, kind, name) for la, kind, name in xy_layers if la >= 0 and place_xy_weight > 0]
         self._xy: dict[int, list[torch.Tensor]] = {}  # by layer: its input and its attention's output, place rows
         kinds = [(heads, WORD), (answer_heads, ANSWER), (hop_heads, HOP)]
@@ -413,7 +427,8 @@ class BindingObjective(SFTObjective):
         self.directions = readout_directions(layers[0].post_attention_layernorm.weight.shape[0]).to(device)
         flags = {ANSWER: "--binding-place-xy-layer", WORD: "--binding-place-xy-word-layer",
                  COUNT: "--binding-count-xy-layer", MATCH: "--binding-match-xy-layer",
-                 COUNT_WORD: "--binding-count-xy-word-layer", OPTION: "--binding-letter-xy-layer"}  # fmt: skip
+                 COUNT_WORD: "--binding-count-xy-word-layer", OPTION: "--binding-letter-xy-layer",
+                 LETTER: "--binding-option-letter-xy-layer"}  # fmt: skip
         for index, kind, _ in self.xy_layers:
             flag = flags[kind]
             if index >= len(layers):
@@ -498,7 +513,8 @@ class BindingObjective(SFTObjective):
             # count on the fifth, an option's match on the sixth, a multiple-choice answer's letter on the last two
             u, dims = {ANSWER: (self.directions[:, :4], 4), WORD: (self.directions[:, :2], 2),
                        COUNT: (self.directions[:, 4:5], 1), MATCH: (self.directions[:, 5:6], 1),
-                       COUNT_WORD: (self.directions[:, 4:5], 1), OPTION: (self.directions[:, 6:8], 2)}[kind]  # fmt: skip
+                       COUNT_WORD: (self.directions[:, 4:5], 1), OPTION: (self.directions[:, 6:8], 2),
+                       LETTER: (self.directions[:, 6:8], 2)}[kind]  # fmt: skip
             err = (h @ u - batch.place_xy[rows, :dims].to(h.device)).square()
             scale = self.count_weight if kind in (COUNT, COUNT_WORD) else 1.0
             loss = loss + self.xy_weight * scale * err.sum()

@@ -172,7 +172,8 @@ def run_loop(args: TrainArgs, prepared: Prepared, data: DataSource, objective, c
                                      count_word_sinks=d.count_sinks(word=True),
                                      count_xy_word_layer=d.binding_count_xy_word_layer,
                                      letter_xy_layer=d.binding_letter_xy_layer,
-                                     count_weight=d.binding_count_weight)  # fmt: skip
+                                     count_weight=d.binding_count_weight,
+                                     option_letter_xy_layer=d.binding_option_letter_xy_layer)  # fmt: skip
     objective = objective or SFTObjective(args.data.loss_reduction)
     objective.setup(model, ctx.device)
 
