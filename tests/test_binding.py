@@ -518,9 +518,10 @@ def test_training_on_it_moves_attention_onto_the_named_objects(scenes, nano):
     assert int((counting.bind_kind == COUNT_WORD).sum()) == int((counting.bind_kind == COUNT).sum())
     assert int((every.bind_kind == COLOR).sum()) >= 2
     # the words' heads onto the named objects; a count head's spread over the objects' centres and <img>, from the
-    # answer position and from the mention
+    # answer position (free heads: the shipped model has learnt its count heads 4:2 and 4:3, which 1e-3 overshoots)
+    # and from the mention
     spread = {"count_sinks": [1.0, 4.0], "count_word_sinks": [1.0, 4.0]}
-    for heads, kwargs, batch in (([(1, 0)], {}, every), ([], {"count_heads": [(4, 2), (4, 3)]}, counting),
+    for heads, kwargs, batch in (([(1, 0)], {}, every), ([], {"count_heads": [(2, 3), (1, 3)]}, counting),
                                  ([], {"count_word_heads": [(2, 1), (2, 2)]}, counting),
                                  ([], {"color_heads": [(0, 1)]}, every)):  # fmt: skip
         model = internvl.load(str(BUILTIN), dtype="fp32", optimize=False).model.train()

@@ -25,16 +25,16 @@ TINY = {"N": "3", "CUR_SCALE": "0.0005", "VIT_STEPS": "1", "VIT_IMAGES": "16", "
         "STEPS_stage2rck": "1", "STEPS_stage2rc2": "1", "STEPS_stage2rp": "1", "STEPS_stage2x": "1",
         "STEPS_stage2xc": "1", "STEPS_stage2m": "1", "STEPS_stage2o": "1", "STEPS_stage2p": "1", "STEPS_stage2q": "1",
         "STEPS_stage2r": "1", "STEPS_stage2s": "1", "STEPS_stage2t": "1", "STEPS_stage2u": "1", "STEPS_stage2v": "1",
-        "STEPS_stage2w": "1",
+        "STEPS_stage2w": "1", "STEPS_stage2y": "1",
         "COMPILE": "0", "VIT_HELD_OUT": "4",
         "LANG_ARGS": "--grad-accum 1 --max-packed-tokens 1536 --max-packed-images 8 --no-tensorboard"}  # fmt: skip
 # the shipped lineage (the script's default); the test runs it less stage2hop2 and stage2hop3 (stage2hop again with
 # other seeds, runs 13 and 14), to save time: stage2rc then starts from stage2hop
 SHIPPED = ("shapes stage0 stage1a stage1 stage1b vit4 stage2 stage2b stage2c stage2d vit4b stage2e vit4c stage2f "
            "stage2g stage2h stage2hop stage2hop2 stage2hop3 stage2rc stage2rck stage2rc2 stage2rp stage2x stage2xc "
-           "stage2m stage2o stage2p stage2q stage2r stage2s stage2t stage2u")  # fmt: skip
-# the recipe test also runs the stages tried after it: the letter readouts (run 35), then the deeper decoder (run 34)
-STAGES = SHIPPED.replace(" stage2hop2 stage2hop3", "") + " stage2w grow8 stage2v"
+           "stage2m stage2o stage2p stage2q stage2r stage2s stage2t stage2u stage2w")  # fmt: skip
+# the recipe test also runs the deeper decoder's stages after it (runs 34 and 36; stage2y from stage2v here)
+STAGES = SHIPPED.replace(" stage2hop2 stage2hop3", "") + " grow8 stage2v stage2y"
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +61,7 @@ def test_every_stage_runs_and_the_benchmark_scores_every_task(recipe):
     language = ("shapes", "stage0", "stage1a", "stage1", "stage1b", "stage2", "stage2b", "stage2c", "stage2d")
     for stage in (*language, "stage2e", "stage2f", "stage2g", "stage2h", "stage2hop", "stage2rc", "stage2rck",
                   "stage2rc2", "stage2rp", "stage2x", "stage2xc", "stage2m", "stage2o", "stage2p", "stage2q",
-                  "stage2r", "stage2s", "stage2t", "stage2u", "stage2w", "stage2v"):  # fmt: skip
+                  "stage2r", "stage2s", "stage2t", "stage2u", "stage2w", "stage2v", "stage2y"):  # fmt: skip
         assert (recipe / stage / "final" / "model.safetensors").is_file(), stage
         state = json.loads((recipe / stage / "checkpoints" / "step-00000001" / "state.json").read_text())
         assert state["step"] == 1
@@ -159,6 +159,9 @@ def test_every_stage_runs_and_the_benchmark_scores_every_task(recipe):
     args = first_args(recipe, "stage2v")
     assert args["model"].endswith("grow8") and args["data"].endswith("curriculum/stage2u.json")
     assert (args["binding_option_heads"], args["seed"]) == ("6:2", 36)
+    args = first_args(recipe, "stage2y")  # stage 2w's letter readouts a layer later each on the deeper decoder
+    assert (args["binding_option_heads"], args["binding_option_letter_xy_layer"], args["binding_letter_xy_layer"]) == (
+        "6:2", 5, 6)  # fmt: skip
     for stage in ("stage2hop", "stage2rc", "stage2rck", "stage2rc2", "stage2rp", "stage2x", "stage2q", "stage2r"):
         assert all(r["bind_ce"] > 0 for r in read_metrics(recipe / stage / "metrics.csv"))
     args = first_args(recipe, "stage2c")
