@@ -36,7 +36,7 @@ STAGE2O_COUNT = ("count2", 18000, 31)
 STAGE2R_PLACE = ("place2", 12000, 33)
 STAGE2R_POSITION = 0.5
 # stage 2u: stage 2r with the split's text-only questions this many times over (672 distinct sums and differences;
-# at stage 2r's half share a 500-step stage sees ~80 of them, and the answers drift one off)
+# at stage 2r's half share a 500-step stage sees ~150 of them, and the answers drift one off)
 STAGE2U_TEXT = 4.0
 
 

@@ -320,8 +320,8 @@ def option_queries(options: Sequence[re.Match], reply: str, start: int, query: i
     question's mentions. Each option's last token queries its letter (LETTER) and the mentions (CHOICE) among the
     question's tokens up to it. When `xy` is a list, each option's last token is appended to it as a MATCH row with
     +1 for the right option and -1 for the others and as a LETTER row with its own letter's code, and the answer
-    position as an OPTION row with the right letter's code (LETTER_CODES; none for a letter after D). An option whose letter or last token is not where its text puts
-    it is left out."""
+    position as an OPTION row with the right letter's code (LETTER_CODES; none for a letter after D). An option
+    whose letter or last token is not where its text puts it is left out."""
     def last_token(end: int) -> int | None:  # the token that ends text[:end], if the tokens agree
         prefix = tokenizer.encode(role + text[:end], add_special_tokens=False)
         return start + len(prefix) - 1 if list(ids[start : start + len(prefix)]) == prefix else None
