@@ -41,6 +41,15 @@ def pair(spec: str) -> tuple[int, int]:
     return int(layer), int(head)
 
 
+def mc_items(model, data: str):
+    """The mc rows of the split folder `data` for `model`: their index, the dataset that gives each one's binding
+    queries and place rows, and the token ids of the letters A-D."""
+    index = build_index([s for s in read_meta(Path(data) / "meta.json") if s.name == "synth_mc"])
+    options = SampleOptions(**{**SampleOptions.for_model(model.config).__dict__, "binding": True})
+    ds = SFTDataset(index, model.tokenizer, model.config, options)
+    return index, ds, [model.tokenizer.encode(c, add_special_tokens=False)[0] for c in "ABCD"]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("model")
@@ -54,11 +63,7 @@ def main() -> None:
     args = ap.parse_args()
     model = internvl.load(args.model, dtype="fp32", optimize=False)
     vlm = model.model.eval()
-    specs = [s for s in read_meta(Path(args.data) / "meta.json") if s.name == "synth_mc"]
-    index = build_index(specs)
-    options = SampleOptions(**{**SampleOptions.for_model(model.config).__dict__, "binding": True})
-    ds = SFTDataset(index, model.tokenizer, model.config, options)
-    letters = [model.tokenizer.encode(c, add_special_tokens=False)[0] for c in "ABCD"]
+    index, ds, letters = mc_items(model, args.data)
     u = readout_directions(vlm.language_model.config.hidden_size)[:, 5]
 
     scores: list[torch.Tensor] = []  # per layer: [heads, T, T] attention logits of the sample

@@ -9,16 +9,14 @@ picks the right letter, and the right letter's effect minus the mean of the four
 
 import argparse
 import math
-from pathlib import Path
 
 import torch
-from place_probe import fit  # runs/ is on the path when this file is run as a script
+from mc_probe import mc_items  # runs/ is on the path when this file is run as a script
+from place_probe import fit
 
 import internvl
 from internvl.model import llm
 from internvl.train.binding import LETTER, OPTION
-from internvl.train.data import build_index, read_meta
-from internvl.train.dataset import SampleOptions, SFTDataset
 
 
 def main() -> None:
@@ -31,10 +29,7 @@ def main() -> None:
     a = ap.parse_args()
     model = internvl.load(a.model, dtype="fp32", optimize=False)
     vlm = model.model.eval()
-    index = build_index([s for s in read_meta(Path(a.data) / "meta.json") if s.name == "synth_mc"])
-    options = SampleOptions(**{**SampleOptions.for_model(model.config).__dict__, "binding": True})
-    ds = SFTDataset(index, model.tokenizer, model.config, options)
-    letters = [model.tokenizer.encode(c, add_special_tokens=False)[0] for c in "ABCD"]
+    index, ds, letters = mc_items(model, a.data)
     cap: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # per layer: q, k, v of the sample
     plain = llm.attention
 
