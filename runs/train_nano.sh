@@ -8,7 +8,8 @@
 #   STAGES="..."   the stages after the vision stage, in order (default: the shipped model's lineage, shapes stage0
 #                  stage1a stage1 stage1b vit4 stage2 stage2b stage2c stage2d vit4b stage2e vit4c stage2f stage2g
 #                  stage2h stage2hop stage2hop2 stage2hop3 stage2rc stage2rck stage2rc2 stage2rp stage2x stage2xc
-#                  stage2m stage2o stage2p stage2q stage2r stage2s stage2t stage2u stage2w); vit4 pretrains the encoder
+#                  stage2m stage2o stage2p stage2q stage2r stage2s stage2t stage2u stage2w grow8 stage2y stage2z); vit4
+#                  pretrains the encoder
 #                  again on native-scale tiles, keeping the language model (vit4b: again, with the balanced kind
 #                  loss, 4,000 steps of 10,000 images; vit4c: 1,500 more through the projector); stage2b-2g continue
 #                  stage 2 on the same data (another order, lower peaks; stage2c trains the encoder's top 3 layers
@@ -36,11 +37,12 @@
 #                  and a third count head (5:3), from stage2s (run 31); stage2u: stage2t on curriculum/stage2u.json
 #                  (stage2r.json with the text-only arithmetic 4 times over), from stage2t (run 33); stage2w: stage2u
 #                  plus the letter readouts (each option's own letter at layer 4, the right one at the answer at
-#                  layer 5), from stage2u (run 35; the shipped model is its end), e.g.
-#                  START=src/internvl/assets/nano STAGES=stage2w ARGS_stage2w="--seed 38" continues the shipped model;
-#                  grow8 (`internvl nano grow --after 5,5`: 6 -> 8 decoder layers, the new ones adding nothing until
-#                  trained) then stage2v (stage2u with the option lookup in layer 6; run 34) or stage2y (stage2w's
-#                  letter readouts a layer later each, the option lookup in layer 6; run 36) try a deeper decoder.
+#                  layer 5), from stage2u (run 35); grow8 (`internvl nano grow --after 5,5`: 6 -> 8 decoder layers,
+#                  the new ones adding nothing until trained) then stage2y (stage2w's letter readouts a layer later
+#                  each, the option lookup in layer 6; run 37) and stage2z (stage2y again, another data order; run
+#                  38; the shipped model is its end); stage2v (stage2u with the option lookup in layer 6; run 34)
+#                  is stage2y's sibling; stage2zb (stage2z again, a 300-step cosine) continues the shipped model:
+#                  START=src/internvl/assets/nano STAGES=stage2zb.
 #                  Run 12's stage2i (the same mixture without the loss; shipped before) and stage2bind (the loss
 #                  from the words only) are siblings of stage2hop.
 #   STEPS_stage1=N the steps of a stage (its cosine schedule spans them; default: the stage's config)
@@ -60,7 +62,7 @@ OUT=${1:-runs/nano}
 N=${N:-6000}                   # items per task in the train split
 STAGES=${STAGES:-"shapes stage0 stage1a stage1 stage1b vit4 stage2 stage2b stage2c stage2d vit4b stage2e vit4c stage2f
   stage2g stage2h stage2hop stage2hop2 stage2hop3 stage2rc stage2rck stage2rc2 stage2rp stage2x stage2xc stage2m
-  stage2o stage2p stage2q stage2r stage2s stage2t stage2u stage2w"}
+  stage2o stage2p stage2q stage2r stage2s stage2t stage2u stage2w grow8 stage2y stage2z"}
 COMPILE=${COMPILE:-1}
 export OMP_WAIT_POLICY=PASSIVE # yield the cores when another process competes for them
 mkdir -p "$OUT"
@@ -117,14 +119,14 @@ for name in $STAGES; do
   # stage 2 trains on stage 1b's mixture, tiled; stages 2h, 2i, 2bind, 2hop* and 2rc on the binding mixture, 2rck and
   # 2rc2, 2rp, 2x, 2xw and 2xc on the binding mixture leaning on count questions too, 2m on that leaning on
   # multiple-choice questions as well, 2o, 2p and 2q on that with fresh count questions, 2r, 2s, 2t on that with fresh
-  # relation and position questions too, 2u, 2w, and 2v and 2y (after grow8) on that with the text-only questions 4
-  # times over
+  # relation and position questions too, 2u, 2w, and 2v, 2y, 2z and 2zb (after grow8) on that with the text-only
+  # questions 4 times over
   data=$name; case $name in stage2h|stage2i|stage2bind|stage2hop*|stage2rc) data=stage2h ;;
     stage2rck|stage2rc2|stage2rp|stage2x|stage2xw|stage2xc) data=stage2k ;;
     stage2m) data=stage2m ;;
     stage2o|stage2p|stage2q) data=stage2o ;;
     stage2r|stage2s|stage2t) data=stage2r ;;
-    stage2u|stage2v|stage2w|stage2y) data=stage2u ;;
+    stage2u|stage2v|stage2w|stage2y|stage2z|stage2zb) data=stage2u ;;
     stage2*) data=stage1b ;; esac
   read -r -a common <<< "${LANG_ARGS:-}"
   [ -f "$OUT/$name/final/config.json" ] || internvl finetune "$prev" --data "$OUT/curriculum/$data.json" \

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 import internvl
 from internvl.nano.cli import main
@@ -25,16 +26,16 @@ TINY = {"N": "3", "CUR_SCALE": "0.0005", "VIT_STEPS": "1", "VIT_IMAGES": "16", "
         "STEPS_stage2rck": "1", "STEPS_stage2rc2": "1", "STEPS_stage2rp": "1", "STEPS_stage2x": "1",
         "STEPS_stage2xc": "1", "STEPS_stage2m": "1", "STEPS_stage2o": "1", "STEPS_stage2p": "1", "STEPS_stage2q": "1",
         "STEPS_stage2r": "1", "STEPS_stage2s": "1", "STEPS_stage2t": "1", "STEPS_stage2u": "1", "STEPS_stage2v": "1",
-        "STEPS_stage2w": "1", "STEPS_stage2y": "1",
+        "STEPS_stage2w": "1", "STEPS_stage2y": "1", "STEPS_stage2z": "1", "STEPS_stage2zb": "1",
         "COMPILE": "0", "VIT_HELD_OUT": "4",
         "LANG_ARGS": "--grad-accum 1 --max-packed-tokens 1536 --max-packed-images 8 --no-tensorboard"}  # fmt: skip
 # the shipped lineage (the script's default); the test runs it less stage2hop2 and stage2hop3 (stage2hop again with
 # other seeds, runs 13 and 14), to save time: stage2rc then starts from stage2hop
 SHIPPED = ("shapes stage0 stage1a stage1 stage1b vit4 stage2 stage2b stage2c stage2d vit4b stage2e vit4c stage2f "
            "stage2g stage2h stage2hop stage2hop2 stage2hop3 stage2rc stage2rck stage2rc2 stage2rp stage2x stage2xc "
-           "stage2m stage2o stage2p stage2q stage2r stage2s stage2t stage2u stage2w")  # fmt: skip
-# the recipe test also runs the deeper decoder's stages after it (runs 34 and 36; stage2y from stage2v here)
-STAGES = SHIPPED.replace(" stage2hop2 stage2hop3", "") + " grow8 stage2v stage2y"
+           "stage2m stage2o stage2p stage2q stage2r stage2s stage2t stage2u stage2w grow8 stage2y stage2z")  # fmt: skip
+# the recipe test also runs the stage that continues the shipped model after it (stage2zb)
+STAGES = SHIPPED.replace(" stage2hop2 stage2hop3", "") + " stage2zb"
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +62,7 @@ def test_every_stage_runs_and_the_benchmark_scores_every_task(recipe):
     language = ("shapes", "stage0", "stage1a", "stage1", "stage1b", "stage2", "stage2b", "stage2c", "stage2d")
     for stage in (*language, "stage2e", "stage2f", "stage2g", "stage2h", "stage2hop", "stage2rc", "stage2rck",
                   "stage2rc2", "stage2rp", "stage2x", "stage2xc", "stage2m", "stage2o", "stage2p", "stage2q",
-                  "stage2r", "stage2s", "stage2t", "stage2u", "stage2w", "stage2v", "stage2y"):  # fmt: skip
+                  "stage2r", "stage2s", "stage2t", "stage2u", "stage2w", "stage2y", "stage2z", "stage2zb"):  # fmt: skip
         assert (recipe / stage / "final" / "model.safetensors").is_file(), stage
         state = json.loads((recipe / stage / "checkpoints" / "step-00000001" / "state.json").read_text())
         assert state["step"] == 1
@@ -151,17 +152,20 @@ def test_every_stage_runs_and_the_benchmark_scores_every_task(recipe):
     assert args["model"].endswith("stage2u/final") and args["data"].endswith("curriculum/stage2u.json")
     assert (args["binding_option_letter_xy_layer"], args["binding_letter_xy_layer"], args["seed"]) == (4, 5, 37)
     assert "option_letter_mse" in (recipe / "stage2w" / "metrics.csv").read_text().splitlines()[0].split(",")
-    # grow8: the model before it with two copies of layer 5 after it; stage 2v trains it with the option lookup in
-    # layer 6
+    # grow8: the model before it with two copies of layer 5 after it; stage 2y trains it with the option lookup in
+    # layer 6 and stage 2w's letter readouts a layer later each
     grown = json.loads((recipe / "grow8" / "config.json").read_text())["llm_config"]["num_hidden_layers"]
     assert grown == json.loads((recipe / "stage2w" / "final" / "config.json").read_text())["llm_config"][
         "num_hidden_layers"] + 2  # fmt: skip
-    args = first_args(recipe, "stage2v")
+    args = first_args(recipe, "stage2y")
     assert args["model"].endswith("grow8") and args["data"].endswith("curriculum/stage2u.json")
-    assert (args["binding_option_heads"], args["seed"]) == ("6:2", 36)
-    args = first_args(recipe, "stage2y")  # stage 2w's letter readouts a layer later each on the deeper decoder
     assert (args["binding_option_heads"], args["binding_option_letter_xy_layer"], args["binding_letter_xy_layer"]) == (
         "6:2", 5, 6)  # fmt: skip
+    for stage, start, seed, steps in (("stage2z", "stage2y", 40, 500), ("stage2zb", "stage2z", 41, 300)):
+        args = first_args(recipe, stage)  # stage 2y again, twice, each from the one before
+        assert args["model"].endswith(f"{start}/final") and args["data"].endswith("curriculum/stage2u.json")
+        assert (args["binding_option_heads"], args["seed"]) == ("6:2", seed)
+        assert yaml.safe_load((ROOT / "configs" / "train" / f"nano-{stage}.yaml").read_text())["max_steps"] == steps
     for stage in ("stage2hop", "stage2rc", "stage2rck", "stage2rc2", "stage2rp", "stage2x", "stage2q", "stage2r"):
         assert all(r["bind_ce"] > 0 for r in read_metrics(recipe / stage / "metrics.csv"))
     args = first_args(recipe, "stage2c")
