@@ -5,8 +5,9 @@ attention that falls on the query's targets among the keys the loss compares the
 - LETTER: from each option's last token onto its letter (--letter HEAD, the head stage 2m trained: 1:1);
 - CHOICE: from each option's last token onto the question's mentions (--choice, 3:0 in stage 2o);
 - OPTION: from the answer position onto the right option's last token, among the four options' last tokens
-  (--option, 5:2), how often that head weighs the right option most, and its share among every key before the
-  answer (`option all`: what the head's output is made of);
+  (--option, 5:2 in the 6-layer models; 6:2 in the shipped 8-layer one, stages 2y and 2z), how often that head
+  weighs the right option most, and its share among every key before the answer (`option all`: what the head's
+  output is made of);
 - MATCH: the place loss's readout at each option's last token (the RMS-normed state at the MLP input of --match-layer
   on its sixth fixed direction, +1 for the right option): how often the right option reads highest;
 

@@ -5,6 +5,8 @@ effect on the four letters' logits (lm_head applied to its o_proj output, withou
 picks the right letter, and the right letter's effect minus the mean of the four against their spread.
 
     OMP_NUM_THREADS=1 python runs/mc_values.py MODEL --data SPLIT_DIR [--n 150] [--layer 5 --head 2]
+
+The option head is 5:2 (the default) in the 6-layer models and 6:2 (--layer 6) in the shipped 8-layer one.
 """
 
 import argparse
