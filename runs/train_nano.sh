@@ -55,6 +55,7 @@
 #   N=6000         items per task in the train split
 #   VIT_STEPS=1200 VIT_IMAGES=20000 CUR_SCALE=1 EVAL_N=200   the other sizes (a tiny run: tests/test_nano_recipe.py)
 #   VIT_HELD_OUT=256  the held-out images each vision stage reports on
+#   DRY_RUN=1      print each command (one line, shell-quoted) instead of running it: the lineage's plan
 # Run nothing else that uses the cores meanwhile: two processes with two OpenMP threads each on two cores
 # run ~10x slower, not 2x.
 set -euo pipefail
@@ -65,23 +66,24 @@ STAGES=${STAGES:-"shapes stage0 stage1a stage1 stage1b vit4 stage2 stage2b stage
   stage2o stage2p stage2q stage2r stage2s stage2t stage2u stage2w grow8 stage2y stage2z"}
 COMPILE=${COMPILE:-1}
 export OMP_WAIT_POLICY=PASSIVE # yield the cores when another process competes for them
-mkdir -p "$OUT"
+run() { if [ "${DRY_RUN:-0}" = 1 ]; then printf '%q ' "$@"; echo; else "$@"; fi; }
+[ "${DRY_RUN:-0}" = 1 ] || mkdir -p "$OUT"
 
 # 1. data: the train split of the Synthetic Visual World (no hexagons), in the reference fine-tuning format
-[ -f "$OUT/data/meta.json" ] || internvl synth --out "$OUT/data" --split train --n "$N"
+[ -f "$OUT/data/meta.json" ] || run internvl synth --out "$OUT/data" --split train --n "$N"
 
 # 2. a byte-level BPE tokenizer trained on the split's text, and the nano config.json (original layout)
-[ -f "$OUT/init/config.json" ] || internvl nano prepare --data "$OUT/data" --out "$OUT/init"
+[ -f "$OUT/init/config.json" ] || run internvl nano prepare --data "$OUT/data" --out "$OUT/init"
 
 # 3. the curriculum: one large shape (stage 0), one or two mid-sized (stage 1a), up to five at the contract's
 #    sizes mixed with the split (stage 1); shapes.json holds only the shape questions of stage 0's scenes
-[ -f "$OUT/curriculum/stage2u.json" ] || internvl nano curriculum --split "$OUT/data" --out "$OUT/curriculum" \
+[ -f "$OUT/curriculum/stage2zd.json" ] || run internvl nano curriculum --split "$OUT/data" --out "$OUT/curriculum" \
     --scale "${CUR_SCALE:-1}"
 
 # 4. the vision encoder, pretrained on per-patch targets drawn from the generator (~20 min; resumes from its
 #    last checkpoint), then frozen
 if [ -z "${START:-}" ]; then
-  [ -f "$OUT/vit/vit_pretrain.json" ] || internvl nano vit --init "$OUT/init" --out "$OUT/vit" \
+  [ -f "$OUT/vit/vit_pretrain.json" ] || run internvl nano vit --init "$OUT/init" --out "$OUT/vit" \
       --data "$OUT/vit_data.npz" --steps "${VIT_STEPS:-1200}" --images "${VIT_IMAGES:-20000}" --resume \
       --held-out "${VIT_HELD_OUT:-256}"
 fi
@@ -104,14 +106,14 @@ for name in $STAGES; do
     esac
     cache="$OUT/views_$images.npz"  # the same images' views for vit4b and vit4c
     if [ "$name" = vit4 ]; then cache="$OUT/vit4_data.npz"; fi
-    [ -f "$OUT/$name/vit_pretrain.json" ] || internvl nano vit --init "$prev" --keep-weights --max-num 4 \
+    [ -f "$OUT/$name/vit_pretrain.json" ] || run internvl nano vit --init "$prev" --keep-weights --max-num 4 \
         --out "$OUT/$name" --data "$cache" --steps "$steps" --images "$images" --lr "$lr" \
         --held-out "${VIT_HELD_OUT:-256}" --resume ${fast[@]+"${fast[@]}"} ${extra[@]+"${extra[@]}"}
     prev="$OUT/$name"
     continue ;;
   esac
   case $name in grow8)  # a deeper decoder: two copies of layer 5 after it whose output projections start at zero
-    [ -f "$OUT/$name/config.json" ] || internvl nano grow "$prev" --out "$OUT/$name" --after 5,5
+    [ -f "$OUT/$name/config.json" ] || run internvl nano grow "$prev" --out "$OUT/$name" --after 5,5
     prev="$OUT/$name"
     continue ;;
   esac
@@ -120,16 +122,18 @@ for name in $STAGES; do
   # 2rc2, 2rp, 2x, 2xw and 2xc on the binding mixture leaning on count questions too, 2m on that leaning on
   # multiple-choice questions as well, 2o, 2p and 2q on that with fresh count questions, 2r, 2s, 2t on that with fresh
   # relation and position questions too, 2u, 2w, and 2v, 2y, 2z and 2zb (after grow8) on that with the text-only
-  # questions 4 times over
+  # questions 4 times over, 2zc on that with the tasks furthest below their targets 4 times over, 2zd on that with
+  # grounding 3 times over that
   data=$name; case $name in stage2h|stage2i|stage2bind|stage2hop*|stage2rc) data=stage2h ;;
     stage2rck|stage2rc2|stage2rp|stage2x|stage2xw|stage2xc) data=stage2k ;;
     stage2m) data=stage2m ;;
     stage2o|stage2p|stage2q) data=stage2o ;;
     stage2r|stage2s|stage2t) data=stage2r ;;
     stage2u|stage2v|stage2w|stage2y|stage2z|stage2zb) data=stage2u ;;
+    stage2zc|stage2zd) data=$name ;;
     stage2*) data=stage1b ;; esac
   read -r -a common <<< "${LANG_ARGS:-}"
-  [ -f "$OUT/$name/final/config.json" ] || internvl finetune "$prev" --data "$OUT/curriculum/$data.json" \
+  [ -f "$OUT/$name/final/config.json" ] || run internvl finetune "$prev" --data "$OUT/curriculum/$data.json" \
       --config "configs/train/$config.yaml" --out "$OUT/$name" --resume ${steps:+--max-steps "$steps"} \
       ${fast[@]+"${fast[@]}"} ${common[@]+"${common[@]}"} ${extra[@]+"${extra[@]}"}
   prev="$OUT/$name/final"
@@ -137,7 +141,7 @@ done
 FINAL="$prev"
 
 # 6. the benchmark: per-task accuracy on the test split (200 items per task), greedy
-internvl eval synthetic "$FINAL" --n "${EVAL_N:-200}" --out "$OUT/eval"
+run internvl eval synthetic "$FINAL" --n "${EVAL_N:-200}" --out "$OUT/eval"
 
 # 7. to ship it as the built-in model (src/internvl/assets/nano, with training.json):
 #    internvl nano ship "$FINAL" --summary "$OUT/eval/summary.json" --stage LAST_STAGE

@@ -16,6 +16,7 @@ from internvl.train import binding
 from internvl.train.args import DataArgs
 from internvl.train.binding import (
     ANSWER,
+    BOX,
     CHOICE,
     COLOR,
     COUNT,
@@ -99,6 +100,7 @@ def test_queries_sit_on_the_named_word_and_targets_show_the_named_color(scenes, 
     checked = two = placed = 0
     counts = []  # (the answer, a count question's objects on its COUNT query)
     spread = adjectives = 0  # COUNT_WORD and COLOR queries
+    boxes, boxed = 0, None  # the digits of grounding answers (multi-turn rows ask those too)
     img_start = nano.tokenizer.token_to_id("<img>")
     assert all(s.binding == [] for s, r in zip(samples, rows) if r["task"] == "text")
     scene = [(s, r) for s, r in zip(samples, rows) if r["task"] != "text"]
@@ -113,8 +115,13 @@ def test_queries_sit_on_the_named_word_and_targets_show_the_named_color(scenes, 
         whole = (len(tiles) - 1) * ds.num_image_token  # the thumbnail's first token (or the one tile's)
         for q, keys, hits, kind in sample.binding:
             targets = {k for k, hit in enumerate(hits) if hit}
+            if kind == PLACE_FIRST and sample.labels[q] != -100:  # a digit of a grounding answer's box (BOX rows)
+                assert nano.tokenizer.decode([int(sample.labels[q + 1])]).isdigit() and targets == boxed
+                boxes += 1
+                continue
             if kind in (PLACE_FIRST, PLACE_LAST):  # the answer position onto the thumbnail's cells of a mention
                 assert sample.labels[q] == -100 and sample.labels[q + 1] != -100
+                boxed = targets if kind == PLACE_FIRST else boxed  # where a grounding answer's digits look too
                 assert [sample.input_ids[k] for k in keys] == [ds.context_id] * len(keys)
                 cells = named_cells[0] if kind == PLACE_FIRST else named_cells[-1]
                 assert targets and targets == {k for k in cells if k >= whole} and min(targets) >= whole
@@ -186,7 +193,7 @@ def test_queries_sit_on_the_named_word_and_targets_show_the_named_color(scenes, 
             assert colored <= targets, (row["id"], sorted(colored - targets))
             assert len(colored) >= 0.5 * len(targets), (row["id"], len(colored), len(targets))
             checked += 1
-    assert checked >= 4 and two >= 3 and placed >= 3
+    assert checked >= 4 and two >= 3 and placed >= 3 and boxes >= 4
     assert len(counts) >= 4 and all(answer == n for answer, n in counts), counts
     assert spread == len(counts) and adjectives >= 6
     assert any(n >= 2 for _, n in counts), counts
@@ -223,7 +230,7 @@ def test_place_targets_are_the_named_objects_centres(scenes, nano):
         if not answers:  # a text row
             continue
         w, h = row["meta"]["size"]
-        for q, xy, kind in (p for p in sample.places if p[2] not in (COUNT, COUNT_WORD)):
+        for q, xy, kind in (p for p in sample.places if p[2] not in (COUNT, COUNT_WORD, BOX)):  # BOX: below
             prompt = nano.tokenizer.decode(sample.input_ids[: q + 1].tolist())
             said = mentions(prompt.rsplit("user\n", 1)[1])
             want = []
@@ -319,6 +326,64 @@ def test_place_loss_reads_the_mlp_input_and_trains(scenes, nano):
         BindingObjective("square", 1.0, [(1, 0)], place_xy_weight=0.5, match_xy_layer=n).setup(model, "cpu")
     with pytest.raises(TrainingError, match=f"^--binding-count-xy-layer: layer {n + 1} does not exist"):
         BindingObjective("square", 1.0, [(1, 0)], place_xy_weight=0.5, count_xy_layer=n + 1).setup(model, "cpu")
+
+
+def test_grounding_digits_read_the_objects_box(tmp_path, nano):
+    """Every position that predicts a digit of a grounding answer's box is a BOX place row holding the named object's
+    box (x1, y1, x2, y2 in [-1, 1] of the canvas, from the row's objects) and a PLACE_FIRST query onto the same
+    thumbnail cells as the answer position's; box_mse is the squared error of layer 3's MLP input there on the
+    first four directions, and a few steps of it lower it; the flag needs the place loss."""
+    from internvl.synth.writer import generate_split
+
+    generate_split(str(tmp_path), "train", n=6, tasks=["grounding"], seed=3)
+    index = build_index(read_meta(tmp_path / "meta.json"))
+    options = SampleOptions(**{**SampleOptions.for_model(nano.config).__dict__, "binding": True})
+    ds = SFTDataset(index, nano.tokenizer, nano.config, options)
+    samples, rows = [ds[i] for i in range(len(index))], [index.read(i)[0] for i in range(len(index))]
+    for sample, row in zip(samples, rows):
+        replies = [t["value"] for t in row["conversations"][1::2] if "<box>" in t["value"]]
+        boxes = [(q, xy) for q, xy, kind in sample.places if kind == BOX]
+        assert len(boxes) == sum(c.isdigit() for reply in replies for c in reply) >= 4
+        said = "".join(nano.tokenizer.decode(sample.input_ids[q + 1 : q + 2].tolist()) for q, _ in boxes)
+        assert said == "".join(c for reply in replies for c in reply if c.isdigit())
+        w, h = row["meta"]["size"]
+        firsts = {q: target for q, _, target, kind in sample.binding if kind == PLACE_FIRST}
+        for reply in replies:
+            (box,) = [o[2] for o in row["meta"]["objects"] if f"the {o[0]} {o[1]}<" in reply]
+            want = [box[0] / w * 2 - 1, box[1] / h * 2 - 1, box[2] / w * 2 - 1, box[3] / h * 2 - 1]
+            mine, boxes = boxes[: sum(c.isdigit() for c in reply)], boxes[sum(c.isdigit() for c in reply) :]
+            assert all(xy == pytest.approx(want) for _, xy in mine)
+            # each digit's query looks where the answer position's place head looks (the one just before them)
+            answer = max(q for q in firsts if q < mine[0][0])
+            assert all(firsts[q] == firsts[answer] for q, _ in mine) and any(firsts[answer])
+    batch = Collator(pad_token_id(nano.tokenizer), ds.dummy)(samples)
+    model = internvl.load(str(BUILTIN), dtype="fp32", optimize=False).model.train()
+    objective = BindingObjective("square", 1.0, [(1, 0)], place_first_heads=[(3, 1)], place_xy_layer=3,
+                                 place_xy_weight=0.5, box_xy_layer=3)  # fmt: skip
+    objective.setup(model, torch.device("cpu"))
+    seen = {}
+    hook = model.language_model.model.layers[3].post_attention_layernorm.register_forward_pre_hook(
+        lambda _, args: seen.setdefault(3, args[0].detach()))  # fmt: skip
+    with torch.no_grad():
+        out = objective(model, batch)
+    hook.remove()
+    rows = batch.place_kind == BOX
+    x = seen[3].flatten(0, 1)[batch.place_query[rows]]
+    x = x / x.square().mean(-1, keepdim=True).add(1e-6).sqrt()
+    err = (x @ binding.readout_directions(x.shape[-1])[:, :4] - batch.place_xy[rows]).square()
+    got, n = out.metrics["box_mse"]
+    assert n == err.numel() > 0 and float(got) == pytest.approx(float(err.sum()), rel=1e-4)
+    opt = torch.optim.Adam(language_params(model), lr=1e-3)
+    mses = []
+    for _ in range(8):
+        out = objective(model, batch)
+        mses.append(float(out.metrics["box_mse"][0]) / out.metrics["box_mse"][1])
+        opt.zero_grad()
+        out.loss_sum.backward()
+        opt.step()
+    assert mses[-1] < 0.5 * mses[0], mses
+    with pytest.raises(TrainingError, match="^--binding-box-xy-layer 5 needs --binding-place-xy-loss > 0$"):
+        DataArgs(data="d.json", binding_loss=0.1, binding_box_xy_layer=5)
 
 
 def test_count_weight_scales_the_count_rows_of_both_losses(scenes, nano):

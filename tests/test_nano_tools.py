@@ -122,22 +122,24 @@ def test_curriculum_writes_every_stage_meta(tmp_path):
     from internvl.synth.writer import generate_split
     from internvl.train.data import build_index, read_meta
 
-    generate_split(str(tmp_path / "split"), "train", n=4, tasks=["color", "count", "text", "mc"])
+    generate_split(str(tmp_path / "split"), "train", n=4, tasks=["color", "count", "text", "mc", "grounding"])
     counts = curriculum(tmp_path / "split", tmp_path / "cur", scale=0.0005)
     shapes = sum(t["value"].removeprefix("<image>\n").startswith("What shape")
                  for line in (tmp_path / "cur/dense0/dense.jsonl").read_text().splitlines()
                  for t in json.loads(line)["conversations"])  # fmt: skip
     assert shapes > 0
     # stage 1b: half the scenes, all of the split; stage 2h: a quarter of dense1, all of denseS, of color and of
-    # count (binding tasks), half of text and of mc; stage 2k: stage 2h with count three times over; stage 2m: stage
-    # 2k with mc four times over; stage 2o: stage 2m with 9 fresh count questions (18,000 scaled) instead; stage 2r:
-    # stage 2o with 6 fresh relation questions and half of 6 fresh position ones (12,000 scaled; the split has none);
-    # stage 2u: stage 2r with text four times over
-    assert counts == {"shapes": shapes, "stage0": 10, "stage1a": 3 + 10, "stage1": 10 + 15 + 1 + 1 + 1 + 1,
-                      "stage1b": 5 + 7 + 4 + 4 + 4 + 4, "stage2h": 2 + 15 + 4 + 4 + 2 + 2,
-                      "stage2k": 2 + 15 + 4 + 3 * 4 + 2 + 2, "stage2m": 2 + 15 + 4 + 3 * 4 + 2 + 4 * 4,
-                      "stage2o": 2 + 15 + 4 + 9 + 2 + 4 * 4, "stage2r": 2 + 15 + 4 + 9 + 2 + 4 * 4 + 6 + 3,
-                      "stage2u": 2 + 15 + 4 + 9 + 4 * 4 + 4 * 4 + 6 + 3}  # fmt: skip
+    # count (binding tasks), half of text, of mc and of grounding; stage 2k: stage 2h with count three times over;
+    # stage 2m: stage 2k with mc four times over; stage 2o: stage 2m with 9 fresh count questions (18,000 scaled)
+    # instead; stage 2r: stage 2o with 6 fresh relation questions and half of 6 fresh position ones (12,000 scaled;
+    # the split has none); stage 2u: stage 2r with text four times over; stage 2zc: stage 2u with grounding twice
+    # over; stage 2zd: with grounding six times over
+    u = 2 + 15 + 4 + 9 + 4 * 4 + 4 * 4 + 6 + 3
+    assert counts == {"shapes": shapes, "stage0": 10, "stage1a": 3 + 10, "stage1": 10 + 15 + 1 + 1 + 1 + 1 + 1,
+                      "stage1b": 5 + 7 + 4 + 4 + 4 + 4 + 4, "stage2h": 2 + 15 + 4 + 4 + 2 + 2 + 2,
+                      "stage2k": 2 + 15 + 4 + 3 * 4 + 2 + 2 + 2, "stage2m": 2 + 15 + 4 + 3 * 4 + 2 + 4 * 4 + 2,
+                      "stage2o": 2 + 15 + 4 + 9 + 2 + 4 * 4 + 2, "stage2r": 2 + 15 + 4 + 9 + 2 + 4 * 4 + 6 + 3 + 2,
+                      "stage2u": u + 2, "stage2zc": u + 2 * 4, "stage2zd": u + 6 * 4}  # fmt: skip
     fresh = [json.loads(line) for line in (tmp_path / "cur/count2/count.jsonl").read_text().splitlines()]
     split = {json.loads(line)["meta"]["question"] + str(json.loads(line)["meta"]["objects"])
              for line in (tmp_path / "split/count.jsonl").read_text().splitlines()}  # fmt: skip
@@ -150,7 +152,7 @@ def test_curriculum_writes_every_stage_meta(tmp_path):
         specs = read_meta(tmp_path / "cur" / f"{stage}.json")
         assert len(build_index(specs)) == counts[stage]
     names = [s.name for s in read_meta(tmp_path / "cur" / "stage1.json")]
-    assert names == ["dense1", "denseS", "synth_color", "synth_count", "synth_text", "synth_mc"]
+    assert names == ["dense1", "denseS", "synth_color", "synth_count", "synth_text", "synth_mc", "synth_grounding"]
     rows = [json.loads(line) for line in (tmp_path / "cur/dense0/shape.jsonl").read_text().splitlines()]
     question, answer = zip(*(r["conversations"] for r in rows))
     assert all(q["value"].startswith("<image>\nWhat shape") for q in question)

@@ -4,8 +4,10 @@ its stages in order: shapes.json, stage0.json, stage1a.json, stage1.json, stage1
 mixture that leans on scenes of several objects, stage2k.json, the same leaning on count questions too,
 stage2m.json, that leaning on multiple-choice questions as well, stage2o.json, stage2m.json with its count
 questions drawn fresh from another seed, and stage2r.json, stage2o.json with fresh relation and position questions,
-twice as many relation questions as before, and stage2u.json, stage2r.json with the split's text-only arithmetic
-questions 4 times over (see runs/train_nano.sh)."""
+twice as many relation questions as before, stage2u.json, stage2r.json with the split's text-only arithmetic
+questions 4 times over, stage2zc.json, stage2u.json with the split's grounding, caption, multi_image, chart_value,
+chart_max and reasoning questions 4 times over, and stage2zd.json, stage2zc.json with grounding 3 times over that
+(see runs/train_nano.sh)."""
 
 from __future__ import annotations
 
@@ -38,6 +40,11 @@ STAGE2R_POSITION = 0.5
 # stage 2u: stage 2r with the split's text-only questions this many times over (672 distinct sums and differences;
 # at stage 2r's half share a 500-step stage sees ~150 of them, and the answers drift one off)
 STAGE2U_TEXT = 4.0
+# stage 2zc: stage 2u with the split's questions of these tasks (the furthest below their targets; at stage 2u's half
+# share a 500-step stage sees ~50 grounding rows) at this share each; stage 2zd: stage 2zc with grounding at its own
+STAGE2ZC_TASKS = ("grounding", "caption", "multi_image", "chart_value", "chart_max", "reasoning")
+STAGE2ZC_SHARE = 2.0
+STAGE2ZD_GROUNDING = 6.0
 
 
 def curriculum(split: str | Path, out: str | Path, scale: float = 1.0, progress: bool = False) -> dict:
@@ -81,9 +88,15 @@ def curriculum(split: str | Path, out: str | Path, scale: float = 1.0, progress:
                "synth_position": share(place["position"], STAGE2R_POSITION)}  # fmt: skip
     stage2u = {name: share(stage1b[name], STAGE2U_TEXT) if name == "synth_text" else entry
                for name, entry in stage2r.items()}  # fmt: skip
+    weak = {f"synth_{task}" for task in STAGE2ZC_TASKS}
+    stage2zc = {name: share(stage1b[name], STAGE2ZC_SHARE) if name in weak else entry
+                for name, entry in stage2u.items()}  # fmt: skip
+    stage2zd = {name: share(stage1b[name], STAGE2ZD_GROUNDING) if name == "synth_grounding" else entry
+                for name, entry in stage2zc.items()}  # fmt: skip
     metas = {"shapes": shapes, "stage0": {"dense0": entries["dense0"]}, "stage1a": stage1a, "stage1": stage1,
              "stage1b": stage1b, "stage2h": stage2h, "stage2k": stage2k, "stage2m": stage2m,
-             "stage2o": stage2o, "stage2r": stage2r, "stage2u": stage2u}  # fmt: skip
+             "stage2o": stage2o, "stage2r": stage2r, "stage2u": stage2u, "stage2zc": stage2zc,
+             "stage2zd": stage2zd}  # fmt: skip
     for name, meta in metas.items():
         (out / f"{name}.json").write_text(json.dumps(meta, indent=2) + "\n")
     return {name: sum(e["length"] for e in meta.values()) for name, meta in metas.items()}

@@ -132,6 +132,10 @@ class DataArgs:
     binding_option_letter_xy_layer: int = _f(-1, "the layer whose MLP input it reads at each option's last token of a "
                                              "multiple-choice question too, for the option's own letter's code on "
                                              "the directions of --binding-letter-xy-layer (-1: not at options)")  # fmt: skip
+    binding_box_xy_layer: int = _f(-1, "the layer whose MLP input it reads at each position that predicts a digit of a "
+                                   "grounding answer's box too, for the named object's box (x1, y1, x2, y2 in [-1, 1] "
+                                   "of the canvas) on the first four directions; those positions are also "
+                                   "--binding-place-first-heads queries onto the object (-1: not at boxes)")  # fmt: skip
     skip_bad_rows: bool = _f(False, "skip invalid rows (reported at the end and in OUT/skipped_rows.txt)")
     num_workers: int = _f(2, "data-loading processes (0: load in the training process)")
 
@@ -170,7 +174,8 @@ class DataArgs:
                             (self.binding_match_xy_layer, "--binding-match-xy-layer"),
                             (self.binding_count_xy_word_layer, "--binding-count-xy-word-layer"),
                             (self.binding_letter_xy_layer, "--binding-letter-xy-layer"),
-                            (self.binding_option_letter_xy_layer, "--binding-option-letter-xy-layer")):  # fmt: skip
+                            (self.binding_option_letter_xy_layer, "--binding-option-letter-xy-layer"),
+                            (self.binding_box_xy_layer, "--binding-box-xy-layer")):  # fmt: skip
             _check(layer < 0 or self.binding_place_xy_loss > 0, f"{flag} {layer} needs --binding-place-xy-loss > 0")
         _check(self.num_workers >= 0, f"--num-workers must be >= 0, got {self.num_workers}")
 

@@ -73,6 +73,12 @@ and answers are right for 29%. The option's letter is there (a fresh probe reads
 option's own letter's code on the same two directions: the letter becomes a large signal there, in the directions
 the answer's readout asks for, so the option head only has to copy those two directions.
 
+A grounding answer writes the named object's box as digits (`<box>[[x1, y1, x2, y2]]</box>`, 0-1000) many tokens
+after the answer position; the shipped 8-layer model's boxes had nothing to do with the object. With `box_xy_layer`
+each position that predicts one of those digits is a PLACE_FIRST query onto the object's thumbnail cells and a
+place-loss row for its box (x1, y1, x2, y2 in [-1, 1] of the canvas, the first four directions) at that layer's
+MLP input (BOX rows), so the layers after it only have to turn a linear code into digits.
+
 It needs rows of the Synthetic Visual World's scene tasks (color, shape, count, position, relation, grounding,
 and mc over the first four) with the contract's `meta.objects` and, for several questions, `meta.turns` (each
 question's task); other rows and questions train on the language loss only.
@@ -171,12 +177,15 @@ def object_tokens(box: Sequence[float], width: int, height: int, grid: tuple[int
 # the right option's last token (OPTION), an option's last token onto the question's mentions (CHOICE), and the
 # place loss's row at an option's last token that says whether the option is the right one (MATCH), and a count
 # question's mention spread like its answer position's COUNT query (COUNT_WORD), and a mention's last token onto
-# its color word (COLOR)
-WORD, ANSWER, HOP, FIRST, LAST, COUNT, PLACE_FIRST, PLACE_LAST, LETTER, OPTION, CHOICE, MATCH, COUNT_WORD, COLOR = range(14)
+# its color word (COLOR), and each position that predicts a digit of a grounding answer's box (BOX: the place loss's
+# row with the object's box; its attention queries are PLACE_FIRST ones)
+WORD, ANSWER, HOP, FIRST, LAST, COUNT, PLACE_FIRST, PLACE_LAST, LETTER, OPTION, CHOICE, MATCH, COUNT_WORD, COLOR, BOX = range(15)
 # the code of a multiple-choice answer's letter that the place loss reads at the answer position (OPTION rows)
 LETTER_CODES = {"A": (1.0, 1.0), "B": (1.0, -1.0), "C": (-1.0, 1.0), "D": (-1.0, -1.0)}
 # an option line of a multiple-choice question: "\nA. text" (the contract's mc rows)
 OPTION_LINE = re.compile(r"\n([A-Z])\. ([^\n]+)")
+# the box of a grounding answer: <box>[[x1, y1, x2, y2]]</box>, integers in 0..1000
+BOX_DIGITS = re.compile(r"<box>\[\[(\d+), (\d+), (\d+), (\d+)\]\]")
 
 
 def centre_token(box: Sequence[float], width: int, height: int, grid: tuple[int, int], image_size: int,
@@ -249,6 +258,7 @@ def scene_queries(item: dict, turns: Sequence[tuple[str, str]], ids: Sequence[in
         words: list[int] = []
         places: list[set[int]] = []  # whole-image cells of each supervised mention's objects
         centres: list[list[float]] = []  # the mean centre of each supervised mention's objects, in [-1, 1]
+        boxes: list[list[float]] = []  # the box around each supervised mention's objects, in [-1, 1]
         named_all: list = []  # every object the question names, once a mention
         said = None  # the last mention's query position, when its tokens are where expected (it may name nothing)
         options = list(OPTION_LINE.finditer(text))
@@ -276,6 +286,8 @@ def scene_queries(item: dict, turns: Sequence[tuple[str, str]], ids: Sequence[in
                 places.append({k for k in cells if k >= whole})
                 centres.append([sum(o[2][0] + o[2][2] for o in named) / len(named) / width - 1,
                                 sum(o[2][1] + o[2][3] for o in named) / len(named) / height - 1])  # fmt: skip
+                boxes.append([min(o[2][0] for o in named) * 2 / width - 1, min(o[2][1] for o in named) * 2 / height - 1,
+                              max(o[2][2] for o in named) * 2 / width - 1, max(o[2][3] for o in named) * 2 / height - 1])  # fmt: skip
                 if xy is not None:
                     xy.append((words[-1], centres[-1] * 2, WORD))
         # the answer follows the question's segment: <|im_start|>assistant\n, then its first token
@@ -293,6 +305,12 @@ def scene_queries(item: dict, turns: Sequence[tuple[str, str]], ids: Sequence[in
                     out.append((query, image, [k in cells for k in range(len(image))], kind))
             if xy is not None:
                 xy.append((query, centres[0] + centres[-1], ANSWER))
+            if task == "grounding" and turn < len(replies):
+                for at in box_queries(replies[turn], answer, ids, tokenizer, t.roles[1]):
+                    if places[0]:
+                        out.append((at, image, [k in places[0] for k in range(len(image))], PLACE_FIRST))
+                    if xy is not None:
+                        xy.append((at, boxes[0], BOX))
         if options and turn < len(replies):
             out += option_queries(options, replies[turn], start, query, ids, tokenizer, t.roles[0], text, words, xy)
         if task != "count":
@@ -308,6 +326,23 @@ def scene_queries(item: dict, turns: Sequence[tuple[str, str]], ids: Sequence[in
                 out.append((at, [image[0] - 1, *image], [True] + [k in tokens for k in range(len(image))], kind))
             if xy is not None:
                 xy.append((at, n, kind))
+    return out
+
+
+def box_queries(reply: str, answer: int, ids: Sequence[int], tokenizer: Tokenizer, role: str) -> list[int]:
+    """The positions that predict the digits of the box in a grounding answer `reply` whose turn (opened by
+    `role`) starts at token `answer`: one per digit of x1, y1, x2 and y2; [] when the reply has no box or its
+    tokens are not where its text puts them."""
+    m = BOX_DIGITS.search(reply)
+    if m is None:
+        return []
+    out = []
+    for k in range(1, 5):
+        for j in range(m.start(k), m.end(k)):
+            prefix = tokenizer.encode(role + reply[:j], add_special_tokens=False)
+            if list(ids[answer : answer + len(prefix)]) != prefix:
+                return []
+            out.append(answer + len(prefix) - 1)
     return out
 
 
@@ -370,7 +405,7 @@ class BindingObjective(SFTObjective):
 
     name = "sft+binding"
     bar_metrics = ("bind_ce", "bind_top1", "count_ce", "xy_mse", "xy_word_mse", "count_mse", "match_mse",
-                   "count_word_mse", "letter_mse", "option_letter_mse")
+                   "count_word_mse", "letter_mse", "option_letter_mse", "box_mse")
 
     def __init__(self, reduction: str, weight: float, heads: Sequence[tuple[int, int]],
                  answer_heads: Sequence[tuple[int, int]] = (), hop_heads: Sequence[tuple[int, int]] = (),
@@ -383,7 +418,7 @@ class BindingObjective(SFTObjective):
                  count_word_heads: Sequence[tuple[int, int]] = (), count_word_sinks: Sequence[float] = (),
                  count_xy_word_layer: int = -1, color_heads: Sequence[tuple[int, int]] = (),
                  letter_xy_layer: int = -1, count_weight: float = 1.0,
-                 option_letter_xy_layer: int = -1):  # fmt: skip
+                 option_letter_xy_layer: int = -1, box_xy_layer: int = -1):  # fmt: skip
         super().__init__(reduction)
         self.weight = weight
         self.count_weight = count_weight  # on count questions' rows, both losses
@@ -393,7 +428,7 @@ class BindingObjective(SFTObjective):
         xy_layers = [(place_xy_layer, ANSWER, "xy_mse"), (place_xy_word_layer, WORD, "xy_word_mse"),
                      (count_xy_layer, COUNT, "count_mse"), (match_xy_layer, MATCH, "match_mse"),
                      (count_xy_word_layer, COUNT_WORD, "count_word_mse"), (letter_xy_layer, OPTION, "letter_mse"),
-                     (option_letter_xy_layer, LETTER, "option_letter_mse")]  # fmt: skip
+                     (option_letter_xy_layer, LETTER, "option_letter_mse"), (box_xy_layer, BOX, "box_mse")]  # fmt: skip
         self.xy_layers = [(la, kind, name) for la, kind, name in xy_layers if la >= 0 and place_xy_weight > 0]
         self._xy: dict[int, list[torch.Tensor]] = {}  # by layer: its input and its attention's output, place rows
         kinds = [(heads, WORD), (answer_heads, ANSWER), (hop_heads, HOP)]
@@ -428,7 +463,7 @@ class BindingObjective(SFTObjective):
         flags = {ANSWER: "--binding-place-xy-layer", WORD: "--binding-place-xy-word-layer",
                  COUNT: "--binding-count-xy-layer", MATCH: "--binding-match-xy-layer",
                  COUNT_WORD: "--binding-count-xy-word-layer", OPTION: "--binding-letter-xy-layer",
-                 LETTER: "--binding-option-letter-xy-layer"}  # fmt: skip
+                 LETTER: "--binding-option-letter-xy-layer", BOX: "--binding-box-xy-layer"}  # fmt: skip
         for index, kind, _ in self.xy_layers:
             flag = flags[kind]
             if index >= len(layers):
@@ -510,11 +545,12 @@ class BindingObjective(SFTObjective):
             h = (xy[0] + xy[1])[rows].float()  # the residual after the attention (the first forward's)
             h = h * torch.rsqrt(h.square().mean(-1, keepdim=True) + 1e-6)
             # an answer's (x1, y1, x2, y2) on the first four directions, a mention's (x, y) on the first two, a
-            # count on the fifth, an option's match on the sixth, a multiple-choice answer's letter on the last two
+            # count on the fifth, an option's match on the sixth, a multiple-choice answer's letter on the last two,
+            # a grounding answer's box (x1, y1, x2, y2) at its digits on the first four
             u, dims = {ANSWER: (self.directions[:, :4], 4), WORD: (self.directions[:, :2], 2),
                        COUNT: (self.directions[:, 4:5], 1), MATCH: (self.directions[:, 5:6], 1),
                        COUNT_WORD: (self.directions[:, 4:5], 1), OPTION: (self.directions[:, 6:8], 2),
-                       LETTER: (self.directions[:, 6:8], 2)}[kind]  # fmt: skip
+                       LETTER: (self.directions[:, 6:8], 2), BOX: (self.directions[:, :4], 4)}[kind]  # fmt: skip
             err = (h @ u - batch.place_xy[rows, :dims].to(h.device)).square()
             scale = self.count_weight if kind in (COUNT, COUNT_WORD) else 1.0
             loss = loss + self.xy_weight * scale * err.sum()

@@ -173,7 +173,8 @@ def run_loop(args: TrainArgs, prepared: Prepared, data: DataSource, objective, c
                                      count_xy_word_layer=d.binding_count_xy_word_layer,
                                      letter_xy_layer=d.binding_letter_xy_layer,
                                      count_weight=d.binding_count_weight,
-                                     option_letter_xy_layer=d.binding_option_letter_xy_layer)  # fmt: skip
+                                     option_letter_xy_layer=d.binding_option_letter_xy_layer,
+                                     box_xy_layer=d.binding_box_xy_layer)  # fmt: skip
     objective = objective or SFTObjective(args.data.loss_reduction)
     objective.setup(model, ctx.device)
 
