@@ -27,6 +27,7 @@ from internvl.train.binding import (
     LETTER,
     LETTER_CODES,
     MATCH,
+    OBJECT,
     OPTION,
     PLACE_FIRST,
     PLACE_LAST,
@@ -230,7 +231,7 @@ def test_place_targets_are_the_named_objects_centres(scenes, nano):
         if not answers:  # a text row
             continue
         w, h = row["meta"]["size"]
-        for q, xy, kind in (p for p in sample.places if p[2] not in (COUNT, COUNT_WORD, BOX)):  # BOX: below
+        for q, xy, kind in (p for p in sample.places if p[2] not in (COUNT, COUNT_WORD, BOX, OBJECT)):  # below
             prompt = nano.tokenizer.decode(sample.input_ids[: q + 1].tolist())
             said = mentions(prompt.rsplit("user\n", 1)[1])
             want = []
@@ -245,7 +246,9 @@ def test_place_targets_are_the_named_objects_centres(scenes, nano):
     for kind in (ANSWER, WORD):
         rows = batch.place_kind == kind
         assert batch.place_query[rows].tolist() == batch.bind_query[batch.bind_kind == kind].tolist()
-    assert batch.place_xy.shape == (len(batch.place_query), 4)
+    # as wide as the widest kind's rows (OBJECT's 12 codes), zeros after a row's own values
+    assert batch.place_xy.shape == (len(batch.place_query), 12)
+    assert not batch.place_xy[batch.place_kind == ANSWER, 4:].any()
 
 
 def test_place_loss_reads_the_mlp_input_and_trains(scenes, nano):
@@ -283,7 +286,8 @@ def test_place_loss_reads_the_mlp_input_and_trains(scenes, nano):
     bind = float(out.metrics["bind_ce"][0])  # the binding loss, weight 1
     assert float(out.loss_sum - plain.loss_sum) == pytest.approx(bind + 0.5 * total, rel=1e-3)
     directions = binding.readout_directions(256)
-    assert torch.allclose(directions.T @ directions, torch.eye(8), atol=1e-5)
+    assert directions.shape == (256, binding.NUM_DIRECTIONS) == (256, 20)
+    assert torch.allclose(directions.T @ directions, torch.eye(20), atol=1e-5)
     # the first four are those the place loss had before the count readout came, the first five those it had
     # before the match readout came
     places = torch.randn(256, 4, generator=torch.Generator().manual_seed(0))
@@ -332,7 +336,8 @@ def test_grounding_digits_read_the_objects_box(tmp_path, nano):
     """Every position that predicts a digit of a grounding answer's box is a BOX place row holding the named object's
     box (x1, y1, x2, y2 in [-1, 1] of the canvas, from the row's objects) and a PLACE_FIRST query onto the same
     thumbnail cells as the answer position's; box_mse is the squared error of layer 3's MLP input there on the
-    first four directions, and a few steps of it lower it; the flag needs the place loss."""
+    first four directions, object_mse that of the OBJECT rows at layer 2, and a few steps lower both; the flags
+    need the place loss."""
     from internvl.synth.writer import generate_split
 
     generate_split(str(tmp_path), "train", n=6, tasks=["grounding"], seed=3)
@@ -359,31 +364,61 @@ def test_grounding_digits_read_the_objects_box(tmp_path, nano):
     batch = Collator(pad_token_id(nano.tokenizer), ds.dummy)(samples)
     model = internvl.load(str(BUILTIN), dtype="fp32", optimize=False).model.train()
     objective = BindingObjective("square", 1.0, [(1, 0)], place_first_heads=[(3, 1)], place_xy_layer=3,
-                                 place_xy_weight=0.5, box_xy_layer=3)  # fmt: skip
+                                 place_xy_weight=0.5, box_xy_layer=3, object_xy_layer=2)  # fmt: skip
     objective.setup(model, torch.device("cpu"))
     seen = {}
-    hook = model.language_model.model.layers[3].post_attention_layernorm.register_forward_pre_hook(
-        lambda _, args: seen.setdefault(3, args[0].detach()))  # fmt: skip
+    hooks = [model.language_model.model.layers[i].post_attention_layernorm.register_forward_pre_hook(
+        lambda _, args, i=i: seen.setdefault(i, args[0].detach())) for i in (2, 3)]  # fmt: skip
     with torch.no_grad():
         out = objective(model, batch)
-    hook.remove()
-    rows = batch.place_kind == BOX
-    x = seen[3].flatten(0, 1)[batch.place_query[rows]]
-    x = x / x.square().mean(-1, keepdim=True).add(1e-6).sqrt()
-    err = (x @ binding.readout_directions(x.shape[-1])[:, :4] - batch.place_xy[rows]).square()
-    got, n = out.metrics["box_mse"]
-    assert n == err.numel() > 0 and float(got) == pytest.approx(float(err.sum()), rel=1e-4)
+    for hook in hooks:
+        hook.remove()
+    # box_mse at layer 3 on the first four directions; object_mse (each object's shape and color codes at its
+    # centre token) at layer 2 on the 12 after the first 8
+    for layer, kind, name, cols in ((3, BOX, "box_mse", slice(0, 4)), (2, OBJECT, "object_mse", slice(8, 20))):
+        rows = batch.place_kind == kind
+        x = seen[layer].flatten(0, 1)[batch.place_query[rows]]
+        x = x / x.square().mean(-1, keepdim=True).add(1e-6).sqrt()
+        directions = binding.readout_directions(x.shape[-1])[:, cols]
+        err = (x @ directions - batch.place_xy[rows, : directions.shape[1]]).square()
+        got, n = out.metrics[name]
+        assert n == err.numel() > 0 and float(got) == pytest.approx(float(err.sum()), rel=1e-4)
+    assert out.metrics["object_mse"][1] == 12 * int((batch.place_kind == OBJECT).sum())
     opt = torch.optim.Adam(language_params(model), lr=1e-3)
     mses = []
     for _ in range(8):
         out = objective(model, batch)
-        mses.append(float(out.metrics["box_mse"][0]) / out.metrics["box_mse"][1])
+        mses.append([float(out.metrics[k][0]) / out.metrics[k][1] for k in ("box_mse", "object_mse")])
         opt.zero_grad()
         out.loss_sum.backward()
         opt.step()
-    assert mses[-1] < 0.5 * mses[0], mses
+    assert all(last < 0.5 * first for first, last in zip(mses[0], mses[-1])), mses
+    with pytest.raises(TrainingError, match="^--binding-object-xy-layer 2 needs --binding-place-xy-loss > 0$"):
+        DataArgs(data="d.json", binding_loss=0.1, binding_object_xy_layer=2)
     with pytest.raises(TrainingError, match="^--binding-box-xy-layer 5 needs --binding-place-xy-loss > 0$"):
         DataArgs(data="d.json", binding_loss=0.1, binding_box_xy_layer=5)
+
+
+def test_every_objects_centre_token_reads_its_shape_and_color(scenes, nano):
+    """One OBJECT place row per object of a scene row (but those whose centres share a cell) at its centre token
+    among the image's tokens, holding +1 for its shape and its color and -1 for the others (the readout: below)."""
+    ds, samples, rows, _ = scenes
+    seen = 0
+    for sample, row in zip(samples, rows):
+        objects = [(q, xy) for q, xy, kind in sample.places if kind == OBJECT]
+        if row["task"] == "text":
+            assert not objects
+            continue
+        ids = sample.input_ids.tolist()
+        image = [i for i, t in enumerate(ids) if t == ds.context_id]
+        w, h = row["meta"]["size"]
+        grid = binding.choose_grid(w, h, ds.processor.min_num, ds.processor.max_num, ds.image_size)
+        cells = [binding.centre_token(o[2], w, h, grid, ds.image_size, ds.num_image_token) for o in row["meta"]["objects"]]
+        want = [(image[c], [1.0 if o[1] == s else -1.0 for s in SHAPES] + [1.0 if o[0] == k else -1.0 for k in COLORS])
+                for o, c in zip(row["meta"]["objects"], cells) if cells.count(c) == 1]  # fmt: skip
+        assert objects == want and sum(xy.count(1.0) for _, xy in objects) == 2 * len(objects)
+        seen += len(objects)
+    assert seen >= 20
 
 
 def test_count_weight_scales_the_count_rows_of_both_losses(scenes, nano):

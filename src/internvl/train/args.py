@@ -136,6 +136,10 @@ class DataArgs:
                                    "grounding answer's box too, for the named object's box (x1, y1, x2, y2 in [-1, 1] "
                                    "of the canvas) on the first four directions; those positions are also "
                                    "--binding-place-first-heads queries onto the object (-1: not at boxes)")  # fmt: skip
+    binding_object_xy_layer: int = _f(-1, "the layer whose MLP input it reads at each object's centre token of a scene "
+                                      "too, for its shape and color codes (+1 its own, -1 the others) on 12 more "
+                                      "directions, so that heads can match what a question names (-1: not at "
+                                      "objects)")  # fmt: skip
     skip_bad_rows: bool = _f(False, "skip invalid rows (reported at the end and in OUT/skipped_rows.txt)")
     num_workers: int = _f(2, "data-loading processes (0: load in the training process)")
 
@@ -175,7 +179,8 @@ class DataArgs:
                             (self.binding_count_xy_word_layer, "--binding-count-xy-word-layer"),
                             (self.binding_letter_xy_layer, "--binding-letter-xy-layer"),
                             (self.binding_option_letter_xy_layer, "--binding-option-letter-xy-layer"),
-                            (self.binding_box_xy_layer, "--binding-box-xy-layer")):  # fmt: skip
+                            (self.binding_box_xy_layer, "--binding-box-xy-layer"),
+                            (self.binding_object_xy_layer, "--binding-object-xy-layer")):  # fmt: skip
             _check(layer < 0 or self.binding_place_xy_loss > 0, f"{flag} {layer} needs --binding-place-xy-loss > 0")
         _check(self.num_workers >= 0, f"--num-workers must be >= 0, got {self.num_workers}")
 

@@ -178,8 +178,11 @@ def object_tokens(box: Sequence[float], width: int, height: int, grid: tuple[int
 # place loss's row at an option's last token that says whether the option is the right one (MATCH), and a count
 # question's mention spread like its answer position's COUNT query (COUNT_WORD), and a mention's last token onto
 # its color word (COLOR), and each position that predicts a digit of a grounding answer's box (BOX: the place loss's
-# row with the object's box; its attention queries are PLACE_FIRST ones)
-WORD, ANSWER, HOP, FIRST, LAST, COUNT, PLACE_FIRST, PLACE_LAST, LETTER, OPTION, CHOICE, MATCH, COUNT_WORD, COLOR, BOX = range(15)
+# row with the object's box; its attention queries are PLACE_FIRST ones), and each object's centre token among the
+# image's (OBJECT: the place loss's row with its shape and color codes)
+WORD, ANSWER, HOP, FIRST, LAST, COUNT, PLACE_FIRST, PLACE_LAST, LETTER, OPTION, CHOICE, MATCH, COUNT_WORD, COLOR, BOX, OBJECT = range(16)
+# how many fixed directions the place loss reads (readout_directions)
+NUM_DIRECTIONS = 8 + len(SHAPES) + len(COLOR_NAMES)
 # the code of a multiple-choice answer's letter that the place loss reads at the answer position (OPTION rows)
 LETTER_CODES = {"A": (1.0, 1.0), "B": (1.0, -1.0), "C": (-1.0, 1.0), "D": (-1.0, -1.0)}
 # an option line of a multiple-choice question: "\nA. text" (the contract's mc rows)
@@ -244,6 +247,8 @@ def scene_queries(item: dict, turns: Sequence[tuple[str, str]], ids: Sequence[in
         return []
     # the first token of the whole-image view: the thumbnail (the last tile) or the one tile; none without either
     whole = (tiles - 1) * num_image_token if tiles == 1 or thumbnail else len(image)
+    if xy is not None:
+        xy += object_rows(objects, image, width, height, grid, image_size, num_image_token)
     t = get_template(template)
     head = tokenizer.encode(t.roles[0], add_special_tokens=False)
     answer_head = tokenizer.encode(t.roles[1], add_special_tokens=False)
@@ -329,6 +334,20 @@ def scene_queries(item: dict, turns: Sequence[tuple[str, str]], ids: Sequence[in
     return out
 
 
+def object_rows(objects: Sequence, image: Sequence[int], width: int, height: int, grid: tuple[int, int],
+                image_size: int, num_image_token: int) -> list[tuple[int, list[float], int]]:  # fmt: skip
+    """The place loss's OBJECT rows of a scene: each object's centre token (among the image's token positions
+    `image`) with its shape's and its color's codes, +1 for its own and -1 for the others (SHAPES, then COLOR_NAMES);
+    objects whose centres share a cell are left out."""
+    cells = [centre_token(o[2], width, height, grid, image_size, num_image_token) for o in objects]
+    out = []
+    for o, cell in zip(objects, cells):
+        if cells.count(cell) == 1:
+            code = [1.0 if o[1] == s else -1.0 for s in SHAPES] + [1.0 if o[0] == c else -1.0 for c in COLOR_NAMES]
+            out.append((image[cell], code, OBJECT))
+    return out
+
+
 def box_queries(reply: str, answer: int, ids: Sequence[int], tokenizer: Tokenizer, role: str) -> list[int]:
     """The positions that predict the digits of the box in a grounding answer `reply` whose turn (opened by
     `role`) starts at token `answer`: one per digit of x1, y1, x2 and y2; [] when the reply has no box or its
@@ -405,7 +424,7 @@ class BindingObjective(SFTObjective):
 
     name = "sft+binding"
     bar_metrics = ("bind_ce", "bind_top1", "count_ce", "xy_mse", "xy_word_mse", "count_mse", "match_mse",
-                   "count_word_mse", "letter_mse", "option_letter_mse", "box_mse")
+                   "count_word_mse", "letter_mse", "option_letter_mse", "box_mse", "object_mse")
 
     def __init__(self, reduction: str, weight: float, heads: Sequence[tuple[int, int]],
                  answer_heads: Sequence[tuple[int, int]] = (), hop_heads: Sequence[tuple[int, int]] = (),
@@ -418,7 +437,7 @@ class BindingObjective(SFTObjective):
                  count_word_heads: Sequence[tuple[int, int]] = (), count_word_sinks: Sequence[float] = (),
                  count_xy_word_layer: int = -1, color_heads: Sequence[tuple[int, int]] = (),
                  letter_xy_layer: int = -1, count_weight: float = 1.0,
-                 option_letter_xy_layer: int = -1, box_xy_layer: int = -1):  # fmt: skip
+                 option_letter_xy_layer: int = -1, box_xy_layer: int = -1, object_xy_layer: int = -1):  # fmt: skip
         super().__init__(reduction)
         self.weight = weight
         self.count_weight = count_weight  # on count questions' rows, both losses
@@ -428,7 +447,8 @@ class BindingObjective(SFTObjective):
         xy_layers = [(place_xy_layer, ANSWER, "xy_mse"), (place_xy_word_layer, WORD, "xy_word_mse"),
                      (count_xy_layer, COUNT, "count_mse"), (match_xy_layer, MATCH, "match_mse"),
                      (count_xy_word_layer, COUNT_WORD, "count_word_mse"), (letter_xy_layer, OPTION, "letter_mse"),
-                     (option_letter_xy_layer, LETTER, "option_letter_mse"), (box_xy_layer, BOX, "box_mse")]  # fmt: skip
+                     (option_letter_xy_layer, LETTER, "option_letter_mse"), (box_xy_layer, BOX, "box_mse"),
+                     (object_xy_layer, OBJECT, "object_mse")]  # fmt: skip
         self.xy_layers = [(la, kind, name) for la, kind, name in xy_layers if la >= 0 and place_xy_weight > 0]
         self._xy: dict[int, list[torch.Tensor]] = {}  # by layer: its input and its attention's output, place rows
         kinds = [(heads, WORD), (answer_heads, ANSWER), (hop_heads, HOP)]
@@ -463,7 +483,8 @@ class BindingObjective(SFTObjective):
         flags = {ANSWER: "--binding-place-xy-layer", WORD: "--binding-place-xy-word-layer",
                  COUNT: "--binding-count-xy-layer", MATCH: "--binding-match-xy-layer",
                  COUNT_WORD: "--binding-count-xy-word-layer", OPTION: "--binding-letter-xy-layer",
-                 LETTER: "--binding-option-letter-xy-layer", BOX: "--binding-box-xy-layer"}  # fmt: skip
+                 LETTER: "--binding-option-letter-xy-layer", BOX: "--binding-box-xy-layer",
+                 OBJECT: "--binding-object-xy-layer"}  # fmt: skip
         for index, kind, _ in self.xy_layers:
             flag = flags[kind]
             if index >= len(layers):
@@ -546,11 +567,13 @@ class BindingObjective(SFTObjective):
             h = h * torch.rsqrt(h.square().mean(-1, keepdim=True) + 1e-6)
             # an answer's (x1, y1, x2, y2) on the first four directions, a mention's (x, y) on the first two, a
             # count on the fifth, an option's match on the sixth, a multiple-choice answer's letter on the last two,
-            # a grounding answer's box (x1, y1, x2, y2) at its digits on the first four
+            # a grounding answer's box (x1, y1, x2, y2) at its digits on the first four, an object's shape and color
+            # codes at its centre token on the 12 after those
             u, dims = {ANSWER: (self.directions[:, :4], 4), WORD: (self.directions[:, :2], 2),
                        COUNT: (self.directions[:, 4:5], 1), MATCH: (self.directions[:, 5:6], 1),
                        COUNT_WORD: (self.directions[:, 4:5], 1), OPTION: (self.directions[:, 6:8], 2),
-                       LETTER: (self.directions[:, 6:8], 2), BOX: (self.directions[:, :4], 4)}[kind]  # fmt: skip
+                       LETTER: (self.directions[:, 6:8], 2), BOX: (self.directions[:, :4], 4),
+                       OBJECT: (self.directions[:, 8:NUM_DIRECTIONS], NUM_DIRECTIONS - 8)}[kind]  # fmt: skip
             err = (h @ u - batch.place_xy[rows, :dims].to(h.device)).square()
             scale = self.count_weight if kind in (COUNT, COUNT_WORD) else 1.0
             loss = loss + self.xy_weight * scale * err.sum()
@@ -559,11 +582,12 @@ class BindingObjective(SFTObjective):
 
 
 def readout_directions(hidden: int) -> torch.Tensor:
-    """The place loss's eight fixed orthonormal directions [hidden, 8] (the same in every run and process): four for
-    places, one for counts, one for an option's match, two for a multiple-choice answer's letter (each later set its
-    own draw, so the earlier ones are those of runs made before it was added)."""
+    """The place loss's fixed orthonormal directions [hidden, NUM_DIRECTIONS] (the same in every run and process):
+    four for places, one for counts, one for an option's match, two for a multiple-choice answer's letter, 12 for an
+    object's shape and color (each later set its own draw, so the earlier ones are those of runs made before it was
+    added)."""
     draws = [torch.randn(hidden, k, generator=torch.Generator().manual_seed(seed))
-             for seed, k in ((0, 4), (1, 1), (2, 1), (3, 2))]  # fmt: skip
+             for seed, k in ((0, 4), (1, 1), (2, 1), (3, 2), (4, len(SHAPES) + len(COLOR_NAMES)))]  # fmt: skip
     return torch.linalg.qr(torch.cat(draws, 1))[0]
 
 

@@ -155,7 +155,9 @@ class Collator:
         binding = _binding_tensors(queries) if queries else {}
         if places:
             binding["place_query"] = torch.tensor([q for q, _, _ in places])
-            binding["place_xy"] = torch.tensor([xy for _, xy, _ in places], dtype=torch.float32)
+            wide = max(len(xy) for _, xy, _ in places)  # rows of several kinds: zeros after a row's own values
+            binding["place_xy"] = torch.tensor([xy + [0.0] * (wide - len(xy)) for _, xy, _ in places],
+                                               dtype=torch.float32)  # fmt: skip
             binding["place_kind"] = torch.tensor([kind for _, _, kind in places])
         return Batch(
             input_ids=input_ids, targets=targets, positions=positions, pixel_values=pixel_values,

@@ -174,7 +174,8 @@ def run_loop(args: TrainArgs, prepared: Prepared, data: DataSource, objective, c
                                      letter_xy_layer=d.binding_letter_xy_layer,
                                      count_weight=d.binding_count_weight,
                                      option_letter_xy_layer=d.binding_option_letter_xy_layer,
-                                     box_xy_layer=d.binding_box_xy_layer)  # fmt: skip
+                                     box_xy_layer=d.binding_box_xy_layer,
+                                     object_xy_layer=d.binding_object_xy_layer)  # fmt: skip
     objective = objective or SFTObjective(args.data.loss_reduction)
     objective.setup(model, ctx.device)
 
