@@ -79,6 +79,12 @@ each position that predicts one of those digits is a PLACE_FIRST query onto the 
 place-loss row for its box (x1, y1, x2, y2 in [-1, 1] of the canvas, the first four directions) at that layer's
 MLP input (BOX rows), so the layers after it only have to turn a linear code into digits.
 
+A count head selects what it counts by its keys, and the shipped model counts "How many {shape}s" right 44% of the
+time against 80% for "How many objects", which selects nothing: whether an object is the named shape is only faintly
+and unevenly in its tokens. With `object_xy_layer` each object's centre token among the image's (the token a COUNT
+query spreads onto) is a place-loss row for its shape's and color's codes (+1 its own, -1 the others) on 12 more
+fixed directions at that layer's MLP input (OBJECT rows), so that every later layer's keys can carry them.
+
 It needs rows of the Synthetic Visual World's scene tasks (color, shape, count, position, relation, grounding,
 and mc over the first four) with the contract's `meta.objects` and, for several questions, `meta.turns` (each
 question's task); other rows and questions train on the language loss only.
