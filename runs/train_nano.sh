@@ -8,7 +8,8 @@
 #   STAGES="..."   the stages after the vision stage, in order (default: the shipped model's lineage, shapes stage0
 #                  stage1a stage1 stage1b vit4 stage2 stage2b stage2c stage2d vit4b stage2e vit4c stage2f stage2g
 #                  stage2h stage2hop stage2hop2 stage2hop3 stage2rc stage2rck stage2rc2 stage2rp stage2x stage2xc
-#                  stage2m stage2o stage2p stage2q stage2r stage2s stage2t stage2u stage2w grow8 stage2y stage2z); vit4
+#                  stage2m stage2o stage2p stage2q stage2r stage2s stage2t stage2u stage2w grow8 stage2y stage2z
+#                  stage2zc); vit4
 #                  pretrains the encoder
 #                  again on native-scale tiles, keeping the language model (vit4b: again, with the balanced kind
 #                  loss, 4,000 steps of 10,000 images; vit4c: 1,500 more through the projector); stage2b-2g continue
@@ -40,9 +41,11 @@
 #                  layer 5), from stage2u (run 35); grow8 (`internvl nano grow --after 5,5`: 6 -> 8 decoder layers,
 #                  the new ones adding nothing until trained) then stage2y (stage2w's letter readouts a layer later
 #                  each, the option lookup in layer 6; run 37) and stage2z (stage2y again, another data order; run
-#                  38; the shipped model is its end); stage2v (stage2u with the option lookup in layer 6; run 34)
-#                  is stage2y's sibling; stage2zb (stage2z again, a 300-step cosine) continues the shipped model:
-#                  START=src/internvl/assets/nano STAGES=stage2zb.
+#                  38) and stage2zc (stage2z on curriculum/stage2zc.json, the tasks furthest below their targets 4
+#                  times over; run 40; the shipped model is its end); stage2v (stage2u with the option lookup in
+#                  layer 6; run 34) is stage2y's sibling, stage2zb (stage2z again, a 300-step cosine; run 39) stage2zc's;
+#                  stage2zd (stage2zc plus the box and object readouts, on curriculum/stage2zd.json) continues the
+#                  shipped model: START=src/internvl/assets/nano STAGES=stage2zd.
 #                  Run 12's stage2i (the same mixture without the loss; shipped before) and stage2bind (the loss
 #                  from the words only) are siblings of stage2hop.
 #   STEPS_stage1=N the steps of a stage (its cosine schedule spans them; default: the stage's config)
@@ -63,7 +66,7 @@ OUT=${1:-runs/nano}
 N=${N:-6000}                   # items per task in the train split
 STAGES=${STAGES:-"shapes stage0 stage1a stage1 stage1b vit4 stage2 stage2b stage2c stage2d vit4b stage2e vit4c stage2f
   stage2g stage2h stage2hop stage2hop2 stage2hop3 stage2rc stage2rck stage2rc2 stage2rp stage2x stage2xc stage2m
-  stage2o stage2p stage2q stage2r stage2s stage2t stage2u stage2w grow8 stage2y stage2z"}
+  stage2o stage2p stage2q stage2r stage2s stage2t stage2u stage2w grow8 stage2y stage2z stage2zc"}
 COMPILE=${COMPILE:-1}
 export OMP_WAIT_POLICY=PASSIVE # yield the cores when another process competes for them
 run() { if [ "${DRY_RUN:-0}" = 1 ]; then printf '%q ' "$@"; echo; else "$@"; fi; }

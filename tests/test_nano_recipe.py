@@ -35,8 +35,8 @@ TINY = {"N": "3", "CUR_SCALE": "0.0005", "VIT_STEPS": "1", "VIT_IMAGES": "16", "
 # the shipped lineage (the script's default) and the stages that continue the shipped model after it
 SHIPPED = ("shapes stage0 stage1a stage1 stage1b vit4 stage2 stage2b stage2c stage2d vit4b stage2e vit4c stage2f "
            "stage2g stage2h stage2hop stage2hop2 stage2hop3 stage2rc stage2rck stage2rc2 stage2rp stage2x stage2xc "
-           "stage2m stage2o stage2p stage2q stage2r stage2s stage2t stage2u stage2w grow8 stage2y stage2z")  # fmt: skip
-AFTER = "stage2zb"
+           "stage2m stage2o stage2p stage2q stage2r stage2s stage2t stage2u stage2w grow8 stage2y stage2z stage2zc")  # fmt: skip
+AFTER = "stage2zd"
 # What the test runs for real: one stage of each kind, in lineage order (a language stage from the encoder, the
 # tiled stage 2, the encoder's top layers and all of them unfrozen, the three vision stages again, the binding
 # loss and each family of its heads and readouts, grow8 and the 8-layer stages). A stage that only repeats another
@@ -44,7 +44,7 @@ AFTER = "stage2zb"
 # every command the lineage runs, parsed as `internvl finetune` parses it) instead: each process costs ~6 s of
 # imports and set-up, and the whole lineage ran 243 s of a suite that must stay under 10 minutes.
 RUN = ("shapes stage1 vit4 stage2 stage2c vit4b stage2e vit4c stage2f stage2hop stage2t stage2w grow8 stage2y "
-       "stage2z " + AFTER)  # fmt: skip
+       "stage2zc " + AFTER)  # fmt: skip
 
 
 def env_for(stages: str, **more: str) -> dict:
@@ -127,7 +127,8 @@ def test_every_kind_of_stage_runs_and_the_benchmark_scores_every_task(recipe, pl
     assert json.loads((recipe / "stage2" / "final" / "config.json").read_text())["max_dynamic_patch"] == 4
     for stage in ("stage2hop", "stage2t", "stage2w", "stage2y", AFTER):
         assert all(r["bind_ce"] > 0 for r in read_metrics(recipe / stage / "metrics.csv")), stage
-    for stage, metric in (("stage2t", "count_ce"), ("stage2w", "option_letter_mse")):
+    for stage, metric in (("stage2t", "count_ce"), ("stage2w", "option_letter_mse"), (AFTER, "box_mse"),
+                          (AFTER, "object_mse")):  # fmt: skip
         assert metric in (recipe / stage / "metrics.csv").read_text().splitlines()[0].split(","), stage
     # grow8: the model before it with two copies of layer 5 after it
     grown = json.loads((recipe / "grow8" / "config.json").read_text())["llm_config"]["num_hidden_layers"]
@@ -231,11 +232,15 @@ def test_the_plan_chains_every_stage_of_the_lineage(plan):
     assert args["model"].endswith("grow8") and args["data"].endswith("curriculum/stage2u.json")
     assert (args["binding_option_heads"], args["binding_option_letter_xy_layer"], args["binding_letter_xy_layer"]) == (
         "6:2", 5, 6)  # fmt: skip
-    for stage, seed, steps in (("stage2z", 40, 500), ("stage2zb", 41, 300)):  # stage 2y again, twice
+    # stage 2z: stage 2y again; 2zc: that on the mixture with the tasks furthest below their targets 4 times over;
+    # 2zd: that with grounding 3 times over that, the box readout at layer 5 and the object readout at layer 1
+    for stage, seed, data in (("stage2z", 40, "stage2u"), ("stage2zc", 42, "stage2zc"), ("stage2zd", 43, "stage2zd")):
         args = stages[stage]
-        assert args["data"].endswith("curriculum/stage2u.json")
+        assert args["data"].endswith(f"curriculum/{data}.json")
         assert (args["binding_option_heads"], args["seed"]) == ("6:2", seed)
-        assert yaml.safe_load((ROOT / "configs" / "train" / f"nano-{stage}.yaml").read_text())["max_steps"] == steps
+        assert yaml.safe_load((ROOT / "configs" / "train" / f"nano-{stage}.yaml").read_text())["max_steps"] == 500
+    boxes = [(stages[s]["binding_box_xy_layer"], stages[s]["binding_object_xy_layer"]) for s in ("stage2zc", "stage2zd")]
+    assert boxes == [(-1, -1), (5, 1)]
 
 
 def test_ship_writes_a_loadable_model_with_its_training_record(recipe, tmp_path, monkeypatch):
