@@ -125,8 +125,8 @@ for name in $STAGES; do
   # 2rc2, 2rp, 2x, 2xw and 2xc on the binding mixture leaning on count questions too, 2m on that leaning on
   # multiple-choice questions as well, 2o, 2p and 2q on that with fresh count questions, 2r, 2s, 2t on that with fresh
   # relation and position questions too, 2u, 2w, and 2v, 2y, 2z and 2zb (after grow8) on that with the text-only
-  # questions 4 times over, 2zc on that with the tasks furthest below their targets 4 times over, 2zd on that with
-  # grounding 3 times over that
+  # questions 4 times over, 2zc on that with the tasks furthest below their targets 4 times over, 2zd and 2ze on that
+  # with grounding 3 times over that
   data=$name; case $name in stage2h|stage2i|stage2bind|stage2hop*|stage2rc) data=stage2h ;;
     stage2rck|stage2rc2|stage2rp|stage2x|stage2xw|stage2xc) data=stage2k ;;
     stage2m) data=stage2m ;;
@@ -134,6 +134,7 @@ for name in $STAGES; do
     stage2r|stage2s|stage2t) data=stage2r ;;
     stage2u|stage2v|stage2w|stage2y|stage2z|stage2zb) data=stage2u ;;
     stage2zc|stage2zd) data=$name ;;
+    stage2ze) data=stage2zd ;;
     stage2*) data=stage1b ;; esac
   read -r -a common <<< "${LANG_ARGS:-}"
   [ -f "$OUT/$name/final/config.json" ] || run internvl finetune "$prev" --data "$OUT/curriculum/$data.json" \

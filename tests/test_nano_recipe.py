@@ -29,7 +29,7 @@ TINY = {"N": "3", "CUR_SCALE": "0.0005", "VIT_STEPS": "1", "VIT_IMAGES": "16", "
         "STEPS_stage2xc": "1", "STEPS_stage2m": "1", "STEPS_stage2o": "1", "STEPS_stage2p": "1", "STEPS_stage2q": "1",
         "STEPS_stage2r": "1", "STEPS_stage2s": "1", "STEPS_stage2t": "1", "STEPS_stage2u": "1", "STEPS_stage2v": "1",
         "STEPS_stage2w": "1", "STEPS_stage2y": "1", "STEPS_stage2z": "1", "STEPS_stage2zb": "1",
-        "STEPS_stage2zc": "1", "STEPS_stage2zd": "1",
+        "STEPS_stage2zc": "1", "STEPS_stage2zd": "1", "STEPS_stage2ze": "1",
         "COMPILE": "0", "VIT_HELD_OUT": "4",
         "LANG_ARGS": "--grad-accum 1 --max-packed-tokens 1536 --max-packed-images 8 --no-tensorboard"}  # fmt: skip
 # the shipped lineage (the script's default) and the stages that continue the shipped model after it
