@@ -116,8 +116,9 @@ def test_queries_sit_on_the_named_word_and_targets_show_the_named_color(scenes, 
         whole = (len(tiles) - 1) * ds.num_image_token  # the thumbnail's first token (or the one tile's)
         for q, keys, hits, kind in sample.binding:
             targets = {k for k, hit in enumerate(hits) if hit}
-            if kind == PLACE_FIRST and sample.labels[q] != -100:  # a digit of a grounding answer's box (BOX rows)
-                assert nano.tokenizer.decode([int(sample.labels[q + 1])]).isdigit() and targets == boxed
+            if kind == BOX:  # a digit of a grounding answer's box onto where the answer's place head looks
+                assert sample.labels[q] != -100 and nano.tokenizer.decode([int(sample.labels[q + 1])]).isdigit()
+                assert targets == boxed
                 boxes += 1
                 continue
             if kind in (PLACE_FIRST, PLACE_LAST):  # the answer position onto the thumbnail's cells of a mention
@@ -352,7 +353,7 @@ def test_grounding_digits_read_the_objects_box(tmp_path, nano):
         said = "".join(nano.tokenizer.decode(sample.input_ids[q + 1 : q + 2].tolist()) for q, _ in boxes)
         assert said == "".join(c for reply in replies for c in reply if c.isdigit())
         w, h = row["meta"]["size"]
-        firsts = {q: target for q, _, target, kind in sample.binding if kind == PLACE_FIRST}
+        firsts = {q: target for q, _, target, kind in sample.binding if kind in (PLACE_FIRST, BOX)}
         for reply in replies:
             (box,) = [o[2] for o in row["meta"]["objects"] if f"the {o[0]} {o[1]}<" in reply]
             want = [box[0] / w * 2 - 1, box[1] / h * 2 - 1, box[2] / w * 2 - 1, box[3] / h * 2 - 1]
@@ -395,6 +396,10 @@ def test_grounding_digits_read_the_objects_box(tmp_path, nano):
     assert all(last < 0.5 * first for first, last in zip(mses[0], mses[-1])), mses
     with pytest.raises(TrainingError, match="^--binding-object-xy-layer 2 needs --binding-place-xy-loss > 0$"):
         DataArgs(data="d.json", binding_loss=0.1, binding_object_xy_layer=2)
+    # the digits' attention rows train the place-first heads only with the box readout on
+    assert (3, 1, BOX, 1.0) in objective.heads
+    plain = BindingObjective("square", 1.0, [(1, 0)], place_first_heads=[(3, 1)], place_xy_layer=3, place_xy_weight=0.5)
+    assert [k for *_, k, _ in plain.heads] == [binding.WORD, PLACE_FIRST]
     with pytest.raises(TrainingError, match="^--binding-box-xy-layer 5 needs --binding-place-xy-loss > 0$"):
         DataArgs(data="d.json", binding_loss=0.1, binding_box_xy_layer=5)
 

@@ -184,7 +184,8 @@ def object_tokens(box: Sequence[float], width: int, height: int, grid: tuple[int
 # place loss's row at an option's last token that says whether the option is the right one (MATCH), and a count
 # question's mention spread like its answer position's COUNT query (COUNT_WORD), and a mention's last token onto
 # its color word (COLOR), and each position that predicts a digit of a grounding answer's box (BOX: the place loss's
-# row with the object's box; its attention queries are PLACE_FIRST ones), and each object's centre token among the
+# row with the object's box, and the same position onto the object's whole-image cells for the place-first heads when
+# the box readout is on), and each object's centre token among the
 # image's (OBJECT: the place loss's row with its shape and color codes)
 WORD, ANSWER, HOP, FIRST, LAST, COUNT, PLACE_FIRST, PLACE_LAST, LETTER, OPTION, CHOICE, MATCH, COUNT_WORD, COLOR, BOX, OBJECT = range(16)
 # how many fixed directions the place loss reads (readout_directions)
@@ -319,7 +320,7 @@ def scene_queries(item: dict, turns: Sequence[tuple[str, str]], ids: Sequence[in
             if task == "grounding" and turn < len(replies):
                 for at in box_queries(replies[turn], answer, ids, tokenizer, t.roles[1]):
                     if places[0]:
-                        out.append((at, image, [k in places[0] for k in range(len(image))], PLACE_FIRST))
+                        out.append((at, image, [k in places[0] for k in range(len(image))], BOX))
                     if xy is not None:
                         xy.append((at, boxes[0], BOX))
         if options and turn < len(replies):
@@ -460,6 +461,8 @@ class BindingObjective(SFTObjective):
         kinds = [(heads, WORD), (answer_heads, ANSWER), (hop_heads, HOP)]
         kinds += [(first_heads, FIRST), (last_heads, LAST)]
         kinds += [(place_first_heads, PLACE_FIRST), (place_last_heads, PLACE_LAST)]
+        # a grounding answer's digits look where the answer position's place heads look, with the box readout only
+        kinds += [(place_first_heads if box_xy_layer >= 0 else (), BOX)]
         kinds += [(letter_heads, LETTER), (option_heads, OPTION), (choice_heads, CHOICE), (color_heads, COLOR)]
         self.heads = [(la, h, kind, 1.0) for pairs, kind in kinds for la, h in pairs]
         sinks = list(count_sinks) or [1.0] * len(count_heads)
