@@ -426,9 +426,10 @@ def test_every_objects_centre_token_reads_its_shape_and_color(scenes, nano):
     assert seen >= 20
 
 
-def test_count_weight_scales_the_count_rows_of_both_losses(scenes, nano):
+def test_count_and_object_weights_scale_their_rows(scenes, nano):
     """--binding-count-weight multiplies the binding loss of the count heads' rows and the count readouts' squared
-    error, and nothing else; count_ce is the binding loss on the count rows alone."""
+    error, --binding-object-xy-weight the object readout's, and nothing else; count_ce is the binding loss on the
+    count rows alone."""
     ds, samples, _, _ = scenes
     batch = Collator(pad_token_id(nano.tokenizer), ds.dummy)([s for s in samples if s.places][:8])
     assert int((batch.bind_kind == COUNT).sum()) >= 2
@@ -437,7 +438,8 @@ def test_count_weight_scales_the_count_rows_of_both_losses(scenes, nano):
         model = internvl.load(str(BUILTIN), dtype="fp32", optimize=False).model.train()  # hooks of its own
         objective = BindingObjective("square", 0.2, [(1, 0)], count_heads=[(4, 2), (4, 3)], count_sinks=[1, 4],
                                      count_word_heads=[(2, 1)], place_xy_layer=3, place_xy_weight=0.5,
-                                     count_xy_layer=4, count_xy_word_layer=2, count_weight=weight)  # fmt: skip
+                                     count_xy_layer=4, count_xy_word_layer=2, count_weight=weight,
+                                     object_xy_layer=1, object_weight=weight / 10)  # fmt: skip
         objective.setup(model, torch.device("cpu"))
         with torch.no_grad():
             outs.append(objective(model, batch))
@@ -449,10 +451,14 @@ def test_count_weight_scales_the_count_rows_of_both_losses(scenes, nano):
     assert float(three.metrics["count_ce"][0]) == pytest.approx(float(count_ce), rel=1e-5)
     readouts = sum(float(one.metrics[k][0]) for k in ("count_mse", "count_word_mse"))
     assert readouts > 0
-    extra = 2 * (0.2 * float(count_ce) + 0.5 * readouts)
+    objects = float(one.metrics["object_mse"][0])
+    assert objects > 0 and float(three.metrics["object_mse"][0]) == pytest.approx(objects, rel=1e-5)
+    extra = 2 * (0.2 * float(count_ce) + 0.5 * readouts) + 0.2 * 0.5 * objects
     assert float(three.loss_sum - one.loss_sum) == pytest.approx(extra, rel=1e-3)
     with pytest.raises(TrainingError, match="^--binding-count-weight must be >= 0, got -1.0$"):
         DataArgs(data="d.json", binding_loss=0.1, binding_count_weight=-1.0)
+    with pytest.raises(TrainingError, match="^--binding-object-xy-weight must be >= 0, got -0.5$"):
+        DataArgs(data="d.json", binding_loss=0.1, binding_object_xy_weight=-0.5)
 
 
 def test_centre_token_is_the_cell_of_the_box_centre():

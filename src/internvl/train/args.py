@@ -140,6 +140,9 @@ class DataArgs:
                                       "too, for its shape and color codes (+1 its own, -1 the others) on 12 more "
                                       "directions, so that heads can match what a question names (-1: not at "
                                       "objects)")  # fmt: skip
+    binding_object_xy_weight: float = _f(1.0, "multiplier of the place loss on the object readout's rows (with "
+                                         "--binding-object-xy-layer: 12 codes of every object of a scene, whose "
+                                         "first steps' error otherwise outweighs the language loss)")  # fmt: skip
     skip_bad_rows: bool = _f(False, "skip invalid rows (reported at the end and in OUT/skipped_rows.txt)")
     num_workers: int = _f(2, "data-loading processes (0: load in the training process)")
 
@@ -182,6 +185,8 @@ class DataArgs:
                             (self.binding_box_xy_layer, "--binding-box-xy-layer"),
                             (self.binding_object_xy_layer, "--binding-object-xy-layer")):  # fmt: skip
             _check(layer < 0 or self.binding_place_xy_loss > 0, f"{flag} {layer} needs --binding-place-xy-loss > 0")
+        _check(self.binding_object_xy_weight >= 0,
+               f"--binding-object-xy-weight must be >= 0, got {self.binding_object_xy_weight}")
         _check(self.num_workers >= 0, f"--num-workers must be >= 0, got {self.num_workers}")
 
     def count_sinks(self, word: bool = False) -> list[float]:

@@ -83,7 +83,9 @@ A count head selects what it counts by its keys, and the shipped model counts "H
 time against 80% for "How many objects", which selects nothing: whether an object is the named shape is only faintly
 and unevenly in its tokens. With `object_xy_layer` each object's centre token among the image's (the token a COUNT
 query spreads onto) is a place-loss row for its shape's and color's codes (+1 its own, -1 the others) on 12 more
-fixed directions at that layer's MLP input (OBJECT rows), so that every later layer's keys can carry them.
+fixed directions at that layer's MLP input (OBJECT rows), so that every later layer's keys can carry them;
+`object_weight` multiplies their squared error (12 codes of every object of a scene: at first ~10 times the language
+loss).
 
 It needs rows of the Synthetic Visual World's scene tasks (color, shape, count, position, relation, grounding,
 and mc over the first four) with the contract's `meta.objects` and, for several questions, `meta.turns` (each
@@ -444,11 +446,13 @@ class BindingObjective(SFTObjective):
                  count_word_heads: Sequence[tuple[int, int]] = (), count_word_sinks: Sequence[float] = (),
                  count_xy_word_layer: int = -1, color_heads: Sequence[tuple[int, int]] = (),
                  letter_xy_layer: int = -1, count_weight: float = 1.0,
-                 option_letter_xy_layer: int = -1, box_xy_layer: int = -1, object_xy_layer: int = -1):  # fmt: skip
+                 option_letter_xy_layer: int = -1, box_xy_layer: int = -1, object_xy_layer: int = -1,
+                 object_weight: float = 1.0):  # fmt: skip
         super().__init__(reduction)
         self.weight = weight
         self.count_weight = count_weight  # on count questions' rows, both losses
         self.xy_weight = place_xy_weight
+        self.object_weight = object_weight  # on the object readout's rows
         # the place loss's rows and metric by the layer whose MLP input it reads: answer rows, mention rows, count
         # rows, option rows
         xy_layers = [(place_xy_layer, ANSWER, "xy_mse"), (place_xy_word_layer, WORD, "xy_word_mse"),
@@ -584,7 +588,7 @@ class BindingObjective(SFTObjective):
                        LETTER: (self.directions[:, 6:8], 2), BOX: (self.directions[:, :4], 4),
                        OBJECT: (self.directions[:, 8:NUM_DIRECTIONS], NUM_DIRECTIONS - 8)}[kind]  # fmt: skip
             err = (h @ u - batch.place_xy[rows, :dims].to(h.device)).square()
-            scale = self.count_weight if kind in (COUNT, COUNT_WORD) else 1.0
+            scale = {COUNT: self.count_weight, COUNT_WORD: self.count_weight, OBJECT: self.object_weight}.get(kind, 1.0)
             loss = loss + self.xy_weight * scale * err.sum()
             metrics[name] = (err.detach().sum(), float(err.numel()))
         return ObjectiveOutput(loss, metrics)
