@@ -31,6 +31,7 @@ from internvl.train.binding import (
     OPTION,
     PLACE_FIRST,
     PLACE_LAST,
+    REGION,
     WORD,
     BindingObjective,
     mentions,
@@ -549,8 +550,9 @@ def test_multiple_choice_options_point_at_their_letters_and_the_answer_at_the_ri
     options' words; each option's last token queries, over the question's tokens up to it, its letter (LETTER) and
     the question's mentions (CHOICE), and is a place row saying +1 when the reply names it and -1 otherwise (MATCH);
     the answer position queries the last token of the option that the reply names (OPTION) and is a place row with
-    the code of the reply's letter. Heads trained on them learn the lookups and the readouts the match and the
-    letter."""
+    the code of the reply's letter; an option of a position question is a place row with the centre of the grid cell
+    it names (REGION), the right one's within a third of the named object's centre. Heads trained on them learn the
+    lookups and the readouts the match, the letter and the cell."""
     from internvl.synth.writer import generate_split
 
     generate_split(str(tmp_path), "train", n=12, tasks=["mc"], seed=3)
@@ -559,6 +561,7 @@ def test_multiple_choice_options_point_at_their_letters_and_the_answer_at_the_ri
     ds = SFTDataset(index, nano.tokenizer, nano.config, options)
     samples = [ds[i] for i in range(len(index))]
     decode = nano.tokenizer.decode
+    positions = 0
     for sample, row in zip(samples, (index.read(i)[0] for i in range(len(index)))):
         meta, ids = row["meta"], sample.input_ids
         kinds = [kind for *_, kind in sample.binding]
@@ -582,6 +585,19 @@ def test_multiple_choice_options_point_at_their_letters_and_the_answer_at_the_ri
             ((mq, xy),) = [m for m in matches if m[0] == q]
             assert xy == [1.0 if letter == meta["answer"] else -1.0, 0.0, 0.0, 0.0]
             assert [xy for oq, xy in own if oq == q] == [[*LETTER_CODES[letter], 0.0, 0.0]]
+            cells = [xy for rq, xy, kind in sample.places if kind == REGION and rq == q]
+            if meta["category"] != "position":
+                assert cells == []
+                continue
+            x = -2 / 3 if "left" in text else 2 / 3 if "right" in text else 0.0
+            y = -2 / 3 if "top" in text else 2 / 3 if "bottom" in text else 0.0
+            assert cells == [pytest.approx([x, y, x, y])]
+            if letter == meta["answer"]:  # the named object's centre lies in the cell the right option names
+                (box,) = [o[2] for o in meta["objects"] if f"{o[0]} {o[1]}" in meta["base_question"]]
+                w, h = meta["size"]
+                cx, cy = (box[0] + box[2]) / w - 1, (box[1] + box[3]) / h - 1
+                assert abs(cx - x) <= 1 / 3 + 1e-9 and abs(cy - y) <= 1 / 3 + 1e-9
+                positions += 1
         ((q, keys, hits),) = [(q, keys, hits) for q, keys, hits, kind in sample.binding if kind == OPTION]
         assert decode(ids[q + 1 : q + 2].tolist()) == meta["answer"]  # the reply follows the answer position
         (target,) = [k for k, hit in zip(keys, hits) if hit]
@@ -590,16 +606,19 @@ def test_multiple_choice_options_point_at_their_letters_and_the_answer_at_the_ri
         assert [q for q, _, _ in letters if q == target] == [target] and keys[-1] == q
         # the answer position's place row: the right letter's code
         assert codes == [(q, [*LETTER_CODES[meta["answer"]], 0.0, 0.0])]
+    assert positions >= 2
     collate = Collator(pad_token_id(nano.tokenizer), ds.dummy, packed=True)
+    # the position questions first, so that the batch has REGION rows
+    samples.sort(key=lambda sample: not any(kind == REGION for *_, kind in sample.places))
     batch = collate.rows([samples[:6]])
     model = internvl.load(str(BUILTIN), dtype="fp32", optimize=False).model.train()
     objective = BindingObjective("square", 1.0, [], letter_heads=[(1, 1)], option_heads=[(5, 2)],
                                  choice_heads=[(3, 0)], place_xy_layer=5, place_xy_weight=1.0, match_xy_layer=4,
-                                 letter_xy_layer=4, option_letter_xy_layer=3)  # fmt: skip
+                                 letter_xy_layer=4, option_letter_xy_layer=3, region_xy_layer=4)  # fmt: skip
     objective.setup(model, torch.device("cpu"))
     # a gentler step than the other tests take: the shipped model has learnt these lookups, and 1e-3 overshoots them
     opt = torch.optim.Adam(language_params(model), lr=3e-4)
-    ces, mses, codes, owns = [], [], [], []
+    ces, mses, codes, owns, regions = [], [], [], [], []
     lookups = (batch.bind_kind == LETTER) | (batch.bind_kind == OPTION) | (batch.bind_kind == CHOICE)
     for _ in range(6):
         out = objective(model, batch)
@@ -615,11 +634,16 @@ def test_multiple_choice_options_point_at_their_letters_and_the_answer_at_the_ri
         own, dims = out.metrics["option_letter_mse"]
         assert dims == 2 * int((batch.place_kind == LETTER).sum()) == 2 * 6 * 4
         owns.append(float(own) / dims)
+        region, dims = out.metrics["region_mse"]
+        assert dims == 4 * int((batch.place_kind == REGION).sum()) >= 4 * 8
+        regions.append(float(region) / dims)
         opt.zero_grad()
         out.loss_sum.backward()
         opt.step()
     assert ces[-1] < 0.7 * ces[0] and mses[-1] < 0.5 * mses[0] and codes[-1] < 0.5 * codes[0], (ces, mses, codes)
-    assert owns[-1] < 0.5 * owns[0], owns
+    assert owns[-1] < 0.5 * owns[0] and regions[-1] < 0.5 * regions[0], (owns, regions)
+    with pytest.raises(TrainingError, match="^--binding-region-xy-layer 4 needs --binding-place-xy-loss > 0$"):
+        DataArgs(data="d.json", binding_loss=0.1, binding_region_xy_layer=4)
 
 
 def test_training_on_it_moves_attention_onto_the_named_objects(scenes, nano):

@@ -143,6 +143,10 @@ class DataArgs:
     binding_object_xy_weight: float = _f(1.0, "multiplier of the place loss on the object readout's rows (with "
                                          "--binding-object-xy-layer: 12 codes of every object of a scene, whose "
                                          "first steps' error otherwise outweighs the language loss)")  # fmt: skip
+    binding_region_xy_layer: int = _f(-1, "the layer whose MLP input it reads at each option's last token of a "
+                                      "multiple-choice position question too, for the centre of the grid cell the "
+                                      "option names, (x, y, x, y) on the first four directions as the answer "
+                                      "position's readout holds its object's centre (-1: not at those options)")  # fmt: skip
     skip_bad_rows: bool = _f(False, "skip invalid rows (reported at the end and in OUT/skipped_rows.txt)")
     num_workers: int = _f(2, "data-loading processes (0: load in the training process)")
 
@@ -183,7 +187,8 @@ class DataArgs:
                             (self.binding_letter_xy_layer, "--binding-letter-xy-layer"),
                             (self.binding_option_letter_xy_layer, "--binding-option-letter-xy-layer"),
                             (self.binding_box_xy_layer, "--binding-box-xy-layer"),
-                            (self.binding_object_xy_layer, "--binding-object-xy-layer")):  # fmt: skip
+                            (self.binding_object_xy_layer, "--binding-object-xy-layer"),
+                            (self.binding_region_xy_layer, "--binding-region-xy-layer")):  # fmt: skip
             _check(layer < 0 or self.binding_place_xy_loss > 0, f"{flag} {layer} needs --binding-place-xy-loss > 0")
         _check(self.binding_object_xy_weight >= 0,
                f"--binding-object-xy-weight must be >= 0, got {self.binding_object_xy_weight}")

@@ -87,6 +87,14 @@ fixed directions at that layer's MLP input (OBJECT rows), so that every later la
 `object_weight` multiplies their squared error (12 codes of every object of a scene: at first ~10 times the language
 loss).
 
+A multiple-choice position question is answered at chance (25%) by the shipped model although it places the named
+object right 87.5% of the time when asked directly: the option head (answer position onto the right option's last
+token) must match the object's place against words ("top left") whose cell nothing in an option's tokens says.
+With `region_xy_layer` each option's last token of a position question is a place-loss row for the centre of the
+grid cell its words name, (x, y, x, y) on the first four directions (REGION rows): the same code the answer
+position's readout holds for a one-object question, so that the option head's keys and query can carry the same
+place.
+
 It needs rows of the Synthetic Visual World's scene tasks (color, shape, count, position, relation, grounding,
 and mc over the first four) with the contract's `meta.objects` and, for several questions, `meta.turns` (each
 question's task); other rows and questions train on the language loss only.
@@ -105,6 +113,7 @@ from ..errors import TrainingError
 from ..model.rope import apply_rope
 from ..processing.image import choose_grid
 from ..processing.template import get_template
+from ..synth.questions import POSITIONS
 from ..synth.scene import COLOR_NAMES, SHAPES
 from ..tokenizer import Tokenizer
 from .objective import ObjectiveOutput, SFTObjective
@@ -188,8 +197,9 @@ def object_tokens(box: Sequence[float], width: int, height: int, grid: tuple[int
 # its color word (COLOR), and each position that predicts a digit of a grounding answer's box (BOX: the place loss's
 # row with the object's box, and the same position onto the object's whole-image cells for the place-first heads when
 # the box readout is on), and each object's centre token among the
-# image's (OBJECT: the place loss's row with its shape and color codes)
-WORD, ANSWER, HOP, FIRST, LAST, COUNT, PLACE_FIRST, PLACE_LAST, LETTER, OPTION, CHOICE, MATCH, COUNT_WORD, COLOR, BOX, OBJECT = range(16)
+# image's (OBJECT: the place loss's row with its shape and color codes), and each option's last token of a
+# multiple-choice position question (REGION: the place loss's row with the centre of the grid cell its words name)
+WORD, ANSWER, HOP, FIRST, LAST, COUNT, PLACE_FIRST, PLACE_LAST, LETTER, OPTION, CHOICE, MATCH, COUNT_WORD, COLOR, BOX, OBJECT, REGION = range(17)
 # how many fixed directions the place loss reads (readout_directions)
 NUM_DIRECTIONS = 8 + len(SHAPES) + len(COLOR_NAMES)
 # the code of a multiple-choice answer's letter that the place loss reads at the answer position (OPTION rows)
@@ -198,6 +208,8 @@ LETTER_CODES = {"A": (1.0, 1.0), "B": (1.0, -1.0), "C": (-1.0, 1.0), "D": (-1.0,
 OPTION_LINE = re.compile(r"\n([A-Z])\. ([^\n]+)")
 # the box of a grounding answer: <box>[[x1, y1, x2, y2]]</box>, integers in 0..1000
 BOX_DIGITS = re.compile(r"<box>\[\[(\d+), (\d+), (\d+), (\d+)\]\]")
+# the centre (x, y in [-1, 1] of the canvas, y down) of the 3 x 3 grid cell each position answer names
+REGION_CENTRES = {name: ((c - 1) * 2 / 3, (r - 1) * 2 / 3) for r, row in enumerate(POSITIONS) for c, name in enumerate(row)}
 
 
 def centre_token(box: Sequence[float], width: int, height: int, grid: tuple[int, int], image_size: int,
@@ -326,7 +338,8 @@ def scene_queries(item: dict, turns: Sequence[tuple[str, str]], ids: Sequence[in
                     if xy is not None:
                         xy.append((at, boxes[0], BOX))
         if options and turn < len(replies):
-            out += option_queries(options, replies[turn], start, query, ids, tokenizer, t.roles[0], text, words, xy)
+            out += option_queries(options, replies[turn], start, query, ids, tokenizer, t.roles[0], text, words, xy,
+                                  task)  # fmt: skip
         if task != "count":
             continue
         tokens = {centre_token(o[2], width, height, grid, image_size, num_image_token) for o in named_all}
@@ -376,15 +389,18 @@ def box_queries(reply: str, answer: int, ids: Sequence[int], tokenizer: Tokenize
 
 def option_queries(options: Sequence[re.Match], reply: str, start: int, query: int, ids: Sequence[int],
                    tokenizer: Tokenizer, role: str, text: str, words: Sequence[int] = (),
-                   xy: list[tuple[int, list[float], int]] | None = None) -> list[tuple[int, list[int], list[bool], int]]:  # fmt: skip
+                   xy: list[tuple[int, list[float], int]] | None = None,
+                   task: str | None = None) -> list[tuple[int, list[int], list[bool], int]]:  # fmt: skip
     """The LETTER, CHOICE and OPTION queries of a multiple-choice question `text` whose turn starts at token `start`
     and whose answer is predicted at `query`: `options` are its option lines (OPTION_LINE matches), `reply` the
     answer (its first character the right letter), `role` the turn's opening, `words` the query positions of the
     question's mentions. Each option's last token queries its letter (LETTER) and the mentions (CHOICE) among the
     question's tokens up to it. When `xy` is a list, each option's last token is appended to it as a MATCH row with
     +1 for the right option and -1 for the others and as a LETTER row with its own letter's code, and the answer
-    position as an OPTION row with the right letter's code (LETTER_CODES; none for a letter after D). An option
-    whose letter or last token is not where its text puts it is left out."""
+    position as an OPTION row with the right letter's code (LETTER_CODES; none for a letter after D), and, for a
+    position question (`task`), each option naming a grid cell as a REGION row with that cell's centre twice,
+    (x, y, x, y) as the answer position's row holds its object's centre. An option whose letter or last token is
+    not where its text puts it is left out."""
     def last_token(end: int) -> int | None:  # the token that ends text[:end], if the tokens agree
         prefix = tokenizer.encode(role + text[:end], add_special_tokens=False)
         return start + len(prefix) - 1 if list(ids[start : start + len(prefix)]) == prefix else None
@@ -406,6 +422,9 @@ def option_queries(options: Sequence[re.Match], reply: str, start: int, query: i
             own = LETTER_CODES.get(m.group(1))
             if own is not None:
                 xy.append((end, [*own, 0.0, 0.0], LETTER))
+            region = REGION_CENTRES.get(m.group(2).strip()) if task == "position" else None
+            if region is not None:
+                xy.append((end, [*region, *region], REGION))
     if right is not None:
         keys = list(range(start, query + 1))
         out.append((query, keys, [k == right for k in keys], OPTION))
@@ -433,7 +452,7 @@ class BindingObjective(SFTObjective):
 
     name = "sft+binding"
     bar_metrics = ("bind_ce", "bind_top1", "count_ce", "xy_mse", "xy_word_mse", "count_mse", "match_mse",
-                   "count_word_mse", "letter_mse", "option_letter_mse", "box_mse", "object_mse")
+                   "count_word_mse", "letter_mse", "option_letter_mse", "box_mse", "object_mse", "region_mse")
 
     def __init__(self, reduction: str, weight: float, heads: Sequence[tuple[int, int]],
                  answer_heads: Sequence[tuple[int, int]] = (), hop_heads: Sequence[tuple[int, int]] = (),
@@ -447,7 +466,7 @@ class BindingObjective(SFTObjective):
                  count_xy_word_layer: int = -1, color_heads: Sequence[tuple[int, int]] = (),
                  letter_xy_layer: int = -1, count_weight: float = 1.0,
                  option_letter_xy_layer: int = -1, box_xy_layer: int = -1, object_xy_layer: int = -1,
-                 object_weight: float = 1.0):  # fmt: skip
+                 object_weight: float = 1.0, region_xy_layer: int = -1):  # fmt: skip
         super().__init__(reduction)
         self.weight = weight
         self.count_weight = count_weight  # on count questions' rows, both losses
@@ -459,7 +478,7 @@ class BindingObjective(SFTObjective):
                      (count_xy_layer, COUNT, "count_mse"), (match_xy_layer, MATCH, "match_mse"),
                      (count_xy_word_layer, COUNT_WORD, "count_word_mse"), (letter_xy_layer, OPTION, "letter_mse"),
                      (option_letter_xy_layer, LETTER, "option_letter_mse"), (box_xy_layer, BOX, "box_mse"),
-                     (object_xy_layer, OBJECT, "object_mse")]  # fmt: skip
+                     (object_xy_layer, OBJECT, "object_mse"), (region_xy_layer, REGION, "region_mse")]  # fmt: skip
         self.xy_layers = [(la, kind, name) for la, kind, name in xy_layers if la >= 0 and place_xy_weight > 0]
         self._xy: dict[int, list[torch.Tensor]] = {}  # by layer: its input and its attention's output, place rows
         kinds = [(heads, WORD), (answer_heads, ANSWER), (hop_heads, HOP)]
@@ -497,7 +516,7 @@ class BindingObjective(SFTObjective):
                  COUNT: "--binding-count-xy-layer", MATCH: "--binding-match-xy-layer",
                  COUNT_WORD: "--binding-count-xy-word-layer", OPTION: "--binding-letter-xy-layer",
                  LETTER: "--binding-option-letter-xy-layer", BOX: "--binding-box-xy-layer",
-                 OBJECT: "--binding-object-xy-layer"}  # fmt: skip
+                 OBJECT: "--binding-object-xy-layer", REGION: "--binding-region-xy-layer"}  # fmt: skip
         for index, kind, _ in self.xy_layers:
             flag = flags[kind]
             if index >= len(layers):
@@ -586,7 +605,8 @@ class BindingObjective(SFTObjective):
                        COUNT: (self.directions[:, 4:5], 1), MATCH: (self.directions[:, 5:6], 1),
                        COUNT_WORD: (self.directions[:, 4:5], 1), OPTION: (self.directions[:, 6:8], 2),
                        LETTER: (self.directions[:, 6:8], 2), BOX: (self.directions[:, :4], 4),
-                       OBJECT: (self.directions[:, 8:NUM_DIRECTIONS], NUM_DIRECTIONS - 8)}[kind]  # fmt: skip
+                       OBJECT: (self.directions[:, 8:NUM_DIRECTIONS], NUM_DIRECTIONS - 8),
+                       REGION: (self.directions[:, :4], 4)}[kind]  # fmt: skip
             err = (h @ u - batch.place_xy[rows, :dims].to(h.device)).square()
             scale = {COUNT: self.count_weight, COUNT_WORD: self.count_weight, OBJECT: self.object_weight}.get(kind, 1.0)
             loss = loss + self.xy_weight * scale * err.sum()

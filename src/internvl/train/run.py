@@ -176,7 +176,8 @@ def run_loop(args: TrainArgs, prepared: Prepared, data: DataSource, objective, c
                                      option_letter_xy_layer=d.binding_option_letter_xy_layer,
                                      box_xy_layer=d.binding_box_xy_layer,
                                      object_xy_layer=d.binding_object_xy_layer,
-                                     object_weight=d.binding_object_xy_weight)  # fmt: skip
+                                     object_weight=d.binding_object_xy_weight,
+                                     region_xy_layer=d.binding_region_xy_layer)  # fmt: skip
     objective = objective or SFTObjective(args.data.loss_reduction)
     objective.setup(model, ctx.device)
 
