@@ -44,8 +44,11 @@
 #                  38) and stage2zc (stage2z on curriculum/stage2zc.json, the tasks furthest below their targets 4
 #                  times over; run 40; the shipped model is its end); stage2v (stage2u with the option lookup in
 #                  layer 6; run 34) is stage2y's sibling, stage2zb (stage2z again, a 300-step cosine; run 39) stage2zc's;
-#                  stage2zd (stage2zc plus the box and object readouts, on curriculum/stage2zd.json) continues the
-#                  shipped model: START=src/internvl/assets/nano STAGES=stage2zd.
+#                  stage2zd (stage2zc plus the box and object readouts, on curriculum/stage2zd.json; run 41) and
+#                  stage2ze (2zd again; run 42) continue the shipped model: START=src/internvl/assets/nano
+#                  STAGES=stage2zd; stage2zf (2zd without the box readout; run 43) is stage2zd's sibling, then
+#                  stage2zg (2zf on curriculum/stage2zc.json, the object readout at 0.3; run 44) and stage2zh (2zg
+#                  plus the region readout: a position question's options read the cell they name; run 45).
 #                  Run 12's stage2i (the same mixture without the loss; shipped before) and stage2bind (the loss
 #                  from the words only) are siblings of stage2hop.
 #   STEPS_stage1=N the steps of a stage (its cosine schedule spans them; default: the stage's config)
@@ -125,8 +128,8 @@ for name in $STAGES; do
   # 2rc2, 2rp, 2x, 2xw and 2xc on the binding mixture leaning on count questions too, 2m on that leaning on
   # multiple-choice questions as well, 2o, 2p and 2q on that with fresh count questions, 2r, 2s, 2t on that with fresh
   # relation and position questions too, 2u, 2w, and 2v, 2y, 2z and 2zb (after grow8) on that with the text-only
-  # questions 4 times over, 2zc on that with the tasks furthest below their targets 4 times over, 2zd and 2ze on that
-  # with grounding 3 times over that
+  # questions 4 times over, 2zc on that with the tasks furthest below their targets 4 times over, 2zd, 2ze and 2zf on
+  # that with grounding 3 times over that, 2zg and 2zh on 2zc's
   data=$name; case $name in stage2h|stage2i|stage2bind|stage2hop*|stage2rc) data=stage2h ;;
     stage2rck|stage2rc2|stage2rp|stage2x|stage2xw|stage2xc) data=stage2k ;;
     stage2m) data=stage2m ;;
@@ -134,7 +137,8 @@ for name in $STAGES; do
     stage2r|stage2s|stage2t) data=stage2r ;;
     stage2u|stage2v|stage2w|stage2y|stage2z|stage2zb) data=stage2u ;;
     stage2zc|stage2zd) data=$name ;;
-    stage2ze) data=stage2zd ;;
+    stage2ze|stage2zf) data=stage2zd ;;
+    stage2zg|stage2zh) data=stage2zc ;;
     stage2*) data=stage1b ;; esac
   read -r -a common <<< "${LANG_ARGS:-}"
   [ -f "$OUT/$name/final/config.json" ] || run internvl finetune "$prev" --data "$OUT/curriculum/$data.json" \
