@@ -18,6 +18,7 @@ from internvl.nano.ship import ship
 from internvl.train.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
+BUILTIN = ROOT / "src" / "internvl" / "assets" / "nano"
 TINY = {"N": "3", "CUR_SCALE": "0.0005", "VIT_STEPS": "1", "VIT_IMAGES": "16", "EVAL_N": "1",
         "STEPS_shapes": "1", "STEPS_stage0": "1", "STEPS_stage1a": "1", "STEPS_stage1": "1",
         "STEPS_stage1b": "1", "STEPS_vit4": "1", "VIT4_IMAGES": "3", "STEPS_stage2": "1", "STEPS_stage2b": "1",
@@ -275,3 +276,24 @@ def test_the_script_defaults_to_the_shipped_lineage():
     script = (ROOT / "runs" / "train_nano.sh").read_text()
     default = script.split('STAGES=${STAGES:-"', 1)[1].split('"', 1)[0]
     assert " ".join(default.split()) == SHIPPED
+
+
+def test_the_readout_stages_after_the_shipped_model_plan_their_settings(tmp_path):
+    """Stages 2zf-2zh (runs 43-45) from the shipped model, as `DRY_RUN=1` plans them: each from the one before, on
+    its mixture, with its readouts and seed."""
+    from internvl.cli.main import build_parser
+    from internvl.train.args import from_namespace
+
+    done = subprocess.run(["bash", str(ROOT / "runs" / "train_nano.sh"), str(tmp_path / "nano")], cwd=ROOT,
+                          env=env_for("stage2zf stage2zg stage2zh", DRY_RUN="1", START=str(BUILTIN)),
+                          capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    runs = [shlex.split(line) for line in done.stdout.splitlines() if line.startswith("internvl finetune")]
+    stages = [from_namespace(build_parser().parse_args(argv[1:])).to_dict() for argv in runs]
+    assert [Path(a["out"]).name for a in stages] == ["stage2zf", "stage2zg", "stage2zh"]
+    assert stages[0]["model"] == str(BUILTIN) and stages[1]["model"].endswith("stage2zf/final")
+    assert stages[2]["model"].endswith("stage2zg/final")
+    got = [(Path(a["data"]).name, a["seed"], a["binding_box_xy_layer"], a["binding_object_xy_layer"],
+            a["binding_object_xy_weight"], a["binding_region_xy_layer"]) for a in stages]  # fmt: skip
+    assert got == [("stage2zd.json", 43, -1, 1, 1.0, -1), ("stage2zc.json", 45, -1, 1, 0.3, -1),
+                   ("stage2zc.json", 46, -1, 1, 0.3, 5)]  # fmt: skip
