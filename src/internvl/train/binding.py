@@ -196,9 +196,9 @@ def object_tokens(box: Sequence[float], width: int, height: int, grid: tuple[int
 # question's mention spread like its answer position's COUNT query (COUNT_WORD), and a mention's last token onto
 # its color word (COLOR), and each position that predicts a digit of a grounding answer's box (BOX: the place loss's
 # row with the object's box, and the same position onto the object's whole-image cells for the place-first heads when
-# the box readout is on), and each object's centre token among the
-# image's (OBJECT: the place loss's row with its shape and color codes), and each option's last token of a
-# multiple-choice position question (REGION: the place loss's row with the centre of the grid cell its words name)
+# the box readout is on), and each object's centre token among the image's (OBJECT: the place loss's row with its
+# shape and color codes), and each option's last token of a multiple-choice position question (REGION: the place
+# loss's row with the centre of the grid cell its words name)
 WORD, ANSWER, HOP, FIRST, LAST, COUNT, PLACE_FIRST, PLACE_LAST, LETTER, OPTION, CHOICE, MATCH, COUNT_WORD, COLOR, BOX, OBJECT, REGION = range(17)
 # how many fixed directions the place loss reads (readout_directions)
 NUM_DIRECTIONS = 8 + len(SHAPES) + len(COLOR_NAMES)
