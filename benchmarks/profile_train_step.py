@@ -1,8 +1,9 @@
 """Where one training step of a recipe spends its time, and what packed attention costs.
 
 Builds the run exactly as `internvl finetune MODEL --data META --config YAML` would (same model preparation,
-same packed micro-batches), then times a few optimizer steps split into: the vision encoder, the projector,
-the decoder's forward and backward, the optimizer. Achieved FLOP/s of the decoder's matmuls are set against
+same packed micro-batches, same objective: the binding loss and its readouts where the config sets them), then
+times a few optimizer steps split into: the vision encoder, the projector, the decoder's forward and backward (the
+objective's hooks included), the optimizer. Achieved FLOP/s of the decoder's matmuls are set against
 a plain matmul of the same width measured in the same process (the machine's practical peak for that dtype).
 The packed batches run twice: attention per sample (`Spans`, what training uses) and one block-diagonal mask
 over the whole pack (the earlier code path), so the ratio of the two is measured on the same data. With
@@ -44,8 +45,7 @@ def main() -> None:
     from internvl.model import llm as llm_module
     from internvl.train.args import TrainArgs, read_yaml
     from internvl.train.dist import init_distributed
-    from internvl.train.objective import SFTObjective
-    from internvl.train.run import prepare_model, sft_data
+    from internvl.train.run import prepare_model, sft_data, training_objective
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("model")
@@ -73,7 +73,9 @@ def main() -> None:
         steps.append(micro)
         if len(steps) == a.steps + 1:
             break
-    objective = SFTObjective(args.data.loss_reduction)
+    objective = training_objective(args)  # the config's: SFT, or SFT plus the binding loss and readouts
+    objective.setup(model, torch.device("cpu"))
+    model.train()  # as the trainer does (the binding loss scores training forwards only)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
     llm = model.language_model
@@ -102,7 +104,8 @@ def main() -> None:
         opt.zero_grad(set_to_none=True)
         parts["optimizer"] += time.perf_counter() - t
 
-    report = {"cpu": cpu_features(), "threads": torch.get_num_threads(), "compute_dtype": str(compute)}
+    report = {"cpu": cpu_features(), "threads": torch.get_num_threads(), "compute_dtype": str(compute),
+              "objective": objective.name}
     modes = ["spans", "block-diagonal mask"] + (["spans, compiled regions"] if a.compile else [])
     for mode in modes:
         llm_module.PACKED_ATTENTION = "mask" if mode == "block-diagonal mask" else "spans"

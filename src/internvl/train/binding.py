@@ -645,19 +645,24 @@ def query_losses(s: torch.Tensor, valid: torch.Tensor, target: torch.Tensor, cou
 def binding_scores(attn: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, query: torch.Tensor,
                    keys: torch.Tensor, heads: Sequence[int]) -> torch.Tensor:  # fmt: skip
     """Attention logits [Q, len(heads), K] of the rows `query` (flat [B*T] indices of x [B, T, H]) over the keys
-    `keys` [Q, K] (flat indices), as `attn` computes them: q/k projections, the optional q/k norm, RoPE."""
+    `keys` [Q, K] (flat indices), as `attn` computes them: q/k projections, the optional q/k norm, RoPE.
+
+    Queries of one sample share its image tokens as keys, so each distinct key is projected once and only on the
+    key heads that `heads` read; the logits are taken against all distinct keys and then gathered per query (a
+    step of the nano recipe projected ~4x its sequence's tokens through k_proj before)."""
     if getattr(attn, "q_proj", None) is None:
         raise TrainingError("the binding loss needs unfused q/k projections (training models are not fused)")
     hq, hk, d = attn.num_heads, attn.num_kv_heads, attn.head_dim
     flat = x.flatten(0, 1)
     cos, sin = cos.flatten(0, 2), sin.flatten(0, 2)  # [B, 1, T, D] -> [B*T, D]
-    n_q, n_k = keys.shape
-    q = attn.q_proj(flat[query]).view(n_q, hq, 1, d)
-    k = attn.k_proj(flat[keys.flatten()]).view(n_q, n_k, hk, d).transpose(1, 2)
-    if hasattr(attn, "q_norm"):
-        q, k = attn.q_norm(q), attn.k_norm(k)
-    q = apply_rope(q, cos[query][:, None, None], sin[query][:, None, None])  # [Q, hq, 1, d]
-    k = apply_rope(k, cos[keys][:, None], sin[keys][:, None])  # [Q, hk, K, d]
+    distinct, where = keys.unique(return_inverse=True)  # [U], and [Q, K] positions in it
     h = torch.tensor(list(heads), device=x.device)
-    qh, kh = q[:, h], k[:, h // (hq // hk)]
-    return (qh @ kh.transpose(-1, -2)).squeeze(2) / math.sqrt(d)
+    kv, kv_of = (h // (hq // hk)).unique(return_inverse=True)  # the key heads read, and each head's among them
+    q = attn.q_proj(flat[query]).view(len(query), hq, d)[:, h]  # [Q, heads, d]
+    k = attn.k_proj(flat[distinct]).view(len(distinct), hk, d)[:, kv]  # [U, kv, d]
+    if hasattr(attn, "q_norm"):  # per head, over d
+        q, k = attn.q_norm(q), attn.k_norm(k)
+    q = apply_rope(q, cos[query][:, None], sin[query][:, None])
+    k = apply_rope(k, cos[distinct][:, None], sin[distinct][:, None])
+    logits = torch.einsum("qhd,uhd->qhu", q, k[:, kv_of]) / math.sqrt(d)  # [Q, heads, U]
+    return logits.gather(-1, where[:, None, :].expand(-1, len(heads), -1))

@@ -139,6 +139,33 @@ def sft_data(args: TrainArgs, prepared: Prepared, ctx) -> DataSource:
     return DataSource(source, total, len(index), list(index.bad))
 
 
+def training_objective(args: TrainArgs):
+    """The objective `args` train with: SFT, plus the binding loss and its readouts when --binding-loss > 0."""
+    from .objective import SFTObjective
+
+    if args.data.binding_loss > 0:
+        from .binding import BindingObjective, parse_heads
+
+        d = args.data
+        more = {name: parse_heads(spec, flag) if spec else [] for name, spec, flag in d.more_binding_heads()}
+        return BindingObjective(d.loss_reduction, d.binding_loss, parse_heads(d.binding_heads), **more,
+                                 count_sinks=d.count_sinks(), place_xy_layer=d.binding_place_xy_layer,
+                                 place_xy_weight=d.binding_place_xy_loss,
+                                 place_xy_word_layer=d.binding_place_xy_word_layer,
+                                 count_xy_layer=d.binding_count_xy_layer,
+                                 match_xy_layer=d.binding_match_xy_layer,
+                                 count_word_sinks=d.count_sinks(word=True),
+                                 count_xy_word_layer=d.binding_count_xy_word_layer,
+                                 letter_xy_layer=d.binding_letter_xy_layer,
+                                 count_weight=d.binding_count_weight,
+                                 option_letter_xy_layer=d.binding_option_letter_xy_layer,
+                                 box_xy_layer=d.binding_box_xy_layer,
+                                 object_xy_layer=d.binding_object_xy_layer,
+                                 object_weight=d.binding_object_xy_weight,
+                                 region_xy_layer=d.binding_region_xy_layer)  # fmt: skip
+    return SFTObjective(args.data.loss_reduction)
+
+
 def run_loop(args: TrainArgs, prepared: Prepared, data: DataSource, objective, ctx, log,
              resume_from: Path | None = None) -> TrainResult:  # fmt: skip
     """Shard (several processes), build AdamW, resume, train, then write the final model."""
@@ -146,7 +173,6 @@ def run_loop(args: TrainArgs, prepared: Prepared, data: DataSource, objective, c
     from .dist import shard_model
     from .loop import LoopConfig, Trainer
     from .metrics import MetricsLog, plot_loss
-    from .objective import SFTObjective
     from .optim import build_optimizer, warmup_steps
 
     m, o, r = args.model, args.optim, args.run
@@ -158,27 +184,7 @@ def run_loop(args: TrainArgs, prepared: Prepared, data: DataSource, objective, c
 
         log(f"torch.compile: {compile_for_training(model)} modules (the first step builds their kernels)")
     optimizer = build_optimizer(model, o.lr, o.weight_decay, (o.adam_beta1, o.adam_beta2), o.adam_eps)
-    if objective is None and args.data.binding_loss > 0:
-        from .binding import BindingObjective, parse_heads
-
-        d = args.data
-        more = {name: parse_heads(spec, flag) if spec else [] for name, spec, flag in d.more_binding_heads()}
-        objective = BindingObjective(d.loss_reduction, d.binding_loss, parse_heads(d.binding_heads), **more,
-                                     count_sinks=d.count_sinks(), place_xy_layer=d.binding_place_xy_layer,
-                                     place_xy_weight=d.binding_place_xy_loss,
-                                     place_xy_word_layer=d.binding_place_xy_word_layer,
-                                     count_xy_layer=d.binding_count_xy_layer,
-                                     match_xy_layer=d.binding_match_xy_layer,
-                                     count_word_sinks=d.count_sinks(word=True),
-                                     count_xy_word_layer=d.binding_count_xy_word_layer,
-                                     letter_xy_layer=d.binding_letter_xy_layer,
-                                     count_weight=d.binding_count_weight,
-                                     option_letter_xy_layer=d.binding_option_letter_xy_layer,
-                                     box_xy_layer=d.binding_box_xy_layer,
-                                     object_xy_layer=d.binding_object_xy_layer,
-                                     object_weight=d.binding_object_xy_weight,
-                                     region_xy_layer=d.binding_region_xy_layer)  # fmt: skip
-    objective = objective or SFTObjective(args.data.loss_reduction)
+    objective = objective or training_objective(args)
     objective.setup(model, ctx.device)
 
     start_step, data_state = 0, None
