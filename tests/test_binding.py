@@ -519,6 +519,41 @@ def test_scores_match_the_model_attention(scenes, nano):
     assert float(ce_sum) == pytest.approx(sum(losses), rel=1e-4)
 
 
+@pytest.mark.parametrize("family", ["qwen2", "qwen3"])
+def test_scores_of_shared_keys_equal_the_attention_logits(family):
+    """binding_scores projects each distinct key once; the logits must still be each query's own q . k / sqrt(d)
+    as the model's attention computes them (qwen3: with the q/k norms), keys repeated across queries and heads
+    of both key groups included."""
+    cfg = llm.LLMConfig(family=family, vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                        num_attention_heads=4, num_key_value_heads=2, head_dim=16, qkv_bias=family == "qwen2",
+                        rope_theta=10000.0)  # fmt: skip
+    torch.manual_seed(0)
+    lm = llm.CausalLM(cfg).float().train()
+    attn = lm.model.layers[0].self_attn
+    inputs, seen = [], []
+    attn.register_forward_pre_hook(lambda module, args: inputs.append(args))
+    plain = llm.attention
+    llm.attention = lambda q, k, v, mask, causal: (seen.append((q, k)), plain(q, k, v, mask, causal))[1]
+    try:
+        with torch.no_grad():
+            lm(lm.embed(torch.randint(0, 64, (2, 12))))
+    finally:
+        llm.attention = plain
+    (x, cos, sin), (q, k) = inputs[0][:3], seen[0]
+    query = torch.tensor([5, 11, 12 + 9, 12 + 11])  # flat [B*T] rows
+    keys = torch.tensor([[0, 1, 2, 3], [1, 2, 3, 0], [12, 13, 14, 15], [13, 12, 12, 20]])  # shared and repeated
+    heads = [3, 0, 1]
+    with torch.no_grad():
+        got = binding.binding_scores(attn, x, cos, sin, query, keys, heads)
+    assert got.shape == (4, 3, 4)
+    for i, flat in enumerate(query.tolist()):
+        b, t = divmod(flat, 12)
+        for j, head in enumerate(heads):
+            kh = k[b, head // 2]
+            want = kh[keys[i] - b * 12] @ q[b, head, t] / math.sqrt(16)
+            torch.testing.assert_close(got[i, j], want, rtol=1e-5, atol=1e-5)
+
+
 def test_a_count_heads_loss_is_zero_only_at_its_spread():
     # 3 objects and <img> (key 0) among 6 keys, the last one padding; heads weigh <img> 1 and 4 times an object
     valid = torch.tensor([[True] * 5 + [False]])
