@@ -279,8 +279,8 @@ def test_the_script_defaults_to_the_shipped_lineage():
 
 
 def test_the_readout_stages_after_the_shipped_model_plan_their_settings(tmp_path):
-    """Stages 2zf-2zh (runs 43-45) from the shipped model, as `DRY_RUN=1` plans them: each from the one before, on
-    its mixture, with its readouts and seed."""
+    """Stages 2zf-2zh (runs 43-45) and 2zi (run 46) from the shipped model, as `DRY_RUN=1` plans them: each from
+    the one before (2zi from the shipped model itself), on its mixture, with its readouts and seed."""
     from internvl.cli.main import build_parser
     from internvl.train.args import from_namespace
 
@@ -297,3 +297,13 @@ def test_the_readout_stages_after_the_shipped_model_plan_their_settings(tmp_path
             a["binding_object_xy_weight"], a["binding_region_xy_layer"]) for a in stages]  # fmt: skip
     assert got == [("stage2zd.json", 43, -1, 1, 1.0, -1), ("stage2zc.json", 45, -1, 1, 0.3, -1),
                    ("stage2zc.json", 46, -1, 1, 0.3, 5)]  # fmt: skip
+    # stage 2zi (run 46): 2zh's readouts in one stage straight from the shipped model, another seed
+    done = subprocess.run(["bash", str(ROOT / "runs" / "train_nano.sh"), str(tmp_path / "nano2")], cwd=ROOT,
+                          env=env_for("stage2zi", DRY_RUN="1", START=str(BUILTIN)),
+                          capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    (argv,) = [shlex.split(line) for line in done.stdout.splitlines() if line.startswith("internvl finetune")]
+    a = from_namespace(build_parser().parse_args(argv[1:])).to_dict()
+    assert a["model"] == str(BUILTIN) and Path(a["out"]).name == "stage2zi"
+    assert (Path(a["data"]).name, a["seed"], a["binding_box_xy_layer"], a["binding_object_xy_layer"],
+            a["binding_object_xy_weight"], a["binding_region_xy_layer"]) == ("stage2zc.json", 47, -1, 1, 0.3, 5)
