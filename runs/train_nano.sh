@@ -49,7 +49,8 @@
 #                  STAGES=stage2zd; stage2zf (2zd without the box readout; run 43) is stage2zd's sibling, then
 #                  stage2zg (2zf on curriculum/stage2zc.json, the object readout at 0.3; run 44) and stage2zh (2zg
 #                  plus the region readout: a position question's options read the cell they name; run 45);
-#                  stage2zi (2zh's settings in one stage from the shipped model; run 46).
+#                  stage2zi (2zh's settings in one stage from the shipped model; run 46) and stage2zj (2zi with
+#                  the mentions' place at layer 2 and the options' cell at layer 3, before MATCH; run 47).
 #                  Run 12's stage2i (the same mixture without the loss; shipped before) and stage2bind (the loss
 #                  from the words only) are siblings of stage2hop.
 #   STEPS_stage1=N the steps of a stage (its cosine schedule spans them; default: the stage's config)
@@ -130,7 +131,7 @@ for name in $STAGES; do
   # multiple-choice questions as well, 2o, 2p and 2q on that with fresh count questions, 2r, 2s, 2t on that with fresh
   # relation and position questions too, 2u, 2w, and 2v, 2y, 2z and 2zb (after grow8) on that with the text-only
   # questions 4 times over, 2zc on that with the tasks furthest below their targets 4 times over, 2zd, 2ze and 2zf on
-  # that with grounding 3 times over that, 2zg, 2zh and 2zi on 2zc's
+  # that with grounding 3 times over that, 2zg-2zj on 2zc's
   data=$name; case $name in stage2h|stage2i|stage2bind|stage2hop*|stage2rc) data=stage2h ;;
     stage2rck|stage2rc2|stage2rp|stage2x|stage2xw|stage2xc) data=stage2k ;;
     stage2m) data=stage2m ;;
@@ -139,7 +140,7 @@ for name in $STAGES; do
     stage2u|stage2v|stage2w|stage2y|stage2z|stage2zb) data=stage2u ;;
     stage2zc|stage2zd) data=$name ;;
     stage2ze|stage2zf) data=stage2zd ;;
-    stage2zg|stage2zh|stage2zi) data=stage2zc ;;
+    stage2zg|stage2zh|stage2zi|stage2zj) data=stage2zc ;;
     stage2*) data=stage1b ;; esac
   read -r -a common <<< "${LANG_ARGS:-}"
   [ -f "$OUT/$name/final/config.json" ] || run internvl finetune "$prev" --data "$OUT/curriculum/$data.json" \

@@ -279,8 +279,9 @@ def test_the_script_defaults_to_the_shipped_lineage():
 
 
 def test_the_readout_stages_after_the_shipped_model_plan_their_settings(tmp_path):
-    """Stages 2zf-2zh (runs 43-45) and 2zi (run 46) from the shipped model, as `DRY_RUN=1` plans them: each from
-    the one before (2zi from the shipped model itself), on its mixture, with its readouts and seed."""
+    """Stages 2zf-2zh (runs 43-45), 2zi and 2zj (runs 46-47) from the shipped model, as `DRY_RUN=1` plans them:
+    each from the one before (2zi and 2zj from the shipped model itself), on its mixture, with its readouts and
+    seed."""
     from internvl.cli.main import build_parser
     from internvl.train.args import from_namespace
 
@@ -307,3 +308,15 @@ def test_the_readout_stages_after_the_shipped_model_plan_their_settings(tmp_path
     assert a["model"] == str(BUILTIN) and Path(a["out"]).name == "stage2zi"
     assert (Path(a["data"]).name, a["seed"], a["binding_box_xy_layer"], a["binding_object_xy_layer"],
             a["binding_object_xy_weight"], a["binding_region_xy_layer"]) == ("stage2zc.json", 47, -1, 1, 0.3, 5)
+    # stage 2zj (run 47): 2zi with the mentions' place at layer 2 and the options' cells at layer 3
+    done = subprocess.run(["bash", str(ROOT / "runs" / "train_nano.sh"), str(tmp_path / "nano3")], cwd=ROOT,
+                          env=env_for("stage2zj", DRY_RUN="1", START=str(BUILTIN)),
+                          capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    (argv,) = [shlex.split(line) for line in done.stdout.splitlines() if line.startswith("internvl finetune")]
+    b = from_namespace(build_parser().parse_args(argv[1:])).to_dict()
+    assert b["model"] == str(BUILTIN) and Path(b["data"]).name == "stage2zc.json" and b["seed"] == 48
+    assert (b["binding_place_xy_word_layer"], b["binding_region_xy_layer"], b["binding_match_xy_layer"]) == (2, 3, 4)
+    own = ("out", "data", "seed", "binding_place_xy_word_layer", "binding_region_xy_layer")
+    assert a["binding_place_xy_word_layer"] == -1
+    assert {k: v for k, v in b.items() if k not in own} == {k: v for k, v in a.items() if k not in own}
