@@ -285,12 +285,15 @@ def test_the_readout_stages_after_the_shipped_model_plan_their_settings(tmp_path
     from internvl.cli.main import build_parser
     from internvl.train.args import from_namespace
 
-    done = subprocess.run(["bash", str(ROOT / "runs" / "train_nano.sh"), str(tmp_path / "nano")], cwd=ROOT,
-                          env=env_for("stage2zf stage2zg stage2zh", DRY_RUN="1", START=str(BUILTIN)),
-                          capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
-    assert done.returncode == 0, done.stderr[-3000:]
-    runs = [shlex.split(line) for line in done.stdout.splitlines() if line.startswith("internvl finetune")]
-    stages = [from_namespace(build_parser().parse_args(argv[1:])).to_dict() for argv in runs]
+    def planned(stages: str) -> list[dict]:  # the finetune arguments of STAGES from the shipped model, by stage
+        done = subprocess.run(["bash", str(ROOT / "runs" / "train_nano.sh"), str(tmp_path / stages.replace(" ", "-"))],
+                              cwd=ROOT, env=env_for(stages, DRY_RUN="1", START=str(BUILTIN)),
+                              capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
+        assert done.returncode == 0, done.stderr[-3000:]
+        runs = [shlex.split(line) for line in done.stdout.splitlines() if line.startswith("internvl finetune")]
+        return [from_namespace(build_parser().parse_args(argv[1:])).to_dict() for argv in runs]
+
+    stages = planned("stage2zf stage2zg stage2zh")
     assert [Path(a["out"]).name for a in stages] == ["stage2zf", "stage2zg", "stage2zh"]
     assert stages[0]["model"] == str(BUILTIN) and stages[1]["model"].endswith("stage2zf/final")
     assert stages[2]["model"].endswith("stage2zg/final")
@@ -299,22 +302,12 @@ def test_the_readout_stages_after_the_shipped_model_plan_their_settings(tmp_path
     assert got == [("stage2zd.json", 43, -1, 1, 1.0, -1), ("stage2zc.json", 45, -1, 1, 0.3, -1),
                    ("stage2zc.json", 46, -1, 1, 0.3, 5)]  # fmt: skip
     # stage 2zi (run 46): 2zh's readouts in one stage straight from the shipped model, another seed
-    done = subprocess.run(["bash", str(ROOT / "runs" / "train_nano.sh"), str(tmp_path / "nano2")], cwd=ROOT,
-                          env=env_for("stage2zi", DRY_RUN="1", START=str(BUILTIN)),
-                          capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
-    assert done.returncode == 0, done.stderr[-3000:]
-    (argv,) = [shlex.split(line) for line in done.stdout.splitlines() if line.startswith("internvl finetune")]
-    a = from_namespace(build_parser().parse_args(argv[1:])).to_dict()
+    (a,) = planned("stage2zi")
     assert a["model"] == str(BUILTIN) and Path(a["out"]).name == "stage2zi"
     assert (Path(a["data"]).name, a["seed"], a["binding_box_xy_layer"], a["binding_object_xy_layer"],
             a["binding_object_xy_weight"], a["binding_region_xy_layer"]) == ("stage2zc.json", 47, -1, 1, 0.3, 5)
     # stage 2zj (run 47): 2zi with the mentions' place at layer 2 and the options' cells at layer 3
-    done = subprocess.run(["bash", str(ROOT / "runs" / "train_nano.sh"), str(tmp_path / "nano3")], cwd=ROOT,
-                          env=env_for("stage2zj", DRY_RUN="1", START=str(BUILTIN)),
-                          capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
-    assert done.returncode == 0, done.stderr[-3000:]
-    (argv,) = [shlex.split(line) for line in done.stdout.splitlines() if line.startswith("internvl finetune")]
-    b = from_namespace(build_parser().parse_args(argv[1:])).to_dict()
+    (b,) = planned("stage2zj")
     assert b["model"] == str(BUILTIN) and Path(b["data"]).name == "stage2zc.json" and b["seed"] == 48
     assert (b["binding_place_xy_word_layer"], b["binding_region_xy_layer"], b["binding_match_xy_layer"]) == (2, 3, 4)
     own = ("out", "data", "seed", "binding_place_xy_word_layer", "binding_region_xy_layer")
