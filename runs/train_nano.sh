@@ -63,6 +63,7 @@
 #   N=6000         items per task in the train split
 #   VIT_STEPS=1200 VIT_IMAGES=20000 CUR_SCALE=1 EVAL_N=200   the other sizes (a tiny run: tests/test_nano_recipe.py)
 #   VIT_HELD_OUT=256  the held-out images each vision stage reports on
+#   VIT_BATCH=N    images a step of every vision stage (default: `internvl nano vit`'s, 32)
 #   DRY_RUN=1      print each command (one line, shell-quoted) instead of running it: the lineage's plan
 # Run nothing else that uses the cores meanwhile: two processes with two OpenMP threads each on two cores
 # run ~10x slower, not 2x.
@@ -93,7 +94,7 @@ run() { if [ "${DRY_RUN:-0}" = 1 ]; then printf '%q ' "$@"; echo; else "$@"; fi;
 if [ -z "${START:-}" ]; then
   [ -f "$OUT/vit/vit_pretrain.json" ] || run internvl nano vit --init "$OUT/init" --out "$OUT/vit" \
       --data "$OUT/vit_data.npz" --steps "${VIT_STEPS:-1200}" --images "${VIT_IMAGES:-20000}" --resume \
-      --held-out "${VIT_HELD_OUT:-256}"
+      --held-out "${VIT_HELD_OUT:-256}" ${VIT_BATCH:+--batch "$VIT_BATCH"}
 fi
 
 # 5. the language stages, each from the last one's final weights (~1.5 s a step of ~22 packed samples):
@@ -116,7 +117,8 @@ for name in $STAGES; do
     if [ "$name" = vit4 ]; then cache="$OUT/vit4_data.npz"; fi
     [ -f "$OUT/$name/vit_pretrain.json" ] || run internvl nano vit --init "$prev" --keep-weights --max-num 4 \
         --out "$OUT/$name" --data "$cache" --steps "$steps" --images "$images" --lr "$lr" \
-        --held-out "${VIT_HELD_OUT:-256}" --resume ${fast[@]+"${fast[@]}"} ${extra[@]+"${extra[@]}"}
+        --held-out "${VIT_HELD_OUT:-256}" ${VIT_BATCH:+--batch "$VIT_BATCH"} --resume ${fast[@]+"${fast[@]}"} \
+        ${extra[@]+"${extra[@]}"}
     prev="$OUT/$name"
     continue ;;
   esac

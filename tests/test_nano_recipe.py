@@ -31,7 +31,7 @@ TINY = {"N": "3", "CUR_SCALE": "0.0005", "VIT_STEPS": "1", "VIT_IMAGES": "16", "
         "STEPS_stage2r": "1", "STEPS_stage2s": "1", "STEPS_stage2t": "1", "STEPS_stage2u": "1", "STEPS_stage2v": "1",
         "STEPS_stage2w": "1", "STEPS_stage2y": "1", "STEPS_stage2z": "1", "STEPS_stage2zb": "1",
         "STEPS_stage2zc": "1", "STEPS_stage2zd": "1", "STEPS_stage2ze": "1",
-        "COMPILE": "0", "VIT_HELD_OUT": "4",
+        "COMPILE": "0", "VIT_HELD_OUT": "4", "VIT_BATCH": "4",
         "LANG_ARGS": "--grad-accum 1 --max-packed-tokens 1536 --max-packed-images 8 --no-tensorboard"}  # fmt: skip
 # the shipped lineage (the script's default) and the stages that continue the shipped model after it
 SHIPPED = ("shapes stage0 stage1a stage1 stage1b vit4 stage2 stage2b stage2c stage2d vit4b stage2e vit4c stage2f "
