@@ -30,22 +30,23 @@ TINY = {"N": "3", "CUR_SCALE": "0.0005", "VIT_STEPS": "1", "VIT_IMAGES": "16", "
         "STEPS_stage2xc": "1", "STEPS_stage2m": "1", "STEPS_stage2o": "1", "STEPS_stage2p": "1", "STEPS_stage2q": "1",
         "STEPS_stage2r": "1", "STEPS_stage2s": "1", "STEPS_stage2t": "1", "STEPS_stage2u": "1", "STEPS_stage2v": "1",
         "STEPS_stage2w": "1", "STEPS_stage2y": "1", "STEPS_stage2z": "1", "STEPS_stage2zb": "1",
-        "STEPS_stage2zc": "1", "STEPS_stage2zd": "1", "STEPS_stage2ze": "1",
+        "STEPS_stage2zc": "1", "STEPS_stage2zd": "1", "STEPS_stage2ze": "1", "STEPS_stage2zi": "1", "STEPS_stage2zj": "1",
+        "STEPS_stage2zk": "1",
         "COMPILE": "0", "VIT_HELD_OUT": "4", "VIT_BATCH": "4",
         "LANG_ARGS": "--grad-accum 1 --max-packed-tokens 1536 --max-packed-images 8 --no-tensorboard"}  # fmt: skip
 # the shipped lineage (the script's default) and the stages that continue the shipped model after it
 SHIPPED = ("shapes stage0 stage1a stage1 stage1b vit4 stage2 stage2b stage2c stage2d vit4b stage2e vit4c stage2f "
            "stage2g stage2h stage2hop stage2hop2 stage2hop3 stage2rc stage2rck stage2rc2 stage2rp stage2x stage2xc "
-           "stage2m stage2o stage2p stage2q stage2r stage2s stage2t stage2u stage2w grow8 stage2y stage2z stage2zc")  # fmt: skip
-AFTER = "stage2zd"
+           "stage2m stage2o stage2p stage2q stage2r stage2s stage2t stage2u stage2w grow8 stage2y stage2z stage2zc "
+           "stage2zj")  # fmt: skip
+AFTER = "stage2zk"
 # What the test runs for real: one stage of each kind, in lineage order (a language stage from the encoder, the
 # tiled stage 2, the encoder's top layers and all of them unfrozen, the three vision stages again, the binding
-# loss and each family of its heads and readouts, grow8 and the 8-layer stages). A stage that only repeats another
+# loss, grow8, and the 8-layer stages with every family of heads and readouts: AFTER's settings extend them all). A stage that only repeats another
 # one's settings with another seed, or adds heads of a kind run here, is checked through the plan (`DRY_RUN=1`,
 # every command the lineage runs, parsed as `internvl finetune` parses it) instead: each process costs ~6 s of
 # imports and set-up, and the whole lineage ran 243 s of a suite that must stay under 10 minutes.
-RUN = ("shapes stage1 vit4 stage2 stage2c vit4b stage2e vit4c stage2f stage2hop stage2t stage2w grow8 stage2y "
-       "stage2zc " + AFTER)  # fmt: skip
+RUN = "shapes stage1 vit4 stage2 stage2c vit4b stage2e vit4c stage2f stage2hop grow8 stage2zc " + AFTER
 
 
 def env_for(stages: str, **more: str) -> dict:
@@ -126,14 +127,15 @@ def test_every_kind_of_stage_runs_and_the_benchmark_scores_every_task(recipe, pl
     assert args["through_projector"] and args["hold"] == 1.0 and args["init"].endswith("stage2e/final")
     assert sorted(f.name for f in recipe.glob("*.npz")) == ["views_3.npz", "vit4_data.npz", "vit_data.npz"]
     assert json.loads((recipe / "stage2" / "final" / "config.json").read_text())["max_dynamic_patch"] == 4
-    for stage in ("stage2hop", "stage2t", "stage2w", "stage2y", AFTER):
+    for stage in ("stage2hop", "stage2zc", AFTER):
         assert all(r["bind_ce"] > 0 for r in read_metrics(recipe / stage / "metrics.csv")), stage
-    for stage, metric in (("stage2t", "count_ce"), ("stage2w", "option_letter_mse"), (AFTER, "box_mse"),
-                          (AFTER, "object_mse")):  # fmt: skip
-        assert metric in (recipe / stage / "metrics.csv").read_text().splitlines()[0].split(","), stage
+    # AFTER's settings extend every earlier family's: the count heads' (2t), the letter readouts' (2w), the match
+    # (2o), the object readout (2zd) and the option cells' (2zh)
+    logged = (recipe / AFTER / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert {"count_ce", "option_letter_mse", "letter_mse", "match_mse", "object_mse", "region_mse"} <= set(logged)
     # grow8: the model before it with two copies of layer 5 after it
     grown = json.loads((recipe / "grow8" / "config.json").read_text())["llm_config"]["num_hidden_layers"]
-    assert grown == json.loads((recipe / "stage2w" / "final" / "config.json").read_text())["llm_config"][
+    assert grown == json.loads((recipe / "stage2hop" / "final" / "config.json").read_text())["llm_config"][
         "num_hidden_layers"] + 2  # fmt: skip
     assert not first_args(recipe, "stage2e")["compile"]  # COMPILE=0 (the recipe compiles stage 2 and later by default)
     summary = json.loads((recipe / "eval" / "summary.json").read_text())
@@ -233,18 +235,25 @@ def test_the_plan_chains_every_stage_of_the_lineage(plan):
     assert args["model"].endswith("grow8") and args["data"].endswith("curriculum/stage2u.json")
     assert (args["binding_option_heads"], args["binding_option_letter_xy_layer"], args["binding_letter_xy_layer"]) == (
         "6:2", 5, 6)  # fmt: skip
-    # stage 2z: stage 2y again; 2zc: that on the mixture with the tasks furthest below their targets 4 times over;
-    # 2zd: that with grounding 3 times over that, the box readout at layer 5 and the object readout at layer 1
-    for stage, seed, data in (("stage2z", 40, "stage2u"), ("stage2zc", 42, "stage2zc"), ("stage2zd", 43, "stage2zd")):
+    # stage 2z: stage 2y again; 2zc: that on the mixture with the tasks furthest below their targets 4 times over
+    for stage, seed, data in (("stage2z", 40, "stage2u"), ("stage2zc", 42, "stage2zc")):
         args = stages[stage]
         assert args["data"].endswith(f"curriculum/{data}.json")
         assert (args["binding_option_heads"], args["seed"]) == ("6:2", seed)
         assert yaml.safe_load((ROOT / "configs" / "train" / f"nano-{stage}.yaml").read_text())["max_steps"] == 500
-    boxes = [(stages[s]["binding_box_xy_layer"], stages[s]["binding_object_xy_layer"]) for s in ("stage2zc", "stage2zd")]
-    assert boxes == [(-1, -1), (5, 1)]
+    # 2zj (run 47, shipped): from 2zc, 2zi's readouts (runs/train_nano.sh: the object readout at layer 1 weighing
+    # 0.3, the region readout) with the mentions' place at layer 2 and the options' cells at layer 3, no box readout;
+    # 2zk (AFTER): 2zj again from it, another seed
+    for stage, seed in (("stage2zj", 48), (AFTER, 49)):
+        args = stages[stage]
+        assert args["data"].endswith("curriculum/stage2zc.json") and args["seed"] == seed
+        assert (args["binding_box_xy_layer"], args["binding_object_xy_layer"], args["binding_object_xy_weight"],
+                args["binding_place_xy_word_layer"], args["binding_region_xy_layer"]) == (-1, 1, 0.3, 2, 3)  # fmt: skip
+    assert stages["stage2zc"]["binding_object_xy_layer"] == -1
 
 
 def test_ship_writes_a_loadable_model_with_its_training_record(recipe, tmp_path, monkeypatch):
+    monkeypatch.setattr("internvl.nano.ship.CHECK_N", 2)  # 2 check items a task (the shipped model's: 10)
     dest = ship(recipe / "stage1" / "final", "stage1", recipe / "eval" / "summary.json", hours=0.01,
                      dest=tmp_path / "nano")  # fmt: skip
     info = json.loads((dest / "training.json").read_text())
@@ -256,7 +265,8 @@ def test_ship_writes_a_loadable_model_with_its_training_record(recipe, tmp_path,
     model = internvl.load(str(dest))
     assert model.config.processor.max_dynamic_patch == 1 and model.tokenizer.vocab_size > 100
     assert set(info["check"]["correct"]) == set(info["test_split"]["accuracy_percent"])  # every task checked
-    # an explicit step wins over the checkpoint beside the folder (the check items, 24 s, were answered above)
+    assert info["check"]["n"] == 2 and all(0 <= k <= 2 for k in info["check"]["correct"].values())
+    # an explicit step wins over the checkpoint beside the folder (the check items were answered above)
     monkeypatch.setattr("internvl.nano.ship.check", lambda *args, **kwargs: {})
     again = ship(recipe / "stage1" / "final", "stage1", dest=tmp_path / "again", step=7)
     assert json.loads((again / "training.json").read_text())["step"] == 7
@@ -293,6 +303,12 @@ def test_the_readout_stages_after_the_shipped_model_plan_their_settings(tmp_path
         runs = [shlex.split(line) for line in done.stdout.splitlines() if line.startswith("internvl finetune")]
         return [from_namespace(build_parser().parse_args(argv[1:])).to_dict() for argv in runs]
 
+    # 2zd (run 41, from the model before): 2zc with grounding 3 times over that, the box readout at layer 5 and the
+    # object readout at layer 1
+    (d,) = planned("stage2zd")
+    assert Path(d["data"]).name == "stage2zd.json" and d["seed"] == 43 and d["binding_option_heads"] == "6:2"
+    assert (d["binding_box_xy_layer"], d["binding_object_xy_layer"]) == (5, 1)
+    assert yaml.safe_load((ROOT / "configs" / "train" / "nano-stage2zd.yaml").read_text())["max_steps"] == 500
     stages = planned("stage2zf stage2zg stage2zh")
     assert [Path(a["out"]).name for a in stages] == ["stage2zf", "stage2zg", "stage2zh"]
     assert stages[0]["model"] == str(BUILTIN) and stages[1]["model"].endswith("stage2zf/final")

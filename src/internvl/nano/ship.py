@@ -31,7 +31,7 @@ SHIPPED_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenize
 
 
 # the fixed items a shipped model is checked on (tests/test_builtin_model.py)
-CHECK_SPLIT, CHECK_N = "val", 10
+CHECK_SPLIT, CHECK_N = "val", 5
 
 
 def check(
@@ -113,7 +113,7 @@ def _ship(folder: Path, source: Path, stage: str, summary, hours, dest, notes: s
         info["test_split"] = {"settings": s.get("settings", {}), "accuracy_percent": tasks,
                               "mean_percent": round(s["overall"] * 100, 1)}  # fmt: skip
     with tempfile.TemporaryDirectory() as work:
-        info["check"] = {"split": CHECK_SPLIT, "n": CHECK_N, "correct": check(folder, work)}
+        info["check"] = {"split": CHECK_SPLIT, "n": CHECK_N, "correct": check(folder, work, CHECK_SPLIT, CHECK_N)}
     dest.mkdir(parents=True, exist_ok=True)
     for name in SHIPPED_FILES:
         if (folder / name).is_file():
