@@ -76,7 +76,7 @@ def test_convert_takes_a_training_checkpoint(run, model, tmp_path, capsys):
 def test_nano_ship_takes_a_checkpoint(run, tmp_path, monkeypatch):
     from internvl.nano import ship as ship_module
 
-    monkeypatch.setattr(ship_module, "check", lambda folder, work: {"color": 0})  # the eval is not under test
+    monkeypatch.setattr(ship_module, "check", lambda folder, work, split, n: {"color": 0})  # the eval is not under test
     ckpt, final = run
     dest = ship_module.ship(ckpt, "stage9", dest=tmp_path / "nano")
     info = json.loads((dest / "training.json").read_text())
