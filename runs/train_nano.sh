@@ -9,7 +9,7 @@
 #                  stage1a stage1 stage1b vit4 stage2 stage2b stage2c stage2d vit4b stage2e vit4c stage2f stage2g
 #                  stage2h stage2hop stage2hop2 stage2hop3 stage2rc stage2rck stage2rc2 stage2rp stage2x stage2xc
 #                  stage2m stage2o stage2p stage2q stage2r stage2s stage2t stage2u stage2w grow8 stage2y stage2z
-#                  stage2zc stage2zj stage2zk); vit4
+#                  stage2zc stage2zj stage2zk stage2zl); vit4
 #                  pretrains the encoder
 #                  again on native-scale tiles, keeping the language model (vit4b: again, with the balanced kind
 #                  loss, 4,000 steps of 10,000 images; vit4c: 1,500 more through the projector); stage2b-2g continue
@@ -50,8 +50,9 @@
 #                  plus the region readout: a position question's options read the cell they name; run 45);
 #                  stage2zi (2zh's settings in one stage from stage2zc; run 46) and stage2zj (2zi with the
 #                  mentions' place at layer 2 and the options' cell at layer 3, before MATCH; run 47, from stage2zc:
-#                  shipped before); stage2zk (2zj again, another seed; run 48: the shipped model is its end);
-#                  stage2zl (2zk at half the peak; run 49) continues it: START=src/internvl/assets/nano STAGES=stage2zl.
+#                  shipped before); stage2zk (2zj again, another seed; run 48, shipped before);
+#                  stage2zl (2zk at half the peak; run 49: the shipped model is its end); stage2zm (2zl again,
+#                  another seed) continues it: START=src/internvl/assets/nano STAGES=stage2zm.
 #                  Run 12's stage2i (the same mixture without the loss; shipped before) and stage2bind (the loss
 #                  from the words only) are siblings of stage2hop.
 #   STEPS_stage1=N the steps of a stage (its cosine schedule spans them; default: the stage's config)
@@ -74,7 +75,7 @@ N=${N:-6000}                   # items per task in the train split
 STAGES=${STAGES:-"shapes stage0 stage1a stage1 stage1b vit4 stage2 stage2b stage2c stage2d vit4b stage2e vit4c stage2f
   stage2g stage2h stage2hop stage2hop2 stage2hop3 stage2rc stage2rck stage2rc2 stage2rp stage2x stage2xc stage2m
   stage2o stage2p stage2q stage2r stage2s stage2t stage2u stage2w grow8 stage2y stage2z stage2zc stage2zj
-  stage2zk"}
+  stage2zk stage2zl"}
 COMPILE=${COMPILE:-1}
 export OMP_WAIT_POLICY=PASSIVE # yield the cores when another process competes for them
 run() { if [ "${DRY_RUN:-0}" = 1 ]; then printf '%q ' "$@"; echo; else "$@"; fi; }
@@ -135,7 +136,7 @@ for name in $STAGES; do
   # multiple-choice questions as well, 2o, 2p and 2q on that with fresh count questions, 2r, 2s, 2t on that with fresh
   # relation and position questions too, 2u, 2w, and 2v, 2y, 2z and 2zb (after grow8) on that with the text-only
   # questions 4 times over, 2zc on that with the tasks furthest below their targets 4 times over, 2zd, 2ze and 2zf on
-  # that with grounding 3 times over that, 2zg-2zl on 2zc's
+  # that with grounding 3 times over that, 2zg-2zm on 2zc's
   data=$name; case $name in stage2h|stage2i|stage2bind|stage2hop*|stage2rc) data=stage2h ;;
     stage2rck|stage2rc2|stage2rp|stage2x|stage2xw|stage2xc) data=stage2k ;;
     stage2m) data=stage2m ;;
@@ -144,7 +145,7 @@ for name in $STAGES; do
     stage2u|stage2v|stage2w|stage2y|stage2z|stage2zb) data=stage2u ;;
     stage2zc|stage2zd) data=$name ;;
     stage2ze|stage2zf) data=stage2zd ;;
-    stage2zg|stage2zh|stage2zi|stage2zj|stage2zk|stage2zl) data=stage2zc ;;
+    stage2zg|stage2zh|stage2zi|stage2zj|stage2zk|stage2zl|stage2zm) data=stage2zc ;;
     stage2*) data=stage1b ;; esac
   read -r -a common <<< "${LANG_ARGS:-}"
   [ -f "$OUT/$name/final/config.json" ] || run internvl finetune "$prev" --data "$OUT/curriculum/$data.json" \
