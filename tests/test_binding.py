@@ -317,7 +317,7 @@ def test_place_loss_reads_the_mlp_input_and_trains(thumbs, nano):
     assert torch.allclose(directions[:, :5], torch.linalg.qr(torch.cat([places, count], 1))[0], atol=1e-6)
     match = torch.randn(256, 1, generator=torch.Generator().manual_seed(2))  # and the first six before the letter's
     assert torch.allclose(directions[:, :6], torch.linalg.qr(torch.cat([places, count, match], 1))[0], atol=1e-6)
-    opt = torch.optim.Adam(language_params(model), lr=1e-3)
+    opt = torch.optim.Adam(language_params(model), lr=3e-4)  # gentler: the shipped model has learnt readouts nearby
     mses = []
     for _ in range(10):
         out = objective(model, batch)
