@@ -26,18 +26,14 @@ def draw_pool(n: int, share: float, seed: int, max_num: int = 4) -> dict:
     from internvl.nano import patches
 
     rng = random.Random(seed)
-    mix = patches.SOURCES
     images, cols = [], {"kind": [], "color": [], "char": [], "box": []}
-    try:
-        for _ in range(n):
-            patches.SOURCES = ("ocr",) if rng.random() < share else mix
-            image, labels, regions = patches.sample_image(rng)
-            for array, targets in patches.tiled_views(image, labels, regions, max_num):
-                images.append(array)
-                for k, v in targets.items():
-                    cols[k].append(v)
-    finally:
-        patches.SOURCES = mix
+    for _ in range(n):
+        sources = ("ocr",) if rng.random() < share else patches.SOURCES
+        image, labels, regions = patches.sample_image(rng, sources)
+        for array, targets in patches.tiled_views(image, labels, regions, max_num):
+            images.append(array)
+            for k, v in targets.items():
+                cols[k].append(v)
     return {"images": np.stack(images), **{k: np.stack(v) for k, v in cols.items()}}
 
 

@@ -738,8 +738,9 @@ def test_finetune_trains_on_it_and_logs_it(scenes, tmp_path, capsys):
     generate_split(str(tmp_path / "data"), "train", n=6, tasks=["color", "count", "relation", "mc"], seed=5)
     meta = tmp_path / "data" / "meta.json"
     common = ["finetune", str(BUILTIN), "--data", str(meta), "--num-workers", "0", "--threads", "1", "--freeze-vision",
-              "--no-tensorboard", "--log-every", "1", "--packing", "--max-packed-tokens", "2048", "--max-seq-length", "2048", "--max-steps", "2",
-              "--max-dynamic-patch", "1", "--binding-loss", "0.5", "--binding-answer-heads", "3:0", "--binding-hop-heads", "4:1",
+              "--no-tensorboard", "--log-every", "1", "--packing", "--max-packed-tokens", "2048",
+              "--max-seq-length", "2048", "--max-steps", "2", "--max-dynamic-patch", "1",
+              "--binding-loss", "0.5", "--binding-answer-heads", "3:0", "--binding-hop-heads", "4:1",
               "--binding-first-heads", "3:2", "--binding-last-heads", "3:3", "--binding-count-heads", "4:2",
               "--binding-place-xy-loss", "0.2", "--binding-place-xy-layer", "5", "--binding-place-xy-word-layer", "2",
               "--binding-count-xy-layer", "4", "--binding-letter-heads", "1:1", "--binding-option-heads", "5:2",

@@ -68,10 +68,13 @@ def _chart_regions(chart: Chart) -> list[Region]:
     return out
 
 
-def sample_image(rng: random.Random) -> tuple[Image.Image, np.ndarray, list[Region]]:
-    """A training image drawn like the split's, its region map (0 background, k region k-1) and regions."""
+def sample_image(
+    rng: random.Random, sources: tuple[str, ...] = SOURCES
+) -> tuple[Image.Image, np.ndarray, list[Region]]:
+    """A training image drawn like the split's, its region map (0 background, k region k-1) and regions; `sources`:
+    the task builders it draws from, uniformly."""
     while True:
-        made = BUILDERS[rng.choice(SOURCES)](rng, False)[0]
+        made = BUILDERS[rng.choice(sources)](rng, False)[0]
         if isinstance(made, list):
             made = rng.choice(made)
         if isinstance(made, (Scene, Chart)):
