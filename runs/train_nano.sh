@@ -9,7 +9,7 @@
 #                  stage1a stage1 stage1b vit4 stage2 stage2b stage2c stage2d vit4b stage2e vit4c stage2f stage2g
 #                  stage2h stage2hop stage2hop2 stage2hop3 stage2rc stage2rck stage2rc2 stage2rp stage2x stage2xc
 #                  stage2m stage2o stage2p stage2q stage2r stage2s stage2t stage2u stage2w grow8 stage2y stage2z
-#                  stage2zc stage2zj stage2zk stage2zl); vit4
+#                  stage2zc stage2zj stage2zk stage2zl stage2zm stage2zn stage2zo); vit4
 #                  pretrains the encoder
 #                  again on native-scale tiles, keeping the language model (vit4b: again, with the balanced kind
 #                  loss, 4,000 steps of 10,000 images; vit4c: 1,500 more through the projector); stage2b-2g continue
@@ -51,8 +51,11 @@
 #                  stage2zi (2zh's settings in one stage from stage2zc; run 46) and stage2zj (2zi with the
 #                  mentions' place at layer 2 and the options' cell at layer 3, before MATCH; run 47, from stage2zc:
 #                  shipped before); stage2zk (2zj again, another seed; run 48, shipped before);
-#                  stage2zl (2zk at half the peak; run 49: the shipped model is its end); stage2zm (2zl again,
-#                  another seed) continues it: START=src/internvl/assets/nano STAGES=stage2zm.
+#                  stage2zl (2zk at half the peak; run 49, shipped before); stage2zm (2zl again, another seed;
+#                  run 50); stage2zn (2zm over 1,000 steps at half the peak; run 51); stage2zo (2zm's settings on
+#                  curriculum/stage2zo.json, stage2zc.json plus fresh position multiple-choice questions; run 52: the
+#                  shipped model is its end); stage2zp (2zo at 2zn's peak and length, another seed) continues it:
+#                  START=src/internvl/assets/nano STAGES=stage2zp.
 #                  Run 12's stage2i (the same mixture without the loss; shipped before) and stage2bind (the loss
 #                  from the words only) are siblings of stage2hop.
 #   STEPS_stage1=N the steps of a stage (its cosine schedule spans them; default: the stage's config)
@@ -75,7 +78,7 @@ N=${N:-6000}                   # items per task in the train split
 STAGES=${STAGES:-"shapes stage0 stage1a stage1 stage1b vit4 stage2 stage2b stage2c stage2d vit4b stage2e vit4c stage2f
   stage2g stage2h stage2hop stage2hop2 stage2hop3 stage2rc stage2rck stage2rc2 stage2rp stage2x stage2xc stage2m
   stage2o stage2p stage2q stage2r stage2s stage2t stage2u stage2w grow8 stage2y stage2z stage2zc stage2zj
-  stage2zk stage2zl"}
+  stage2zk stage2zl stage2zm stage2zn stage2zo"}
 COMPILE=${COMPILE:-1}
 export OMP_WAIT_POLICY=PASSIVE # yield the cores when another process competes for them
 run() { if [ "${DRY_RUN:-0}" = 1 ]; then printf '%q ' "$@"; echo; else "$@"; fi; }
@@ -89,7 +92,7 @@ run() { if [ "${DRY_RUN:-0}" = 1 ]; then printf '%q ' "$@"; echo; else "$@"; fi;
 
 # 3. the curriculum: one large shape (stage 0), one or two mid-sized (stage 1a), up to five at the contract's
 #    sizes mixed with the split (stage 1); shapes.json holds only the shape questions of stage 0's scenes
-[ -f "$OUT/curriculum/stage2zd.json" ] || run internvl nano curriculum --split "$OUT/data" --out "$OUT/curriculum" \
+[ -f "$OUT/curriculum/stage2zo.json" ] || run internvl nano curriculum --split "$OUT/data" --out "$OUT/curriculum" \
     --scale "${CUR_SCALE:-1}"
 
 # 4. the vision encoder, pretrained on per-patch targets drawn from the generator (~20 min; resumes from its
@@ -145,7 +148,8 @@ for name in $STAGES; do
     stage2u|stage2v|stage2w|stage2y|stage2z|stage2zb) data=stage2u ;;
     stage2zc|stage2zd) data=$name ;;
     stage2ze|stage2zf) data=stage2zd ;;
-    stage2zg|stage2zh|stage2zi|stage2zj|stage2zk|stage2zl|stage2zm) data=stage2zc ;;
+    stage2zg|stage2zh|stage2zi|stage2zj|stage2zk|stage2zl|stage2zm|stage2zn) data=stage2zc ;;
+    stage2zo|stage2zp) data=stage2zo ;;
     stage2*) data=stage1b ;; esac
   read -r -a common <<< "${LANG_ARGS:-}"
   [ -f "$OUT/$name/final/config.json" ] || run internvl finetune "$prev" --data "$OUT/curriculum/$data.json" \

@@ -133,13 +133,18 @@ def test_curriculum_writes_every_stage_meta(tmp_path):
     # stage 2m: stage 2k with mc four times over; stage 2o: stage 2m with 9 fresh count questions (18,000 scaled)
     # instead; stage 2r: stage 2o with 6 fresh relation questions and half of 6 fresh position ones (12,000 scaled;
     # the split has none); stage 2u: stage 2r with text four times over; stage 2zc: stage 2u with grounding twice
-    # over; stage 2zd: with grounding six times over
+    # over; stage 2zd: with grounding six times over; stage 2zo: stage 2zc with the position questions of 12 fresh
+    # multiple-choice ones (24,000 scaled) twice over
+    position_mc = (tmp_path / "cur/mcpos/mc_position.jsonl").read_text().splitlines()
+    assert position_mc and all(json.loads(line)["meta"]["category"] == "position" for line in position_mc)
+    assert len(position_mc) < len((tmp_path / "cur/mcpos/mc.jsonl").read_text().splitlines()) == 12
     u = 2 + 15 + 4 + 9 + 4 * 4 + 4 * 4 + 6 + 3
     assert counts == {"shapes": shapes, "stage0": 10, "stage1a": 3 + 10, "stage1": 10 + 15 + 1 + 1 + 1 + 1 + 1,
                       "stage1b": 5 + 7 + 4 + 4 + 4 + 4 + 4, "stage2h": 2 + 15 + 4 + 4 + 2 + 2 + 2,
                       "stage2k": 2 + 15 + 4 + 3 * 4 + 2 + 2 + 2, "stage2m": 2 + 15 + 4 + 3 * 4 + 2 + 4 * 4 + 2,
                       "stage2o": 2 + 15 + 4 + 9 + 2 + 4 * 4 + 2, "stage2r": 2 + 15 + 4 + 9 + 2 + 4 * 4 + 6 + 3 + 2,
-                      "stage2u": u + 2, "stage2zc": u + 2 * 4, "stage2zd": u + 6 * 4}  # fmt: skip
+                      "stage2u": u + 2, "stage2zc": u + 2 * 4, "stage2zd": u + 6 * 4,
+                      "stage2zo": u + 2 * 4 + 2 * len(position_mc)}  # fmt: skip
     fresh = [json.loads(line) for line in (tmp_path / "cur/count2/count.jsonl").read_text().splitlines()]
     split = {json.loads(line)["meta"]["question"] + str(json.loads(line)["meta"]["objects"])
              for line in (tmp_path / "split/count.jsonl").read_text().splitlines()}  # fmt: skip

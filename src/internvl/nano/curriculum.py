@@ -6,8 +6,8 @@ stage2m.json, that leaning on multiple-choice questions as well, stage2o.json, s
 questions drawn fresh from another seed, and stage2r.json, stage2o.json with fresh relation and position questions,
 twice as many relation questions as before, stage2u.json, stage2r.json with the split's text-only arithmetic
 questions 4 times over, stage2zc.json, stage2u.json with the split's grounding, caption, multi_image, chart_value,
-chart_max and reasoning questions 4 times over, and stage2zd.json, stage2zc.json with grounding 3 times over that
-(see runs/train_nano.sh)."""
+chart_max and reasoning questions 4 times over, stage2zd.json, stage2zc.json with grounding 3 times over that, and
+stage2zo.json, stage2zc.json with the position questions of fresh multiple-choice ones (see runs/train_nano.sh)."""
 
 from __future__ import annotations
 
@@ -45,6 +45,10 @@ STAGE2U_TEXT = 4.0
 STAGE2ZC_TASKS = ("grounding", "caption", "multi_image", "chart_value", "chart_max", "reasoning")
 STAGE2ZC_SHARE = 2.0
 STAGE2ZD_GROUNDING = 6.0
+# stage 2zo: stage 2zc with the position questions of fresh multiple-choice ones (folder, items before the filter,
+# base seed; about a quarter are position ones) at this share: position is the category mc answers at chance
+STAGE2ZO_MC = ("mcpos", 24000, 37)
+STAGE2ZO_SHARE = 2.0
 
 
 def curriculum(split: str | Path, out: str | Path, scale: float = 1.0, progress: bool = False) -> dict:
@@ -93,10 +97,14 @@ def curriculum(split: str | Path, out: str | Path, scale: float = 1.0, progress:
                 for name, entry in stage2u.items()}  # fmt: skip
     stage2zd = {name: share(stage1b[name], STAGE2ZD_GROUNDING) if name == "synth_grounding" else entry
                 for name, entry in stage2zc.items()}  # fmt: skip
+    fresh_mc = fresh_questions(out, STAGE2ZO_MC, ["mc"], scale, progress)["mc"]
+    n_position = keep_category(out / fresh_mc["annotation"], out / STAGE2ZO_MC[0] / "mc_position.jsonl", "position")
+    position_mc = {**fresh_mc, "annotation": f"{STAGE2ZO_MC[0]}/mc_position.jsonl", "length": n_position}
+    stage2zo = {**stage2zc, "synth_mc_position": share(position_mc, STAGE2ZO_SHARE)}
     metas = {"shapes": shapes, "stage0": {"dense0": entries["dense0"]}, "stage1a": stage1a, "stage1": stage1,
              "stage1b": stage1b, "stage2h": stage2h, "stage2k": stage2k, "stage2m": stage2m,
              "stage2o": stage2o, "stage2r": stage2r, "stage2u": stage2u, "stage2zc": stage2zc,
-             "stage2zd": stage2zd}  # fmt: skip
+             "stage2zd": stage2zd, "stage2zo": stage2zo}  # fmt: skip
     for name, meta in metas.items():
         (out / f"{name}.json").write_text(json.dumps(meta, indent=2) + "\n")
     return {name: sum(e["length"] for e in meta.values()) for name, meta in metas.items()}
@@ -112,6 +120,17 @@ def fresh_questions(out: Path, spec: tuple[str, int, int], tasks: list[str], sca
     generate_split(str(out / folder), "train", n, tasks=tasks, seed=seed, progress=progress)
     return {task: {"root": folder, "annotation": f"{folder}/{task}.jsonl", "data_augment": False, "repeat_time": 1,
                    "length": n} for task in tasks}  # fmt: skip
+
+
+def keep_category(rows: Path, out: Path, category: str) -> int:
+    """The multiple-choice rows of `rows` whose category is `category`, written to `out`; returns how many."""
+    n = 0
+    with open(rows, encoding="utf-8") as f, open(out, "w", encoding="utf-8") as w:
+        for line in f:
+            if json.loads(line)["meta"]["category"] == category:
+                w.write(line)
+                n += 1
+    return n
 
 
 def share(entry: dict, rate: float) -> dict:
