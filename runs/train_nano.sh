@@ -54,7 +54,7 @@
 #                  stage2zl (2zk at half the peak; run 49, shipped before); stage2zm (2zl again, another seed;
 #                  run 50); stage2zn (2zm over 1,000 steps at half the peak; run 51); stage2zo (2zm's settings on
 #                  curriculum/stage2zo.json, stage2zc.json plus fresh position multiple-choice questions; run 52: the
-#                  shipped model is its end); stage2zp (2zo at 2zn's peak and length, another seed) continues it:
+#                  shipped model is its end); stage2zp (2zo at half the peak, another seed) continues it:
 #                  START=src/internvl/assets/nano STAGES=stage2zp.
 #                  Run 12's stage2i (the same mixture without the loss; shipped before) and stage2bind (the loss
 #                  from the words only) are siblings of stage2hop.

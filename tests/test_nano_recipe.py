@@ -248,11 +248,11 @@ def test_the_plan_chains_every_stage_of_the_lineage(plan):
     # 0.3, the region readout) with the mentions' place at layer 2 and the options' cells at layer 3, no box readout;
     # 2zk (run 48): 2zj again from it, another seed; 2zl (run 49): 2zk at half the peak; 2zm (run 50): 2zl again,
     # another seed; 2zn (run 51): 2zm over 1,000 steps from 5e-5; 2zo (run 52, shipped): 2zm's settings with fresh
-    # position multiple-choice questions in the mixture; 2zp (AFTER): 2zo at 2zn's peak and length
+    # position multiple-choice questions in the mixture; 2zp (AFTER): 2zo at 2zn's peak
     for stage, seed, lr, steps, data in (("stage2zj", 48, 2e-4, 500, "stage2zc"), ("stage2zk", 49, 2e-4, 500, "stage2zc"),
                                          ("stage2zl", 50, 1e-4, 500, "stage2zc"), ("stage2zm", 51, 1e-4, 500, "stage2zc"),
                                          ("stage2zn", 52, 5e-5, 1000, "stage2zc"), ("stage2zo", 53, 1e-4, 500, "stage2zo"),
-                                         (AFTER, 54, 5e-5, 1000, "stage2zo")):  # fmt: skip
+                                         (AFTER, 54, 5e-5, 500, "stage2zo")):  # fmt: skip
         args = stages[stage]
         assert args["data"].endswith(f"curriculum/{data}.json") and (args["seed"], args["lr"]) == (seed, lr)
         config = read_yaml(ROOT / "configs" / "train" / f"nano-{stage}.yaml", ValueError)  # with what it extends
