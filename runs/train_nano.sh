@@ -9,7 +9,7 @@
 #                  stage1a stage1 stage1b vit4 stage2 stage2b stage2c stage2d vit4b stage2e vit4c stage2f stage2g
 #                  stage2h stage2hop stage2hop2 stage2hop3 stage2rc stage2rck stage2rc2 stage2rp stage2x stage2xc
 #                  stage2m stage2o stage2p stage2q stage2r stage2s stage2t stage2u stage2w grow8 stage2y stage2z
-#                  stage2zc stage2zj stage2zk stage2zl stage2zm stage2zn stage2zo); vit4
+#                  stage2zc stage2zj stage2zk stage2zl stage2zm stage2zn stage2zo stage2zp); vit4
 #                  pretrains the encoder
 #                  again on native-scale tiles, keeping the language model (vit4b: again, with the balanced kind
 #                  loss, 4,000 steps of 10,000 images; vit4c: 1,500 more through the projector); stage2b-2g continue
@@ -53,9 +53,9 @@
 #                  shipped before); stage2zk (2zj again, another seed; run 48, shipped before);
 #                  stage2zl (2zk at half the peak; run 49, shipped before); stage2zm (2zl again, another seed;
 #                  run 50); stage2zn (2zm over 1,000 steps at half the peak; run 51); stage2zo (2zm's settings on
-#                  curriculum/stage2zo.json, stage2zc.json plus fresh position multiple-choice questions; run 52: the
-#                  shipped model is its end); stage2zp (2zo at half the peak, another seed) continues it:
-#                  START=src/internvl/assets/nano STAGES=stage2zp.
+#                  curriculum/stage2zo.json, stage2zc.json plus fresh position multiple-choice questions; run 52); stage2zp
+#                  (2zo at half the peak, another seed; run 53: the shipped model is its end); stage2zq (2zp again,
+#                  another seed) continues it: START=src/internvl/assets/nano STAGES=stage2zq.
 #                  Run 12's stage2i (the same mixture without the loss; shipped before) and stage2bind (the loss
 #                  from the words only) are siblings of stage2hop.
 #   STEPS_stage1=N the steps of a stage (its cosine schedule spans them; default: the stage's config)
@@ -78,7 +78,7 @@ N=${N:-6000}                   # items per task in the train split
 STAGES=${STAGES:-"shapes stage0 stage1a stage1 stage1b vit4 stage2 stage2b stage2c stage2d vit4b stage2e vit4c stage2f
   stage2g stage2h stage2hop stage2hop2 stage2hop3 stage2rc stage2rck stage2rc2 stage2rp stage2x stage2xc stage2m
   stage2o stage2p stage2q stage2r stage2s stage2t stage2u stage2w grow8 stage2y stage2z stage2zc stage2zj
-  stage2zk stage2zl stage2zm stage2zn stage2zo"}
+  stage2zk stage2zl stage2zm stage2zn stage2zo stage2zp"}
 COMPILE=${COMPILE:-1}
 export OMP_WAIT_POLICY=PASSIVE # yield the cores when another process competes for them
 run() { if [ "${DRY_RUN:-0}" = 1 ]; then printf '%q ' "$@"; echo; else "$@"; fi; }
@@ -149,7 +149,7 @@ for name in $STAGES; do
     stage2zc|stage2zd) data=$name ;;
     stage2ze|stage2zf) data=stage2zd ;;
     stage2zg|stage2zh|stage2zi|stage2zj|stage2zk|stage2zl|stage2zm|stage2zn) data=stage2zc ;;
-    stage2zo|stage2zp) data=stage2zo ;;
+    stage2zo|stage2zp|stage2zq) data=stage2zo ;;
     stage2*) data=stage1b ;; esac
   read -r -a common <<< "${LANG_ARGS:-}"
   [ -f "$OUT/$name/final/config.json" ] || run internvl finetune "$prev" --data "$OUT/curriculum/$data.json" \

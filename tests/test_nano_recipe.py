@@ -33,15 +33,15 @@ TINY = {"N": "3", "CUR_SCALE": "0.0005", "VIT_STEPS": "1", "VIT_IMAGES": "16", "
         "STEPS_stage2w": "1", "STEPS_stage2y": "1", "STEPS_stage2z": "1", "STEPS_stage2zb": "1",
         "STEPS_stage2zc": "1", "STEPS_stage2zd": "1", "STEPS_stage2ze": "1", "STEPS_stage2zi": "1",
         "STEPS_stage2zj": "1", "STEPS_stage2zk": "1", "STEPS_stage2zl": "1", "STEPS_stage2zm": "1",
-        "STEPS_stage2zn": "1", "STEPS_stage2zo": "1", "STEPS_stage2zp": "1",
+        "STEPS_stage2zn": "1", "STEPS_stage2zo": "1", "STEPS_stage2zp": "1", "STEPS_stage2zq": "1",
         "COMPILE": "0", "VIT_HELD_OUT": "4", "VIT_BATCH": "4",
         "LANG_ARGS": "--grad-accum 1 --max-packed-tokens 1536 --max-packed-images 8 --no-tensorboard"}  # fmt: skip
 # the shipped lineage (the script's default) and the stages that continue the shipped model after it
 SHIPPED = ("shapes stage0 stage1a stage1 stage1b vit4 stage2 stage2b stage2c stage2d vit4b stage2e vit4c stage2f "
            "stage2g stage2h stage2hop stage2hop2 stage2hop3 stage2rc stage2rck stage2rc2 stage2rp stage2x stage2xc "
            "stage2m stage2o stage2p stage2q stage2r stage2s stage2t stage2u stage2w grow8 stage2y stage2z stage2zc "
-           "stage2zj stage2zk stage2zl stage2zm stage2zn stage2zo")  # fmt: skip
-AFTER = "stage2zp"
+           "stage2zj stage2zk stage2zl stage2zm stage2zn stage2zo stage2zp")  # fmt: skip
+AFTER = "stage2zq"
 # What the test runs for real: one stage of each kind, in lineage order (a language stage from the encoder, the
 # tiled stage 2, the encoder's top layers and all of them unfrozen, the three vision stages again, the binding
 # loss, grow8, and the 8-layer stages with every family of heads and readouts: AFTER's settings extend them all).
@@ -247,12 +247,14 @@ def test_the_plan_chains_every_stage_of_the_lineage(plan):
     # 2zj (run 47, shipped before): from 2zc, 2zi's readouts (runs/train_nano.sh: the object readout at layer 1 weighing
     # 0.3, the region readout) with the mentions' place at layer 2 and the options' cells at layer 3, no box readout;
     # 2zk (run 48): 2zj again from it, another seed; 2zl (run 49): 2zk at half the peak; 2zm (run 50): 2zl again,
-    # another seed; 2zn (run 51): 2zm over 1,000 steps from 5e-5; 2zo (run 52, shipped): 2zm's settings with fresh
-    # position multiple-choice questions in the mixture; 2zp (AFTER): 2zo at 2zn's peak
+    # another seed; 2zn (run 51): 2zm over 1,000 steps from 5e-5; 2zo (run 52): 2zm's settings with fresh
+    # position multiple-choice questions in the mixture; 2zp (run 53, shipped): 2zo at 2zn's peak; 2zq (AFTER): 2zp
+    # again, another seed
     for stage, seed, lr, steps, data in (("stage2zj", 48, 2e-4, 500, "stage2zc"), ("stage2zk", 49, 2e-4, 500, "stage2zc"),
                                          ("stage2zl", 50, 1e-4, 500, "stage2zc"), ("stage2zm", 51, 1e-4, 500, "stage2zc"),
                                          ("stage2zn", 52, 5e-5, 1000, "stage2zc"), ("stage2zo", 53, 1e-4, 500, "stage2zo"),
-                                         (AFTER, 54, 5e-5, 500, "stage2zo")):  # fmt: skip
+                                         ("stage2zp", 54, 5e-5, 500, "stage2zo"),
+                                         (AFTER, 55, 5e-5, 500, "stage2zo")):  # fmt: skip
         args = stages[stage]
         assert args["data"].endswith(f"curriculum/{data}.json") and (args["seed"], args["lr"]) == (seed, lr)
         config = read_yaml(ROOT / "configs" / "train" / f"nano-{stage}.yaml", ValueError)  # with what it extends
