@@ -138,6 +138,8 @@ def test_curriculum_writes_every_stage_meta(tmp_path):
     position_mc = (tmp_path / "cur/mcpos/mc_position.jsonl").read_text().splitlines()
     assert position_mc and all(json.loads(line)["meta"]["category"] == "position" for line in position_mc)
     assert len(position_mc) < len((tmp_path / "cur/mcpos/mc.jsonl").read_text().splitlines()) == 12
+    kept = {json.loads(line)["image"] for line in position_mc}  # the other rows' images are deleted
+    assert {f"images/{p.name}" for p in (tmp_path / "cur/mcpos/images").iterdir()} == kept
     u = 2 + 15 + 4 + 9 + 4 * 4 + 4 * 4 + 6 + 3
     assert counts == {"shapes": shapes, "stage0": 10, "stage1a": 3 + 10, "stage1": 10 + 15 + 1 + 1 + 1 + 1 + 1,
                       "stage1b": 5 + 7 + 4 + 4 + 4 + 4 + 4, "stage2h": 2 + 15 + 4 + 4 + 2 + 2 + 2,

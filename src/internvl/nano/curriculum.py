@@ -46,7 +46,8 @@ STAGE2ZC_TASKS = ("grounding", "caption", "multi_image", "chart_value", "chart_m
 STAGE2ZC_SHARE = 2.0
 STAGE2ZD_GROUNDING = 6.0
 # stage 2zo: stage 2zc with the position questions of fresh multiple-choice ones (folder, items before the filter,
-# base seed; about a quarter are position ones) at this share: position is the category mc answers at chance
+# base seed; about a quarter are position ones) at this share: position is the category mc answers at chance (run 52:
+# three times the position rows a stage saw before did not move it; the shipped lineage went through the stage)
 STAGE2ZO_MC = ("mcpos", 24000, 37)
 STAGE2ZO_SHARE = 2.0
 
@@ -123,13 +124,17 @@ def fresh_questions(out: Path, spec: tuple[str, int, int], tasks: list[str], sca
 
 
 def keep_category(rows: Path, out: Path, category: str) -> int:
-    """The multiple-choice rows of `rows` whose category is `category`, written to `out`; returns how many."""
+    """The multiple-choice rows of `rows` whose category is `category`, written to `out`; the images of the others
+    (next to `rows`) are deleted, as no stage reads them. Returns how many rows were kept."""
     n = 0
     with open(rows, encoding="utf-8") as f, open(out, "w", encoding="utf-8") as w:
         for line in f:
-            if json.loads(line)["meta"]["category"] == category:
+            row = json.loads(line)
+            if row["meta"]["category"] == category:
                 w.write(line)
                 n += 1
+            else:
+                (rows.parent / row["image"]).unlink(missing_ok=True)
     return n
 
 
