@@ -139,7 +139,7 @@ for name in $STAGES; do
   # multiple-choice questions as well, 2o, 2p and 2q on that with fresh count questions, 2r, 2s, 2t on that with fresh
   # relation and position questions too, 2u, 2w, and 2v, 2y, 2z and 2zb (after grow8) on that with the text-only
   # questions 4 times over, 2zc on that with the tasks furthest below their targets 4 times over, 2zd, 2ze and 2zf on
-  # that with grounding 3 times over that, 2zg-2zm on 2zc's
+  # that with grounding 3 times over that, 2zg-2zn on 2zc's, 2zo-2zq on 2zc's plus fresh position multiple-choice ones
   data=$name; case $name in stage2h|stage2i|stage2bind|stage2hop*|stage2rc) data=stage2h ;;
     stage2rck|stage2rc2|stage2rp|stage2x|stage2xw|stage2xc) data=stage2k ;;
     stage2m) data=stage2m ;;
